@@ -1,0 +1,25 @@
+"""rhapsody_graph: a lazy task graph with real per-node CPU/GPU placement.
+
+>>> import rhapsody_graph as rhapsody
+>>> @rhapsody.task(cpus=1)
+... def inc(x): return x + 1
+>>> @rhapsody.task
+... def total(xs): return sum(xs)
+>>> total([inc(i) for i in range(10)]).compute()
+55
+"""
+from .backends.local import LocalBackend
+from .errors import (ExecutableError, NodeTimeoutError, RemoteError, RemoteTraceback,
+                     UnsatisfiableError, WorkerDiedError)
+from .graph import Graph, Node
+from .resources import Host, Inventory, Ledger, Placement, Resources, current_placement
+from .scheduler import compute
+from .task import ExecResult, Task, executable, map, task
+
+__all__ = [
+    "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
+    "LocalBackend", "Host", "Inventory", "Ledger", "Placement", "Resources",
+    "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
+    "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",
+]
+__version__ = "0.1.0"

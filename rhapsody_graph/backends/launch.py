@@ -1,0 +1,155 @@
+"""Processes started for one node: executables and multi-rank jobs.
+
+Each call gets one launcher thread. Before starting rank *r* the thread pins
+*itself* to that rank's cores (``sched_setaffinity`` acts on the calling thread
+on Linux) so the child inherits the mask from its first instruction: no race,
+no ``preexec_fn``. Every process gets its own session, so a kill takes its whole
+process tree. Output goes to temporary files, not pipes, so ranks that wait on
+each other can never block on a full pipe. The thread reports one completion
+through ``post``; the backend ignores reports for calls it has killed.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any, Callable, List, Sequence
+
+from . import wire
+from .base import DIED, ERROR, OK, Completion
+from ..errors import ExecutableError, WorkerDiedError, add_note
+from ..resources import Placement
+from ..task import ExecResult
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER_BOOT = ("import sys; sys.path.insert(0, {!r}); "
+               "from rhapsody_graph.backends.worker import main; main(sys.argv)").format(PACKAGE_ROOT)
+
+
+def worker_command(task_fd: int, result_fd: int) -> List[str]:
+    """argv of a worker process reading tasks on ``task_fd``."""
+    return [sys.executable, "-c", WORKER_BOOT, str(task_fd), str(result_fd)]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with its own session, and its descendants."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Launch:
+    """One node's processes; ``kill()`` stops them all, from any thread."""
+
+    def __init__(self, tid: int, key: str, pin: Callable[[Sequence[int]], Sequence[int]],
+                 post: Callable[[Completion], None]) -> None:
+        self.tid, self.key, self.pin, self.post = tid, key, pin, post
+        self.procs: List[subprocess.Popen] = []
+        self.killed = False
+        self.lock = threading.Lock()
+
+    def kill(self) -> None:
+        with self.lock:
+            self.killed = True
+            for p in self.procs:
+                kill_tree(p)
+
+    def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
+        os.sched_setaffinity(0, self.pin(placement.cpus))
+        env = {**os.environ, **(kw.pop("env", None) or {}), **placement.env()}
+        with self.lock:
+            if self.killed:
+                raise _Killed()
+            proc = subprocess.Popen(argv, env=env, start_new_session=True, **kw)
+            self.procs.append(proc)
+        return proc
+
+    def run_in_thread(self, target: Callable[..., Completion], *args: Any) -> None:
+        def body() -> None:
+            try:
+                completion = target(*args)
+            except _Killed:
+                return
+            except BaseException as exc:  # report, never lose, a launcher failure
+                completion = (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
+            self.post(completion)
+        threading.Thread(target=body, name=f"rhapsody-launch-{self.key}", daemon=True).start()
+
+    def executable(self, argv: List[str], cwd: Any, env: Any,
+                   placements: List[Placement]) -> Completion:
+        started = []
+        for p in placements:
+            out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+            proc = self._start(p, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=err)
+            started.append((proc, out, err, p))
+        results = []
+        for proc, out, err, p in started:
+            code = proc.wait()
+            results.append(ExecResult(argv, _read(out), _read(err), code, p.host, p.cpus, p.gpus,
+                                      p.rank))
+        failed = next((r for r in results if r.returncode != 0), None)
+        if failed is not None:
+            exc = ExecutableError(failed.returncode, argv, failed.stdout, failed.stderr)
+            if len(results) > 1:
+                add_note(exc, f"rank {failed.rank} of {len(results)} failed")
+            return (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
+        value = results if len(placements) > 1 else results[0]
+        return (self.tid, OK, wire.dump_value(value), 0.0)
+
+    def ranks(self, task: tuple, placements: List[Placement]) -> Completion:
+        """Run a Python node as ``len(placements)`` rank processes; value: per-rank list."""
+        pipes = []
+        for p in placements:
+            task_r, task_w = os.pipe()
+            result_r, result_w = os.pipe()
+            proc = self._start(p, worker_command(task_r, result_w), pass_fds=(task_r, result_w),
+                               stdin=subprocess.DEVNULL)
+            os.close(task_r)
+            os.close(result_w)
+            message = wire.frame(("path", wire.python_path())) + wire.frame(("run", [task]))
+            wire.write_all(task_w, message)
+            os.close(task_w)  # EOF: the rank runs its one task and exits
+            pipes.append((proc, result_r))
+        values: List[Any] = []
+        for rank, (proc, result_r) in enumerate(pipes):
+            with os.fdopen(result_r, "rb") as f:
+                data = bytearray(f.read())
+            code = proc.wait()
+            results = wire.split_results(data)
+            if not results:
+                exc = WorkerDiedError(f"rank {rank} of node {self.key!r} died "
+                                      f"({describe_exit(code)}) before returning a value")
+                return (self.tid, DIED, wire.attach(exc, "", self.key), 0.0)
+            status, _, _, payload = results[0]
+            if status == wire.ERROR:
+                exc = wire.load_error(payload, self.key)
+                add_note(exc, f"in rank {rank} of {len(pipes)}")
+                return (self.tid, ERROR, exc, 0.0)
+            values.append(pickle.loads(payload))
+        return (self.tid, OK, wire.dump_value(values), 0.0)
+
+
+class _Killed(Exception):
+    """The call was killed before all its processes started."""
+
+
+def _read(f: Any) -> str:
+    f.seek(0)
+    data = f.read().decode(errors="replace")
+    f.close()
+    return data

@@ -1,0 +1,454 @@
+"""The embedded local backend: a pool of persistent worker processes.
+
+State:
+
+* ``workers``: live worker processes (at most ``max_workers``), each with its two
+  pipes, the tids it has been sent and not answered (``queue``, in order: the head
+  is the one running), the lease it is bound to (or ``None`` when idle), the GPU
+  ids it first ran with, and which functions it already holds.
+* ``launches``: executables and multi-rank jobs, each on its own processes (see
+  :mod:`.launch`); their threads post completions to ``posted`` and write one byte
+  to a wake-up pipe.
+* one ``selectors`` loop over every worker's result pipe and the wake-up pipe:
+  ``wait()`` sleeps in it until something finishes, a write can proceed, or the
+  scheduler's next deadline passes. Never a poll, never a sleep.
+
+Policy: a lease binds one idle worker (spawned on demand). CUDA reads
+``CUDA_VISIBLE_DEVICES`` once per process, so a worker that has loaded a GPU
+runtime is kept for leases on the same GPU ids, and replaced when none other is
+free. A worker that dies fails the task at the head of its queue
+(``DIED``) and returns the rest (``DROPPED``); a timed-out task's worker is killed
+and replaced on demand. Writes never block: each worker has an outbox flushed
+when its pipe has room, so a big input can never deadlock against a big result.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import selectors
+import subprocess
+import threading
+import weakref
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import wire
+from .base import DIED, DROPPED, ERROR, OK, Call, Completion, Lease
+from .launch import Launch, describe_exit, kill_tree, worker_command
+from ..errors import WorkerDiedError
+from ..graph import EXECUTABLE, Node, substitute
+from ..resources import Host, Inventory, detect_host
+
+__all__ = ["LocalBackend"]
+
+
+class _Prepared:
+    __slots__ = ("fid", "func", "args")
+
+    def __init__(self, fid: int, func: bytes, args: bytes) -> None:
+        self.fid, self.func, self.args = fid, func, args
+
+
+class _Worker:
+    """The driver's view of one worker process."""
+
+    __slots__ = ("proc", "task_w", "result_r", "inbox", "outbox", "pending", "queue", "lease",
+                 "gpus", "funcs", "writing")
+
+    def __init__(self, proc: subprocess.Popen, task_w: int, result_r: int) -> None:
+        self.proc, self.task_w, self.result_r = proc, task_w, result_r
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.pending: List[tuple] = []  # tasks of this round, not yet framed
+        self.queue: Deque[int] = deque()
+        self.lease: Optional[Lease] = None
+        self.gpus: Optional[Tuple[int, ...]] = None
+        self.funcs: Set[int] = set()
+        self.writing = False
+
+
+class LocalBackend:
+    """Run nodes in persistent worker processes on this machine.
+
+    Args:
+        cpus: cores to use (default: every core this process may run on). More cores
+            than the machine has are allowed; they are pinned onto the real ones in turn.
+        gpus: GPU count or ids (default: ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi``).
+            Declared GPUs get real ids in ``CUDA_VISIBLE_DEVICES`` on any machine.
+        hosts: several declared :class:`~rhapsody_graph.resources.Host` s instead,
+            to exercise multi-host placement on one machine.
+        workers: most worker processes at once (default: the number of cores).
+
+    >>> with LocalBackend(cpus=2, gpus=4) as backend:
+    ...     backend.inventory.total_gpus
+    4
+    """
+
+    name = "local"
+
+    def __init__(self, cpus: "int | Sequence[int] | None" = None,
+                 gpus: "int | Sequence[int] | None" = None, *,
+                 hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
+                 memory: Optional[int] = None) -> None:
+        if hosts is not None and (cpus is not None or gpus is not None):
+            raise TypeError("LocalBackend: give either hosts=[...] or cpus=/gpus=, not both")
+        self.inventory = Inventory(hosts if hosts is not None else [detect_host(cpus, gpus, memory)])
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                    or workers < 1):
+            raise ValueError(f"LocalBackend: workers must be an integer >= 1, got {workers!r}")
+        self.max_workers = workers or self.inventory.total_cpus
+        self._real = sorted(os.sched_getaffinity(0))
+        self._workers: List[_Worker] = []
+        self._bound = 0
+        self._owner: Dict[int, Any] = {}  # tid -> _Worker or Launch
+        self._keys: Dict[int, str] = {}
+        self._dirty: List[_Worker] = []
+        self._funcs: Dict[int, Tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, bytes)
+        self._next_fid = 0
+        self._posted: Deque[Completion] = deque()  # from launcher threads
+        self._retired: List[Completion] = []  # queues of workers that died or were killed
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._wake_r = self._wake_w = -1
+        self._finalizer: Optional[Any] = None
+
+    # -- encoding -----------------------------------------------------------------
+
+    def uses_lease(self, node: Node) -> bool:
+        """Python nodes with one rank run on pool workers, under leases."""
+        return node.kind != EXECUTABLE and node.opts.resources.ranks == 1
+
+    def prepare(self, node: Node) -> Any:
+        """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
+        if node.kind == EXECUTABLE:
+            for arg in node.fn.argv:
+                if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node)):
+                    raise TypeError(f"node {node.key!r}: executable arguments must be text, "
+                                    f"numbers, paths or nodes; got {arg!r}")
+            return node.fn
+        entry = self._funcs.get(id(node.fn))
+        if entry is None:
+            try:
+                data = wire.dump_callable(node.fn)
+            except Exception as exc:
+                raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be "
+                                f"pickled to send to a worker: {exc}") from exc
+            self._next_fid += 1
+            entry = self._funcs[id(node.fn)] = (node.fn, self._next_fid, data)
+        try:
+            args = wire.dump_args(node.args, node.kwargs, node.deps)
+        except Exception as exc:
+            raise _unpicklable_argument(node, exc) from exc
+        return _Prepared(entry[1], entry[2], args)
+
+    def decode(self, payload: bytes) -> Any:
+        return pickle.loads(payload)
+
+    # -- running --------------------------------------------------------------------
+
+    def slots_free(self) -> int:
+        return self.max_workers - self._bound
+
+    def submit(self, call: Call) -> None:
+        self._keys[call.tid] = call.node.key
+        lease = call.lease
+        if lease is None:
+            self._launch(call)
+            return
+        w = lease.executor or self._bind(lease)
+        prepared = call.prepared
+        func = None if prepared.fid in w.funcs else prepared.func
+        w.funcs.add(prepared.fid)
+        p = lease.placement
+        place = (p.host, p.cpus, self.pin(p.cpus), p.gpus, 0, 1)
+        if not w.pending:
+            self._dirty.append(w)
+        w.pending.append((call.tid, prepared.fid, func, prepared.args, call.inputs, place))
+        w.queue.append(call.tid)
+        self._owner[call.tid] = w
+
+    def flush(self) -> None:
+        for w in self._dirty:
+            if w.pending:
+                w.outbox += wire.frame(("run", w.pending))
+                w.pending = []
+                self._send(w)
+        self._dirty.clear()
+
+    def wait(self, timeout: Optional[float]) -> List[Completion]:
+        out: List[Completion] = []
+        self._take_posted(out)
+        while not out:
+            events = self._selector.select(timeout) if self._selector else []
+            for key, mask in events:
+                w = key.data
+                if w is None:
+                    os.read(self._wake_r, 4096)
+                    self._take_posted(out)
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self._send(w)
+                if mask & selectors.EVENT_READ:
+                    self._receive(w, out)
+            if timeout is not None:
+                break
+        return out
+
+    def drop_queued(self) -> None:
+        self.flush()
+        for w in self._workers:
+            if len(w.queue) > 1:
+                w.outbox += wire.frame(("drop",))
+                self._send(w)
+
+    def kill(self, tid: int) -> None:
+        owner = self._owner.pop(tid, None)
+        self._keys.pop(tid, None)
+        if isinstance(owner, Launch):
+            owner.kill()
+        elif owner is not None:
+            owner.queue.remove(tid)
+            self._retire(owner, DROPPED)
+
+    def end_lease(self, lease: Lease) -> None:
+        w = lease.executor
+        lease.executor = None
+        if w is not None:
+            w.lease = None
+            self._bound -= 1
+
+    def end_run(self) -> None:
+        self._funcs.clear()
+        for w in self._workers:
+            w.funcs.clear()
+            w.outbox += wire.frame(("forget",))
+            self._send(w)
+
+    def pin(self, cpus: Sequence[int]) -> Tuple[int, ...]:
+        """Real core ids for logical ones (declared cores beyond the machine wrap around)."""
+        real = self._real
+        return tuple(sorted({c if c in real else real[c % len(real)] for c in cpus}))
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, n: Optional[int] = None) -> "LocalBackend":
+        """Start ``n`` workers now (default: all), rather than on first use."""
+        for _ in range(max(0, (n or self.max_workers) - len(self._workers))):
+            self._spawn()
+        return self
+
+    def abort(self) -> None:
+        """Kill every worker and every launched process now."""
+        for owner in list(self._owner.values()):
+            if isinstance(owner, Launch):
+                owner.kill()
+        for w in list(self._workers):
+            self._retire(w, None)
+        self._reset()
+
+    def shutdown(self) -> None:
+        """Stop the workers (EOF, then SIGKILL after 2 s) and any launched process."""
+        for owner in list(self._owner.values()):
+            if isinstance(owner, Launch):
+                owner.kill()
+        for w in self._workers:
+            _close(w.task_w)
+        for w in list(self._workers):
+            try:
+                w.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            self._retire(w, None)
+        self._reset()
+
+    def __enter__(self) -> "LocalBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def _reset(self) -> None:
+        self._owner.clear()
+        self._keys.clear()
+        self._dirty.clear()
+        self._posted.clear()
+        self._retired.clear()
+        self._bound = 0
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> selectors.BaseSelector:
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+            self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+            atexit.register(self._finalizer)
+        return self._selector
+
+    def _spawn(self) -> _Worker:
+        selector = self._ensure_loop()
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        os.close(task_r)
+        os.close(result_w)
+        os.set_blocking(task_w, False)
+        os.set_blocking(result_r, False)
+        w = _Worker(proc, task_w, result_r)
+        w.outbox += wire.frame(("path", wire.python_path()))
+        selector.register(result_r, selectors.EVENT_READ, w)
+        self._workers.append(w)
+        self._send(w)
+        return w
+
+    def _bind(self, lease: Lease) -> _Worker:
+        gpus = lease.placement.gpus
+        idle = [w for w in self._workers if w.lease is None and not w.queue]
+        w = None
+        if gpus:
+            w = (next((w for w in idle if w.gpus == gpus), None)
+                 or next((w for w in idle if w.gpus is None), None))
+            if w is None and len(self._workers) >= self.max_workers and idle:
+                self._retire(idle[0], None)  # it holds a CUDA context on other GPUs
+        else:
+            w = next((w for w in idle if w.gpus is None), None) or (idle[0] if idle else None)
+        if w is None:
+            w = self._spawn()
+        w.lease = lease
+        lease.executor = w
+        self._bound += 1
+        return w
+
+    def _send(self, w: _Worker) -> None:
+        if w.outbox:
+            try:
+                n = os.write(w.task_w, w.outbox)
+                del w.outbox[:n]
+            except BlockingIOError:
+                pass
+            except OSError:  # the worker is gone; its EOF will be seen on the result pipe
+                w.outbox.clear()
+        want = bool(w.outbox)
+        if want != w.writing and self._selector is not None:
+            w.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._selector.modify(w.result_r, events, w)
+
+    def _receive(self, w: _Worker, out: List[Completion]) -> None:
+        try:
+            data = os.read(w.result_r, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self._retire(w, DIED)
+            self._take_posted(out)
+            return
+        w.inbox += data
+        keys = self._keys
+        for status, tid, seconds, payload in wire.split_results(w.inbox):
+            if status & wire.GPU_RUNTIME:
+                status &= ~wire.GPU_RUNTIME
+                if w.gpus is None and w.lease is not None:
+                    w.gpus = w.lease.placement.gpus
+            w.queue.popleft()
+            self._owner.pop(tid, None)
+            key = keys.pop(tid, "?")
+            if status == wire.OK:
+                out.append((tid, OK, payload, seconds))
+            elif status == wire.ERROR:
+                out.append((tid, ERROR, wire.load_error(payload, key), seconds))
+            else:
+                out.append((tid, DROPPED, None, 0.0))
+
+    def _retire(self, w: _Worker, status: Optional[str]) -> None:
+        """Kill worker ``w``; report its queue (head ``DIED``, rest ``DROPPED``) if asked."""
+        kill_tree(w.proc)
+        code = w.proc.wait()
+        if self._selector is not None:
+            self._selector.unregister(w.result_r)
+        _close(w.result_r)
+        _close(w.task_w)
+        self._workers.remove(w)
+        if w.lease is not None:
+            w.lease.executor = None
+            w.lease = None
+            self._bound -= 1
+        if status is None:
+            return
+        for i, tid in enumerate(w.queue):
+            self._owner.pop(tid, None)
+            key = self._keys.pop(tid, "?")
+            if i == 0 and status == DIED:
+                exc = WorkerDiedError(f"the worker process running node {key!r} died "
+                                      f"({describe_exit(code)})")
+                self._retired.append((tid, DIED, wire.attach(exc, "", key), 0.0))
+            else:
+                self._retired.append((tid, DROPPED, None, 0.0))
+        w.queue.clear()
+
+    def _launch(self, call: Call) -> None:
+        self._ensure_loop()
+        node = call.node
+        launch = Launch(call.tid, node.key, self.pin, self._post)
+        self._owner[call.tid] = launch
+        if node.kind == EXECUTABLE:
+            spec = call.prepared
+            values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
+            argv = [str(substitute(a, values)) if isinstance(a, Node) else os.fspath(a)
+                    if isinstance(a, os.PathLike) else str(a) for a in spec.argv]
+            launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
+        else:
+            p = call.prepared
+            task = (call.tid, p.fid, p.func, p.args, call.inputs, None)
+            launch.run_in_thread(launch.ranks, task, call.placements)
+
+    def _post(self, completion: Completion) -> None:
+        """Called from launcher threads."""
+        self._posted.append(completion)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _take_posted(self, out: List[Completion]) -> None:
+        out.extend(self._retired)
+        self._retired.clear()
+        posted = self._posted
+        while posted:
+            c = posted.popleft()
+            if isinstance(self._owner.get(c[0]), Launch):  # else: killed, already reported
+                del self._owner[c[0]]
+                self._keys.pop(c[0], None)
+                out.append(c)
+
+
+def _unpicklable_argument(node: Node, exc: Exception) -> TypeError:
+    """Name the argument of ``node`` that cannot be pickled."""
+    named = [(f"argument {i}", a) for i, a in enumerate(node.args)]
+    named += [(f"keyword {k!r}", v) for k, v in node.kwargs.items()]
+    for label, value in named:
+        try:
+            wire.dump_args((value,), {}, node.deps)
+        except Exception as inner:
+            return TypeError(f"node {node.key!r}: {label} {value!r:.80} cannot be pickled to "
+                             f"send to a worker: {inner}")
+    return TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}")
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _kill_all(workers: List[_Worker]) -> None:
+    for w in list(workers):
+        kill_tree(w.proc)
+        try:
+            w.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass

@@ -1,0 +1,211 @@
+"""The bytes on the pipes between the driver and a worker process.
+
+Values travel pickled (protocol 5, cloudpickle when plain pickle cannot), and the
+driver keeps a result as those bytes: it hands them on to dependents without
+ever unpickling them, and decodes only what ``compute()`` returns.
+
+Driver → worker: frames of ``<Q`` length + a pickled message:
+
+* ``("run", [task, ...])`` with ``task = (tid, fid, func_bytes | None, args, deps, place)``;
+  ``args`` pickles ``(args, kwargs)`` with every upstream node written as a
+  persistent reference (its position in ``deps``, the upstream values' bytes);
+* ``("drop",)``: discard queued tasks, answer ``DROPPED`` for each;
+* ``("forget",)``: clear the function cache (sent at the end of a run);
+* ``("path", sys_path)``: import from the driver's path (sent first).
+
+Worker → driver: a fixed header ``<BQdQ`` (status, tid, seconds, payload length; the
+status carries ``GPU_RUNTIME`` once CUDA/ROCm/Level Zero is loaded in that worker) and
+the payload: the value's bytes (``OK``) or ``(exception | None, summary, traceback)``
+(``ERROR``). The pipes are private to the two processes: nothing listens on a port.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+import traceback
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cloudpickle
+
+from ..errors import RemoteError, RemoteTraceback, add_note
+
+OK, ERROR, DROPPED = 0, 1, 2
+GPU_RUNTIME = 0x80  # or-ed into a status once the worker has loaded a GPU runtime
+RESULT = struct.Struct("<BQdQ")
+LENGTH = struct.Struct("<Q")
+PROTOCOL = 5
+
+
+def dump_value(obj: Any) -> bytes:
+    """Pickle ``obj``; cloudpickle when plain pickle cannot (lambdas, ``__main__``)."""
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, PROTOCOL)
+
+
+class _TaskFunctionRef:
+    """Pickles as "import module, take attribute ``qualname``, use its ``.func``"."""
+
+    def __init__(self, module: str, qualname: str) -> None:
+        self.module, self.qualname = module, qualname
+
+    def __reduce__(self):
+        return (load_task_function, (self.module, self.qualname))
+
+
+def load_task_function(module: str, qualname: str) -> Any:
+    import importlib
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "func", obj)
+
+
+def dump_callable(fn: Any) -> bytes:
+    """Pickle a task's function: by reference when importable, else by value."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module and module != "__main__" and "<" not in qualname:
+        try:
+            if load_task_function(module, qualname) is fn:
+                return pickle.dumps(_TaskFunctionRef(module, qualname), PROTOCOL)
+        except Exception:
+            pass
+    return cloudpickle.dumps(fn, PROTOCOL)
+
+
+def _pickler_for(base: type) -> type:
+    class ArgPickler(base):  # type: ignore[misc, valid-type]
+        """Writes each upstream node as a reference to its slot in ``deps``."""
+
+        def __init__(self, file: io.BytesIO, slots: Dict[int, int]) -> None:
+            super().__init__(file, PROTOCOL)
+            self.slots = slots
+
+        def persistent_id(self, obj: Any) -> Optional[int]:
+            # ids are unique among live objects and every dep is alive here
+            return self.slots.get(id(obj))
+    return ArgPickler
+
+
+_PICKLERS = (_pickler_for(pickle.Pickler), _pickler_for(cloudpickle.Pickler))
+
+
+def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
+    """Pickle a call's arguments, upstream nodes replaced by references."""
+    if not deps:
+        return dump_value((args, kwargs))
+    slots = {id(d): i for i, d in enumerate(deps)}
+    for pickler in _PICKLERS:
+        buf = io.BytesIO()
+        try:
+            pickler(buf, slots).dump((args, kwargs))
+            return buf.getvalue()
+        except Exception:
+            if pickler is _PICKLERS[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _ArgUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, deps: Sequence[bytes]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.deps = deps
+        self.values: Dict[int, Any] = {}
+
+    def persistent_load(self, slot: int) -> Any:
+        if slot not in self.values:
+            self.values[slot] = pickle.loads(self.deps[slot])
+        return self.values[slot]
+
+
+def load_args(data: bytes, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
+    """Unpickle ``(args, kwargs)``, filling references with upstream values."""
+    if not deps:
+        return pickle.loads(data)
+    return _ArgUnpickler(data, deps).load()
+
+
+def dump_error(exc: BaseException) -> bytes:
+    """Pickle an exception with its formatted traceback; its summary if unpicklable."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    summary = f"{type(exc).__qualname__}: {exc}"
+    try:
+        data = cloudpickle.dumps((exc, summary, tb), PROTOCOL)
+        pickle.loads(data)  # an exception whose __init__ rejects its args fails here
+        return data
+    except Exception:
+        return cloudpickle.dumps((None, summary, tb), PROTOCOL)
+
+
+def load_error(data: bytes, key: str) -> BaseException:
+    """The original exception, its remote traceback as ``__cause__``, a note naming the node."""
+    exc, summary, tb = pickle.loads(data)
+    if exc is None:
+        exc = RemoteError(summary)
+    return attach(exc, tb, key)
+
+
+def attach(exc: BaseException, tb: str, key: str) -> BaseException:
+    """Set ``exc.__cause__`` to the remote traceback and note which node raised it."""
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return add_note(exc, f"raised by node {key!r}")
+
+
+def frame(message: Any) -> bytes:
+    """One driver → worker frame."""
+    body = pickle.dumps(message, PROTOCOL)
+    return LENGTH.pack(len(body)) + body
+
+
+def result_frame(status: int, tid: int, seconds: float, payload: bytes) -> bytes:
+    """One worker → driver result."""
+    return RESULT.pack(status, tid, seconds, len(payload)) + payload
+
+
+def split_results(buf: bytearray) -> List[Tuple[int, int, float, bytes]]:
+    """Cut the complete results off the front of ``buf`` (leaves a partial tail)."""
+    out = []
+    pos, n, size = 0, len(buf), RESULT.size
+    unpack = RESULT.unpack_from
+    while n - pos >= size:
+        status, tid, seconds, length = unpack(buf, pos)
+        end = pos + size + length
+        if end > n:
+            break
+        out.append((status, tid, seconds, bytes(buf[pos + size:end])))
+        pos = end
+    del buf[:pos]
+    return out
+
+
+def split_frames(buf: bytearray) -> List[Any]:
+    """Cut the complete driver → worker messages off the front of ``buf``."""
+    out = []
+    pos, n, size = 0, len(buf), LENGTH.size
+    while n - pos >= size:
+        (length,) = LENGTH.unpack_from(buf, pos)
+        end = pos + size + length
+        if end > n:
+            break
+        out.append(pickle.loads(buf[pos + size:end]))
+        pos = end
+    del buf[:pos]
+    return out
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to a blocking ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def python_path() -> List[str]:
+    """The driver's import path, so workers import the same modules."""
+    return [p for p in sys.path if p]

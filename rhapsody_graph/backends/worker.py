@@ -1,0 +1,132 @@
+"""A worker process: runs the tasks the driver sends, one after the other.
+
+Started as ``python -m rhapsody_graph.backends.worker TASK_FD RESULT_FD`` with two
+private pipes. It keeps a queue of tasks; between two tasks it takes any new
+messages without blocking (so a ``drop`` is seen before the next task starts), and
+blocks on the pipe only when the queue is empty. Every result is written as soon
+as it exists, so the driver always knows the task at the head of the queue is the
+one running. A placement is applied only when it differs from the last one:
+``os.sched_setaffinity`` to the granted cores, then the GPU masks and the
+``RANK``/``WORLD_SIZE`` variables in ``os.environ``. EOF on the task pipe (the
+driver closed it, or died) ends the process. SIGINT is ignored: the driver owns
+Ctrl-C and kills workers itself.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import sys
+import time
+from collections import deque
+from typing import Any, Deque, Dict, Optional
+
+from . import wire
+from ..resources import Placement
+
+
+class Worker:
+    def __init__(self, task_fd: int, result_fd: int) -> None:
+        self.task_fd, self.result_fd = task_fd, result_fd
+        os.set_blocking(task_fd, False)
+        self.inbox = bytearray()
+        self.queue: Deque[tuple] = deque()
+        self.funcs: Dict[int, Any] = {}
+        self.place: Optional[tuple] = None
+        self.home = os.sched_getaffinity(0)
+        self.open = True
+        self.gpu_flag = 0  # wire.GPU_RUNTIME once a GPU runtime is mapped in this process
+
+    def serve(self) -> None:
+        while self.open or self.queue:
+            if self.queue:
+                self.receive(block=False)
+                if self.queue:
+                    self.run(self.queue.popleft())
+            else:
+                self.receive(block=True)
+
+    def receive(self, block: bool) -> None:
+        if block:
+            select.select([self.task_fd], [], [])
+        try:
+            data = os.read(self.task_fd, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.open = False
+            return
+        self.inbox += data
+        for message in wire.split_frames(self.inbox):
+            self.handle(message)
+
+    def handle(self, message: tuple) -> None:
+        verb = message[0]
+        if verb == "run":
+            self.queue.extend(message[1])
+        elif verb == "drop":
+            for task in self.queue:
+                wire.write_all(self.result_fd, wire.result_frame(wire.DROPPED, task[0], 0.0, b""))
+            self.queue.clear()
+        elif verb == "forget":
+            self.funcs.clear()
+        elif verb == "path":
+            sys.path[:0] = [p for p in message[1] if p not in sys.path]
+
+    def run(self, task: tuple) -> None:
+        tid, fid, func_bytes, args, deps, place = task
+        start = time.perf_counter()
+        try:
+            if place != self.place:
+                self.apply(place)
+            fn = self.funcs.get(fid)
+            if fn is None:
+                fn = self.funcs[fid] = pickle.loads(func_bytes)
+            a, kw = wire.load_args(args, deps)
+            payload, status = wire.dump_value(fn(*a, **kw)), wire.OK
+        except BaseException as exc:  # the node's failure, whatever it is, goes back
+            payload, status = wire.dump_error(exc), wire.ERROR
+        seconds = time.perf_counter() - start
+        _flush_std()
+        if place and place[3] and not self.gpu_flag and _gpu_runtime_loaded():
+            self.gpu_flag = wire.GPU_RUNTIME
+        wire.write_all(self.result_fd,
+                       wire.result_frame(status | self.gpu_flag, tid, seconds, payload))
+
+    def apply(self, place: Optional[tuple]) -> None:
+        """Pin to the granted cores and export the GPU/rank environment."""
+        self.place = place
+        if place is None:
+            os.sched_setaffinity(0, self.home)
+            return
+        host, cpus, pinned, gpus, rank, world = place
+        os.sched_setaffinity(0, pinned or self.home)
+        os.environ.update(Placement(host, cpus, gpus, 0, rank, world).env())
+
+
+def _gpu_runtime_loaded() -> bool:
+    """True once CUDA, ROCm or Level Zero is mapped: it has read the GPU mask for good."""
+    try:
+        with open("/proc/self/maps") as maps:
+            text = maps.read()
+    except OSError:
+        return False
+    return any(lib in text for lib in ("libcuda.so", "libamdhip64", "libze_loader"))
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def main(argv: list) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Worker(int(argv[1]), int(argv[2])).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,61 @@
+"""Exceptions a user can catch.
+
+A node's own exception is re-raised at ``compute()`` with its original type; the
+remote traceback is attached as ``__cause__`` (a :class:`RemoteTraceback`) and a
+note names the node. The classes below cover what is not the node's own doing.
+"""
+from __future__ import annotations
+
+import subprocess
+
+__all__ = [
+    "RemoteTraceback",
+    "RemoteError",
+    "NodeTimeoutError",
+    "WorkerDiedError",
+    "ExecutableError",
+    "UnsatisfiableError",
+]
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of a failure in another process."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb
+
+
+class RemoteError(RuntimeError):
+    """A remote exception that could not be sent back as itself (unpicklable)."""
+
+
+class NodeTimeoutError(TimeoutError):
+    """A node ran past its ``timeout=``; its processes were killed."""
+
+
+class WorkerDiedError(RuntimeError):
+    """The process running a node died (signal, ``os._exit``, segfault)."""
+
+
+class ExecutableError(subprocess.CalledProcessError):
+    """An executable node exited non-zero; ``stderr`` holds what it wrote."""
+
+    def __str__(self) -> str:
+        tail = (self.stderr or "").strip().splitlines()[-10:]
+        msg = super().__str__()
+        return msg + ("\nstderr (last lines):\n  " + "\n  ".join(tail) if tail else "")
+
+
+class UnsatisfiableError(ValueError):
+    """A node asks for more than any host of the inventory has."""
+
+
+def add_note(exc: BaseException, note: str) -> BaseException:
+    """``exc.add_note(note)`` once (a no-op before Python 3.11)."""
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+    return exc

@@ -1,0 +1,224 @@
+"""The lazy graph: :class:`Node` (one call that has not run) and :class:`Graph`.
+
+A node records a callable, its arguments and the options it runs with. Any node
+found in the arguments, at any depth of lists, tuples, dicts, sets and
+frozensets, is an edge: the upstream node runs first and its *value* takes its
+place. Nodes are immutable once built, so a graph can never hold a cycle.
+
+A :class:`Graph` is the set of nodes its outputs need, gathered in one pass,
+and ordered by an iterative depth-first post-order from the outputs: every
+node comes after its dependencies, and a branch is finished before the next
+one starts. That order is both the iteration order and the scheduler's
+priority (lower index runs first), which keeps few intermediate results alive.
+It never recurses, so a 10,000-deep chain is fine.
+
+>>> from rhapsody_graph import task
+>>> @task
+... def inc(x): return x + 1
+>>> g = Graph(inc(inc(1)))
+>>> len(g), [n.name for n in g]
+(2, ['inc', 'inc'])
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = ["Node", "Graph", "find_nodes", "substitute"]
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_seq = itertools.count()
+
+FUNCTION = "function"
+EXECUTABLE = "executable"
+
+
+def find_nodes(objs: Sequence[Any]) -> Tuple["Node", ...]:
+    """Return the distinct nodes inside ``objs`` (nested containers included), in order."""
+    found: Dict[int, Node] = {}
+    stack = list(reversed(objs))
+    while stack:
+        obj = stack.pop()
+        kind = type(obj)
+        if kind is Node:
+            found.setdefault(id(obj), obj)
+        elif kind in _CONTAINERS or isinstance(obj, _CONTAINERS):
+            if isinstance(obj, dict):
+                items = list(obj.keys()) + list(obj.values())
+            else:
+                items = list(obj)
+            stack.extend(reversed(items))
+    return tuple(found.values())
+
+
+def substitute(obj: Any, values: Dict[int, Any]) -> Any:
+    """Rebuild ``obj`` with every node replaced by ``values[id(node)]``."""
+    kind = type(obj)
+    if kind is Node:
+        return values[id(obj)]
+    if isinstance(obj, dict):
+        return kind((substitute(k, values), substitute(v, values)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [substitute(o, values) for o in obj]
+        return kind(*items) if hasattr(obj, "_fields") else kind(items)
+    return obj
+
+
+class Node:
+    """One call, not yet run. Build it by calling a task; run it with :meth:`compute`.
+
+    Attributes:
+        key: a deterministic, readable id: the name and a short hash.
+        name: the task's name.
+        deps: the distinct upstream nodes found in the arguments.
+        kind: ``"function"`` or ``"executable"``.
+    """
+
+    __slots__ = ("key", "name", "fn", "args", "kwargs", "deps", "opts", "kind", "__weakref__")
+
+    def __init__(self, fn: Any, args: tuple, kwargs: dict, opts: Any, kind: str = FUNCTION,
+                 name: Optional[str] = None) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.opts = opts
+        self.kind = kind
+        self.name = name = name or opts.name
+        # fast path: plain positional nodes and scalars need no deep walk
+        deps: List[Node] = []
+        deep = False
+        for a in args:
+            t = type(a)
+            if t is Node:
+                if a not in deps:
+                    deps.append(a)
+            elif t in _CONTAINERS or isinstance(a, _CONTAINERS):
+                deep = True
+                break
+        if deep or kwargs:
+            self.deps = find_nodes((args, kwargs))
+        else:
+            self.deps = tuple(deps)
+        digest = hashlib.blake2b(f"{opts.qualname}:{next(_seq)}".encode(), digest_size=6)
+        self.key = f"{name}-{digest.hexdigest()}"
+
+    def compute(self, **kwargs: Any) -> Any:
+        """Run this node and everything it needs; return its value.
+
+        Takes the keyword arguments of :func:`rhapsody_graph.compute`.
+        """
+        from .scheduler import compute
+        return compute(self, **kwargs)[0]
+
+    def __repr__(self) -> str:
+        return f"<Node {self.key} ({len(self.deps)} deps)>"
+
+    def __reduce__(self):
+        raise TypeError(
+            f"node {self.key!r} cannot be pickled: pass it as an argument of another task "
+            "(it becomes an edge) instead of capturing it in a closure or a global")
+
+
+class Graph:
+    """The nodes that ``outputs`` need, merged once and ordered.
+
+    ``outputs`` are nodes or containers of nodes; :meth:`compute` returns the same
+    shape with values in place of nodes (a single output is returned bare).
+
+    >>> from rhapsody_graph import task
+    >>> @task
+    ... def add(a, b): return a + b
+    >>> x = add(1, 2)
+    >>> g = Graph(add(x, x), x)
+    >>> len(g), g.dependencies(g.outputs[0]) == (x,)
+    (2, True)
+    """
+
+    def __init__(self, *outputs: Any) -> None:
+        if not outputs:
+            raise ValueError("Graph() needs at least one output node")
+        self.outputs = outputs
+        self.roots = find_nodes(outputs)
+        self._order, self._index = _post_order(self.roots)
+        self._dependents: Optional[List[List[int]]] = None
+        self._by_key: Optional[Dict[str, Node]] = None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._order)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._index
+
+    def __getitem__(self, key: str) -> Node:
+        if self._by_key is None:
+            self._by_key = {n.key: n for n in self._order}
+        return self._by_key[key]
+
+    @property
+    def nodes(self) -> List[Node]:
+        """All nodes in execution order (dependencies first)."""
+        return self._order
+
+    def index(self, node: Node) -> int:
+        """The node's position in the order (its scheduling priority)."""
+        return self._index[node]
+
+    def dependencies(self, node: Node) -> Tuple[Node, ...]:
+        """The nodes ``node`` reads from."""
+        self._check(node)
+        return node.deps
+
+    def dependents(self, node: Node) -> Tuple[Node, ...]:
+        """The nodes of this graph that read from ``node``."""
+        self._check(node)
+        if self._dependents is None:
+            out: List[List[int]] = [[] for _ in self._order]
+            index = self._index
+            for i, n in enumerate(self._order):
+                for d in n.deps:
+                    out[index[d]].append(i)
+            self._dependents = out
+        return tuple(self._order[i] for i in self._dependents[self._index[node]])
+
+    def _check(self, node: Node) -> None:
+        if node not in self._index:
+            raise KeyError(f"{node!r} is not in this graph")
+
+    def compute(self, **kwargs: Any) -> Any:
+        """Run the graph; return the outputs' values (one output: its value alone).
+
+        Takes the keyword arguments of :func:`rhapsody_graph.compute`.
+        """
+        from .scheduler import run
+        values = run(self, **kwargs)
+        return values[0] if len(values) == 1 else values
+
+    def __repr__(self) -> str:
+        return f"<Graph {len(self)} nodes, {len(self.outputs)} outputs>"
+
+
+def _post_order(roots: Sequence[Node]) -> Tuple[List[Node], Dict[Node, int]]:
+    """Iterative DFS post-order over ``roots`` and everything they depend on."""
+    order: List[Node] = []
+    index: Dict[Node, int] = {}
+    for root in roots:
+        if root in index:
+            continue
+        stack = [(root, iter(root.deps))]
+        on_stack = {root}
+        while stack:
+            node, deps = stack[-1]
+            for d in deps:
+                if d not in index and d not in on_stack:
+                    on_stack.add(d)
+                    stack.append((d, iter(d.deps)))
+                    break
+            else:
+                stack.pop()
+                index[node] = len(order)
+                order.append(node)
+    return order, index

@@ -1,0 +1,369 @@
+"""Resources: what a node asks for, what the machine has, and who holds what.
+
+State and policy:
+
+* :class:`Resources` is a node's request for *one rank*: ``cpus`` cores, ``gpus`` GPU
+  ids and ``memory`` bytes, all on one host. ``ranks`` copies of it make a job.
+* :class:`Host` lists the concrete core ids and GPU ids of one machine;
+  an :class:`Inventory` is the hosts a backend can place work on. It is detected
+  (:func:`detect_host`) or declared (``Host("n0", cpus=4, gpus=4)``), so GPU
+  assignment can be checked on a machine without GPUs.
+* The :class:`Ledger` owns the free lists. ``allocate`` returns a :class:`Placement`
+  (host, core ids, GPU ids) or ``None`` when the request does not fit *now*;
+  ``release`` gives it back. Cores are taken lowest id first (packing); GPUs are
+  taken round-robin over every GPU of every host, so a stream of one-GPU nodes is
+  spread over all of them. Multi-rank requests are all-or-nothing, ranks placed
+  ``block`` (fill a host, then the next) or ``round_robin`` (one rank per host in turn).
+* :meth:`Inventory.check` says, before anything runs, whether a request could ever
+  fit, and if not, what the largest host has.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import UnsatisfiableError
+
+__all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host",
+           "current_placement"]
+
+DISTRIBUTIONS = ("block", "round_robin")
+
+
+class Resources:
+    """A validated per-rank request: ``cpus`` cores, ``gpus`` GPUs, ``memory`` bytes."""
+
+    __slots__ = ("cpus", "gpus", "memory", "ranks", "distribution", "_key")
+
+    def __init__(self, cpus: int = 1, gpus: int = 0, memory: int = 0, ranks: int = 1,
+                 distribution: str = "block") -> None:
+        self.cpus = cpus
+        self.gpus = gpus
+        self.memory = memory
+        self.ranks = ranks
+        self.distribution = distribution
+        self._key = (cpus, gpus, memory, ranks, distribution)
+
+    @property
+    def key(self) -> tuple:
+        """A hashable identity: equal requests share one key."""
+        return self._key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Resources) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        parts = [f"cpus={self.cpus}", f"gpus={self.gpus}"]
+        if self.memory:
+            parts.append(f"memory={self.memory}")
+        if self.ranks != 1:
+            parts += [f"ranks={self.ranks}", f"distribution={self.distribution!r}"]
+        return "Resources(" + ", ".join(parts) + ")"
+
+
+class Placement:
+    """Concrete resources granted to one rank: a host, core ids and GPU ids."""
+
+    __slots__ = ("host", "cpus", "gpus", "memory", "rank", "world_size")
+
+    def __init__(self, host: str, cpus: Tuple[int, ...], gpus: Tuple[int, ...] = (),
+                 memory: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.host = host
+        self.cpus = cpus
+        self.gpus = gpus
+        self.memory = memory
+        self.rank = rank
+        self.world_size = world_size
+
+    def env(self) -> Dict[str, str]:
+        """The environment a process placed here sees (GPU masks, rank, placement)."""
+        gpu_ids = ",".join(map(str, self.gpus))
+        return {
+            "CUDA_VISIBLE_DEVICES": gpu_ids,
+            "ROCR_VISIBLE_DEVICES": gpu_ids,
+            "ZE_AFFINITY_MASK": gpu_ids,
+            "RHAPSODY_HOST": self.host,
+            "RHAPSODY_CPUS": ",".join(map(str, self.cpus)),
+            "RHAPSODY_GPUS": gpu_ids,
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.rank),
+            "OMPI_COMM_WORLD_RANK": str(self.rank),
+            "OMPI_COMM_WORLD_SIZE": str(self.world_size),
+            "PMI_RANK": str(self.rank),
+            "PMI_SIZE": str(self.world_size),
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Placement) and (
+            (self.host, self.cpus, self.gpus, self.memory, self.rank, self.world_size)
+            == (other.host, other.cpus, other.gpus, other.memory, other.rank, other.world_size))
+
+    def __hash__(self) -> int:
+        return hash((self.host, self.cpus, self.gpus, self.rank))
+
+    def __repr__(self) -> str:
+        rank = f", rank={self.rank}/{self.world_size}" if self.world_size > 1 else ""
+        return f"Placement(host={self.host!r}, cpus={list(self.cpus)}, gpus={list(self.gpus)}{rank})"
+
+
+def current_placement() -> Optional[Placement]:
+    """Inside a running node: where it was placed (``None`` outside of one).
+
+    The cores are the ledger's ids; ``os.sched_getaffinity(0)`` shows the real ones.
+    """
+    env = os.environ
+    if "RHAPSODY_HOST" not in env:
+        return None
+
+    def ids(name: str) -> Tuple[int, ...]:
+        return tuple(int(x) for x in env.get(name, "").split(",") if x)
+    return Placement(env["RHAPSODY_HOST"], ids("RHAPSODY_CPUS"), ids("RHAPSODY_GPUS"), 0,
+                     int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+class Host:
+    """One machine: its name, core ids, GPU ids and memory in bytes.
+
+    >>> Host("n0", cpus=4, gpus=2).gpus
+    (0, 1)
+    """
+
+    __slots__ = ("name", "cpus", "gpus", "memory")
+
+    def __init__(self, name: str, cpus: "int | Sequence[int]", gpus: "int | Sequence[int]" = 0,
+                 memory: Optional[int] = None) -> None:
+        self.name = name
+        self.cpus = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
+        self.gpus = tuple(range(gpus)) if isinstance(gpus, int) else tuple(gpus)
+        self.memory = memory if memory is not None else _total_memory()
+        if not self.cpus:
+            raise ValueError(f"host {name!r} needs at least one core, got cpus={cpus!r}")
+
+    def __repr__(self) -> str:
+        return (f"Host({self.name!r}, cpus={len(self.cpus)} {list(self.cpus)[:8]}"
+                f"{'...' if len(self.cpus) > 8 else ''}, gpus={list(self.gpus)})")
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def detect_gpus() -> Tuple[int, ...]:
+    """GPU ids visible here: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return tuple(int(g) for g in visible.split(",") if g.strip().isdigit())
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ()
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(int(line) for line in out.split() if line.strip().isdigit())
+
+
+def detect_host(cpus: "int | Sequence[int] | None" = None,
+                gpus: "int | Sequence[int] | None" = None,
+                memory: Optional[int] = None) -> Host:
+    """This machine as a :class:`Host`, with counts optionally declared.
+
+    Declared ``cpus=N`` takes the first N cores this process may run on; more than
+    that adds virtual ids that are pinned onto the real cores in turn.
+    """
+    real = sorted(os.sched_getaffinity(0))
+    if cpus is None:
+        core_ids: Sequence[int] = real
+    elif isinstance(cpus, int):
+        extra = range(max(real) + 1, max(real) + 1 + max(0, cpus - len(real)))
+        core_ids = (real + list(extra))[:cpus] if cpus > 0 else []
+    else:
+        core_ids = cpus
+    gpu_ids = detect_gpus() if gpus is None else gpus
+    return Host(socket.gethostname(), core_ids, gpu_ids, memory)
+
+
+class Inventory:
+    """The hosts a backend can place work on."""
+
+    def __init__(self, hosts: Iterable[Host]) -> None:
+        self.hosts: List[Host] = list(hosts)
+        if not self.hosts:
+            raise ValueError("an inventory needs at least one host")
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"host names must be unique, got {names}")
+
+    @property
+    def total_cpus(self) -> int:
+        return sum(len(h.cpus) for h in self.hosts)
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(len(h.gpus) for h in self.hosts)
+
+    def largest(self) -> Host:
+        return max(self.hosts, key=lambda h: (len(h.gpus), len(h.cpus), h.memory))
+
+    def ranks_that_fit(self, req: Resources) -> int:
+        """How many ranks of ``req`` fit on the whole inventory when it is empty."""
+        total = 0
+        for h in self.hosts:
+            fits = [len(h.cpus) // req.cpus if req.cpus else None,
+                    len(h.gpus) // req.gpus if req.gpus else None,
+                    h.memory // req.memory if req.memory else None]
+            known = [f for f in fits if f is not None]
+            total += min(known) if known else req.ranks
+        return total
+
+    def check(self, req: Resources, who: str) -> None:
+        """Raise :class:`UnsatisfiableError` if ``req`` can never be placed.
+
+        Raises:
+            UnsatisfiableError: naming ``who``, the request and the largest host.
+        """
+        if self.ranks_that_fit(req) >= req.ranks:
+            return
+        big = self.largest()
+        per = "per rank " if req.ranks > 1 else ""
+        raise UnsatisfiableError(
+            f"node {who!r} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
+            + (f", {req.memory} bytes of memory" if req.memory else "")
+            + (f" x {req.ranks} ranks" if req.ranks > 1 else "")
+            + f", but no inventory can hold it: the largest host {big.name!r} has "
+            f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {big.memory} bytes "
+            f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
+            f"inventory, e.g. LocalBackend(cpus=..., gpus=...).")
+
+    def __repr__(self) -> str:
+        return "Inventory(" + ", ".join(map(repr, self.hosts)) + ")"
+
+
+class _HostState:
+    __slots__ = ("host", "free_cpus", "free_gpus", "free_memory")
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.free_cpus = sorted(host.cpus)
+        self.free_gpus = set(host.gpus)
+        self.free_memory = host.memory
+
+    def fits(self, req: Resources) -> bool:
+        return (len(self.free_cpus) >= req.cpus and len(self.free_gpus) >= req.gpus
+                and self.free_memory >= req.memory)
+
+
+class Ledger:
+    """Free cores, GPU ids and memory per host; allocations are all-or-nothing.
+
+    >>> ledger = Ledger(Inventory([Host("n0", cpus=2, gpus=2)]))
+    >>> p = ledger.allocate(Resources(cpus=1, gpus=1))
+    >>> (p.host, p.cpus, p.gpus)
+    ('n0', (0,), (0,))
+    >>> ledger.allocate(Resources(cpus=1, gpus=1)).gpus
+    (1,)
+    >>> ledger.allocate(Resources(cpus=1, gpus=1)) is None
+    True
+    >>> ledger.release(p)
+    """
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self._hosts = {h.name: _HostState(h) for h in inventory.hosts}
+        self._order = list(self._hosts.values())
+        # round-robin over every GPU of every host: (host index, gpu id) in order
+        self._gpu_ring = [(i, g) for i, st in enumerate(self._order) for g in st.host.gpus]
+        self._gpu_cursor = 0
+
+    def allocate(self, req: Resources, rank: int = 0, world_size: int = 1) -> Optional[Placement]:
+        """Take one rank's worth of ``req`` on one host, or return ``None``."""
+        if req.gpus:
+            return self._allocate_gpus(req, rank, world_size)
+        for st in self._order:
+            if st.fits(req):
+                return self._take(st, req, (), rank, world_size)
+        return None
+
+    def _allocate_gpus(self, req: Resources, rank: int, world_size: int) -> Optional[Placement]:
+        ring, n = self._gpu_ring, len(self._gpu_ring)
+        for step in range(n):
+            pos = (self._gpu_cursor + step) % n
+            host_index, first = ring[pos]
+            st = self._order[host_index]
+            if first not in st.free_gpus or not st.fits(req):
+                continue
+            gpus, last = [first], pos
+            for k in range(1, n):
+                if len(gpus) == req.gpus:
+                    break
+                h, g = ring[(pos + k) % n]
+                if h == host_index and g in st.free_gpus:
+                    gpus.append(g)
+                    last = pos + k
+            if len(gpus) < req.gpus:
+                continue
+            self._gpu_cursor = (last + 1) % n
+            return self._take(st, req, tuple(gpus), rank, world_size)
+        return None
+
+    def _take(self, st: _HostState, req: Resources, gpus: Tuple[int, ...], rank: int,
+              world_size: int) -> Placement:
+        cpus = tuple(st.free_cpus[:req.cpus])
+        del st.free_cpus[:req.cpus]
+        st.free_gpus.difference_update(gpus)
+        st.free_memory -= req.memory
+        return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
+
+    def allocate_ranks(self, req: Resources) -> Optional[List[Placement]]:
+        """Place all ``req.ranks`` ranks (block or round-robin over hosts), or none."""
+        n = req.ranks
+        placed: List[Placement] = []
+        if req.distribution == "round_robin":
+            hosts = self._order
+            start = 0
+            while len(placed) < n:
+                for k in range(len(hosts)):
+                    st = hosts[(start + k) % len(hosts)]
+                    if st.fits(req):
+                        placed.append(self._take_on(st, req, len(placed), n))
+                        start = (start + k + 1) % len(hosts)
+                        break
+                else:
+                    break
+        else:
+            for st in self._order:
+                while len(placed) < n and st.fits(req):
+                    placed.append(self._take_on(st, req, len(placed), n))
+        if len(placed) < n:
+            for p in placed:
+                self.release(p)
+            return None
+        return placed
+
+    def _take_on(self, st: _HostState, req: Resources, rank: int, world_size: int) -> Placement:
+        gpus = tuple(sorted(st.free_gpus)[:req.gpus])
+        return self._take(st, req, gpus, rank, world_size)
+
+    def release(self, placement: Placement) -> None:
+        """Give a placement's cores, GPUs and memory back to its host."""
+        st = self._hosts[placement.host]
+        st.free_cpus.extend(placement.cpus)
+        st.free_cpus.sort()
+        st.free_gpus.update(placement.gpus)
+        st.free_memory += placement.memory
+
+    def idle(self) -> bool:
+        """True when nothing is allocated (every core and GPU is free)."""
+        return all(len(st.free_cpus) == len(st.host.cpus) and len(st.free_gpus) == len(st.host.gpus)
+                   for st in self._order)

@@ -1,0 +1,272 @@
+"""``@task``, ``executable`` and ``map``: how nodes are made, and the option table.
+
+Every option a node accepts is declared once in :data:`OPTIONS` (name → validator).
+The same table checks ``@task(...)``, ``f.options(...)``, ``executable(...)`` and
+``map(...)``, so a bad value is refused where it is written, with a message that
+names the function, the option and the value.
+
+>>> @task(cpus=2)
+... def simulate(seed): return seed * 2
+>>> simulate.options(gpus=1).opts.resources
+Resources(cpus=2, gpus=1)
+>>> simulate.options(cpu=2)
+Traceback (most recent call last):
+...
+TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpus, distribution, gpu, gpus, memory, name, ranks, retries, timeout
+"""
+from __future__ import annotations
+
+import builtins
+import difflib
+import functools
+import re
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .graph import EXECUTABLE, Node
+from .resources import DISTRIBUTIONS, Resources
+
+__all__ = ["task", "Task", "Options", "executable", "map", "ExecResult", "OPTIONS"]
+
+BACKENDS = ("local", "dragon", "dask")
+
+
+def _count(minimum: int) -> Callable[[str, str, Any], int]:
+    def check(who: str, name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{who}: option {name!r} must be an integer >= {minimum}, "
+                            f"got {value!r} ({type(value).__name__})")
+        if value < minimum:
+            raise ValueError(f"{who}: option {name!r} must be >= {minimum}, got {value!r}")
+        return value
+    return check
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
+          "tib": 2**40}
+
+
+def _memory(who: str, name: str, value: Any) -> int:
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{who}: option 'memory' must be bytes or a size like '4GB', "
+                             f"got {value!r}")
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return _count(0)(who, name, value)
+
+
+def _seconds(who: str, name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{who}: option {name!r} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _text(who: str, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{who}: option {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _backend(who: str, name: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{who}: unknown backend {value!r}; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _distribution(who: str, name: str, value: Any) -> str:
+    if value not in DISTRIBUTIONS:
+        raise ValueError(f"{who}: option 'distribution' must be one of "
+                         f"{', '.join(repr(d) for d in DISTRIBUTIONS)}, got {value!r}")
+    return value
+
+
+#: Every node option: name -> validator(who, name, value) -> normalised value.
+OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
+    "cpus": _count(0),
+    "gpus": _count(0),
+    "gpu": _count(0),  # alias of gpus
+    "ranks": _count(1),
+    "memory": _memory,
+    "timeout": _seconds,
+    "retries": _count(0),
+    "name": _text,
+    "backend": _backend,
+    "distribution": _distribution,
+}
+DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
+                            "retries": 0, "backend": None, "distribution": "block"}
+
+
+def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check ``options`` against :data:`OPTIONS`; return them normalised.
+
+    Raises:
+        TypeError: an unknown option or a value of the wrong type.
+        ValueError: a value out of range, or ``gpu`` and ``gpus`` together.
+    """
+    out: Dict[str, Any] = {}
+    for name, value in options.items():
+        check = OPTIONS.get(name)
+        if check is None:
+            close = difflib.get_close_matches(name, OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{who}: unknown option {name!r}{hint}; valid options: "
+                            f"{', '.join(sorted(OPTIONS))}")
+        out[name] = check(who, name, value)
+    if "gpu" in out:
+        if "gpus" in out:
+            raise ValueError(f"{who}: give 'gpus' or its alias 'gpu', not both "
+                             f"(got gpus={out['gpus']!r}, gpu={out['gpu']!r})")
+        out["gpus"] = out.pop("gpu")
+    return out
+
+
+class Options:
+    """The validated options of a task: resources plus run policy."""
+
+    __slots__ = ("values", "resources", "timeout", "retries", "name", "backend", "qualname")
+
+    def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
+        merged = {**DEFAULTS, **values}
+        self.values = values
+        self.resources = Resources(merged["cpus"], merged["gpus"], merged["memory"],
+                                   merged["ranks"], merged["distribution"])
+        self.timeout: Optional[float] = merged["timeout"]
+        self.retries: int = merged["retries"]
+        self.backend: Optional[str] = merged["backend"]
+        self.name: str = values.get("name", name)
+        self.qualname = qualname
+
+    def __repr__(self) -> str:
+        return f"Options({self.values})"
+
+
+class Task:
+    """A function whose calls build nodes. Made by :func:`task`.
+
+    ``task(x)`` returns a :class:`~rhapsody_graph.graph.Node`; ``task.func(x)`` calls
+    the plain function; ``task.options(gpus=1)`` is a copy with other options.
+    """
+
+    def __init__(self, func: Callable[..., Any], options: Mapping[str, Any]) -> None:
+        if not callable(func):
+            raise TypeError(f"@task needs a callable, got {func!r}")
+        if isinstance(func, Task):
+            options = {**func.opts.values, **options}
+            func = func.func
+        functools.update_wrapper(self, func)
+        self.func = func
+        name = getattr(func, "__name__", type(func).__name__)
+        qualname = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', name)}"
+        self.opts = Options(validate(name, options), name, qualname)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Node:
+        return Node(self.func, args, kwargs, self.opts)
+
+    def options(self, **options: Any) -> "Task":
+        """A copy of this task with some options replaced; validated now."""
+        return Task(self.func, {**self.opts.values, **options})
+
+    def __repr__(self) -> str:
+        return f"<Task {self.opts.name} {self.opts.values}>"
+
+
+def task(func: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
+    """Make a function lazy: calling it builds a node instead of running it.
+
+    Use bare (``@task``) or with options (``@task(cpus=2, gpus=1, timeout=60)``);
+    see :data:`OPTIONS`.
+
+    >>> @task(cpus=1)
+    ... def inc(x): return x + 1
+    >>> inc(1).compute()
+    2
+    """
+    if func is None:  # validated when applied, so the message can name the function
+        return lambda f: Task(f, options)
+    return Task(func, options)
+
+
+class ExecResult:
+    """What an executable node returns: ``stdout``, ``stderr``, ``returncode``."""
+
+    __slots__ = ("argv", "stdout", "stderr", "returncode", "host", "cpus", "gpus", "rank")
+
+    def __init__(self, argv: List[str], stdout: str, stderr: str, returncode: int,
+                 host: str = "", cpus: Sequence[int] = (), gpus: Sequence[int] = (),
+                 rank: int = 0) -> None:
+        self.argv, self.stdout, self.stderr, self.returncode = argv, stdout, stderr, returncode
+        self.host, self.cpus, self.gpus, self.rank = host, tuple(cpus), tuple(gpus), rank
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state):
+        for s, v in zip(self.__slots__, state):
+            setattr(self, s, v)
+
+    def __repr__(self) -> str:
+        return (f"ExecResult(returncode={self.returncode}, stdout={self.stdout[:60]!r}, "
+                f"host={self.host!r}, cpus={list(self.cpus)}, gpus={list(self.gpus)})")
+
+
+class ExecSpec:
+    """How to start an executable node: argv (may hold nodes), cwd and extra env."""
+
+    __slots__ = ("argv", "cwd", "env")
+
+    def __init__(self, argv: List[Any], cwd: Optional[str], env: Optional[Dict[str, str]]) -> None:
+        self.argv, self.cwd, self.env = argv, cwd, env
+
+
+def executable(argv: Sequence[Any], *, cwd: Optional[str] = None,
+               env: Optional[Mapping[str, str]] = None, **options: Any) -> Node:
+    """A node that runs a program: ``argv`` may hold upstream nodes (their values, as text).
+
+    Its value is an :class:`ExecResult` (a list of them for ``ranks > 1``); a non-zero
+    exit raises :class:`~rhapsody_graph.errors.ExecutableError` with stderr's tail.
+
+    >>> executable(["echo", "hi"]).compute().stdout
+    'hi\\n'
+    """
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
+        raise TypeError(f"executable() needs a non-empty list of arguments, got {argv!r}")
+    prog = str(argv[0]) if not isinstance(argv[0], Node) else "executable"
+    who = f"executable {prog!r}"
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError(f"{who}: env must map str to str, got {env!r}")
+    values = validate(who, options)
+    opts = Options(values, prog.rsplit("/", 1)[-1], f"executable:{prog}")
+    spec = ExecSpec(list(argv), cwd, dict(env) if env else None)
+    return Node(spec, (spec.argv,), {}, opts, kind=EXECUTABLE)
+
+
+def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
+        gpus: Union[int, str, None] = None, **options: Any) -> List[Node]:
+    """One node per item (``zip`` of several iterables), as the builtin ``map``.
+
+    ``gpus="all"`` gives each node one GPU; the ledger hands GPUs out round-robin
+    over every GPU of every host, never two running nodes on one GPU.
+
+    >>> def square(x): return x * x
+    >>> [n.compute() for n in map(square, range(3))]
+    [0, 1, 4]
+    """
+    if not iterables:
+        raise TypeError("map() needs at least one iterable of items")
+    if gpus is None and options.get("gpu") == "all":
+        gpus = options.pop("gpu")
+    if gpus == "all":
+        options["gpus"] = 1
+    elif gpus is not None:
+        options["gpus"] = gpus
+    base = func if isinstance(func, Task) else Task(func, {})
+    t = base.options(**options) if options else base
+    return [t(*items) for items in builtins.zip(*iterables)]

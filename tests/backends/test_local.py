@@ -1,0 +1,138 @@
+"""The local backend for real: worker processes, placement seen by the task, executables, ranks."""
+import os
+import sys
+
+import pytest
+
+import rhapsody_graph as rhapsody
+from rhapsody_graph.errors import ExecutableError, UnsatisfiableError
+
+from ..conftest import child_pids
+
+
+def seen():
+    p = rhapsody.current_placement()
+    return {"pid": os.getpid(), "affinity": sorted(os.sched_getaffinity(0)),
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "rocr": os.environ.get("ROCR_VISIBLE_DEVICES"),
+            "ze": os.environ.get("ZE_AFFINITY_MASK"),
+            "host": p.host, "cpus": list(p.cpus), "gpus": list(p.gpus),
+            "rank": os.environ.get("RANK"), "world": os.environ.get("WORLD_SIZE")}
+
+
+def test_task_observes_its_granted_cores_and_gpus(gpu_backend):
+    placed = rhapsody.task(cpus=2, gpus=2)(seen)
+    s = placed().compute(backend=gpu_backend)
+    assert s["affinity"] == sorted(os.sched_getaffinity(0))[:2] == s["cpus"]
+    assert s["cuda"] == s["rocr"] == s["ze"] == ",".join(map(str, s["gpus"]))
+    assert len(s["gpus"]) == 2
+
+
+def test_cpu_only_task_sees_one_core_and_no_gpus(gpu_backend):
+    s = rhapsody.task(cpus=1)(seen)().compute(backend=gpu_backend)
+    assert len(s["affinity"]) == 1 and s["cuda"] == ""
+
+
+def test_map_gpus_all_spreads_round_robin_and_never_shares_a_gpu(gpu_backend, tmp_path):
+    def hold(i, log):
+        import fcntl
+        import time
+        gpu = os.environ["CUDA_VISIBLE_DEVICES"]
+        with open(log, "a") as f:  # record overlapping use of one GPU
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(f"start {gpu}\n")
+        time.sleep(0.05)
+        with open(log, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(f"end {gpu}\n")
+        return gpu
+
+    log = str(tmp_path / "log")
+    gpus = rhapsody.compute(rhapsody.map(hold, range(8), [log] * 8, gpus="all"),
+                            backend=gpu_backend)[0]
+    assert sorted(gpus) == sorted(["0", "1", "2", "3"] * 2)
+    busy = set()
+    for line in open(log).read().split("\n")[:-1]:
+        what, gpu = line.split()
+        if what == "start":
+            assert gpu not in busy, "two nodes ran on one GPU at once"
+            busy.add(gpu)
+        else:
+            busy.remove(gpu)
+
+
+def test_workers_persist_across_tasks_and_runs(gpu_backend):
+    pid = rhapsody.task(lambda i: os.getpid())
+    first = set(rhapsody.compute([pid(i) for i in range(20)], backend=gpu_backend)[0])
+    second = set(rhapsody.compute([pid(i) for i in range(20)], backend=gpu_backend)[0])
+    assert len(first) <= 2 and first & second
+
+
+def test_executable_returns_stdout_stderr_returncode_and_takes_upstream_values(gpu_backend):
+    word = rhapsody.task(lambda: "hello")()
+    r = rhapsody.executable(["sh", "-c", 'echo "$0" out; echo err >&2', word], cpus=1,
+                            gpus=1, env={"EXTRA": "1"}).compute(backend=gpu_backend)
+    assert (r.stdout, r.stderr, r.returncode) == ("hello out\n", "err\n", 0)
+    assert len(r.gpus) == 1 and r.host
+
+
+def test_executable_sees_its_placement_cwd_and_env(gpu_backend, tmp_path):
+    r = rhapsody.executable(
+        [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)), "
+         "os.environ['CUDA_VISIBLE_DEVICES'], os.getcwd(), os.environ['EXTRA'])"],
+        cpus=1, gpus=2, cwd=str(tmp_path), env={"EXTRA": "yes"}).compute(backend=gpu_backend)
+    affinity, gpus, cwd, extra = r.stdout.split(" ", 1)[0], *r.stdout.rsplit(" ", 3)[1:]
+    assert r.stdout.startswith(str(list(r.cpus)))
+    assert gpus == ",".join(map(str, r.gpus)) and cwd == str(tmp_path) and extra.strip() == "yes"
+
+
+def test_failing_executable_raises_with_stderr_tail(gpu_backend):
+    node = rhapsody.executable(["sh", "-c", "echo oh no >&2; exit 3"])
+    with pytest.raises(ExecutableError, match="oh no") as info:
+        node.compute(backend=gpu_backend)
+    assert info.value.returncode == 3 and node.key in "".join(info.value.__notes__)
+
+
+def test_missing_program_raises_file_not_found(gpu_backend):
+    with pytest.raises(FileNotFoundError):
+        rhapsody.executable(["/no/such/program"]).compute(backend=gpu_backend)
+
+
+def test_python_ranks_return_per_rank_values_with_their_own_placement(gpu_backend):
+    job = rhapsody.task(ranks=2, cpus=1, gpus=1)(seen)
+    ranks = job().compute(backend=gpu_backend)
+    assert [r["rank"] for r in ranks] == ["0", "1"] and {r["world"] for r in ranks} == {"2"}
+    assert len({r["pid"] for r in ranks}) == 2
+    assert ranks[0]["affinity"] != ranks[1]["affinity"]
+    assert ranks[0]["cuda"] != ranks[1]["cuda"]
+
+
+def test_ranks_across_hosts_block_and_round_robin(two_hosts):
+    block = rhapsody.task(ranks=3, cpus=1, distribution="block")(seen)
+    rr = rhapsody.task(ranks=3, cpus=1, distribution="round_robin")(seen)
+    b, r = rhapsody.compute(block(), rr(), backend=two_hosts)
+    assert [x["host"] for x in b] == ["n0", "n0", "n1"]
+    assert [x["host"] for x in r] == ["n0", "n1", "n0"]
+
+
+def test_executable_ranks_each_get_a_rank(gpu_backend):
+    rs = rhapsody.executable(["sh", "-c", "echo $RANK/$WORLD_SIZE"], ranks=2).compute(
+        backend=gpu_backend)
+    assert [r.stdout for r in rs] == ["0/2\n", "1/2\n"]
+
+
+def test_unsatisfiable_request_fails_before_anything_runs(gpu_backend, tmp_path):
+    marker = tmp_path / "ran"
+    early = rhapsody.executable(["touch", str(marker)])
+    big = rhapsody.task(gpus=8)(lambda x: x)(early)
+    with pytest.raises(UnsatisfiableError, match=f"node '{big.key}' asks for 1 cpus, 8 gpus"):
+        rhapsody.compute(big, early, backend=gpu_backend)
+    assert not marker.exists()
+
+
+def test_backend_shutdown_leaves_no_child_process():
+    backend = rhapsody.LocalBackend(cpus=2)
+    rhapsody.compute([rhapsody.task(lambda i: i)(i) for i in range(10)], backend=backend)
+    assert child_pids()
+    backend.shutdown()
+    assert not child_pids()

@@ -1,0 +1,44 @@
+"""Shared fixtures: declared inventories, so GPU placement is checked on any machine."""
+import os
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+
+def child_pids(pid: int = None) -> set:
+    """Live descendants of ``pid`` (default: this process), from /proc."""
+    pid = pid or os.getpid()
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except FileNotFoundError:
+                continue
+            for k in kids:
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
+
+
+@pytest.fixture(scope="module")
+def gpu_backend():
+    """2 real cores and 4 declared GPUs."""
+    with rhapsody.LocalBackend(cpus=2, gpus=4) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two declared hosts of 2 cores and 2 GPUs each, run on this machine."""
+    hosts = [rhapsody.Host("n0", cpus=2, gpus=2), rhapsody.Host("n1", cpus=2, gpus=2)]
+    with rhapsody.LocalBackend(hosts=hosts) as backend:
+        yield backend

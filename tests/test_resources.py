@@ -1,0 +1,92 @@
+"""Resources, Inventory and Ledger: allocation, release, round-robin GPUs, ranks."""
+import pytest
+
+from rhapsody_graph.errors import UnsatisfiableError
+from rhapsody_graph.resources import Host, Inventory, Ledger, Resources, detect_host
+
+
+def ledger(*hosts):
+    return Ledger(Inventory(hosts))
+
+
+def test_cores_are_taken_lowest_first_and_given_back():
+    lg = ledger(Host("n0", cpus=4))
+    a = lg.allocate(Resources(cpus=2))
+    b = lg.allocate(Resources(cpus=2))
+    assert (a.cpus, b.cpus) == ((0, 1), (2, 3))
+    assert lg.allocate(Resources(cpus=1)) is None
+    lg.release(a)
+    assert lg.allocate(Resources(cpus=1)).cpus == (0,)
+
+
+def test_one_gpu_requests_go_round_robin_over_every_gpu_of_every_host():
+    lg = ledger(Host("a", cpus=8, gpus=2), Host("b", cpus=8, gpus=2))
+    got = []
+    for _ in range(8):
+        p = lg.allocate(Resources(cpus=1, gpus=1))
+        got.append((p.host, p.gpus))
+        lg.release(p)
+    assert got == [("a", (0,)), ("a", (1,)), ("b", (0,)), ("b", (1,))] * 2
+
+
+def test_a_gpu_is_never_granted_twice_while_held():
+    lg = ledger(Host("a", cpus=8, gpus=3))
+    held = [lg.allocate(Resources(gpus=1)) for _ in range(3)]
+    assert sorted(p.gpus[0] for p in held) == [0, 1, 2]
+    assert lg.allocate(Resources(gpus=1)) is None
+
+
+def test_multi_gpu_request_stays_on_one_host():
+    lg = ledger(Host("a", cpus=4, gpus=1), Host("b", cpus=4, gpus=2))
+    p = lg.allocate(Resources(cpus=1, gpus=2))
+    assert (p.host, p.gpus) == ("b", (0, 1))
+
+
+def test_ranks_block_fill_a_host_then_the_next():
+    lg = ledger(Host("a", cpus=2), Host("b", cpus=2))
+    ps = lg.allocate_ranks(Resources(cpus=1, ranks=3, distribution="block"))
+    assert [(p.host, p.cpus, p.rank, p.world_size) for p in ps] == [
+        ("a", (0,), 0, 3), ("a", (1,), 1, 3), ("b", (0,), 2, 3)]
+
+
+def test_ranks_round_robin_alternate_hosts():
+    lg = ledger(Host("a", cpus=2), Host("b", cpus=2))
+    ps = lg.allocate_ranks(Resources(cpus=1, ranks=4, distribution="round_robin"))
+    assert [p.host for p in ps] == ["a", "b", "a", "b"]
+
+
+def test_ranks_are_all_or_nothing():
+    lg = ledger(Host("a", cpus=2))
+    assert lg.allocate_ranks(Resources(cpus=1, ranks=3)) is None
+    assert lg.idle()
+
+
+def test_memory_is_accounted():
+    lg = ledger(Host("a", cpus=4, memory=1000))
+    p = lg.allocate(Resources(cpus=1, memory=600))
+    assert lg.allocate(Resources(cpus=1, memory=600)) is None
+    lg.release(p)
+    assert lg.allocate(Resources(cpus=1, memory=600)) is not None
+
+
+def test_impossible_request_names_node_request_and_largest_host():
+    inv = Inventory([Host("small", cpus=2, gpus=1), Host("big", cpus=4, gpus=2)])
+    with pytest.raises(UnsatisfiableError, match=r"node 'train-1' asks for 1 cpus, 8 gpus.*"
+                                                  r"largest host 'big' has 4 cpus, 2 gpus"):
+        inv.check(Resources(cpus=1, gpus=8), "train-1")
+    with pytest.raises(UnsatisfiableError, match="x 9 ranks"):
+        inv.check(Resources(cpus=1, ranks=9), "job")
+    inv.check(Resources(cpus=1, ranks=6), "job")  # 2 + 4 cores
+
+
+def test_detect_host_reads_affinity_and_honours_declared_counts():
+    import os
+    h = detect_host()
+    assert set(h.cpus) == os.sched_getaffinity(0)
+    d = detect_host(cpus=len(h.cpus) + 2, gpus=4)
+    assert len(d.cpus) == len(h.cpus) + 2 and d.gpus == (0, 1, 2, 3)
+
+
+def test_detect_gpus_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_host().gpus == (2, 3)

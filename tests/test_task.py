@@ -1,0 +1,89 @@
+"""@task, .options, executable and map: validation at decoration and call time."""
+import pytest
+
+import rhapsody_graph as rhapsody
+from rhapsody_graph.graph import Node
+
+
+def inc(x):
+    return x + 1
+
+
+def test_bare_and_parametrised_decorators_build_nodes_without_running():
+    calls = []
+
+    @rhapsody.task
+    def f(x):
+        calls.append(x)
+        return x
+
+    @rhapsody.task(cpus=2, gpus=1, ranks=1, memory="1GB", timeout=5, retries=1, name="g")
+    def g(x):
+        calls.append(x)
+        return x
+
+    assert isinstance(f(1), Node) and isinstance(g(1), Node)
+    assert calls == []
+    r = g.opts.resources
+    assert (r.cpus, r.gpus, r.memory) == (2, 1, 2**30)
+    assert (g.opts.timeout, g.opts.retries, g.opts.name) == (5.0, 1, "g")
+    assert g(1).key.startswith("g-")
+    assert g.func(3) == 3  # the plain function is still there
+
+
+def test_options_overrides_per_call_and_keeps_the_rest():
+    t = rhapsody.task(cpus=1, retries=2)(inc)
+    t2 = t.options(cpus=2)
+    assert t2.opts.resources.cpus == 2 and t2.opts.retries == 2
+    assert t.opts.resources.cpus == 1
+
+
+def test_gpu_is_an_alias_of_gpus_and_both_at_once_is_an_error():
+    assert rhapsody.task(gpu=2)(inc).opts.resources.gpus == 2
+    with pytest.raises(ValueError, match="not both"):
+        rhapsody.task(gpu=1, gpus=1)(inc)
+
+
+@pytest.mark.parametrize("options, error, text", [
+    ({"cpu": 1}, TypeError, "unknown option 'cpu' .did you mean 'cpus'"),
+    ({"cpus": -1}, ValueError, "'cpus' must be >= 0, got -1"),
+    ({"gpus": 1.5}, TypeError, "'gpus' must be an integer >= 0, got 1.5"),
+    ({"ranks": 0}, ValueError, "'ranks' must be >= 1, got 0"),
+    ({"timeout": -3}, ValueError, "'timeout' must be > 0"),
+    ({"memory": "lots"}, ValueError, "'memory' must be bytes or a size"),
+    ({"backend": "spark"}, ValueError, "unknown backend 'spark'"),
+    ({"distribution": "scatter"}, ValueError, "'distribution' must be one of"),
+    ({"cpus": True}, TypeError, "'cpus' must be an integer"),
+])
+def test_bad_options_are_refused_at_decoration_naming_the_value(options, error, text):
+    with pytest.raises(error, match=text):
+        rhapsody.task(**options)(inc)
+
+
+def test_bad_options_name_the_function_in_options_call():
+    t = rhapsody.task(inc)
+    with pytest.raises(ValueError, match=r"^inc: option 'cpus' must be >= 0, got -2"):
+        t.options(cpus=-2)
+
+
+def test_executable_validates_its_arguments():
+    with pytest.raises(TypeError, match="non-empty list"):
+        rhapsody.executable("echo hi")
+    with pytest.raises(TypeError, match="env must map str to str"):
+        rhapsody.executable(["echo"], env={"A": 1})
+    with pytest.raises(ValueError, match="'cpus' must be >= 0"):
+        rhapsody.executable(["echo"], cpus=-1)
+
+
+def test_map_makes_one_node_per_item_for_plain_and_decorated_functions():
+    nodes = rhapsody.map(inc, range(5))
+    assert len(nodes) == 5 and all(isinstance(n, Node) for n in nodes)
+    decorated = rhapsody.task(cpus=2)(inc)
+    nodes = rhapsody.map(decorated, range(3), gpus="all")
+    assert all(n.opts.resources.gpus == 1 and n.opts.resources.cpus == 2 for n in nodes)
+    assert [n.compute() for n in rhapsody.map(inc, range(3))] == [1, 2, 3]
+
+
+def test_map_over_several_iterables_zips_them():
+    nodes = rhapsody.map(lambda a, b: a * b, [1, 2, 3], [4, 5, 6])
+    assert rhapsody.compute(nodes) == ([4, 10, 18],)
