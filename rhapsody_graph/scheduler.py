@@ -137,10 +137,12 @@ class _Run:
         self.ledger = Ledger(backend.inventory)
         self.prepared = self.validate()
         self.leased = [backend.uses_lease(node) for node in nodes]
-        self.ready = [i for i in range(n) if not self.waiting[i]]
-        heapq.heapify(self.ready)
-        for i in self.ready:
-            self.state[i] = READY
+        # ready heaps: pool nodes (under leases) and nodes on their own processes
+        self.ready: List[int] = []
+        self.ready_own: List[int] = []
+        for i in range(n):
+            if not self.waiting[i]:
+                self.push(i)
         self.inflight: Dict[int, _Attempt] = {}
         self.deadlines: List[Tuple[float, int]] = []
         self.open_leases: Dict[tuple, List[Lease]] = {}
@@ -177,9 +179,9 @@ class _Run:
             if not self.stopping:
                 self.dispatch()
             if not self.inflight:
-                if self.ready and not self.stopping:
-                    raise RuntimeError(f"scheduler stalled with {len(self.ready)} ready nodes "
-                                       "and nothing running; please report this")
+                if (self.ready or self.ready_own) and not self.stopping:
+                    raise RuntimeError("scheduler stalled with ready nodes and nothing "
+                                       "running; please report this")
                 return
             timeout = None
             if self.deadlines:
@@ -189,10 +191,35 @@ class _Run:
             if self.deadlines:
                 self.expire()
 
+    def push(self, i: int) -> None:
+        self.state[i] = READY
+        heapq.heappush(self.ready if self.leased[i] else self.ready_own, i)
+
     def dispatch(self) -> None:
+        if self.ready_own:
+            self.dispatch_own()
+        if self.ready:
+            self.dispatch_leased()
+        self.backend.flush()
+
+    def dispatch_own(self) -> None:
+        """Executables and multi-rank nodes: one placement per rank, if they fit now."""
+        ready, blocked, deferred = self.ready_own, set(), []
+        while ready:
+            i = heapq.heappop(ready)
+            res = self.nodes[i].opts.resources
+            placements = None if res.key in blocked else self.ledger.allocate_ranks(res)
+            if placements is None:
+                blocked.add(res.key)
+                deferred.append(i)
+            else:
+                self.submit(i, None, placements)
+        for i in deferred:
+            heapq.heappush(ready, i)
+
+    def dispatch_leased(self) -> None:
+        """Pool nodes: top up shared leases, or open a lease on a free slot."""
         ready, b = self.ready, self.backend
-        if not ready:
-            return
         blocked: set = set()
         deferred: List[int] = []
         filling: set = set()
@@ -200,37 +227,27 @@ class _Run:
             i = heapq.heappop(ready)
             node = self.nodes[i]
             res = node.opts.resources
-            if self.leased[i]:
-                exclusive = res.gpus > 0 or node.opts.timeout is not None
-                key = (res.key, exclusive)
-                lease = None if exclusive else self.lease_with_room(key, i, filling)
-                if lease is None:
-                    placement = None
-                    if key not in blocked and b.slots_free() > 0:
-                        placement = self.ledger.allocate(res)
-                    if placement is None:
-                        blocked.add(key)
-                        deferred.append(i)
-                        if b.slots_free() <= 0 and not self.any_lease_room(filling):
-                            break
-                        continue
-                    lease = Lease(placement, 1 if exclusive else self.depth(i))
-                    if not exclusive:
-                        self.open_leases.setdefault(key, []).append(lease)
-                filling.add(lease)
-                lease.outstanding += 1
-                self.submit(i, lease, [lease.placement])
-            else:
-                key = (res.key, None)
-                placements = None if key in blocked else self.ledger.allocate_ranks(res)
-                if placements is None:
+            exclusive = res.gpus > 0 or node.opts.timeout is not None
+            key = (res.key, exclusive)
+            lease = None if exclusive else self.lease_with_room(key, i, filling)
+            if lease is None:
+                placement = None
+                if key not in blocked and b.slots_free() > 0:
+                    placement = self.ledger.allocate(res)
+                if placement is None:
                     blocked.add(key)
                     deferred.append(i)
+                    if b.slots_free() <= 0 and not self.any_lease_room(filling):
+                        break
                     continue
-                self.submit(i, None, placements)
+                lease = Lease(placement, 1 if exclusive else self.depth(i))
+                if not exclusive:
+                    self.open_leases.setdefault(key, []).append(lease)
+            filling.add(lease)
+            lease.outstanding += 1
+            self.submit(i, lease, [lease.placement])
         for i in deferred:
             heapq.heappush(ready, i)
-        b.flush()
 
     def lease_with_room(self, key: tuple, i: int, filling: set) -> Optional[Lease]:
         leases = self.open_leases.get(key)
@@ -275,8 +292,7 @@ class _Run:
         if status == OK:
             self.done(i, payload, seconds)
         elif status == DROPPED:
-            self.state[i] = READY
-            heapq.heappush(self.ready, i)
+            self.push(i)
         else:
             self.fail(i, payload)
 
@@ -310,15 +326,13 @@ class _Run:
         for j in self.dependents[i]:
             waiting[j] -= 1
             if not waiting[j] and state[j] == PENDING:
-                state[j] = READY
-                heapq.heappush(self.ready, j)
+                self.push(j)
 
     def fail(self, i: int, exc: BaseException) -> None:
         node = self.nodes[i]
         self.attempts[i] += 1
         if self.attempts[i] <= node.opts.retries and not self.stopping:
-            self.state[i] = READY
-            heapq.heappush(self.ready, i)
+            self.push(i)
             return
         if node.opts.retries:
             add_note(exc, f"node {node.key!r} failed {self.attempts[i]} times "
@@ -338,8 +352,9 @@ class _Run:
                 self.state[j] = SKIPPED
                 self.skipped += 1
                 stack.extend(self.dependents[j])
-        self.ready = [j for j in self.ready if self.state[j] == READY]
-        heapq.heapify(self.ready)
+        for ready in (self.ready, self.ready_own):
+            ready[:] = [j for j in ready if self.state[j] == READY]
+            heapq.heapify(ready)
 
     def expire(self) -> None:
         now = time.monotonic()
