@@ -145,7 +145,8 @@ class _Run:
                 self.push(i)
         self.inflight: Dict[int, _Attempt] = {}
         self.deadlines: List[Tuple[float, int]] = []
-        self.open_leases: Dict[tuple, List[Lease]] = {}
+        self.open_leases: Dict[tuple, List[Lease]] = {}  # shared leases by request
+        self.drained: List[Lease] = []  # shared leases with nothing queued
         self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
         self.slots = max(1, backend.slots_free())
         self.errors: List[Tuple[int, BaseException]] = []
@@ -176,7 +177,9 @@ class _Run:
     def loop(self) -> None:
         b = self.backend
         while True:
-            if not self.stopping:
+            if self.stopping:
+                self.end_drained()
+            else:
                 self.dispatch()
             if not self.inflight:
                 if (self.ready or self.ready_own) and not self.stopping:
@@ -196,11 +199,24 @@ class _Run:
         heapq.heappush(self.ready if self.leased[i] else self.ready_own, i)
 
     def dispatch(self) -> None:
-        if self.ready_own:
-            self.dispatch_own()
-        if self.ready:
-            self.dispatch_leased()
+        while True:
+            if self.ready_own:
+                self.dispatch_own()
+            if self.ready:
+                self.dispatch_leased()
+            # drained leases stay open through one pass, so a chain reuses its worker;
+            # the ones not reused are ended, and what they held may admit more nodes
+            if not (self.end_drained() and (self.ready or self.ready_own)):
+                break
         self.backend.flush()
+
+    def end_drained(self) -> bool:
+        """End the shared leases left with nothing queued; True if any was ended."""
+        ended = [lease for lease in self.drained if not lease.outstanding]
+        self.drained.clear()
+        for lease in ended:
+            self.end_lease(lease)
+        return bool(ended)
 
     def dispatch_own(self) -> None:
         """Executables and multi-rank nodes: one placement per rank, if they fit now."""
@@ -304,12 +320,18 @@ class _Run:
             return
         lease.outstanding -= 1
         if lease.outstanding == 0:
-            self.ledger.release(lease.placement)
-            self.backend.end_lease(lease)
-            for leases in self.open_leases.values():
-                if lease in leases:
-                    leases.remove(lease)
-                    break
+            if lease.executor is not None and any(lease in ls for ls in self.open_leases.values()):
+                self.drained.append(lease)  # ended after the next dispatch unless reused
+            else:
+                self.end_lease(lease)
+
+    def end_lease(self, lease: Lease) -> None:
+        self.ledger.release(lease.placement)
+        self.backend.end_lease(lease)
+        for leases in self.open_leases.values():
+            if lease in leases:
+                leases.remove(lease)
+                break
 
     def done(self, i: int, payload: bytes, seconds: float) -> None:
         self.state[i] = DONE

@@ -54,7 +54,7 @@ class _Worker:
     """The driver's view of one worker process."""
 
     __slots__ = ("proc", "task_w", "result_r", "inbox", "outbox", "pending", "queue", "lease",
-                 "gpus", "funcs", "writing")
+                 "place", "gpus", "funcs", "writing")
 
     def __init__(self, proc: subprocess.Popen, task_w: int, result_r: int) -> None:
         self.proc, self.task_w, self.result_r = proc, task_w, result_r
@@ -63,6 +63,7 @@ class _Worker:
         self.pending: List[tuple] = []  # tasks of this round, not yet framed
         self.queue: Deque[int] = deque()
         self.lease: Optional[Lease] = None
+        self.place: Optional[tuple] = None  # the bound lease's placement, as the worker takes it
         self.gpus: Optional[Tuple[int, ...]] = None
         self.funcs: Set[int] = set()
         self.writing = False
@@ -159,11 +160,9 @@ class LocalBackend:
         prepared = call.prepared
         func = None if prepared.fid in w.funcs else prepared.func
         w.funcs.add(prepared.fid)
-        p = lease.placement
-        place = (p.host, p.cpus, self.pin(p.cpus), p.gpus, 0, 1)
         if not w.pending:
             self._dirty.append(w)
-        w.pending.append((call.tid, prepared.fid, func, prepared.args, call.inputs, place))
+        w.pending.append((call.tid, prepared.fid, func, prepared.args, call.inputs, w.place))
         w.queue.append(call.tid)
         self._owner[call.tid] = w
 
@@ -318,6 +317,8 @@ class LocalBackend:
         if w is None:
             w = self._spawn()
         w.lease = lease
+        p = lease.placement
+        w.place = (p.host, p.cpus, self.pin(p.cpus), p.gpus, 0, 1)
         lease.executor = w
         self._bound += 1
         return w

@@ -136,3 +136,16 @@ def test_backend_shutdown_leaves_no_child_process():
     assert child_pids()
     backend.shutdown()
     assert not child_pids()
+
+
+def test_slots_and_ledger_are_all_free_after_failed_and_successful_runs():
+    backend = rhapsody.LocalBackend(cpus=2)
+    try:
+        boom = rhapsody.task(lambda i: 1 / 0 if i == 3 else i)
+        with pytest.raises(ZeroDivisionError):
+            rhapsody.compute([boom(i) for i in range(50)], backend=backend)
+        assert backend.slots_free() == backend.max_workers
+        rhapsody.compute([boom(i) for i in range(3)], backend=backend)
+        assert backend.slots_free() == backend.max_workers
+    finally:
+        backend.shutdown()
