@@ -21,6 +21,7 @@ It never recurses, so a 10,000-deep chain is fine.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -58,7 +59,13 @@ def substitute(obj: Any, values: Dict[int, Any]) -> Any:
     if kind is Node:
         return values[id(obj)]
     if isinstance(obj, dict):
-        return kind((substitute(k, values), substitute(v, values)) for k, v in obj.items())
+        items = [(substitute(k, values), substitute(v, values)) for k, v in obj.items()]
+        if kind is dict:
+            return dict(items)
+        out = copy.copy(obj)  # keeps a subclass's state (defaultdict's factory, ...)
+        out.clear()
+        out.update(items)
+        return out
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [substitute(o, values) for o in obj]
         return kind(*items) if hasattr(obj, "_fields") else kind(items)

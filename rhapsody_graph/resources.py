@@ -70,16 +70,18 @@ class Resources:
 class Placement:
     """Concrete resources granted to one rank: a host, core ids and GPU ids."""
 
-    __slots__ = ("host", "cpus", "gpus", "memory", "rank", "world_size")
+    __slots__ = ("host", "cpus", "gpus", "memory", "rank", "world_size", "local_rank")
 
     def __init__(self, host: str, cpus: Tuple[int, ...], gpus: Tuple[int, ...] = (),
-                 memory: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 memory: int = 0, rank: int = 0, world_size: int = 1,
+                 local_rank: Optional[int] = None) -> None:
         self.host = host
         self.cpus = cpus
         self.gpus = gpus
         self.memory = memory
         self.rank = rank
         self.world_size = world_size
+        self.local_rank = rank if local_rank is None else local_rank  # rank among its host's
 
     def env(self) -> Dict[str, str]:
         """The environment a process placed here sees (GPU masks, rank, placement)."""
@@ -93,7 +95,7 @@ class Placement:
             "RHAPSODY_GPUS": gpu_ids,
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size),
-            "LOCAL_RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
             "OMPI_COMM_WORLD_RANK": str(self.rank),
             "OMPI_COMM_WORLD_SIZE": str(self.world_size),
             "PMI_RANK": str(self.rank),
@@ -241,7 +243,7 @@ class Inventory:
             f"node {who!r} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
             + (f", {req.memory} bytes of memory" if req.memory else "")
             + (f" x {req.ranks} ranks" if req.ranks > 1 else "")
-            + f", but no inventory can hold it: the largest host {big.name!r} has "
+            + f", but no host can hold it: the largest host {big.name!r} has "
             f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {big.memory} bytes "
             f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
             f"inventory, e.g. LocalBackend(cpus=..., gpus=...).")
@@ -328,6 +330,9 @@ class Ledger:
     def allocate_ranks(self, req: Resources) -> Optional[List[Placement]]:
         """Place all ``req.ranks`` ranks (block or round-robin over hosts), or none."""
         n = req.ranks
+        if n == 1:
+            one = self.allocate(req)
+            return None if one is None else [one]
         placed: List[Placement] = []
         if req.distribution == "round_robin":
             hosts = self._order
@@ -349,6 +354,10 @@ class Ledger:
             for p in placed:
                 self.release(p)
             return None
+        per_host: Dict[str, int] = {}
+        for p in placed:
+            p.local_rank = per_host.get(p.host, 0)
+            per_host[p.host] = p.local_rank + 1
         return placed
 
     def _take_on(self, st: _HostState, req: Resources, rank: int, world_size: int) -> Placement:

@@ -21,8 +21,10 @@ and submits them; ``backend.wait(next deadline)`` blocks until something finishe
 Admission: a Python node with one rank runs under a :class:`~.backends.base.Lease`
 (a placement held by one worker). Tiny nodes with the same request share a lease:
 up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease holds
-about 2 ms of work by the function's measured run time; nodes with GPUs or a
-timeout get a lease of their own. Executables and multi-rank nodes get one
+about 2 ms of work by the function's measured run time (1 until it is measured);
+nodes with GPUs or a timeout get a lease of their own. So the priority order holds
+exactly for nodes that take 2 ms or more, and within 2 ms of queued work for tinier
+ones, where batching is what makes them cheap. Executables and multi-rank nodes get one
 placement per rank from the ledger. A node whose request does not fit now waits;
 one that can never fit is refused before anything runs.
 
@@ -49,7 +51,7 @@ __all__ = ["compute", "run", "get_backend"]
 PENDING, READY, RUNNING, DONE, FAILED, SKIPPED = range(6)
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
-UNKNOWN_DEPTH = 2  # before a function's run time has been measured
+UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
 
 _tids = itertools.count(1)
 _default_backend: Any = None
@@ -134,7 +136,7 @@ class _Run:
         self.is_output = bytearray(n)
         for root in graph.roots:
             self.is_output[index[root]] = 1
-        self.ledger = Ledger(backend.inventory)
+        self.ledger: Ledger = backend.ledger
         self.prepared = self.validate()
         self.leased = [backend.uses_lease(node) for node in nodes]
         # ready heaps: pool nodes (under leases) and nodes on their own processes
@@ -150,7 +152,6 @@ class _Run:
         self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
         self.slots = max(1, backend.slots_free())
         self.errors: List[Tuple[int, BaseException]] = []
-        self.skipped = 0
         self.stopping = False
 
     # -- before anything runs ---------------------------------------------------------
@@ -266,14 +267,15 @@ class _Run:
             heapq.heappush(ready, i)
 
     def lease_with_room(self, key: tuple, i: int, filling: set) -> Optional[Lease]:
+        """An open shared lease that may queue node ``i`` next, if any."""
         leases = self.open_leases.get(key)
         if not leases:
             return None
-        lease = min(leases, key=lambda l: l.outstanding)
-        lease.depth = self.depth(i)
-        if lease.outstanding < lease.depth and (lease in filling
-                                                or lease.outstanding <= lease.depth // 2):
-            return lease
+        depth = self.depth(i)
+        for lease in sorted(leases, key=lambda l: l.outstanding) if len(leases) > 1 else leases:
+            lease.depth = depth
+            if lease.outstanding < depth and (lease in filling or lease.outstanding <= depth // 2):
+                return lease
         return None
 
     def any_lease_room(self, filling: set) -> bool:
@@ -361,22 +363,27 @@ class _Run:
                           f"(retries={node.opts.retries})")
         self.state[i] = FAILED
         self.errors.append((i, exc))
-        self.skip_dependents(i)
+        skipped = self.skip_dependents(i)
+        if skipped:
+            add_note(exc, f"{skipped} node(s) depending on {node.key!r} did not run")
         if self.fail_fast and not self.stopping:
             self.stopping = True
             self.backend.drop_queued()
 
-    def skip_dependents(self, i: int) -> None:
+    def skip_dependents(self, i: int) -> int:
+        """Mark everything downstream of ``i`` as not to run; return how many."""
+        skipped = 0
         stack = list(self.dependents[i])
         while stack:
             j = stack.pop()
             if self.state[j] in (PENDING, READY):
                 self.state[j] = SKIPPED
-                self.skipped += 1
+                skipped += 1
                 stack.extend(self.dependents[j])
         for ready in (self.ready, self.ready_own):
             ready[:] = [j for j in ready if self.state[j] == READY]
             heapq.heapify(ready)
+        return skipped
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -397,8 +404,6 @@ class _Run:
             return
         i, exc = self.errors[0]
         node = self.nodes[i]
-        if self.skipped:
-            add_note(exc, f"{self.skipped} node(s) depending on {node.key!r} did not run")
         if len(self.errors) > 1:
             others = ", ".join(self.nodes[j].key for j, _ in self.errors[1:6])
             add_note(exc, f"{len(self.errors) - 1} other node(s) failed too: {others}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import functools
+import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -61,14 +62,17 @@ def _seconds(who: str, name: str, value: Any) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{who}: option {name!r} must be > 0 seconds, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{who}: option {name!r} must be a finite number of seconds > 0, "
+                         f"got {value!r} (leave it out for no timeout)")
     return float(value)
 
 
 def _text(who: str, name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{who}: option {name!r} must be a non-empty string, got {value!r}")
+    if not isinstance(value, str):
+        raise TypeError(f"{who}: option {name!r} must be a string, got {value!r}")
+    if not value:
+        raise ValueError(f"{who}: option {name!r} must not be empty")
     return value
 
 
@@ -128,6 +132,15 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by ``new``, where a new ``gpu`` replaces an old ``gpus``."""
+    merged = dict(base)
+    if "gpu" in new and "gpus" not in new:
+        merged.pop("gpus", None)
+    merged.update(new)
+    return merged
+
+
 class Options:
     """The validated options of a task: resources plus run policy."""
 
@@ -159,7 +172,7 @@ class Task:
         if not callable(func):
             raise TypeError(f"@task needs a callable, got {func!r}")
         if isinstance(func, Task):
-            options = {**func.opts.values, **options}
+            options = _merge(func.opts.values, options)
             func = func.func
         functools.update_wrapper(self, func)
         self.func = func
@@ -172,7 +185,7 @@ class Task:
 
     def options(self, **options: Any) -> "Task":
         """A copy of this task with some options replaced; validated now."""
-        return Task(self.func, {**self.opts.values, **options})
+        return Task(self.func, _merge(self.opts.values, options))
 
     def __repr__(self) -> str:
         return f"<Task {self.opts.name} {self.opts.values}>"

@@ -92,3 +92,10 @@ def test_issue_example_total_of_incs():
     assert t.compute() == 55
     assert rhapsody.compute(t, inc(1)) == (55, 2)
     assert rhapsody.Graph(t).compute() == 55
+
+
+def test_compute_keeps_dict_subclasses_of_its_outputs():
+    from collections import OrderedDict, defaultdict
+    out = rhapsody.compute(defaultdict(list, {"x": inc(1)}), OrderedDict(y=inc(2)))
+    assert out[0] == {"x": 2} and out[0].default_factory is list
+    assert type(out[1]) is OrderedDict and out[1] == {"y": 3}

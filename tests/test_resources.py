@@ -90,3 +90,18 @@ def test_detect_host_reads_affinity_and_honours_declared_counts():
 def test_detect_gpus_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert detect_host().gpus == (2, 3)
+
+
+def test_local_rank_counts_ranks_per_host():
+    lg = ledger(Host("a", cpus=2), Host("b", cpus=2))
+    ps = lg.allocate_ranks(Resources(cpus=1, ranks=4, distribution="round_robin"))
+    assert [(p.host, p.rank, p.local_rank) for p in ps] == [
+        ("a", 0, 0), ("b", 1, 0), ("a", 2, 1), ("b", 3, 1)]
+    assert ps[2].env()["LOCAL_RANK"] == "1" and ps[2].env()["RANK"] == "2"
+
+
+def test_single_rank_requests_of_any_kind_share_the_gpu_round_robin():
+    lg = ledger(Host("a", cpus=4, gpus=2))
+    first = lg.allocate_ranks(Resources(gpus=1))[0]
+    lg.release(first)
+    assert lg.allocate_ranks(Resources(gpus=1))[0].gpus != first.gpus

@@ -49,7 +49,9 @@ def test_gpu_is_an_alias_of_gpus_and_both_at_once_is_an_error():
     ({"cpus": -1}, ValueError, "'cpus' must be >= 0, got -1"),
     ({"gpus": 1.5}, TypeError, "'gpus' must be an integer >= 0, got 1.5"),
     ({"ranks": 0}, ValueError, "'ranks' must be >= 1, got 0"),
-    ({"timeout": -3}, ValueError, "'timeout' must be > 0"),
+    ({"timeout": -3}, ValueError, "'timeout' must be a finite number of seconds > 0"),
+    ({"timeout": float("inf")}, ValueError, "leave it out for no timeout"),
+    ({"name": ""}, ValueError, "'name' must not be empty"),
     ({"memory": "lots"}, ValueError, "'memory' must be bytes or a size"),
     ({"backend": "spark"}, ValueError, "unknown backend 'spark'"),
     ({"distribution": "scatter"}, ValueError, "'distribution' must be one of"),
@@ -87,3 +89,9 @@ def test_map_makes_one_node_per_item_for_plain_and_decorated_functions():
 def test_map_over_several_iterables_zips_them():
     nodes = rhapsody.map(lambda a, b: a * b, [1, 2, 3], [4, 5, 6])
     assert rhapsody.compute(nodes) == ([4, 10, 18],)
+
+
+def test_gpu_alias_overrides_a_stored_gpus_in_options_and_map():
+    t = rhapsody.task(gpus=1)(inc)
+    assert t.options(gpu=2).opts.resources.gpus == 2
+    assert rhapsody.map(t, [1], gpu=3)[0].opts.resources.gpus == 3

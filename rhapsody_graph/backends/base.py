@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ..resources import Inventory, Placement
+from ..resources import Inventory, Ledger, Placement
 
 try:
     from typing import Protocol
@@ -64,6 +64,7 @@ class Backend(Protocol):
 
     name: str
     inventory: Inventory
+    ledger: Ledger  # the backend's, so what it holds outside a run (services) is accounted
 
     def uses_lease(self, node: Any) -> bool: ...
     def prepare(self, node: Any) -> Any: ...

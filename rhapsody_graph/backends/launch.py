@@ -61,6 +61,7 @@ class Launch:
         self.procs: List[subprocess.Popen] = []
         self.killed = False
         self.lock = threading.Lock()
+        self.home = os.sched_getaffinity(0)  # for ranks that ask for no cores
 
     def kill(self) -> None:
         with self.lock:
@@ -69,7 +70,7 @@ class Launch:
                 kill_tree(p)
 
     def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
-        os.sched_setaffinity(0, self.pin(placement.cpus))
+        os.sched_setaffinity(0, self.pin(placement.cpus) or self.home)
         env = {**os.environ, **(kw.pop("env", None) or {}), **placement.env()}
         with self.lock:
             if self.killed:
@@ -112,36 +113,52 @@ class Launch:
         return (self.tid, OK, wire.dump_value(value), 0.0)
 
     def ranks(self, task: tuple, placements: List[Placement]) -> Completion:
-        """Run a Python node as ``len(placements)`` rank processes; value: per-rank list."""
-        pipes = []
-        for p in placements:
-            task_r, task_w = os.pipe()
-            result_r, result_w = os.pipe()
-            proc = self._start(p, worker_command(task_r, result_w), pass_fds=(task_r, result_w),
-                               stdin=subprocess.DEVNULL)
-            os.close(task_r)
-            os.close(result_w)
-            message = wire.frame(("path", wire.python_path())) + wire.frame(("run", [task]))
-            wire.write_all(task_w, message)
-            os.close(task_w)  # EOF: the rank runs its one task and exits
-            pipes.append((proc, result_r))
-        values: List[Any] = []
-        for rank, (proc, result_r) in enumerate(pipes):
-            with os.fdopen(result_r, "rb") as f:
-                data = bytearray(f.read())
-            code = proc.wait()
-            results = wire.split_results(data)
-            if not results:
-                exc = WorkerDiedError(f"rank {rank} of node {self.key!r} died "
-                                      f"({describe_exit(code)}) before returning a value")
-                return (self.tid, DIED, wire.attach(exc, "", self.key), 0.0)
-            status, _, _, payload = results[0]
-            if status == wire.ERROR:
-                exc = wire.load_error(payload, self.key)
-                add_note(exc, f"in rank {rank} of {len(pipes)}")
-                return (self.tid, ERROR, exc, 0.0)
-            values.append(pickle.loads(payload))
-        return (self.tid, OK, wire.dump_value(values), 0.0)
+        """Run a Python node as ``len(placements)`` rank processes; value: per-rank list.
+
+        The first rank that fails or dies fails the node, and the other ranks are killed.
+        """
+        ranks = []
+        try:
+            for p in placements:
+                task_r, task_w = os.pipe()
+                result_r, result_w = os.pipe()
+                results = os.fdopen(result_r, "rb")
+                try:
+                    proc = self._start(p, worker_command(task_r, result_w),
+                                       pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL)
+                except BaseException:
+                    results.close()
+                    raise
+                finally:
+                    os.close(task_r)
+                    os.close(result_w)
+                ranks.append((proc, results))
+                message = wire.frame(("path", wire.python_path())) + wire.frame(("run", [task]))
+                try:
+                    wire.write_all(task_w, message)
+                finally:
+                    os.close(task_w)  # EOF: the rank runs its one task and exits
+            values: List[Any] = []
+            for rank, (proc, results) in enumerate(ranks):
+                got = wire.split_results(bytearray(results.read()))
+                code = proc.wait()
+                if not got:
+                    exc = WorkerDiedError(f"rank {rank} of node {self.key!r} died "
+                                          f"({describe_exit(code)}) before returning a value")
+                    return (self.tid, DIED, wire.attach(exc, "", self.key), 0.0)
+                status, _, _, payload = got[0]
+                if status & ~wire.GPU_RUNTIME == wire.ERROR:
+                    exc = wire.load_error(payload, self.key)
+                    add_note(exc, f"in rank {rank} of {len(ranks)}")
+                    return (self.tid, ERROR, exc, 0.0)
+                values.append(pickle.loads(payload))
+            return (self.tid, OK, wire.dump_value(values), 0.0)
+        finally:
+            for proc, results in ranks:
+                if proc.poll() is None:
+                    kill_tree(proc)
+                proc.wait()
+                results.close()
 
 
 class _Killed(Exception):

@@ -37,8 +37,8 @@ from . import wire
 from .base import DIED, DROPPED, ERROR, OK, Call, Completion, Lease
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from ..errors import WorkerDiedError
-from ..graph import EXECUTABLE, Node, substitute
-from ..resources import Host, Inventory, detect_host
+from ..graph import EXECUTABLE, Node
+from ..resources import Host, Inventory, Ledger, detect_host
 
 __all__ = ["LocalBackend"]
 
@@ -99,6 +99,7 @@ class LocalBackend:
                                     or workers < 1):
             raise ValueError(f"LocalBackend: workers must be an integer >= 1, got {workers!r}")
         self.max_workers = workers or self.inventory.total_cpus
+        self.ledger = Ledger(self.inventory)  # kept across runs: GPUs go round-robin throughout
         self._real = sorted(os.sched_getaffinity(0))
         self._workers: List[_Worker] = []
         self._bound = 0
@@ -244,6 +245,7 @@ class LocalBackend:
         for w in list(self._workers):
             self._retire(w, None)
         self._reset()
+        self.ledger = Ledger(self.inventory)
 
     def shutdown(self) -> None:
         """Stop the workers (EOF, then SIGKILL after 2 s) and any launched process."""
@@ -287,6 +289,11 @@ class LocalBackend:
         return self._selector
 
     def _spawn(self) -> _Worker:
+        if wire.IMPORTING:
+            raise RuntimeError(
+                "compute() ran while a worker was importing the module that defines a task: "
+                "module-level code runs again in every worker. Put the code that builds and "
+                "computes the graph under `if __name__ == \"__main__\":`.")
         selector = self._ensure_loop()
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
@@ -334,9 +341,11 @@ class LocalBackend:
                 w.outbox.clear()
         want = bool(w.outbox)
         if want != w.writing and self._selector is not None:
-            w.writing = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            self._selector.modify(w.result_r, events, w)
+            w.writing = want  # watch the task pipe for room only while there is more to send
+            if want:
+                self._selector.register(w.task_w, selectors.EVENT_WRITE, w)
+            else:
+                self._selector.unregister(w.task_w)
 
     def _receive(self, w: _Worker, out: List[Completion]) -> None:
         try:
@@ -370,6 +379,8 @@ class LocalBackend:
         code = w.proc.wait()
         if self._selector is not None:
             self._selector.unregister(w.result_r)
+            if w.writing:
+                self._selector.unregister(w.task_w)
         _close(w.result_r)
         _close(w.task_w)
         self._workers.remove(w)
@@ -398,8 +409,8 @@ class LocalBackend:
         if node.kind == EXECUTABLE:
             spec = call.prepared
             values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
-            argv = [str(substitute(a, values)) if isinstance(a, Node) else os.fspath(a)
-                    if isinstance(a, os.PathLike) else str(a) for a in spec.argv]
+            argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)
+                    if isinstance(a, (bytes, os.PathLike)) else str(a) for a in spec.argv]
             launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
         else:
             p = call.prepared

@@ -33,6 +33,7 @@ import cloudpickle
 from ..errors import RemoteError, RemoteTraceback, add_note
 
 OK, ERROR, DROPPED = 0, 1, 2
+IMPORTING = False  # True in a worker while it unpickles a task (and imports its module)
 GPU_RUNTIME = 0x80  # or-ed into a status once the worker has loaded a GPU runtime
 RESULT = struct.Struct("<BQdQ")
 LENGTH = struct.Struct("<Q")
@@ -121,6 +122,18 @@ class _ArgUnpickler(pickle.Unpickler):
         if slot not in self.values:
             self.values[slot] = pickle.loads(self.deps[slot])
         return self.values[slot]
+
+
+def load_call(func_bytes: bytes, args: bytes, deps: Sequence[bytes]) -> Tuple[Any, tuple, dict]:
+    """In a worker: the function (``None`` if not sent) and its arguments, marked as importing."""
+    global IMPORTING
+    IMPORTING = True
+    try:
+        fn = None if func_bytes is None else pickle.loads(func_bytes)
+        a, kw = load_args(args, deps)
+        return fn, a, kw
+    finally:
+        IMPORTING = False
 
 
 def load_args(data: bytes, deps: Sequence[bytes]) -> Tuple[tuple, dict]:

@@ -14,7 +14,6 @@ Ctrl-C and kills workers itself.
 from __future__ import annotations
 
 import os
-import pickle
 import select
 import signal
 import sys
@@ -29,7 +28,6 @@ from ..resources import Placement
 class Worker:
     def __init__(self, task_fd: int, result_fd: int) -> None:
         self.task_fd, self.result_fd = task_fd, result_fd
-        os.set_blocking(task_fd, False)
         self.inbox = bytearray()
         self.queue: Deque[tuple] = deque()
         self.funcs: Dict[int, Any] = {}
@@ -48,12 +46,10 @@ class Worker:
                 self.receive(block=True)
 
     def receive(self, block: bool) -> None:
-        if block:
-            select.select([self.task_fd], [], [])
-        try:
-            data = os.read(self.task_fd, 1 << 20)
-        except BlockingIOError:
+        """Read what the driver sent: wait for it, or only take what is already there."""
+        if not block and not select.select([self.task_fd], [], [], 0)[0]:
             return
+        data = os.read(self.task_fd, 1 << 20)
         if not data:
             self.open = False
             return
@@ -80,10 +76,8 @@ class Worker:
         try:
             if place != self.place:
                 self.apply(place)
-            fn = self.funcs.get(fid)
-            if fn is None:
-                fn = self.funcs[fid] = pickle.loads(func_bytes)
-            a, kw = wire.load_args(args, deps)
+            fn, a, kw = wire.load_call(None if fid in self.funcs else func_bytes, args, deps)
+            fn = self.funcs.setdefault(fid, fn)
             payload, status = wire.dump_value(fn(*a, **kw)), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR

@@ -131,11 +131,12 @@ def test_unsatisfiable_request_fails_before_anything_runs(gpu_backend, tmp_path)
 
 
 def test_backend_shutdown_leaves_no_child_process():
+    before = child_pids()
     backend = rhapsody.LocalBackend(cpus=2)
     rhapsody.compute([rhapsody.task(lambda i: i)(i) for i in range(10)], backend=backend)
-    assert child_pids()
+    assert child_pids() - before
     backend.shutdown()
-    assert not child_pids()
+    assert not child_pids() - before
 
 
 def test_slots_and_ledger_are_all_free_after_failed_and_successful_runs():
@@ -149,3 +150,63 @@ def test_slots_and_ledger_are_all_free_after_failed_and_successful_runs():
         assert backend.slots_free() == backend.max_workers
     finally:
         backend.shutdown()
+
+
+def test_executable_and_ranks_with_no_cores_run_unpinned(gpu_backend):
+    r = rhapsody.executable(["sh", "-c", "echo ok"], cpus=0).compute(backend=gpu_backend)
+    assert r.stdout == "ok\n" and r.cpus == ()
+    job = rhapsody.task(ranks=2, cpus=0)(seen)
+    assert [x["rank"] for x in job().compute(backend=gpu_backend)] == ["0", "1"]
+
+
+def test_executable_accepts_bytes_and_paths(gpu_backend, tmp_path):
+    import pathlib
+    r = rhapsody.executable([b"echo", pathlib.Path("p"), 3]).compute(backend=gpu_backend)
+    assert r.stdout == "p 3\n"
+
+
+def test_failing_rank_fails_the_node_and_kills_the_other_ranks(gpu_backend, tmp_path):
+    def rank_job(marker):
+        import time
+        if os.environ["RANK"] == "0":
+            raise ValueError("rank zero failed")
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(30)
+
+    marker = tmp_path / "pid"
+    job = rhapsody.task(ranks=2, cpus=1)(rank_job)
+    import time
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="rank zero failed") as info:
+        job(str(marker)).compute(backend=gpu_backend)
+    assert time.monotonic() - start < 10
+    assert "in rank 0 of 2" in "".join(info.value.__notes__)
+    if marker.exists():
+        assert not os.path.exists(f"/proc/{marker.read_text()}")
+
+
+def test_unguarded_module_level_compute_fails_clearly_instead_of_forking_forever(tmp_path):
+    import subprocess
+    (tmp_path / "unguarded.py").write_text(
+        "import rhapsody_graph as r\n"
+        "def f(x):\n    return x\n"
+        "print(r.compute(r.task(f)(1)))\n")
+    proc = subprocess.run([sys.executable, "-c", "import unguarded"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert 'if __name__ == "__main__":' in proc.stderr
+
+
+def test_gpus_go_round_robin_across_successive_computes_and_the_ledger_ends_idle(gpu_backend):
+    one = rhapsody.task(gpus=1)(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+    seen_gpus = [one().compute(backend=gpu_backend) for _ in range(4)]
+    assert sorted(seen_gpus) == ["0", "1", "2", "3"]
+    assert gpu_backend.ledger.idle()
+
+
+def test_inputs_and_results_larger_than_a_pipe_buffer_flow_both_ways(gpu_backend):
+    big = rhapsody.task(lambda n: b"x" * n)
+    size = rhapsody.task(len)
+    n = 5_000_000
+    assert rhapsody.compute(size(big(n)), size(b"y" * n), backend=gpu_backend) == (n, n)
