@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import selectors
 import signal
 import subprocess
 import sys
@@ -92,22 +93,34 @@ class Launch:
 
     def executable(self, argv: List[str], cwd: Any, env: Any,
                    placements: List[Placement]) -> Completion:
+        """Run ``argv`` once per placement; the first rank to exit non-zero fails the node."""
         started = []
-        for p in placements:
-            out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-            proc = self._start(p, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=err)
-            started.append((proc, out, err, p))
-        results = []
-        for proc, out, err, p in started:
-            code = proc.wait()
-            results.append(ExecResult(argv, _read(out), _read(err), code, p.host, p.cpus, p.gpus,
-                                      p.rank))
-        failed = next((r for r in results if r.returncode != 0), None)
+        try:
+            for p in placements:
+                out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+                started.append((self._start(p, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=out, stderr=err), out, err, p))
+            with selectors.DefaultSelector() as sel:
+                for rank, (proc, *_) in enumerate(started):
+                    sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, rank)
+                failed = None
+                while failed is None and sel.get_map():
+                    for key, _ in sel.select():
+                        sel.unregister(key.fd)
+                        os.close(key.fd)
+                        if started[key.data][0].wait() != 0 and failed is None:
+                            failed = key.data
+                for key in list(sel.get_map().values()):
+                    os.close(key.fd)
+        finally:
+            _stop([proc for proc, *_ in started])
+        results = [ExecResult(argv, _read(out), _read(err), proc.returncode, p.host, p.cpus,
+                              p.gpus, p.rank) for proc, out, err, p in started]
         if failed is not None:
-            exc = ExecutableError(failed.returncode, argv, failed.stdout, failed.stderr)
+            bad = results[failed]
+            exc = ExecutableError(bad.returncode, argv, bad.stdout, bad.stderr)
             if len(results) > 1:
-                add_note(exc, f"rank {failed.rank} of {len(results)} failed")
+                add_note(exc, f"rank {failed} of {len(results)} failed; the others were stopped")
             return (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
         value = results if len(placements) > 1 else results[0]
         return (self.tid, OK, wire.dump_value(value), 0.0)
@@ -115,50 +128,74 @@ class Launch:
     def ranks(self, task: tuple, placements: List[Placement]) -> Completion:
         """Run a Python node as ``len(placements)`` rank processes; value: per-rank list.
 
-        The first rank that fails or dies fails the node, and the other ranks are killed.
+        Results are read as they come, in any order; the first rank that fails or dies
+        fails the node, and the other ranks are killed.
         """
-        ranks = []
+        procs: List[subprocess.Popen] = []
+        with selectors.DefaultSelector() as sel:
+            try:
+                for rank, p in enumerate(placements):
+                    self._start_rank(sel, procs, rank, p, task)
+                return self._gather(sel, procs)
+            finally:
+                _stop(procs)
+                for key in list(sel.get_map().values()):
+                    os.close(key.fd)
+
+    def _start_rank(self, sel: selectors.BaseSelector, procs: List[subprocess.Popen], rank: int,
+                    p: Placement, task: tuple) -> None:
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
         try:
-            for p in placements:
-                task_r, task_w = os.pipe()
-                result_r, result_w = os.pipe()
-                results = os.fdopen(result_r, "rb")
-                try:
-                    proc = self._start(p, worker_command(task_r, result_w),
-                                       pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL)
-                except BaseException:
-                    results.close()
-                    raise
-                finally:
-                    os.close(task_r)
-                    os.close(result_w)
-                ranks.append((proc, results))
-                message = wire.frame(("path", wire.python_path())) + wire.frame(("run", [task]))
-                try:
-                    wire.write_all(task_w, message)
-                finally:
-                    os.close(task_w)  # EOF: the rank runs its one task and exits
-            values: List[Any] = []
-            for rank, (proc, results) in enumerate(ranks):
-                got = wire.split_results(bytearray(results.read()))
-                code = proc.wait()
+            procs.append(self._start(p, worker_command(task_r, result_w),
+                                     pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL))
+            sel.register(result_r, selectors.EVENT_READ, (rank, bytearray()))
+        except BaseException:
+            os.close(result_r)
+            os.close(task_w)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(result_w)
+        try:
+            wire.write_all(task_w, wire.frame(("path", wire.python_path()))
+                           + wire.frame(("run", [task])))
+        finally:
+            os.close(task_w)  # EOF: the rank runs its one task and exits
+
+    def _gather(self, sel: selectors.BaseSelector, procs: List[subprocess.Popen]) -> Completion:
+        values: List[Any] = [None] * len(procs)
+        while sel.get_map():
+            for key, _ in sel.select():
+                rank, buf = key.data
+                data = os.read(key.fd, 1 << 20)
+                if data:
+                    buf += data
+                    continue
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                got = wire.split_results(buf)
                 if not got:
                     exc = WorkerDiedError(f"rank {rank} of node {self.key!r} died "
-                                          f"({describe_exit(code)}) before returning a value")
+                                          f"({describe_exit(procs[rank].wait())}) "
+                                          "before returning a value")
                     return (self.tid, DIED, wire.attach(exc, "", self.key), 0.0)
                 status, _, _, payload = got[0]
                 if status & ~wire.GPU_RUNTIME == wire.ERROR:
                     exc = wire.load_error(payload, self.key)
-                    add_note(exc, f"in rank {rank} of {len(ranks)}")
+                    add_note(exc, f"in rank {rank} of {len(procs)}")
                     return (self.tid, ERROR, exc, 0.0)
-                values.append(pickle.loads(payload))
-            return (self.tid, OK, wire.dump_value(values), 0.0)
-        finally:
-            for proc, results in ranks:
-                if proc.poll() is None:
-                    kill_tree(proc)
-                proc.wait()
-                results.close()
+                values[rank] = pickle.loads(payload)
+        return (self.tid, OK, wire.dump_value(values), 0.0)
+
+
+def _stop(procs: List[subprocess.Popen]) -> None:
+    """Kill the processes still running, and reap them all."""
+    for proc in procs:
+        if proc.poll() is None:
+            kill_tree(proc)
+    for proc in procs:
+        proc.wait()
 
 
 class _Killed(Exception):

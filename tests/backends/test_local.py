@@ -210,3 +210,28 @@ def test_inputs_and_results_larger_than_a_pipe_buffer_flow_both_ways(gpu_backend
     size = rhapsody.task(len)
     n = 5_000_000
     assert rhapsody.compute(size(big(n)), size(b"y" * n), backend=gpu_backend) == (n, n)
+
+
+def test_failing_executable_rank_stops_the_ranks_still_running(gpu_backend):
+    import time
+    start = time.monotonic()
+    job = rhapsody.executable(["sh", "-c", 'if [ "$RANK" = 1 ]; then exit 4; fi; sleep 30'],
+                              ranks=2)
+    with pytest.raises(ExecutableError) as info:
+        job.compute(backend=gpu_backend)
+    assert info.value.returncode == 4 and time.monotonic() - start < 10
+    assert "rank 1 of 2 failed" in "".join(info.value.__notes__)
+
+
+def test_rank_failure_is_seen_while_an_earlier_rank_still_runs(gpu_backend, tmp_path):
+    def wait_or_fail():
+        import time
+        if os.environ["RANK"] == "1":
+            raise KeyError("rank one")
+        time.sleep(30)
+
+    import time
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="rank one"):
+        rhapsody.task(ranks=2)(wait_or_fail)().compute(backend=gpu_backend)
+    assert time.monotonic() - start < 10
