@@ -127,7 +127,8 @@ def current_placement() -> Optional[Placement]:
     def ids(name: str) -> Tuple[int, ...]:
         return tuple(int(x) for x in env.get(name, "").split(",") if x)
     return Placement(env["RHAPSODY_HOST"], ids("RHAPSODY_CPUS"), ids("RHAPSODY_GPUS"), 0,
-                     int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+                     int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                     int(env.get("LOCAL_RANK", env.get("RANK", 0))))
 
 
 class Host:

@@ -1,0 +1,542 @@
+"""Scheduler policy and faults, for real: worker processes, executables and ranks are
+started, killed and checked through /proc; nothing is mocked.
+
+What the tasks did is observed through files they write (their pid, a marker, one
+line per attempt), since a failing compute() returns no values.
+"""
+import ctypes
+import itertools
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+from .conftest import child_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 1 << 20
+
+
+# -- helpers (run here) ------------------------------------------------------------------
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a zombie has been killed for good)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def still_alive(pids, seconds: float = 3.0) -> list:
+    """The pids still alive after waiting up to ``seconds`` for them to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [p for p in pids if alive(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def wait_for_files(paths, seconds: float, proc=None) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(os.path.exists(p) and open(p).read().strip() for p in paths):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited early ({proc.returncode}): "
+                                 f"{proc.stderr.read().decode(errors='replace')}")
+        if time.monotonic() > deadline:
+            missing = [p for p in paths if not os.path.exists(p)]
+            raise AssertionError(f"not written within {seconds} s: {missing}")
+        time.sleep(0.02)
+
+
+def read_pids(path) -> list:
+    return [int(p) for p in open(path).read().split()]
+
+
+def lines(path) -> list:
+    return open(path).read().split() if os.path.exists(path) else []
+
+
+def warm(backend) -> None:
+    """Start every worker of ``backend`` and import this module in each, so a short
+    timeout measures the task rather than a worker's start-up."""
+    exclusive = rhapsody.task(timeout=60)(whoami)  # a lease, hence a worker, per node
+    pids = rhapsody.compute([exclusive(i) for i in range(backend.max_workers)],
+                            backend=backend)[0]
+    assert len(set(pids)) == backend.max_workers
+
+
+# -- task bodies (run in workers; module level, so they are sent by reference) ----------
+
+def whoami(*_):
+    return os.getpid()
+
+
+def record_pid(path, *_):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return os.getpid()
+
+
+def record_pid_and_sleep(path, seconds):
+    record_pid(path)
+    time.sleep(seconds)
+    return "finished"
+
+
+def write_marker(path, *upstream):
+    """Write the (system-wide) monotonic time at which it ran."""
+    with open(path, "w") as f:
+        f.write(repr(time.monotonic()))
+    return path
+
+
+def survivors(marker, *pidfiles):
+    """Run after a timed-out node, on the cores it held: write when this ran and which
+    of its processes were still alive by then (given 0.5 s for a SIGKILL to land)."""
+    pids = [pid for path in pidfiles for pid in read_pids(path)]
+    with open(marker, "w") as f:
+        json.dump({"t": time.monotonic(), "pids": pids, "alive": still_alive(pids, 0.5)}, f)
+
+
+def count_attempt(path) -> int:
+    """Append this process's pid to ``path``; return how many attempts there were."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return len(lines(path))
+
+
+def flaky(path, failures):
+    n = count_attempt(path)
+    if n <= failures:
+        raise ValueError(f"attempt {n} fails")
+    return n
+
+
+def die(how):
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(3)
+    elif how == "segfault":
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file to write
+        ctypes.string_at(0)
+    raise AssertionError(f"still alive after {how}")
+
+
+def die_first(path, how):
+    """Die on the first attempt; return (attempt, pid) on a later one."""
+    n = count_attempt(path)
+    if n == 1:
+        die(how)
+    return n, os.getpid()
+
+
+def broken(x):
+    raise KeyError(f"broken input {x}")  # <- the remote source line
+
+
+def fail_once_started(started, seconds=10.0):
+    """Raise, but only once the node writing ``started`` is running."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(started) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise RuntimeError("failed while the other branch was running")
+
+
+def slow_branch(started, finished, seconds):
+    write_marker(started)
+    time.sleep(seconds)
+    write_marker(finished)
+    return "slow done"
+
+
+def step(log, branch, upstream=None):
+    """A node of real work (5 ms: over the 2 ms a shared lease may queue), logging its branch."""
+    with open(log, "a") as f:
+        f.write(f"{branch}\n")
+    time.sleep(0.005)
+    return branch
+
+
+def driver_rss() -> int:
+    """Resident memory of the driver (this worker's parent), in bytes."""
+    with open(f"/proc/{os.getppid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def grow(upstream, size):
+    """Take the previous big value, note the driver's memory, return a new big value."""
+    readings = list(upstream[0]) if upstream else []
+    readings.append(driver_rss())
+    return readings, os.urandom(size)
+
+
+class LockedCallable:
+    """A callable that cannot be pickled: it holds a lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __call__(self, path):
+        return write_marker(path)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    with rhapsody.LocalBackend(cpus=2) as b:
+        yield b
+
+
+# -- timeouts ----------------------------------------------------------------------------
+
+def test_timeout_on_python_node_kills_its_worker_names_the_node_and_frees_the_ledger(
+        backend, tmp_path):
+    warm(backend)
+    pidfile, after = tmp_path / "pid", tmp_path / "after"
+    # both need every core: `follow` can start only once the timed-out node is released
+    slow = rhapsody.task(cpus=2, timeout=0.5)(record_pid_and_sleep)(str(pidfile), 30)
+    follow = rhapsody.task(cpus=2)(survivors)(str(after), str(pidfile))
+    t0 = time.monotonic()
+    with pytest.raises(rhapsody.NodeTimeoutError, match=re.escape(repr(slow.key))):
+        rhapsody.compute(slow, follow, backend=backend, fail_fast=False)
+    assert time.monotonic() - t0 < 0.5 + 1.0
+    [pid] = read_pids(pidfile)
+    seen = json.loads(after.read_text())
+    assert seen["t"] >= t0 + 0.5, "the follow-up ran while the cores were held"
+    assert seen["alive"] == [], "the timed-out node's worker was still running after it"
+    assert not alive(pid)
+    assert backend.slots_free() == backend.max_workers
+    # later computes run on a replacement worker, with every core
+    pids = rhapsody.compute([rhapsody.task(whoami)(i) for i in range(4)],
+                            rhapsody.task(cpus=2)(whoami)(), backend=backend)
+    assert pid not in pids[0] and pids[1] != pid
+
+
+def test_timeout_on_executable_kills_its_process_tree_and_frees_the_ledger(backend, tmp_path):
+    pidfile, after = tmp_path / "pids", tmp_path / "after"
+    # the shell and a child of its own: both must go
+    slow = rhapsody.executable(["sh", "-c", f'sleep 30 & echo $$ $! > "{pidfile}"; wait'],
+                               cpus=2, timeout=0.5)
+    follow = rhapsody.task(cpus=2)(survivors)(str(after), str(pidfile))
+    t0 = time.monotonic()
+    with pytest.raises(rhapsody.NodeTimeoutError, match=re.escape(repr(slow.key))):
+        rhapsody.compute(slow, follow, backend=backend, fail_fast=False)
+    assert time.monotonic() - t0 < 0.5 + 1.0
+    seen = json.loads(after.read_text())
+    assert seen["t"] >= t0 + 0.5, "the follow-up ran while the cores were held"
+    assert len(seen["pids"]) == 2
+    assert seen["alive"] == [], "the executable's processes were still running after it"
+    assert not still_alive(seen["pids"], 2.0)
+    assert rhapsody.task(cpus=2)(whoami)().compute(backend=backend) > 0
+
+
+def test_timeout_on_multi_rank_node_kills_every_rank_and_frees_the_ledger(backend, tmp_path):
+    after = tmp_path / "after"
+
+    def hold(directory):  # a closure: sent by value, ranks start without importing tests
+        import os
+        import time
+        with open(os.path.join(directory, "rank" + os.environ["RANK"]), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(30)
+
+    timeout = 2.0  # two fresh rank processes must start (and write their pid) first
+    slow = rhapsody.task(ranks=2, cpus=1, timeout=timeout)(hold)(str(tmp_path))
+    follow = rhapsody.task(cpus=2)(survivors)(
+        str(after), *(str(tmp_path / f"rank{r}") for r in range(2)))
+    t0 = time.monotonic()
+    with pytest.raises(rhapsody.NodeTimeoutError, match=re.escape(repr(slow.key))):
+        rhapsody.compute(slow, follow, backend=backend, fail_fast=False)
+    assert time.monotonic() - t0 < timeout + 1.0
+    seen = json.loads(after.read_text())
+    assert seen["t"] >= t0 + timeout, "the follow-up ran while the ranks held their cores"
+    assert len(set(seen["pids"])) == 2
+    assert seen["alive"] == [], "rank processes were still running after the timeout"
+    assert not still_alive(seen["pids"], 2.0)
+    assert rhapsody.task(cpus=2)(whoami)().compute(backend=backend) > 0
+
+
+# -- retries and dying workers -------------------------------------------------------------
+
+def test_retries_rerun_a_failing_node_until_it_returns_its_value(backend, tmp_path):
+    count = tmp_path / "attempts"
+    node = rhapsody.task(retries=2)(flaky)(str(count), 2)
+    assert node.compute(backend=backend) == 3
+    assert len(lines(count)) == 3
+
+
+def test_retries_exhausted_raise_the_last_error_after_n_plus_one_attempts(backend, tmp_path):
+    count = tmp_path / "attempts"
+    node = rhapsody.task(retries=2)(flaky)(str(count), 100)
+    with pytest.raises(ValueError, match="attempt 3 fails") as info:
+        node.compute(backend=backend)
+    assert len(lines(count)) == 3
+    notes = "\n".join(info.value.__notes__)
+    assert node.key in notes and "failed 3 times" in notes
+
+
+def test_timed_out_node_is_retried_and_each_attempt_is_killed(backend, tmp_path):
+    warm(backend)
+    count = tmp_path / "attempts"
+
+    def hang(path):
+        earlier = read_pids(path) if os.path.exists(path) else []
+        with open(path + ".alive", "a") as f:  # earlier attempts still running now
+            f.write("".join(f"{p}\n" for p in still_alive(earlier, 0.1)))
+        count_attempt(path)
+        time.sleep(30)
+
+    node = rhapsody.task(timeout=0.5, retries=1)(hang)(str(count))
+    t0 = time.monotonic()
+    with pytest.raises(rhapsody.NodeTimeoutError, match=re.escape(repr(node.key))) as info:
+        node.compute(backend=backend)
+    assert time.monotonic() - t0 < 2 * 0.5 + 1.5
+    pids = read_pids(count)
+    assert len(pids) == 2 and "failed 2 times" in "\n".join(info.value.__notes__)
+    assert lines(f"{count}.alive") == [], "the retry started beside the timed-out attempt"
+    assert not [p for p in pids if alive(p)]
+
+
+DEATHS = {"sigkill": "SIGKILL", "exit": "exit code 3", "segfault": "SIGSEGV"}
+
+
+@pytest.mark.parametrize("how", sorted(DEATHS))
+def test_node_whose_worker_dies_is_retried_on_a_replacement_worker(how, tmp_path):
+    count = tmp_path / "attempts"
+    with rhapsody.LocalBackend(cpus=1) as b:
+        attempt, pid = rhapsody.task(retries=1)(die_first)(str(count), how).compute(backend=b)
+    first, second = read_pids(count)
+    assert (attempt, pid) == (2, second) and first != second
+    assert not alive(first)
+
+
+@pytest.mark.parametrize("how", sorted(DEATHS))
+def test_worker_death_fails_its_node_and_independent_nodes_complete_on_a_replacement(
+        how, tmp_path):
+    count = tmp_path / "attempts"
+    with rhapsody.LocalBackend(cpus=1) as b:  # one worker: the others must use a new one
+        bad = rhapsody.task(die_first)(str(count), how)
+        others = [rhapsody.task(record_pid)(str(tmp_path / f"other{i}")) for i in range(6)]
+        with pytest.raises(rhapsody.WorkerDiedError) as info:
+            rhapsody.compute(bad, others, backend=b, fail_fast=False)
+        message = str(info.value)
+        assert "worker" in message and "died" in message and DEATHS[how] in message
+        assert bad.key in message
+        [dead] = read_pids(count)
+        assert not alive(dead)
+        ran_on = {read_pids(tmp_path / f"other{i}")[0] for i in range(6)}
+        assert dead not in ran_on
+        # the replacement is a working pool worker
+        assert rhapsody.task(whoami)().compute(backend=b) != dead
+
+
+# -- errors -------------------------------------------------------------------------------
+
+def test_failing_node_raises_its_own_type_with_remote_traceback_and_skips_dependents(
+        backend, tmp_path):
+    bad = rhapsody.task(broken)(7)
+    child = rhapsody.task(write_marker)(str(tmp_path / "child"), bad)
+    grandchild = rhapsody.task(write_marker)(str(tmp_path / "grandchild"), child)
+    with pytest.raises(KeyError, match="broken input 7") as info:
+        grandchild.compute(backend=backend)
+    exc = info.value
+    assert isinstance(exc.__cause__, rhapsody.RemoteTraceback)
+    remote = str(exc.__cause__)
+    assert 'raise KeyError(f"broken input {x}")' in remote and "in broken" in remote
+    notes = "\n".join(exc.__notes__)
+    assert f"raised by node {bad.key!r}" in notes
+    assert f"2 node(s) depending on {bad.key!r} did not run" in notes
+    assert not (tmp_path / "child").exists() and not (tmp_path / "grandchild").exists()
+
+
+def test_fail_fast_lets_a_running_independent_node_finish_and_starts_nothing_new(
+        backend, tmp_path):
+    warm(backend)
+    started, finished, never = (str(tmp_path / n) for n in ("started", "finished", "never"))
+    bad = rhapsody.task(fail_once_started)(started)
+    slow = rhapsody.task(slow_branch)(started, finished, 1.0)
+    later = rhapsody.task(write_marker)(never)  # ready, but both cores are busy
+    with pytest.raises(RuntimeError, match="failed while the other branch was running"):
+        rhapsody.compute(bad, slow, later, backend=backend)
+    assert os.path.exists(finished), "compute() raised before the running node finished"
+    assert not os.path.exists(never), "a new node started after the failure (fail_fast)"
+
+
+def test_node_error_ending_compute_leaves_no_child_process(tmp_path):
+    before = child_pids()
+    backend = rhapsody.LocalBackend(cpus=5)
+    try:
+        nodes = [rhapsody.task(whoami)(i) for i in range(4)]
+        nodes.append(rhapsody.executable(["sleep", "0.3"]))
+        nodes.append(rhapsody.task(ranks=2)(whoami)())
+        nodes.append(rhapsody.task(broken)(1))
+        with pytest.raises(KeyError):
+            rhapsody.compute(nodes, backend=backend)
+        assert child_pids() - before == set()
+    finally:
+        backend.shutdown()
+
+
+# -- priority and memory --------------------------------------------------------------------
+
+def test_independent_branches_run_one_after_the_other(tmp_path):
+    log = str(tmp_path / "log")
+    tails = []
+    for branch in range(4):
+        node = None
+        for _ in range(5):
+            node = rhapsody.task(step)(log, branch, node)
+        tails.append(node)
+    with rhapsody.LocalBackend(cpus=1) as b:
+        assert rhapsody.compute(*tails, backend=b) == (0, 1, 2, 3)
+    order = [int(x) for x in lines(log)]
+    assert sorted(order) == sorted(list(range(4)) * 5)
+    runs = [branch for branch, _ in itertools.groupby(order)]
+    assert len(runs) == 4, f"a branch started before the previous one finished: {order}"
+
+
+def chain_driver_growth(size, length, keep_all):
+    """Driver memory at the start of each step of a chain of big values."""
+    nodes = [rhapsody.task(grow)(None, size)]
+    for _ in range(length - 1):
+        nodes.append(rhapsody.task(grow)(nodes[-1], size))
+    with rhapsody.LocalBackend(cpus=1) as b:
+        values = rhapsody.compute(nodes if keep_all else nodes[-1], backend=b)[0]
+    readings = values[-1][0] if keep_all else values[0]
+    assert len(readings) == length
+    return readings
+
+
+@pytest.mark.timeout(30)  # a big value once hung the pipes forever
+def test_results_no_longer_needed_are_released_from_driver_memory():
+    size, length = 10 * MB, 10
+    # control: every step is an output, so every result is kept: the driver grows per step
+    kept = chain_driver_growth(size, length, keep_all=True)
+    assert kept[-1] - kept[length // 2] > 2 * size  # 4 steps: about 4 * size
+    # only the last step is an output: each result goes once its one dependent is done,
+    # so the driver's memory levels off
+    released = chain_driver_growth(size, length, keep_all=False)
+    late = released[-1] - released[length // 2]
+    assert late < size, f"the driver grew by {late / MB:.0f} MB over the last steps"
+
+
+def test_run_internals_release_intermediate_results_and_keep_outputs():
+    """The same contract seen through `scheduler._Run` (with small values, which do not
+    need big pipe frames): after the loop only the outputs still hold their bytes."""
+    from rhapsody_graph.scheduler import _Run
+
+    inc = rhapsody.task(lambda x: x + 1)
+    a = inc(0)
+    b = inc(a)
+    c = inc(b)  # output
+    d = inc(a)  # output; `a` is needed by b and d, then released
+    graph = rhapsody.Graph(c, d)
+    with rhapsody.LocalBackend(cpus=1) as backend:
+        run = _Run(graph, backend, fail_fast=True)
+        try:
+            run.loop()
+        finally:
+            backend.end_run()
+        held = {n: run.results[graph.index(n)] is not None for n in (a, b, c, d)}
+        assert held == {a: False, b: False, c: True, d: True}
+        assert [backend.decode(run.results[graph.index(n)]) for n in (c, d)] == [3, 2]
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------
+
+DRIVER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import rhapsody_graph as rhapsody
+
+D = {directory!r}
+
+def hold(name):
+    with open(os.path.join(D, name), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(30)
+
+def hold_rank():
+    hold("rank" + os.environ["RANK"])
+
+if __name__ == "__main__":
+    python = [rhapsody.task(hold)("py%d" % i) for i in range(2)]
+    exe = rhapsody.executable(["sh", "-c", 'echo $$ > "$0"; exec sleep 30',
+                               os.path.join(D, "exe")])
+    ranks = rhapsody.task(ranks=2)(hold_rank)()
+    rhapsody.compute(python, exe, ranks, backend=rhapsody.LocalBackend(cpus=6))
+    print("compute returned")
+"""
+
+
+def test_ctrl_c_in_the_driver_stops_promptly_and_kills_workers_executables_and_ranks(
+        tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=ROOT, directory=str(tmp_path)))
+    names = ["py0", "py1", "exe", "rank0", "rank1"]
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_files([str(tmp_path / n) for n in names], 20.0, proc)
+        pids = [int((tmp_path / n).read_text()) for n in names]
+        assert set(pids) <= child_pids(proc.pid)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        out, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert time.monotonic() - t0 < 5
+    assert b"KeyboardInterrupt" in err and b"compute returned" not in out
+    assert not still_alive(pids, 2.0), "processes outlived the driver's Ctrl-C"
+
+
+# -- bad input, refused before anything runs -----------------------------------------------
+
+def test_unpicklable_argument_is_refused_before_anything_runs_naming_node_and_object(
+        backend, tmp_path):
+    marker = tmp_path / "ran"
+    early = rhapsody.task(write_marker)(str(marker))
+    bad = rhapsody.task(whoami)({"lock": threading.Lock()})
+    with pytest.raises(TypeError) as info:
+        rhapsody.compute(early, bad, backend=backend)
+    message = str(info.value)
+    assert bad.key in message and "_thread.lock" in message
+    assert not marker.exists()
+
+
+def test_unpicklable_function_is_refused_before_anything_runs_naming_the_node(
+        backend, tmp_path):
+    marker = tmp_path / "ran"
+    early = rhapsody.task(write_marker)(str(marker))
+    bad = rhapsody.task(LockedCallable())(str(tmp_path / "bad"))
+    with pytest.raises(TypeError, match="cannot be pickled") as info:
+        rhapsody.compute(early, bad, backend=backend)
+    assert bad.key in str(info.value)
+    assert not marker.exists() and not (tmp_path / "bad").exists()
+
+
+def test_node_for_another_backend_is_refused_before_anything_runs(backend, tmp_path):
+    marker = tmp_path / "ran"
+    early = rhapsody.task(write_marker)(str(marker))
+    bad = rhapsody.task(backend="dask")(whoami)()
+    with pytest.raises(ValueError, match="dask") as info:
+        rhapsody.compute(early, bad, backend=backend)
+    assert bad.key in str(info.value)
+    assert not marker.exists()
