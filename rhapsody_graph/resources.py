@@ -143,8 +143,8 @@ class Host:
     def __init__(self, name: str, cpus: "int | Sequence[int]", gpus: "int | Sequence[int]" = 0,
                  memory: Optional[int] = None) -> None:
         self.name = name
-        self.cpus = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
-        self.gpus = tuple(range(gpus)) if isinstance(gpus, int) else tuple(gpus)
+        self.cpus = _ids(name, "cpus", cpus)
+        self.gpus = _ids(name, "gpus", gpus)
         self.memory = memory if memory is not None else _total_memory()
         if not self.cpus:
             raise ValueError(f"host {name!r} needs at least one core, got cpus={cpus!r}")
@@ -152,6 +152,19 @@ class Host:
     def __repr__(self) -> str:
         return (f"Host({self.name!r}, cpus={len(self.cpus)} {list(self.cpus)[:8]}"
                 f"{'...' if len(self.cpus) > 8 else ''}, gpus={list(self.gpus)})")
+
+
+def _ids(host: str, what: str, value: "int | Sequence[int]") -> Tuple[int, ...]:
+    """A count (ids 0..n-1) or explicit ids, checked: non-negative and distinct."""
+    ids = tuple(range(value)) if isinstance(value, int) and value >= 0 else value
+    if isinstance(value, bool) or isinstance(ids, int) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"host {host!r}: {what} must be a count >= 0 or a list of ids >= 0, "
+                         f"got {value!r}")
+    ids = tuple(ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"host {host!r}: {what} ids must be distinct, got {list(ids)}")
+    return ids
 
 
 def _total_memory() -> int:

@@ -105,3 +105,20 @@ def test_single_rank_requests_of_any_kind_share_the_gpu_round_robin():
     first = lg.allocate_ranks(Resources(gpus=1))[0]
     lg.release(first)
     assert lg.allocate_ranks(Resources(gpus=1))[0].gpus != first.gpus
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"cpus": 2, "gpus": -1}, "gpus must be a count >= 0"),
+    ({"cpus": [0, 0]}, "cpus ids must be distinct"),
+    ({"cpus": 0}, "needs at least one core"),
+    ({"cpus": 2, "gpus": [1, -2]}, "gpus must be a count >= 0 or a list of ids"),
+])
+def test_declared_hosts_are_validated(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        Host("h", **kwargs)
+
+
+def test_local_backend_refuses_hosts_together_with_counts():
+    import rhapsody_graph as rhapsody
+    with pytest.raises(TypeError, match="not both"):
+        rhapsody.LocalBackend(hosts=[Host("a", cpus=1)], memory=10)

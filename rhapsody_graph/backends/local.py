@@ -92,8 +92,9 @@ class LocalBackend:
                  gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
                  memory: Optional[int] = None) -> None:
-        if hosts is not None and (cpus is not None or gpus is not None):
-            raise TypeError("LocalBackend: give either hosts=[...] or cpus=/gpus=, not both")
+        if hosts is not None and (cpus is not None or gpus is not None or memory is not None):
+            raise TypeError("LocalBackend: give either hosts=[Host(...), ...] or "
+                            "cpus=/gpus=/memory=, not both (declare memory on each Host)")
         self.inventory = Inventory(hosts if hosts is not None else [detect_host(cpus, gpus, memory)])
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                     or workers < 1):
