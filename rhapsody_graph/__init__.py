@@ -8,6 +8,7 @@
 >>> total([inc(i) for i in range(10)]).compute()
 55
 """
+from .ai import ai, model, prompt, smollm2_path
 from .backends.local import LocalBackend
 from .errors import (ExecutableError, NodeTimeoutError, RemoteError, RemoteTraceback,
                      UnsatisfiableError, WorkerDiedError)
@@ -18,6 +19,7 @@ from .task import ExecResult, Task, executable, map, task
 
 __all__ = [
     "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
+    "ai", "prompt", "model", "smollm2_path",
     "LocalBackend", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
     "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",

@@ -125,6 +125,18 @@ class Launch:
         value = results if len(placements) > 1 else results[0]
         return (self.tid, OK, wire.dump_value(value), 0.0)
 
+    def ai(self, spec: Any, service: Any, inputs: List[Any]) -> Completion:
+        """Ask the node's inference service (started on first use); value: the answer(s)."""
+        from ..ai.nodes import run
+        client = service.start()
+        try:
+            value = run(spec, client, service.model.takes_lists, inputs)
+        except Exception as exc:
+            if not service.alive():
+                raise RuntimeError(service.failure("died while serving this node")) from exc
+            raise
+        return (self.tid, OK, wire.dump_value(value), 0.0)
+
     def ranks(self, task: tuple, placements: List[Placement]) -> Completion:
         """Run a Python node as ``len(placements)`` rank processes; value: per-rank list.
 

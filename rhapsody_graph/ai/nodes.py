@@ -1,0 +1,127 @@
+"""``ai`` and ``@prompt``: AI nodes, filled with upstream *values* at run time.
+
+An AI node's arguments are its inputs (nodes or plain values). When it runs, the
+prompt is built from their values: a template filled with ``str.format(*values)``,
+a list of templates (one node, a list of answers), or the return value of a
+``@prompt`` function. It is sent as a chat message (default, with ``system=``) or a
+plain completion, with the node's own sampling (``temperature``, ``max_tokens``,
+``top_p``, ``stop``, ``seed``); its value is the text, or ``parse(text)``.
+
+>>> n = ai("Capital of {}? One word.", "France", model="smollm2", max_tokens=8)
+>>> n.kind, n.name
+('ai', 'ai')
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from ..graph import Node
+from ..task import Options, validate
+
+__all__ = ["ai", "prompt", "AISpec", "AI", "run"]
+
+AI = "ai"
+SAMPLING = ("temperature", "max_tokens", "top_p", "stop", "seed")
+
+
+class AISpec:
+    """What an AI node asks: the model, how to build its prompts, and how to sample."""
+
+    __slots__ = ("model", "template", "builder", "system", "chat", "sampling", "parse")
+
+    def __init__(self, model: str, template: Union[str, Sequence[str], None],
+                 builder: Optional[Callable[..., Any]], system: Optional[str], chat: bool,
+                 sampling: Dict[str, Any], parse: Optional[Callable[[str], Any]]) -> None:
+        self.model, self.template, self.builder = model, template, builder
+        self.system, self.chat, self.sampling, self.parse = system, chat, sampling, parse
+
+    def prompts(self, values: Sequence[Any]) -> Union[str, List[str]]:
+        """The prompt text (or list of texts) for these input values."""
+        if self.builder is not None:
+            return self.builder(*values)
+        if isinstance(self.template, str):
+            return self.template.format(*values)
+        return [t.format(*values) for t in self.template]
+
+
+def _options(who: str, options: Dict[str, Any]) -> Options:
+    values = validate(who, {"cpus": 0, **options})
+    return Options(values, "ai", f"ai:{who}")
+
+
+def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[str],
+          chat: Optional[bool], parse: Any, sampling: Dict[str, Any]) -> AISpec:
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"{who}: model= must name a declared model, got {model!r}")
+    unknown = set(sampling) - set(SAMPLING)
+    if unknown:
+        raise TypeError(f"{who}: unknown sampling option(s) {sorted(unknown)}; "
+                        f"valid: {', '.join(SAMPLING)}")
+    if parse is not None and not callable(parse):
+        raise TypeError(f"{who}: parse= must be callable, got {parse!r}")
+    if system is not None and chat is False:
+        raise ValueError(f"{who}: system= needs a chat request (chat=True)")
+    return AISpec(model, template, builder, system, True if chat is None else chat,
+                  {k: v for k, v in sampling.items() if v is not None}, parse)
+
+
+def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
+       system: Optional[str] = None, chat: Optional[bool] = None,
+       parse: Optional[Callable[[str], Any]] = None, name: Optional[str] = None,
+       timeout: Optional[float] = None, retries: int = 0, **sampling: Any) -> Node:
+    """A node that prompts ``model`` with ``prompt`` filled by the values of ``inputs``.
+
+    ``prompt`` is a template (``"Summarise: {}"``) or a list of them (the value is then
+    a list of answers). Sampling keywords: ``temperature``, ``max_tokens``, ``top_p``,
+    ``stop``, ``seed``.
+    """
+    who = f"ai node {name or 'ai'!r}"
+    if not isinstance(prompt, str) and not (
+            isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
+        raise TypeError(f"{who}: prompt must be a template string or a non-empty list of them, "
+                        f"got {prompt!r}")
+    spec = _spec(who, model, prompt if isinstance(prompt, str) else list(prompt), None, system,
+                 chat, parse, sampling)
+    opts = _options(who, {"timeout": timeout, "retries": retries,
+                          **({"name": name} if name else {})})
+    return Node(spec, inputs, {}, opts, kind=AI)
+
+
+def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = None,
+           parse: Optional[Callable[[str], Any]] = None, timeout: Optional[float] = None,
+           retries: int = 0, **sampling: Any) -> Callable[[Callable[..., Any]], Callable[..., Node]]:
+    """Decorate a function that builds the prompt (a string or a list) from input values.
+
+    >>> @prompt(model="smollm2", max_tokens=16)
+    ... def plan(scores): return f"Given {scores}, which run next?"
+    >>> plan([1, 2]).kind
+    'ai'
+    """
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Node]:
+        who = f"ai node {fn.__name__!r}"
+        spec = _spec(who, model, None, fn, system, chat, parse, sampling)
+        opts = _options(who, {"timeout": timeout, "retries": retries, "name": fn.__name__})
+
+        def make(*inputs: Any) -> Node:
+            return Node(spec, inputs, {}, opts, kind=AI)
+        make.__name__ = make.__qualname__ = fn.__name__
+        make.__doc__ = fn.__doc__
+        return make
+    return decorate
+
+
+def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any]) -> Any:
+    """Build the prompts from ``values``, ask the server, return text(s) or parsed value(s)."""
+    built = spec.prompts(values)
+    texts = [built] if isinstance(built, str) else list(built)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"a prompt must be text, got {built!r}")
+    if spec.chat:
+        system = [{"role": "system", "content": spec.system}] if spec.system else []
+        answers = client.chat([system + [{"role": "user", "content": t}] for t in texts],
+                              **spec.sampling)
+    else:
+        answers = client.complete(texts, takes_lists, **spec.sampling)
+    if spec.parse is not None:
+        answers = [spec.parse(a) for a in answers]
+    return answers[0] if isinstance(built, str) else answers

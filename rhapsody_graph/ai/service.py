@@ -1,0 +1,161 @@
+"""Inference services: a real server process per (model, placement), started on demand.
+
+Lifecycle: :meth:`Service.start` picks a free loopback port, starts the engine's
+OpenAI-compatible server in its own session with ``HF_HUB_OFFLINE=1`` and the GPU
+mask of its placement, keeps its output in a log file, and polls ``/v1/models`` until
+it answers (readiness is the one place that polls: a server has no other signal).
+:meth:`Service.stop` kills the whole process group. A service that dies is reported
+with its exit status and the last lines of its log.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, List, Optional
+
+from .models import Model
+from ..resources import Ledger, Placement, Resources
+
+__all__ = ["Service"]
+
+HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """One running inference server for ``model`` (or a remote endpoint)."""
+
+    def __init__(self, model: Model, placement: Optional[Placement] = None,
+                 ready_timeout: float = 300.0) -> None:
+        self.model, self.placement, self.ready_timeout = model, placement, ready_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path: Optional[str] = None
+        self.client: Any = None
+        self.lock = threading.Lock()
+
+    def start(self) -> Any:
+        """Start the server if it is not running yet (thread-safe); return its client."""
+        with self.lock:
+            if self.client is None:
+                self.client = self._start()
+            return self.client
+
+    def _start(self) -> Any:
+        from .client import Client, ServerError  # httpx: only with the `ai` extra
+        m = self.model
+        if m.engine == "remote":
+            return Client(m.url, m.api_key)
+        port = _free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               **self._gpu_env()}
+        log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{m.name}-", suffix=".log",
+                                          delete=False)
+        self.log_path = log.name
+        self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        log.close()
+        client = Client(f"http://{HOST}:{port}/v1", m.api_key, retries=0)
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.failure("exited before it was ready"))
+            try:
+                client.models()
+                break
+            except ServerError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(self.failure(f"was not ready after {self.ready_timeout:g} s"))
+                time.sleep(0.1)
+        client.retries = 2
+        return client
+
+    def _argv(self, port: int) -> List[str]:
+        m = self.model
+        if m.engine == "llama_cpp":
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", m.path, "--host", HOST,
+                    "--port", str(port), "--n_threads", str(max(1, m.cpus))]
+            key = ["--api_key", m.api_key] if m.api_key else []
+        else:
+            argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m.path,
+                    "--served-model-name", m.name, "--host", HOST, "--port", str(port)]
+            key = ["--api-key", m.api_key] if m.api_key else []
+        return argv + key + list(m.args)
+
+    def _gpu_env(self) -> dict:
+        gpus = ",".join(map(str, self.placement.gpus)) if self.placement else ""
+        return {"CUDA_VISIBLE_DEVICES": gpus, "ROCR_VISIBLE_DEVICES": gpus,
+                "ZE_AFFINITY_MASK": gpus}
+
+    def alive(self) -> bool:
+        return self.model.engine == "remote" or (self.proc is not None and self.proc.poll() is None)
+
+    def failure(self, what: str) -> str:
+        """``what`` happened to the server, with its exit status and last log lines."""
+        status = ""
+        if self.proc is not None and self.proc.poll() is not None:
+            status = f" (exit status {self.proc.returncode})"
+        return (f"the inference service for model {self.model.name!r} {what}{status}; "
+                f"last lines of {self.log_path}:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except (OSError, TypeError):
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Kill the server's process group and wait for it."""
+        if self.client is not None:
+            self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            self.proc.wait()
+
+
+class Services:
+    """The services of one backend: one per model, started on first use, stopped at the
+    end of each ``compute()``; GPUs (and cores) they ask for are held in the ledger."""
+
+    def __init__(self) -> None:
+        self.running: dict = {}  # model name -> Service
+
+    def get(self, model: Model, ledger: "Ledger") -> Service:
+        """The service for ``model`` (not started yet if new). Called from the scheduler thread.
+
+        Raises:
+            RuntimeError: the ledger cannot hold the service's GPUs/cores right now.
+        """
+        service = self.running.get(model.name)
+        if service is None:
+            placement = None
+            if model.engine != "remote" and (model.gpus or model.cpus):
+                placement = ledger.allocate(Resources(cpus=model.cpus, gpus=model.gpus))
+                if placement is None:
+                    raise RuntimeError(f"the inference service for model {model.name!r} needs "
+                                       f"{model.cpus} cpus and {model.gpus} gpus, which are held "
+                                       "by running nodes; run it in a separate compute()")
+            service = self.running[model.name] = Service(model, placement)
+        return service
+
+    def stop_all(self, ledger: Optional["Ledger"]) -> None:
+        for service in self.running.values():
+            service.stop()
+            if ledger is not None and service.placement is not None:
+                ledger.release(service.placement)
+        self.running.clear()

@@ -1,0 +1,109 @@
+"""AI nodes against a real llama.cpp server with the packaged SmolLM2 model (no fakes)."""
+import os
+import threading
+import time
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+from ..conftest import child_pids
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    rhapsody.model("smollm2", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=1)
+    with rhapsody.LocalBackend(cpus=2) as b:
+        yield b
+
+
+@rhapsody.task
+def country():
+    return "France"
+
+
+@rhapsody.task
+def shout(answer):
+    return answer.upper()
+
+
+def test_compute_node_feeds_an_ai_node_that_feeds_a_compute_node(backend):
+    answer = rhapsody.ai("What is the capital of {}? Answer in one word.", country(),
+                         model="smollm2", temperature=0, max_tokens=16)
+    upper = shout(answer)
+    text, loud = rhapsody.compute(answer, upper, backend=backend)
+    assert "Paris" in text and "PARIS" in loud
+
+
+def test_fan_out_of_sixteen_prompts_returns_sixteen_answers_in_order(backend):
+    cities = ["France", "Italy", "Spain", "Germany"] * 4
+    node = rhapsody.ai([f"Name the capital of {c}. One word." for c in cities],
+                       model="smollm2", temperature=0, max_tokens=8)
+    answers = node.compute(backend=backend)
+    assert len(answers) == 16 and all(isinstance(a, str) and a for a in answers)
+    assert answers[0] == answers[4] == answers[8]  # greedy: same prompt, same answer
+
+
+def test_chat_with_system_and_plain_completion_both_work(backend):
+    chat = rhapsody.ai("What is the capital of France?", model="smollm2", temperature=0,
+                       max_tokens=16, system="Answer in one word.")
+    plain = rhapsody.ai("The capital of France is", model="smollm2", chat=False,
+                        temperature=0, max_tokens=4)
+    c, p = rhapsody.compute(chat, plain, backend=backend)
+    assert "Paris" in c and "Paris" in p
+
+
+def test_per_node_max_tokens_is_honoured(backend):
+    text = "Write a long story about a dragon."
+    short = rhapsody.ai(text, model="smollm2", temperature=0, max_tokens=2)
+    long = rhapsody.ai(text, model="smollm2", temperature=0, max_tokens=32)
+    s, l = rhapsody.compute(short, long, backend=backend)
+    assert len(s.split()) <= 2 < len(l.split())
+
+
+def test_prompt_decorator_builds_the_prompt_from_values_and_parse_shapes_the_value(backend):
+    @rhapsody.prompt(model="smollm2", temperature=0, max_tokens=8, parse=str.strip)
+    def capital(name):
+        return f"What is the capital of {name}? Answer in one word."
+
+    assert "Paris" in capital(country()).compute(backend=backend)
+
+
+def test_unknown_model_fails_before_anything_runs(backend, tmp_path):
+    marker = tmp_path / "ran"
+    early = rhapsody.executable(["touch", str(marker)])
+    node = rhapsody.ai("{}", early, model="no-such-model")
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'.*declare it"):
+        node.compute(backend=backend)
+    assert not marker.exists()
+
+
+def test_missing_weights_fail_before_anything_runs(backend, tmp_path):
+    rhapsody.model("ghost", engine="llama_cpp", path=str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="weights of model 'ghost'"):
+        rhapsody.ai("hi", model="ghost").compute(backend=backend)
+
+
+def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process(backend):
+    before = child_pids()
+    node = rhapsody.ai(["Write a long story about dragon number %d." % i for i in range(16)],
+                       model="smollm2", temperature=0, max_tokens=256)
+
+    def kill_when_serving():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            service = backend._services.running.get("smollm2")
+            if service is not None and service.client is not None:
+                time.sleep(0.5)  # requests in flight
+                os.killpg(service.proc.pid, 9)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_serving)
+    killer.start()
+    with pytest.raises(RuntimeError, match="smollm2.*died.*last lines of"):
+        node.compute(backend=backend)
+    killer.join()
+    assert not child_pids() - before
