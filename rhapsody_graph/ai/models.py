@@ -28,12 +28,15 @@ _MODELS: Dict[str, "Model"] = {}
 class Model:
     """A declared model (see :func:`model`)."""
 
-    __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args")
+    __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args", "timeout",
+                 "retries", "concurrency")
 
     def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
-                 gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...]) -> None:
+                 gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
+                 timeout: float = 120.0, retries: int = 2, concurrency: int = 8) -> None:
         self.name, self.engine, self.path, self.url = name, engine, path, url
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
+        self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
 
     @property
     def takes_lists(self) -> bool:
@@ -63,7 +66,8 @@ class Model:
 
 def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None,
           url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
-          api_key: Optional[str] = None, args: Sequence[str] = ()) -> Model:
+          api_key: Optional[str] = None, args: Sequence[str] = (), timeout: float = 120.0,
+          retries: int = 2, concurrency: int = 8) -> Model:
     """Declare a model that AI nodes can name.
 
     Args:
@@ -76,6 +80,10 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
             (cpus also sets its thread count; 0: one thread, no core reserved).
         api_key: sent as a bearer token (and required by the servers we start).
         args: extra command-line arguments for the server.
+        timeout: seconds the client waits for one request.
+        retries: how often a request that cannot connect or gets a 5xx is retried.
+        concurrency: most requests in flight at once for a fan-out (engines that take
+            no list of prompts).
     Raises:
         ValueError: an engine without a path, a path and a url, or an unknown engine.
     """
@@ -89,11 +97,16 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
                          f"got {engine!r}")
     elif not path:
         raise ValueError(f"model {name!r}: engine {engine!r} needs path= to local weights")
-    for what, value in (("gpus", gpus), ("cpus", cpus)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"model {name!r}: {what} must be an integer >= 0, got {value!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"model {name!r}: timeout must be a number of seconds > 0, got {timeout!r}")
+    for what, value, least in (("gpus", gpus, 0), ("cpus", cpus, 0), ("retries", retries, 0),
+                               ("concurrency", concurrency, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"model {name!r}: {what} must be an integer >= {least}, "
+                             f"got {value!r}")
     m = Model(name, engine, os.path.abspath(path) if path else None,
-              url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args))
+              url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
+              retries, concurrency)
     _MODELS[name] = m
     return m
 

@@ -54,7 +54,7 @@ class Service:
         from .client import Client, ServerError  # httpx: only with the `ai` extra
         m = self.model
         if m.engine == "remote":
-            return Client(m.url, m.api_key)
+            return Client(m.url, m.api_key, m.timeout, m.retries, m.concurrency)
         port = _free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                **self._gpu_env()}
@@ -64,7 +64,7 @@ class Service:
         self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
-        client = Client(f"http://{HOST}:{port}/v1", m.api_key, retries=0)
+        client = Client(f"http://{HOST}:{port}/v1", m.api_key, m.timeout, 0, m.concurrency)
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -77,7 +77,7 @@ class Service:
                     self.stop()
                     raise RuntimeError(self.failure(f"was not ready after {self.ready_timeout:g} s"))
                 time.sleep(0.1)
-        client.retries = 2
+        client.retries = m.retries
         return client
 
     def _argv(self, port: int) -> List[str]:

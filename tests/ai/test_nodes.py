@@ -107,3 +107,43 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
         node.compute(backend=backend)
     killer.join()
     assert not child_pids() - before
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"engine": "llama_cpp"}, "needs path="),
+    ({"engine": "torch", "path": "x"}, "engine must be one of"),
+    ({"url": "http://127.0.0.1:1/v1", "path": "x"}, "not both"),
+    ({"url": "http://127.0.0.1:1/v1", "concurrency": 0}, "concurrency must be an integer >= 1"),
+    ({"url": "http://127.0.0.1:1/v1", "timeout": 0}, "timeout must be a number of seconds > 0"),
+])
+def test_bad_model_declarations_are_refused(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        rhapsody.model("bad", **kwargs)
+
+
+def test_bad_ai_node_arguments_are_refused_where_written():
+    with pytest.raises(TypeError, match="unknown sampling option"):
+        rhapsody.ai("hi", model="smollm2", temprature=0)
+    with pytest.raises(TypeError, match="prompt must be a template string"):
+        rhapsody.ai(42, model="smollm2")
+    with pytest.raises(ValueError, match="system= needs a chat request"):
+        rhapsody.ai("hi", model="smollm2", system="be brief", chat=False)
+
+
+def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
+    from rhapsody_graph.ai.service import Service
+    server = Service(lookup_model("smollm2"))
+    try:
+        client = server.start()
+        rhapsody.model("remote-smollm2", url=client.base_url)
+        answer = rhapsody.ai("What is the capital of France? Answer in one word.",
+                             model="remote-smollm2", temperature=0, max_tokens=8)
+        assert "Paris" in answer.compute(backend=backend)
+        assert server.alive()  # ours to stop, not the run's
+    finally:
+        server.stop()
+
+
+def lookup_model(name):
+    from rhapsody_graph.ai.models import lookup
+    return lookup(name, "test")
