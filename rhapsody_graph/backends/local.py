@@ -40,7 +40,7 @@ from ..errors import WorkerDiedError
 from ..ai.models import lookup
 from ..ai.nodes import AI
 from ..ai.service import Services
-from ..graph import EXECUTABLE, FUNCTION, Node
+from ..graph import EXECUTABLE, FUNCTION, Node, substitute
 from ..resources import Host, Inventory, Ledger, Resources, detect_host
 
 __all__ = ["LocalBackend"]
@@ -422,9 +422,8 @@ class LocalBackend:
         if node.kind == AI:
             model = call.prepared
             service = self._services.get(model, self.ledger)
-            values = [pickle.loads(b) for b in call.inputs]
-            inputs = [values[node.deps.index(a)] if isinstance(a, Node) else a for a in node.args]
-            launch.run_in_thread(launch.ai, node.fn, service, inputs)
+            values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
+            launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values))
         elif node.kind == EXECUTABLE:
             spec = call.prepared
             values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}

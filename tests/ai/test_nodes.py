@@ -147,3 +147,27 @@ def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
 def lookup_model(name):
     from rhapsody_graph.ai.models import lookup
     return lookup(name, "test")
+
+
+@rhapsody.task
+def number(i):
+    return i
+
+
+def test_inputs_nested_in_containers_reach_the_prompt_as_values(backend):
+    @rhapsody.prompt(model="smollm2", temperature=0, max_tokens=4)
+    def total(parts):
+        assert parts == [1, 2, 3], parts  # values, not nodes
+        return f"What is {' + '.join(map(str, parts))}? Answer with a number."
+
+    assert isinstance(total([number(1), number(2), number(3)]).compute(backend=backend), str)
+
+
+def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
+    import pathlib
+    import subprocess
+    import sys
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "ai_workflow.py"
+    out = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                         timeout=240, check=True).stdout
+    assert "train ran on GPU 0" in out and "advice:" in out and "labels: [" in out
