@@ -130,7 +130,8 @@ class Service:
 
 class Services:
     """The services of one backend: one per model, started on first use, stopped at the
-    end of each ``compute()``; GPUs (and cores) they ask for are held in the ledger."""
+    end of each ``compute()``; GPUs (and cores) they ask for are held in the ledger.
+    Clients of remote endpoints (``url=``) are kept across runs: nothing to stop there."""
 
     def __init__(self) -> None:
         self.running: dict = {}  # model name -> Service
@@ -142,6 +143,9 @@ class Services:
             RuntimeError: the ledger cannot hold the service's GPUs/cores right now.
         """
         service = self.running.get(model.name)
+        if service is not None and service.model is not model:  # declared anew since
+            service.stop()
+            service = None
         if service is None:
             placement = None
             if model.engine != "remote" and (model.gpus or model.cpus):
@@ -153,9 +157,12 @@ class Services:
             service = self.running[model.name] = Service(model, placement)
         return service
 
-    def stop_all(self, ledger: Optional["Ledger"]) -> None:
-        for service in self.running.values():
+    def stop_all(self, ledger: Optional["Ledger"], keep_remote: bool = False) -> None:
+        """Stop every service (remote clients too, unless ``keep_remote``)."""
+        for name, service in list(self.running.items()):
+            if keep_remote and service.model.engine == "remote":
+                continue
             service.stop()
             if ledger is not None and service.placement is not None:
                 ledger.release(service.placement)
-        self.running.clear()
+            del self.running[name]

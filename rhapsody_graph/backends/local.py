@@ -229,7 +229,7 @@ class LocalBackend:
             self._bound -= 1
 
     def end_run(self) -> None:
-        self._services.stop_all(self.ledger)
+        self._services.stop_all(self.ledger, keep_remote=True)
         self._funcs.clear()
         for w in self._workers:
             w.funcs.clear()
@@ -265,6 +265,7 @@ class LocalBackend:
         for owner in list(self._owner.values()):
             if isinstance(owner, Launch):
                 owner.kill()
+        self._services.stop_all(None)
         for w in self._workers:
             _close(w.task_w)
         for w in list(self._workers):
