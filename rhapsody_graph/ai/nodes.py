@@ -113,9 +113,11 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
 def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any]) -> Any:
     """Build the prompts from ``values``, ask the server, return text(s) or parsed value(s)."""
     built = spec.prompts(values)
-    texts = [built] if isinstance(built, str) else list(built)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"a prompt must be text, got {built!r}")
+    texts = [built] if isinstance(built, str) else list(built) if isinstance(
+        built, (list, tuple)) else None
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"the prompt must be a string or a non-empty list of strings, "
+                        f"got {built!r}")
     if spec.chat:
         system = [{"role": "system", "content": spec.system}] if spec.system else []
         answers = client.chat([system + [{"role": "user", "content": t}] for t in texts],

@@ -54,7 +54,7 @@ class Service:
         from .client import Client, ServerError  # httpx: only with the `ai` extra
         m = self.model
         if m.engine == "remote":
-            return Client(m.url, m.api_key, m.timeout, m.retries, m.concurrency)
+            return Client(m.url, m.api_key, m.timeout, m.retries, m.concurrency, m.name)
         port = _free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                **self._gpu_env()}
@@ -64,7 +64,8 @@ class Service:
         self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         log.close()
-        client = Client(f"http://{HOST}:{port}/v1", m.api_key, m.timeout, 0, m.concurrency)
+        client = Client(f"http://{HOST}:{port}/v1", m.api_key, m.timeout, 0, m.concurrency,
+                        m.name)
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -119,12 +120,11 @@ class Service:
         """Kill the server's process group and wait for it."""
         if self.client is not None:
             self.client.close()
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
         if self.proc is not None:
+            try:  # the group even if its leader died: engines fork helper processes
+                os.killpg(self.proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
             self.proc.wait()
 
 

@@ -421,8 +421,11 @@ class LocalBackend:
         launch = Launch(call.tid, node.key, self.pin, self._post)
         self._owner[call.tid] = launch
         if node.kind == AI:
-            model = call.prepared
-            service = self._services.get(model, self.ledger)
+            try:
+                service = self._services.get(call.prepared, self.ledger)
+            except RuntimeError as exc:  # the ledger cannot hold the service now
+                self._post((call.tid, ERROR, wire.attach(exc, "", node.key), 0.0))
+                return
             values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
             launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values))
         elif node.kind == EXECUTABLE:

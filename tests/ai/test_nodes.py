@@ -171,3 +171,12 @@ def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
     out = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
                          timeout=240, check=True).stdout
     assert "train ran on GPU 0" in out and "advice:" in out and "labels: [" in out
+
+
+def test_prompt_function_returning_no_text_fails_with_a_clear_error(backend):
+    @rhapsody.prompt(model="smollm2", max_tokens=4)
+    def empty(x):
+        return []
+
+    with pytest.raises(TypeError, match="non-empty list of strings, got \\[\\]"):
+        empty(1).compute(backend=backend)
