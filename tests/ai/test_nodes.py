@@ -180,3 +180,37 @@ def test_prompt_function_returning_no_text_fails_with_a_clear_error(backend):
 
     with pytest.raises(TypeError, match="non-empty list of strings, got \\[\\]"):
         empty(1).compute(backend=backend)
+
+
+def test_ctrl_c_during_an_ai_node_kills_its_inference_server(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import rhapsody_graph as r\n"
+        "r.model('smollm2', engine='llama_cpp', path=r.smollm2_path())\n"
+        "prompts = ['Write a long story about dragon %d.' % i for i in range(8)]\n"
+        "print(r.ai(prompts, model='smollm2', max_tokens=512).compute())\n")
+    driver = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        server = None
+        while server is None and time.monotonic() < deadline:
+            for pid in child_pids(driver.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline") as f:
+                        if "llama_cpp.server" in f.read():
+                            server = pid
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.2)
+        assert server is not None, "the inference server never started"
+        time.sleep(2)  # serving
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=30)
+        assert "KeyboardInterrupt" in err
+        assert not os.path.exists(f"/proc/{server}")  # killed and reaped by the driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
