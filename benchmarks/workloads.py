@@ -303,6 +303,19 @@ def order(engine: str, graph_input: Any) -> int:
 # the import to the first value in hand. The process's whole wall time (interpreter start
 # and exit, worker shutdown included) is measured outside.
 
+_EXECUTOR_STARTUP = """
+import time
+t0 = time.perf_counter()
+from concurrent.futures import {executor}
+t1 = time.perf_counter()
+def f(x):
+    return x + 1
+ex = {executor}(2)
+assert ex.submit(f, 1).result() == 2
+print(t1 - t0, time.perf_counter() - t0)
+ex.shutdown()
+"""
+
 _STARTUP = {
     "rhapsody": """
 import time
@@ -315,18 +328,7 @@ def f(x):
 assert f(1).compute() == 2
 print(t1 - t0, time.perf_counter() - t0)
 """,
-    "processpool": """
-import time
-t0 = time.perf_counter()
-from concurrent.futures import ProcessPoolExecutor
-t1 = time.perf_counter()
-def f(x):
-    return x + 1
-ex = ProcessPoolExecutor(2)
-assert ex.submit(f, 1).result() == 2
-print(t1 - t0, time.perf_counter() - t0)
-ex.shutdown()
-""",
+    "processpool": _EXECUTOR_STARTUP.format(executor="ProcessPoolExecutor"),
     "dask-threads": """
 import time
 t0 = time.perf_counter()
@@ -338,18 +340,7 @@ def f(x):
 assert delayed(f)(1).compute(scheduler="threads", num_workers=2) == 2
 print(t1 - t0, time.perf_counter() - t0)
 """,
-    "threadpool": """
-import time
-t0 = time.perf_counter()
-from concurrent.futures import ThreadPoolExecutor
-t1 = time.perf_counter()
-def f(x):
-    return x + 1
-ex = ThreadPoolExecutor(2)
-assert ex.submit(f, 1).result() == 2
-print(t1 - t0, time.perf_counter() - t0)
-ex.shutdown()
-""",
+    "threadpool": _EXECUTOR_STARTUP.format(executor="ThreadPoolExecutor"),
 }
 
 
