@@ -29,14 +29,16 @@ class Model:
     """A declared model (see :func:`model`)."""
 
     __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args", "timeout",
-                 "retries", "concurrency")
+                 "retries", "concurrency", "ready_timeout")
 
     def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
                  gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
-                 timeout: float = 120.0, retries: int = 2, concurrency: int = 8) -> None:
+                 timeout: float = 120.0, retries: int = 2, concurrency: int = 8,
+                 ready_timeout: float = 300.0) -> None:
         self.name, self.engine, self.path, self.url = name, engine, path, url
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
+        self.ready_timeout = ready_timeout
 
     @property
     def takes_lists(self) -> bool:
@@ -67,7 +69,7 @@ class Model:
 def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None,
           url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
           api_key: Optional[str] = None, args: Sequence[str] = (), timeout: float = 120.0,
-          retries: int = 2, concurrency: int = 8) -> Model:
+          retries: int = 2, concurrency: int = 8, ready_timeout: float = 300.0) -> Model:
     """Declare a model that AI nodes can name.
 
     Args:
@@ -84,6 +86,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         retries: how often a request that cannot connect or gets a 5xx is retried.
         concurrency: most requests in flight at once for a fan-out (engines that take
             no list of prompts).
+        ready_timeout: seconds a server we start may take to answer ``/v1/models``.
     Raises:
         ValueError: an engine without a path, a path and a url, or an unknown engine.
     """
@@ -97,8 +100,10 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
                          f"got {engine!r}")
     elif not path:
         raise ValueError(f"model {name!r}: engine {engine!r} needs path= to local weights")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"model {name!r}: timeout must be a number of seconds > 0, got {timeout!r}")
+    for what, seconds in (("timeout", timeout), ("ready_timeout", ready_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"model {name!r}: {what} must be a number of seconds > 0, "
+                             f"got {seconds!r}")
     for what, value, least in (("gpus", gpus, 0), ("cpus", cpus, 0), ("retries", retries, 0),
                                ("concurrency", concurrency, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -106,7 +111,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
                              f"got {value!r}")
     m = Model(name, engine, os.path.abspath(path) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
-              retries, concurrency)
+              retries, concurrency, float(ready_timeout))
     _MODELS[name] = m
     return m
 

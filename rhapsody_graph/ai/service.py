@@ -35,19 +35,31 @@ def _free_port() -> int:
 class Service:
     """One running inference server for ``model`` (or a remote endpoint)."""
 
-    def __init__(self, model: Model, placement: Optional[Placement] = None,
-                 ready_timeout: float = 300.0) -> None:
-        self.model, self.placement, self.ready_timeout = model, placement, ready_timeout
+    def __init__(self, model: Model, placement: Optional[Placement] = None) -> None:
+        self.model, self.placement = model, placement
         self.proc: Optional[subprocess.Popen] = None
         self.log_path: Optional[str] = None
         self.client: Any = None
-        self.lock = threading.Lock()
+        self.failed: Optional[BaseException] = None  # a failed start fails every later node
+        self.stopped = False
+        self.lock = threading.Lock()  # one start at a time
+        self.proc_lock = threading.Lock()  # guards proc and stopped: stop() never waits a start
 
     def start(self) -> Any:
-        """Start the server if it is not running yet (thread-safe); return its client."""
+        """Start the server if it is not running yet (thread-safe); return its client.
+
+        Raises:
+            RuntimeError: it could not start (the same error for every later caller).
+        """
         with self.lock:
+            if self.failed is not None:
+                raise self.failed
             if self.client is None:
-                self.client = self._start()
+                try:
+                    self.client = self._start()
+                except BaseException as exc:
+                    self.failed = exc
+                    raise
             return self.client
 
     def _start(self) -> Any:
@@ -61,12 +73,17 @@ class Service:
         log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{m.name}-", suffix=".log",
                                           delete=False)
         self.log_path = log.name
-        self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        with self.proc_lock:
+            if self.stopped:
+                log.close()
+                raise RuntimeError(f"the inference service for model {m.name!r} was stopped")
+            self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=True)
         log.close()
         client = Client(f"http://{HOST}:{port}/v1", m.api_key, m.timeout, 0, m.concurrency,
                         m.name)
-        deadline = time.monotonic() + self.ready_timeout
+        deadline = time.monotonic() + m.ready_timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(self.failure("exited before it was ready"))
@@ -76,7 +93,7 @@ class Service:
             except ServerError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(self.failure(f"was not ready after {self.ready_timeout:g} s"))
+                    raise RuntimeError(self.failure(f"was not ready after {m.ready_timeout:g} s"))
                 time.sleep(0.1)
         client.retries = m.retries
         return client
@@ -118,6 +135,8 @@ class Service:
 
     def stop(self) -> None:
         """Kill the server's process group and wait for it."""
+        with self.proc_lock:
+            self.stopped = True
         if self.client is not None:
             self.client.close()
         if self.proc is not None:

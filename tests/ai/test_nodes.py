@@ -214,3 +214,13 @@ def test_ctrl_c_during_an_ai_node_kills_its_inference_server(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def test_a_server_that_cannot_start_fails_its_nodes_with_its_log(backend):
+    rhapsody.model("broken", engine="llama_cpp", path=rhapsody.smollm2_path(),
+                   args=["--no-such-flag"], ready_timeout=60)
+    nodes = [rhapsody.ai("hi {}", i, model="broken") for i in range(3)]
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?s)'broken' exited before it was ready.*no-such-flag"):
+        rhapsody.compute(*nodes, backend=backend, fail_fast=False)
+    assert time.monotonic() - start < 30
