@@ -41,6 +41,7 @@ class Service:
         self.log_path: Optional[str] = None
         self.client: Any = None
         self.failed: Optional[BaseException] = None  # a failed start fails every later node
+        self.keep_log = False  # set once a failure message points at the log
         self.stopped = False
         self.lock = threading.Lock()  # one start at a time
         self.proc_lock = threading.Lock()  # guards proc and stopped: stop() never waits a start
@@ -120,6 +121,7 @@ class Service:
 
     def failure(self, what: str) -> str:
         """``what`` happened to the server, with its exit status and last log lines."""
+        self.keep_log = True
         status = ""
         if self.proc is not None and self.proc.poll() is not None:
             status = f" (exit status {self.proc.returncode})"
@@ -145,6 +147,11 @@ class Service:
             except (ProcessLookupError, PermissionError):
                 pass
             self.proc.wait()
+        if self.log_path and not self.keep_log:
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
 
 
 class Services:
