@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UnsatisfiableError
 
@@ -156,12 +156,15 @@ class Host:
 
 def _ids(host: str, what: str, value: "int | Sequence[int]") -> Tuple[int, ...]:
     """A count (ids 0..n-1) or explicit ids, checked: non-negative and distinct."""
-    ids = tuple(range(value)) if isinstance(value, int) and value >= 0 else value
-    if isinstance(value, bool) or isinstance(ids, int) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    def is_id(i: Any) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+    if is_id(value):
+        ids = tuple(range(value))
+    elif isinstance(value, (int, str, bytes)) or not all(is_id(i) for i in value):
         raise ValueError(f"host {host!r}: {what} must be a count >= 0 or a list of ids >= 0, "
                          f"got {value!r}")
-    ids = tuple(ids)
+    else:
+        ids = tuple(value)
     if len(set(ids)) != len(ids):
         raise ValueError(f"host {host!r}: {what} ids must be distinct, got {list(ids)}")
     return ids

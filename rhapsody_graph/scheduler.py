@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .backends.base import DROPPED, OK, Call, Lease
 from .errors import NodeTimeoutError, add_note
@@ -257,8 +257,10 @@ class _Run:
                     if b.slots_free() <= 0 and not self.any_lease_room(filling):
                         break
                     continue
-                lease = Lease(placement, 1 if exclusive else self.depth(i))
-                if not exclusive:
+                if exclusive:
+                    lease = Lease(placement, 1)
+                else:
+                    lease = Lease(placement, self.depth(i), key)
                     self.open_leases.setdefault(key, []).append(lease)
             filling.add(lease)
             lease.outstanding += 1
@@ -322,18 +324,16 @@ class _Run:
             return
         lease.outstanding -= 1
         if lease.outstanding == 0:
-            if lease.executor is not None and any(lease in ls for ls in self.open_leases.values()):
-                self.drained.append(lease)  # ended after the next dispatch unless reused
+            if lease.executor is not None and lease.key is not None:
+                self.drained.append(lease)  # shared: ended after the next dispatch unless reused
             else:
                 self.end_lease(lease)
 
     def end_lease(self, lease: Lease) -> None:
         self.ledger.release(lease.placement)
         self.backend.end_lease(lease)
-        for leases in self.open_leases.values():
-            if lease in leases:
-                leases.remove(lease)
-                break
+        if lease.key is not None:
+            self.open_leases[lease.key].remove(lease)
 
     def done(self, i: int, payload: bytes, seconds: float) -> None:
         self.state[i] = DONE

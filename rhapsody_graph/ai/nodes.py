@@ -13,6 +13,7 @@ plain completion, with the node's own sampling (``temperature``, ``max_tokens``,
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ..graph import Node
@@ -102,10 +103,9 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
         spec = _spec(who, model, None, fn, system, chat, parse, sampling)
         opts = _options(who, {"timeout": timeout, "retries": retries, "name": fn.__name__})
 
+        @functools.wraps(fn)
         def make(*inputs: Any) -> Node:
             return Node(spec, inputs, {}, opts, kind=AI)
-        make.__name__ = make.__qualname__ = fn.__name__
-        make.__doc__ = fn.__doc__
         return make
     return decorate
 
@@ -113,9 +113,9 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
 def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any]) -> Any:
     """Build the prompts from ``values``, ask the server, return text(s) or parsed value(s)."""
     built = spec.prompts(values)
-    texts = [built] if isinstance(built, str) else list(built) if isinstance(
-        built, (list, tuple)) else None
-    if not texts or not all(isinstance(t, str) for t in texts):
+    texts = [built] if isinstance(built, str) else built
+    if not isinstance(texts, (list, tuple)) or not texts or not all(
+            isinstance(t, str) for t in texts):
         raise TypeError(f"the prompt must be a string or a non-empty list of strings, "
                         f"got {built!r}")
     if spec.chat:

@@ -1,4 +1,4 @@
-"""Inference services: a real server process per (model, placement), started on demand.
+"""Inference services: a real server process per declared model, started on demand.
 
 Lifecycle: :meth:`Service.start` picks a free loopback port, starts the engine's
 OpenAI-compatible server in its own session with ``HF_HUB_OFFLINE=1`` and the GPU

@@ -39,10 +39,11 @@ Completion = Tuple[int, str, Any, float]
 class Lease:
     """A placement held for a run of calls on one executor (see module docstring)."""
 
-    __slots__ = ("placement", "outstanding", "depth", "executor")
+    __slots__ = ("placement", "outstanding", "depth", "key", "executor")
 
-    def __init__(self, placement: Placement, depth: int) -> None:
+    def __init__(self, placement: Placement, depth: int, key: Optional[tuple] = None) -> None:
         self.placement = placement
+        self.key = key  # the scheduler's sharing key; None for a lease of its own
         self.outstanding = 0  # calls submitted and not yet completed
         self.depth = depth  # most calls the scheduler queues on it at once
         self.executor: Any = None  # set by the backend when it binds the lease

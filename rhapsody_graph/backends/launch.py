@@ -101,17 +101,18 @@ class Launch:
                 started.append((self._start(p, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=err), out, err, p))
             with selectors.DefaultSelector() as sel:
-                for rank, (proc, *_) in enumerate(started):
-                    sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, rank)
-                failed = None
-                while failed is None and sel.get_map():
-                    for key, _ in sel.select():
-                        sel.unregister(key.fd)
-                        os.close(key.fd)
-                        if started[key.data][0].wait() != 0 and failed is None:
-                            failed = key.data
-                for key in list(sel.get_map().values()):
-                    os.close(key.fd)
+                try:
+                    for rank, (proc, *_) in enumerate(started):
+                        sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, rank)
+                    failed = None
+                    while failed is None and sel.get_map():
+                        for key, _ in sel.select():
+                            sel.unregister(key.fd)
+                            os.close(key.fd)
+                            if started[key.data][0].wait() != 0 and failed is None:
+                                failed = key.data
+                finally:
+                    _close_registered(sel)
         finally:
             _stop([proc for proc, *_ in started])
         results = [ExecResult(argv, _read(out), _read(err), proc.returncode, p.host, p.cpus,
@@ -151,8 +152,7 @@ class Launch:
                 return self._gather(sel, procs)
             finally:
                 _stop(procs)
-                for key in list(sel.get_map().values()):
-                    os.close(key.fd)
+                _close_registered(sel)
 
     def _start_rank(self, sel: selectors.BaseSelector, procs: List[subprocess.Popen], rank: int,
                     p: Placement, task: tuple) -> None:
@@ -199,6 +199,13 @@ class Launch:
                     return (self.tid, ERROR, exc, 0.0)
                 values[rank] = pickle.loads(payload)
         return (self.tid, OK, wire.dump_value(values), 0.0)
+
+
+def _close_registered(sel: selectors.BaseSelector) -> None:
+    """Close the file descriptors still registered with ``sel``."""
+    for key in list(sel.get_map().values()):
+        sel.unregister(key.fd)
+        os.close(key.fd)
 
 
 def _stop(procs: List[subprocess.Popen]) -> None:

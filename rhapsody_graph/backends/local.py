@@ -28,7 +28,6 @@ import os
 import pickle
 import selectors
 import subprocess
-import threading
 import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
@@ -420,24 +419,24 @@ class LocalBackend:
         node = call.node
         launch = Launch(call.tid, node.key, self.pin, self._post)
         self._owner[call.tid] = launch
+        if node.kind == FUNCTION:
+            p = call.prepared
+            task = (call.tid, p.fid, p.func, p.args, call.inputs, None)
+            launch.run_in_thread(launch.ranks, task, call.placements)
+            return
+        values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
         if node.kind == AI:
             try:
                 service = self._services.get(call.prepared, self.ledger)
             except RuntimeError as exc:  # the ledger cannot hold the service now
                 self._post((call.tid, ERROR, wire.attach(exc, "", node.key), 0.0))
                 return
-            values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
             launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values))
-        elif node.kind == EXECUTABLE:
+        else:
             spec = call.prepared
-            values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
             argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)
                     if isinstance(a, (bytes, os.PathLike)) else str(a) for a in spec.argv]
             launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
-        else:
-            p = call.prepared
-            task = (call.tid, p.fid, p.func, p.args, call.inputs, None)
-            launch.run_in_thread(launch.ranks, task, call.placements)
 
     def _post(self, completion: Completion) -> None:
         """Called from launcher threads."""
