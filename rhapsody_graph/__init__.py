@@ -9,6 +9,7 @@
 55
 """
 from .ai import ai, model, prompt, smollm2_path
+from .backends.dragon import DragonBackend, dragon_hosts
 from .backends.local import LocalBackend
 from .errors import (ExecutableError, NodeTimeoutError, RemoteError, RemoteTraceback,
                      UnsatisfiableError, WorkerDiedError)
@@ -20,7 +21,7 @@ from .task import ExecResult, Task, executable, map, task
 __all__ = [
     "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
     "ai", "prompt", "model", "smollm2_path",
-    "LocalBackend", "Host", "Inventory", "Ledger", "Placement", "Resources",
+    "LocalBackend", "DragonBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
     "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",
 ]

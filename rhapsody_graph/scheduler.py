@@ -54,21 +54,25 @@ MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
 
 _tids = itertools.count(1)
-_default_backend: Any = None
+_default_backends: Dict[str, Any] = {}  # by name, made on first use
 
 
 def get_backend(backend: Any = None) -> Any:
-    """The backend to run on: an instance, ``"local"``, or ``None`` for the default."""
-    global _default_backend
-    if backend is None or backend == "local":
-        if _default_backend is None:
-            from .backends.local import LocalBackend
-            _default_backend = LocalBackend()
-        return _default_backend
-    if isinstance(backend, str):
+    """The backend to run on: an instance, ``"local"``, ``"dragon"``, or ``None`` (local)."""
+    name = "local" if backend is None else backend
+    if not isinstance(name, str):
+        return backend
+    if name not in ("local", "dragon"):
         raise ValueError(f"backend {backend!r} is not available in this build; "
-                         "use 'local' or pass a backend instance")
-    return backend
+                         "use 'local' or 'dragon', or pass a backend instance")
+    if name not in _default_backends:
+        if name == "dragon":
+            from .backends.dragon import DragonBackend
+            _default_backends[name] = DragonBackend()
+        else:
+            from .backends.local import LocalBackend
+            _default_backends[name] = LocalBackend()
+    return _default_backends[name]
 
 
 def compute(*outputs: Any, backend: Any = None, fail_fast: bool = True) -> Tuple[Any, ...]:

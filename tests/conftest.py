@@ -42,3 +42,8 @@ def two_hosts():
     hosts = [rhapsody.Host("n0", cpus=2, gpus=2), rhapsody.Host("n1", cpus=2, gpus=2)]
     with rhapsody.LocalBackend(hosts=hosts) as backend:
         yield backend
+
+
+UNDER_DRAGON = "DRAGON_MY_PUID" in os.environ or "DRAGON_DEFAULT_PD" in os.environ
+# tests/dragon_runtime needs the Dragon launcher; tests/backends/test_dragon.py starts it
+collect_ignore = [] if UNDER_DRAGON else ["dragon_runtime"]

@@ -167,7 +167,7 @@ class LocalBackend:
         if lease is None:
             self._launch(call)
             return
-        w = lease.executor or self._bind(lease)
+        w = lease.executor or self._bind(lease, call.node)
         prepared = call.prepared
         func = None if prepared.fid in w.funcs else prepared.func
         w.funcs.add(prepared.fid)
@@ -192,9 +192,8 @@ class LocalBackend:
             events = self._selector.select(timeout) if self._selector else []
             for key, mask in events:
                 w = key.data
-                if w is None:
-                    os.read(self._wake_r, 4096)
-                    self._take_posted(out)
+                if not isinstance(w, _Worker):
+                    w(out)  # the wake-up pipe, or a subclass's own source
                     continue
                 if mask & selectors.EVENT_WRITE:
                     self._send(w)
@@ -214,11 +213,11 @@ class LocalBackend:
     def kill(self, tid: int) -> None:
         owner = self._owner.pop(tid, None)
         self._keys.pop(tid, None)
-        if isinstance(owner, Launch):
-            owner.kill()
-        elif owner is not None:
+        if isinstance(owner, _Worker):
             owner.queue.remove(tid)
             self._retire(owner, DROPPED)
+        elif owner is not None:
+            owner.kill()
 
     def end_lease(self, lease: Lease) -> None:
         w = lease.executor
@@ -296,8 +295,8 @@ class LocalBackend:
             self._selector = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
-            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-            self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._woken)
+            self._finalizer = weakref.finalize(self, _kill_all, self._workers, self._kill)
             atexit.register(self._finalizer)
         return self._selector
 
@@ -323,7 +322,7 @@ class LocalBackend:
         self._send(w)
         return w
 
-    def _bind(self, lease: Lease) -> _Worker:
+    def _bind(self, lease: Lease, node: Node) -> _Worker:
         gpus = lease.placement.gpus
         idle = [w for w in self._workers if w.lease is None and not w.queue]
         w = None
@@ -342,6 +341,15 @@ class LocalBackend:
         lease.executor = w
         self._bound += 1
         return w
+
+    def _woken(self, out: List[Completion]) -> None:
+        os.read(self._wake_r, 4096)
+        self._take_posted(out)
+
+    @staticmethod
+    def _kill(proc: Any) -> None:
+        """Kill a worker's process and everything it started."""
+        kill_tree(proc)
 
     def _send(self, w: _Worker) -> None:
         if w.outbox:
@@ -388,15 +396,9 @@ class LocalBackend:
 
     def _retire(self, w: _Worker, status: Optional[str]) -> None:
         """Kill worker ``w``; report its queue (head ``DIED``, rest ``DROPPED``) if asked."""
-        kill_tree(w.proc)
-        code = w.proc.wait()
-        if self._selector is not None:
-            self._selector.unregister(w.result_r)
-            if w.writing:
-                self._selector.unregister(w.task_w)
-        _close(w.result_r)
-        _close(w.task_w)
-        self._workers.remove(w)
+        self._kill(w.proc)
+        reason = self._exit_reason(w, status == DIED)
+        self._detach(w)
         if w.lease is not None:
             w.lease.executor = None
             w.lease = None
@@ -407,12 +409,28 @@ class LocalBackend:
             self._owner.pop(tid, None)
             key = self._keys.pop(tid, "?")
             if i == 0 and status == DIED:
-                exc = WorkerDiedError(f"the worker process running node {key!r} died "
-                                      f"({describe_exit(code)})")
+                exc = WorkerDiedError(f"the worker process running node {key!r} died ({reason})")
                 self._retired.append((tid, DIED, wire.attach(exc, "", key), 0.0))
             else:
                 self._retired.append((tid, DROPPED, None, 0.0))
         w.queue.clear()
+
+    def _exit_reason(self, w: _Worker, died: bool) -> str:
+        """How a killed or dead worker ended (and reap it)."""
+        return describe_exit(w.proc.wait())
+
+    def _detach(self, w: _Worker) -> None:
+        """Stop watching worker ``w``, close its pipes and forget it."""
+        if self._selector is not None and w.result_r >= 0:
+            self._selector.unregister(w.result_r)
+            if w.writing:
+                self._selector.unregister(w.task_w)
+                w.writing = False
+        _close(w.result_r)
+        _close(w.task_w)
+        w.result_r = w.task_w = -1
+        if w in self._workers:
+            self._workers.remove(w)
 
     def _launch(self, call: Call) -> None:
         self._ensure_loop()
@@ -478,9 +496,9 @@ def _close(fd: int) -> None:
         pass
 
 
-def _kill_all(workers: List[_Worker]) -> None:
+def _kill_all(workers: List[_Worker], kill: Any) -> None:
     for w in list(workers):
-        kill_tree(w.proc)
+        kill(w.proc)
         try:
             w.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,506 @@
+"""The Dragon backend: ready nodes and their placements lowered to Dragon Batch calls.
+
+Programs that use it run under the Dragon launcher (``dragon my_workflow.py``).
+The scheduler resolves every edge; Batch only executes (it never sees a
+dependency, so a wide join cannot hang it). Lowering, by node:
+
+============================== =====================================================
+node                           Batch call
+============================== =====================================================
+Python, no explicit placement  ``batch.function``: Batch picks the pool worker
+Python with ``cpus``/``gpus``  ``batch.process(ProcessTemplate(..., policy=Policy(
+                               placement=HOST_NAME, host_name, cpu_affinity,
+                               gpu_affinity)))`` with the ledger's ids
+``ranks=N``                    ``batch.job([(1, template_r), ...])``, one template
+                               per rank with that rank's placement
+executable                     ``batch.process`` (``batch.job`` for ranks); the
+                               program's stdout, stderr and exit code come back
+AI                             the inference service, as on the local backend
+============================== =====================================================
+
+Every Batch call runs :func:`.dragon_worker.serve`: a worker that connects back to
+this driver over a socket (authenticated with the run's secret token) and runs
+the calls it is sent, so placed nodes still return values and exceptions carry
+their remote traceback. A lease (see :mod:`.base`) is one Batch call: the
+scheduler queues a run of tiny nodes on it (fusion: 100 no-op nodes cost a few
+Batch calls, not 100) and keeps it open along a chain, so a hop costs one socket
+round trip, not one Batch call.
+
+State, beyond the local backend's: ``_batch`` (the Batch client, started on first
+use), ``_listener`` (the socket workers connect to) and ``_token``, and
+``_connecting`` (workers whose Batch call has not connected yet, each with the
+time by which it must). Policy: a worker lives as long as its lease, one-shot
+workers (executables, ranks) until their value arrives; a worker that does not
+connect within ``start_timeout`` fails its node. A timeout is passed to Batch as
+the call's own timeout and enforced here too, by killing the process; Ctrl-C and
+failures kill every process worker.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import pickle
+import secrets
+import selectors
+import signal
+import socket
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import wire
+from .base import DIED, ERROR, OK, Call, Completion, Lease
+from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
+from .launch import describe_exit
+from .local import LocalBackend, _close, _Prepared, _Worker
+from ..ai.nodes import AI
+from ..errors import WorkerDiedError, add_note
+from ..graph import EXECUTABLE, FUNCTION, Node
+from ..resources import Host, Placement
+
+__all__ = ["DragonBackend", "dragon_hosts"]
+
+TIMEOUT_GRACE = 5.0  # Batch's own timeout fires this long after ours, as a backstop
+
+
+def _dragon() -> Any:
+    """Import the Dragon modules, or say what to install and how to launch."""
+    try:
+        import dragon  # noqa: F401  (sets up the runtime's multiprocessing context)
+        from dragon.native import machine
+        from dragon.workflows import batch
+    except ImportError as exc:
+        raise ImportError("DragonBackend needs Dragon: pip install \"rhapsody-graph[dragon]\", "
+                          "then run your program with `dragon your_program.py`") from exc
+    if "DRAGON_MY_PUID" not in os.environ and "DRAGON_DEFAULT_PD" not in os.environ:
+        raise RuntimeError("DragonBackend must run under the Dragon launcher: "
+                           "`dragon your_program.py` (or `dragon python -m pytest ...`)")
+    return machine, batch
+
+
+def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
+    """The hosts of this Dragon allocation (``System().nodes``): names, core and GPU ids.
+
+    ``gpus`` declares GPU ids per host where Dragon reports none (for tests on a
+    machine without GPUs); hosts that report GPUs keep their own.
+    """
+    machine, _ = _dragon()
+    hosts = []
+    for huid in machine.System().nodes:
+        node = machine.Node(huid)
+        found = list(node.gpus or [])
+        hosts.append(Host(node.hostname, list(node.cpus), found or (gpus or 0)))
+    return hosts
+
+
+class _BatchProc:
+    """A worker's Batch call, in the shape the local backend expects of a process."""
+
+    def __init__(self, wid: int, host: str, own_process: bool, local: bool) -> None:
+        self.wid, self.host, self.own_process, self.local = wid, host, own_process, local
+        self.handle: Any = None  # the Batch task
+        self.pid: Optional[int] = None  # known once connected
+        self.deadline = 0.0  # connect by then
+        self.job: Optional[_Job] = None
+        self.rank = 0
+        self.killed = False
+        self.reason = ""  # why the driver gave up on it, for the error
+
+    def kill(self) -> None:
+        """Stop the worker's process tree (process workers only: a function worker is
+        a Batch pool worker, which ends its call when its socket closes)."""
+        if not self.own_process or self.killed:
+            return
+        self.killed = True
+        if self.local and self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif self.handle is not None:
+            try:
+                self.handle.cancel()
+            except Exception:
+                pass
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """The Batch call's exit code (-9 when the driver killed it, 1 if unknown)."""
+        if self.killed:
+            return -signal.SIGKILL
+        try:
+            code = self.handle.get(timeout=2.0 if timeout is None else timeout)
+        except Exception:
+            return 1
+        return code if isinstance(code, int) else 0
+
+
+class _Job:
+    """The ranks of one node (or one executable): values gathered as they arrive."""
+
+    def __init__(self, tid: int, key: str, ranks: int, many: bool) -> None:
+        self.tid, self.key, self.many = tid, key, many
+        self.values: List[Any] = [None] * ranks
+        self.workers: List[_Worker] = []
+        self.left = ranks
+
+
+class DragonBackend(LocalBackend):
+    """Run nodes as Dragon Batch calls, placed by the ledger on Dragon's hosts.
+
+    Args:
+        gpus: GPU ids (or a count) to declare on every host where Dragon finds none,
+            so GPU placement is testable on a machine without GPUs.
+        hosts: declare the inventory yourself (names must be Dragon host names).
+        workers: most leases running at once (default: every core of every host).
+        start_timeout: seconds a Batch call may take to start before its node fails.
+
+    Run under ``dragon``::
+
+        backend = rhapsody.DragonBackend()
+        print(backend.describe())
+        result = rhapsody.compute(*nodes, backend=backend)
+    """
+
+    name = "dragon"
+
+    def __init__(self, gpus: "int | Sequence[int] | None" = None, *,
+                 hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
+                 start_timeout: float = 120.0) -> None:
+        self._machine, self._batch_module = _dragon()
+        machine = self._machine
+        super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers)
+        self._here = machine.current().hostname
+        self.start_timeout = start_timeout
+        self._batch: Any = None
+        self._token = secrets.token_bytes(TOKEN_BYTES)
+        self._listener: Optional[socket.socket] = None
+        self._address: Any = None
+        self._connecting: Dict[int, _Worker] = {}
+        self._next_wid = 0
+        self._program = wire.dump_callable(run_program)
+
+    def describe(self) -> str:
+        """A table of the hosts, core ids and GPU ids the ledger places work on."""
+        rows = [f"{'host':<24} {'cores':>5}  core ids / gpu ids"]
+        for h in self.inventory.hosts:
+            rows.append(f"{h.name:<24} {len(h.cpus):>5}  {list(h.cpus)} / {list(h.gpus)}")
+        return "\n".join(rows)
+
+    # -- encoding ------------------------------------------------------------------
+
+    def uses_lease(self, node: Node) -> bool:
+        return node.kind == FUNCTION and node.opts.resources.ranks == 1
+
+    def prepare(self, node: Node) -> Any:
+        if node.kind != EXECUTABLE:
+            return super().prepare(node)
+        super().prepare(node)  # the local backend's checks of argv
+        spec = node.fn
+        try:
+            args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
+        except Exception as exc:
+            raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
+        return _Prepared(0, self._program, args)
+
+    def start(self, n: Optional[int] = None) -> "DragonBackend":
+        """Start the Batch client now, rather than with the first node."""
+        if self._batch is None:
+            self._start_batch()
+        return self
+
+    def pin(self, cpus: Sequence[int]) -> tuple:
+        return tuple(cpus)  # the ledger's ids are Dragon's core ids
+
+    # -- starting workers ------------------------------------------------------------
+
+    def _bind(self, lease: Lease, node: Node) -> _Worker:
+        p = lease.placement
+        placed = _placed(node)
+        w = self._new_worker(p.host, own_process=placed)
+        args = (self._address, self._token, w.proc.wid, placed)
+        batch = self._options(node.opts.timeout)
+        if placed:
+            w.proc.handle = batch.process(self._template(p, args))
+        else:
+            w.proc.handle = batch.function(serve, *args)
+        w.lease = lease
+        w.place = (p.host, p.cpus, p.cpus if placed else (), p.gpus, 0, 1)
+        lease.executor = w
+        self._bound += 1
+        return w
+
+    def _launch(self, call: Call) -> None:
+        node = call.node
+        if node.kind == AI:
+            super()._launch(call)
+            return
+        placements = call.placements
+        job = _Job(call.tid, node.key, len(placements), node.opts.resources.ranks > 1)
+        self._owner[call.tid] = job
+        templates = []
+        p0 = call.prepared
+        for rank, p in enumerate(placements):
+            w = self._new_worker(p.host, own_process=True)
+            w.proc.job, w.proc.rank = job, rank
+            job.workers.append(w)
+            place = (p.host, p.cpus, p.cpus, p.gpus, p.rank, p.world_size)
+            w.outbox += wire.frame(("run", [(call.tid, p0.fid, p0.func, p0.args, call.inputs,
+                                             place)]))
+            w.queue.append(call.tid)
+            templates.append((1, self._template(p, (self._address, self._token, w.proc.wid, True))))
+        batch = self._options(node.opts.timeout)
+        handle = batch.process(templates[0][1]) if len(templates) == 1 else batch.job(templates)
+        for w in job.workers:
+            w.proc.handle = handle
+
+    def _new_worker(self, host: str, own_process: bool) -> _Worker:
+        self.start()
+        self._next_wid += 1
+        proc = _BatchProc(self._next_wid, host, own_process, host == self._here)
+        proc.deadline = time.monotonic() + self.start_timeout
+        w = _Worker(proc, -1, -1)  # type: ignore[arg-type]
+        w.outbox += wire.frame(("path", wire.python_path()))
+        self._workers.append(w)
+        self._connecting[proc.wid] = w
+        return w
+
+    def _options(self, timeout: Optional[float]) -> Any:
+        if timeout is None:
+            return self._batch
+        return self._batch.options(timeout=timeout + TIMEOUT_GRACE)
+
+    def policy(self, p: Placement) -> Any:
+        """The Dragon ``Policy`` a placed node's process gets: the ledger's host and ids."""
+        from dragon.infrastructure.policy import Policy
+        return Policy(placement=Policy.Placement.HOST_NAME, host_name=p.host,
+                      cpu_affinity=list(p.cpus), gpu_affinity=list(p.gpus))
+
+    def _template(self, p: Placement, args: tuple) -> Any:
+        from dragon.native.process import ProcessTemplate
+        return ProcessTemplate(target=serve, args=args, env=p.env(), policy=self.policy(p))
+
+    def _start_batch(self) -> None:
+        self._ensure_loop()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        single = len(self.inventory.hosts) == 1
+        listener.bind(("127.0.0.1" if single else "0.0.0.0", 0))
+        listener.listen(256)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        self._address = ("127.0.0.1" if single else socket.gethostbyname(socket.gethostname()),
+                         port)
+        self._listener = listener
+        self._selector.register(listener.fileno(), selectors.EVENT_READ, self._accept)
+        self._batch = _start_batch_client(self._batch_module, self._machine)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def wait(self, timeout: Optional[float]) -> List[Completion]:
+        if self._connecting:
+            first = min(w.proc.deadline for w in self._connecting.values())
+            left = max(0.0, first - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        out = super().wait(timeout)
+        if self._connecting:
+            self._expire_starts(out)
+        return out
+
+    def _expire_starts(self, out: List[Completion]) -> None:
+        now = time.monotonic()
+        for w in [w for w in self._connecting.values() if w.proc.deadline <= now]:
+            w.proc.reason = (f"Dragon did not start its Batch call within {self.start_timeout:g} s "
+                             "(start_timeout=); is the allocation busy?")
+            self._fail_worker(w, out)
+
+    def _accept(self, out: List[Completion]) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            conn.settimeout(10)
+            hello = _recv_exactly(conn, TOKEN_BYTES + HELLO.size)
+        except OSError:
+            conn.close()
+            return
+        wid, pid = HELLO.unpack(hello[TOKEN_BYTES:])
+        w = self._connecting.get(wid)
+        if w is None or not hmac.compare_digest(hello[:TOKEN_BYTES], self._token):
+            conn.close()  # not one of ours, or given up on
+            return
+        del self._connecting[wid]
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setblocking(False)
+        fd = conn.detach()
+        w.proc.pid = pid
+        w.result_r, w.task_w = fd, os.dup(fd)
+        self._selector.register(fd, selectors.EVENT_READ, w)
+        self._send(w)
+
+    def _send(self, w: _Worker) -> None:
+        if w.task_w >= 0:  # not connected yet: the outbox waits
+            super()._send(w)
+
+    def _receive(self, w: _Worker, out: List[Completion]) -> None:
+        job = w.proc.job
+        if job is None:
+            super()._receive(w, out)
+            return
+        try:
+            data = os.read(w.result_r, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self._fail_worker(w, out)
+            return
+        w.inbox += data
+        for status, tid, _, payload in wire.split_results(w.inbox):
+            w.queue.clear()
+            self._detach(w)
+            if status & ~wire.GPU_RUNTIME == wire.OK:
+                job.values[w.proc.rank] = payload
+                job.left -= 1
+                if not job.left:
+                    self._finish(job, out)
+            else:
+                exc = wire.load_error(payload, job.key)
+                if job.many:
+                    add_note(exc, f"in rank {w.proc.rank} of {len(job.values)}; "
+                                  "the other ranks were stopped")
+                self._end_job(job)
+                out.append((job.tid, ERROR, exc, 0.0))
+
+    def _finish(self, job: _Job, out: List[Completion]) -> None:
+        self._owner.pop(job.tid, None)
+        self._keys.pop(job.tid, None)
+        if job.many:
+            payload = wire.dump_value([pickle.loads(v) for v in job.values])
+        else:
+            payload = job.values[0]
+        out.append((job.tid, OK, payload, 0.0))
+
+    def _fail_worker(self, w: _Worker, out: List[Completion]) -> None:
+        """A worker died or never started: fail what it held."""
+        job = w.proc.job
+        if job is None:
+            self._connecting.pop(w.proc.wid, None)
+            self._retire(w, DIED)
+            self._take_posted(out)
+            return
+        reason = self._exit_reason(w, True)
+        exc = WorkerDiedError(f"rank {w.proc.rank} of node {job.key!r} died ({reason}) "
+                              "before returning a value" if job.many else
+                              f"the process running node {job.key!r} died ({reason})")
+        self._end_job(job)
+        out.append((job.tid, DIED, wire.attach(exc, "", job.key), 0.0))
+
+    def _end_job(self, job: _Job) -> None:
+        self._owner.pop(job.tid, None)
+        self._keys.pop(job.tid, None)
+        for w in job.workers:
+            if w in self._workers:
+                w.proc.kill()
+                self._detach(w)
+
+    def _detach(self, w: _Worker) -> None:
+        self._connecting.pop(w.proc.wid, None)
+        super()._detach(w)
+
+    def _exit_reason(self, w: _Worker, died: bool) -> str:
+        if w.proc.reason or not died:
+            return w.proc.reason
+        return describe_exit(w.proc.wait(timeout=2.0))
+
+    @staticmethod
+    def _kill(proc: Any) -> None:
+        proc.kill()
+
+    # -- ending ------------------------------------------------------------------------
+
+    def kill(self, tid: int) -> None:
+        owner = self._owner.get(tid)
+        if isinstance(owner, _Job):
+            self._end_job(owner)
+            return
+        super().kill(tid)
+
+    def end_lease(self, lease: Lease) -> None:
+        w = lease.executor
+        super().end_lease(lease)
+        if w is not None and not w.queue:
+            self._detach(w)  # its Batch call ends and frees its pool slot
+
+    def abort(self) -> None:
+        for owner in list(self._owner.values()):
+            if isinstance(owner, _Job):
+                self._end_job(owner)
+        self._connecting.clear()
+        super().abort()
+
+    def shutdown(self) -> None:
+        """Stop every worker, then end the Batch client (and with it the pool)."""
+        for owner in list(self._owner.values()):
+            if isinstance(owner, _Job):
+                self._end_job(owner)
+        for w in list(self._workers):
+            w.proc.kill()
+            self._detach(w)
+        self._connecting.clear()
+        super().shutdown()
+        if self._listener is not None:
+            self._selector.unregister(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        if self._batch is not None:
+            batch, self._batch = self._batch, None
+            batch.join()
+
+
+def _placed(node: Node) -> bool:
+    """True when the user asked for cores or GPUs: the node gets a Policy and its own
+    process; otherwise Batch runs it as a function where it likes."""
+    values = node.opts.values
+    return "cpus" in values or "gpus" in values or node.opts.timeout is not None
+
+
+def _threads_per_core() -> int:
+    """Hardware threads per core of this host (1 on most cloud VMs)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            text = f.read().strip()
+    except OSError:
+        return 2
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return max(1, count)
+
+
+def _start_batch_client(batch_module: Any, machine: Any) -> Any:
+    """``Batch()``, told the true core count of hosts without hyperthreads.
+
+    dragonhpc 0.15's Batch takes half of a node's CPUs as its cores (it assumes two
+    hardware threads per core). On a host with one thread per core that halves its
+    pool, and a job of more ranks than that half is treated as a multi-node job that
+    waits forever for nodes the allocation does not have (its timeout never starts).
+    While ``Batch()`` reads the node list, report twice the CPUs there so the halving
+    yields the real count.
+    """
+    if _threads_per_core() != 1:
+        return batch_module.Batch()
+    real = machine.Node.num_cpus
+    machine.Node.num_cpus = property(lambda node: 2 * real.fget(node))
+    try:
+        return batch_module.Batch()
+    finally:
+        machine.Node.num_cpus = real
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        data += chunk
+    return data

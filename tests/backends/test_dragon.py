@@ -1,0 +1,55 @@
+"""The Dragon backend's scenarios, run under the real ``dragon`` launcher in one launch.
+
+Starting Dragon costs seconds, so every scenario in tests/dragon_runtime shares one
+launch and one Batch runtime; this test starts it, bounds it, and checks that the
+launch passed every scenario and left no Dragon process behind.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SCENARIOS = os.path.join(ROOT, "tests", "dragon_runtime")
+
+
+def dragon_pids() -> set:
+    """Processes of a Dragon runtime (its launcher, services and managed processes)."""
+    out = subprocess.run(["pgrep", "-f", "dragon"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()} - {os.getpid()}
+
+
+@pytest.mark.timeout(900)
+def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
+    launcher = shutil.which("dragon")
+    assert launcher, 'the Dragon launcher is missing: pip install ".[test]" installs dragonhpc'
+    before = dragon_pids()
+    cmd = [launcher, sys.executable, "-m", "pytest", SCENARIOS, "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=-ra"]
+    # its own process group, to kill it all on a timeout; not its own session: the
+    # dragon launcher started by setsid hangs without a word (dragonhpc 0.15)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=os.setpgrp)
+    try:
+        output, _ = proc.communicate(timeout=840)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        subprocess.run(["dragon-cleanup"], capture_output=True)
+        pytest.fail("the Dragon scenarios did not finish in 840 s:\n" + output[-6000:])
+    summary = re.search(r"(\d+) passed", output)
+    assert proc.returncode == 0 and summary, output[-6000:]
+    assert int(summary.group(1)) == _scenario_count(), output[-6000:]
+    left = dragon_pids() - before
+    assert not left, f"Dragon processes left behind: {sorted(left)}"
+
+
+def _scenario_count() -> int:
+    files = [f for f in os.listdir(SCENARIOS) if f.startswith("test_") and f.endswith(".py")]
+    return sum(len(re.findall(r"^def test_", open(os.path.join(SCENARIOS, f)).read(), re.M))
+               for f in files)
