@@ -31,21 +31,39 @@ __all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host
            "current_placement"]
 
 DISTRIBUTIONS = ("block", "round_robin")
+#: How a backend places a node (the seed's vocabulary): ``default`` and ``anywhere`` let
+#: the runtime choose (the ledger counts the cores), ``host_name``/``host_id`` pin the
+#: node to the ledger's host, cores and GPUs.
+PLACEMENTS = ("default", "anywhere", "host_name", "host_id")
 
 
 class Resources:
-    """A validated per-rank request: ``cpus`` cores, ``gpus`` GPUs, ``memory`` bytes."""
+    """A validated per-rank request: ``cpus`` cores, ``gpus`` GPUs, ``memory`` bytes.
 
-    __slots__ = ("cpus", "gpus", "memory", "ranks", "distribution", "_key")
+    Where it may run: ``host`` (a host name) or ``host_id`` (a host's id), exactly
+    these core ids (``cpu_ids``) or GPU ids (``gpu_ids``), and the ``placement``
+    mode a backend lowers it with (see :data:`PLACEMENTS`).
+    """
+
+    __slots__ = ("cpus", "gpus", "memory", "ranks", "distribution", "host", "host_id",
+                 "cpu_ids", "gpu_ids", "placement", "_key")
 
     def __init__(self, cpus: int = 1, gpus: int = 0, memory: int = 0, ranks: int = 1,
-                 distribution: str = "block") -> None:
+                 distribution: str = "block", host: Optional[str] = None,
+                 host_id: Optional[int] = None, cpu_ids: Optional[Tuple[int, ...]] = None,
+                 gpu_ids: Optional[Tuple[int, ...]] = None, placement: str = "default") -> None:
         self.cpus = cpus
         self.gpus = gpus
         self.memory = memory
         self.ranks = ranks
         self.distribution = distribution
-        self._key = (cpus, gpus, memory, ranks, distribution)
+        self.host = host
+        self.host_id = host_id
+        self.cpu_ids = cpu_ids
+        self.gpu_ids = gpu_ids
+        self.placement = placement
+        self._key = (cpus, gpus, memory, ranks, distribution, host, host_id, cpu_ids, gpu_ids,
+                     placement)
 
     @property
     def key(self) -> tuple:
@@ -64,7 +82,19 @@ class Resources:
             parts.append(f"memory={self.memory}")
         if self.ranks != 1:
             parts += [f"ranks={self.ranks}", f"distribution={self.distribution!r}"]
+        for name in ("host", "host_id", "cpu_ids", "gpu_ids"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}={getattr(self, name)!r}")
+        if self.placement != "default":
+            parts.append(f"placement={self.placement!r}")
         return "Resources(" + ", ".join(parts) + ")"
+
+    def where(self) -> str:
+        """The placement constraints in words, for error messages ('' if none)."""
+        said = [f"{n}={getattr(self, n)!r}" for n in ("host", "host_id") if getattr(self, n) is not None]
+        said += [f"{a}={list(getattr(self, n))}" for n, a in
+                 (("cpu_ids", "cpu_affinity"), ("gpu_ids", "gpu_affinity")) if getattr(self, n) is not None]
+        return ", ".join(said)
 
 
 class Placement:
@@ -138,11 +168,12 @@ class Host:
     (0, 1)
     """
 
-    __slots__ = ("name", "cpus", "gpus", "memory")
+    __slots__ = ("name", "cpus", "gpus", "memory", "id")
 
     def __init__(self, name: str, cpus: "int | Sequence[int]", gpus: "int | Sequence[int]" = 0,
-                 memory: Optional[int] = None) -> None:
+                 memory: Optional[int] = None, id: Optional[int] = None) -> None:
         self.name = name
+        self.id = id  # the runtime's host id (Dragon's h_uid); its inventory index if None
         self.cpus = _ids(name, "cpus", cpus)
         self.gpus = _ids(name, "gpus", gpus)
         self.memory = memory if memory is not None else _total_memory()
@@ -223,6 +254,17 @@ class Inventory:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"host names must be unique, got {names}")
+        for i, h in enumerate(self.hosts):
+            if h.id is None:
+                h.id = i
+
+    def eligible(self, req: Resources) -> List[Host]:
+        """The hosts ``req`` may run on: all, or the one it names, that hold its ids."""
+        return [h for h in self.hosts
+                if (req.host is None or h.name == req.host)
+                and (req.host_id is None or h.id == req.host_id)
+                and (req.cpu_ids is None or set(req.cpu_ids) <= set(h.cpus))
+                and (req.gpu_ids is None or set(req.gpu_ids) <= set(h.gpus))]
 
     @property
     def total_cpus(self) -> int:
@@ -238,7 +280,10 @@ class Inventory:
     def ranks_that_fit(self, req: Resources) -> int:
         """How many ranks of ``req`` fit on the whole inventory when it is empty."""
         total = 0
-        for h in self.hosts:
+        for h in self.eligible(req):
+            if req.cpu_ids is not None or req.gpu_ids is not None:
+                total += 1  # the same ids: one rank per host at a time
+                continue
             fits = [len(h.cpus) // req.cpus if req.cpus else None,
                     len(h.gpus) // req.gpus if req.gpus else None,
                     h.memory // req.memory if req.memory else None]
@@ -254,6 +299,12 @@ class Inventory:
         """
         if self.ranks_that_fit(req) >= req.ranks:
             return
+        where = req.where()
+        if where and not self.eligible(req):
+            hosts = ", ".join(f"{h.name!r} (id {h.id}, cpus {list(h.cpus)}, gpus {list(h.gpus)})"
+                              for h in self.hosts[:8])
+            raise UnsatisfiableError(f"node {who!r} asks for {where}, but no host matches: "
+                                     f"the inventory has {hosts}")
         big = self.largest()
         per = "per rank " if req.ranks > 1 else ""
         raise UnsatisfiableError(
@@ -279,6 +330,10 @@ class _HostState:
         self.free_memory = host.memory
 
     def fits(self, req: Resources) -> bool:
+        if req.cpu_ids is not None and not set(req.cpu_ids) <= set(self.free_cpus):
+            return False
+        if req.gpu_ids is not None and not set(req.gpu_ids) <= self.free_gpus:
+            return False
         return (len(self.free_cpus) >= req.cpus and len(self.free_gpus) >= req.gpus
                 and self.free_memory >= req.memory)
 
@@ -307,12 +362,27 @@ class Ledger:
 
     def allocate(self, req: Resources, rank: int = 0, world_size: int = 1) -> Optional[Placement]:
         """Take one rank's worth of ``req`` on one host, or return ``None``."""
+        if req.host is not None or req.host_id is not None or req.cpu_ids or req.gpu_ids:
+            for st in self._order:
+                if self._allowed(st, req) and st.fits(req):
+                    return self._take(st, req, self._gpus_for(st, req), rank, world_size)
+            return None
         if req.gpus:
             return self._allocate_gpus(req, rank, world_size)
         for st in self._order:
             if st.fits(req):
                 return self._take(st, req, (), rank, world_size)
         return None
+
+    @staticmethod
+    def _allowed(st: "_HostState", req: Resources) -> bool:
+        h = st.host
+        return ((req.host is None or h.name == req.host)
+                and (req.host_id is None or h.id == req.host_id))
+
+    @staticmethod
+    def _gpus_for(st: "_HostState", req: Resources) -> Tuple[int, ...]:
+        return req.gpu_ids if req.gpu_ids is not None else tuple(sorted(st.free_gpus)[:req.gpus])
 
     def _allocate_gpus(self, req: Resources, rank: int, world_size: int) -> Optional[Placement]:
         ring, n = self._gpu_ring, len(self._gpu_ring)
@@ -338,8 +408,12 @@ class Ledger:
 
     def _take(self, st: _HostState, req: Resources, gpus: Tuple[int, ...], rank: int,
               world_size: int) -> Placement:
-        cpus = tuple(st.free_cpus[:req.cpus])
-        del st.free_cpus[:req.cpus]
+        if req.cpu_ids is not None:
+            cpus = tuple(req.cpu_ids)
+            st.free_cpus = [c for c in st.free_cpus if c not in cpus]
+        else:
+            cpus = tuple(st.free_cpus[:req.cpus])
+            del st.free_cpus[:req.cpus]
         st.free_gpus.difference_update(gpus)
         st.free_memory -= req.memory
         return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
@@ -357,7 +431,7 @@ class Ledger:
             while len(placed) < n:
                 for k in range(len(hosts)):
                     st = hosts[(start + k) % len(hosts)]
-                    if st.fits(req):
+                    if self._allowed(st, req) and st.fits(req):
                         placed.append(self._take_on(st, req, len(placed), n))
                         start = (start + k + 1) % len(hosts)
                         break
@@ -365,7 +439,7 @@ class Ledger:
                     break
         else:
             for st in self._order:
-                while len(placed) < n and st.fits(req):
+                while len(placed) < n and self._allowed(st, req) and st.fits(req):
                     placed.append(self._take_on(st, req, len(placed), n))
         if len(placed) < n:
             for p in placed:
@@ -378,8 +452,7 @@ class Ledger:
         return placed
 
     def _take_on(self, st: _HostState, req: Resources, rank: int, world_size: int) -> Placement:
-        gpus = tuple(sorted(st.free_gpus)[:req.gpus])
-        return self._take(st, req, gpus, rank, world_size)
+        return self._take(st, req, self._gpus_for(st, req), rank, world_size)
 
     def release(self, placement: Placement) -> None:
         """Give a placement's cores, GPUs and memory back to its host."""

@@ -8,11 +8,11 @@ names the function, the option and the value.
 >>> @task(cpus=2)
 ... def simulate(seed): return seed * 2
 >>> simulate.options(gpus=1).opts.resources
-Resources(cpus=2, gpus=1)
+Resources(cpus=2, gpus=1, placement='host_name')
 >>> simulate.options(cpu=2)
 Traceback (most recent call last):
 ...
-TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpus, distribution, gpu, gpus, memory, name, ranks, retries, timeout
+TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpu_affinity, cpus, distribution, gpu, gpu_affinity, gpus, host, host_id, memory, name, placement, policy, process_template, process_templates, ranks, retries, timeout
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from .graph import EXECUTABLE, Node
-from .resources import DISTRIBUTIONS, Resources
+from .resources import DISTRIBUTIONS, PLACEMENTS, Resources
 
 __all__ = ["task", "Task", "Options", "executable", "map", "ExecResult", "OPTIONS"]
 
@@ -85,10 +85,78 @@ def _backend(who: str, name: str, value: Any) -> Optional[str]:
 
 
 def _distribution(who: str, name: str, value: Any) -> str:
+    value = _seed_name(value, {"roundrobin": "round_robin"})
     if value not in DISTRIBUTIONS:
         raise ValueError(f"{who}: option 'distribution' must be one of "
                          f"{', '.join(repr(d) for d in DISTRIBUTIONS)}, got {value!r}")
     return value
+
+
+def _seed_name(value: Any, aliases: Mapping[str, str]) -> Any:
+    """A name from the seed's vocabulary (``"HOST_NAME"``, a Dragon enum) in our spelling."""
+    value = getattr(value, "name", value)
+    if isinstance(value, str):
+        value = value.lower()
+        return aliases.get(value, value)
+    return value
+
+
+def _placement(who: str, name: str, value: Any) -> str:
+    value = _seed_name(value, {"hostname": "host_name", "hostid": "host_id"})
+    if value not in PLACEMENTS:
+        raise ValueError(f"{who}: option 'placement' must be one of "
+                         f"{', '.join(repr(p) for p in PLACEMENTS)}, got {value!r}")
+    return value
+
+
+def _ids(who: str, name: str, value: Any) -> tuple:
+    ok = (isinstance(value, (list, tuple)) and value
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value))
+    if not ok:
+        raise TypeError(f"{who}: option {name!r} must be a non-empty list of ids >= 0, "
+                        f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{who}: option {name!r} lists an id twice: {list(value)}")
+    return tuple(value)
+
+
+def _policy(who: str, name: str, value: Any) -> Any:
+    if not all(hasattr(value, a) for a in ("placement", "cpu_affinity", "gpu_affinity")):
+        raise TypeError(f"{who}: option 'policy' must be a dragon.infrastructure.policy.Policy, "
+                        f"got {value!r}")
+    return value
+
+
+TEMPLATE_KEYS = ("cwd", "env", "stdin", "stdout", "stderr", "options")
+
+
+def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{who}: option {name!r} must be a dict of ProcessTemplate arguments "
+                        f"({', '.join(TEMPLATE_KEYS)}), got {value!r}")
+    bad = sorted(set(value) - set(TEMPLATE_KEYS))
+    if bad:
+        raise TypeError(f"{who}: option {name!r} does not take {', '.join(repr(b) for b in bad)}; "
+                        f"it passes {', '.join(TEMPLATE_KEYS)} to Dragon's ProcessTemplate "
+                        "(target, args and policy come from the node)")
+    env = value.get("env")
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError(f"{who}: {name} env must map str to str, got {env!r}")
+    return dict(value)
+
+
+def _templates(who: str, name: str, value: Any) -> List[Tuple[int, Dict[str, Any]]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{who}: option 'process_templates' must be a non-empty list of "
+                        f"(ranks, {{ProcessTemplate arguments}}) pairs, got {value!r}")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise TypeError(f"{who}: each entry of 'process_templates' must be a "
+                            f"(ranks, dict) pair, got {pair!r}")
+        out.append((_count(1)(who, "process_templates ranks", pair[0]),
+                    _template(who, "process_templates", pair[1])))
+    return out
 
 
 #: Every node option: name -> validator(who, name, value) -> normalised value.
@@ -103,9 +171,21 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "name": _text,
     "backend": _backend,
     "distribution": _distribution,
+    "placement": _placement,  # default | anywhere | host_name | host_id
+    "host": _text,
+    "host_id": _count(0),
+    "cpu_affinity": _ids,  # exactly these core ids
+    "gpu_affinity": _ids,  # exactly these GPU ids
+    "policy": _policy,  # a raw Dragon Policy (the Dragon backend only)
+    "process_template": _template,  # Dragon ProcessTemplate arguments for every rank
+    "process_templates": _templates,  # [(ranks, arguments), ...]: a job of groups
 }
 DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
-                            "retries": 0, "backend": None, "distribution": "block"}
+                            "retries": 0, "backend": None, "distribution": "block",
+                            "host": None, "host_id": None, "policy": None,
+                            "process_template": None, "process_templates": None}
+PINNING = ("cpus", "gpus", "host", "host_id", "cpu_affinity", "gpu_affinity", "policy",
+           "process_template", "process_templates")
 
 
 def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -144,13 +224,21 @@ def _merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> Dict[str, Any]:
 class Options:
     """The validated options of a task: resources plus run policy."""
 
-    __slots__ = ("values", "resources", "timeout", "retries", "name", "backend", "qualname")
+    __slots__ = ("values", "resources", "timeout", "retries", "name", "backend", "qualname",
+                 "policy", "template", "templates")
 
     def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
-        merged = {**DEFAULTS, **values}
+        merged = {**DEFAULTS, **_from_policy(values.get("policy")), **values}
         self.values = values
-        self.resources = Resources(merged["cpus"], merged["gpus"], merged["memory"],
-                                   merged["ranks"], merged["distribution"])
+        self.policy = merged["policy"]
+        self.template: Optional[Dict[str, Any]] = merged["process_template"]
+        self.templates: Optional[List[Tuple[int, Dict[str, Any]]]] = merged["process_templates"]
+        self.resources = Resources(
+            _sized(name, merged, values, "cpus", "cpu_affinity"),
+            _sized(name, merged, values, "gpus", "gpu_affinity"),
+            merged["memory"], _ranks(name, merged, values), merged["distribution"], merged["host"],
+            merged["host_id"], merged.get("cpu_affinity"), merged.get("gpu_affinity"),
+            _mode(merged, values))
         self.timeout: Optional[float] = merged["timeout"]
         self.retries: int = merged["retries"]
         self.backend: Optional[str] = merged["backend"]
@@ -159,6 +247,53 @@ class Options:
 
     def __repr__(self) -> str:
         return f"Options({self.values})"
+
+
+def _from_policy(policy: Any) -> Dict[str, Any]:
+    """The ledger's view of a raw Dragon ``Policy``: its host and its ids."""
+    if policy is None:
+        return {}
+    mode = _placement("policy", "placement", policy.placement)
+    out: Dict[str, Any] = {"placement": mode}
+    if mode == "host_name" and getattr(policy, "host_name", ""):
+        out["host"] = policy.host_name
+    if mode == "host_id" and getattr(policy, "host_id", -1) >= 0:
+        out["host_id"] = policy.host_id
+    for name in ("cpu_affinity", "gpu_affinity"):
+        if getattr(policy, name):
+            out[name] = tuple(getattr(policy, name))
+    return out
+
+
+def _sized(who: str, merged: Mapping[str, Any], values: Mapping[str, Any], count: str,
+           ids: str) -> int:
+    """``cpus``/``gpus``: the number of explicit ids when those are given."""
+    given = merged.get(ids)
+    if given is None:
+        return merged[count]
+    if count in values and merged[count] != len(given):
+        raise ValueError(f"{who}: {count}={merged[count]} does not match {ids}={list(given)}")
+    return len(given)
+
+
+def _ranks(who: str, merged: Mapping[str, Any], values: Mapping[str, Any]) -> int:
+    groups = merged["process_templates"]
+    if groups is None:
+        return merged["ranks"]
+    n = sum(k for k, _ in groups)
+    if "ranks" in values and merged["ranks"] != n:
+        raise ValueError(f"{who}: ranks={merged['ranks']} does not match process_templates, "
+                         f"which make {n} ranks")
+    return n
+
+
+def _mode(merged: Mapping[str, Any], values: Mapping[str, Any]) -> str:
+    """The placement mode: as asked, else pinned when any resource or place was named."""
+    if "placement" in merged:
+        return merged["placement"]
+    if merged["host_id"] is not None:
+        return "host_id"
+    return "host_name" if any(k in values for k in PINNING) else "default"
 
 
 class Task:

@@ -122,3 +122,30 @@ def test_local_backend_refuses_hosts_together_with_counts():
     import rhapsody_graph as rhapsody
     with pytest.raises(TypeError, match="not both"):
         rhapsody.LocalBackend(hosts=[Host("a", cpus=1)], memory=10)
+
+
+def test_host_and_host_id_constrain_where_the_ledger_places():
+    inv = Inventory([Host("n0", cpus=2), Host("n1", cpus=2, id=7)])
+    lg = Ledger(inv)
+    assert lg.allocate(Resources(cpus=1, host="n1")).host == "n1"
+    assert lg.allocate(Resources(cpus=1, host_id=7)).host == "n1"
+    assert lg.allocate(Resources(cpus=1, host="n1")) is None  # n1 is full, n0 is not asked
+    assert inv.hosts[0].id == 0  # hosts without an id are numbered by position
+
+
+def test_explicit_affinity_reserves_exactly_those_ids():
+    lg = Ledger(Inventory([Host("n0", cpus=4, gpus=4)]))
+    p = lg.allocate(Resources(cpus=2, gpus=2, cpu_ids=(1, 3), gpu_ids=(2, 0)))
+    assert (p.cpus, p.gpus) == ((1, 3), (2, 0))
+    assert lg.allocate(Resources(cpus=1, cpu_ids=(3,))) is None  # taken
+    assert lg.allocate(Resources(cpus=2)).cpus == (0, 2)  # the rest, lowest first
+    lg.release(p)
+    assert lg.allocate(Resources(cpus=1, gpus=1, cpu_ids=(3,), gpu_ids=(2,))).gpus == (2,)
+
+
+def test_impossible_host_or_ids_are_refused_naming_the_node_and_the_hosts():
+    inv = Inventory([Host("n0", cpus=2, gpus=1)])
+    for req in (Resources(host="n9"), Resources(host_id=3), Resources(cpu_ids=(5,)),
+                Resources(gpus=1, gpu_ids=(4,))):
+        with pytest.raises(UnsatisfiableError, match=r"node 'sim-1' asks for .*no host matches.*'n0'"):
+            inv.check(req, "sim-1")

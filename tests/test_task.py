@@ -95,3 +95,38 @@ def test_gpu_alias_overrides_a_stored_gpus_in_options_and_map():
     t = rhapsody.task(gpus=1)(inc)
     assert t.options(gpu=2).opts.resources.gpus == 2
     assert rhapsody.map(t, [1], gpu=3)[0].opts.resources.gpus == 3
+
+
+def test_placement_vocabulary_of_the_seed_is_accepted_and_normalised():
+    t = rhapsody.task(lambda: 0)
+    assert t.opts.resources.placement == "default"
+    assert t.options(cpus=1).opts.resources.placement == "host_name"
+    assert t.options(host_id=3).opts.resources.placement == "host_id"
+    assert t.options(placement="ANYWHERE").opts.resources.placement == "anywhere"
+    assert t.options(ranks=2, distribution="ROUNDROBIN").opts.resources.distribution == "round_robin"
+    r = t.options(cpu_affinity=[0, 2], gpu_affinity=[1]).opts.resources
+    assert (r.cpus, r.gpus, r.cpu_ids, r.gpu_ids) == (2, 1, (0, 2), (1,))
+
+
+def test_bad_placement_options_name_the_option_and_value():
+    t = rhapsody.task(lambda: 0)
+    with pytest.raises(ValueError, match="'placement' must be one of .*got 'somewhere'"):
+        t.options(placement="somewhere")
+    with pytest.raises(TypeError, match="'cpu_affinity' must be a non-empty list of ids"):
+        t.options(cpu_affinity=[-1])
+    with pytest.raises(ValueError, match="lists an id twice"):
+        t.options(gpu_affinity=[1, 1])
+    with pytest.raises(ValueError, match=r"cpus=3 does not match cpu_affinity=\[0\]"):
+        t.options(cpus=3, cpu_affinity=[0])
+    with pytest.raises(TypeError, match="does not take 'target'"):
+        t.options(process_template={"target": "x"})
+    with pytest.raises(TypeError, match="must be a dragon.infrastructure.policy.Policy"):
+        t.options(policy="HOST_NAME")
+
+
+def test_process_templates_set_the_rank_count_and_must_agree_with_ranks():
+    t = rhapsody.task(lambda: 0)
+    groups = [(2, {"env": {"ROLE": "a"}}), (1, {"env": {"ROLE": "b"}})]
+    assert t.options(process_templates=groups).opts.resources.ranks == 3
+    with pytest.raises(ValueError, match="ranks=2 does not match process_templates"):
+        t.options(ranks=2, process_templates=groups)

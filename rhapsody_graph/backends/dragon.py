@@ -88,7 +88,7 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
     for huid in machine.System().nodes:
         node = machine.Node(huid)
         found = list(node.gpus or [])
-        hosts.append(Host(node.hostname, list(node.cpus), found or (gpus or 0)))
+        hosts.append(Host(node.hostname, list(node.cpus), found or (gpus or 0), id=huid))
     return hosts
 
 
@@ -161,6 +161,7 @@ class DragonBackend(LocalBackend):
     """
 
     name = "dragon"
+    takes_dragon_options = True
 
     def __init__(self, gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
@@ -214,16 +215,18 @@ class DragonBackend(LocalBackend):
 
     def _bind(self, lease: Lease, node: Node) -> _Worker:
         p = lease.placement
-        placed = _placed(node)
-        w = self._new_worker(p.host, own_process=placed)
-        args = (self._address, self._token, w.proc.wid, placed)
-        batch = self._options(node.opts.timeout)
-        if placed:
-            w.proc.handle = batch.process(self._template(p, args))
+        opts = node.opts
+        as_process = (opts.resources.placement != "default" or opts.timeout is not None
+                      or opts.template is not None)
+        w = self._new_worker(p.host, own_process=as_process)
+        args = (self._address, self._token, w.proc.wid, as_process)
+        batch = self._options(opts.timeout)
+        if as_process:
+            w.proc.handle = batch.process(self._template(node, p, args))
         else:
             w.proc.handle = batch.function(serve, *args)
         w.lease = lease
-        w.place = (p.host, p.cpus, p.cpus if placed else (), p.gpus, 0, 1)
+        w.place = (p.host, p.cpus, _pinned(node, p), p.gpus, 0, 1)
         lease.executor = w
         self._bound += 1
         return w
@@ -242,11 +245,12 @@ class DragonBackend(LocalBackend):
             w = self._new_worker(p.host, own_process=True)
             w.proc.job, w.proc.rank = job, rank
             job.workers.append(w)
-            place = (p.host, p.cpus, p.cpus, p.gpus, p.rank, p.world_size)
+            place = (p.host, p.cpus, _pinned(node, p), p.gpus, p.rank, p.world_size)
             w.outbox += wire.frame(("run", [(call.tid, p0.fid, p0.func, p0.args, call.inputs,
                                              place)]))
             w.queue.append(call.tid)
-            templates.append((1, self._template(p, (self._address, self._token, w.proc.wid, True))))
+            args = (self._address, self._token, w.proc.wid, True)
+            templates.append((1, self._template(node, p, args)))
         batch = self._options(node.opts.timeout)
         handle = batch.process(templates[0][1]) if len(templates) == 1 else batch.job(templates)
         for w in job.workers:
@@ -268,15 +272,32 @@ class DragonBackend(LocalBackend):
             return self._batch
         return self._batch.options(timeout=timeout + TIMEOUT_GRACE)
 
-    def policy(self, p: Placement) -> Any:
-        """The Dragon ``Policy`` a placed node's process gets: the ledger's host and ids."""
-        from dragon.infrastructure.policy import Policy
-        return Policy(placement=Policy.Placement.HOST_NAME, host_name=p.host,
-                      cpu_affinity=list(p.cpus), gpu_affinity=list(p.gpus))
+    def policy(self, node: Node, p: Placement) -> Any:
+        """The Dragon ``Policy`` for ``node``'s process at placement ``p``.
 
-    def _template(self, p: Placement, args: tuple) -> Any:
+        ``host_name``/``host_id`` carry the ledger's host, cores and GPUs;
+        ``default``/``anywhere`` leave the choice to Dragon; a raw ``policy=`` is
+        used as it is.
+        """
+        if node.opts.policy is not None:
+            return node.opts.policy
+        from dragon.infrastructure.policy import Policy
+        mode = node.opts.resources.placement
+        if mode in ("default", "anywhere"):
+            return Policy(placement=getattr(Policy.Placement, mode.upper()))
+        pinned = dict(cpu_affinity=list(p.cpus), gpu_affinity=list(p.gpus))
+        if mode == "host_id":
+            host = next(h for h in self.inventory.hosts if h.name == p.host)
+            return Policy(placement=Policy.Placement.HOST_ID, host_id=host.id, **pinned)
+        return Policy(placement=Policy.Placement.HOST_NAME, host_name=p.host, **pinned)
+
+    def _template(self, node: Node, p: Placement, args: tuple) -> Any:
+        """The ``ProcessTemplate`` of one rank: our worker, the user's template arguments."""
         from dragon.native.process import ProcessTemplate
-        return ProcessTemplate(target=serve, args=args, env=p.env(), policy=self.policy(p))
+        extra = dict(_template_arguments(node.opts, p.rank))
+        env = {**(extra.pop("env", None) or {}), **p.env()}
+        return ProcessTemplate(target=serve, args=args, env=env, policy=self.policy(node, p),
+                               **extra)
 
     def _start_batch(self) -> None:
         self._ensure_loop()
@@ -455,11 +476,22 @@ class DragonBackend(LocalBackend):
             batch.join()
 
 
-def _placed(node: Node) -> bool:
-    """True when the user asked for cores or GPUs: the node gets a Policy and its own
-    process; otherwise Batch runs it as a function where it likes."""
-    values = node.opts.values
-    return "cpus" in values or "gpus" in values or node.opts.timeout is not None
+def _pinned(node: Node, p: Placement) -> tuple:
+    """The cores the worker pins itself to: the ledger's, unless Dragon chooses."""
+    if node.opts.resources.placement in ("default", "anywhere") and node.opts.policy is None:
+        return ()
+    return p.cpus
+
+
+def _template_arguments(opts: Any, rank: int) -> Dict[str, Any]:
+    """``process_template=`` for every rank, or rank ``rank``'s group of ``process_templates=``."""
+    if opts.templates is None:
+        return opts.template or {}
+    for count, arguments in opts.templates:
+        if rank < count:
+            return arguments
+        rank -= count
+    raise AssertionError("process_templates make fewer ranks than the node has")
 
 
 def _threads_per_core() -> int:

@@ -126,6 +126,7 @@ class LocalBackend:
 
     def prepare(self, node: Node) -> Any:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
+        self._check_options(node)
         if node.kind == AI:
             model = lookup(node.fn.model, f"node {node.key!r}")
             model.check(f"node {node.key!r}")
@@ -152,6 +153,19 @@ class LocalBackend:
         except Exception as exc:
             raise _unpicklable_argument(node, exc) from exc
         return _Prepared(entry[1], entry[2], args)
+
+    takes_dragon_options = False  # policy=, process_template(s)=
+
+    def _check_options(self, node: Node) -> None:
+        """Refuse options this backend cannot honour (Dragon's pass-throughs)."""
+        opts = node.opts
+        if self.takes_dragon_options:
+            return
+        for name, value in (("policy", opts.policy), ("process_template", opts.template),
+                            ("process_templates", opts.templates)):
+            if value is not None:
+                raise ValueError(f"node {node.key!r}: option {name!r} is passed to Dragon and only "
+                                 f"the Dragon backend takes it; compute() runs on {self.name!r}")
 
     def decode(self, payload: bytes) -> Any:
         return pickle.loads(payload)

@@ -235,3 +235,26 @@ def test_rank_failure_is_seen_while_an_earlier_rank_still_runs(gpu_backend, tmp_
     with pytest.raises(KeyError, match="rank one"):
         rhapsody.task(ranks=2)(wait_or_fail)().compute(backend=gpu_backend)
     assert time.monotonic() - start < 10
+
+
+def test_host_and_explicit_affinity_are_honoured_by_the_ledger(two_hosts):
+    where = rhapsody.task(placement_seen)
+    on_n1 = where.options(host="n1")
+    by_id = where.options(host_id=0)
+    pinned = where.options(host="n0", cpu_affinity=[1], gpu_affinity=[1])
+    a, b, c = rhapsody.compute(on_n1(), by_id(), pinned(), backend=two_hosts)
+    assert a[0].host == "n1" and b[0].host == "n0"
+    p, cuda, cores = c
+    assert (p.host, p.cpus, p.gpus, cuda) == ("n0", (1,), (1,), "1")
+    assert cores == [two_hosts.pin((1,))[0]]
+
+
+def test_dragon_only_options_are_refused_on_the_local_backend(gpu_backend):
+    node = rhapsody.task(placement_seen).options(process_template={"cwd": "/tmp"})()
+    with pytest.raises(ValueError, match="'process_template' is passed to Dragon"):
+        rhapsody.compute(node, backend=gpu_backend)
+
+
+def placement_seen():
+    return (rhapsody.current_placement(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+            sorted(os.sched_getaffinity(0)))

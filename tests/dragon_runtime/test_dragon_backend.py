@@ -46,14 +46,15 @@ def test_unplaced_function_node_returns_its_value(dragon_backend):
 
 def test_placed_node_gets_the_ledgers_cores_and_gpus_in_policy_and_environment(dragon_backend):
     where = rhapsody.task(seen).options(cpus=1, gpus=1)
-    views = rhapsody.compute([where() for _ in range(3)], backend=dragon_backend)[0]
-    gpus = [v["placement"].gpus for v in views]
-    assert sorted(g for gs in gpus for g in gs) == [0, 1, 2]  # round-robin, one each
-    for v in views:
+    nodes = [where() for _ in range(3)]
+    views = rhapsody.compute(nodes, backend=dragon_backend)[0]
+    gpus = [g for v in views for g in v["placement"].gpus]
+    assert len(set(gpus)) == 3  # round-robin: a GPU each
+    for node, v in zip(nodes, views):
         p = v["placement"]
         assert v["cuda"] == ",".join(map(str, p.gpus))
         assert v["affinity"] == list(p.cpus)  # Dragon pinned the process to the ledger's core
-        policy = dragon_backend.policy(p)
+        policy = dragon_backend.policy(node, p)
         assert (policy.host_name, policy.cpu_affinity, policy.gpu_affinity) == \
             (p.host, list(p.cpus), list(p.gpus))
 

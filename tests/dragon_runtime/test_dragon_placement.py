@@ -1,0 +1,68 @@
+"""The seed's placement vocabulary on the real Dragon runtime: what the Policy and the
+process carry for each option, with the ledger doing the accounting."""
+import os
+
+import pytest
+from dragon.infrastructure.policy import Policy
+
+import rhapsody_graph as rhapsody
+
+from .test_dragon_backend import seen
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_explicit_cpu_and_gpu_affinity_are_reserved_and_applied(dragon_backend):
+    host = dragon_backend.inventory.hosts[0]
+    node = rhapsody.task(seen).options(cpu_affinity=[host.cpus[-1]], gpu_affinity=[3, 2])()
+    v = rhapsody.compute(node, backend=dragon_backend)[0]
+    assert v["placement"].cpus == (host.cpus[-1],) and v["placement"].gpus == (3, 2)
+    assert v["affinity"] == [host.cpus[-1]] and v["cuda"] == "3,2"
+    policy = dragon_backend.policy(node, v["placement"])
+    assert policy.placement == Policy.Placement.HOST_NAME
+    assert (policy.cpu_affinity, policy.gpu_affinity) == ([host.cpus[-1]], [3, 2])
+
+
+def test_host_name_and_host_id_pin_the_node_to_that_host(dragon_backend):
+    host = dragon_backend.inventory.hosts[0]
+    by_name = rhapsody.task(seen).options(host=host.name)()
+    by_id = rhapsody.task(seen).options(host_id=host.id)()
+    a, b = rhapsody.compute(by_name, by_id, backend=dragon_backend)
+    assert a["placement"].host == b["placement"].host == host.name
+    policy = dragon_backend.policy(by_id, b["placement"])
+    assert (policy.placement, policy.host_id) == (Policy.Placement.HOST_ID, host.id)
+
+
+def test_default_and_anywhere_let_dragon_choose_and_do_not_pin(dragon_backend):
+    anywhere = rhapsody.task(seen).options(placement="anywhere")()
+    bare = rhapsody.task(seen)()
+    a, d = rhapsody.compute(anywhere, bare, backend=dragon_backend)
+    all_cores = sorted(dragon_backend.inventory.hosts[0].cpus)
+    assert a["affinity"] == d["affinity"] == all_cores
+    assert dragon_backend.policy(anywhere, a["placement"]).placement == Policy.Placement.ANYWHERE
+
+
+def test_raw_policy_and_process_template_pass_through(dragon_backend, tmp_path):
+    host = dragon_backend.inventory.hosts[0]
+    raw = Policy(placement=Policy.Placement.HOST_NAME, host_name=host.name,
+                 cpu_affinity=[host.cpus[0]])
+
+    def where():
+        return os.getcwd(), os.environ.get("STAGE"), sorted(os.sched_getaffinity(0)), \
+            rhapsody.current_placement().cpus
+
+    node = rhapsody.task(where).options(
+        policy=raw, process_template={"cwd": str(tmp_path), "env": {"STAGE": "two"}})()
+    cwd, stage, affinity, cpus = rhapsody.compute(node, backend=dragon_backend)[0]
+    assert (cwd, stage) == (str(tmp_path), "two")
+    assert affinity == [host.cpus[0]] and cpus == (host.cpus[0],)  # the ledger took that core
+    assert dragon_backend.policy(node, None) is raw
+
+
+def test_process_templates_give_each_group_of_ranks_its_own_arguments(dragon_backend):
+    def role():
+        return os.environ["RANK"], os.environ["ROLE"]
+
+    groups = [(1, {"env": {"ROLE": "leader"}}), (1, {"env": {"ROLE": "follower"}})]
+    node = rhapsody.task(role).options(process_templates=groups, distribution="ROUNDROBIN")()
+    assert rhapsody.compute(node, backend=dragon_backend)[0] == [("0", "leader"), ("1", "follower")]
