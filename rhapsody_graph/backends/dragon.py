@@ -60,6 +60,8 @@ from ..resources import Host, Placement
 __all__ = ["DragonBackend", "dragon_hosts"]
 
 TIMEOUT_GRACE = 5.0  # Batch's own timeout fires this long after ours, as a backstop
+JOIN_TIMEOUT = 60.0  # shutdown() terminates a Batch client that takes longer to join
+TERMINATE_TIMEOUT = 15.0  # and gives up on a terminate that hangs (a runtime already gone)
 
 
 def _dragon() -> Any:
@@ -457,8 +459,15 @@ class DragonBackend(LocalBackend):
         self._connecting.clear()
         super().abort()
 
-    def shutdown(self) -> None:
-        """Stop every worker, then end the Batch client (and with it the pool)."""
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(graceful=exc[0] is None)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every worker, then end the Batch client (and with it the pool).
+
+        ``graceful=False`` (on an exception or Ctrl-C) terminates the Batch client
+        instead of joining it, as ``with Batch()`` does.
+        """
         for owner in list(self._owner.values()):
             if isinstance(owner, _Job):
                 self._end_job(owner)
@@ -473,7 +482,12 @@ class DragonBackend(LocalBackend):
             self._listener = None
         if self._batch is not None:
             batch, self._batch = self._batch, None
-            batch.join()
+            try:
+                if not graceful:
+                    raise TimeoutError
+                batch.join(timeout=JOIN_TIMEOUT)
+            except Exception:
+                _bounded(batch.terminate, TERMINATE_TIMEOUT)
 
 
 def _pinned(node: Node, p: Placement) -> tuple:
@@ -526,6 +540,18 @@ def _start_batch_client(batch_module: Any, machine: Any) -> Any:
         return batch_module.Batch()
     finally:
         machine.Node.num_cpus = real
+
+
+def _bounded(fn: Any, seconds: float) -> None:
+    """Call ``fn`` in a daemon thread; stop waiting for it after ``seconds``.
+
+    After a Ctrl-C that reached the whole process group, Dragon's own services may be
+    gone, and ``Batch.terminate`` then waits for an answer forever.
+    """
+    import threading
+    t = threading.Thread(target=fn, name="rhapsody-dragon-terminate", daemon=True)
+    t.start()
+    t.join(seconds)
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes:

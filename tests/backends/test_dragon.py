@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,6 +48,52 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     assert int(summary.group(1)) == _scenario_count(), output[-6000:]
     left = dragon_pids() - before
     assert not left, f"Dragon processes left behind: {sorted(left)}"
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_path):
+    before = dragon_pids()
+    pidfile = tmp_path / "pids"
+    script = os.path.join(SCENARIOS, "interrupted.py")
+    proc = subprocess.Popen([shutil.which("dragon"), script, str(pidfile)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=os.setpgrp)
+    try:
+        pids = _wait_for_pids(pidfile, 2, proc)
+        os.kill(_driver_pid(proc.pid, script), signal.SIGINT)  # what Ctrl-C does to the driver
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            subprocess.run(["dragon-cleanup"], capture_output=True)
+    assert "KeyboardInterrupt" in output, output[-3000:]
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "a node's process survived"
+    assert not dragon_pids() - before, "Dragon processes left behind"
+
+
+def _wait_for_pids(path, count, proc, seconds=120):
+    """The pids the interrupted driver's nodes wrote, once ``count`` are there."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if path.exists() and len(path.read_text().split()) >= count:
+            return [int(p) for p in path.read_text().split()]
+        time.sleep(0.2)
+    raise AssertionError("the interrupted driver's nodes did not start")
+
+
+def _driver_pid(launcher: int, script: str) -> int:
+    """The driver process the launcher started (its own cmdline names the script)."""
+    for pid in dragon_pids() | {int(p) for p in os.listdir("/proc") if p.isdigit()}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if pid != launcher and len(argv) > 1 and argv[1].decode() == script:
+            return pid
+    raise AssertionError("no driver process found")
 
 
 def _scenario_count() -> int:
