@@ -21,7 +21,7 @@ import difflib
 import functools
 import math
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .graph import EXECUTABLE, Node
 from .resources import DISTRIBUTIONS, PLACEMENTS, Resources

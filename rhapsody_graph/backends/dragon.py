@@ -51,10 +51,10 @@ from . import wire
 from .base import DIED, ERROR, OK, Call, Completion, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
 from .launch import describe_exit
-from .local import LocalBackend, _close, _Prepared, _Worker
+from .local import LocalBackend, _Prepared, _Worker
 from ..ai.nodes import AI
 from ..errors import WorkerDiedError, add_note
-from ..graph import EXECUTABLE, FUNCTION, Node
+from ..graph import EXECUTABLE, Node
 from ..resources import Host, Placement
 
 __all__ = ["DragonBackend", "dragon_hosts"]
@@ -189,9 +189,6 @@ class DragonBackend(LocalBackend):
         return "\n".join(rows)
 
     # -- encoding ------------------------------------------------------------------
-
-    def uses_lease(self, node: Node) -> bool:
-        return node.kind == FUNCTION and node.opts.resources.ranks == 1
 
     def prepare(self, node: Node) -> Any:
         if node.kind != EXECUTABLE:
@@ -368,15 +365,11 @@ class DragonBackend(LocalBackend):
         if job is None:
             super()._receive(w, out)
             return
-        try:
-            data = os.read(w.result_r, 1 << 20)
-        except BlockingIOError:
-            return
-        if not data:
+        results = self._read(w)
+        if results is None:
             self._fail_worker(w, out)
             return
-        w.inbox += data
-        for status, tid, _, payload in wire.split_results(w.inbox):
+        for status, _, _, payload in results:
             w.queue.clear()
             self._detach(w)
             if status & ~wire.GPU_RUNTIME == wire.OK:

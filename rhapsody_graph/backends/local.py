@@ -382,18 +382,26 @@ class LocalBackend:
             else:
                 self._selector.unregister(w.task_w)
 
-    def _receive(self, w: _Worker, out: List[Completion]) -> None:
+    @staticmethod
+    def _read(w: _Worker) -> Optional[List[Tuple[int, int, float, bytes]]]:
+        """The complete results worker ``w`` has sent, or ``None`` at EOF (it died)."""
         try:
             data = os.read(w.result_r, 1 << 20)
         except BlockingIOError:
-            return
+            return []
         if not data:
+            return None
+        w.inbox += data
+        return wire.split_results(w.inbox)
+
+    def _receive(self, w: _Worker, out: List[Completion]) -> None:
+        results = self._read(w)
+        if results is None:
             self._retire(w, DIED)
             self._take_posted(out)
             return
-        w.inbox += data
         keys = self._keys
-        for status, tid, seconds, payload in wire.split_results(w.inbox):
+        for status, tid, seconds, payload in results:
             if status & wire.GPU_RUNTIME:
                 status &= ~wire.GPU_RUNTIME
                 if w.gpus is None and w.lease is not None:
