@@ -89,6 +89,7 @@ class LocalBackend:
     """
 
     name = "local"
+    takes_dragon_options = False  # policy=, process_template(s)=
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
@@ -153,8 +154,6 @@ class LocalBackend:
         except Exception as exc:
             raise _unpicklable_argument(node, exc) from exc
         return _Prepared(entry[1], entry[2], args)
-
-    takes_dragon_options = False  # policy=, process_template(s)=
 
     def _check_options(self, node: Node) -> None:
         """Refuse options this backend cannot honour (Dragon's pass-throughs)."""

@@ -65,6 +65,9 @@ def test_two_rank_job_returns_every_ranks_value(dragon_backend):
     assert [r["rank"] for r in ranks] == ["0", "1"]
     assert len({r["pid"] for r in ranks}) == 2
     assert ranks[0]["affinity"] != ranks[1]["affinity"]  # one core each
+    echo = rhapsody.executable(["sh", "-c", "echo $RANK/$WORLD_SIZE"], ranks=2)
+    outs = rhapsody.compute(echo, backend=dragon_backend)[0]
+    assert [o.stdout for o in outs] == ["0/2\n", "1/2\n"] and [o.rank for o in outs] == [0, 1]
 
 
 def test_executable_output_and_failing_exit_code(dragon_backend):
@@ -145,3 +148,13 @@ def _zombie(pid):
             return f.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_a_compute_node_feeds_an_ai_node_that_feeds_a_placed_node(dragon_backend):
+    rhapsody.model("smollm2-dragon", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=1)
+    country = rhapsody.task(lambda: "France")()
+    answer = rhapsody.ai("What is the capital of {}? Answer in one word.", country,
+                         model="smollm2-dragon", temperature=0, max_tokens=16)
+    shout = rhapsody.task(str.upper).options(cpus=1)
+    text, loud = rhapsody.compute(answer, shout(answer), backend=dragon_backend)
+    assert "Paris" in text and "PARIS" in loud
