@@ -22,7 +22,8 @@ Admission: a Python node with one rank runs under a :class:`~.backends.base.Leas
 (a placement held by one worker). Tiny nodes with the same request share a lease:
 up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease holds
 about 2 ms of work by the function's measured run time (1 until it is measured);
-nodes with GPUs or a timeout get a lease of their own. So the priority order holds
+nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
+arguments) get a lease of their own. So the priority order holds
 exactly for nodes that take 2 ms or more, and within 2 ms of queued work for tinier
 ones, where batching is what makes them cheap. Executables and multi-rank nodes get one
 placement per rank from the ledger. A node whose request does not fit now waits;
@@ -248,7 +249,8 @@ class _Run:
             i = heapq.heappop(ready)
             node = self.nodes[i]
             res = node.opts.resources
-            exclusive = res.gpus > 0 or node.opts.timeout is not None
+            opts = node.opts
+            exclusive = res.gpus > 0 or opts.timeout is not None or opts.custom_process
             key = (res.key, exclusive)
             lease = None if exclusive else self.lease_with_room(key, i, filling)
             if lease is None:

@@ -225,7 +225,7 @@ class Options:
     """The validated options of a task: resources plus run policy."""
 
     __slots__ = ("values", "resources", "timeout", "retries", "name", "backend", "qualname",
-                 "policy", "template", "templates")
+                 "policy", "template", "templates", "custom_process")
 
     def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
         merged = {**DEFAULTS, **_from_policy(values.get("policy")), **values}
@@ -239,6 +239,8 @@ class Options:
             merged["memory"], _ranks(name, merged, values), merged["distribution"], merged["host"],
             merged["host_id"], merged.get("cpu_affinity"), merged.get("gpu_affinity"),
             _mode(merged, values))
+        # a raw policy or template arguments: the node's process is its own (no lease sharing)
+        self.custom_process = self.policy is not None or self.template is not None
         self.timeout: Optional[float] = merged["timeout"]
         self.retries: int = merged["retries"]
         self.backend: Optional[str] = merged["backend"]

@@ -216,7 +216,7 @@ class DragonBackend(LocalBackend):
         p = lease.placement
         opts = node.opts
         as_process = (opts.resources.placement != "default" or opts.timeout is not None
-                      or opts.template is not None)
+                      or opts.custom_process)
         w = self._new_worker(p.host, own_process=as_process)
         args = (self._address, self._token, w.proc.wid, as_process)
         batch = self._options(opts.timeout)
