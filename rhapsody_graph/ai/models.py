@@ -109,7 +109,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"model {name!r}: {what} must be an integer >= {least}, "
                              f"got {value!r}")
-    m = Model(name, engine, os.path.abspath(path) if path else None,
+    m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
               retries, concurrency, float(ready_timeout))
     _MODELS[name] = m
