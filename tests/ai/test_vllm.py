@@ -13,22 +13,13 @@ import pytest
 
 import rhapsody_graph as rhapsody
 
+from .test_nodes import country, shout
 from .vllm_weights import smollm2_hf_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "2048",
              "--gpu-memory-utilization", "0.3"]  # on CPU: the share of RAM for the KV cache
-
-
-@rhapsody.task
-def country():
-    return "France"
-
-
-@rhapsody.task
-def shout(answer):
-    return answer.upper()
 
 
 def test_one_vllm_service_serves_a_whole_mixed_graph():

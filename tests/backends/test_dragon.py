@@ -60,6 +60,7 @@ def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_p
                             preexec_fn=os.setpgrp)
     try:
         pids = _wait_for_pids(pidfile, 2, proc)
+        time.sleep(1)  # both nodes are running: the driver waits in its loop
         os.kill(_driver_pid(proc.pid, script), signal.SIGINT)  # what Ctrl-C does to the driver
         output, _ = proc.communicate(timeout=90)
     finally:

@@ -105,14 +105,14 @@ def test_dependency_chain_and_join_are_resolved_by_the_scheduler(dragon_backend)
 def test_timeout_kills_the_process_and_the_backend_goes_on(dragon_backend, tmp_path):
     pidfile = tmp_path / "pid"
 
-    @rhapsody.task(timeout=3)
+    @rhapsody.task(timeout=8)  # from submission: a Batch process takes 1-5 s to start here
     def hang(path):
         with open(path, "w") as f:
             f.write(str(os.getpid()))
         time.sleep(120)
 
     start = time.monotonic()
-    with pytest.raises(rhapsody.NodeTimeoutError, match="timeout of 3 s"):
+    with pytest.raises(rhapsody.NodeTimeoutError, match="timeout of 8 s"):
         rhapsody.compute(hang(str(pidfile)), backend=dragon_backend)
     assert time.monotonic() - start < 60
     pid = int(pidfile.read_text())
