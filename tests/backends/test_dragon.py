@@ -57,7 +57,7 @@ def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_p
     script = os.path.join(SCENARIOS, "interrupted.py")
     proc = subprocess.Popen([shutil.which("dragon"), script, str(pidfile)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=os.setpgrp)
+                            preexec_fn=_fresh_signals)
     try:
         pids = _wait_for_pids(pidfile, 2, proc)
         time.sleep(1)  # both nodes are running: the driver waits in its loop
@@ -71,6 +71,15 @@ def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_p
     assert "KeyboardInterrupt" in output, output[-3000:]
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "a node's process survived"
     assert not dragon_pids() - before, "Dragon processes left behind"
+
+
+def _fresh_signals() -> None:
+    """In the launcher before exec: its own process group, SIGINT neither ignored nor
+    blocked (dispositions and masks are inherited across exec, and this test process
+    may carry others' settings)."""
+    os.setpgrp()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_pids(path, count, proc, seconds=120):
