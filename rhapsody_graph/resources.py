@@ -261,8 +261,7 @@ class Inventory:
     def eligible(self, req: Resources) -> List[Host]:
         """The hosts ``req`` may run on: all, or the one it names, that hold its ids."""
         return [h for h in self.hosts
-                if (req.host is None or h.name == req.host)
-                and (req.host_id is None or h.id == req.host_id)
+                if _named(h, req)
                 and (req.cpu_ids is None or set(req.cpu_ids) <= set(h.cpus))
                 and (req.gpu_ids is None or set(req.gpu_ids) <= set(h.gpus))]
 
@@ -318,6 +317,11 @@ class Inventory:
 
     def __repr__(self) -> str:
         return "Inventory(" + ", ".join(map(repr, self.hosts)) + ")"
+
+
+def _named(h: Host, req: Resources) -> bool:
+    """True unless ``req`` names another host (by ``host`` or ``host_id``)."""
+    return (req.host is None or h.name == req.host) and (req.host_id is None or h.id == req.host_id)
 
 
 class _HostState:
@@ -376,9 +380,7 @@ class Ledger:
 
     @staticmethod
     def _allowed(st: "_HostState", req: Resources) -> bool:
-        h = st.host
-        return ((req.host is None or h.name == req.host)
-                and (req.host_id is None or h.id == req.host_id))
+        return _named(st.host, req)
 
     @staticmethod
     def _gpus_for(st: "_HostState", req: Resources) -> Tuple[int, ...]:

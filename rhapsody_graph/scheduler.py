@@ -248,8 +248,8 @@ class _Run:
         while ready and len(deferred) < 32:
             i = heapq.heappop(ready)
             node = self.nodes[i]
-            res = node.opts.resources
             opts = node.opts
+            res = opts.resources
             exclusive = res.gpus > 0 or opts.timeout is not None or opts.custom_process
             key = (res.key, exclusive)
             lease = None if exclusive else self.lease_with_room(key, i, filling)

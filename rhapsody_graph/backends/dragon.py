@@ -386,8 +386,7 @@ class DragonBackend(LocalBackend):
                 out.append((job.tid, ERROR, exc, 0.0))
 
     def _finish(self, job: _Job, out: List[Completion]) -> None:
-        self._owner.pop(job.tid, None)
-        self._keys.pop(job.tid, None)
+        self._end_job(job)
         if job.many:
             payload = wire.dump_value([pickle.loads(v) for v in job.values])
         else:
@@ -398,7 +397,6 @@ class DragonBackend(LocalBackend):
         """A worker died or never started: fail what it held."""
         job = w.proc.job
         if job is None:
-            self._connecting.pop(w.proc.wid, None)
             self._retire(w, DIED)
             self._take_posted(out)
             return
@@ -445,11 +443,15 @@ class DragonBackend(LocalBackend):
         if w is not None and not w.queue:
             self._detach(w)  # its Batch call ends and frees its pool slot
 
-    def abort(self) -> None:
+    def _end_jobs(self) -> None:
+        """End every job and give up on the workers still starting."""
         for owner in list(self._owner.values()):
             if isinstance(owner, _Job):
                 self._end_job(owner)
         self._connecting.clear()
+
+    def abort(self) -> None:
+        self._end_jobs()
         super().abort()
 
     def __exit__(self, *exc: Any) -> None:
@@ -461,13 +463,10 @@ class DragonBackend(LocalBackend):
         ``graceful=False`` (on an exception or Ctrl-C) terminates the Batch client
         instead of joining it, as ``with Batch()`` does.
         """
-        for owner in list(self._owner.values()):
-            if isinstance(owner, _Job):
-                self._end_job(owner)
+        self._end_jobs()
         for w in list(self._workers):
             w.proc.kill()
             self._detach(w)
-        self._connecting.clear()
         super().shutdown()
         if self._listener is not None:
             self._selector.unregister(self._listener.fileno())
