@@ -240,7 +240,8 @@ class Options:
             merged["host_id"], merged.get("cpu_affinity"), merged.get("gpu_affinity"),
             _mode(merged, values))
         # a raw policy or template arguments: the node's process is its own (no lease sharing)
-        self.custom_process = self.policy is not None or self.template is not None
+        self.custom_process = not (self.policy is None and self.template is None
+                                   and self.templates is None)
         self.timeout: Optional[float] = merged["timeout"]
         self.retries: int = merged["retries"]
         self.backend: Optional[str] = merged["backend"]
