@@ -207,6 +207,9 @@ class _Run:
     def dispatch(self) -> None:
         while True:
             if self.ready_own:
+                # their placements (and an AI node's service) come fresh from the ledger:
+                # drained leases must not hold cores against them
+                self.end_drained()
                 self.dispatch_own()
             if self.ready:
                 self.dispatch_leased()
