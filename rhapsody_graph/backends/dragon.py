@@ -62,6 +62,7 @@ __all__ = ["DragonBackend", "dragon_hosts"]
 TIMEOUT_GRACE = 5.0  # Batch's own timeout fires this long after ours, as a backstop
 JOIN_TIMEOUT = 60.0  # shutdown() terminates a Batch client that takes longer to join
 TERMINATE_TIMEOUT = 15.0  # and gives up on a terminate that hangs (a runtime already gone)
+SETTLE_TIMEOUT = 10.0  # shutdown() waits this long for killed processes' Batch calls to end
 
 
 def _dragon() -> Any:
@@ -97,8 +98,10 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
 class _BatchProc:
     """A worker's Batch call, in the shape the local backend expects of a process."""
 
-    def __init__(self, wid: int, host: str, own_process: bool, local: bool) -> None:
+    def __init__(self, wid: int, host: str, own_process: bool, local: bool,
+                 stopped: List["_BatchProc"]) -> None:
         self.wid, self.host, self.own_process, self.local = wid, host, own_process, local
+        self.stopped = stopped  # the backend's list of killed calls not yet settled
         self.handle: Any = None  # the Batch task
         self.pid: Optional[int] = None  # known once connected
         self.deadline = 0.0  # connect by then
@@ -113,6 +116,7 @@ class _BatchProc:
         if not self.own_process or self.killed:
             return
         self.killed = True
+        self.stopped.append(self)
         if self.local and self.pid:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -121,6 +125,14 @@ class _BatchProc:
         elif self.handle is not None:
             try:
                 self.handle.cancel()
+            except Exception:
+                pass
+
+    def settle(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for Batch to see this killed call end."""
+        if self.handle is not None:
+            try:
+                self.handle.get(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:
                 pass
 
@@ -178,6 +190,7 @@ class DragonBackend(LocalBackend):
         self._listener: Optional[socket.socket] = None
         self._address: Any = None
         self._connecting: Dict[int, _Worker] = {}
+        self._stopped: List[_BatchProc] = []
         self._next_wid = 0
         self._program = wire.dump_callable(run_program)
 
@@ -258,7 +271,7 @@ class DragonBackend(LocalBackend):
     def _new_worker(self, host: str, own_process: bool) -> _Worker:
         self.start()
         self._next_wid += 1
-        proc = _BatchProc(self._next_wid, host, own_process, host == self._here)
+        proc = _BatchProc(self._next_wid, host, own_process, host == self._here, self._stopped)
         proc.deadline = time.monotonic() + self.start_timeout
         w = _Worker(proc, -1, -1)  # type: ignore[arg-type]
         w.outbox += wire.frame(("path", wire.python_path()))
@@ -474,12 +487,28 @@ class DragonBackend(LocalBackend):
             self._listener = None
         if self._batch is not None:
             batch, self._batch = self._batch, None
+            settled = False
             try:
-                if not graceful:
-                    raise TimeoutError
-                batch.join(timeout=JOIN_TIMEOUT)
-            except Exception:
-                _bounded(batch.terminate, TERMINATE_TIMEOUT)
+                self._settle()
+                settled = True
+            finally:  # a second Ctrl-C while settling still terminates
+                if not (settled and graceful and _joined(batch)):
+                    _bounded(batch.terminate, TERMINATE_TIMEOUT)
+
+    def _settle(self) -> None:
+        """Wait for the Batch calls of killed processes to end before Batch is stopped.
+
+        Dragon's global services crash the whole runtime ("Abnormal Termination ...
+        fatal exception", dragonhpc 0.15) when a process exits after the Batch worker
+        joining it is gone, which a terminate right after a kill brings about.
+        """
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        seen = set()
+        while self._stopped:
+            proc = self._stopped.pop()
+            if id(proc.handle) not in seen:  # the ranks of a job share one handle
+                seen.add(id(proc.handle))
+                proc.settle(deadline)
 
 
 def _pinned(node: Node, p: Placement) -> tuple:
@@ -532,6 +561,15 @@ def _start_batch_client(batch_module: Any, machine: Any) -> Any:
         return batch_module.Batch()
     finally:
         machine.Node.num_cpus = real
+
+
+def _joined(batch: Any) -> bool:
+    """Join the Batch client (its pool ends once every call has); False if that fails."""
+    try:
+        batch.join(timeout=JOIN_TIMEOUT)
+    except Exception:
+        return False
+    return True
 
 
 def _bounded(fn: Any, seconds: float) -> None:

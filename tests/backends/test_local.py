@@ -33,7 +33,7 @@ def test_cpu_only_task_sees_one_core_and_no_gpus(gpu_backend):
     assert len(s["affinity"]) == 1 and s["cuda"] == ""
 
 
-def test_map_gpus_all_spreads_round_robin_and_never_shares_a_gpu(gpu_backend, tmp_path):
+def test_map_gpus_all_uses_every_gpu_and_never_shares_one(gpu_backend, tmp_path):
     def hold(i, log):
         import fcntl
         import time
@@ -50,7 +50,9 @@ def test_map_gpus_all_spreads_round_robin_and_never_shares_a_gpu(gpu_backend, tm
     log = str(tmp_path / "log")
     gpus = rhapsody.compute(rhapsody.map(hold, range(8), [log] * 8, gpus="all"),
                             backend=gpu_backend)[0]
-    assert sorted(gpus) == sorted(["0", "1", "2", "3"] * 2)
+    # the ledger's exact round-robin order is tests/test_resources.py's; here a GPU
+    # still busy when its turn comes is rightly skipped, so only the spread is fixed
+    assert len(gpus) == 8 and set(gpus) == {"0", "1", "2", "3"}
     busy = set()
     for line in open(log).read().split("\n")[:-1]:
         what, gpu = line.split()
