@@ -26,8 +26,11 @@ nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or temp
 arguments) get a lease of their own. So the priority order holds
 exactly for nodes that take 2 ms or more, and within 2 ms of queued work for tinier
 ones, where batching is what makes them cheap. Executables and multi-rank nodes get one
-placement per rank from the ledger. A node whose request does not fit now waits;
-one that can never fit is refused before anything runs.
+placement per rank from the ledger; an AI node's inference service is admitted by
+the backend (``backend.admit``) from the same ledger when its first node is ready.
+A node whose request does not fit now waits; when nothing runs and a ready node still
+waits, idle services give back what they hold (``backend.release_idle``). A node that
+can never fit is refused before anything runs.
 
 Failure: a node that raises is retried up to ``retries`` times on a fresh placement;
 then its dependents are skipped and, with ``fail_fast`` (the default), nothing
@@ -188,6 +191,8 @@ class _Run:
             else:
                 self.dispatch()
             if not self.inflight:
+                if self.ready_own and not self.stopping and b.release_idle():
+                    continue  # an idle inference service held what a ready node needs
                 if (self.ready or self.ready_own) and not self.stopping:
                     raise RuntimeError("scheduler stalled with ready nodes and nothing "
                                        "running; please report this")
@@ -228,11 +233,15 @@ class _Run:
         return bool(ended)
 
     def dispatch_own(self) -> None:
-        """Executables and multi-rank nodes: one placement per rank, if they fit now."""
+        """Executables, multi-rank and AI nodes: one placement per rank, if they fit now
+        (and, for an AI node, its inference service: see ``backend.admit``)."""
         ready, blocked, deferred = self.ready_own, set(), []
         while ready:
             i = heapq.heappop(ready)
             res = self.nodes[i].opts.resources
+            if not self.backend.admit(self.nodes[i], self.prepared[i]):
+                deferred.append(i)  # its service does not fit now
+                continue
             placements = None if res.key in blocked else self.ledger.allocate_ranks(res)
             if placements is None:
                 blocked.add(res.key)

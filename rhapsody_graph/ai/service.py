@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .models import Model
 from ..resources import Ledger, Placement, Resources
@@ -157,38 +157,63 @@ class Service:
 class Services:
     """The services of one backend: one per model, started on first use, stopped at the
     end of each ``compute()``; GPUs (and cores) they ask for are held in the ledger.
-    Clients of remote endpoints (``url=``) are kept across runs: nothing to stop there."""
+    Clients of remote endpoints (``url=``) are kept across runs: nothing to stop there.
+
+    A service is admitted like a node: :meth:`admit` takes its placement from the
+    ledger when the first node that needs it is ready, or says the node must wait.
+    ``users`` maps the tid of each running AI node to its service, so
+    :meth:`release_idle` knows which services no node is using.
+    """
 
     def __init__(self) -> None:
-        self.running: dict = {}  # model name -> Service
+        self.running: Dict[str, Service] = {}  # model name -> Service
+        self.users: Dict[int, Service] = {}  # tid of a running AI node -> its service
 
-    def get(self, model: Model, ledger: "Ledger") -> Service:
-        """The service for ``model`` (not started yet if new). Called from the scheduler thread.
-
-        Raises:
-            RuntimeError: the ledger cannot hold the service's GPUs/cores right now.
-        """
+    def admit(self, model: Model, ledger: Ledger) -> bool:
+        """Make sure ``model`` has a service (not started yet if new), its placement taken
+        from ``ledger``; False if the ledger cannot hold that placement now."""
         service = self.running.get(model.name)
         if service is not None and service.model is not model:  # declared anew since
-            service.stop()
+            self._stop(service, ledger)
             service = None
-        if service is None:
-            placement = None
-            if model.engine != "remote" and (model.gpus or model.cpus):
-                placement = ledger.allocate(Resources(cpus=model.cpus, gpus=model.gpus))
-                if placement is None:
-                    raise RuntimeError(f"the inference service for model {model.name!r} needs "
-                                       f"{model.cpus} cpus and {model.gpus} gpus, which are held "
-                                       "by running nodes; run it in a separate compute()")
-            service = self.running[model.name] = Service(model, placement)
+        if service is not None:
+            return True
+        placement = None
+        if model.engine != "remote" and (model.gpus or model.cpus):
+            placement = ledger.allocate(Resources(cpus=model.cpus, gpus=model.gpus))
+            if placement is None:
+                return False
+        self.running[model.name] = Service(model, placement)
+        return True
+
+    def begin(self, tid: int, model: Model) -> Service:
+        """The admitted service of ``model``, now used by AI node ``tid``."""
+        service = self.users[tid] = self.running[model.name]
         return service
 
-    def stop_all(self, ledger: Optional["Ledger"], keep_remote: bool = False) -> None:
+    def end(self, tid: int) -> None:
+        """AI node ``tid`` is done with its service."""
+        self.users.pop(tid, None)
+
+    def release_idle(self, ledger: Ledger) -> bool:
+        """Stop the services that hold cores or GPUs and serve no running node, so a
+        node waiting for those can run; True if any was stopped."""
+        busy = {id(s) for s in self.users.values()}
+        idle = [s for s in self.running.values()
+                if s.placement is not None and id(s) not in busy]
+        for service in idle:
+            self._stop(service, ledger)
+        return bool(idle)
+
+    def _stop(self, service: Service, ledger: Optional[Ledger]) -> None:
+        service.stop()
+        if ledger is not None and service.placement is not None:
+            ledger.release(service.placement)
+        del self.running[service.model.name]
+
+    def stop_all(self, ledger: Optional[Ledger], keep_remote: bool = False) -> None:
         """Stop every service (remote clients too, unless ``keep_remote``)."""
-        for name, service in list(self.running.items()):
-            if keep_remote and service.model.engine == "remote":
-                continue
-            service.stop()
-            if ledger is not None and service.placement is not None:
-                ledger.release(service.placement)
-            del self.running[name]
+        for service in list(self.running.values()):
+            if not (keep_remote and service.model.engine == "remote"):
+                self._stop(service, ledger)
+        self.users.clear()

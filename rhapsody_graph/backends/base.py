@@ -5,13 +5,17 @@ the ledger); a backend only *runs* it and reports back. One loop, no polling:
 
 1. ``prepare(node)`` for every node before anything runs: encode the call, and
    raise ``TypeError`` naming the node if it cannot be sent (unpicklable).
-2. ``submit(call)`` then ``flush()``: start the calls of one dispatch round.
+2. ``admit(node, prepared)`` before a node that runs on its own placements is
+   placed: the backend takes what the node needs beyond them (an AI node's
+   inference service) or answers False, and the node waits; ``release_idle()``
+   frees what such admissions hold for no running node, when nothing else can run.
+3. ``submit(call)`` then ``flush()``: start the calls of one dispatch round.
    Calls that share a :class:`Lease` run one after the other in submission order
    on one executor holding the lease's placement (this is how tiny nodes are
    batched); ``slots_free()`` says how many more leases can be started.
-3. ``wait(timeout)`` blocks until at least one :data:`Completion` is ready (or the
+4. ``wait(timeout)`` blocks until at least one :data:`Completion` is ready (or the
    timeout, the next deadline, passes) and returns them.
-4. ``drop_queued()`` (stop starting queued calls: they come back ``DROPPED``),
+5. ``drop_queued()`` (stop starting queued calls: they come back ``DROPPED``),
    ``kill(tid)`` (stop one call now; nothing more is reported for it),
    ``end_lease(lease)``, ``end_run()``, ``abort()`` (kill everything) and
    ``shutdown()``.
@@ -70,6 +74,8 @@ class Backend(Protocol):
     def uses_lease(self, node: Any) -> bool: ...
     def prepare(self, node: Any) -> Any: ...
     def slots_free(self) -> int: ...
+    def admit(self, node: Any, prepared: Any) -> bool: ...
+    def release_idle(self) -> bool: ...
     def submit(self, call: Call) -> None: ...
     def flush(self) -> None: ...
     def wait(self, timeout: Optional[float]) -> List[Completion]: ...

@@ -125,6 +125,15 @@ class LocalBackend:
         """Python nodes with one rank run on pool workers, under leases."""
         return node.kind == FUNCTION and node.opts.resources.ranks == 1
 
+    def admit(self, node: Node, prepared: Any) -> bool:
+        """Take what ``node`` needs besides its own placement (an AI node's inference
+        service, from the ledger); False if that does not fit now: the node waits."""
+        return node.kind != AI or self._services.admit(prepared, self.ledger)
+
+    def release_idle(self) -> bool:
+        """Stop inference services no running node uses; True if that freed anything."""
+        return self._services.release_idle(self.ledger)
+
     def prepare(self, node: Node) -> Any:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
         self._check_options(node)
@@ -226,6 +235,7 @@ class LocalBackend:
     def kill(self, tid: int) -> None:
         owner = self._owner.pop(tid, None)
         self._keys.pop(tid, None)
+        self._services.end(tid)
         if isinstance(owner, _Worker):
             owner.queue.remove(tid)
             self._retire(owner, DROPPED)
@@ -465,11 +475,7 @@ class LocalBackend:
             return
         values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
         if node.kind == AI:
-            try:
-                service = self._services.get(call.prepared, self.ledger)
-            except RuntimeError as exc:  # the ledger cannot hold the service now
-                self._post((call.tid, ERROR, wire.attach(exc, "", node.key), 0.0))
-                return
+            service = self._services.begin(call.tid, call.prepared)
             launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values))
         else:
             spec = call.prepared
@@ -494,6 +500,7 @@ class LocalBackend:
             if isinstance(self._owner.get(c[0]), Launch):  # else: killed, already reported
                 del self._owner[c[0]]
                 self._keys.pop(c[0], None)
+                self._services.end(c[0])
                 out.append(c)
 
 

@@ -163,6 +163,30 @@ def test_inputs_nested_in_containers_reach_the_prompt_as_values(backend):
     assert isinstance(total([number(1), number(2), number(3)]).compute(backend=backend), str)
 
 
+def test_an_ai_node_waits_for_the_cores_its_service_needs_while_other_nodes_hold_them(backend):
+    rhapsody.model("wide", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=2)
+    hog = rhapsody.executable(["sleep", "3"], cpus=1)  # holds one of the two cores
+    answer = rhapsody.ai("What is the capital of {}? Answer in one word.", country(),
+                         model="wide", temperature=0, max_tokens=8)
+    start = time.monotonic()
+    done, text = rhapsody.compute(hog, answer, backend=backend)  # before: "held by running nodes"
+    assert done.returncode == 0 and "Paris" in text
+    assert time.monotonic() - start >= 3  # the service started once the hog was done
+    everything = backend.ledger.allocate(rhapsody.Resources(cpus=2))
+    assert everything is not None  # the service's cores were given back
+    backend.ledger.release(everything)
+
+
+def test_an_idle_service_gives_its_cores_to_a_service_a_ready_node_waits_for(backend):
+    rhapsody.model("wide", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=2)
+    rhapsody.model("narrow", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=1)
+    first = rhapsody.ai("Capital of {}? One word.", "France", model="wide", max_tokens=4)
+    second = rhapsody.ai("Capital of Italy? One word. {}", first, model="narrow", max_tokens=4)
+    third = rhapsody.ai("Capital of Spain? One word. {}", second, model="wide", max_tokens=4)
+    answers = rhapsody.compute(first, second, third, backend=backend)  # before: a stall
+    assert all(isinstance(a, str) and a for a in answers)
+
+
 def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
     import pathlib
     import subprocess
