@@ -36,6 +36,10 @@ class RemoteError(RuntimeError):
 class NodeTimeoutError(TimeoutError):
     """A node ran past its ``timeout=``; its processes were killed."""
 
+    @classmethod
+    def of(cls, key: str, timeout: float) -> "NodeTimeoutError":
+        return cls(f"node {key!r} ran past its timeout of {timeout:g} s and was killed")
+
 
 class WorkerDiedError(RuntimeError):
     """The process running a node died (signal, ``os._exit``, segfault)."""

@@ -413,9 +413,7 @@ class _Run:
             node = self.nodes[attempt.index]
             self.backend.kill(tid)
             self.release(attempt)
-            self.fail(attempt.index, NodeTimeoutError(
-                f"node {node.key!r} ran past its timeout of {node.opts.timeout:g} s "
-                "and was killed"))
+            self.fail(attempt.index, NodeTimeoutError.of(node.key, node.opts.timeout))
 
     def raise_first_error(self) -> None:
         if not self.errors:

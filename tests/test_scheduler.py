@@ -432,7 +432,9 @@ def test_results_no_longer_needed_are_released_from_driver_memory():
     # so the driver's memory levels off
     released = chain_driver_growth(size, length, keep_all=False)
     late = released[-1] - released[length // 2]
-    assert late < size, f"the driver grew by {late / MB:.0f} MB over the last steps"
+    # one value's worth of slack: the allocator may keep a freed 10 MB buffer mapped
+    # (a run under load once grew exactly 10 MB), while keeping them all grows ~40 MB
+    assert late < 2 * size, f"the driver grew by {late / MB:.0f} MB over the last steps"
 
 
 def test_run_internals_release_intermediate_results_and_keep_outputs():

@@ -110,8 +110,10 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
     return decorate
 
 
-def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any]) -> Any:
-    """Build the prompts from ``values``, ask the server, return text(s) or parsed value(s)."""
+def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any],
+        deadline: Optional[float] = None) -> Any:
+    """Build the prompts from ``values``, ask the server (giving up at ``deadline``, a
+    ``time.monotonic()`` value), return text(s) or parsed value(s)."""
     built = spec.prompts(values)
     texts = [built] if isinstance(built, str) else built
     if not isinstance(texts, (list, tuple)) or not texts or not all(
@@ -121,9 +123,9 @@ def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any]) -> 
     if spec.chat:
         system = [{"role": "system", "content": spec.system}] if spec.system else []
         answers = client.chat([system + [{"role": "user", "content": t}] for t in texts],
-                              **spec.sampling)
+                              deadline, **spec.sampling)
     else:
-        answers = client.complete(texts, takes_lists, **spec.sampling)
+        answers = client.complete(texts, takes_lists, deadline, **spec.sampling)
     if spec.parse is not None:
         answers = [spec.parse(a) for a in answers]
     return answers[0] if isinstance(built, str) else answers

@@ -18,14 +18,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, List, Sequence
+import time
+from typing import Any, Callable, List, Optional, Sequence
 
 from . import wire
 from .base import DIED, ERROR, OK, Completion
-from ..errors import ExecutableError, WorkerDiedError, add_note
+from ..errors import ExecutableError, NodeTimeoutError, WorkerDiedError, add_note
 from ..resources import Placement
 from ..task import ExecResult
 
+AI_TIMEOUT_GRACE = 1.0  # an AI node's requests stop this long after its timeout
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER_BOOT = ("import sys; sys.path.insert(0, {!r}); "
                "from rhapsody_graph.backends.worker import main; main(sys.argv)").format(PACKAGE_ROOT)
@@ -126,12 +128,20 @@ class Launch:
         value = results if len(placements) > 1 else results[0]
         return (self.tid, OK, wire.dump_value(value), 0.0)
 
-    def ai(self, spec: Any, service: Any, inputs: List[Any]) -> Completion:
-        """Ask the node's inference service (started on first use); value: the answer(s)."""
+    def ai(self, spec: Any, service: Any, inputs: List[Any],
+           timeout: Optional[float]) -> Completion:
+        """Ask the node's inference service (started on first use), giving up on its
+        requests once the node's ``timeout`` has passed; value: the answer(s)."""
+        from ..ai.client import DeadlinePassed
         from ..ai.nodes import run
+        # the scheduler's own deadline is the one that fails the node; this one, a
+        # little later, only stops the requests
+        deadline = None if timeout is None else time.monotonic() + timeout + AI_TIMEOUT_GRACE
         client = service.start()
         try:
-            value = run(spec, client, service.model.takes_lists, inputs)
+            value = run(spec, client, service.model.takes_lists, inputs, deadline)
+        except DeadlinePassed:
+            raise NodeTimeoutError.of(self.key, timeout) from None
         except Exception as exc:
             if not service.alive():
                 raise RuntimeError(service.failure("died while serving this node")) from exc

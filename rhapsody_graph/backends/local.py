@@ -476,7 +476,8 @@ class LocalBackend:
         values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
         if node.kind == AI:
             service = self._services.begin(call.tid, call.prepared)
-            launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values))
+            launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values),
+                                 node.opts.timeout)
         else:
             spec = call.prepared
             argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)

@@ -187,6 +187,24 @@ def test_an_idle_service_gives_its_cores_to_a_service_a_ready_node_waits_for(bac
     assert all(isinstance(a, str) and a for a in answers)
 
 
+def test_a_timed_out_ai_node_stops_waiting_for_its_request(backend):
+    story = rhapsody.ai("Write a very long story about a dragon.", model="smollm2",
+                        max_tokens=2048, timeout=2, name="story")
+    seen = {}
+
+    def watch():  # the story's launch thread, while another node keeps the run going
+        time.sleep(5)
+        seen["threads"] = [t.name for t in threading.enumerate()]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with pytest.raises(rhapsody.NodeTimeoutError, match="story"):
+        rhapsody.compute(story, rhapsody.executable(["sleep", "7"]), backend=backend,
+                         fail_fast=False)
+    watcher.join()
+    assert not [n for n in seen["threads"] if "story" in n], seen["threads"]
+
+
 def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
     import pathlib
     import subprocess
