@@ -273,8 +273,9 @@ class Inventory:
     def total_gpus(self) -> int:
         return sum(len(h.gpus) for h in self.hosts)
 
-    def largest(self) -> Host:
-        return max(self.hosts, key=lambda h: (len(h.gpus), len(h.cpus), h.memory))
+    def largest(self, hosts: Optional[List[Host]] = None) -> Host:
+        """The host with the most GPUs, then cores, then memory (of ``hosts``: default all)."""
+        return max(hosts or self.hosts, key=lambda h: (len(h.gpus), len(h.cpus), h.memory))
 
     def ranks_that_fit(self, req: Resources) -> int:
         """How many ranks of ``req`` fit on the whole inventory when it is empty."""
@@ -299,18 +300,20 @@ class Inventory:
         if self.ranks_that_fit(req) >= req.ranks:
             return
         where = req.where()
-        if where and not self.eligible(req):
+        eligible = self.eligible(req)
+        if where and not eligible:
             hosts = ", ".join(f"{h.name!r} (id {h.id}, cpus {list(h.cpus)}, gpus {list(h.gpus)})"
                               for h in self.hosts[:8])
             raise UnsatisfiableError(f"node {who!r} asks for {where}, but no host matches: "
                                      f"the inventory has {hosts}")
-        big = self.largest()
+        big = self.largest(eligible)
         per = "per rank " if req.ranks > 1 else ""
         raise UnsatisfiableError(
             f"node {who!r} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
             + (f", {req.memory} bytes of memory" if req.memory else "")
             + (f" x {req.ranks} ranks" if req.ranks > 1 else "")
-            + f", but no host can hold it: the largest host {big.name!r} has "
+            + (f" on {where}" if where else "")
+            + f", but no host can hold it: the largest {'such ' if where else ''}host {big.name!r} has "
             f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {big.memory} bytes "
             f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
             f"inventory, e.g. LocalBackend(cpus=..., gpus=...).")

@@ -149,3 +149,11 @@ def test_impossible_host_or_ids_are_refused_naming_the_node_and_the_hosts():
                 Resources(gpus=1, gpu_ids=(4,))):
         with pytest.raises(UnsatisfiableError, match=r"node 'sim-1' asks for .*no host matches.*'n0'"):
             inv.check(req, "sim-1")
+
+
+def test_a_request_too_big_for_the_host_it_names_is_refused_naming_that_host():
+    inv = Inventory([Host("a", cpus=2, gpus=0), Host("b", cpus=2, gpus=4)])
+    with pytest.raises(UnsatisfiableError,
+                       match="2 gpus on host='a', but no host can hold it: the largest such "
+                             "host 'a' has 2 cpus, 0 gpus"):
+        inv.check(Resources(cpus=0, gpus=2, host="a"), "svc")

@@ -169,9 +169,9 @@ class Services:
         self.running: Dict[str, Service] = {}  # model name -> Service
         self.users: Dict[int, Service] = {}  # tid of a running AI node -> its service
 
-    def admit(self, model: Model, ledger: Ledger) -> bool:
-        """Make sure ``model`` has a service (not started yet if new), its placement taken
-        from ``ledger``; False if the ledger cannot hold that placement now."""
+    def admit(self, model: Model, ledger: Ledger, request: Optional[Resources]) -> bool:
+        """Make sure ``model`` has a service (not started yet if new), placed by
+        ``request`` (None: no placement) from ``ledger``; False if that does not fit now."""
         service = self.running.get(model.name)
         if service is not None and service.model is not model:  # declared anew since
             self._stop(service, ledger)
@@ -179,8 +179,8 @@ class Services:
         if service is not None:
             return True
         placement = None
-        if model.engine != "remote" and (model.gpus or model.cpus):
-            placement = ledger.allocate(Resources(cpus=model.cpus, gpus=model.gpus))
+        if request is not None:
+            placement = ledger.allocate(request)
             if placement is None:
                 return False
         self.running[model.name] = Service(model, placement)

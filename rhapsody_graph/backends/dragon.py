@@ -184,6 +184,8 @@ class DragonBackend(LocalBackend):
         machine = self._machine
         super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers)
         self._here = machine.current().hostname
+        # inference services run as processes of this driver, so on its host
+        self.service_host = self._here
         self.start_timeout = start_timeout
         self._batch: Any = None
         self._token = secrets.token_bytes(TOKEN_BYTES)

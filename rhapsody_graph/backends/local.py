@@ -90,6 +90,7 @@ class LocalBackend:
 
     name = "local"
     takes_dragon_options = False  # policy=, process_template(s)=
+    service_host: Optional[str] = None  # where inference services must be placed (None: any)
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
@@ -128,7 +129,14 @@ class LocalBackend:
     def admit(self, node: Node, prepared: Any) -> bool:
         """Take what ``node`` needs besides its own placement (an AI node's inference
         service, from the ledger); False if that does not fit now: the node waits."""
-        return node.kind != AI or self._services.admit(prepared, self.ledger)
+        return node.kind != AI or self._services.admit(prepared, self.ledger,
+                                                        self._service_request(prepared))
+
+    def _service_request(self, model: Any) -> Optional[Resources]:
+        """What the inference service of ``model`` holds in the ledger (None: nothing)."""
+        if model.engine == "remote" or not (model.cpus or model.gpus):
+            return None
+        return Resources(cpus=model.cpus, gpus=model.gpus, host=self.service_host)
 
     def release_idle(self) -> bool:
         """Stop inference services no running node uses; True if that freed anything."""
@@ -140,8 +148,9 @@ class LocalBackend:
         if node.kind == AI:
             model = lookup(node.fn.model, f"node {node.key!r}")
             model.check(f"node {node.key!r}")
-            self.inventory.check(Resources(cpus=model.cpus, gpus=model.gpus),
-                                 f"inference service of model {model.name!r}")
+            request = self._service_request(model)
+            if request is not None:
+                self.inventory.check(request, f"inference service of model {model.name!r}")
             return model
         if node.kind == EXECUTABLE:
             for arg in node.fn.argv:

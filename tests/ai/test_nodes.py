@@ -86,26 +86,31 @@ def test_missing_weights_fail_before_anything_runs(backend, tmp_path):
         rhapsody.ai("hi", model="ghost").compute(backend=backend)
 
 
-def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process(backend):
-    before = child_pids()
-    node = rhapsody.ai(["Write a long story about dragon number %d." % i for i in range(16)],
-                       model="smollm2", temperature=0, max_tokens=256)
-
+def killer(backend, model: str, seconds: float = 120) -> threading.Thread:
+    """A started thread that kills ``model``'s server once it serves requests."""
     def kill_when_serving():
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            service = backend._services.running.get("smollm2")
+            service = backend._services.running.get(model)
             if service is not None and service.client is not None:
                 time.sleep(0.5)  # requests in flight
                 os.killpg(service.proc.pid, 9)
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_when_serving)
-    killer.start()
+    thread = threading.Thread(target=kill_when_serving)
+    thread.start()
+    return thread
+
+
+def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process(backend):
+    before = child_pids()
+    node = rhapsody.ai(["Write a long story about dragon number %d." % i for i in range(16)],
+                       model="smollm2", temperature=0, max_tokens=256)
+    thread = killer(backend, "smollm2")
     with pytest.raises(RuntimeError, match="smollm2.*died.*last lines of"):
         node.compute(backend=backend)
-    killer.join()
+    thread.join()
     assert not child_pids() - before
 
 
@@ -203,6 +208,18 @@ def test_a_timed_out_ai_node_stops_waiting_for_its_request(backend):
                          fail_fast=False)
     watcher.join()
     assert not [n for n in seen["threads"] if "story" in n], seen["threads"]
+
+
+def test_a_service_must_fit_on_the_backends_service_host_before_anything_runs(tmp_path):
+    rhapsody.model("big", engine="llama_cpp", path=rhapsody.smollm2_path(), gpus=2)
+    marker = tmp_path / "ran"
+    hosts = [rhapsody.Host("here", cpus=2, gpus=0), rhapsody.Host("there", cpus=2, gpus=4)]
+    with rhapsody.LocalBackend(hosts=hosts) as backend:
+        backend.service_host = "here"  # what DragonBackend sets: the driver's host
+        node = rhapsody.ai("{}", rhapsody.executable(["touch", str(marker)]), model="big")
+        with pytest.raises(rhapsody.UnsatisfiableError, match="model 'big'.*on host='here'"):
+            node.compute(backend=backend)
+    assert not marker.exists()
 
 
 def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
