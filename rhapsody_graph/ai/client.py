@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import httpx
 
-__all__ = ["Client", "ServerError", "DeadlinePassed"]
+__all__ = ["Client", "ServerError", "DeadlinePassed", "Unreachable"]
 
 
 class ServerError(RuntimeError):
@@ -26,6 +26,10 @@ class ServerError(RuntimeError):
 
 class DeadlinePassed(ServerError):
     """The caller's deadline passed before the server answered."""
+
+
+class Unreachable(ServerError):
+    """The server could not be reached (connection refused or dropped, timed out)."""
 
 
 class Client:
@@ -98,7 +102,7 @@ class Client:
             try:
                 r = self.http.request(method, path, json=body, timeout=timeout)
             except httpx.TransportError as exc:
-                error = ServerError(f"{method} {self.base_url}{path} failed: {exc!r}")
+                error = Unreachable(f"{method} {self.base_url}{path} failed: {exc!r}")
                 continue
             if r.status_code < 500:
                 if r.status_code >= 400:

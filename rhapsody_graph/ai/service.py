@@ -116,8 +116,15 @@ class Service:
         return {"CUDA_VISIBLE_DEVICES": gpus, "ROCR_VISIBLE_DEVICES": gpus,
                 "ZE_AFFINITY_MASK": gpus}
 
-    def alive(self) -> bool:
-        return self.model.engine == "remote" or (self.proc is not None and self.proc.poll() is None)
+    def died(self, grace: float = 0.0) -> bool:
+        """Whether the server has exited (waiting up to ``grace`` seconds to see it)."""
+        if self.model.engine == "remote" or self.proc is None:
+            return False
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def failure(self, what: str) -> str:
         """``what`` happened to the server, with its exit status and last log lines."""

@@ -132,7 +132,7 @@ class Launch:
            timeout: Optional[float]) -> Completion:
         """Ask the node's inference service (started on first use), giving up on its
         requests once the node's ``timeout`` has passed; value: the answer(s)."""
-        from ..ai.client import DeadlinePassed
+        from ..ai.client import DeadlinePassed, Unreachable
         from ..ai.nodes import run
         # the scheduler's own deadline is the one that fails the node; this one, a
         # little later, only stops the requests
@@ -143,7 +143,8 @@ class Launch:
         except DeadlinePassed:
             raise NodeTimeoutError.of(self.key, timeout) from None
         except Exception as exc:
-            if not service.alive():
+            # a refused connection can come just before a killed server is reaped
+            if service.died(grace=2.0 if isinstance(exc, Unreachable) else 0.0):
                 raise RuntimeError(service.failure("died while serving this node")) from exc
             raise
         return (self.tid, OK, wire.dump_value(value), 0.0)

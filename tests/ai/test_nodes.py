@@ -105,11 +105,13 @@ def killer(backend, model: str, seconds: float = 120) -> threading.Thread:
 
 def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process(backend):
     before = child_pids()
-    node = rhapsody.ai(["Write a long story about dragon number %d." % i for i in range(16)],
-                       model="smollm2", temperature=0, max_tokens=256)
+    fan_out = rhapsody.ai(["Write a long story about dragon number %d." % i for i in range(8)],
+                          model="smollm2", temperature=0, max_tokens=256)
+    singles = [rhapsody.ai(f"Write a long story about knight number {i}.", model="smollm2",
+                           temperature=0, max_tokens=256) for i in range(8)]
     thread = killer(backend, "smollm2")
     with pytest.raises(RuntimeError, match="smollm2.*died.*last lines of"):
-        node.compute(backend=backend)
+        rhapsody.compute(fan_out, *singles, backend=backend)
     thread.join()
     assert not child_pids() - before
 
