@@ -146,7 +146,7 @@ def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
         answer = rhapsody.ai("What is the capital of France? Answer in one word.",
                              model="remote-smollm2", temperature=0, max_tokens=8)
         assert "Paris" in answer.compute(backend=backend)
-        assert server.alive()  # ours to stop, not the run's
+        assert not server.died()  # ours to stop, not the run's
     finally:
         server.stop()
 
