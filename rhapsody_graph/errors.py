@@ -38,6 +38,8 @@ class NodeTimeoutError(TimeoutError):
 
     @classmethod
     def of(cls, key: str, timeout: float) -> "NodeTimeoutError":
+        """The error for node ``key`` past its ``timeout`` (the scheduler's and the AI
+        client's wording are one)."""
         return cls(f"node {key!r} ran past its timeout of {timeout:g} s and was killed")
 
 
