@@ -295,7 +295,8 @@ class Inventory:
         """Raise :class:`UnsatisfiableError` if ``req`` can never be placed.
 
         Raises:
-            UnsatisfiableError: naming ``who``, the request and the largest host.
+            UnsatisfiableError: naming ``who`` (``"node 'train'"``), the request and the
+                largest host.
         """
         if self.ranks_that_fit(req) >= req.ranks:
             return
@@ -304,12 +305,12 @@ class Inventory:
         if where and not eligible:
             hosts = ", ".join(f"{h.name!r} (id {h.id}, cpus {list(h.cpus)}, gpus {list(h.gpus)})"
                               for h in self.hosts[:8])
-            raise UnsatisfiableError(f"node {who!r} asks for {where}, but no host matches: "
+            raise UnsatisfiableError(f"{who} asks for {where}, but no host matches: "
                                      f"the inventory has {hosts}")
         big = self.largest(eligible)
         per = "per rank " if req.ranks > 1 else ""
         raise UnsatisfiableError(
-            f"node {who!r} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
+            f"{who} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
             + (f", {req.memory} bytes of memory" if req.memory else "")
             + (f" x {req.ranks} ranks" if req.ranks > 1 else "")
             + (f" on {where}" if where else "")

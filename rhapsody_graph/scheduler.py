@@ -176,7 +176,7 @@ class _Run:
                                  f"compute() runs on {b.name!r}; pass backend=... or drop the option")
             res = opts.resources
             if res.key not in checked:
-                inventory.check(res, node.key)
+                inventory.check(res, f"node {node.key!r}")
                 checked.add(res.key)
             prepared.append(b.prepare(node))
         return prepared

@@ -73,10 +73,10 @@ def test_impossible_request_names_node_request_and_largest_host():
     inv = Inventory([Host("small", cpus=2, gpus=1), Host("big", cpus=4, gpus=2)])
     with pytest.raises(UnsatisfiableError, match=r"node 'train-1' asks for 1 cpus, 8 gpus.*"
                                                   r"largest host 'big' has 4 cpus, 2 gpus"):
-        inv.check(Resources(cpus=1, gpus=8), "train-1")
+        inv.check(Resources(cpus=1, gpus=8), "node 'train-1'")
     with pytest.raises(UnsatisfiableError, match="x 9 ranks"):
-        inv.check(Resources(cpus=1, ranks=9), "job")
-    inv.check(Resources(cpus=1, ranks=6), "job")  # 2 + 4 cores
+        inv.check(Resources(cpus=1, ranks=9), "node 'job'")
+    inv.check(Resources(cpus=1, ranks=6), "node 'job'")  # 2 + 4 cores
 
 
 def test_detect_host_reads_affinity_and_honours_declared_counts():
@@ -148,7 +148,7 @@ def test_impossible_host_or_ids_are_refused_naming_the_node_and_the_hosts():
     for req in (Resources(host="n9"), Resources(host_id=3), Resources(cpu_ids=(5,)),
                 Resources(gpus=1, gpu_ids=(4,))):
         with pytest.raises(UnsatisfiableError, match=r"node 'sim-1' asks for .*no host matches.*'n0'"):
-            inv.check(req, "sim-1")
+            inv.check(req, "node 'sim-1'")
 
 
 def test_a_request_too_big_for_the_host_it_names_is_refused_naming_that_host():
@@ -156,4 +156,4 @@ def test_a_request_too_big_for_the_host_it_names_is_refused_naming_that_host():
     with pytest.raises(UnsatisfiableError,
                        match="2 gpus on host='a', but no host can hold it: the largest such "
                              "host 'a' has 2 cpus, 0 gpus"):
-        inv.check(Resources(cpus=0, gpus=2, host="a"), "svc")
+        inv.check(Resources(cpus=0, gpus=2, host="a"), "node 'svc'")

@@ -29,13 +29,14 @@ class Model:
     """A declared model (see :func:`model`)."""
 
     __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args", "timeout",
-                 "retries", "concurrency", "ready_timeout")
+                 "retries", "concurrency", "ready_timeout", "host")
 
     def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
                  gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
                  timeout: float = 120.0, retries: int = 2, concurrency: int = 8,
-                 ready_timeout: float = 300.0) -> None:
+                 ready_timeout: float = 300.0, host: Optional[str] = None) -> None:
         self.name, self.engine, self.path, self.url = name, engine, path, url
+        self.host = host
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         self.ready_timeout = ready_timeout
@@ -69,7 +70,8 @@ class Model:
 def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None,
           url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
           api_key: Optional[str] = None, args: Sequence[str] = (), timeout: float = 120.0,
-          retries: int = 2, concurrency: int = 8, ready_timeout: float = 300.0) -> Model:
+          retries: int = 2, concurrency: int = 8, ready_timeout: float = 300.0,
+          host: Optional[str] = None) -> Model:
     """Declare a model that AI nodes can name.
 
     Args:
@@ -80,6 +82,9 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         url: an OpenAI-compatible endpoint that is already running (``.../v1``).
         gpus, cpus: what the inference service holds in the ledger while it runs
             (cpus also sets its thread count; 0: one thread, no core reserved).
+        host: the host to serve it on (a host name of the backend's inventory);
+            default: the host the ledger finds room on (with gpus=/cpus=), else the
+            driver's.
         api_key: sent as a bearer token (and required by the servers we start).
         args: extra command-line arguments for the server.
         timeout: seconds the client waits for one request.
@@ -109,9 +114,12 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"model {name!r}: {what} must be an integer >= {least}, "
                              f"got {value!r}")
+    if host is not None and (url is not None or not isinstance(host, str) or not host):
+        raise ValueError(f"model {name!r}: host= must be a host name, for a server this "
+                         f"project starts (not with url=); got {host!r}")
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
-              retries, concurrency, float(ready_timeout))
+              retries, concurrency, float(ready_timeout), host)
     _MODELS[name] = m
     return m
 

@@ -1,11 +1,18 @@
 """Inference services: a real server process per declared model, started on demand.
 
-Lifecycle: :meth:`Service.start` picks a free loopback port, starts the engine's
-OpenAI-compatible server in its own session with ``HF_HUB_OFFLINE=1`` and the GPU
-mask of its placement, keeps its output in a log file, and polls ``/v1/models`` until
-it answers (readiness is the one place that polls: a server has no other signal).
-:meth:`Service.stop` kills the whole process group. A service that dies is reported
-with its exit status and the last lines of its log.
+Lifecycle: :meth:`Service.start` has its *server* (where the process runs) start the
+engine's OpenAI-compatible server on a free port, in its own session, with
+``HF_HUB_OFFLINE=1`` and the GPU mask of its placement, its output in a log file;
+then it polls ``/v1/models`` until the server answers (readiness is the one place
+that polls: a server has no other signal). :meth:`Service.stop` kills the server's
+whole process group. A service that dies is reported with its exit status and the
+last lines of its log.
+
+Where the process runs is the backend's choice: a :class:`LocalServer` is a child of
+this driver on loopback; :class:`~rhapsody_graph.backends.dragon_service.DragonServer`
+runs it on the host Dragon placed the service on. Both have the same small surface:
+``start(argv, env) -> url``, ``pid``, ``returncode()``, ``wait(timeout)``,
+``tail(lines)``, ``log`` and ``stop(keep_log)``.
 """
 from __future__ import annotations
 
@@ -16,35 +23,121 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .models import Model
 from ..resources import Ledger, Placement, Resources
 
-__all__ = ["Service"]
+__all__ = ["Service", "Services", "LocalServer", "fill", "free_port", "read_tail",
+           "wait_exit"]
 
-HOST = "127.0.0.1"
+LOOPBACK = "127.0.0.1"
+HOST_MARK, PORT_MARK = "{host}", "{port}"  # in a server's argv, until its address is known
 
 
-def _free_port() -> int:
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on at ``host`` now."""
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def fill(argv: Sequence[str], host: str, port: int) -> List[str]:
+    """``argv`` with its address marks replaced by ``host`` and ``port``."""
+    return [host if a == HOST_MARK else str(port) if a == PORT_MARK else a for a in argv]
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> Optional[int]:
+    """``proc``'s exit status, waiting up to ``timeout`` seconds for it (None: running)."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def read_tail(path: Optional[str], lines: int) -> str:
+    """The last ``lines`` lines of the log at ``path``."""
+    try:
+        with open(path, errors="replace") as f:  # type: ignore[arg-type]
+            return "".join(f.readlines()[-lines:])
+    except (OSError, TypeError):
+        return "(no log)"
+
+
+class LocalServer:
+    """A server process of this driver, listening on loopback, logging to a temp file.
+
+    ``stop()`` may come from another thread at any time, also during ``start()``:
+    a server stopped before it started is never started.
+    """
+
+    def __init__(self, model: Model, placement: Optional[Placement] = None) -> None:
+        self.name = model.name  # the placement's GPUs reach the server in its env
+        self.proc: Optional[subprocess.Popen] = None
+        self.log: Optional[str] = None
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.pid
+
+    def start(self, argv: Sequence[str], env: Dict[str, str]) -> str:
+        """Start ``argv`` (with its address marks filled in); return the server's URL."""
+        port = free_port()
+        log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{self.name}-", suffix=".log",
+                                          delete=False)
+        self.log = log.name
+        with log, self.lock:
+            if self.stopped:
+                raise RuntimeError(f"the inference service for model {self.name!r} was stopped")
+            self.proc = subprocess.Popen(fill(argv, LOOPBACK, port), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **env}, start_new_session=True)
+        return f"http://{LOOPBACK}:{port}/v1"
+
+    def returncode(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The exit status, waiting up to ``timeout`` seconds for it (None: running)."""
+        return None if self.proc is None else wait_exit(self.proc, timeout)
+
+    def tail(self, lines: int) -> str:
+        return read_tail(self.log, lines)
+
+    def stop(self, keep_log: bool) -> None:
+        """Kill the server's process group, wait for it, delete its log unless kept."""
+        with self.lock:
+            self.stopped = True
+        if self.proc is not None:
+            from ..backends.launch import kill_tree  # not at import: backends import this
+            kill_tree(self.proc)  # the group even if its leader died: engines fork helpers
+            self.proc.wait()
+        if self.log and not keep_log:
+            try:
+                os.unlink(self.log)
+            except OSError:
+                pass
+
+
+#: makes the server of a service: ``spawn(model, placement)``
+Spawn = Callable[[Model, Optional[Placement]], Any]
 
 
 class Service:
     """One running inference server for ``model`` (or a remote endpoint)."""
 
-    def __init__(self, model: Model, placement: Optional[Placement] = None) -> None:
-        self.model, self.placement = model, placement
-        self.proc: Optional[subprocess.Popen] = None
-        self.log_path: Optional[str] = None
+    def __init__(self, model: Model, placement: Optional[Placement] = None,
+                 spawn: Spawn = LocalServer) -> None:
+        self.model, self.placement, self.spawn = model, placement, spawn
+        self.server: Any = None
         self.client: Any = None
         self.failed: Optional[BaseException] = None  # a failed start fails every later node
         self.keep_log = False  # set once a failure message points at the log
         self.stopped = False
         self.lock = threading.Lock()  # one start at a time
-        self.proc_lock = threading.Lock()  # guards proc and stopped: stop() never waits a start
+        self.server_lock = threading.Lock()  # guards server and stopped: stop() never waits a start
 
     def start(self) -> Any:
         """Start the server if it is not running yet (thread-safe); return its client.
@@ -68,46 +161,38 @@ class Service:
         m = self.model
         if m.engine == "remote":
             return Client(m.url, m.api_key, m.timeout, m.retries, m.concurrency, m.name)
-        port = _free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               **self._gpu_env()}
-        log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{m.name}-", suffix=".log",
-                                          delete=False)
-        self.log_path = log.name
-        with self.proc_lock:
+        with self.server_lock:
             if self.stopped:
-                log.close()
                 raise RuntimeError(f"the inference service for model {m.name!r} was stopped")
-            self.proc = subprocess.Popen(self._argv(port), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
-        log.close()
-        client = Client(f"http://{HOST}:{port}/v1", m.api_key, m.timeout, 0, m.concurrency,
-                        m.name)
+            server = self.server = self.spawn(m, self.placement)
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self._gpu_env()}
+        url = server.start(self._argv(), env)
+        client = Client(url, m.api_key, m.timeout, 0, m.concurrency, m.name)
         deadline = time.monotonic() + m.ready_timeout
         while True:
-            if self.proc.poll() is not None:
+            if server.returncode() is not None:
                 raise RuntimeError(self.failure("exited before it was ready"))
             try:
                 client.models()
                 break
             except ServerError:
                 if time.monotonic() > deadline:
+                    message = self.failure(f"was not ready after {m.ready_timeout:g} s")
                     self.stop()
-                    raise RuntimeError(self.failure(f"was not ready after {m.ready_timeout:g} s"))
+                    raise RuntimeError(message)
                 time.sleep(0.1)
         client.retries = m.retries
         return client
 
-    def _argv(self, port: int) -> List[str]:
+    def _argv(self) -> List[str]:
         m = self.model
         if m.engine == "llama_cpp":
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", m.path, "--host", HOST,
-                    "--port", str(port), "--n_threads", str(max(1, m.cpus))]
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", m.path, "--host",
+                    HOST_MARK, "--port", PORT_MARK, "--n_threads", str(max(1, m.cpus))]
             key = ["--api_key", m.api_key] if m.api_key else []
         else:
             argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m.path,
-                    "--served-model-name", m.name, "--host", HOST, "--port", str(port)]
+                    "--served-model-name", m.name, "--host", HOST_MARK, "--port", PORT_MARK]
             key = ["--api-key", m.api_key] if m.api_key else []
         return argv + key + list(m.args)
 
@@ -118,47 +203,29 @@ class Service:
 
     def died(self, grace: float = 0.0) -> bool:
         """Whether the server has exited (waiting up to ``grace`` seconds to see it)."""
-        if self.model.engine == "remote" or self.proc is None:
+        if self.server is None:
             return False
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+        return self.server.wait(grace) is not None
 
     def failure(self, what: str) -> str:
         """``what`` happened to the server, with its exit status and last log lines."""
         self.keep_log = True
-        status = ""
-        if self.proc is not None and self.proc.poll() is not None:
-            status = f" (exit status {self.proc.returncode})"
+        code = None if self.server is None else self.server.returncode()
+        status = "" if code is None else f" (exit status {code})"
+        log = None if self.server is None else self.server.log
+        tail = "(no log)" if self.server is None else self.server.tail(15)
         return (f"the inference service for model {self.model.name!r} {what}{status}; "
-                f"last lines of {self.log_path}:\n" + self.log_tail())
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except (OSError, TypeError):
-            return "(no log)"
+                f"last lines of {log}:\n" + tail)
 
     def stop(self) -> None:
         """Kill the server's process group and wait for it."""
-        with self.proc_lock:
+        with self.server_lock:
             self.stopped = True
+            server = self.server
         if self.client is not None:
             self.client.close()
-        if self.proc is not None:
-            try:  # the group even if its leader died: engines fork helper processes
-                os.killpg(self.proc.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.proc.wait()
-        if self.log_path and not self.keep_log:
-            try:
-                os.unlink(self.log_path)
-            except OSError:
-                pass
+        if server is not None:
+            server.stop(self.keep_log)
 
 
 class Services:
@@ -172,7 +239,8 @@ class Services:
     :meth:`release_idle` knows which services no node is using.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spawn: Spawn = LocalServer) -> None:
+        self.spawn = spawn  # where the backend runs servers
         self.running: Dict[str, Service] = {}  # model name -> Service
         self.users: Dict[int, Service] = {}  # tid of a running AI node -> its service
 
@@ -190,7 +258,7 @@ class Services:
             placement = ledger.allocate(request)
             if placement is None:
                 return False
-        self.running[model.name] = Service(model, placement)
+        self.running[model.name] = Service(model, placement, self.spawn)
         return True
 
     def begin(self, tid: int, model: Model) -> Service:

@@ -15,7 +15,9 @@ Python with ``cpus``/``gpus``  ``batch.process(ProcessTemplate(..., policy=Polic
                                per rank with that rank's placement
 executable                     ``batch.process`` (``batch.job`` for ranks); the
                                program's stdout, stderr and exit code come back
-AI                             the inference service, as on the local backend
+AI                             a request to the model's inference service, whose
+                               server is a Dragon process on the host the ledger
+                               placed the service on (:mod:`.dragon_service`)
 ============================== =====================================================
 
 Every Batch call runs :func:`.dragon_worker.serve`: a worker that connects back to
@@ -50,9 +52,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import wire
 from .base import DIED, ERROR, OK, Call, Completion, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
+from .dragon_service import DragonServer
 from .launch import describe_exit
 from .local import LocalBackend, _Prepared, _Worker
 from ..ai.nodes import AI
+from ..ai.service import LOOPBACK, Services
 from ..errors import WorkerDiedError, add_note
 from ..graph import EXECUTABLE, Node
 from ..resources import Host, Placement
@@ -184,8 +188,7 @@ class DragonBackend(LocalBackend):
         machine = self._machine
         super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers)
         self._here = machine.current().hostname
-        # inference services run as processes of this driver, so on its host
-        self.service_host = self._here
+        self._services = Services(self._spawn_server)
         self.start_timeout = start_timeout
         self._batch: Any = None
         self._token = secrets.token_bytes(TOKEN_BYTES)
@@ -316,16 +319,39 @@ class DragonBackend(LocalBackend):
     def _start_batch(self) -> None:
         self._ensure_loop()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        single = len(self.inventory.hosts) == 1
-        listener.bind(("127.0.0.1" if single else "0.0.0.0", 0))
+        listener.bind((self._reachable(), 0))
         listener.listen(256)
         listener.setblocking(False)
-        port = listener.getsockname()[1]
-        self._address = ("127.0.0.1" if single else socket.gethostbyname(socket.gethostname()),
-                         port)
+        self._address = listener.getsockname()
         self._listener = listener
         self._selector.register(listener.fileno(), selectors.EVENT_READ, self._accept)
         self._batch = _start_batch_client(self._batch_module, self._machine)
+
+    def _reachable(self) -> str:
+        """This driver's address as processes on every host of the inventory reach it."""
+        if len(self.inventory.hosts) == 1:
+            return LOOPBACK
+        return socket.gethostbyname(socket.gethostname())
+
+    def _spawn_server(self, model: Any, placement: Optional[Placement]) -> DragonServer:
+        """An inference service's server: a Dragon process on the host of its placement
+        (the driver's without one), pinned to its cores and GPUs."""
+        from dragon.infrastructure.policy import Policy
+        host = placement.host if placement is not None else self._here
+        pinned = {} if placement is None else dict(cpu_affinity=list(placement.cpus),
+                                                   gpu_affinity=list(placement.gpus))
+        policy = Policy(placement=Policy.Placement.HOST_NAME, host_name=host, **pinned)
+        bind = LOOPBACK if host == self._here else self._ip(host)
+        return DragonServer(model.name, host, bind, self._reachable(), policy, self.start_timeout)
+
+    def _ip(self, host: str) -> str:
+        """The address Dragon reports for ``host`` (else what its name resolves to)."""
+        machine = self._machine
+        for huid in machine.System().nodes:
+            node = machine.Node(huid)
+            if node.hostname == host and node.ip:
+                return node.ip[0] if isinstance(node.ip, (list, tuple)) else node.ip
+        return socket.gethostbyname(host)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -353,7 +379,7 @@ class DragonBackend(LocalBackend):
             return
         try:
             conn.settimeout(10)
-            hello = _recv_exactly(conn, TOKEN_BYTES + HELLO.size)
+            hello = wire.recv_exactly(conn, TOKEN_BYTES + HELLO.size)
         except OSError:
             conn.close()
             return
@@ -585,12 +611,3 @@ def _bounded(fn: Any, seconds: float) -> None:
     t.start()
     t.join(seconds)
 
-
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        data += chunk
-    return data

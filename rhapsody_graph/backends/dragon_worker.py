@@ -61,7 +61,7 @@ def run_program(argv: Sequence[Any], cwd: Optional[str],
     args = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
     done = subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})},
                           stdin=subprocess.DEVNULL, capture_output=True,
-                          preexec_fn=_die_with_parent)
+                          preexec_fn=die_with_parent)
     out = done.stdout.decode(errors="replace")
     err = done.stderr.decode(errors="replace")
     if done.returncode != 0:
@@ -71,7 +71,7 @@ def run_program(argv: Sequence[Any], cwd: Optional[str],
         ExecResult(args, out, err, 0)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the program's process before exec: die when the worker dies (it may be
     killed by a timeout, and is never a process-group leader under Dragon)."""
     PR_SET_PDEATHSIG = 1

@@ -90,7 +90,6 @@ class LocalBackend:
 
     name = "local"
     takes_dragon_options = False  # policy=, process_template(s)=
-    service_host: Optional[str] = None  # where inference services must be placed (None: any)
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
@@ -134,9 +133,9 @@ class LocalBackend:
 
     def _service_request(self, model: Any) -> Optional[Resources]:
         """What the inference service of ``model`` holds in the ledger (None: nothing)."""
-        if model.engine == "remote" or not (model.cpus or model.gpus):
+        if model.engine == "remote" or not (model.cpus or model.gpus or model.host):
             return None
-        return Resources(cpus=model.cpus, gpus=model.gpus, host=self.service_host)
+        return Resources(cpus=model.cpus, gpus=model.gpus, host=model.host)
 
     def release_idle(self) -> bool:
         """Stop inference services no running node uses; True if that freed anything."""
@@ -150,7 +149,7 @@ class LocalBackend:
             model.check(f"node {node.key!r}")
             request = self._service_request(model)
             if request is not None:
-                self.inventory.check(request, f"inference service of model {model.name!r}")
+                self.inventory.check(request, f"the inference service of model {model.name!r}")
             return model
         if node.kind == EXECUTABLE:
             for arg in node.fn.argv:

@@ -13,6 +13,10 @@ Driver → worker: frames of ``<Q`` length + a pickled message:
 * ``("forget",)``: clear the function cache (sent at the end of a run);
 * ``("path", sys_path)``: import from the driver's path (sent first).
 
+The same frames carry the requests and answers between the driver and a Dragon
+service host (:mod:`.service_host`), over a socket (:func:`send_message`,
+:func:`recv_message`).
+
 Worker → driver: a fixed header ``<BQdQ`` (status, tid, seconds, payload length; the
 status carries ``GPU_RUNTIME`` once CUDA/ROCm/Level Zero is loaded in that worker) and
 the payload: the value's bytes (``OK``) or ``(exception | None, summary, traceback)``
@@ -210,6 +214,28 @@ def split_frames(buf: bytearray) -> List[Any]:
         pos = end
     del buf[:pos]
     return out
+
+
+def send_message(sock: Any, message: Any) -> None:
+    """Send one frame on a blocking socket."""
+    sock.sendall(frame(message))
+
+
+def recv_message(sock: Any) -> Any:
+    """Receive one frame from a blocking socket; ``ConnectionError`` if it closed."""
+    (length,) = LENGTH.unpack(recv_exactly(sock, LENGTH.size))
+    return pickle.loads(recv_exactly(sock, length))
+
+
+def recv_exactly(sock: Any, n: int) -> bytes:
+    """``n`` bytes from a blocking socket; ``ConnectionError`` if it closes first."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        data += chunk
+    return bytes(data)
 
 
 def write_all(fd: int, data: bytes) -> None:

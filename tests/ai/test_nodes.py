@@ -86,17 +86,24 @@ def test_missing_weights_fail_before_anything_runs(backend, tmp_path):
         rhapsody.ai("hi", model="ghost").compute(backend=backend)
 
 
+def serving(backend, model: str, seconds: float = 120):
+    """``model``'s service once its server answers (None if not within ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        service = backend._services.running.get(model)
+        if service is not None and service.client is not None:
+            return service
+        time.sleep(0.02)
+    return None
+
+
 def killer(backend, model: str, seconds: float = 120) -> threading.Thread:
     """A started thread that kills ``model``'s server once it serves requests."""
     def kill_when_serving():
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            service = backend._services.running.get(model)
-            if service is not None and service.client is not None:
-                time.sleep(0.5)  # requests in flight
-                os.killpg(service.proc.pid, 9)
-                return
-            time.sleep(0.05)
+        service = serving(backend, model, seconds)
+        if service is not None:
+            time.sleep(0.5)  # requests in flight
+            os.killpg(service.server.pid, 9)
 
     thread = threading.Thread(target=kill_when_serving)
     thread.start()
@@ -122,6 +129,8 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
     ({"url": "http://127.0.0.1:1/v1", "path": "x"}, "not both"),
     ({"url": "http://127.0.0.1:1/v1", "concurrency": 0}, "concurrency must be an integer >= 1"),
     ({"url": "http://127.0.0.1:1/v1", "timeout": 0}, "timeout must be a number of seconds > 0"),
+    ({"url": "http://127.0.0.1:1/v1", "host": "n1"}, "host= must be a host name.*not with url="),
+    ({"engine": "llama_cpp", "path": "x", "host": 3}, "host= must be a host name"),
 ])
 def test_bad_model_declarations_are_refused(kwargs, text):
     with pytest.raises(ValueError, match=text):
@@ -212,12 +221,11 @@ def test_a_timed_out_ai_node_stops_waiting_for_its_request(backend):
     assert not [n for n in seen["threads"] if "story" in n], seen["threads"]
 
 
-def test_a_service_must_fit_on_the_backends_service_host_before_anything_runs(tmp_path):
-    rhapsody.model("big", engine="llama_cpp", path=rhapsody.smollm2_path(), gpus=2)
+def test_a_service_must_fit_on_the_host_its_model_names_before_anything_runs(tmp_path):
+    rhapsody.model("big", engine="llama_cpp", path=rhapsody.smollm2_path(), gpus=2, host="here")
     marker = tmp_path / "ran"
     hosts = [rhapsody.Host("here", cpus=2, gpus=0), rhapsody.Host("there", cpus=2, gpus=4)]
     with rhapsody.LocalBackend(hosts=hosts) as backend:
-        backend.service_host = "here"  # what DragonBackend sets: the driver's host
         node = rhapsody.ai("{}", rhapsody.executable(["touch", str(marker)]), model="big")
         with pytest.raises(rhapsody.UnsatisfiableError, match="model 'big'.*on host='here'"):
             node.compute(backend=backend)

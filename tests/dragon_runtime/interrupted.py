@@ -3,10 +3,12 @@
     dragon tests/dragon_runtime/interrupted.py PIDFILE
 
 It computes a placed node and an executable that write their pids to PIDFILE and
-then sleep; the test interrupts the launch once both pids are there.
+then sleep, and an AI node whose Dragon-placed server's pid is written there once
+it generates; the test interrupts the driver once the three pids are there.
 """
 import os
 import sys
+import threading
 import time
 
 import rhapsody_graph as rhapsody
@@ -19,8 +21,24 @@ def sleeper(path):
     time.sleep(300)
 
 
+def note_server(backend, model, path):
+    """Append ``model``'s server pid to ``path`` once the server answers."""
+    while True:
+        service = backend._services.running.get(model)
+        if service is not None and service.client is not None:
+            with open(path, "a") as f:
+                f.write(f"{service.server.pid}\n")
+            return
+        time.sleep(0.05)
+
+
 if __name__ == "__main__":
     pidfile = sys.argv[1]
     program = rhapsody.executable(["sh", "-c", f"echo $$ >> {pidfile}; exec sleep 300"])
+    rhapsody.model("smollm2", engine="llama_cpp", path=rhapsody.smollm2_path())
+    story = rhapsody.ai("Write a very long story about a dragon.", model="smollm2",
+                        max_tokens=4096)
     with rhapsody.DragonBackend() as backend:
-        rhapsody.compute(sleeper(pidfile), program, backend=backend)
+        threading.Thread(target=note_server, args=(backend, "smollm2", pidfile),
+                         daemon=True).start()
+        rhapsody.compute(sleeper(pidfile), program, story, backend=backend)

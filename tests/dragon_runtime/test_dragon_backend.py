@@ -149,12 +149,3 @@ def _zombie(pid):
     except FileNotFoundError:
         return True
 
-
-def test_a_compute_node_feeds_an_ai_node_that_feeds_a_placed_node(dragon_backend):
-    rhapsody.model("smollm2-dragon", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=1)
-    country = rhapsody.task(lambda: "France")()
-    answer = rhapsody.ai("What is the capital of {}? Answer in one word.", country,
-                         model="smollm2-dragon", temperature=0, max_tokens=16)
-    shout = rhapsody.task(str.upper).options(cpus=1)
-    text, loud = rhapsody.compute(answer, shout(answer), backend=dragon_backend)
-    assert "Paris" in text and "PARIS" in loud

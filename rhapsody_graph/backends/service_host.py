@@ -1,0 +1,82 @@
+"""What runs where Dragon places an inference service: the server's keeper on that host.
+
+:class:`~.dragon_service.DragonServer` starts this module as a Dragon process
+(``python -m rhapsody_graph.backends.service_host ADDRESS PORT``, the run's token in
+``RHAPSODY_SERVICE_TOKEN``) on the service's host, pinned to its cores and GPUs. It
+connects back to the driver, proves it belongs to the run, and is sent one
+``("start", argv, env, bind)``. It then starts the server on a free port of the
+``bind`` address, in a session of its own that dies with this process
+(``PR_SET_PDEATHSIG``), its output in a log file on this host, and answers
+``("started", bind, port, pid, log)`` (``("failed", why)`` if it cannot).
+
+From then on it answers the driver's requests (:mod:`.wire` frames):
+``("wait", seconds)`` → the server's exit status or None (still running), and
+``("tail", lines)`` → the last lines of its log. ``("stop", keep_log)`` or the socket
+closing (the driver stopped or died) kills the server's process group, deletes its
+log unless kept, and ends this process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+from . import wire
+from .dragon_service import TOKEN_ENV
+from .dragon_worker import die_with_parent
+from .launch import kill_tree
+from ..ai.service import fill, free_port, read_tail, wait_exit
+
+
+def main(address: str, port: int) -> int:
+    """Keep one server for the driver at ``address:port`` until it says stop or goes."""
+    token = bytes.fromhex(os.environ.pop(TOKEN_ENV))
+    try:
+        sock = socket.create_connection((address, port))
+        sock.sendall(token)
+        _, argv, env, bind = wire.recv_message(sock)
+    except OSError:
+        return 1  # the driver stopped the service before it began
+    server_port = free_port(bind)
+    with tempfile.NamedTemporaryFile(prefix="rhapsody-service-", suffix=".log",
+                                     delete=False) as log:
+        try:
+            proc = subprocess.Popen(fill(argv, bind, server_port), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **env}, start_new_session=True,
+                                    preexec_fn=die_with_parent)
+        except OSError as exc:
+            os.unlink(log.name)
+            wire.send_message(sock, ("failed", f"{type(exc).__name__}: {exc}"))
+            return 1
+    keep = False
+    try:
+        wire.send_message(sock, ("started", bind, server_port, proc.pid, log.name))
+        keep = _serve(sock, proc, log.name)
+    except (ConnectionError, OSError):
+        pass  # the driver is gone: nobody needs the server or its log
+    finally:
+        kill_tree(proc)  # the group even if its leader died: engines fork helpers
+        proc.wait()
+        if not keep:
+            os.unlink(log.name)
+        sock.close()
+    return 0
+
+
+def _serve(sock: socket.socket, proc: subprocess.Popen, log: str) -> bool:
+    """Answer the driver's requests until it says stop; return whether to keep the log."""
+    while True:
+        request = wire.recv_message(sock)
+        if request[0] == "stop":
+            return bool(request[1])
+        if request[0] == "wait":
+            wire.send_message(sock, wait_exit(proc, request[1]))
+        elif request[0] == "tail":
+            wire.send_message(sock, read_tail(log, request[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
