@@ -32,6 +32,7 @@ TOKEN_BYTES = 32
 TOKEN_ENV = "RHAPSODY_SERVICE_TOKEN"  # how the service host gets its token
 ACCEPT_TICK = 0.5  # while waiting for the service host, check this often that it lives
 STOP_TIMEOUT = 10.0  # stop() kills a service host that takes longer to end
+ANSWER_TIMEOUT = 30.0  # a service host that takes longer to answer is given up on
 
 
 class DragonServer:
@@ -117,7 +118,7 @@ class DragonServer:
             except OSError:
                 ok = False
             if ok:
-                conn.settimeout(None)
+                conn.settimeout(ANSWER_TIMEOUT)
                 listener.close()
                 return conn
             conn.close()  # not our service host
@@ -125,10 +126,13 @@ class DragonServer:
     def _error(self, what: str) -> RuntimeError:
         return RuntimeError(f"the inference service for model {self.name!r} {what}")
 
-    def _ask(self, request: tuple) -> Any:
+    def _ask(self, request: tuple, seconds: float = 0.0) -> Any:
+        """The service host's answer (None once it is gone); it answers within
+        ``seconds`` plus ``ANSWER_TIMEOUT``, or counts as gone (its host may be down)."""
         with self.talk:
             if self.gone is None and self.sock is not None:
                 try:
+                    self.sock.settimeout(seconds + ANSWER_TIMEOUT)
                     wire.send_message(self.sock, request)
                     return wire.recv_message(self.sock)
                 except OSError as exc:
@@ -141,7 +145,7 @@ class DragonServer:
     def wait(self, timeout: float) -> Optional[int]:
         """The server's exit status, waiting up to ``timeout`` s for it (None: running)."""
         if self.code is None and self.sock is not None:
-            self.code = self._ask(("wait", timeout))
+            self.code = self._ask(("wait", timeout), timeout)
             if self.gone is not None:
                 self.code = -9  # the keeper died, and the server with it
         return self.code
