@@ -2,7 +2,8 @@
 
 Starting Dragon costs seconds, so every scenario in tests/dragon_runtime shares one
 launch and one Batch runtime; this test starts it, bounds it, and checks that the
-launch passed every scenario and left no Dragon process behind.
+launch passed every scenario and left no Dragon process behind. The examples in
+examples/dragon run here too, each in a launch of its own, as a user runs them.
 """
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SCENARIOS = os.path.join(ROOT, "tests", "dragon_runtime")
+EXAMPLES = os.path.join(ROOT, "examples", "dragon")
 
 
 def dragon_pids() -> set:
@@ -30,24 +32,44 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     launcher = shutil.which("dragon")
     assert launcher, 'the Dragon launcher is missing: pip install ".[test]" installs dragonhpc'
     before = dragon_pids()
-    cmd = [launcher, sys.executable, "-m", "pytest", SCENARIOS, "-q", "-p", "no:cacheprovider",
-           "-o", "addopts=-ra"]
+    code, output = _launch([launcher, sys.executable, "-m", "pytest", SCENARIOS, "-q", "-p",
+                            "no:cacheprovider", "-o", "addopts=-ra"], 840)
+    summary = re.search(r"(\d+) passed", output)
+    assert code == 0 and summary, output[-6000:]
+    assert int(summary.group(1)) == _scenario_count(), output[-6000:]
+    left = dragon_pids() - before
+    assert not left, f"Dragon processes left behind: {sorted(left)}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("example, args, shows", [
+    ("ai_on_a_gpu.py", ["--gpus", "2"], r"analyse ran on \S+, GPU \d; best run \d\nsummary: \w"),
+    ("cpu_gpu_affinity.py", ["--gpus", "4"], r"gpu only .*CUDA_VISIBLE_DEVICES=\d"),
+    ("gpu_round_robin.py", ["--gpus", "4"], r"task 7: host \S+, CUDA_VISIBLE_DEVICES=3"),
+    ("multi_rank_job.py", [], r"executable ranks: \['rank 0 of 2', 'rank 1 of 2'\]"),
+])
+def test_dragon_example_runs_under_the_launcher_and_leaves_no_process(example, args, shows):
+    before = dragon_pids()
+    code, output = _launch([shutil.which("dragon"), os.path.join(EXAMPLES, example), *args], 240)
+    assert code == 0 and re.search(shows, output), output[-3000:]
+    assert not dragon_pids() - before, "Dragon processes left behind"
+
+
+def _launch(cmd: list, seconds: float) -> tuple:
+    """Run the Dragon launcher on ``cmd``; its exit code and output. On a timeout, kill
+    its whole process group, clean up after Dragon and fail."""
     # its own process group, to kill it all on a timeout; not its own session: the
     # dragon launcher started by setsid hangs without a word (dragonhpc 0.15)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, preexec_fn=os.setpgrp)
     try:
-        output, _ = proc.communicate(timeout=840)
+        output, _ = proc.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         subprocess.run(["dragon-cleanup"], capture_output=True)
-        pytest.fail("the Dragon scenarios did not finish in 840 s:\n" + output[-6000:])
-    summary = re.search(r"(\d+) passed", output)
-    assert proc.returncode == 0 and summary, output[-6000:]
-    assert int(summary.group(1)) == _scenario_count(), output[-6000:]
-    left = dragon_pids() - before
-    assert not left, f"Dragon processes left behind: {sorted(left)}"
+        pytest.fail(f"{cmd[1:]} did not finish under dragon in {seconds} s:\n" + output[-6000:])
+    return proc.returncode, output
 
 
 @pytest.mark.timeout(300)
