@@ -29,14 +29,16 @@ class Model:
     """A declared model (see :func:`model`)."""
 
     __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args", "timeout",
-                 "retries", "concurrency", "ready_timeout", "host")
+                 "retries", "concurrency", "ready_timeout", "host", "lists")
 
     def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
                  gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
                  timeout: float = 120.0, retries: int = 2, concurrency: int = 8,
-                 ready_timeout: float = 300.0, host: Optional[str] = None) -> None:
+                 ready_timeout: float = 300.0, host: Optional[str] = None,
+                 lists: Optional[bool] = None) -> None:
         self.name, self.engine, self.path, self.url = name, engine, path, url
         self.host = host
+        self.lists = engine == "vllm" if lists is None else lists
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         self.ready_timeout = ready_timeout
@@ -44,7 +46,7 @@ class Model:
     @property
     def takes_lists(self) -> bool:
         """Whether ``/v1/completions`` answers a list of prompts in one request."""
-        return self.engine == "vllm"
+        return self.lists
 
     def check(self, who: str) -> None:
         """Raise if this model cannot be served here: engine missing, weights missing."""
@@ -71,7 +73,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
           url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
           api_key: Optional[str] = None, args: Sequence[str] = (), timeout: float = 120.0,
           retries: int = 2, concurrency: int = 8, ready_timeout: float = 300.0,
-          host: Optional[str] = None) -> Model:
+          host: Optional[str] = None, lists: Optional[bool] = None) -> Model:
     """Declare a model that AI nodes can name.
 
     Args:
@@ -92,6 +94,8 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         concurrency: most requests in flight at once for a fan-out (engines that take
             no list of prompts).
         ready_timeout: seconds a server we start may take to answer ``/v1/models``.
+        lists: whether the server's ``/v1/completions`` takes a list of prompts in one
+            request (default: True for vLLM, False otherwise; say True for a url= vLLM).
     Raises:
         ValueError: an engine without a path, a path and a url, or an unknown engine.
     """
@@ -117,9 +121,11 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
     if host is not None and (url is not None or not isinstance(host, str) or not host):
         raise ValueError(f"model {name!r}: host= must be a host name, for a server this "
                          f"project starts (not with url=); got {host!r}")
+    if lists is not None and not isinstance(lists, bool):
+        raise ValueError(f"model {name!r}: lists= must be True or False, got {lists!r}")
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
-              retries, concurrency, float(ready_timeout), host)
+              retries, concurrency, float(ready_timeout), host, lists)
     _MODELS[name] = m
     return m
 

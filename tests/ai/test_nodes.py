@@ -123,6 +123,13 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
     assert not child_pids() - before
 
 
+def test_only_vllm_or_a_url_model_declared_with_lists_gets_one_list_request():
+    assert rhapsody.model("v", engine="vllm", path="x").takes_lists
+    assert not rhapsody.model("l", engine="llama_cpp", path="x").takes_lists
+    assert not rhapsody.model("u", url="http://127.0.0.1:1/v1").takes_lists
+    assert rhapsody.model("u", url="http://127.0.0.1:1/v1", lists=True).takes_lists
+
+
 @pytest.mark.parametrize("kwargs, text", [
     ({"engine": "llama_cpp"}, "needs path="),
     ({"engine": "torch", "path": "x"}, "engine must be one of"),
@@ -131,6 +138,7 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
     ({"url": "http://127.0.0.1:1/v1", "timeout": 0}, "timeout must be a number of seconds > 0"),
     ({"url": "http://127.0.0.1:1/v1", "host": "n1"}, "host= must be a host name.*not with url="),
     ({"engine": "llama_cpp", "path": "x", "host": 3}, "host= must be a host name"),
+    ({"url": "http://127.0.0.1:1/v1", "lists": "yes"}, "lists= must be True or False"),
 ])
 def test_bad_model_declarations_are_refused(kwargs, text):
     with pytest.raises(ValueError, match=text):
