@@ -219,6 +219,14 @@ class DragonBackend(LocalBackend):
             raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
         return _Prepared(0, self._program, args)
 
+    def admit(self, node: Node, prepared: Any) -> bool:
+        if node.kind == AI:
+            # before a launch thread starts the server as a Dragon process: the first
+            # use of Dragon's channels in a process is not thread-safe (0.15:
+            # DRAGON_LOCK_ALREADY_INITD when Batch() starts at the same time)
+            self.start()
+        return super().admit(node, prepared)
+
     def start(self, n: Optional[int] = None) -> "DragonBackend":
         """Start the Batch client now, rather than with the first node."""
         if self._batch is None:
