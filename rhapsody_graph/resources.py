@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UnsatisfiableError
 
-__all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host",
+__all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host", "gpu_masks",
            "current_placement"]
 
 DISTRIBUTIONS = ("block", "round_robin")
@@ -97,6 +97,16 @@ class Resources:
         return ", ".join(said)
 
 
+def gpu_masks(gpus: Sequence[int]) -> Dict[str, str]:
+    """The variables that show a process only ``gpus`` (NVIDIA, AMD, Intel); empty: none.
+
+    >>> gpu_masks([2, 3])["CUDA_VISIBLE_DEVICES"]
+    '2,3'
+    """
+    ids = ",".join(map(str, gpus))
+    return {"CUDA_VISIBLE_DEVICES": ids, "ROCR_VISIBLE_DEVICES": ids, "ZE_AFFINITY_MASK": ids}
+
+
 class Placement:
     """Concrete resources granted to one rank: a host, core ids and GPU ids."""
 
@@ -117,9 +127,7 @@ class Placement:
         """The environment a process placed here sees (GPU masks, rank, placement)."""
         gpu_ids = ",".join(map(str, self.gpus))
         return {
-            "CUDA_VISIBLE_DEVICES": gpu_ids,
-            "ROCR_VISIBLE_DEVICES": gpu_ids,
-            "ZE_AFFINITY_MASK": gpu_ids,
+            **gpu_masks(self.gpus),
             "RHAPSODY_HOST": self.host,
             "RHAPSODY_CPUS": ",".join(map(str, self.cpus)),
             "RHAPSODY_GPUS": gpu_ids,

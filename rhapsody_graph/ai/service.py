@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .models import Model
-from ..resources import Ledger, Placement, Resources
+from ..resources import Ledger, Placement, Resources, gpu_masks
 
 __all__ = ["Service", "Services", "LocalServer", "fill", "free_port", "read_tail",
            "wait_exit"]
@@ -196,10 +196,8 @@ class Service:
             key = ["--api-key", m.api_key] if m.api_key else []
         return argv + key + list(m.args)
 
-    def _gpu_env(self) -> dict:
-        gpus = ",".join(map(str, self.placement.gpus)) if self.placement else ""
-        return {"CUDA_VISIBLE_DEVICES": gpus, "ROCR_VISIBLE_DEVICES": gpus,
-                "ZE_AFFINITY_MASK": gpus}
+    def _gpu_env(self) -> Dict[str, str]:
+        return gpu_masks(self.placement.gpus if self.placement else ())
 
     def died(self, grace: float = 0.0) -> bool:
         """Whether the server has exited (waiting up to ``grace`` seconds to see it)."""
