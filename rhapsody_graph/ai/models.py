@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 __all__ = ["Model", "model", "lookup", "smollm2_path", "ENGINES"]
@@ -29,7 +30,7 @@ class Model:
     """A declared model (see :func:`model`)."""
 
     __slots__ = ("name", "engine", "path", "url", "gpus", "cpus", "api_key", "args", "timeout",
-                 "retries", "concurrency", "ready_timeout", "host", "lists")
+                 "retries", "concurrency", "ready_timeout", "host", "lists", "given")
 
     def __init__(self, name: str, engine: str, path: Optional[str], url: Optional[str],
                  gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
@@ -39,6 +40,7 @@ class Model:
         self.name, self.engine, self.path, self.url = name, engine, path, url
         self.host = host
         self.lists = engine == "vllm" if lists is None else lists
+        self.given = path  # as declared, for messages
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         self.ready_timeout = ready_timeout
@@ -60,9 +62,14 @@ class Model:
             raise RuntimeError(f"{who}: model {self.name!r} needs the {self.engine!r} engine, "
                                f"which is not installed: {install}")
         if not os.path.exists(self.path):
+            hint = ""
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", self.given or ""):
+                hint = (f"; {self.given!r} looks like a Hugging Face hub id: download it first "
+                        f"(huggingface-cli download {self.given} --local-dir DIR) and declare "
+                        "path=DIR")
             raise FileNotFoundError(f"{who}: the weights of model {self.name!r} are not at "
                                     f"{self.path!r}; declare the right path= (nothing is "
-                                    "downloaded at run time)")
+                                    f"downloaded at run time){hint}")
 
     def __repr__(self) -> str:
         where = self.url or self.path
@@ -126,6 +133,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
               retries, concurrency, float(ready_timeout), host, lists)
+    m.given = path
     _MODELS[name] = m
     return m
 

@@ -86,6 +86,13 @@ def test_missing_weights_fail_before_anything_runs(backend, tmp_path):
         rhapsody.ai("hi", model="ghost").compute(backend=backend)
 
 
+def test_a_hub_id_for_path_is_refused_saying_to_download_it_first(backend):
+    rhapsody.model("hub", engine="llama_cpp", path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match="looks like a Hugging Face hub id: download it "
+                                                "first .*huggingface-cli download"):
+        rhapsody.ai("hi", model="hub").compute(backend=backend)
+
+
 def serving(backend, model: str, seconds: float = 120):
     """``model``'s service once its server answers (None if not within ``seconds``)."""
     deadline = time.monotonic() + seconds
