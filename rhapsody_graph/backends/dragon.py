@@ -132,6 +132,16 @@ class _BatchProc:
             except Exception:
                 pass
 
+    def ended(self) -> bool:
+        """Whether Batch has seen this killed call end (never waits)."""
+        if self.handle is None:
+            return True
+        try:
+            self.handle.get(block=False)
+        except Exception as exc:  # its result may be an error: it ended all the same
+            return type(exc).__name__ != "TaskNotReadyError"
+        return True
+
     def settle(self, deadline: float) -> None:
         """Wait (until ``deadline``) for Batch to see this killed call end."""
         if self.handle is not None:
@@ -491,6 +501,11 @@ class DragonBackend(LocalBackend):
         super().end_lease(lease)
         if w is not None and not w.queue:
             self._detach(w)  # its Batch call ends and frees its pool slot
+
+    def end_run(self) -> None:
+        super().end_run()
+        # forget the killed calls Batch has seen end (the rest wait for shutdown)
+        self._stopped[:] = [proc for proc in self._stopped if not proc.ended()]
 
     def _end_jobs(self) -> None:
         """End every job and give up on the workers still starting."""
