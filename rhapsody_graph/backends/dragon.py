@@ -360,7 +360,8 @@ class DragonBackend(LocalBackend):
                                                    gpu_affinity=list(placement.gpus))
         policy = Policy(placement=Policy.Placement.HOST_NAME, host_name=host, **pinned)
         bind = LOOPBACK if host == self._here else self._ip(host)
-        return DragonServer(model.name, host, bind, self._reachable(), policy, self.start_timeout)
+        # admit() started Batch, and with it the listener whose address workers reach
+        return DragonServer(model.name, host, bind, self._address[0], policy, self.start_timeout)
 
     def _ip(self, host: str) -> str:
         """The address Dragon reports for ``host`` (else what its name resolves to)."""
