@@ -36,11 +36,11 @@ class Model:
                  gpus: int, cpus: int, api_key: Optional[str], args: Tuple[str, ...],
                  timeout: float = 120.0, retries: int = 2, concurrency: int = 8,
                  ready_timeout: float = 300.0, host: Optional[str] = None,
-                 lists: Optional[bool] = None) -> None:
+                 lists: Optional[bool] = None, given: Optional[str] = None) -> None:
         self.name, self.engine, self.path, self.url = name, engine, path, url
         self.host = host
         self.lists = engine == "vllm" if lists is None else lists
-        self.given = path  # as declared, for messages
+        self.given = given or path  # the path as declared, for messages
         self.gpus, self.cpus, self.api_key, self.args = gpus, cpus, api_key, args
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         self.ready_timeout = ready_timeout
@@ -132,8 +132,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         raise ValueError(f"model {name!r}: lists= must be True or False, got {lists!r}")
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
-              retries, concurrency, float(ready_timeout), host, lists)
-    m.given = path
+              retries, concurrency, float(ready_timeout), host, lists, path)
     _MODELS[name] = m
     return m
 

@@ -28,8 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from .models import Model
 from ..resources import Ledger, Placement, Resources, gpu_masks
 
-__all__ = ["Service", "Services", "LocalServer", "fill", "free_port", "read_tail",
-           "wait_exit"]
+__all__ = ["Service", "Services", "LocalServer", "local_server", "fill", "free_port"]
 
 LOOPBACK = "127.0.0.1"
 HOST_MARK, PORT_MARK = "{host}", "{port}"  # in a server's argv, until its address is known
@@ -47,32 +46,18 @@ def fill(argv: Sequence[str], host: str, port: int) -> List[str]:
     return [host if a == HOST_MARK else str(port) if a == PORT_MARK else a for a in argv]
 
 
-def wait_exit(proc: subprocess.Popen, timeout: float) -> Optional[int]:
-    """``proc``'s exit status, waiting up to ``timeout`` seconds for it (None: running)."""
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def read_tail(path: Optional[str], lines: int) -> str:
-    """The last ``lines`` lines of the log at ``path``."""
-    try:
-        with open(path, errors="replace") as f:  # type: ignore[arg-type]
-            return "".join(f.readlines()[-lines:])
-    except (OSError, TypeError):
-        return "(no log)"
-
-
 class LocalServer:
-    """A server process of this driver, listening on loopback, logging to a temp file.
+    """A server process of this process, listening on ``bind``, logging to a temp file.
 
-    ``stop()`` may come from another thread at any time, also during ``start()``:
-    a server stopped before it started is never started.
+    ``preexec_fn`` runs in the child before the server starts (the Dragon service
+    host makes it die with its keeper). ``stop()`` may come from another thread at
+    any time, also during ``start()``: a server stopped before it started is never
+    started.
     """
 
-    def __init__(self, model: Model, placement: Optional[Placement] = None) -> None:
-        self.name = model.name  # the placement's GPUs reach the server in its env
+    def __init__(self, name: str, bind: str = LOOPBACK,
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
+        self.name, self.bind, self.preexec_fn = name, bind, preexec_fn
         self.proc: Optional[subprocess.Popen] = None
         self.log: Optional[str] = None
         self.stopped = False
@@ -84,27 +69,38 @@ class LocalServer:
 
     def start(self, argv: Sequence[str], env: Dict[str, str]) -> str:
         """Start ``argv`` (with its address marks filled in); return the server's URL."""
-        port = free_port()
+        port = free_port(self.bind)
         log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{self.name}-", suffix=".log",
                                           delete=False)
         self.log = log.name
         with log, self.lock:
             if self.stopped:
                 raise RuntimeError(f"the inference service for model {self.name!r} was stopped")
-            self.proc = subprocess.Popen(fill(argv, LOOPBACK, port), stdout=log,
+            self.proc = subprocess.Popen(fill(argv, self.bind, port), stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **env}, start_new_session=True)
-        return f"http://{LOOPBACK}:{port}/v1"
+                                         env={**os.environ, **env}, start_new_session=True,
+                                         preexec_fn=self.preexec_fn)
+        return f"http://{self.bind}:{port}/v1"
 
     def returncode(self) -> Optional[int]:
         return None if self.proc is None else self.proc.poll()
 
     def wait(self, timeout: float) -> Optional[int]:
         """The exit status, waiting up to ``timeout`` seconds for it (None: running)."""
-        return None if self.proc is None else wait_exit(self.proc, timeout)
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def tail(self, lines: int) -> str:
-        return read_tail(self.log, lines)
+        """The last ``lines`` lines of the log."""
+        try:
+            with open(self.log, errors="replace") as f:  # type: ignore[arg-type]
+                return "".join(f.readlines()[-lines:])
+        except (OSError, TypeError):
+            return "(no log)"
 
     def stop(self, keep_log: bool) -> None:
         """Kill the server's process group, wait for it, delete its log unless kept."""
@@ -125,11 +121,17 @@ class LocalServer:
 Spawn = Callable[[Model, Optional[Placement]], Any]
 
 
+def local_server(model: Model, placement: Optional[Placement] = None) -> LocalServer:
+    """The local backend's :data:`Spawn`: a child of the driver on loopback (the
+    placement's GPUs reach the server in its environment)."""
+    return LocalServer(model.name)
+
+
 class Service:
     """One running inference server for ``model`` (or a remote endpoint)."""
 
     def __init__(self, model: Model, placement: Optional[Placement] = None,
-                 spawn: Spawn = LocalServer) -> None:
+                 spawn: Spawn = local_server) -> None:
         self.model, self.placement, self.spawn = model, placement, spawn
         self.server: Any = None
         self.client: Any = None
@@ -237,7 +239,7 @@ class Services:
     :meth:`release_idle` knows which services no node is using.
     """
 
-    def __init__(self, spawn: Spawn = LocalServer) -> None:
+    def __init__(self, spawn: Spawn = local_server) -> None:
         self.spawn = spawn  # where the backend runs servers
         self.running: Dict[str, Service] = {}  # model name -> Service
         self.users: Dict[int, Service] = {}  # tid of a running AI node -> its service

@@ -85,13 +85,13 @@ class DragonServer:
                 raise self._error("was stopped")
             self.sock = conn
         with self.talk:
-            wire.send_message(conn, ("start", list(argv), env, self.bind))
+            wire.send_message(conn, ("start", self.name, list(argv), env, self.bind))
             answer = wire.recv_message(conn)
         if answer[0] == "failed":
             raise self._error(f"could not start its server on host {self.host!r}: {answer[1]}")
-        _, address, port, self.pid, log = answer
+        _, url, self.pid, log = answer
         self.log = f"{self.host}:{log}"
-        return f"http://{address}:{port}/v1"
+        return url
 
     def _accept(self, listener: socket.socket, token: bytes) -> socket.socket:
         """The service host's authenticated connection."""

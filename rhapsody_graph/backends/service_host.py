@@ -4,10 +4,11 @@
 (``python -m rhapsody_graph.backends.service_host ADDRESS PORT``, the run's token in
 ``RHAPSODY_SERVICE_TOKEN``) on the service's host, pinned to its cores and GPUs. It
 connects back to the driver, proves it belongs to the run, and is sent one
-``("start", argv, env, bind)``. It then starts the server on a free port of the
-``bind`` address, in a session of its own that dies with this process
+``("start", model_name, argv, env, bind)``. It then starts the server as a
+:class:`~rhapsody_graph.ai.service.LocalServer` on a free port of the ``bind``
+address, in a session of its own that dies with this process
 (``PR_SET_PDEATHSIG``), its output in a log file on this host, and answers
-``("started", bind, port, pid, log)`` (``("failed", why)`` if it cannot).
+``("started", url, pid, log)`` (``("failed", why)`` if it cannot).
 
 From then on it answers the driver's requests (:mod:`.wire` frames):
 ``("wait", seconds)`` → the server's exit status or None (still running), and
@@ -19,15 +20,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 
 from . import wire
 from .dragon_service import TOKEN_ENV
 from .dragon_worker import die_with_parent
-from .launch import kill_tree
-from ..ai.service import fill, free_port, read_tail, wait_exit
+from ..ai.service import LocalServer
 
 
 def main(address: str, port: int) -> int:
@@ -36,46 +34,37 @@ def main(address: str, port: int) -> int:
     try:
         sock = socket.create_connection((address, port))
         sock.sendall(token)
-        _, argv, env, bind = wire.recv_message(sock)
+        _, name, argv, env, bind = wire.recv_message(sock)
     except OSError:
         return 1  # the driver stopped the service before it began
-    server_port = free_port(bind)
-    with tempfile.NamedTemporaryFile(prefix="rhapsody-service-", suffix=".log",
-                                     delete=False) as log:
-        try:
-            proc = subprocess.Popen(fill(argv, bind, server_port), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **env}, start_new_session=True,
-                                    preexec_fn=die_with_parent)
-        except OSError as exc:
-            os.unlink(log.name)
-            wire.send_message(sock, ("failed", f"{type(exc).__name__}: {exc}"))
-            return 1
+    server = LocalServer(name, bind, preexec_fn=die_with_parent)
     keep = False
     try:
-        wire.send_message(sock, ("started", bind, server_port, proc.pid, log.name))
-        keep = _serve(sock, proc, log.name)
-    except (ConnectionError, OSError):
+        try:
+            url = server.start(argv, env)
+        except OSError as exc:
+            wire.send_message(sock, ("failed", f"{type(exc).__name__}: {exc}"))
+            return 1
+        wire.send_message(sock, ("started", url, server.pid, server.log))
+        keep = _serve(sock, server)
+    except OSError:
         pass  # the driver is gone: nobody needs the server or its log
     finally:
-        kill_tree(proc)  # the group even if its leader died: engines fork helpers
-        proc.wait()
-        if not keep:
-            os.unlink(log.name)
+        server.stop(keep)
         sock.close()
     return 0
 
 
-def _serve(sock: socket.socket, proc: subprocess.Popen, log: str) -> bool:
+def _serve(sock: socket.socket, server: LocalServer) -> bool:
     """Answer the driver's requests until it says stop; return whether to keep the log."""
     while True:
         request = wire.recv_message(sock)
         if request[0] == "stop":
             return bool(request[1])
         if request[0] == "wait":
-            wire.send_message(sock, wait_exit(proc, request[1]))
+            wire.send_message(sock, server.wait(request[1]))
         elif request[0] == "tail":
-            wire.send_message(sock, read_tail(log, request[1]))
+            wire.send_message(sock, server.tail(request[1]))
 
 
 if __name__ == "__main__":
