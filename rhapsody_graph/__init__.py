@@ -11,15 +11,19 @@
 from .ai import ai, model, prompt, smollm2_path
 from .backends.dragon import DragonBackend, dragon_hosts
 from .backends.local import LocalBackend
-from .errors import (ExecutableError, NodeTimeoutError, RemoteError, RemoteTraceback,
-                     UnsatisfiableError, WorkerDiedError)
+from .api import compute, submit
+from .errors import (ExecutableError, NoBackendError, NodeTimeoutError, RemoteError,
+                     RemoteTraceback, UnsatisfiableError, WorkerDiedError)
+from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, Where, as_completed, wait
 from .graph import Graph, Node
 from .resources import Host, Inventory, Ledger, Placement, Resources, current_placement
-from .scheduler import compute
+from .session import Session
 from .task import ExecResult, Task, executable, map, task
 
 __all__ = [
     "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
+    "Session", "submit", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
+    "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
     "LocalBackend", "DragonBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",

@@ -15,6 +15,7 @@ __all__ = [
     "WorkerDiedError",
     "ExecutableError",
     "UnsatisfiableError",
+    "NoBackendError",
 ]
 
 
@@ -58,6 +59,16 @@ class ExecutableError(subprocess.CalledProcessError):
 
 class UnsatisfiableError(ValueError):
     """A node asks for more than any host of the inventory has."""
+
+
+class NoBackendError(ValueError):
+    """No backend of the session can run a node: an unknown ``backend=`` name, or no
+    backend that runs its kind and fits its request. ``node`` is the node's key and
+    ``tried`` the backends' names."""
+
+    def __init__(self, message: str, node: str, tried: "list[str]") -> None:
+        super().__init__(message)
+        self.node, self.tried = node, tried
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:

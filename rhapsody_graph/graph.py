@@ -26,7 +26,7 @@ import hashlib
 import itertools
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["Node", "Graph", "find_nodes", "substitute"]
+__all__ = ["Node", "Graph", "Ref", "find_nodes", "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 _seq = itertools.count()
@@ -35,14 +35,30 @@ FUNCTION = "function"
 EXECUTABLE = "executable"
 
 
-def find_nodes(objs: Sequence[Any]) -> Tuple["Node", ...]:
-    """Return the distinct nodes inside ``objs`` (nested containers included), in order."""
+class Ref:
+    """Stands for a node's value in arguments, like a node: an edge to ``self.node``.
+
+    A :class:`~rhapsody_graph.futures.Future` is one: passed to a task, it is one of
+    the new node's ``deps`` (the graph ends there: what the future's node needed has
+    run already, or is running), and the new node gets the future's value.
+    Subclasses set ``node``.
+    """
+
+    __slots__ = ()
+    node: "Node"
+
+
+def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
+    """Return the distinct nodes and :class:`Ref` s inside ``objs`` (nested containers
+    included), in order."""
     found: Dict[int, Node] = {}
     stack = list(reversed(objs))
     while stack:
         obj = stack.pop()
         kind = type(obj)
         if kind is Node:
+            found.setdefault(id(obj), obj)
+        elif isinstance(obj, Ref):
             found.setdefault(id(obj), obj)
         elif kind in _CONTAINERS or isinstance(obj, _CONTAINERS):
             if isinstance(obj, dict):
@@ -54,9 +70,11 @@ def find_nodes(objs: Sequence[Any]) -> Tuple["Node", ...]:
 
 
 def substitute(obj: Any, values: Dict[int, Any]) -> Any:
-    """Rebuild ``obj`` with every node replaced by ``values[id(node)]``."""
+    """Rebuild ``obj`` with every node (or :class:`Ref`) replaced by ``values[id(node)]``."""
     kind = type(obj)
     if kind is Node:
+        return values[id(obj)]
+    if isinstance(obj, Ref):
         return values[id(obj)]
     if isinstance(obj, dict):
         items = [(substitute(k, values), substitute(v, values)) for k, v in obj.items()]
@@ -78,7 +96,7 @@ class Node:
     Attributes:
         key: a deterministic, readable id: the name and a short hash.
         name: the task's name.
-        deps: the distinct upstream nodes found in the arguments.
+        deps: the distinct upstream nodes (and futures) found in the arguments.
         kind: ``"function"`` or ``"executable"``.
     """
 
@@ -100,7 +118,7 @@ class Node:
             if t is Node:
                 if a not in deps:
                     deps.append(a)
-            elif t in _CONTAINERS or isinstance(a, _CONTAINERS):
+            elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)):
                 deep = True
                 break
         if deep or kwargs:
@@ -115,7 +133,7 @@ class Node:
 
         Takes the keyword arguments of :func:`rhapsody_graph.compute`.
         """
-        from .scheduler import compute
+        from .api import compute
         return compute(self, **kwargs)[0]
 
     def __repr__(self) -> str:
@@ -187,7 +205,8 @@ class Graph:
             index = self._index
             for i, n in enumerate(self._order):
                 for d in n.deps:
-                    out[index[d]].append(i)
+                    if type(d) is Node:
+                        out[index[d]].append(i)
             self._dependents = out
         return tuple(self._order[i] for i in self._dependents[self._index[node]])
 
@@ -200,7 +219,7 @@ class Graph:
 
         Takes the keyword arguments of :func:`rhapsody_graph.compute`.
         """
-        from .scheduler import run
+        from .api import run
         values = run(self, **kwargs)
         return values[0] if len(values) == 1 else values
 
@@ -220,7 +239,7 @@ def _post_order(roots: Sequence[Node]) -> Tuple[List[Node], Dict[Node, int]]:
         while stack:
             node, deps = stack[-1]
             for d in deps:
-                if d not in index and d not in on_stack:
+                if type(d) is Node and d not in index and d not in on_stack:
                     on_stack.add(d)
                     stack.append((d, iter(d.deps)))
                     break

@@ -1,21 +1,27 @@
-"""The scheduler: one loop, the whole policy.
+"""The scheduler: one per session, one loop in its own thread, the whole policy.
 
-State of a run, per node index ``i`` (the graph's post-order, which is also the
-priority: lower runs first, so a branch finishes before the next one starts):
+State (all of it touched only by the scheduler thread, except where noted):
 
-* ``deps[i]`` / ``dependents[i]``: edges as index lists;
-* ``waiting[i]``: upstream nodes not yet done; falls to 0, then ``i`` is pushed on
-  the ``ready`` heap;
-* ``state[i]``: ``PENDING`` → ``READY`` → ``RUNNING`` → ``DONE`` (or back to
-  ``READY`` for a retry or a dropped call), or ``FAILED`` / ``SKIPPED`` (an upstream
-  failed);
-* ``results[i]``: the value's bytes, kept while a dependent still needs them
-  (``remaining[i]`` counts those) or ``i`` is an output, then released;
-* ``inflight``: tid → attempt (node, lease or placements); ``deadlines``: a heap of
-  (time, tid) for nodes with a ``timeout``.
+* ``tasks``: node → :class:`Task`, the record of every node submitted and not yet
+  forgotten. A record's ``state`` goes ``PENDING`` (waiting for ``waiting``
+  upstream records) → ``READY`` (on its lane's heap) → ``RUNNING`` (a call is in
+  ``inflight``) → ``DONE``, or back to ``READY`` (a retry, a dropped call), or
+  ends ``FAILED`` (its own error or an upstream one) or ``CANCELLED``.
+* ``payload``: a done record's value bytes. Its ``needed`` counts the dependents
+  not yet finished; at 0 the record leaves ``tasks`` and its bytes live on only
+  while a future holds the record (futures are the only other holders).
+* ``lanes``: one per backend: its ready heaps (``ready`` for pool nodes under
+  leases, ``ready_own`` for nodes on their own processes), its open shared leases.
+* ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
+  cancel) whose ``KILLED`` completion has not come yet: their placements go back
+  to the ledger only then; ``deadlines``: a heap of (time, tid).
+* groups: what one ``submit()``/``compute()`` added (:class:`Group`): its errors,
+  its fail-fast policy, and an event set when all of it has ended (at the end of
+  that loop pass, after an idle session's backends dropped their per-run state).
 
-One loop: ``dispatch`` admits ready nodes against the :class:`~.resources.Ledger`
-and submits them; ``backend.wait(next deadline)`` blocks until something finishes;
+One loop: ``dispatch`` admits ready records against their backend's ledger and
+submits calls; the session's :class:`~.backends.base.Completions` queue wakes it
+with completions and with what other threads asked (submit, cancel, close);
 ``complete`` records each completion and wakes dependents. Nothing polls or sleeps.
 
 Admission: a Python node with one rank runs under a :class:`~.backends.base.Lease`
@@ -23,408 +29,616 @@ Admission: a Python node with one rank runs under a :class:`~.backends.base.Leas
 up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease holds
 about 2 ms of work by the function's measured run time (1 until it is measured);
 nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
-arguments) get a lease of their own. So the priority order holds
-exactly for nodes that take 2 ms or more, and within 2 ms of queued work for tinier
-ones, where batching is what makes them cheap. Executables and multi-rank nodes get one
+arguments) get a lease of their own. Executables, multi-rank and AI nodes get one
 placement per rank from the ledger; an AI node's inference service is admitted by
-the backend (``backend.admit``) from the same ledger when its first node is ready.
-A node whose request does not fit now waits; when nothing runs and a ready node still
-waits, idle services give back what they hold (``backend.release_idle``). A node that
-can never fit is refused before anything runs.
+the backend (``backend.admit``). When nothing runs and a ready node still waits,
+idle services give back what they hold (``backend.release_idle``).
 
-Failure: a node that raises is retried up to ``retries`` times on a fresh placement;
-then its dependents are skipped and, with ``fail_fast`` (the default), nothing
-new starts while running nodes finish. ``compute()`` then raises the first error,
-with its remote traceback. Any exception that ends the loop (Ctrl-C included) kills
-every process of the backend before it propagates.
+Failure: a node that raises is retried up to ``retries`` times on a fresh
+placement; then it and everything downstream fail with its exception. In a
+fail-fast group (``compute()``'s default) nothing of that group starts any more,
+while its running nodes finish. Cancelling kills what runs and cancels what
+depends on it. Priority: submission order, then the graph's post-order.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from .backends.base import DROPPED, OK, Call, Lease
+from .backends.base import DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import NodeTimeoutError, add_note
-from .graph import Graph, substitute
-from .resources import Ledger
+from .futures import Where
 
-__all__ = ["compute", "run", "get_backend"]
+__all__ = ["Scheduler", "Task", "Group"]
 
-PENDING, READY, RUNNING, DONE, FAILED, SKIPPED = range(6)
+PENDING, READY, RUNNING, DONE, FAILED, CANCELLED = range(6)
+STATE_NAMES = {PENDING: "pending", READY: "ready", RUNNING: "running", DONE: "done",
+               FAILED: "failed", CANCELLED: "cancelled"}
+ENDED = (DONE, FAILED, CANCELLED)
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
 
 _tids = itertools.count(1)
-_default_backends: Dict[str, Any] = {}  # by name, made on first use
+_priorities = itertools.count()  # taken by submitting threads, in post-order
 
 
-def get_backend(backend: Any = None) -> Any:
-    """The backend to run on: an instance, ``"local"``, ``"dragon"``, or ``None`` (local)."""
-    name = "local" if backend is None else backend
-    if not isinstance(name, str):
-        return backend
-    if name not in ("local", "dragon"):
-        raise ValueError(f"backend {backend!r} is not available in this build; "
-                         "use 'local' or 'dragon', or pass a backend instance")
-    if name not in _default_backends:
-        if name == "dragon":
-            from .backends.dragon import DragonBackend
-            _default_backends[name] = DragonBackend()
-        else:
-            from .backends.local import LocalBackend
-            _default_backends[name] = LocalBackend()
-    return _default_backends[name]
+class Group:
+    """What one submission added: its policy, its errors, and whether it has ended."""
+
+    __slots__ = ("fail_fast", "live", "errors", "ended", "stopping")
+
+    def __init__(self, fail_fast: bool) -> None:
+        self.fail_fast = fail_fast
+        self.live = 0  # its records not yet ended
+        self.errors: List[Tuple["Task", BaseException]] = []  # in the order they failed
+        self.ended = threading.Event()  # set when live falls to 0
+        self.stopping = False  # fail-fast: a node failed, start nothing more of it
 
 
-def compute(*outputs: Any, backend: Any = None, fail_fast: bool = True) -> Tuple[Any, ...]:
-    """Run everything ``outputs`` need, once; return their values as a tuple.
+class Task:
+    """The scheduler's record of one node (see the module docstring for the fields)."""
 
-    Args:
-        outputs: nodes, or containers of nodes (returned with values in place).
-        backend: where to run (default: the embedded :class:`LocalBackend`).
-        fail_fast: on the first failure start nothing new (running nodes finish);
-            ``False`` runs every node that does not depend on a failure first.
-    Returns:
-        one value per output.
-    Raises:
-        the first failing node's own exception, with its remote traceback as
-        ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
+    __slots__ = ("node", "prio", "lane", "backend", "prepared", "leased", "group", "state",
+                 "deps", "dependents", "waiting", "needed", "payload", "futures", "failures",
+                 "tid", "where", "error", "__weakref__")
 
-    >>> from rhapsody_graph import task
-    >>> @task
-    ... def inc(x): return x + 1
-    >>> compute(inc(1), [inc(2), inc(3)])
-    (2, [3, 4])
-    """
-    return run(Graph(*outputs), backend=backend, fail_fast=fail_fast)
+    def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
+                 deps: List["Task"]) -> None:
+        self.node, self.lane, self.prepared, self.group = node, lane, prepared, group
+        self.backend = lane.backend
+        self.prio = next(_priorities)
+        self.leased = lane.backend.uses_lease(node)
+        self.state = PENDING
+        self.deps = deps  # upstream records, in the order of node.deps; () once ended
+        self.dependents: List[Task] = []  # records waiting on this one; () once ended
+        self.waiting = 0
+        self.needed = 0  # dependents not yet ended
+        self.payload: Optional[bytes] = None
+        self.futures: Optional[List[Any]] = None  # weak references to its futures
+        self.failures = 0
+        self.tid = 0  # the running call
+        self.where: Optional[Where] = None  # a done record's, for futures attached late
+        self.error: Optional[BaseException] = None  # a failed record's
 
-
-def run(graph: Graph, backend: Any = None, fail_fast: bool = True) -> Tuple[Any, ...]:
-    """Run a :class:`Graph`; return one value per output (see :func:`compute`)."""
-    b = get_backend(backend)
-    r = _Run(graph, b, fail_fast)
-    try:
-        r.loop()
-        r.raise_first_error()
-        values = {id(n): b.decode(r.results[graph.index(n)]) for n in graph.roots}
-    except BaseException:
-        b.abort()
-        raise
-    finally:
-        b.end_run()
-    return tuple(substitute(o, values) for o in graph.outputs)
+    def __repr__(self) -> str:
+        return f"<Task {self.node.key} {STATE_NAMES[self.state]}>"
 
 
-class _Attempt:
-    __slots__ = ("index", "lease", "placements")
+class Lane:
+    """One backend's share of the scheduler: its ready heaps and its leases."""
 
-    def __init__(self, index: int, lease: Optional[Lease], placements: List[Any]) -> None:
-        self.index, self.lease, self.placements = index, lease, placements
-
-
-class _Run:
-    def __init__(self, graph: Graph, backend: Any, fail_fast: bool) -> None:
-        self.graph, self.backend, self.fail_fast = graph, backend, fail_fast
-        nodes = self.nodes = graph.nodes
-        n = len(nodes)
-        index = {node: i for i, node in enumerate(nodes)}
-        self.deps = [[index[d] for d in node.deps] for node in nodes]
-        self.dependents: List[List[int]] = [[] for _ in range(n)]
-        for i, ds in enumerate(self.deps):
-            for d in ds:
-                self.dependents[d].append(i)
-        self.waiting = [len(ds) for ds in self.deps]
-        self.remaining = [len(ds) for ds in self.dependents]
-        self.state = bytearray(n)
-        self.results: List[Any] = [None] * n
-        self.attempts = [0] * n
-        self.is_output = bytearray(n)
-        for root in graph.roots:
-            self.is_output[index[root]] = 1
-        self.ledger: Ledger = backend.ledger
-        self.prepared = self.validate()
-        self.leased = [backend.uses_lease(node) for node in nodes]
-        # ready heaps: pool nodes (under leases) and nodes on their own processes
-        self.ready: List[int] = []
-        self.ready_own: List[int] = []
-        for i in range(n):
-            if not self.waiting[i]:
-                self.push(i)
-        self.inflight: Dict[int, _Attempt] = {}
-        self.deadlines: List[Tuple[float, int]] = []
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.ready: List[Tuple[int, Task]] = []  # pool nodes, under leases
+        self.ready_own: List[Tuple[int, Task]] = []  # nodes on processes of their own
         self.open_leases: Dict[tuple, List[Lease]] = {}  # shared leases by request
         self.drained: List[Lease] = []  # shared leases with nothing queued
-        self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
         self.slots = max(1, backend.slots_free())
-        self.errors: List[Tuple[int, BaseException]] = []
-        self.stopping = False
+        self.used = False  # ran something since the session was last idle
 
-    # -- before anything runs ---------------------------------------------------------
 
-    def validate(self) -> List[Any]:
-        """Refuse bad input before anything runs: backend, resources, picklability."""
-        b, inventory = self.backend, self.backend.inventory
-        checked = set()
-        prepared = []
-        for node in self.nodes:
-            opts = node.opts
-            if opts.backend is not None and opts.backend != b.name:
-                raise ValueError(f"node {node.key!r} asks for backend {opts.backend!r}, but "
-                                 f"compute() runs on {b.name!r}; pass backend=... or drop the option")
-            res = opts.resources
-            if res.key not in checked:
-                inventory.check(res, f"node {node.key!r}")
-                checked.add(res.key)
-            prepared.append(b.prepare(node))
-        return prepared
+class Attempt:
+    __slots__ = ("task", "lease", "placements", "start", "after")
 
-    # -- the loop -------------------------------------------------------------------------
+    def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any]) -> None:
+        self.task, self.lease, self.placements = task, lease, placements
+        self.start = time.time()
+        self.after: Optional[Callable[[], None]] = None  # once killed: what then
 
-    def loop(self) -> None:
-        b = self.backend
+
+class Scheduler:
+    """The state machine of one session, run by :meth:`run` in the session's thread."""
+
+    def __init__(self, backends: Sequence[Any], completions: Completions) -> None:
+        self.completions = completions
+        self.lanes = {id(b): Lane(b) for b in backends}
+        self.tasks: Dict[Any, Task] = {}  # read (only) by submitting threads too
+        self.inflight: Dict[int, Attempt] = {}
+        self.killing: Dict[int, Attempt] = {}
+        self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
+        self.deadlines: List[Tuple[float, int]] = []
+        self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
+        self.live = 0
+        self.ended: List[Group] = []  # groups whose events are set at the end of the pass
+        self.closing = False
+        self.closed = threading.Event()
+
+    # -- asked from any thread (each runs later on the scheduler thread) ------------------
+
+    def take(self, new: List[Task], attach: List[Tuple[Task, Any]], group: Group) -> None:
+        """Add ``new`` records (in post-order) and give ``attach`` futures to their records."""
+        self.completions.post(lambda out: self._take(new, attach, group))
+
+    def cancel(self, tasks: Optional[List[Task]]) -> threading.Event:
+        """Cancel ``tasks`` (``None``: everything); the event is set once their
+        processes are gone."""
+        done = threading.Event()
+        self.completions.post(lambda out: self._cancel(tasks, done))
+        return done
+
+    def abort_idle(self) -> threading.Event:
+        """If nothing is left to run, end every backend's processes (workers too): a
+        failed ``compute()`` leaves no process behind. The event is set once done."""
+        done = threading.Event()
+
+        def abort(out: List[Any]) -> None:
+            if not self.live and not self.inflight and not self.killing:
+                for lane in self.lanes.values():
+                    self._end_drained(lane)
+                    lane.open_leases.clear()
+                    lane.backend.abort()
+            done.set()
+        self.completions.post(abort)
+        return done
+
+    def close(self) -> None:
+        """Cancel everything and end the loop once every killed call has reported."""
+        def closing(out: List[Any]) -> None:
+            self._cancel(None, threading.Event())
+            self.closing = True
+        self.completions.post(closing)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        wait = self.completions.wait
         while True:
-            if self.stopping:
-                self.end_drained()
+            try:
+                self._dispatch()
+                if not self.inflight and not self.killing:
+                    if self.closing:
+                        break
+                    if self._when_nothing_runs():
+                        continue
+                if self.ended:  # after _idle(): a compute() returns with backends at rest
+                    for group in self.ended:
+                        group.ended.set()
+                    self.ended.clear()
+                timeout = None
+                if self.deadlines:
+                    timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
+                for tid, status, payload, seconds in wait(timeout):
+                    self._complete(tid, status, payload, seconds)
+                if self.deadlines:
+                    self._expire()
+            except BaseException as exc:  # a bug here must not hang every future
+                self._crash(exc)
+        for group in self.ended:
+            group.ended.set()
+        self.closed.set()
+
+    def _when_nothing_runs(self) -> bool:
+        """Free idle services for nodes that wait (True: dispatch again), fail what
+        can never start, or let backends drop per-run state when nothing is left."""
+        lanes = [lane for lane in self.lanes.values() if lane.ready or lane.ready_own]
+        for lane in lanes:
+            if lane.ready_own and lane.backend.release_idle():
+                return True  # an idle inference service held what a ready node needs
+        for lane in lanes:
+            for _, t in lane.ready + lane.ready_own:
+                if t.state == READY:
+                    self._fail(t, RuntimeError(
+                        f"node {t.node.key!r} can never start: the scheduler stalled with it "
+                        "ready and nothing running; please report this"), final=True)
+            lane.ready.clear()
+            lane.ready_own.clear()
+        if not self.live:
+            self._idle()
+        return False
+
+    def _idle(self) -> None:
+        """Nothing is left to run: backends drop their per-run state."""
+        for lane in self.lanes.values():
+            if lane.used:
+                lane.used = False
+                self._end_drained(lane)
+                lane.backend.end_run()
+        self.seconds.clear()
+
+    def _crash(self, exc: BaseException) -> None:
+        """An error in the loop itself: fail everything, kill every process, go on."""
+        for t in list(self.tasks.values()):
+            if t.state not in ENDED:
+                self._fail(t, exc, final=True)
+        for lane in self.lanes.values():
+            lane.backend.abort()
+            lane.ready.clear()
+            lane.ready_own.clear()
+            lane.open_leases.clear()
+            lane.drained.clear()
+        self.inflight.clear()
+        self.killing.clear()
+        for _, event in self.kill_waits:
+            event.set()
+        self.kill_waits.clear()
+        for group in self.ended:
+            group.ended.set()
+        self.ended.clear()
+
+    # -- taking submissions --------------------------------------------------------------
+
+    def _take(self, new: List[Task], attach: List[Tuple[Task, Any]], group: Group) -> None:
+        tasks = self.tasks
+        for t in new:
+            tasks.setdefault(t.node, t)
+            group.live += 1
+            self.live += 1
+            waiting = 0
+            upstream_failed = None
+            for d in t.deps:
+                d.needed += 1
+                if d.state == DONE:
+                    continue
+                if d.state in (FAILED, CANCELLED):
+                    upstream_failed = d
+                    continue
+                d.dependents.append(t)
+                waiting += 1
+            t.waiting = waiting
+            if upstream_failed is not None:
+                self._end_unrun(t, upstream_failed)
+            elif not waiting:
+                self._push(t)
+        for t, fut in attach:
+            if t.state == DONE:
+                fut._finish(t.where)
+            elif t.state == FAILED:
+                fut._fail(t.error)
+            elif t.state == CANCELLED:
+                fut._cancelled()
             else:
-                self.dispatch()
-            if not self.inflight:
-                if self.ready_own and not self.stopping and b.release_idle():
-                    continue  # an idle inference service held what a ready node needs
-                if (self.ready or self.ready_own) and not self.stopping:
-                    raise RuntimeError("scheduler stalled with ready nodes and nothing "
-                                       "running; please report this")
-                return
-            timeout = None
-            if self.deadlines:
-                timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
-            for tid, status, payload, seconds in b.wait(timeout):
-                self.complete(tid, status, payload, seconds)
-            if self.deadlines:
-                self.expire()
+                if t.futures is None:
+                    t.futures = []
+                t.futures.append(weakref.ref(fut))
+                if t.state == RUNNING:
+                    fut._start()
+        if not group.live:
+            self.ended.append(group)
 
-    def push(self, i: int) -> None:
-        self.state[i] = READY
-        heapq.heappush(self.ready if self.leased[i] else self.ready_own, i)
+    def _end_unrun(self, t: Task, upstream: Task) -> None:
+        """``t`` depends on an ended record that has no value: end it the same way."""
+        if upstream.state == CANCELLED:
+            self._cancel_one(t, set())
+        else:
+            self._fail(t, upstream.error, final=True)
 
-    def dispatch(self) -> None:
-        while True:
-            if self.ready_own:
-                # their placements (and an AI node's service) come fresh from the ledger:
-                # drained leases must not hold cores against them
-                self.end_drained()
-                self.dispatch_own()
-            if self.ready:
-                self.dispatch_leased()
-            # drained leases stay open through one pass, so a chain reuses its worker;
-            # the ones not reused are ended, and what they held may admit more nodes
-            if not (self.end_drained() and (self.ready or self.ready_own)):
-                break
-        self.backend.flush()
+    def _push(self, t: Task) -> None:
+        t.state = READY
+        lane = t.lane
+        heapq.heappush(lane.ready if t.leased else lane.ready_own, (t.prio, t))
 
-    def end_drained(self) -> bool:
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for lane in self.lanes.values():
+            if not (lane.ready or lane.ready_own or lane.drained):
+                continue
+            while True:
+                if lane.ready_own:
+                    # their placements (and an AI node's service) come fresh from the
+                    # ledger: drained leases must not hold cores against them
+                    self._end_drained(lane)
+                    self._dispatch_own(lane)
+                if lane.ready:
+                    self._dispatch_leased(lane)
+                # drained leases stay open through one pass, so a chain reuses its
+                # worker; the ones not reused are ended, and may admit more nodes
+                if not (self._end_drained(lane) and (lane.ready or lane.ready_own)):
+                    break
+            lane.backend.flush()
+
+    def _end_drained(self, lane: Lane) -> bool:
         """End the shared leases left with nothing queued; True if any was ended."""
-        ended = [lease for lease in self.drained if not lease.outstanding]
-        self.drained.clear()
+        ended = [lease for lease in lane.drained if not lease.outstanding]
+        lane.drained.clear()
         for lease in ended:
-            self.end_lease(lease)
+            self._end_lease(lane, lease)
         return bool(ended)
 
-    def dispatch_own(self) -> None:
-        """Executables, multi-rank and AI nodes: one placement per rank, if they fit now
-        (and, for an AI node, its inference service: see ``backend.admit``)."""
-        ready, blocked, deferred = self.ready_own, set(), []
+    def _dispatch_own(self, lane: Lane) -> None:
+        """Executables, multi-rank and AI nodes: one placement per rank, if they fit now."""
+        ready, backend = lane.ready_own, lane.backend
+        blocked: set = set()
+        deferred = []
         while ready:
-            i = heapq.heappop(ready)
-            res = self.nodes[i].opts.resources
-            if not self.backend.admit(self.nodes[i], self.prepared[i]):
-                deferred.append(i)  # its service does not fit now
+            item = heapq.heappop(ready)
+            t = item[1]
+            if t.state != READY:
+                continue  # cancelled or failed while it waited
+            res = t.node.opts.resources
+            if not backend.admit(t.node, t.prepared):
+                deferred.append(item)  # its service does not fit now
                 continue
-            placements = None if res.key in blocked else self.ledger.allocate_ranks(res)
+            placements = None if res.key in blocked else backend.ledger.allocate_ranks(res)
             if placements is None:
                 blocked.add(res.key)
-                deferred.append(i)
+                deferred.append(item)
             else:
-                self.submit(i, None, placements)
-        for i in deferred:
-            heapq.heappush(ready, i)
+                self._start(t, None, placements)
+        for item in deferred:
+            heapq.heappush(ready, item)
 
-    def dispatch_leased(self) -> None:
+    def _dispatch_leased(self, lane: Lane) -> None:
         """Pool nodes: top up shared leases, or open a lease on a free slot."""
-        ready, b = self.ready, self.backend
+        ready, b = lane.ready, lane.backend
         blocked: set = set()
-        deferred: List[int] = []
+        deferred = []
         filling: set = set()
         while ready and len(deferred) < 32:
-            i = heapq.heappop(ready)
-            node = self.nodes[i]
-            opts = node.opts
+            item = heapq.heappop(ready)
+            t = item[1]
+            if t.state != READY:
+                continue
+            opts = t.node.opts
             res = opts.resources
             exclusive = res.gpus > 0 or opts.timeout is not None or opts.custom_process
             key = (res.key, exclusive)
-            lease = None if exclusive else self.lease_with_room(key, i, filling)
+            lease = None if exclusive else self._lease_with_room(lane, key, t, filling)
             if lease is None:
                 placement = None
                 if key not in blocked and b.slots_free() > 0:
-                    placement = self.ledger.allocate(res)
+                    placement = b.ledger.allocate(res)
                 if placement is None:
                     blocked.add(key)
-                    deferred.append(i)
-                    if b.slots_free() <= 0 and not self.any_lease_room(filling):
+                    deferred.append(item)
+                    if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
                         break
                     continue
                 if exclusive:
                     lease = Lease(placement, 1)
                 else:
-                    lease = Lease(placement, self.depth(i), key)
-                    self.open_leases.setdefault(key, []).append(lease)
+                    lease = Lease(placement, self._depth(lane, t), key)
+                    lane.open_leases.setdefault(key, []).append(lease)
             filling.add(lease)
             lease.outstanding += 1
-            self.submit(i, lease, [lease.placement])
-        for i in deferred:
-            heapq.heappush(ready, i)
+            self._start(t, lease, [lease.placement])
+        for item in deferred:
+            heapq.heappush(ready, item)
 
-    def lease_with_room(self, key: tuple, i: int, filling: set) -> Optional[Lease]:
-        """An open shared lease that may queue node ``i`` next, if any."""
-        leases = self.open_leases.get(key)
+    def _lease_with_room(self, lane: Lane, key: tuple, t: Task, filling: set) -> Optional[Lease]:
+        """An open shared lease that may queue ``t`` next, if any."""
+        leases = lane.open_leases.get(key)
         if not leases:
             return None
-        depth = self.depth(i)
+        depth = self._depth(lane, t)
         for lease in sorted(leases, key=lambda l: l.outstanding) if len(leases) > 1 else leases:
             lease.depth = depth
             if lease.outstanding < depth and (lease in filling or lease.outstanding <= depth // 2):
                 return lease
         return None
 
-    def any_lease_room(self, filling: set) -> bool:
+    @staticmethod
+    def _any_lease_room(lane: Lane, filling: set) -> bool:
         return any(l.outstanding < l.depth and (l in filling or l.outstanding <= l.depth // 2)
-                   for leases in self.open_leases.values() for l in leases)
+                   for leases in lane.open_leases.values() for l in leases)
 
-    def depth(self, i: int) -> int:
+    def _depth(self, lane: Lane, t: Task) -> int:
         """How many calls one shared lease may queue: ~2 ms of work, spread over slots."""
-        seconds = self.seconds.get(id(self.nodes[i].fn))
+        seconds = self.seconds.get(id(t.node.fn))
         by_time = UNKNOWN_DEPTH if seconds is None else int(LEASE_BUDGET / max(seconds, 1e-6))
-        by_spread = 1 + len(self.ready) // self.slots
+        by_spread = 1 + len(lane.ready) // lane.slots
         return max(1, min(MAX_DEPTH, by_time, by_spread))
 
-    def submit(self, i: int, lease: Optional[Lease], placements: List[Any]) -> None:
+    def _start(self, t: Task, lease: Optional[Lease], placements: List[Any]) -> None:
         tid = next(_tids)
-        node = self.nodes[i]
-        self.state[i] = RUNNING
-        self.inflight[tid] = _Attempt(i, lease, placements)
-        inputs = [self.results[d] for d in self.deps[i]]
-        self.backend.submit(Call(tid, node, self.prepared[i], inputs, placements, lease))
+        t.state = RUNNING
+        t.tid = tid
+        self.inflight[tid] = Attempt(t, lease, placements)
+        lane = t.lane
+        lane.used = True
+        node = t.node
+        lane.backend.submit(Call(tid, node, t.prepared, [d.payload for d in t.deps],
+                                 placements, lease))
         if node.opts.timeout is not None:
             heapq.heappush(self.deadlines, (time.monotonic() + node.opts.timeout, tid))
+        if t.futures:
+            for fut in _live(t.futures):
+                fut._start()
 
-    # -- completions ----------------------------------------------------------------------
+    # -- completions ---------------------------------------------------------------------
 
-    def complete(self, tid: int, status: str, payload: Any, seconds: float) -> None:
+    def _complete(self, tid: int, status: str, payload: Any, seconds: float) -> None:
         attempt = self.inflight.pop(tid, None)
         if attempt is None:
-            return  # a call already failed by its deadline
-        self.release(attempt)
-        i = attempt.index
+            attempt = self.killing.pop(tid, None)
+            if attempt is not None:  # a killed call has ended: now its placements are free
+                self._release(attempt)
+                if attempt.after is not None:
+                    attempt.after()
+                self._killed(tid)
+            return
+        self._release(attempt)
+        t = attempt.task
         if status == OK:
-            self.done(i, payload, seconds)
-        elif status == DROPPED:
-            self.push(i)
+            self._done(t, payload, seconds, attempt)
+        elif status in (DROPPED, KILLED):  # never started, or killed by an abort
+            if t.group.stopping:
+                t.state = READY
+                self._cancel_one(t, set())
+            else:
+                self._push(t)
         else:
-            self.fail(i, payload)
+            self._fail(t, payload)
 
-    def release(self, attempt: _Attempt) -> None:
+    def _release(self, attempt: Attempt) -> None:
+        lane = attempt.task.lane
         lease = attempt.lease
         if lease is None:
             for p in attempt.placements:
-                self.ledger.release(p)
+                lane.backend.ledger.release(p)
             return
         lease.outstanding -= 1
         if lease.outstanding == 0:
             if lease.executor is not None and lease.key is not None:
-                self.drained.append(lease)  # shared: ended after the next dispatch unless reused
+                lane.drained.append(lease)  # shared: ended after the next dispatch unless reused
             else:
-                self.end_lease(lease)
+                self._end_lease(lane, lease)
 
-    def end_lease(self, lease: Lease) -> None:
-        self.ledger.release(lease.placement)
-        self.backend.end_lease(lease)
+    @staticmethod
+    def _end_lease(lane: Lane, lease: Lease) -> None:
+        lane.backend.ledger.release(lease.placement)
+        lane.backend.end_lease(lease)
         if lease.key is not None:
-            self.open_leases[lease.key].remove(lease)
+            lane.open_leases[lease.key].remove(lease)
 
-    def done(self, i: int, payload: bytes, seconds: float) -> None:
-        self.state[i] = DONE
-        self.results[i] = payload
-        fid = id(self.nodes[i].fn)
+    def _done(self, t: Task, payload: bytes, seconds: float, attempt: Attempt) -> None:
+        t.state = DONE
+        t.payload = payload
+        fid = id(t.node.fn)
         last = self.seconds.get(fid)
         self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
-        remaining, results, is_output = self.remaining, self.results, self.is_output
-        for d in self.deps[i]:
-            remaining[d] -= 1
-            if not remaining[d] and not is_output[d]:
-                results[d] = None
-        waiting, state = self.waiting, self.state
-        for j in self.dependents[i]:
-            waiting[j] -= 1
-            if not waiting[j] and state[j] == PENDING:
-                self.push(j)
+        for j in t.dependents:
+            j.waiting -= 1
+            if not j.waiting and j.state == PENDING:
+                self._push(j)
+        if t.futures:
+            t.where = Where(t.backend.name, attempt.placements, t.failures + 1, attempt.start,
+                            time.time())
+            for fut in _live(t.futures):
+                fut._finish(t.where)
+        self._ended(t)
 
-    def fail(self, i: int, exc: BaseException) -> None:
-        node = self.nodes[i]
-        self.attempts[i] += 1
-        if self.attempts[i] <= node.opts.retries and not self.stopping:
-            self.push(i)
-            return
-        if node.opts.retries:
-            add_note(exc, f"node {node.key!r} failed {self.attempts[i]} times "
-                          f"(retries={node.opts.retries})")
-        self.state[i] = FAILED
-        self.errors.append((i, exc))
-        skipped = self.skip_dependents(i)
-        if skipped:
+    def _ended(self, t: Task) -> None:
+        """``t`` has ended: free what it held upstream; forget it unless a dependent
+        still needs its value."""
+        tasks = self.tasks
+        for d in t.deps:
+            d.needed -= 1
+            if not d.needed and d.state in ENDED and tasks.get(d.node) is d:
+                del tasks[d.node]
+        t.deps = ()
+        t.dependents = ()
+        t.futures = None
+        if (t.state != DONE or not t.needed) and tasks.get(t.node) is t:
+            del tasks[t.node]
+        self.live -= 1
+        group = t.group
+        group.live -= 1
+        if not group.live:
+            self.ended.append(group)
+
+    def _fail(self, t: Task, exc: BaseException, final: bool = False) -> None:
+        node = t.node
+        if not final:
+            t.failures += 1
+            if t.failures <= node.opts.retries and not t.group.stopping:
+                self._push(t)
+                return
+            if node.opts.retries:
+                add_note(exc, f"node {node.key!r} failed {t.failures} times "
+                              f"(retries={node.opts.retries})")
+        dependents = t.dependents
+        self._mark_failed(t, exc)
+        group = t.group
+        group.errors.append((t, exc))
+        self._ended(t)
+        skipped = self._end_downstream(dependents, exc)
+        if skipped and not final:
             add_note(exc, f"{skipped} node(s) depending on {node.key!r} did not run")
-        if self.fail_fast and not self.stopping:
-            self.stopping = True
-            self.backend.drop_queued()
+        if group.fail_fast and not group.stopping:
+            self._stop(group)
 
-    def skip_dependents(self, i: int) -> int:
-        """Mark everything downstream of ``i`` as not to run; return how many."""
-        skipped = 0
-        stack = list(self.dependents[i])
+    def _end_downstream(self, dependents: Sequence[Task], exc: Optional[BaseException]) -> int:
+        """Fail (``exc``) or cancel (``None``) everything downstream; return how many."""
+        count = 0
+        stack = list(dependents)
         while stack:
             j = stack.pop()
-            if self.state[j] in (PENDING, READY):
-                self.state[j] = SKIPPED
-                skipped += 1
-                stack.extend(self.dependents[j])
-        for ready in (self.ready, self.ready_own):
-            ready[:] = [j for j in ready if self.state[j] == READY]
-            heapq.heapify(ready)
-        return skipped
+            if j.state not in (PENDING, READY):
+                continue
+            count += 1
+            stack.extend(j.dependents)
+            if exc is None:
+                self._mark_cancelled(j)
+            else:
+                self._mark_failed(j, exc)
+                if not j.group.errors:
+                    j.group.errors.append((j, exc))
+            self._ended(j)
+        return count
 
-    def expire(self) -> None:
+    def _stop(self, group: Group) -> None:
+        """Fail-fast: start nothing more of ``group``; running nodes finish."""
+        group.stopping = True
+        for lane in self.lanes.values():
+            lane.backend.drop_queued()
+        for t in list(self.tasks.values()):
+            if t.group is group and t.state in (PENDING, READY):
+                self._cancel_one(t, set())
+
+    def _expire(self) -> None:
         now = time.monotonic()
         while self.deadlines and self.deadlines[0][0] <= now:
             _, tid = heapq.heappop(self.deadlines)
             attempt = self.inflight.pop(tid, None)
             if attempt is None:
                 continue
-            node = self.nodes[attempt.index]
-            self.backend.kill(tid)
-            self.release(attempt)
-            self.fail(attempt.index, NodeTimeoutError.of(node.key, node.opts.timeout))
+            t = attempt.task
+            error = NodeTimeoutError.of(t.node.key, t.node.opts.timeout)
 
-    def raise_first_error(self) -> None:
-        if not self.errors:
+            def after(t: Task = t, error: BaseException = error) -> None:
+                if t.state == RUNNING:
+                    self._fail(t, error)
+            self._kill(tid, attempt, after)
+
+    def _kill(self, tid: int, attempt: Attempt, after: Optional[Callable[[], None]]) -> None:
+        attempt.after = after
+        self.killing[tid] = attempt
+        attempt.task.lane.backend.kill(tid)
+
+    def _killed(self, tid: int) -> None:
+        for tids, event in self.kill_waits:
+            tids.discard(tid)
+            if not tids:
+                event.set()
+        self.kill_waits = [(tids, e) for tids, e in self.kill_waits if tids]
+
+    # -- cancellation --------------------------------------------------------------------
+
+    def _cancel(self, tasks: Optional[List[Task]], done: threading.Event) -> None:
+        if tasks is None:
+            tasks = [a.task for a in self.inflight.values()] + list(self.tasks.values())
+        kills: Set[int] = set()
+        for t in tasks:
+            self._cancel_one(t, kills)
+        kills &= set(self.killing)
+        if kills:
+            self.kill_waits.append((kills, done))
+        else:
+            done.set()
+
+    def _cancel_one(self, t: Task, kills: Set[int]) -> None:
+        if t.state in ENDED:
             return
-        i, exc = self.errors[0]
-        node = self.nodes[i]
-        if len(self.errors) > 1:
-            others = ", ".join(self.nodes[j].key for j, _ in self.errors[1:6])
-            add_note(exc, f"{len(self.errors) - 1} other node(s) failed too: {others}")
-        unfinished = [n for n in self.graph.roots
-                      if self.state[self.graph.index(n)] != DONE and n is not node]
-        if unfinished and isinstance(exc, Exception):
-            add_note(exc, "outputs not computed: " + ", ".join(n.key for n in unfinished[:5]))
-        raise exc
+        if t.state == RUNNING:
+            attempt = self.inflight.pop(t.tid, None)
+            if attempt is not None:
+                self._kill(t.tid, attempt, None)
+            kills.add(t.tid)
+        dependents = t.dependents
+        self._mark_cancelled(t)
+        self._ended(t)
+        self._end_downstream(dependents, None)
+
+    @staticmethod
+    def _mark_cancelled(t: Task) -> None:
+        t.state = CANCELLED
+        for fut in _live(t.futures):
+            fut._cancelled()
+
+    @staticmethod
+    def _mark_failed(t: Task, exc: BaseException) -> None:
+        t.state = FAILED
+        t.error = exc
+        for fut in _live(t.futures):
+            fut._fail(exc)
+
+
+def _live(refs: Optional[List[Any]]) -> List[Any]:
+    """The futures still alive among weak references ``refs``."""
+    return [f for f in (r() for r in refs or ()) if f is not None]

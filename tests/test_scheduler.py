@@ -437,26 +437,21 @@ def test_results_no_longer_needed_are_released_from_driver_memory():
     assert late < 2 * size, f"the driver grew by {late / MB:.0f} MB over the last steps"
 
 
-def test_run_internals_release_intermediate_results_and_keep_outputs():
-    """The same contract seen through `scheduler._Run` (with small values, which do not
-    need big pipe frames): after the loop only the outputs still hold their bytes."""
-    from rhapsody_graph.scheduler import _Run
-
+def test_scheduler_forgets_intermediate_results_and_futures_keep_their_own():
+    """The same contract seen in the scheduler's records (with small values): once
+    the outputs are done the scheduler holds no record, and each output's future
+    holds its own value's bytes."""
     inc = rhapsody.task(lambda x: x + 1)
     a = inc(0)
     b = inc(a)
     c = inc(b)  # output
     d = inc(a)  # output; `a` is needed by b and d, then released
-    graph = rhapsody.Graph(c, d)
-    with rhapsody.LocalBackend(cpus=1) as backend:
-        run = _Run(graph, backend, fail_fast=True)
-        try:
-            run.loop()
-        finally:
-            backend.end_run()
-        held = {n: run.results[graph.index(n)] is not None for n in (a, b, c, d)}
-        assert held == {a: False, b: False, c: True, d: True}
-        assert [backend.decode(run.results[graph.index(n)]) for n in (c, d)] == [3, 2]
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
+        fc, fd = s.submit(c, d)
+        assert [fc.result(timeout=60), fd.result(timeout=60)] == [3, 2]
+        s.wait()
+        assert s._scheduler.tasks == {}
+        assert fc._task.payload is not None and fc._task.deps == ()
 
 
 # -- Ctrl-C ----------------------------------------------------------------------------

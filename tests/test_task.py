@@ -53,7 +53,8 @@ def test_gpu_is_an_alias_of_gpus_and_both_at_once_is_an_error():
     ({"timeout": float("inf")}, ValueError, "leave it out for no timeout"),
     ({"name": ""}, ValueError, "'name' must not be empty"),
     ({"memory": "lots"}, ValueError, "'memory' must be bytes or a size"),
-    ({"backend": "spark"}, ValueError, "unknown backend 'spark'"),
+    ({"backend": ""}, ValueError, "'backend' must not be empty"),  # names: the session's
+    ({"backend": 3}, TypeError, "'backend' must be a string"),
     ({"distribution": "scatter"}, ValueError, "'distribution' must be one of"),
     ({"cpus": True}, TypeError, "'cpus' must be an integer"),
 ])

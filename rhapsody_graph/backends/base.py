@@ -1,32 +1,44 @@
-"""The contract between the scheduler and a backend.
+"""The contract between the scheduler and a backend: calls in, completions out.
 
 The scheduler decides *what* runs *where* (a ready node and its placements from
-the ledger); a backend only *runs* it and reports back. One loop, no polling:
+the backend's ledger); a backend only *runs* calls and reports each one's end to
+the session's one :class:`Completions` queue. No backend owns the loop: the
+session's scheduler thread sleeps in :meth:`Completions.wait`, which watches
+every backend's file descriptors and takes what their threads post.
 
-1. ``prepare(node)`` for every node before anything runs: encode the call, and
-   raise ``TypeError`` naming the node if it cannot be sent (unpicklable).
-2. ``admit(node, prepared)`` before a node that runs on its own placements is
-   placed: the backend takes what the node needs beyond them (an AI node's
-   inference service) or answers False, and the node waits; ``release_idle()``
-   frees what such admissions hold for no running node, when nothing else can run.
-3. ``submit(call)`` then ``flush()``: start the calls of one dispatch round.
-   Calls that share a :class:`Lease` run one after the other in submission order
-   on one executor holding the lease's placement (this is how tiny nodes are
-   batched); ``slots_free()`` says how many more leases can be started.
-4. ``wait(timeout)`` blocks until at least one :data:`Completion` is ready (or the
-   timeout, the next deadline, passes) and returns them.
-5. ``drop_queued()`` (stop starting queued calls: they come back ``DROPPED``),
-   ``kill(tid)`` (stop one call now; nothing more is reported for it),
-   ``end_lease(lease)``, ``end_run()``, ``abort()`` (kill everything) and
-   ``shutdown()``.
+One line of contract per method (the scheduler calls them all from its thread):
+
+* ``attach(completions)``: join a session (``None``: leave it); post every completion there.
+* ``kinds``: the node kinds it runs (``function``, ``executable``, ``ranks``, ``ai``).
+* ``accepts(node)``: whether it can run this node's options (routing asks it).
+* ``prepare(node)``: encode the call, or raise ``TypeError``/``ValueError`` naming the node.
+* ``uses_lease(node)``: True if the node runs under a :class:`Lease` on a pool executor.
+* ``slots_free()``: how many more leases can be started now.
+* ``admit(node, prepared)``: take what the node needs beyond its placements (an AI
+  node's inference service), or answer False: the node waits.
+* ``release_idle()``: free what admissions hold for no running call; True if it freed any.
+* ``submit(call)``: start (or queue on its lease) one call; ``flush()`` ends a round.
+* ``drop_queued()``: calls queued behind a running one come back ``DROPPED``.
+* ``kill(tid)``: stop one call now; it reports one ``KILLED`` completion once its
+  processes are gone (and nothing else).
+* ``end_lease(lease)``: the scheduler is done with a lease and gave its placement back.
+* ``decode(payload)``: the value of an ``OK`` payload.
+* ``end_run()``: the session went idle: drop per-run caches (and run-scoped services).
+* ``abort()``: kill everything now; ``shutdown()``: stop for good.
 
 A completion is ``(tid, status, payload, seconds)``: ``OK`` with the value's
-bytes (``decode`` turns them into the value), ``ERROR`` and ``DIED`` with the
-exception to raise, ``DROPPED`` with ``None`` (it never started).
+bytes, ``ERROR`` and ``DIED`` with the exception to raise, ``DROPPED`` with
+``None`` (it never started), ``KILLED`` with ``None`` (after ``kill``).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+import heapq
+import itertools
+import os
+import selectors
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 from ..resources import Inventory, Ledger, Placement
 
@@ -35,13 +47,103 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.8
     Protocol = object  # type: ignore[assignment]
 
-OK, ERROR, DIED, DROPPED = "ok", "error", "died", "dropped"
+OK, ERROR, DIED, DROPPED, KILLED = "ok", "error", "died", "dropped", "killed"
 
 Completion = Tuple[int, str, Any, float]
+#: node kinds, as routing and ``Backend.kinds`` name them
+FUNCTION_KIND, EXECUTABLE_KIND, RANKS_KIND, AI_KIND = "function", "executable", "ranks", "ai"
+
+
+class Completions:
+    """The session's one completion queue: backends post, the scheduler drains.
+
+    Three sources feed it: file descriptors a backend watches (``watch``: its
+    callback runs on the scheduler thread and appends completions), items posted
+    from any thread (``post``: a completion, or a callable run on the scheduler
+    thread), and timers (``call_at``). :meth:`wait` sleeps in one ``select`` until
+    one of them has something, or the timeout passes. Never a poll, never a sleep.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._posted: Deque[Any] = deque()
+        self._timers: List[Tuple[float, int, Callable[[List[Completion]], None]]] = []
+        self._seq = itertools.count()
+        self._asleep = False
+        self.closer: Optional[Callable[[], None]] = None  # closes the session that owns it
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def post(self, item: Any) -> None:
+        """From any thread: a completion, or ``fn(out)`` to run on the scheduler thread."""
+        self._posted.append(item)
+        if self._asleep:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # a full pipe wakes it already; a closed one has no reader
+
+    def watch(self, fd: int, events: int, callback: Callable[[int, List[Completion]], None]) -> None:
+        """Call ``callback(mask, out)`` on the scheduler thread when ``fd`` is ready."""
+        self.selector.register(fd, events, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self.selector.unregister(fd)
+
+    def call_at(self, when: float, callback: Callable[[List[Completion]], None]) -> None:
+        """Call ``callback(out)`` on the scheduler thread once ``time.monotonic()`` passes ``when``."""
+        heapq.heappush(self._timers, (when, next(self._seq), callback))
+
+    def wait(self, timeout: Optional[float]) -> List[Completion]:
+        """What happened since the last call; sleeps first only if nothing has."""
+        out: List[Completion] = []
+        self._asleep = True  # before the check: a post after it writes the wake-up byte
+        if not self._posted:
+            if self._timers:
+                left = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
+            for key, mask in self.selector.select(timeout):
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    key.data(mask, out)
+        self._asleep = False
+        self._drain(out)
+        if self._timers:
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                heapq.heappop(self._timers)[2](out)
+        return out
+
+    def _drain(self, out: List[Completion]) -> None:
+        posted = self._posted
+        while posted:
+            item = posted.popleft()
+            if type(item) is tuple:
+                out.append(item)
+            else:
+                item(out)
+
+    def close(self) -> None:
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Lease:
-    """A placement held for a run of calls on one executor (see module docstring)."""
+    """A placement held for a run of calls on one executor.
+
+    Calls that share a lease run one after the other in submission order on the one
+    executor that holds the lease's placement: that is how tiny nodes are batched.
+    """
 
     __slots__ = ("placement", "outstanding", "depth", "key", "executor")
 
@@ -65,12 +167,15 @@ class Call:
 
 
 class Backend(Protocol):
-    """What every backend provides (see the module docstring for the protocol)."""
+    """What every backend provides (see the module docstring for the contract)."""
 
     name: str
+    kinds: frozenset
     inventory: Inventory
     ledger: Ledger  # the backend's, so what it holds outside a run (services) is accounted
 
+    def attach(self, completions: Optional[Completions]) -> None: ...
+    def accepts(self, node: Any) -> bool: ...
     def uses_lease(self, node: Any) -> bool: ...
     def prepare(self, node: Any) -> Any: ...
     def slots_free(self) -> int: ...
@@ -78,7 +183,6 @@ class Backend(Protocol):
     def release_idle(self) -> bool: ...
     def submit(self, call: Call) -> None: ...
     def flush(self) -> None: ...
-    def wait(self, timeout: Optional[float]) -> List[Completion]: ...
     def drop_queued(self) -> None: ...
     def kill(self, tid: int) -> None: ...
     def end_lease(self, lease: Lease) -> None: ...

@@ -29,9 +29,9 @@ Batch calls, not 100) and keeps it open along a chain, so a hop costs one socket
 round trip, not one Batch call.
 
 State, beyond the local backend's: ``_batch`` (the Batch client, started on first
-use), ``_listener`` (the socket workers connect to) and ``_token``, and
-``_connecting`` (workers whose Batch call has not connected yet, each with the
-time by which it must). Policy: a worker lives as long as its lease, one-shot
+use), ``_listener`` (the socket workers connect to, watched by the session's
+completion queue) and ``_token``, and ``_connecting`` (workers whose Batch call
+has not connected yet, each with the time by which it must: a timer of the queue). Policy: a worker lives as long as its lease, one-shot
 workers (executables, ranks) until their value arrives; a worker that does not
 connect within ``start_timeout`` fails its node. A timeout is passed to Batch as
 the call's own timeout and enforced here too, by killing the process; Ctrl-C and
@@ -50,7 +50,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import wire
-from .base import DIED, ERROR, OK, Call, Completion, Lease
+from .base import DIED, ERROR, KILLED, OK, Call, Completion, Completions, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
 from .dragon_service import DragonServer
 from .launch import describe_exit
@@ -188,15 +188,14 @@ class DragonBackend(LocalBackend):
         result = rhapsody.compute(*nodes, backend=backend)
     """
 
-    name = "dragon"
     takes_dragon_options = True
 
     def __init__(self, gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
-                 start_timeout: float = 120.0) -> None:
+                 start_timeout: float = 120.0, name: str = "dragon") -> None:
         self._machine, self._batch_module = _dragon()
         machine = self._machine
-        super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers)
+        super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers, name=name)
         self._here = machine.current().hostname
         self._services = Services(self._spawn_server)
         self.start_timeout = start_timeout
@@ -236,6 +235,17 @@ class DragonBackend(LocalBackend):
             # DRAGON_LOCK_ALREADY_INITD when Batch() starts at the same time)
             self.start()
         return super().admit(node, prepared)
+
+    def attach(self, completions: Optional[Completions]) -> None:
+        if completions is None and self._listener is not None and self._hub is not None:
+            self._hub.unwatch(self._listener.fileno())
+        super().attach(completions)
+        if completions is not None and self._listener is not None:
+            self._watch_listener()
+
+    def _watch_listener(self) -> None:
+        self._hub.watch(self._listener.fileno(), selectors.EVENT_READ,
+                        lambda mask, out: self._accept(out))
 
     def start(self, n: Optional[int] = None) -> "DragonBackend":
         """Start the Batch client now, rather than with the first node."""
@@ -300,6 +310,7 @@ class DragonBackend(LocalBackend):
         w.outbox += wire.frame(("path", wire.python_path()))
         self._workers.append(w)
         self._connecting[proc.wid] = w
+        self._hub.call_at(proc.deadline, self._expire_starts)
         return w
 
     def _options(self, timeout: Optional[float]) -> Any:
@@ -335,14 +346,14 @@ class DragonBackend(LocalBackend):
                                **extra)
 
     def _start_batch(self) -> None:
-        self._ensure_loop()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind((self._reachable(), 0))
         listener.listen(256)
         listener.setblocking(False)
         self._address = listener.getsockname()
         self._listener = listener
-        self._selector.register(listener.fileno(), selectors.EVENT_READ, self._accept)
+        if self._hub is not None:
+            self._watch_listener()
         self._batch = _start_batch_client(self._batch_module, self._machine)
 
     def _reachable(self) -> str:
@@ -374,17 +385,8 @@ class DragonBackend(LocalBackend):
 
     # -- the loop ---------------------------------------------------------------------
 
-    def wait(self, timeout: Optional[float]) -> List[Completion]:
-        if self._connecting:
-            first = min(w.proc.deadline for w in self._connecting.values())
-            left = max(0.0, first - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
-        out = super().wait(timeout)
-        if self._connecting:
-            self._expire_starts(out)
-        return out
-
     def _expire_starts(self, out: List[Completion]) -> None:
+        """Fail the workers whose Batch call has not connected by its deadline."""
         now = time.monotonic()
         for w in [w for w in self._connecting.values() if w.proc.deadline <= now]:
             w.proc.reason = (f"Dragon did not start its Batch call within {self.start_timeout:g} s "
@@ -413,7 +415,7 @@ class DragonBackend(LocalBackend):
         fd = conn.detach()
         w.proc.pid = pid
         w.result_r, w.task_w = fd, os.dup(fd)
-        self._selector.register(fd, selectors.EVENT_READ, w)
+        self._watch(w)
         self._send(w)
 
     def _send(self, w: _Worker) -> None:
@@ -458,7 +460,6 @@ class DragonBackend(LocalBackend):
         job = w.proc.job
         if job is None:
             self._retire(w, DIED)
-            self._take_posted(out)
             return
         reason = self._exit_reason(w, True)
         exc = WorkerDiedError(f"rank {w.proc.rank} of node {job.key!r} died ({reason}) "
@@ -493,7 +494,8 @@ class DragonBackend(LocalBackend):
     def kill(self, tid: int) -> None:
         owner = self._owner.get(tid)
         if isinstance(owner, _Job):
-            self._end_job(owner)
+            self._end_job(owner)  # SIGKILLed (or cancelled in Batch); not waited for
+            self._hub.post((tid, KILLED, None, 0.0))
             return
         super().kill(tid)
 
@@ -528,13 +530,16 @@ class DragonBackend(LocalBackend):
         ``graceful=False`` (on an exception or Ctrl-C) terminates the Batch client
         instead of joining it, as ``with Batch()`` does.
         """
+        if self._hub is not None and self._hub.closer is not None:
+            self._hub.closer()  # the session using it stops first
         self._end_jobs()
         for w in list(self._workers):
             w.proc.kill()
             self._detach(w)
         super().shutdown()
         if self._listener is not None:
-            self._selector.unregister(self._listener.fileno())
+            if self._hub is not None:
+                self._hub.unwatch(self._listener.fileno())
             self._listener.close()
             self._listener = None
         if self._batch is not None:

@@ -6,7 +6,7 @@ on Linux) so the child inherits the mask from its first instruction: no race,
 no ``preexec_fn``. Every process gets its own session, so a kill takes its whole
 process tree. Output goes to temporary files, not pipes, so ranks that wait on
 each other can never block on a full pipe. The thread reports one completion
-through ``post``; the backend ignores reports for calls it has killed.
+through ``post``, also when it was killed (then once its processes are reaped).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import wire
-from .base import DIED, ERROR, OK, Completion
+from .base import DIED, ERROR, KILLED, OK, Completion
 from ..errors import ExecutableError, NodeTimeoutError, WorkerDiedError, add_note
 from ..resources import Placement
 from ..task import ExecResult
@@ -62,6 +62,7 @@ class Launch:
                  post: Callable[[Completion], None]) -> None:
         self.tid, self.key, self.pin, self.post = tid, key, pin, post
         self.procs: List[subprocess.Popen] = []
+        self.spawns = True  # starts processes (False: an AI request, on a shared server)
         self.killed = False
         self.lock = threading.Lock()
         self.home = os.sched_getaffinity(0)  # for ranks that ask for no cores
@@ -86,8 +87,8 @@ class Launch:
         def body() -> None:
             try:
                 completion = target(*args)
-            except _Killed:
-                return
+            except _Killed:  # killed before all its processes started; none is left
+                completion = (self.tid, KILLED, None, 0.0)
             except BaseException as exc:  # report, never lose, a launcher failure
                 completion = (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
             self.post(completion)

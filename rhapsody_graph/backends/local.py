@@ -7,11 +7,11 @@ State:
   is the one running), the lease it is bound to (or ``None`` when idle), the GPU
   ids it first ran with, and which functions it already holds.
 * ``launches``: executables and multi-rank jobs, each on its own processes (see
-  :mod:`.launch`); their threads post completions to ``posted`` and write one byte
-  to a wake-up pipe.
-* one ``selectors`` loop over every worker's result pipe and the wake-up pipe:
-  ``wait()`` sleeps in it until something finishes, a write can proceed, or the
-  scheduler's next deadline passes. Never a poll, never a sleep.
+  :mod:`.launch`); their threads post completions to the session's
+  :class:`~.base.Completions` queue.
+* every worker's result pipe (and its task pipe while a write waits for room) is
+  watched by that queue, which the session's scheduler thread sleeps on. Never a
+  poll, never a sleep.
 
 Policy: a lease binds one idle worker (spawned on demand). CUDA reads
 ``CUDA_VISIBLE_DEVICES`` once per process, so a worker that has loaded a GPU
@@ -24,6 +24,7 @@ when its pipe has room, so a big input can never deadlock against a big result.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import pickle
 import selectors
@@ -33,7 +34,8 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import wire
-from .base import DIED, DROPPED, ERROR, OK, Call, Completion, Lease
+from .base import (AI_KIND, DIED, DROPPED, ERROR, EXECUTABLE_KIND, FUNCTION_KIND, KILLED, OK,
+                   RANKS_KIND, Call, Completion, Completions, Lease)
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from ..errors import WorkerDiedError
 from ..ai.models import lookup
@@ -88,13 +90,16 @@ class LocalBackend:
     4
     """
 
-    name = "local"
     takes_dragon_options = False  # policy=, process_template(s)=
+    kinds = frozenset((FUNCTION_KIND, EXECUTABLE_KIND, RANKS_KIND, AI_KIND))
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
-                 memory: Optional[int] = None) -> None:
+                 memory: Optional[int] = None, name: str = "local") -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{type(self).__name__}: name must be a non-empty string, got {name!r}")
+        self.name = name
         if hosts is not None and (cpus is not None or gpus is not None or memory is not None):
             raise TypeError("LocalBackend: give either hosts=[Host(...), ...] or "
                             "cpus=/gpus=/memory=, not both (declare memory on each Host)")
@@ -111,13 +116,30 @@ class LocalBackend:
         self._keys: Dict[int, str] = {}
         self._dirty: List[_Worker] = []
         self._funcs: Dict[int, Tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, bytes)
-        self._next_fid = 0
-        self._posted: Deque[Completion] = deque()  # from launcher threads
-        self._retired: List[Completion] = []  # queues of workers that died or were killed
-        self._selector: Optional[selectors.BaseSelector] = None
-        self._wake_r = self._wake_w = -1
-        self._finalizer: Optional[Any] = None
+        self._fids = itertools.count(1)  # prepare() may run in several submitting threads
+        self._hub: Optional[Completions] = None  # the session's completion queue
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers, self._kill)
+        atexit.register(self._finalizer)
         self._services = Services()  # inference services of AI nodes, stopped after each run
+
+    # -- joining a session ------------------------------------------------------------
+
+    def attach(self, completions: Optional[Completions]) -> None:
+        """Post every completion to ``completions`` (the session's queue) from now on;
+        ``None``: leave the session."""
+        if completions is not None and self._hub is not None:
+            raise RuntimeError(f"backend {self.name!r} already belongs to a session; close "
+                               "that session first, or make another backend")
+        if completions is None:
+            for w in self._workers:
+                self._unwatch(w)
+        self._hub = completions
+        for w in self._workers:
+            self._watch(w)
+
+    def accepts(self, node: Node) -> bool:
+        """True unless ``node`` has Dragon pass-through options this backend cannot honour."""
+        return self.takes_dragon_options or not node.opts.custom_process
 
     # -- encoding -----------------------------------------------------------------
 
@@ -164,8 +186,7 @@ class LocalBackend:
             except Exception as exc:
                 raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be "
                                 f"pickled to send to a worker: {exc}") from exc
-            self._next_fid += 1
-            entry = self._funcs[id(node.fn)] = (node.fn, self._next_fid, data)
+            entry = self._funcs[id(node.fn)] = (node.fn, next(self._fids), data)
         try:
             args = wire.dump_args(node.args, node.kwargs, node.deps)
         except Exception as exc:
@@ -215,24 +236,6 @@ class LocalBackend:
                 self._send(w)
         self._dirty.clear()
 
-    def wait(self, timeout: Optional[float]) -> List[Completion]:
-        out: List[Completion] = []
-        self._take_posted(out)
-        while not out:
-            events = self._selector.select(timeout) if self._selector else []
-            for key, mask in events:
-                w = key.data
-                if not isinstance(w, _Worker):
-                    w(out)  # the wake-up pipe, or a subclass's own source
-                    continue
-                if mask & selectors.EVENT_WRITE:
-                    self._send(w)
-                if mask & selectors.EVENT_READ:
-                    self._receive(w, out)
-            if timeout is not None:
-                break
-        return out
-
     def drop_queued(self) -> None:
         self.flush()
         for w in self._workers:
@@ -241,14 +244,19 @@ class LocalBackend:
                 self._send(w)
 
     def kill(self, tid: int) -> None:
-        owner = self._owner.pop(tid, None)
-        self._keys.pop(tid, None)
+        owner = self._owner.get(tid)
         self._services.end(tid)
+        if isinstance(owner, Launch) and owner.spawns:
+            owner.kill()  # its thread reaps the processes, then reports KILLED
+            return
+        self._owner.pop(tid, None)
+        self._keys.pop(tid, None)
         if isinstance(owner, _Worker):
             owner.queue.remove(tid)
-            self._retire(owner, DROPPED)
+            self._retire(owner, DROPPED)  # reaped before it returns
         elif owner is not None:
-            owner.kill()
+            owner.kill()  # an AI request: abandoned, no process of its own
+        self._hub.post((tid, KILLED, None, 0.0))
 
     def end_lease(self, lease: Lease) -> None:
         w = lease.executor
@@ -290,7 +298,10 @@ class LocalBackend:
         self.ledger = Ledger(self.inventory)
 
     def shutdown(self) -> None:
-        """Stop the workers (EOF, then SIGKILL after 2 s) and any launched process."""
+        """Close the session using it, then stop the workers (EOF, then SIGKILL after
+        2 s) and any launched process."""
+        if self._hub is not None and self._hub.closer is not None:
+            self._hub.closer()
         for owner in list(self._owner.values()):
             if isinstance(owner, Launch):
                 owner.kill()
@@ -315,21 +326,22 @@ class LocalBackend:
         self._owner.clear()
         self._keys.clear()
         self._dirty.clear()
-        self._posted.clear()
-        self._retired.clear()
         self._bound = 0
 
     # -- internals ------------------------------------------------------------------------
 
-    def _ensure_loop(self) -> selectors.BaseSelector:
-        if self._selector is None:
-            self._selector = selectors.DefaultSelector()
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            self._selector.register(self._wake_r, selectors.EVENT_READ, self._woken)
-            self._finalizer = weakref.finalize(self, _kill_all, self._workers, self._kill)
-            atexit.register(self._finalizer)
-        return self._selector
+    def _unwatch(self, w: _Worker) -> None:
+        if self._hub is not None and w.result_r >= 0:
+            self._hub.unwatch(w.result_r)
+            if w.writing:
+                self._hub.unwatch(w.task_w)
+        w.writing = False
+
+    def _watch(self, w: _Worker) -> None:
+        """Have the session's queue call back when worker ``w`` sends results."""
+        if self._hub is not None and w.result_r >= 0:
+            self._hub.watch(w.result_r, selectors.EVENT_READ,
+                            lambda mask, out, w=w: self._receive(w, out))
 
     def _spawn(self) -> _Worker:
         if wire.IMPORTING:
@@ -337,7 +349,6 @@ class LocalBackend:
                 "compute() ran while a worker was importing the module that defines a task: "
                 "module-level code runs again in every worker. Put the code that builds and "
                 "computes the graph under `if __name__ == \"__main__\":`.")
-        selector = self._ensure_loop()
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
@@ -348,7 +359,7 @@ class LocalBackend:
         os.set_blocking(result_r, False)
         w = _Worker(proc, task_w, result_r)
         w.outbox += wire.frame(("path", wire.python_path()))
-        selector.register(result_r, selectors.EVENT_READ, w)
+        self._watch(w)
         self._workers.append(w)
         self._send(w)
         return w
@@ -373,10 +384,6 @@ class LocalBackend:
         self._bound += 1
         return w
 
-    def _woken(self, out: List[Completion]) -> None:
-        os.read(self._wake_r, 4096)
-        self._take_posted(out)
-
     @staticmethod
     def _kill(proc: Any) -> None:
         """Kill a worker's process and everything it started."""
@@ -392,12 +399,12 @@ class LocalBackend:
             except OSError:  # the worker is gone; its EOF will be seen on the result pipe
                 w.outbox.clear()
         want = bool(w.outbox)
-        if want != w.writing and self._selector is not None:
+        if want != w.writing and self._hub is not None:
             w.writing = want  # watch the task pipe for room only while there is more to send
             if want:
-                self._selector.register(w.task_w, selectors.EVENT_WRITE, w)
+                self._hub.watch(w.task_w, selectors.EVENT_WRITE, lambda mask, out, w=w: self._send(w))
             else:
-                self._selector.unregister(w.task_w)
+                self._hub.unwatch(w.task_w)
 
     @staticmethod
     def _read(w: _Worker) -> Optional[List[Tuple[int, int, float, bytes]]]:
@@ -415,7 +422,6 @@ class LocalBackend:
         results = self._read(w)
         if results is None:
             self._retire(w, DIED)
-            self._take_posted(out)
             return
         keys = self._keys
         for status, tid, seconds, payload in results:
@@ -449,9 +455,9 @@ class LocalBackend:
             key = self._keys.pop(tid, "?")
             if i == 0 and status == DIED:
                 exc = WorkerDiedError(f"the worker process running node {key!r} died ({reason})")
-                self._retired.append((tid, DIED, wire.attach(exc, "", key), 0.0))
+                self._hub.post((tid, DIED, wire.attach(exc, "", key), 0.0))
             else:
-                self._retired.append((tid, DROPPED, None, 0.0))
+                self._hub.post((tid, DROPPED, None, 0.0))
         w.queue.clear()
 
     def _exit_reason(self, w: _Worker, died: bool) -> str:
@@ -460,11 +466,7 @@ class LocalBackend:
 
     def _detach(self, w: _Worker) -> None:
         """Stop watching worker ``w``, close its pipes and forget it."""
-        if self._selector is not None and w.result_r >= 0:
-            self._selector.unregister(w.result_r)
-            if w.writing:
-                self._selector.unregister(w.task_w)
-                w.writing = False
+        self._unwatch(w)
         _close(w.result_r)
         _close(w.task_w)
         w.result_r = w.task_w = -1
@@ -472,7 +474,6 @@ class LocalBackend:
             self._workers.remove(w)
 
     def _launch(self, call: Call) -> None:
-        self._ensure_loop()
         node = call.node
         launch = Launch(call.tid, node.key, self.pin, self._post)
         self._owner[call.tid] = launch
@@ -483,6 +484,7 @@ class LocalBackend:
             return
         values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
         if node.kind == AI:
+            launch.spawns = False
             service = self._services.begin(call.tid, call.prepared)
             launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values),
                                  node.opts.timeout)
@@ -493,24 +495,19 @@ class LocalBackend:
             launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
 
     def _post(self, completion: Completion) -> None:
-        """Called from launcher threads."""
-        self._posted.append(completion)
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        """Called from launcher threads: hand the completion to the scheduler thread."""
+        self._hub.post(lambda out: self._take_posted(completion, out))
 
-    def _take_posted(self, out: List[Completion]) -> None:
-        out.extend(self._retired)
-        self._retired.clear()
-        posted = self._posted
-        while posted:
-            c = posted.popleft()
-            if isinstance(self._owner.get(c[0]), Launch):  # else: killed, already reported
-                del self._owner[c[0]]
-                self._keys.pop(c[0], None)
-                self._services.end(c[0])
-                out.append(c)
+    def _take_posted(self, completion: Completion, out: List[Completion]) -> None:
+        """On the scheduler thread: report a launch's end (``KILLED`` if it was killed)."""
+        tid = completion[0]
+        owner = self._owner.get(tid)
+        if not isinstance(owner, Launch):
+            return  # abandoned (an AI request) or aborted: already reported
+        del self._owner[tid]
+        self._keys.pop(tid, None)
+        self._services.end(tid)
+        out.append((tid, KILLED, None, 0.0) if owner.killed else completion)
 
 
 def _unpicklable_argument(node: Node, exc: Exception) -> TypeError:

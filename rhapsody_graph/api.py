@@ -1,0 +1,105 @@
+"""The faces users call first: ``compute``, ``submit``, the default session, and
+the registry of backend names.
+
+``compute()`` and ``submit()`` run on, in this order: the ``session=`` given, the
+session of a ``backend=`` instance (one is made for it on first use and closed
+when the backend shuts down), the session of the innermost ``with Session(...)``
+block, or the default session (one :class:`~rhapsody_graph.LocalBackend`, made on
+first use, closed at exit). ``backend="local"`` / ``"dragon"`` name the default
+backend of that kind.
+
+>>> import rhapsody_graph as rhapsody
+>>> @rhapsody.task
+... def inc(x): return x + 1
+>>> rhapsody.compute(inc(1), [inc(2), inc(3)])
+(2, [3, 4])
+>>> rhapsody.submit(inc(41)).result()
+42
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .graph import Graph
+from .session import Session, current_session
+
+__all__ = ["compute", "run", "submit", "get_session", "get_backend", "BACKENDS"]
+
+
+def _local() -> Any:
+    from .backends.local import LocalBackend
+    return LocalBackend()
+
+
+def _dragon() -> Any:
+    from .backends.dragon import DragonBackend
+    return DragonBackend()
+
+
+#: backend names ``backend=`` takes without an instance, and how each is made
+BACKENDS: Dict[str, Callable[[], Any]] = {"local": _local, "dragon": _dragon}
+_defaults: Dict[str, Any] = {}  # by name, made on first use
+_sessions: Dict[int, Session] = {}  # id(backend) -> the session made for it
+_lock = threading.Lock()
+
+
+def get_backend(backend: Any = None) -> Any:
+    """The backend to run on: an instance, a name of :data:`BACKENDS`, or ``None`` (local)."""
+    name = "local" if backend is None else backend
+    if not isinstance(name, str):
+        return backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available in this build; use one of "
+                         f"{', '.join(map(repr, BACKENDS))}, or pass a backend instance")
+    with _lock:
+        if name not in _defaults:
+            _defaults[name] = BACKENDS[name]()
+        return _defaults[name]
+
+
+def get_session(backend: Any = None, session: Optional[Session] = None) -> Session:
+    """The session ``compute``/``submit`` use for these arguments (see the module docstring)."""
+    if session is not None:
+        if backend is not None:
+            raise TypeError("give backend= or session=, not both (a session has its backends)")
+        return session
+    if backend is None and current_session() is not None:
+        return current_session()
+    b = get_backend(backend)
+    with _lock:
+        s = _sessions.get(id(b))
+        if s is None or s._closed:
+            s = _sessions[id(b)] = Session([b], _owns=False)
+        return s
+
+
+def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
+            fail_fast: bool = True) -> Tuple[Any, ...]:
+    """Run everything ``outputs`` need, once; return their values as a tuple.
+
+    Args:
+        outputs: nodes, futures, or containers of them (returned with values in place).
+        backend: a backend instance or name (default: the current or default session).
+        session: the :class:`Session` to run on.
+        fail_fast: on the first failure start nothing new of this call (running nodes
+            finish); ``False`` runs every node that does not depend on a failure.
+    Returns:
+        one value per output.
+    Raises:
+        the first failing node's own exception, with its remote traceback as
+        ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
+    """
+    return get_session(backend, session).compute(*outputs, fail_fast=fail_fast)
+
+
+def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
+        fail_fast: bool = True) -> Tuple[Any, ...]:
+    """Run a :class:`Graph`; return one value per output (see :func:`compute`)."""
+    return compute(*graph.outputs, backend=backend, session=session, fail_fast=fail_fast)
+
+
+def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:
+    """Start ``nodes`` on the current (or default) session; see :meth:`Session.submit`."""
+    return get_session(backend, session).submit(*nodes)
+

@@ -1,0 +1,311 @@
+"""Session: named backends, routing, and one scheduler that lives as long as it does.
+
+A session owns one :class:`~.backends.base.Completions` queue that all its backends
+post to, and one :class:`~.scheduler.Scheduler` running in a daemon thread.
+``submit`` returns :class:`~.futures.Future` s at once; ``compute`` is submit and
+gather. Everything that can be checked is checked in the submitting thread before
+anything is posted: routing (``backend="name"``, else the first backend that runs
+the node's kind and can hold its request), the request against that backend's
+inventory, and the encoding of every call.
+
+>>> import rhapsody_graph as rhapsody
+>>> @rhapsody.task
+... def square(x): return x * x
+>>> with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2, name="cpu")]) as s:
+...     futures = s.submit(*[square(i) for i in range(4)])
+...     sorted(f.result() for f in rhapsody.as_completed(futures))
+[0, 1, 4, 9]
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .backends.base import (AI_KIND, EXECUTABLE_KIND, FUNCTION_KIND, RANKS_KIND, Completions)
+from .errors import NoBackendError, add_note
+from .futures import Future
+from .graph import EXECUTABLE, Node, Ref, find_nodes, substitute
+from .scheduler import PENDING, Group, Scheduler, Task
+
+__all__ = ["Session"]
+
+CANCEL_TIMEOUT = 60.0  # cancel() waits this long for killed processes to be reaped
+_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()  # closed at interpreter exit
+
+
+class Session:
+    """Backends by name and the scheduler that runs nodes on them.
+
+    Args:
+        backends: the backends, each with a distinct ``name`` (default: one
+            :class:`~rhapsody_graph.LocalBackend`). The session shuts them down
+            when it closes.
+
+    A node with ``backend="name"`` runs there; any other goes to the first backend
+    that runs its kind (function, executable, multi-rank, AI) and can hold it.
+    """
+
+    def __init__(self, backends: Optional[Sequence[Any]] = None, *, _owns: bool = True) -> None:
+        if backends is None:
+            from .backends.local import LocalBackend
+            backends = [LocalBackend()]
+        backends = list(backends)
+        if not backends:
+            raise ValueError("Session(backends=[...]) needs at least one backend")
+        self.backends: Dict[str, Any] = {}
+        for b in backends:
+            if b.name in self.backends:
+                raise ValueError(f"Session: two backends are named {b.name!r}; give each "
+                                 "a distinct name=")
+            self.backends[b.name] = b
+        self._owns = _owns
+        self._checked: Dict[Tuple[int, tuple], None] = {}
+        self._groups: List[Group] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._completions = Completions()
+        self._completions.closer = self.close
+        for b in backends:
+            b.attach(self._completions)
+        self._scheduler = Scheduler(backends, self._completions)
+        self._thread = threading.Thread(target=self._scheduler.run, name="rhapsody-scheduler",
+                                        daemon=True)
+        self._thread.start()
+        _sessions.add(self)
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def submit(self, *nodes: Any) -> Any:
+        """Start running ``nodes`` (and what they need); return at once.
+
+        Returns:
+            one :class:`~rhapsody_graph.futures.Future` for one node, else a list
+            of them (one per node, also for a single list of nodes).
+        Raises:
+            ``NoBackendError``, ``UnsatisfiableError``, ``TypeError``/``ValueError``
+            naming the node, before anything runs.
+        """
+        many = len(nodes) != 1 or isinstance(nodes[0], (list, tuple))
+        flat = list(nodes[0]) if len(nodes) == 1 and isinstance(nodes[0], (list, tuple)) else nodes
+        for n in flat:
+            if not isinstance(n, (Node, Ref)):
+                raise TypeError(f"submit() takes nodes (or futures), got {n!r}")
+        futures, _ = self._submit(flat, fail_fast=False)
+        return futures if many else futures[0]
+
+    def compute(self, *outputs: Any, fail_fast: bool = True) -> Tuple[Any, ...]:
+        """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
+        roots = find_nodes(outputs)
+        if not roots:
+            return tuple(outputs)
+        futures, group = self._submit(roots, fail_fast)
+        try:
+            group.ended.wait()
+            if group.errors:
+                raise _first_error(group, roots, futures)
+            values = {id(r): f.result() for r, f in zip(roots, futures)}
+        except BaseException:
+            if not group.ended.is_set():  # Ctrl-C, or another thread's exception
+                self.cancel()
+            if self._thread.is_alive():
+                self._scheduler.abort_idle().wait(CANCEL_TIMEOUT)
+            raise
+        return tuple(substitute(o, values) for o in outputs)
+
+    def _submit(self, roots: Sequence[Any], fail_fast: bool) -> Tuple[List[Future], Group]:
+        if self._closed:
+            raise RuntimeError("this session is closed; make a new Session")
+        group = Group(fail_fast)
+        new: List[Task] = []
+        records = self._records(roots, group, new)
+        futures, attach = [], []
+        for root in roots:
+            if isinstance(root, Ref):
+                self._own(root)
+                futures.append(root)
+                continue
+            t = records[id(root)]
+            fut = Future(root, t, self)
+            futures.append(fut)
+            if t.state == PENDING and t.group is group:  # new: no other thread sees it yet
+                if t.futures is None:
+                    t.futures = []
+                t.futures.append(weakref.ref(fut))
+            else:
+                attach.append((t, fut))
+        with self._lock:
+            self._groups = [g for g in self._groups if not g.ended.is_set()]
+            self._groups.append(group)
+        self._scheduler.take(new, attach, group)
+        return futures, group
+
+    def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[int, Task]:
+        """Records for ``roots`` and what they need, made (in post-order) where unknown."""
+        known = self._scheduler.tasks
+        records: Dict[int, Task] = {}
+
+        def record_of(dep: Any) -> Optional[Task]:
+            t = records.get(id(dep))
+            if t is None:
+                if isinstance(dep, Ref):
+                    t = self._own(dep)._task
+                else:
+                    t = known.get(dep)
+                if t is not None:
+                    records[id(dep)] = t
+            return t
+
+        for root in roots:
+            if isinstance(root, Ref) or record_of(root) is not None:
+                continue
+            stack = [(root, iter(root.deps))]
+            while stack:
+                node, deps = stack[-1]
+                for d in deps:
+                    if record_of(d) is None:
+                        stack.append((d, iter(d.deps)))
+                        break
+                else:
+                    stack.pop()
+                    if id(node) not in records:
+                        lane = self._scheduler.lanes[id(self._route(node))]
+                        prepared = lane.backend.prepare(node)
+                        t = Task(node, lane, prepared, group, [records[id(d)] for d in node.deps])
+                        records[id(node)] = t
+                        new.append(t)
+        return records
+
+    def _own(self, fut: Any) -> Any:
+        if getattr(fut, "_session", None) is not self:
+            raise ValueError(f"future {fut.key!r} belongs to another session; pass its "
+                             ".result() instead")
+        return fut
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _route(self, node: Node) -> Any:
+        """The backend that runs ``node`` (its ``backend=``, else the first that can)."""
+        kind = _kind(node)
+        res = node.opts.resources
+        name = node.opts.backend
+        who = f"node {node.key!r}"
+        if name is not None:
+            b = self.backends.get(name)
+            if b is None or kind not in b.kinds or not b.accepts(node):
+                why = (f"this session has no backend named {name!r}" if b is None else
+                       f"backend {name!r} does not run {kind} nodes with these options")
+                raise NoBackendError(f"{who} asks for backend {name!r}, but {why}; the "
+                                     f"session's backends: {', '.join(self.backends)}",
+                                     node.key, list(self.backends))
+            self._check(b, res, who)
+            return b
+        capable = [b for b in self.backends.values() if kind in b.kinds and b.accepts(node)]
+        for b in capable:
+            if (id(b), res.key) in self._checked or b.inventory.ranks_that_fit(res) >= res.ranks:
+                self._checked[(id(b), res.key)] = None
+                return b
+        if capable:
+            self._check(capable[0], res, who)  # raises, naming what the largest host has
+        for b in self.backends.values():
+            if kind in b.kinds:
+                b.prepare(node)  # raises, naming the options it cannot honour
+        raise NoBackendError(f"{who} is a {kind} node and no backend of this session runs it "
+                             f"with these options; tried: {', '.join(self.backends)}",
+                             node.key, list(self.backends))
+
+    def _check(self, backend: Any, res: Any, who: str) -> None:
+        if (id(backend), res.key) not in self._checked:
+            backend.inventory.check(res, who)
+            self._checked[(id(backend), res.key)] = None
+
+    # -- cancelling and closing ----------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Cancel everything submitted; return once every killed process is gone."""
+        self._cancel(None)
+
+    def _cancel(self, tasks: Optional[List[Task]]) -> None:
+        if threading.current_thread() is self._thread:  # from a done-callback
+            self._scheduler._cancel(tasks, threading.Event())
+            return
+        if not self._thread.is_alive():
+            return
+        self._scheduler.cancel(tasks).wait(CANCEL_TIMEOUT)
+
+    def wait(self) -> None:
+        """Wait until everything submitted so far has ended."""
+        with self._lock:
+            groups = list(self._groups)
+        for g in groups:
+            g.ended.wait()
+
+    def close(self) -> None:
+        """Cancel what still runs, stop the scheduler, and shut the backends down
+        (a session made for one backend only lets go of it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._scheduler.close()
+            self._scheduler.closed.wait(CANCEL_TIMEOUT)
+        for b in self.backends.values():
+            b.attach(None)
+            if self._owns:
+                b.shutdown()
+        self._completions.close()
+
+    def __enter__(self) -> "Session":
+        _current.append(self)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            _current.remove(self)
+        except ValueError:
+            pass
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {', '.join(self.backends)}{' (closed)' if self._closed else ''}>"
+
+
+_current: List[Session] = []  # sessions of open `with` blocks, innermost last
+
+
+def current_session() -> Optional[Session]:
+    """The session of the innermost open ``with Session(...)`` block, if any."""
+    return _current[-1] if _current else None
+
+
+def _kind(node: Node) -> str:
+    if node.kind == "ai":
+        return AI_KIND
+    if node.opts.resources.ranks > 1:
+        return RANKS_KIND
+    return EXECUTABLE_KIND if node.kind == EXECUTABLE else FUNCTION_KIND
+
+
+def _first_error(group: Group, roots: Sequence[Any], futures: Sequence[Any]) -> BaseException:
+    """The first failure of ``group``, noting the others and the outputs not computed."""
+    t, exc = group.errors[0]
+    if len(group.errors) > 1:
+        others = ", ".join(o.node.key for o, _ in group.errors[1:6])
+        add_note(exc, f"{len(group.errors) - 1} other node(s) failed too: {others}")
+    unfinished = [r.key for r, f in zip(roots, futures) if r is not t.node
+                  and not (f.done() and not f.cancelled() and f.exception() is None)]
+    if unfinished and isinstance(exc, Exception):
+        add_note(exc, "outputs not computed: " + ", ".join(unfinished[:5]))
+    return exc
+
+
+@atexit.register
+def _close_all() -> None:
+    for s in list(_sessions):
+        s.close()

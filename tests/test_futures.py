@@ -1,0 +1,275 @@
+"""Futures against real worker processes: waiting, ordering, asyncio, callbacks,
+futures as inputs, a graph that grows while it runs, cancellation that really stops
+work (checked by pid), and the driver's memory under a long futures loop."""
+import asyncio
+import concurrent.futures as cf
+import os
+import resource
+import threading
+import time
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+from .test_scheduler import alive, still_alive, wait_for_files
+
+
+# -- task bodies (module level: sent by reference) ---------------------------------------
+
+def inc(x):
+    return x + 1
+
+
+def nap(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def hold(path, seconds=60):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "finished"
+
+
+def hold_rank(directory):
+    hold(os.path.join(directory, "rank" + os.environ["RANK"]))
+
+
+def megabyte(i):
+    return bytes(1 << 20)
+
+
+def mark(path, *_):
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+@pytest.fixture
+def session():
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backends=[backend]) as s:
+        yield s
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+def test_submit_returns_at_once_and_result_waits_for_the_value(session):
+    t0 = time.monotonic()
+    fut = session.submit(rhapsody.task(nap)(1.0, "late"))
+    assert time.monotonic() - t0 < 0.5 and not fut.done()
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    assert fut.result(timeout=60) == "late" and fut.done() and fut.exception() is None
+
+
+def test_as_completed_yields_futures_in_the_order_they_finish(session):
+    slow = session.submit(rhapsody.task(nap)(1.0, "slow"))
+    fast = session.submit(rhapsody.task(nap)(0.0, "fast"))
+    order = [f.result() for f in rhapsody.as_completed([slow, fast], timeout=60)]
+    assert order == ["fast", "slow"]
+
+
+def test_wait_first_completed_returns_the_finished_future_only(session):
+    slow = session.submit(rhapsody.task(nap)(30, "slow"))
+    fast = session.submit(rhapsody.task(nap)(0.0, "fast"))
+    done, not_done = rhapsody.wait([slow, fast], timeout=60, return_when=rhapsody.FIRST_COMPLETED)
+    assert done == {fast} and not_done == {slow}
+    assert slow.cancel() and slow.cancelled()
+
+
+def test_futures_work_with_the_standard_library_wait(session):
+    futures = session.submit(*[rhapsody.task(inc)(i) for i in range(5)])
+    done, not_done = cf.wait(futures, timeout=60)
+    assert not not_done and sorted(f.result() for f in done) == [1, 2, 3, 4, 5]
+
+
+def test_await_a_future_and_gather_them_from_asyncio_without_blocking_the_loop(session):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+        t = asyncio.ensure_future(ticker())
+        one = await session.submit(rhapsody.task(nap)(0.5, 7))
+        many = await asyncio.gather(*session.submit(*[rhapsody.task(inc)(i) for i in range(3)]))
+        t.cancel()
+        return one, many, ticks
+    one, many, ticks = asyncio.run(main())
+    assert one == 7 and many == [1, 2, 3]
+    assert ticks >= 10, "the event loop was blocked while the node ran"
+
+
+def test_done_callbacks_run_once_with_the_future(session):
+    seen = []
+    event = threading.Event()
+    fut = session.submit(rhapsody.task(inc)(1))
+
+    def callback(f):
+        seen.append(f.result())
+        event.set()
+    fut.add_done_callback(callback)
+    assert event.wait(60) and seen == [2]
+    fut.add_done_callback(lambda f: seen.append("late"))  # already done: runs now
+    assert seen == [2, "late"]
+
+
+def test_a_failed_node_raises_its_own_error_with_the_remote_traceback_from_result(session):
+    def broken(x):
+        return {}[x]
+    fut = session.submit(rhapsody.task(broken)("missing"))
+    with pytest.raises(KeyError) as info:
+        fut.result(timeout=60)
+    assert isinstance(fut.exception(), KeyError)
+    assert "broken" in str(info.value.__cause__)
+    # a dependent submitted later fails with the same error, and never runs
+    dependent = session.submit(rhapsody.task(inc)(fut))
+    with pytest.raises(KeyError):
+        dependent.result(timeout=60)
+
+
+# -- futures as inputs, a growing graph ----------------------------------------------------
+
+def test_a_future_is_an_input_to_new_work_even_nested_and_after_it_finished(session):
+    a = session.submit(rhapsody.task(inc)(1))
+    assert a.result(timeout=60) == 2
+    total = rhapsody.task(lambda xs, d: sum(xs) + d["k"])
+    b = session.submit(total([a, rhapsody.task(inc)(a)], {"k": a}))
+    assert b.result(timeout=60) == 2 + 3 + 2
+
+
+def test_the_graph_grows_while_it_runs_as_results_arrive(session):
+    sims = session.submit(*[rhapsody.task(nap)(0.01 * i, i) for i in range(8)])
+    refined = []
+    for fut in rhapsody.as_completed(sims, timeout=60):
+        if fut.result() % 2:
+            refined.append(session.submit(rhapsody.task(lambda x: x * 100)(fut)))
+    assert sorted(f.result(timeout=60) for f in refined) == [100, 300, 500, 700]
+
+
+def test_two_threads_computing_on_one_backend_both_get_their_values():
+    with rhapsody.LocalBackend(cpus=2) as backend:
+        results = {}
+
+        def work(k):
+            results[k] = rhapsody.compute([rhapsody.task(inc)(i + k) for i in range(20)],
+                                          backend=backend)[0]
+        threads = [threading.Thread(target=work, args=(k,)) for k in (0, 100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == {k: [i + k + 1 for i in range(20)] for k in (0, 100)}
+
+
+def test_where_records_the_backend_host_cores_and_attempts(session):
+    fut = session.submit(rhapsody.task(cpus=1)(inc)(1))
+    assert fut.result(timeout=60) == 2
+    where = fut.where
+    assert where.backend == "local" and where.host and len(where.cpus) == 1
+    assert where.attempts == 1 and where.end >= where.start
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+def test_cancelling_a_queued_node_removes_it_and_it_never_runs(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=1)
+    with rhapsody.Session(backends=[backend]) as s:
+        busy = s.submit(rhapsody.task(hold)(str(tmp_path / "busy")))
+        queued = s.submit(rhapsody.task(mark)(str(tmp_path / "queued")))
+        later = s.submit(rhapsody.task(mark)(str(tmp_path / "later"), queued))
+        wait_for_files([str(tmp_path / "busy")], 30)
+        assert queued.cancel() and queued.cancelled() and later.cancelled()
+        assert busy.cancel()
+        assert backend.ledger.idle()
+    assert not (tmp_path / "queued").exists() and not (tmp_path / "later").exists()
+
+
+def test_cancelling_a_running_python_node_kills_its_worker_and_frees_its_cores(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backends=[backend]) as s:
+        fut = s.submit(rhapsody.task(cpus=2)(hold)(str(tmp_path / "pid")))
+        dependent = s.submit(rhapsody.task(inc)(fut))
+        wait_for_files([str(tmp_path / "pid")], 30)
+        assert fut.running()
+        pid = int((tmp_path / "pid").read_text())
+        assert fut.cancel()
+        assert not alive(pid), "cancel() returned before the worker was gone"
+        assert fut.cancelled() and dependent.cancelled() and backend.ledger.idle()
+        with pytest.raises(cf.CancelledError):
+            fut.result()
+        assert s.submit(rhapsody.task(inc)(1)).result(timeout=60) == 2  # the session goes on
+
+
+def test_cancelling_an_executable_kills_its_process_tree(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backends=[backend]) as s:
+        exe = rhapsody.executable(["sh", "-c", 'echo $$ > "$0"; sleep 60 & echo $! > "$1"; wait',
+                                   str(tmp_path / "sh"), str(tmp_path / "child")])
+        fut = s.submit(exe)
+        wait_for_files([str(tmp_path / "sh"), str(tmp_path / "child")], 30)
+        pids = [int((tmp_path / n).read_text()) for n in ("sh", "child")]
+        assert fut.cancel()
+        assert not [p for p in pids if alive(p)] and backend.ledger.idle()
+
+
+def test_cancelling_a_multi_rank_node_kills_every_rank(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backends=[backend]) as s:
+        fut = s.submit(rhapsody.task(ranks=2)(hold_rank)(str(tmp_path)))
+        wait_for_files([str(tmp_path / "rank0"), str(tmp_path / "rank1")], 30)
+        pids = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+        assert fut.cancel()
+        assert not [p for p in pids if alive(p)] and backend.ledger.idle()
+
+
+def test_session_cancel_stops_everything_and_leaves_no_process_and_a_full_ledger(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=4)
+    with rhapsody.Session(backends=[backend]) as s:
+        futures = [s.submit(rhapsody.task(hold)(str(tmp_path / f"py{i}"))) for i in range(2)]
+        futures.append(s.submit(rhapsody.executable(
+            ["sh", "-c", 'echo $$ > "$0"; exec sleep 60', str(tmp_path / "exe")])))
+        futures.append(s.submit(rhapsody.task(hold)(str(tmp_path / "queued"))))  # no core left? 3 run
+        wait_for_files([str(tmp_path / n) for n in ("py0", "py1", "exe")], 30)
+        pids = [int((tmp_path / n).read_text()) for n in ("py0", "py1", "exe")]
+        s.cancel()
+        assert all(f.cancelled() for f in futures)
+        assert not [p for p in pids if alive(p)] and backend.ledger.idle()
+
+
+def test_leaving_the_with_block_on_an_exception_kills_what_runs(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=2)
+    with pytest.raises(ZeroDivisionError):
+        with rhapsody.Session(backends=[backend]) as s:
+            fut = s.submit(rhapsody.task(hold)(str(tmp_path / "pid")))
+            wait_for_files([str(tmp_path / "pid")], 30)
+            1 / 0
+    assert not still_alive([int((tmp_path / "pid").read_text())], 5.0)
+    assert fut.cancelled()
+
+
+# -- memory --------------------------------------------------------------------------------
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.timeout(300)
+def test_a_long_futures_loop_of_megabyte_results_keeps_the_driver_flat(session):
+    make = rhapsody.task(megabyte)
+    readings = []
+    for i in range(10_000):
+        fut = session.submit(make(i))
+        assert len(fut.result(timeout=60)) == 1 << 20
+        del fut
+        if i % 1000 == 999:
+            readings.append(rss())
+    growth = readings[-1] - readings[0]
+    assert growth < 64 << 20, f"the driver grew {growth >> 20} MB over 9,000 dropped futures"
+    assert session._scheduler.tasks == {}

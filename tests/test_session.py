@@ -1,0 +1,87 @@
+"""Sessions with several named backends: explicit and implicit routing, edges across
+backends, and the errors that come before anything runs (real worker processes)."""
+import os
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+
+def gpu_mask(*_):
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+def add(a, b):
+    return a + b
+
+
+def mark(path, *_):
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two():
+    """Backend "cpu": 1 core, no GPU; backend "gpu": 2 cores and 2 declared GPUs."""
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="cpu"),
+                                    rhapsody.LocalBackend(cpus=2, gpus=2, name="gpu")]) as s:
+        yield s
+
+
+def test_backend_name_routes_a_node_explicitly(two):
+    fut = two.submit(rhapsody.task(backend="gpu")(add)(1, 2))
+    assert fut.result(timeout=60) == 3 and fut.where.backend == "gpu"
+
+
+def test_a_node_without_a_name_goes_to_the_first_backend_that_can_hold_it(two):
+    plain = two.submit(rhapsody.task(add)(1, 2))
+    on_gpu = two.submit(rhapsody.task(gpus=1)(gpu_mask)())
+    assert plain.result(timeout=60) == 3 and plain.where.backend == "cpu"
+    assert on_gpu.result(timeout=60) in ("0", "1") and on_gpu.where.backend == "gpu"
+    assert on_gpu.where.gpus == (int(on_gpu.result()),)
+
+
+def test_nodes_on_different_backends_depend_on_each_other(two):
+    a = rhapsody.task(backend="cpu")(add)(1, 2)
+    b = rhapsody.task(backend="gpu")(add)(a, 10)
+    c = rhapsody.task(backend="cpu")(add)(b, a)
+    assert rhapsody.compute(c, session=two) == (16,)
+
+
+def test_an_unknown_backend_name_is_refused_before_anything_runs_naming_node_and_backends(
+        two, tmp_path):
+    early = rhapsody.task(mark)(str(tmp_path / "early"))
+    bad = rhapsody.task(backend="hpc")(add)(early, 1)
+    with pytest.raises(rhapsody.NoBackendError) as info:
+        two.submit(bad)
+    message = str(info.value)
+    assert bad.key in message and "'hpc'" in message and "cpu, gpu" in message
+    assert info.value.tried == ["cpu", "gpu"]
+    assert not (tmp_path / "early").exists()
+
+
+def test_a_node_no_backend_can_hold_is_refused_before_anything_runs(two, tmp_path):
+    early = rhapsody.task(mark)(str(tmp_path / "early"))
+    big = rhapsody.task(gpus=3)(add)(early, 1)
+    with pytest.raises(rhapsody.UnsatisfiableError, match="3 gpus"):
+        two.submit(big)
+    dragon_only = rhapsody.task(process_template={"cwd": "/"})(add)(early, 1)
+    with pytest.raises(ValueError, match="'process_template' is passed to Dragon"):
+        two.submit(dragon_only)
+    assert not (tmp_path / "early").exists()
+
+
+def test_two_backends_with_one_name_are_refused():
+    with rhapsody.LocalBackend(cpus=1, name="x") as a, rhapsody.LocalBackend(cpus=1, name="x") as b:
+        with pytest.raises(ValueError, match="two backends are named 'x'"):
+            rhapsody.Session(backends=[a, b])
+
+
+def test_compute_inside_a_with_block_runs_on_that_session():
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="inner")]) as s:
+        node = rhapsody.task(backend="inner")(add)(2, 3)
+        assert node.compute() == 5  # no session= given: the with block's
+        assert rhapsody.submit(rhapsody.task(add)(1, 1)).result(timeout=60) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        s.submit(rhapsody.task(add)(1, 1))
