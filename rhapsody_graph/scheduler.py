@@ -72,11 +72,12 @@ class Group:
 
     __slots__ = ("fail_fast", "live", "errors", "ended", "stopping")
 
-    def __init__(self, fail_fast: bool) -> None:
+    def __init__(self, fail_fast: bool, waited: bool) -> None:
         self.fail_fast = fail_fast
         self.live = 0  # its records not yet ended
         self.errors: List[Tuple["Task", BaseException]] = []  # in the order they failed
-        self.ended = threading.Event()  # set when live falls to 0
+        # set when live falls to 0 (only for a compute(), which waits on it)
+        self.ended: Optional[threading.Event] = threading.Event() if waited else None
         self.stopping = False  # fail-fast: a node failed, start nothing more of it
 
 
@@ -127,7 +128,7 @@ class Attempt:
 
     def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any]) -> None:
         self.task, self.lease, self.placements = task, lease, placements
-        self.start = time.time()
+        self.start = time.time() if task.futures else 0.0  # for a future's `where`
         self.after: Optional[Callable[[], None]] = None  # once killed: what then
 
 
@@ -145,6 +146,7 @@ class Scheduler:
         self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
         self.live = 0
         self.ended: List[Group] = []  # groups whose events are set at the end of the pass
+        self.idle_waiters: List[threading.Event] = []  # set once nothing is left
         self.closing = False
         self.closed = threading.Event()
 
@@ -176,6 +178,12 @@ class Scheduler:
         self.completions.post(abort)
         return done
 
+    def when_idle(self) -> threading.Event:
+        """An event set once everything taken so far has ended."""
+        done = threading.Event()
+        self.completions.post(lambda out: self.idle_waiters.append(done))
+        return done
+
     def close(self) -> None:
         """Cancel everything and end the loop once every killed call has reported."""
         def closing(out: List[Any]) -> None:
@@ -195,10 +203,8 @@ class Scheduler:
                         break
                     if self._when_nothing_runs():
                         continue
-                if self.ended:  # after _idle(): a compute() returns with backends at rest
-                    for group in self.ended:
-                        group.ended.set()
-                    self.ended.clear()
+                if self.ended or (self.idle_waiters and not self.live):
+                    self._notify()  # after _idle(): a compute() returns with backends at rest
                 timeout = None
                 if self.deadlines:
                     timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
@@ -208,8 +214,8 @@ class Scheduler:
                     self._expire()
             except BaseException as exc:  # a bug here must not hang every future
                 self._crash(exc)
-        for group in self.ended:
-            group.ended.set()
+        self.live = 0
+        self._notify()
         self.closed.set()
 
     def _when_nothing_runs(self) -> bool:
@@ -256,9 +262,17 @@ class Scheduler:
         for _, event in self.kill_waits:
             event.set()
         self.kill_waits.clear()
+        self._notify()
+
+    def _notify(self) -> None:
+        """Set the events of ended groups, and of idle waiters when nothing is left."""
         for group in self.ended:
             group.ended.set()
         self.ended.clear()
+        if not self.live:
+            for event in self.idle_waiters:
+                event.set()
+            self.idle_waiters.clear()
 
     # -- taking submissions --------------------------------------------------------------
 
@@ -297,7 +311,7 @@ class Scheduler:
                 t.futures.append(weakref.ref(fut))
                 if t.state == RUNNING:
                     fut._start()
-        if not group.live:
+        if not group.live and group.ended is not None:
             self.ended.append(group)
 
     def _end_unrun(self, t: Task, upstream: Task) -> None:
@@ -519,7 +533,7 @@ class Scheduler:
         self.live -= 1
         group = t.group
         group.live -= 1
-        if not group.live:
+        if not group.live and group.ended is not None:
             self.ended.append(group)
 
     def _fail(self, t: Task, exc: BaseException, final: bool = False) -> None:

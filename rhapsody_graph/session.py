@@ -27,11 +27,12 @@ from .backends.base import (AI_KIND, EXECUTABLE_KIND, FUNCTION_KIND, RANKS_KIND,
 from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import EXECUTABLE, Node, Ref, find_nodes, substitute
-from .scheduler import PENDING, Group, Scheduler, Task
+from .scheduler import DONE, PENDING, Group, Scheduler, Task
 
 __all__ = ["Session"]
 
 CANCEL_TIMEOUT = 60.0  # cancel() waits this long for killed processes to be reaped
+ROUTES_KEPT = 10_000  # routes remembered per task options, then forgotten
 _sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()  # closed at interpreter exit
 
 
@@ -62,7 +63,7 @@ class Session:
             self.backends[b.name] = b
         self._owns = _owns
         self._checked: Dict[Tuple[int, tuple], None] = {}
-        self._groups: List[Group] = []
+        self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
         self._lock = threading.Lock()
         self._closed = False
         self._completions = Completions()
@@ -100,12 +101,12 @@ class Session:
         roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
-        futures, group = self._submit(roots, fail_fast)
+        handles, group = self._submit(roots, fail_fast, futures=False)
         try:
             group.ended.wait()
             if group.errors:
-                raise _first_error(group, roots, futures)
-            values = {id(r): f.result() for r, f in zip(roots, futures)}
+                raise _first_error(group, roots, handles)
+            values = {id(r): _value(h) for r, h in zip(roots, handles)}
         except BaseException:
             if not group.ended.is_set():  # Ctrl-C, or another thread's exception
                 self.cancel()
@@ -114,32 +115,35 @@ class Session:
             raise
         return tuple(substitute(o, values) for o in outputs)
 
-    def _submit(self, roots: Sequence[Any], fail_fast: bool) -> Tuple[List[Future], Group]:
+    def _submit(self, roots: Sequence[Any], fail_fast: bool,
+                futures: bool = True) -> Tuple[List[Any], Group]:
+        """Hand ``roots`` to the scheduler; one future per root (``futures=False``: the
+        record itself for a root this call added, as ``compute`` needs no handle)."""
         if self._closed:
             raise RuntimeError("this session is closed; make a new Session")
-        group = Group(fail_fast)
+        group = Group(fail_fast, waited=not futures)
         new: List[Task] = []
         records = self._records(roots, group, new)
-        futures, attach = [], []
+        handles, attach = [], []
         for root in roots:
             if isinstance(root, Ref):
-                self._own(root)
-                futures.append(root)
+                handles.append(self._own(root))
                 continue
             t = records[id(root)]
+            new_here = t.state == PENDING and t.group is group  # no other thread sees it yet
+            if new_here and not futures:
+                handles.append(t)
+                continue
             fut = Future(root, t, self)
-            futures.append(fut)
-            if t.state == PENDING and t.group is group:  # new: no other thread sees it yet
+            handles.append(fut)
+            if new_here:
                 if t.futures is None:
                     t.futures = []
                 t.futures.append(weakref.ref(fut))
             else:
                 attach.append((t, fut))
-        with self._lock:
-            self._groups = [g for g in self._groups if not g.ended.is_set()]
-            self._groups.append(group)
         self._scheduler.take(new, attach, group)
-        return futures, group
+        return handles, group
 
     def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[int, Task]:
         """Records for ``roots`` and what they need, made (in post-order) where unknown."""
@@ -186,7 +190,18 @@ class Session:
     # -- routing -------------------------------------------------------------------------
 
     def _route(self, node: Node) -> Any:
-        """The backend that runs ``node`` (its ``backend=``, else the first that can)."""
+        """The backend that runs ``node`` (its ``backend=``, else the first that can);
+        remembered per task options, which all calls of one task share."""
+        hit = self._routes.get(id(node.opts))
+        if hit is not None and hit[0] is node.opts and hit[1] == node.kind:
+            return hit[2]
+        backend = self._choose(node)
+        if len(self._routes) > ROUTES_KEPT:
+            self._routes.clear()
+        self._routes[id(node.opts)] = (node.opts, node.kind, backend)
+        return backend
+
+    def _choose(self, node: Node) -> Any:
         kind = _kind(node)
         res = node.opts.resources
         name = node.opts.backend
@@ -236,10 +251,8 @@ class Session:
 
     def wait(self) -> None:
         """Wait until everything submitted so far has ended."""
-        with self._lock:
-            groups = list(self._groups)
-        for g in groups:
-            g.ended.wait()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._scheduler.when_idle().wait()
 
     def close(self) -> None:
         """Cancel what still runs, stop the scheduler, and shut the backends down
@@ -292,14 +305,27 @@ def _kind(node: Node) -> str:
     return EXECUTABLE_KIND if node.kind == EXECUTABLE else FUNCTION_KIND
 
 
-def _first_error(group: Group, roots: Sequence[Any], futures: Sequence[Any]) -> BaseException:
+def _value(handle: Any) -> Any:
+    """The value of a future, or of a done record."""
+    if isinstance(handle, Task):
+        return handle.backend.decode(handle.payload)
+    return handle.result()
+
+
+def _has_value(handle: Any) -> bool:
+    if isinstance(handle, Task):
+        return handle.state == DONE
+    return handle.done() and not handle.cancelled() and handle.exception() is None
+
+
+def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> BaseException:
     """The first failure of ``group``, noting the others and the outputs not computed."""
     t, exc = group.errors[0]
     if len(group.errors) > 1:
         others = ", ".join(o.node.key for o, _ in group.errors[1:6])
         add_note(exc, f"{len(group.errors) - 1} other node(s) failed too: {others}")
-    unfinished = [r.key for r, f in zip(roots, futures) if r is not t.node
-                  and not (f.done() and not f.cancelled() and f.exception() is None)]
+    unfinished = [r.key for r, h in zip(roots, handles)
+                  if r is not t.node and not _has_value(h)]
     if unfinished and isinstance(exc, Exception):
         add_note(exc, "outputs not computed: " + ", ".join(unfinished[:5]))
     return exc
