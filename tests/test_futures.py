@@ -273,3 +273,16 @@ def test_a_long_futures_loop_of_megabyte_results_keeps_the_driver_flat(session):
     growth = readings[-1] - readings[0]
     assert growth < 64 << 20, f"the driver grew {growth >> 20} MB over 9,000 dropped futures"
     assert session._scheduler.tasks == {}
+
+
+def test_adaptive_sampling_example_refines_the_promising_seeds_and_leaves_no_process():
+    import subprocess
+    import sys
+    from .conftest import child_pids
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = child_pids()
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "adaptive_sampling.py")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "6 of 16 seeds refined; best estimate 0.8" in out  # seeds 4-6 and 11-13
+    assert "best ran on cpu, host" in out
+    assert not child_pids() - before
