@@ -8,6 +8,7 @@ import pytest
 import rhapsody_graph as rhapsody
 
 from ..conftest import child_pids
+from ..test_scheduler import still_alive
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -308,3 +309,18 @@ def test_a_server_that_cannot_start_fails_its_nodes_with_its_log(backend):
     with pytest.raises(RuntimeError, match="(?s)'broken' exited before it was ready.*no-such-flag"):
         rhapsody.compute(*nodes, backend=backend, fail_fast=False)
     assert time.monotonic() - start < 30
+
+
+def test_cancelling_an_ai_node_abandons_its_request_and_its_dependents(backend):
+    session = rhapsody.api.get_session(backend)
+    story = session.submit(rhapsody.ai("Write a very long story about a dragon.", model="smollm2",
+                                       temperature=0, max_tokens=2048))
+    after = session.submit(shout(story))
+    service = serving(backend, "smollm2")
+    assert service is not None and story.running()
+    pid = service.server.pid
+    assert story.cancel()
+    assert story.cancelled() and after.cancelled()
+    session.wait()  # idle: the run's inference service is stopped, its cores given back
+    assert not still_alive([pid]) and backend.ledger.idle()
+    assert session.submit(shout("done")).result(timeout=60) == "DONE"
