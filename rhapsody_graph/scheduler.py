@@ -170,10 +170,7 @@ class Scheduler:
 
         def abort(out: List[Any]) -> None:
             if not self.live and not self.inflight and not self.killing:
-                for lane in self.lanes.values():
-                    self._end_drained(lane)
-                    lane.open_leases.clear()
-                    lane.backend.abort()
+                self._abort_backends()
             done.set()
         self.completions.post(abort)
         return done
@@ -251,18 +248,22 @@ class Scheduler:
         for t in list(self.tasks.values()):
             if t.state not in ENDED:
                 self._fail(t, exc, final=True)
-        for lane in self.lanes.values():
-            lane.backend.abort()
-            lane.ready.clear()
-            lane.ready_own.clear()
-            lane.open_leases.clear()
-            lane.drained.clear()
+        self._abort_backends()
         self.inflight.clear()
         self.killing.clear()
         for _, event in self.kill_waits:
             event.set()
         self.kill_waits.clear()
         self._notify()
+
+    def _abort_backends(self) -> None:
+        """Kill every backend's processes; their leases go (their ledgers start afresh)."""
+        for lane in self.lanes.values():
+            lane.backend.abort()
+            lane.ready.clear()
+            lane.ready_own.clear()
+            lane.open_leases.clear()
+            lane.drained.clear()
 
     def _notify(self) -> None:
         """Set the events of ended groups, and of idle waiters when nothing is left."""

@@ -23,10 +23,11 @@ import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .backends.base import (AI_KIND, EXECUTABLE_KIND, FUNCTION_KIND, RANKS_KIND, Completions)
+from .ai.nodes import AI
+from .backends.base import RANKS_KIND, Completions
 from .errors import NoBackendError, add_note
 from .futures import Future
-from .graph import EXECUTABLE, Node, Ref, find_nodes, substitute
+from .graph import Node, Ref, find_nodes, substitute
 from .scheduler import DONE, PENDING, Group, Scheduler, Task
 
 __all__ = ["Session"]
@@ -88,13 +89,13 @@ class Session:
             ``NoBackendError``, ``UnsatisfiableError``, ``TypeError``/``ValueError``
             naming the node, before anything runs.
         """
-        many = len(nodes) != 1 or isinstance(nodes[0], (list, tuple))
-        flat = list(nodes[0]) if len(nodes) == 1 and isinstance(nodes[0], (list, tuple)) else nodes
+        one_list = len(nodes) == 1 and isinstance(nodes[0], (list, tuple))
+        flat = list(nodes[0]) if one_list else nodes
         for n in flat:
             if not isinstance(n, (Node, Ref)):
                 raise TypeError(f"submit() takes nodes (or futures), got {n!r}")
         futures, _ = self._submit(flat, fail_fast=False)
-        return futures if many else futures[0]
+        return futures[0] if len(nodes) == 1 and not one_list else futures
 
     def compute(self, *outputs: Any, fail_fast: bool = True) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
@@ -298,11 +299,9 @@ def current_session() -> Optional[Session]:
 
 
 def _kind(node: Node) -> str:
-    if node.kind == "ai":
-        return AI_KIND
-    if node.opts.resources.ranks > 1:
+    if node.kind != AI and node.opts.resources.ranks > 1:
         return RANKS_KIND
-    return EXECUTABLE_KIND if node.kind == EXECUTABLE else FUNCTION_KIND
+    return node.kind
 
 
 def _value(handle: Any) -> Any:

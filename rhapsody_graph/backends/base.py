@@ -50,8 +50,9 @@ except ImportError:  # pragma: no cover - Python < 3.8
 OK, ERROR, DIED, DROPPED, KILLED = "ok", "error", "died", "dropped", "killed"
 
 Completion = Tuple[int, str, Any, float]
-#: node kinds, as routing and ``Backend.kinds`` name them
-FUNCTION_KIND, EXECUTABLE_KIND, RANKS_KIND, AI_KIND = "function", "executable", "ranks", "ai"
+#: the kind routing gives a node with ``ranks > 1``; any other node's kind is its own
+#: ``node.kind`` (``graph.FUNCTION``, ``graph.EXECUTABLE``, ``ai.nodes.AI``)
+RANKS_KIND = "ranks"
 
 
 class Completions:

@@ -34,8 +34,8 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import wire
-from .base import (AI_KIND, DIED, DROPPED, ERROR, EXECUTABLE_KIND, FUNCTION_KIND, KILLED, OK,
-                   RANKS_KIND, Call, Completion, Completions, Lease)
+from .base import (DIED, DROPPED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions,
+                   Lease)
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from ..errors import WorkerDiedError
 from ..ai.models import lookup
@@ -91,7 +91,7 @@ class LocalBackend:
     """
 
     takes_dragon_options = False  # policy=, process_template(s)=
-    kinds = frozenset((FUNCTION_KIND, EXECUTABLE_KIND, RANKS_KIND, AI_KIND))
+    kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND, AI))
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
