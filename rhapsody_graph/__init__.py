@@ -10,6 +10,7 @@
 """
 from .ai import ai, model, prompt, smollm2_path
 from .backends.dragon import DragonBackend, dragon_hosts
+from .backends.inference import InferenceBackend
 from .backends.local import LocalBackend
 from .api import compute, submit
 from .errors import (ExecutableError, NoBackendError, NodeTimeoutError, RemoteError,
@@ -25,7 +26,7 @@ __all__ = [
     "Session", "submit", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
     "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
-    "LocalBackend", "DragonBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
+    "LocalBackend", "DragonBackend", "InferenceBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
     "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",
 ]

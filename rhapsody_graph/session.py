@@ -46,7 +46,10 @@ class Session:
             when it closes.
 
     A node with ``backend="name"`` runs there; any other goes to the first backend
-    that runs its kind (function, executable, multi-rank, AI) and can hold it.
+    that runs its kind (function, executable, multi-rank, AI) and can hold it. When
+    no backend runs AI nodes, the session adds an
+    :class:`~rhapsody_graph.InferenceBackend` named ``inference`` placed on its
+    first backend (its servers take cores and GPUs from that backend's ledger).
     """
 
     def __init__(self, backends: Optional[Sequence[Any]] = None, *, _owns: bool = True) -> None:
@@ -62,6 +65,18 @@ class Session:
                 raise ValueError(f"Session: two backends are named {b.name!r}; give each "
                                  "a distinct name=")
             self.backends[b.name] = b
+        for b in backends:
+            on = getattr(b, "on", None)
+            if on is not None and self.backends.get(on.name) is not on:
+                raise ValueError(f"Session: backend {b.name!r} is placed on backend {on.name!r}, "
+                                 "which is not in this session; add it to backends=[...]")
+        self._implicit: List[Any] = []  # backends the session added, shut down with it
+        if not any(AI in b.kinds for b in backends) and "inference" not in self.backends:
+            from .backends.inference import InferenceBackend
+            inference = InferenceBackend(name="inference", on=backends[0])
+            self.backends[inference.name] = inference
+            self._implicit.append(inference)
+            backends.append(inference)
         self._owns = _owns
         self._checked: Dict[Tuple[int, tuple], None] = {}
         self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
@@ -265,9 +280,10 @@ class Session:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._scheduler.close()
             self._scheduler.closed.wait(CANCEL_TIMEOUT)
-        for b in self.backends.values():
+        # backends placed on another go first: their servers may need it to stop
+        for b in sorted(self.backends.values(), key=lambda b: getattr(b, "on", None) is None):
             b.attach(None)
-            if self._owns:
+            if self._owns or b in self._implicit:
                 b.shutdown()
         self._completions.close()
 

@@ -57,7 +57,7 @@ def test_an_unknown_backend_name_is_refused_before_anything_runs_naming_node_and
         two.submit(bad)
     message = str(info.value)
     assert bad.key in message and "'hpc'" in message and "cpu, gpu" in message
-    assert info.value.tried == ["cpu", "gpu"]
+    assert info.value.tried == ["cpu", "gpu", "inference"]  # the implicit InferenceBackend
     assert not (tmp_path / "early").exists()
 
 

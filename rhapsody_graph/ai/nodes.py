@@ -69,7 +69,8 @@ def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[st
 def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
        system: Optional[str] = None, chat: Optional[bool] = None,
        parse: Optional[Callable[[str], Any]] = None, name: Optional[str] = None,
-       timeout: Optional[float] = None, retries: int = 0, **sampling: Any) -> Node:
+       timeout: Optional[float] = None, retries: int = 0, backend: Optional[str] = None,
+       **sampling: Any) -> Node:
     """A node that prompts ``model`` with ``prompt`` filled by the values of ``inputs``.
 
     ``prompt`` is a template (``"Summarise: {}"``) or a list of them (the value is then
@@ -83,14 +84,15 @@ def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
                         f"got {prompt!r}")
     spec = _spec(who, model, prompt if isinstance(prompt, str) else list(prompt), None, system,
                  chat, parse, sampling)
-    opts = _options(who, {"timeout": timeout, "retries": retries,
+    opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
                           **({"name": name} if name else {})})
     return Node(spec, inputs, {}, opts, kind=AI)
 
 
 def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = None,
            parse: Optional[Callable[[str], Any]] = None, timeout: Optional[float] = None,
-           retries: int = 0, **sampling: Any) -> Callable[[Callable[..., Any]], Callable[..., Node]]:
+           retries: int = 0, backend: Optional[str] = None,
+           **sampling: Any) -> Callable[[Callable[..., Any]], Callable[..., Node]]:
     """Decorate a function that builds the prompt (a string or a list) from input values.
 
     >>> @prompt(model="smollm2", max_tokens=16)
@@ -101,7 +103,8 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
     def decorate(fn: Callable[..., Any]) -> Callable[..., Node]:
         who = f"ai node {fn.__name__!r}"
         spec = _spec(who, model, None, fn, system, chat, parse, sampling)
-        opts = _options(who, {"timeout": timeout, "retries": retries, "name": fn.__name__})
+        opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
+                              "name": fn.__name__})
 
         @functools.wraps(fn)
         def make(*inputs: Any) -> Node:

@@ -24,6 +24,8 @@ One line of contract per method (the scheduler calls them all from its thread):
 * ``end_lease(lease)``: the scheduler is done with a lease and gave its placement back.
 * ``decode(payload)``: the value of an ``OK`` payload.
 * ``end_run()``: the session went idle: drop per-run caches (and run-scoped services).
+* ``server_spawner()`` (compute backends only): how an inference service placed on
+  this backend starts its server (:class:`~rhapsody_graph.InferenceBackend` ``on=``).
 * ``abort()``: kill everything now; ``shutdown()``: stop for good.
 
 A completion is ``(tid, status, payload, seconds)``: ``OK`` with the value's

@@ -15,10 +15,11 @@ Python with ``cpus``/``gpus``  ``batch.process(ProcessTemplate(..., policy=Polic
                                per rank with that rank's placement
 executable                     ``batch.process`` (``batch.job`` for ranks); the
                                program's stdout, stderr and exit code come back
-AI                             a request to the model's inference service, whose
-                               server is a Dragon process on the host the ledger
-                               placed the service on (:mod:`.dragon_service`)
 ============================== =====================================================
+
+AI nodes run on an :class:`~rhapsody_graph.InferenceBackend` placed ``on=`` this
+backend: its servers are Dragon processes on the hosts the ledger placed their
+services on (:meth:`DragonBackend.server_spawner`, :mod:`.dragon_service`).
 
 Every Batch call runs :func:`.dragon_worker.serve`: a worker that connects back to
 this driver over a socket (authenticated with the run's secret token) and runs
@@ -55,8 +56,7 @@ from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
 from .dragon_service import DragonServer
 from .launch import describe_exit
 from .local import LocalBackend, _Prepared, _Worker
-from ..ai.nodes import AI
-from ..ai.service import LOOPBACK, Services
+from ..ai.service import LOOPBACK, Spawn
 from ..errors import WorkerDiedError, add_note
 from ..graph import EXECUTABLE, Node
 from ..resources import Host, Placement
@@ -197,7 +197,6 @@ class DragonBackend(LocalBackend):
         machine = self._machine
         super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers, name=name)
         self._here = machine.current().hostname
-        self._services = Services(self._spawn_server)
         self.start_timeout = start_timeout
         self._batch: Any = None
         self._token = secrets.token_bytes(TOKEN_BYTES)
@@ -227,14 +226,6 @@ class DragonBackend(LocalBackend):
         except Exception as exc:
             raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
         return _Prepared(0, self._program, args)
-
-    def admit(self, node: Node, prepared: Any) -> bool:
-        if node.kind == AI:
-            # before a launch thread starts the server as a Dragon process: the first
-            # use of Dragon's channels in a process is not thread-safe (0.15:
-            # DRAGON_LOCK_ALREADY_INITD when Batch() starts at the same time)
-            self.start()
-        return super().admit(node, prepared)
 
     def attach(self, completions: Optional[Completions]) -> None:
         if completions is None and self._listener is not None and self._hub is not None:
@@ -278,9 +269,6 @@ class DragonBackend(LocalBackend):
 
     def _launch(self, call: Call) -> None:
         node = call.node
-        if node.kind == AI:
-            super()._launch(call)
-            return
         placements = call.placements
         job = _Job(call.tid, node.key, len(placements), node.opts.resources.ranks > 1)
         self._owner[call.tid] = job
@@ -362,6 +350,15 @@ class DragonBackend(LocalBackend):
             return LOOPBACK
         return socket.gethostbyname(socket.gethostname())
 
+    def server_spawner(self) -> Spawn:
+        """How an inference service placed on this backend starts its server: a Dragon
+        process on the service's host. Called on the scheduler thread, before a request
+        thread starts one: it starts Batch first, as the first use of Dragon's channels
+        in a process is not thread-safe (0.15: DRAGON_LOCK_ALREADY_INITD when Batch()
+        starts at the same time)."""
+        self.start()
+        return self._spawn_server
+
     def _spawn_server(self, model: Any, placement: Optional[Placement]) -> DragonServer:
         """An inference service's server: a Dragon process on the host of its placement
         (the driver's without one), pinned to its cores and GPUs."""
@@ -371,7 +368,7 @@ class DragonBackend(LocalBackend):
                                                    gpu_affinity=list(placement.gpus))
         policy = Policy(placement=Policy.Placement.HOST_NAME, host_name=host, **pinned)
         bind = LOOPBACK if host == self._here else self._ip(host)
-        # admit() started Batch, and with it the listener whose address workers reach
+        # server_spawner() started Batch, and with it the listener whose address workers reach
         return DragonServer(model.name, host, bind, self._address[0], policy, self.start_timeout)
 
     def _ip(self, host: str) -> str:

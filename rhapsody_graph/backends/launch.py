@@ -18,16 +18,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import Any, Callable, List, Optional, Sequence
 
 from . import wire
 from .base import DIED, ERROR, KILLED, OK, Completion
-from ..errors import ExecutableError, NodeTimeoutError, WorkerDiedError, add_note
+from ..errors import ExecutableError, WorkerDiedError, add_note
 from ..resources import Placement
 from ..task import ExecResult
 
-AI_TIMEOUT_GRACE = 1.0  # an AI node's requests stop this long after its timeout
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER_BOOT = ("import sys; sys.path.insert(0, {!r}); "
                "from rhapsody_graph.backends.worker import main; main(sys.argv)").format(PACKAGE_ROOT)
@@ -62,7 +60,6 @@ class Launch:
                  post: Callable[[Completion], None]) -> None:
         self.tid, self.key, self.pin, self.post = tid, key, pin, post
         self.procs: List[subprocess.Popen] = []
-        self.spawns = True  # starts processes (False: an AI request, on a shared server)
         self.killed = False
         self.lock = threading.Lock()
         self.home = os.sched_getaffinity(0)  # for ranks that ask for no cores
@@ -127,27 +124,6 @@ class Launch:
                 add_note(exc, f"rank {failed} of {len(results)} failed; the others were stopped")
             return (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
         value = results if len(placements) > 1 else results[0]
-        return (self.tid, OK, wire.dump_value(value), 0.0)
-
-    def ai(self, spec: Any, service: Any, inputs: List[Any],
-           timeout: Optional[float]) -> Completion:
-        """Ask the node's inference service (started on first use), giving up on its
-        requests once the node's ``timeout`` has passed; value: the answer(s)."""
-        from ..ai.client import DeadlinePassed, Unreachable
-        from ..ai.nodes import run
-        # the scheduler's own deadline is the one that fails the node; this one, a
-        # little later, only stops the requests
-        deadline = None if timeout is None else time.monotonic() + timeout + AI_TIMEOUT_GRACE
-        client = service.start()
-        try:
-            value = run(spec, client, service.model.takes_lists, inputs, deadline)
-        except DeadlinePassed:
-            raise NodeTimeoutError.of(self.key, timeout) from None
-        except Exception as exc:
-            # a refused connection can come just before a killed server is reaped
-            if service.died(grace=2.0 if isinstance(exc, Unreachable) else 0.0):
-                raise RuntimeError(service.failure("died while serving this node")) from exc
-            raise
         return (self.tid, OK, wire.dump_value(value), 0.0)
 
     def ranks(self, task: tuple, placements: List[Placement]) -> Completion:

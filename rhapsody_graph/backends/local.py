@@ -38,11 +38,9 @@ from .base import (DIED, DROPPED, ERROR, KILLED, OK, RANKS_KIND, Call, Completio
                    Lease)
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from ..errors import WorkerDiedError
-from ..ai.models import lookup
-from ..ai.nodes import AI
-from ..ai.service import Services
-from ..graph import EXECUTABLE, FUNCTION, Node, substitute
-from ..resources import Host, Inventory, Ledger, Resources, detect_host
+from ..ai.service import Spawn, local_server
+from ..graph import EXECUTABLE, FUNCTION, Node
+from ..resources import Host, Inventory, Ledger, detect_host
 
 __all__ = ["LocalBackend"]
 
@@ -91,7 +89,7 @@ class LocalBackend:
     """
 
     takes_dragon_options = False  # policy=, process_template(s)=
-    kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND, AI))
+    kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND))
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
@@ -120,7 +118,6 @@ class LocalBackend:
         self._hub: Optional[Completions] = None  # the session's completion queue
         self._finalizer = weakref.finalize(self, _kill_all, self._workers, self._kill)
         atexit.register(self._finalizer)
-        self._services = Services()  # inference services of AI nodes, stopped after each run
 
     # -- joining a session ------------------------------------------------------------
 
@@ -148,31 +145,21 @@ class LocalBackend:
         return node.kind == FUNCTION and node.opts.resources.ranks == 1
 
     def admit(self, node: Node, prepared: Any) -> bool:
-        """Take what ``node`` needs besides its own placement (an AI node's inference
-        service, from the ledger); False if that does not fit now: the node waits."""
-        return node.kind != AI or self._services.admit(prepared, self.ledger,
-                                                        self._service_request(prepared))
-
-    def _service_request(self, model: Any) -> Optional[Resources]:
-        """What the inference service of ``model`` holds in the ledger (None: nothing)."""
-        if model.engine == "remote" or not (model.cpus or model.gpus or model.host):
-            return None
-        return Resources(cpus=model.cpus, gpus=model.gpus, host=model.host)
+        """Every node's needs are its placements: nothing else to take."""
+        return True
 
     def release_idle(self) -> bool:
-        """Stop inference services no running node uses; True if that freed anything."""
-        return self._services.release_idle(self.ledger)
+        """Nothing is held beyond running calls."""
+        return False
+
+    def server_spawner(self) -> Spawn:
+        """How an inference service placed on this backend starts its server: a child
+        of the driver (see :class:`~rhapsody_graph.InferenceBackend`)."""
+        return local_server
 
     def prepare(self, node: Node) -> Any:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
         self._check_options(node)
-        if node.kind == AI:
-            model = lookup(node.fn.model, f"node {node.key!r}")
-            model.check(f"node {node.key!r}")
-            request = self._service_request(model)
-            if request is not None:
-                self.inventory.check(request, f"the inference service of model {model.name!r}")
-            return model
         if node.kind == EXECUTABLE:
             for arg in node.fn.argv:
                 if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node)):
@@ -245,8 +232,7 @@ class LocalBackend:
 
     def kill(self, tid: int) -> None:
         owner = self._owner.get(tid)
-        self._services.end(tid)
-        if isinstance(owner, Launch) and owner.spawns:
+        if isinstance(owner, Launch):
             owner.kill()  # its thread reaps the processes, then reports KILLED
             return
         self._owner.pop(tid, None)
@@ -254,8 +240,6 @@ class LocalBackend:
         if isinstance(owner, _Worker):
             owner.queue.remove(tid)
             self._retire(owner, DROPPED)  # reaped before it returns
-        elif owner is not None:
-            owner.kill()  # an AI request: abandoned, no process of its own
         self._hub.post((tid, KILLED, None, 0.0))
 
     def end_lease(self, lease: Lease) -> None:
@@ -266,7 +250,6 @@ class LocalBackend:
             self._bound -= 1
 
     def end_run(self) -> None:
-        self._services.stop_all(self.ledger, keep_remote=True)
         self._funcs.clear()
         for w in self._workers:
             w.funcs.clear()
@@ -293,7 +276,6 @@ class LocalBackend:
                 owner.kill()
         for w in list(self._workers):
             self._retire(w, None)
-        self._services.stop_all(None)
         self._reset()
         self.ledger = Ledger(self.inventory)
 
@@ -305,7 +287,6 @@ class LocalBackend:
         for owner in list(self._owner.values()):
             if isinstance(owner, Launch):
                 owner.kill()
-        self._services.stop_all(None)
         for w in self._workers:
             _close(w.task_w)
         for w in list(self._workers):
@@ -483,16 +464,10 @@ class LocalBackend:
             launch.run_in_thread(launch.ranks, task, call.placements)
             return
         values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
-        if node.kind == AI:
-            launch.spawns = False
-            service = self._services.begin(call.tid, call.prepared)
-            launch.run_in_thread(launch.ai, node.fn, service, substitute(list(node.args), values),
-                                 node.opts.timeout)
-        else:
-            spec = call.prepared
-            argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)
-                    if isinstance(a, (bytes, os.PathLike)) else str(a) for a in spec.argv]
-            launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
+        spec = call.prepared
+        argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)
+                if isinstance(a, (bytes, os.PathLike)) else str(a) for a in spec.argv]
+        launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
 
     def _post(self, completion: Completion) -> None:
         """Called from launcher threads: hand the completion to the scheduler thread."""
@@ -503,10 +478,9 @@ class LocalBackend:
         tid = completion[0]
         owner = self._owner.get(tid)
         if not isinstance(owner, Launch):
-            return  # abandoned (an AI request) or aborted: already reported
+            return  # aborted: already reported
         del self._owner[tid]
         self._keys.pop(tid, None)
-        self._services.end(tid)
         out.append((tid, KILLED, None, 0.0) if owner.killed else completion)
 
 

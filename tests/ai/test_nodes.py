@@ -94,11 +94,17 @@ def test_a_hub_id_for_path_is_refused_saying_to_download_it_first(backend):
         rhapsody.ai("hi", model="hub").compute(backend=backend)
 
 
+def services(backend):
+    """The inference services of the session that computes on ``backend`` (its implicit
+    :class:`InferenceBackend`, placed on ``backend``)."""
+    return rhapsody.api.get_session(backend).backends["inference"].services
+
+
 def serving(backend, model: str, seconds: float = 120):
     """``model``'s service once its server answers (None if not within ``seconds``)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        service = backend._services.running.get(model)
+        service = services(backend).running.get(model)
         if service is not None and service.client is not None:
             return service
         time.sleep(0.02)

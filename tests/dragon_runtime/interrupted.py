@@ -24,7 +24,7 @@ def sleeper(path):
 def note_server(backend, model, path):
     """Append ``model``'s server pid to ``path`` once the server answers."""
     while True:
-        service = backend._services.running.get(model)
+        service = rhapsody.api.get_session(backend).backends["inference"].services.running.get(model)
         if service is not None and service.client is not None:
             with open(path, "a") as f:
                 f.write(f"{service.server.pid}\n")
