@@ -47,6 +47,9 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     ("cpu_gpu_affinity.py", ["--gpus", "4"], r"gpu only .*CUDA_VISIBLE_DEVICES=\d"),
     ("gpu_round_robin.py", ["--gpus", "4"], r"task 7: host \S+, CUDA_VISIBLE_DEVICES=3"),
     ("multi_rank_job.py", [], r"executable ranks: \['rank 0 of 2', 'rank 1 of 2'\]"),
+    ("mixed_session.py", ["--gpus", "2"],
+     r"simulation 5 on hpc, host \S+, cores \[\d\]: 0.833(?s:.*)2 of 6 refined on \['cpu'\]\n"
+     r"summary: \S(?s:.*)the summary ran on llm, host \S+"),
 ])
 def test_dragon_example_runs_under_the_launcher_and_leaves_no_process(example, args, shows):
     before = dragon_pids()
