@@ -103,3 +103,19 @@ def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) 
     """Start ``nodes`` on the current (or default) session; see :meth:`Session.submit`."""
     return get_session(backend, session).submit(*nodes)
 
+
+
+def _shut_down_at_exit() -> None:
+    """Close every session and shut the default backends down when the main thread
+    ends, before Python waits for non-daemon threads: Dragon's Batch client keeps some,
+    so a program that never closed its backend (``backend="dragon"``) would never exit."""
+    from .session import close_all
+    close_all()
+    with _lock:
+        defaults = list(_defaults.values())
+        _defaults.clear()
+    for backend in defaults:
+        backend.shutdown()
+
+
+threading._register_atexit(_shut_down_at_exit)  # the hook concurrent.futures uses too

@@ -19,6 +19,7 @@ inventory, and the encoding of every call.
 from __future__ import annotations
 
 import atexit
+import signal
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -91,6 +92,7 @@ class Session:
                                         daemon=True)
         self._thread.start()
         _sessions.add(self)
+        _stop_on_sigterm()
 
     # -- submitting ----------------------------------------------------------------------
 
@@ -346,7 +348,21 @@ def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> 
     return exc
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (a batch system's walltime) stop the program as Ctrl-C does: it
+    raises ``SystemExit(143)`` in the main thread, so a waiting ``compute()`` cancels
+    its run and every session closes at exit. Only where SIGTERM has no handler yet."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @atexit.register
-def _close_all() -> None:
+def close_all() -> None:
+    """Close every open session (at interpreter exit)."""
     for s in list(_sessions):
         s.close()

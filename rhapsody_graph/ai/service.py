@@ -76,10 +76,13 @@ class LocalServer:
         with log, self.lock:
             if self.stopped:
                 raise RuntimeError(f"the inference service for model {self.name!r} was stopped")
+            from ..backends import watchdog  # not at import: backends import this
+            env = watchdog.marked({**os.environ, **env})
             self.proc = subprocess.Popen(fill(argv, self.bind, port), stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **env}, start_new_session=True,
+                                         env=env, start_new_session=True,
                                          preexec_fn=self.preexec_fn)
+            watchdog.guard(self.proc, env)
         return f"http://{self.bind}:{port}/v1"
 
     def returncode(self) -> Optional[int]:
@@ -107,9 +110,11 @@ class LocalServer:
         with self.lock:
             self.stopped = True
         if self.proc is not None:
+            from ..backends import watchdog
             from ..backends.launch import kill_tree  # not at import: backends import this
             kill_tree(self.proc)  # the group even if its leader died: engines fork helpers
             self.proc.wait()
+            watchdog.release(self.proc)
         if self.log and not keep_log:
             try:
                 os.unlink(self.log)

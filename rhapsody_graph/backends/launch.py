@@ -20,7 +20,7 @@ import tempfile
 import threading
 from typing import Any, Callable, List, Optional, Sequence
 
-from . import wire
+from . import watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
 from ..errors import ExecutableError, WorkerDiedError, add_note
 from ..resources import Placement
@@ -37,11 +37,13 @@ def worker_command(task_fd: int, result_fd: int) -> List[str]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process started with its own session, and its descendants."""
+    """SIGKILL a process started with its own session, its group, and what it started
+    outside the group (by the marker :func:`.watchdog.guard` gave it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    watchdog.kill_marked(proc)
 
 
 def describe_exit(code: int) -> str:
@@ -72,11 +74,12 @@ class Launch:
 
     def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
         os.sched_setaffinity(0, self.pin(placement.cpus) or self.home)
-        env = {**os.environ, **(kw.pop("env", None) or {}), **placement.env()}
+        env = watchdog.marked({**os.environ, **(kw.pop("env", None) or {}), **placement.env()})
         with self.lock:
             if self.killed:
                 raise _Killed()
             proc = subprocess.Popen(argv, env=env, start_new_session=True, **kw)
+            watchdog.guard(proc, env)
             self.procs.append(proc)
         return proc
 
@@ -203,6 +206,7 @@ def _stop(procs: List[subprocess.Popen]) -> None:
             kill_tree(proc)
     for proc in procs:
         proc.wait()
+        watchdog.release(proc)
 
 
 class _Killed(Exception):

@@ -33,7 +33,7 @@ import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import wire
+from . import watchdog, wire
 from .base import (DIED, DROPPED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions,
                    Lease)
 from .launch import Launch, describe_exit, kill_tree, worker_command
@@ -332,8 +332,10 @@ class LocalBackend:
                 "computes the graph under `if __name__ == \"__main__\":`.")
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        env = watchdog.marked(dict(os.environ))
         proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        watchdog.guard(proc, env)
         os.close(task_r)
         os.close(result_w)
         os.set_blocking(task_w, False)
@@ -443,7 +445,9 @@ class LocalBackend:
 
     def _exit_reason(self, w: _Worker, died: bool) -> str:
         """How a killed or dead worker ended (and reap it)."""
-        return describe_exit(w.proc.wait())
+        code = w.proc.wait()
+        watchdog.release(w.proc)
+        return describe_exit(code)
 
     def _detach(self, w: _Worker) -> None:
         """Stop watching worker ``w``, close its pipes and forget it."""

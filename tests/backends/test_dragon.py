@@ -99,6 +99,27 @@ def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_p
     assert not dragon_pids() - before, "Dragon processes left behind"
 
 
+UNCLOSED = """import rhapsody_graph as rhapsody
+
+@rhapsody.task
+def plain(x):
+    return 2 * x
+
+if __name__ == "__main__":
+    print(rhapsody.compute(plain(21), backend="dragon"))  # no `with`, nothing closed
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_dragon_program_that_never_closes_its_backend_exits_and_leaves_no_process(tmp_path):
+    script = tmp_path / "unclosed.py"
+    script.write_text(UNCLOSED)
+    before = dragon_pids()
+    code, output = _launch([shutil.which("dragon"), str(script)], 240)
+    assert code == 0 and "(42,)" in output, output[-3000:]
+    assert not dragon_pids() - before, "Dragon processes left behind"
+
+
 def _fresh_signals() -> None:
     """In the launcher before exec: its own process group, SIGINT neither ignored nor
     blocked (dispositions and masks are inherited across exec, and this test process

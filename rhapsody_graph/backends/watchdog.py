@@ -1,0 +1,181 @@
+"""The watchdog: what a driver started dies with it, however the driver dies.
+
+Workers, executables, ranks and inference servers each run in a session of their
+own (their own process group), so one ``killpg`` reaches a process and whatever it
+forked inside its group. Those kills come from the driver; when the driver itself is
+killed (SIGKILL from a batch system or the OOM killer) nothing of it runs any more.
+So the first process a driver starts is a watchdog: one small process per driver
+(``python -S``, no imports beyond ``os``), in a session of its own so that a Ctrl-C
+to the terminal's group does not stop it first.
+
+State, in the watchdog: the groups the driver started and has not reaped, each with
+its leader's start time. The driver tells it ``+ pgid start`` after starting a group
+and ``- pgid`` after reaping one, over a pipe whose only write end the driver holds.
+When that pipe reaches EOF (the driver exited: cleanly, by SIGTERM, by SIGKILL) the
+watchdog SIGKILLs every group still registered, then every process whose
+environment carries this driver's run marker (``RHAPSODY_RUN``, given to every
+process the driver starts and inherited by what they start, so a grandchild that
+left its group with ``setsid`` is found too), and exits.
+
+A group id is not reused while its group has members, and a leader alive with
+another start time is a reused pid: that group is skipped.
+
+Each process the driver starts also carries a marker of its own (``RHAPSODY_GROUP``),
+so that killing it (a timeout, a cancel) reaches what it started outside its group:
+:func:`kill_marked` kills every process that carries the marker. A process a marked
+process starts through rhapsody_graph (a node that runs a graph itself) gets the
+marker extended (``outer/inner``), so killing the outer one reaches it too. The
+watchdog itself carries neither marker: a kill aimed at its driver spares it.
+
+>>> from rhapsody_graph.backends import watchdog
+>>> env = watchdog.marked({})
+>>> sorted(env) == [watchdog.GROUP, watchdog.MARKER]
+True
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Dict, Optional
+
+__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked"]
+
+MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
+GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
+
+WATCHDOG = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+fd, mark = int(sys.argv[1]), sys.argv[2].encode()
+groups, buf = {}, b""
+while True:
+    try:
+        data = os.read(fd, 65536)
+    except InterruptedError:
+        continue
+    if not data:
+        break
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        sign, pgid, *start = line.split()
+        if sign == b"+":
+            groups[int(pgid)] = start[0] if start else b""
+        else:
+            groups.pop(int(pgid), None)
+def start_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+for pgid, start in groups.items():
+    now = start_of(pgid)
+    if now is None or now == start:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+me = os.getpid()
+for _ in range(3):
+    found = False
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                marked = mark in f.read().split(b"\0")
+        except OSError:
+            continue
+        if marked:
+            found = True
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+    if not found:
+        break
+"""
+
+_lock = threading.Lock()
+_groups = itertools.count(1)
+_state: Dict[str, object] = {}  # "pid": the driver that started it, "fd", "token"
+
+
+def _token() -> str:
+    """This driver's run marker, starting its watchdog on first use (again after a fork)."""
+    with _lock:
+        if _state.get("pid") != os.getpid():
+            token = secrets.token_hex(8)
+            read, write = os.pipe()
+            try:
+                subprocess.Popen([sys.executable, "-S", "-c", WATCHDOG, str(read),
+                                  f"{MARKER}={token}"], pass_fds=(read,), close_fds=True,
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 env={k: v for k, v in os.environ.items()
+                                      if k not in (MARKER, GROUP)})
+            finally:
+                os.close(read)
+            os.set_inheritable(write, False)
+            _state.update(pid=os.getpid(), fd=write, token=token)
+        return _state["token"]  # type: ignore[return-value]
+
+
+def marked(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` with this driver's run marker and a fresh group marker (starts the
+    watchdog on first use)."""
+    token = _token()
+    mark = f"{token}.{next(_groups)}"
+    outer = os.environ.get(GROUP)  # inside a process a driver marked: keep the chain
+    return {**env, MARKER: token, GROUP: f"{outer}/{mark}" if outer else mark}
+
+
+def kill_marked(proc: Any) -> None:
+    """SIGKILL every process that carries the group marker ``proc`` was started with
+    (see :func:`guard`): what it started, ``setsid`` or not."""
+    mark = getattr(proc, "mark", None)
+    if not mark:
+        return
+    item, below = f"{GROUP}={mark}".encode(), f"{GROUP}={mark}/".encode()
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me:
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if not any(v == item or v.startswith(below) for v in f.read().split(b"\0")):
+                        continue
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _tell(line: str) -> None:
+    fd: Optional[int] = _state.get("fd") if _state.get("pid") == os.getpid() else None  # type: ignore[assignment]
+    if fd is not None:
+        try:
+            os.write(fd, line.encode())
+        except OSError:
+            pass  # the watchdog is gone: nothing to tell
+
+
+def guard(proc: Any, env: Dict[str, str]) -> None:
+    """Have the watchdog kill the group ``proc`` leads if the driver dies first;
+    ``env``: what :func:`marked` gave it (its marker is kept on ``proc.mark``)."""
+    proc.mark = env.get(GROUP)
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            start = f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return  # already gone
+    _tell(f"+ {proc.pid} {start}\n")
+
+
+def release(proc: Any) -> None:
+    """``proc`` has been reaped: nothing left to guard."""
+    _tell(f"- {proc.pid}\n")
