@@ -104,29 +104,31 @@ class Node:
 
     def __init__(self, fn: Any, args: tuple, kwargs: dict, opts: Any, kind: str = FUNCTION,
                  name: Optional[str] = None) -> None:
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.opts = opts
-        self.kind = kind
-        self.name = name = name or opts.name
+        put = object.__setattr__  # a node is immutable once built (see __setattr__)
+        put(self, "fn", fn)
+        put(self, "args", args)
+        put(self, "kwargs", kwargs)
+        put(self, "opts", opts)
+        put(self, "kind", kind)
+        put(self, "name", name or opts.name)
         # fast path: plain positional nodes and scalars need no deep walk
-        deps: List[Node] = []
+        deps: Dict[int, Node] = {}
         deep = False
         for a in args:
             t = type(a)
             if t is Node:
-                if a not in deps:
-                    deps.append(a)
+                deps.setdefault(id(a), a)
             elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)):
                 deep = True
                 break
-        if deep or kwargs:
-            self.deps = find_nodes((args, kwargs))
-        else:
-            self.deps = tuple(deps)
+        put(self, "deps", find_nodes((args, kwargs)) if deep or kwargs else tuple(deps.values()))
         digest = hashlib.blake2b(f"{opts.qualname}:{next(_seq)}".encode(), digest_size=6)
-        self.key = f"{name}-{digest.hexdigest()}"
+        put(self, "key", f"{self.name}-{digest.hexdigest()}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refused: an edited node could close a cycle or disagree with its key."""
+        raise AttributeError(f"node {self.key!r} cannot be changed ({name!r}); build a new "
+                             "one instead: call the task again, or task.options(...)(...)")
 
     def compute(self, **kwargs: Any) -> Any:
         """Run this node and everything it needs; return its value.

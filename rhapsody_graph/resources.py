@@ -184,6 +184,10 @@ class Host:
         self.id = id  # the runtime's host id (Dragon's h_uid); its inventory index if None
         self.cpus = _ids(name, "cpus", cpus)
         self.gpus = _ids(name, "gpus", gpus)
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)
+                                   or memory < 0):
+            raise ValueError(f"host {name!r}: memory must be a number of bytes >= 0, "
+                             f"got {memory!r}")
         self.memory = memory if memory is not None else _total_memory()
         if not self.cpus:
             raise ValueError(f"host {name!r} needs at least one core, got cpus={cpus!r}")
@@ -199,11 +203,12 @@ def _ids(host: str, what: str, value: "int | Sequence[int]") -> Tuple[int, ...]:
         return isinstance(i, int) and not isinstance(i, bool) and i >= 0
     if is_id(value):
         ids = tuple(range(value))
-    elif isinstance(value, (int, str, bytes)) or not all(is_id(i) for i in value):
+    elif (not isinstance(value, (list, tuple, range, set, frozenset))
+          or not all(is_id(i) for i in value)):
         raise ValueError(f"host {host!r}: {what} must be a count >= 0 or a list of ids >= 0, "
                          f"got {value!r}")
     else:
-        ids = tuple(value)
+        ids = tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
     if len(set(ids)) != len(ids):
         raise ValueError(f"host {host!r}: {what} ids must be distinct, got {list(ids)}")
     return ids
@@ -243,7 +248,7 @@ def detect_host(cpus: "int | Sequence[int] | None" = None,
     real = sorted(os.sched_getaffinity(0))
     if cpus is None:
         core_ids: Sequence[int] = real
-    elif isinstance(cpus, int):
+    elif isinstance(cpus, int) and not isinstance(cpus, bool):
         extra = range(max(real) + 1, max(real) + 1 + max(0, cpus - len(real)))
         core_ids = (real + list(extra))[:cpus] if cpus > 0 else []
     else:

@@ -1,4 +1,6 @@
 """Node and Graph: edges in nested containers, keys, order, merging outputs."""
+import pytest
+
 import rhapsody_graph as rhapsody
 from rhapsody_graph.graph import Graph
 
@@ -99,3 +101,18 @@ def test_compute_keeps_dict_subclasses_of_its_outputs():
     out = rhapsody.compute(defaultdict(list, {"x": inc(1)}), OrderedDict(y=inc(2)))
     assert out[0] == {"x": 2} and out[0].default_factory is list
     assert type(out[1]) is OrderedDict and out[1] == {"y": 3}
+
+
+def test_a_built_node_cannot_be_edited_into_a_cycle():
+    a = inc(1)
+    b = inc(a)
+    with pytest.raises(AttributeError, match="cannot be changed .'deps'.; build a new one"):
+        a.deps = (b,)
+    assert a.deps == () and b.deps == (a,)
+
+
+@pytest.mark.timeout(60)  # it was quadratic: minutes for 50,000 arguments
+def test_many_positional_node_arguments_build_in_linear_time():
+    nodes = [inc(i) for i in range(50_000)]
+    joined = rhapsody.task(lambda *xs: len(xs))(*nodes, nodes[0])
+    assert len(joined.deps) == 50_000 and joined.deps[0] is nodes[0]

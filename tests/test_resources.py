@@ -112,10 +112,24 @@ def test_single_rank_requests_of_any_kind_share_the_gpu_round_robin():
     ({"cpus": [0, 0]}, "cpus ids must be distinct"),
     ({"cpus": 0}, "needs at least one core"),
     ({"cpus": 2, "gpus": [1, -2]}, "gpus must be a count >= 0 or a list of ids"),
+    ({"cpus": 1.5}, r"cpus must be a count >= 0 or a list of ids >= 0, got 1.5"),
+    ({"cpus": True}, "cpus must be a count"),
+    ({"cpus": 2, "gpus": 1.5}, "gpus must be a count"),
+    ({"cpus": 2, "memory": -1}, "memory must be a number of bytes >= 0, got -1"),
 ])
 def test_declared_hosts_are_validated(kwargs, text):
     with pytest.raises(ValueError, match=text):
         Host("h", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"cpus": 1.5}, "cpus must be a count >= 0 or a list of ids >= 0, got 1.5"),
+    ({"memory": -1}, "memory must be a number of bytes >= 0, got -1"),
+])
+def test_local_backend_counts_are_validated_where_written(kwargs, text):
+    import rhapsody_graph as rhapsody
+    with pytest.raises(ValueError, match=text):
+        rhapsody.LocalBackend(**kwargs)
 
 
 def test_local_backend_refuses_hosts_together_with_counts():
