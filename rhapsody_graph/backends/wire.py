@@ -42,14 +42,19 @@ GPU_RUNTIME = 0x80  # or-ed into a status once the worker has loaded a GPU runti
 RESULT = struct.Struct("<BQdQ")
 LENGTH = struct.Struct("<Q")
 PROTOCOL = 5
+MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
 
 
 def dump_value(obj: Any) -> bytes:
-    """Pickle ``obj``; cloudpickle when plain pickle cannot (lambdas, ``__main__``)."""
+    """Pickle ``obj``; cloudpickle when plain pickle cannot (lambdas), or would refer to
+    ``__main__`` (a function or class of the driver's script, which no worker has)."""
     try:
-        return pickle.dumps(obj, PROTOCOL)
+        data = pickle.dumps(obj, PROTOCOL)
+        if MAIN not in data:
+            return data
     except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)
+        pass
+    return cloudpickle.dumps(obj, PROTOCOL)
 
 
 class _TaskFunctionRef:
@@ -109,7 +114,9 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
         buf = io.BytesIO()
         try:
             pickler(buf, slots).dump((args, kwargs))
-            return buf.getvalue()
+            data = buf.getvalue()
+            if pickler is _PICKLERS[-1] or MAIN not in data:
+                return data
         except Exception:
             if pickler is _PICKLERS[-1]:
                 raise

@@ -1,0 +1,127 @@
+"""Dask collections on rhapsody_graph: :func:`get` is a Dask scheduler.
+
+``dask.compute(x, scheduler=rhapsody.get)`` (or ``dask.config.set(scheduler=rhapsody.get)``)
+runs Dask's graph on a rhapsody_graph session: every Dask task becomes one
+:class:`~rhapsody_graph.Node` whose edges are the task's dependencies, so the
+session's scheduler orders, places and runs it like any node (on the default
+session's :class:`~rhapsody_graph.LocalBackend` unless told otherwise). Aliases and
+literals (``Alias``, ``DataNode``) become no node at all: they stand for the node or
+value they name. The graph is taken as the installed Dask hands it over: a mapping
+of keys to ``dask._task_spec`` nodes (dask 2024.12 and later), a legacy dict of
+tuples, or a collection (``__dask_graph__``), which ``convert_legacy_graph`` brings to
+one form, as ``dask.local.get_async`` does. Values come back nested like ``keys``
+(lists become tuples), and a failing task raises its own exception with its remote
+traceback, as Dask's schedulers do.
+
+>>> import dask
+>>> import rhapsody_graph as rhapsody
+>>> total = dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(4)])
+>>> dask.compute(total, scheduler=rhapsody.get)
+(6,)
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional
+
+from ..graph import Node
+from ..task import task
+
+__all__ = ["get"]
+
+_lock = threading.Lock()
+_pools: Dict[int, Any] = {}  # num_workers -> the LocalBackend that get() runs on
+
+
+def _run(graph_node: Any, data: Dict[Any, Any]) -> Any:
+    """One Dask task, given its dependencies' values by key."""
+    return graph_node(data)
+
+
+_OPTIONS = task(_run).opts
+
+
+def get(dsk: Any, keys: Any, *, num_workers: Optional[int] = None, session: Any = None,
+        backend: Any = None, **kwargs: Any) -> Any:
+    """Run the Dask graph ``dsk`` on rhapsody_graph; return the values of ``keys``.
+
+    Args:
+        dsk: a Dask graph (mapping of keys to tasks) or a Dask collection.
+        keys: a key, or a (nested) list of keys; the result has the same nesting,
+            lists as tuples.
+        num_workers: worker processes of a :class:`~rhapsody_graph.LocalBackend`
+            kept for this count (default: the current or default session).
+        session, backend: run there instead (as :func:`rhapsody_graph.compute` takes them).
+        kwargs: other Dask scheduler options (``cache``, callbacks...) are accepted and
+            not used.
+    Raises:
+        the first failing task's own exception; ``ImportError`` without dask.
+    """
+    try:
+        from dask._task_spec import Alias, DataNode, convert_legacy_graph
+    except ImportError as exc:  # pragma: no cover - the dask extra is missing
+        raise ImportError('rhapsody_graph.get needs Dask: pip install "rhapsody-graph[dask]"') \
+            from exc
+    from ..api import compute
+    if not isinstance(dsk, Mapping):
+        dsk = dsk.__dask_graph__()
+    graph = convert_legacy_graph(dsk)
+    made: Dict[Any, Any] = {}  # key -> its Node, or the literal value it stands for
+
+    def build(root: Any) -> None:
+        stack: List[Any] = [root]
+        while stack:
+            key = stack[-1]
+            if key in made:
+                stack.pop()
+                continue
+            item = graph[key]
+            missing = [d for d in item.dependencies if d not in made]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            if isinstance(item, DataNode):
+                made[key] = item.value
+            elif isinstance(item, Alias):
+                made[key] = made[item.target]
+            else:
+                data = {d: made[d] for d in item.dependencies}
+                made[key] = Node(_run, (item, data), {}, _OPTIONS, name=_name(key))
+
+    def nested(ind: Any) -> Any:
+        if isinstance(ind, list):
+            return [nested(i) for i in ind]
+        build(ind)
+        return made[ind]
+
+    if backend is None and session is None and num_workers is not None:
+        backend = _pool(num_workers)
+    (values,) = compute(nested(keys), backend=backend, session=session)
+    return _tuples(values, keys)
+
+
+def _tuples(values: Any, keys: Any) -> Any:
+    """``values`` with the lists that ``keys`` has turned into tuples, as Dask returns them."""
+    if isinstance(keys, list):
+        return tuple(_tuples(v, k) for v, k in zip(values, keys))
+    return values
+
+
+def _name(key: Any) -> str:
+    """A readable node name from a Dask key (``('sum-agg-1f3c', 0)`` -> ``sum-agg``)."""
+    from dask.utils import key_split
+    return key_split(key) or "dask"
+
+
+def _pool(num_workers: int) -> Any:
+    """The LocalBackend kept for ``num_workers`` worker processes."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"rhapsody_graph.get: num_workers must be an integer >= 1, "
+                         f"got {num_workers!r}")
+    from ..backends.local import LocalBackend
+    with _lock:
+        if num_workers not in _pools:
+            _pools[num_workers] = LocalBackend(workers=num_workers, name=f"dask-{num_workers}")
+        return _pools[num_workers]

@@ -1,0 +1,102 @@
+"""rhapsody_graph.get as a Dask scheduler: Dask's collections and graphs give exactly
+the values and exceptions of Dask's own synchronous scheduler (real dask, real
+worker processes)."""
+import operator
+import subprocess
+import sys
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+db = pytest.importorskip("dask.bag")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def same(*collections):
+    """The values on rhapsody.get and on Dask's synchronous scheduler."""
+    return (dask.compute(*collections, scheduler=rhapsody.get),
+            dask.compute(*collections, scheduler="sync"))
+
+
+def test_array_reduction_and_matrix_product_match_dask():
+    x = da.random.RandomState(42).random_sample((300, 300), chunks=(100, 100))
+    ours, theirs = same((x @ x.T).mean(), x.sum(axis=0)[:5], x.std())
+    assert float(ours[0]) == float(theirs[0]) and float(ours[2]) == float(theirs[2])
+    assert list(ours[1]) == list(theirs[1])
+
+
+def test_bag_map_filter_and_fold_match_dask():
+    b = db.from_sequence(range(1000), npartitions=7)
+    ours, theirs = same(b.map(operator.mul, 3).filter(lambda v: v % 2).fold(operator.add),
+                        b.frequencies())
+    assert ours[0] == theirs[0] and sorted(ours[1]) == sorted(theirs[1])
+
+
+def test_delayed_graphs_with_nested_calls_and_containers_match_dask():
+    parts = [dask.delayed(operator.add)(i, 1) for i in range(10)]
+    total = dask.delayed(sum)(parts)
+    shaped = dask.delayed(dict)(a=parts[0], b=[parts[1], (parts[2], 7)])
+    ours, theirs = same(total, shaped, parts)
+    assert ours == theirs == (55, {"a": 1, "b": [2, (3, 7)]}, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+
+
+def test_a_legacy_graph_with_aliases_literals_and_nested_keys_matches_dask():
+    dsk = {"a": 1, "b": (operator.add, "a", 10), "c": "b", "d": (sum, ["a", "c", 5]),
+           "e": (max, [(min, "d", 100), "a"])}
+    keys = ["e", ["c", "a"], "d"]
+    assert rhapsody.get(dsk, keys) == dask.get(dsk, keys) == (17, (11, 1), 17)
+    assert rhapsody.get(dsk, "c") == 11
+
+
+def test_a_failing_task_raises_its_own_exception_with_its_remote_traceback():
+    bad = dask.delayed(operator.truediv)(1, 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        dask.compute(dask.delayed(sum)([bad, 1]), scheduler=rhapsody.get)
+    assert isinstance(info.value.__cause__, rhapsody.RemoteTraceback)
+
+
+def test_config_set_scheduler_and_num_workers_are_honoured():
+    x = da.arange(1000, chunks=100)
+    with dask.config.set(scheduler=rhapsody.get):
+        assert int(x.sum().compute()) == 499500
+    assert dask.compute(x.max(), scheduler=rhapsody.get, num_workers=1) == (999,)
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 1, got 0"):
+        dask.compute(x.max(), scheduler=rhapsody.get, num_workers=0)
+
+
+def test_a_dataframe_groupby_matches_dask():
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    frame = pd.DataFrame({"k": [i % 5 for i in range(200)], "v": range(200)})
+    df = dd.from_pandas(frame, npartitions=4)
+    ours, theirs = same(df.groupby("k").v.sum(), df.v.mean())
+    assert ours[0].sort_index().tolist() == theirs[0].sort_index().tolist()
+    assert ours[1] == theirs[1]
+
+
+SCRIPT = """
+import dask
+import rhapsody_graph as rhapsody
+
+def double(v):
+    return 2 * v
+
+@rhapsody.task
+def apply(f, x):
+    return f(x)
+
+if __name__ == "__main__":
+    print(dask.compute(dask.delayed(double)(4), scheduler=rhapsody.get)[0], apply(double, 5).compute())
+"""
+
+
+def test_functions_of_the_drivers_script_reach_the_workers_as_arguments_too(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.stdout.split() == ["8", "10"], out.stderr[-2000:]
