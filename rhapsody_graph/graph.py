@@ -24,12 +24,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-__all__ = ["Node", "Graph", "Ref", "find_nodes", "substitute"]
+__all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 _seq = itertools.count()
+#: lazy objects of other systems that become nodes where a node finds them in its
+#: arguments: the attribute that marks their type -> the function that makes the node
+#: (``rhapsody_graph.interop.dask`` registers Dask collections)
+ADAPTERS: Dict[str, Callable[[Any], "Node"]] = {}
 
 FUNCTION = "function"
 EXECUTABLE = "executable"
@@ -67,6 +71,42 @@ def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
                 items = list(obj)
             stack.extend(reversed(items))
     return tuple(found.values())
+
+
+def _foreign(kind: type) -> bool:
+    """Whether objects of type ``kind`` are lazy objects of another system (:data:`ADAPTERS`)."""
+    known = _FOREIGN.get(kind)
+    if known is None:
+        known = _FOREIGN[kind] = any(hasattr(kind, mark) for mark in ADAPTERS)
+    return known
+
+
+_FOREIGN: Dict[type, bool] = {}  # type -> _foreign(type), as types are few
+
+
+def _adapt(obj: Any) -> Any:
+    """``obj`` with every foreign lazy object in it replaced by its node (``obj`` itself
+    when it holds none)."""
+    kind = type(obj)
+    if kind is Node or isinstance(obj, Ref):
+        return obj
+    for mark, make in ADAPTERS.items():
+        if hasattr(kind, mark):
+            return make(obj)
+    if isinstance(obj, dict):
+        items = [(_adapt(k), _adapt(v)) for k, v in obj.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
+            return obj
+        out = copy.copy(obj)
+        out.clear()
+        out.update(items)
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [_adapt(o) for o in obj]
+        if all(a is o for a, o in zip(items, obj)):
+            return obj
+        return kind(*items) if hasattr(obj, "_fields") else kind(items)
+    return obj
 
 
 def substitute(obj: Any, values: Dict[int, Any]) -> Any:
@@ -118,10 +158,17 @@ class Node:
             t = type(a)
             if t is Node:
                 deps.setdefault(id(a), a)
-            elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)):
+            elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)) or _foreign(t):
                 deep = True
                 break
-        put(self, "deps", find_nodes((args, kwargs)) if deep or kwargs else tuple(deps.values()))
+        if deep or kwargs:
+            if ADAPTERS:
+                args, kwargs = _adapt(args), _adapt(kwargs)
+                put(self, "args", args)
+                put(self, "kwargs", kwargs)
+            put(self, "deps", find_nodes((args, kwargs)))
+        else:
+            put(self, "deps", tuple(deps.values()))
         digest = hashlib.blake2b(f"{opts.qualname}:{next(_seq)}".encode(), digest_size=6)
         put(self, "key", f"{self.name}-{digest.hexdigest()}")
 

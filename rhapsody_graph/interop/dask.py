@@ -13,6 +13,9 @@ one form, as ``dask.local.get_async`` does. Values come back nested like ``keys`
 (lists become tuples), and a failing task raises its own exception with its remote
 traceback, as Dask's schedulers do.
 
+The other way round, a ``dask.delayed`` object or a Dask collection passed to a
+rhapsody_graph node is an edge like a node (:func:`as_node`): its tasks join the graph.
+
 >>> import dask
 >>> import rhapsody_graph as rhapsody
 >>> total = dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(4)])
@@ -25,10 +28,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
-from ..graph import Node
+from ..graph import ADAPTERS, Node
 from ..task import task
 
-__all__ = ["get"]
+__all__ = ["get", "as_node"]
 
 _lock = threading.Lock()
 _pools: Dict[int, Any] = {}  # num_workers -> the LocalBackend that get() runs on
@@ -58,18 +61,55 @@ def get(dsk: Any, keys: Any, *, num_workers: Optional[int] = None, session: Any 
     Raises:
         the first failing task's own exception; ``ImportError`` without dask.
     """
-    try:
-        from dask._task_spec import Alias, DataNode, convert_legacy_graph
-    except ImportError as exc:  # pragma: no cover - the dask extra is missing
-        raise ImportError('rhapsody_graph.get needs Dask: pip install "rhapsody-graph[dask]"') \
-            from exc
     from ..api import compute
-    if not isinstance(dsk, Mapping):
-        dsk = dsk.__dask_graph__()
-    graph = convert_legacy_graph(dsk)
-    made: Dict[Any, Any] = {}  # key -> its Node, or the literal value it stands for
+    if backend is None and session is None and num_workers is not None:
+        backend = _pool(num_workers)
+    (values,) = compute(_Nodes(dsk).nested(keys), backend=backend, session=session)
+    return _tuples(values, keys)
 
-    def build(root: Any) -> None:
+
+def as_node(collection: Any) -> Node:
+    """A Dask collection or ``dask.delayed`` object as a rhapsody_graph node: its tasks
+    become nodes, and the returned node's value is what ``collection.compute()`` gives.
+    Nodes find these anywhere in their arguments (see :data:`rhapsody_graph.graph.ADAPTERS`)."""
+    finalize, extra = collection.__dask_postcompute__()
+    parts = _Nodes(collection).nested(collection.__dask_keys__())
+    return Node(_finalize, (finalize, parts, extra), {}, _FINALIZE, name=_name(
+        _first(collection.__dask_keys__())))
+
+
+def _finalize(finalize: Any, parts: Any, extra: tuple) -> Any:
+    """A collection's value from its keys' values, as Dask's ``compute`` makes it."""
+    return finalize(parts, *extra)
+
+
+_FINALIZE = task(_finalize).opts
+
+
+class _Nodes:
+    """A Dask graph's tasks as nodes, made on demand (dependencies first)."""
+
+    def __init__(self, dsk: Any) -> None:
+        try:
+            from dask._task_spec import Alias, DataNode, convert_legacy_graph
+        except ImportError as exc:  # pragma: no cover - the dask extra is missing
+            raise ImportError('Dask interop needs Dask: pip install "rhapsody-graph[dask]"') \
+                from exc
+        self.alias, self.data = Alias, DataNode
+        if not isinstance(dsk, Mapping):
+            dsk = dsk.__dask_graph__()
+        self.graph = convert_legacy_graph(dsk)
+        self.made: Dict[Any, Any] = {}  # key -> its Node, or the literal value it stands for
+
+    def nested(self, keys: Any) -> Any:
+        """The nodes (or literals) of ``keys``, nested as they are."""
+        if isinstance(keys, list):
+            return [self.nested(k) for k in keys]
+        self.build(keys)
+        return self.made[keys]
+
+    def build(self, root: Any) -> None:
+        made, graph = self.made, self.graph
         stack: List[Any] = [root]
         while stack:
             key = stack[-1]
@@ -82,24 +122,22 @@ def get(dsk: Any, keys: Any, *, num_workers: Optional[int] = None, session: Any 
                 stack.extend(missing)
                 continue
             stack.pop()
-            if isinstance(item, DataNode):
+            if isinstance(item, self.data):
                 made[key] = item.value
-            elif isinstance(item, Alias):
+            elif isinstance(item, self.alias):
                 made[key] = made[item.target]
             else:
                 data = {d: made[d] for d in item.dependencies}
                 made[key] = Node(_run, (item, data), {}, _OPTIONS, name=_name(key))
 
-    def nested(ind: Any) -> Any:
-        if isinstance(ind, list):
-            return [nested(i) for i in ind]
-        build(ind)
-        return made[ind]
 
-    if backend is None and session is None and num_workers is not None:
-        backend = _pool(num_workers)
-    (values,) = compute(nested(keys), backend=backend, session=session)
-    return _tuples(values, keys)
+def _first(keys: Any) -> Any:
+    while isinstance(keys, list) and keys:
+        keys = keys[0]
+    return keys
+
+
+ADAPTERS["__dask_graph__"] = as_node
 
 
 def _tuples(values: Any, keys: Any) -> Any:

@@ -100,3 +100,14 @@ def test_functions_of_the_drivers_script_reach_the_workers_as_arguments_too(tmp_
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert out.stdout.split() == ["8", "10"], out.stderr[-2000:]
+
+
+def test_delayed_objects_and_collections_feed_our_nodes_anywhere_in_their_arguments():
+    d = dask.delayed(sum)([1, 2, 3])
+    x = da.arange(10, chunks=5)
+    pair = rhapsody.task(lambda a, b=None: (a, b))
+    assert pair(d).compute() == (6, None)
+    first, rest = pair([d, (x.sum(), 1)], b={"array": x}).compute()
+    assert first == [6, (45, 1)] and list(rest["array"]) == list(range(10))
+    bag = db.from_sequence(range(5), npartitions=2).map(operator.neg)
+    assert pair(bag).compute() == ([0, -1, -2, -3, -4], None)
