@@ -11,11 +11,10 @@ and keeps the value. Dropping the last future of a node that nothing pending
 needs lets its value go (plain reference counting: the scheduler keeps no
 strong reference to futures).
 
-All futures of a session share the session's one ``Condition`` (as ``_condition``,
-the lock ``concurrent.futures`` takes): only the scheduler thread moves their
-states, and nothing waits on the condition itself: :meth:`Future.result` and
-:func:`as_completed` install waiters, as ``concurrent.futures.wait`` does, so an
-ending future wakes only those that wait for it.
+Only the scheduler thread moves a future's state, and nothing waits on its lock:
+:meth:`Future.result` and :func:`as_completed` install waiters, as
+``concurrent.futures.wait`` does. So a future's ``_condition`` (the lock
+``concurrent.futures`` takes) is a plain ``RLock``, not a ``Condition``.
 
 States, as ``concurrent.futures`` names them: ``PENDING`` (submitted, waiting for
 inputs or resources), ``RUNNING`` (its call started), ``FINISHED`` (a value or an
@@ -36,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
@@ -98,8 +98,8 @@ class Future(cf.Future, Ref):
     """
 
     def __init__(self, node: Any, task: Any, session: Any) -> None:
-        # concurrent.futures.Future's fields, but the session's condition, not one more
-        self._condition = session._condition
+        # concurrent.futures.Future's fields, with a lock for its condition (see above)
+        self._condition = threading.RLock()
         self._state = PENDING
         self._result: Any = None
         self._exception: Optional[BaseException] = None
@@ -192,8 +192,7 @@ class Future(cf.Future, Ref):
         self._end(CANCELLED_AND_NOTIFIED, "add_cancelled", None, None)
 
     def _end(self, state: str, tell: str, field: Optional[str], value: Any) -> None:
-        """Move to ``state`` once, as ``concurrent.futures`` does: waiters, then callbacks
-        (no ``notify_all``: nothing waits on the shared condition itself)."""
+        """Move to ``state`` once, as ``concurrent.futures`` does: waiters, then callbacks."""
         with self._condition:
             if self._state in _ENDED:
                 return

@@ -67,7 +67,6 @@ class Session:
         self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
         self._lock = threading.Lock()
         self._closed = False
-        self._condition = threading.Condition()  # shared by all its futures (see futures.py)
         self._futures = Group(fail_fast=False, waited=False)  # shared by all submit() calls
         self._completions = Completions()
         self._completions.closer = self.close
