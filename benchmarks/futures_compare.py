@@ -42,7 +42,8 @@ def distributed_run(client, n: int) -> int:
     return sum(f.result() for f in d_as_completed(futures))
 
 
-def measure(engines: Dict[str, Callable[[int], int]], n: int, repeats: int) -> Dict[str, List[float]]:
+def measure(engines: Dict[str, Callable[[int], int]], n: int,
+            repeats: int) -> Dict[str, List[float]]:
     """µs per future of each engine, warmed once, then interleaved ``repeats`` times
     (so noise hits every engine alike)."""
     for run in engines.values():

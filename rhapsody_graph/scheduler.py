@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import threading
 import time
 import weakref
@@ -67,6 +68,7 @@ ENDED = (DONE, FAILED, CANCELLED)
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
+_OUTSTANDING = operator.attrgetter("outstanding")  # a lease's calls not yet completed
 
 _tids = itertools.count(1)
 _priorities = itertools.count()  # taken by submitting threads, in post-order
@@ -441,7 +443,7 @@ class Scheduler:
         if not leases:
             return None
         depth = self._depth(lane, t)
-        for lease in sorted(leases, key=lambda l: l.outstanding) if len(leases) > 1 else leases:
+        for lease in sorted(leases, key=_OUTSTANDING) if len(leases) > 1 else leases:
             lease.depth = depth
             if lease.outstanding < depth and (lease in filling or lease.outstanding <= depth // 2):
                 return lease
@@ -467,8 +469,8 @@ class Scheduler:
         lane = t.lane
         lane.used = True
         node = t.node
-        lane.backend.submit(Call(tid, node, t.prepared, [d.payload for d in t.deps],
-                                 placements, lease))
+        inputs = [d.payload for d in t.deps] if t.deps else []
+        lane.backend.submit(Call(tid, node, t.prepared, inputs, placements, lease))
         if node.opts.timeout is not None:
             heapq.heappush(self.deadlines, (time.monotonic() + node.opts.timeout, tid))
         if t.futures:
