@@ -160,14 +160,13 @@ class Scheduler:
         self.closing = False
         self.closed = threading.Event()
         self.intake: Deque[Tuple[Sequence[Task], Sequence[Tuple[Task, Any]], Group]] = deque()
-        self._take_intake = self._take_all  # bound once: posted by every take()
 
     # -- asked from any thread (each runs later on the scheduler thread) ------------------
 
     def take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
         """Add ``new`` records (in post-order) and give ``attach`` futures to their records."""
         self.intake.append((new, attach, group))
-        self.completions.post(self._take_intake)
+        self.completions.post(self._take_all)
 
     def cancel(self, tasks: Optional[List[Task]]) -> threading.Event:
         """Cancel ``tasks`` (``None``: everything); the event is set once their
