@@ -11,6 +11,11 @@ and keeps the value. Dropping the last future of a node that nothing pending
 needs lets its value go (plain reference counting: the scheduler keeps no
 strong reference to futures).
 
+Only the scheduler thread moves a future's state, and nothing waits on its lock:
+:meth:`Future.result` and :func:`as_completed` install waiters, as
+``concurrent.futures.wait`` does. So a future's ``_condition`` (the lock
+``concurrent.futures`` takes) is a plain ``RLock``, not a ``Condition``.
+
 States, as ``concurrent.futures`` names them: ``PENDING`` (submitted, waiting for
 inputs or resources), ``RUNNING`` (its call started), ``FINISHED`` (a value or an
 exception), ``CANCELLED_AND_NOTIFIED`` (cancelled: by :meth:`Future.cancel`, by
@@ -29,7 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
+                                      RUNNING, _AcquireFutures)
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .graph import Ref
@@ -40,6 +50,7 @@ __all__ = ["Future", "Where", "as_completed", "wait", "ALL_COMPLETED", "FIRST_CO
 ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION = (cf.ALL_COMPLETED, cf.FIRST_COMPLETED,
                                                    cf.FIRST_EXCEPTION)
 _UNDECODED = object()  # a finished future's value before its first result()
+_ENDED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 class Where:
@@ -53,16 +64,24 @@ class Where:
         start, end: wall-clock times (``time.time()``) of its last attempt.
     """
 
-    __slots__ = ("backend", "host", "cpus", "gpus", "placements", "attempts", "start", "end")
+    __slots__ = ("backend", "placements", "attempts", "start", "end")
 
     def __init__(self, backend: str, placements: Sequence[Any], attempts: int, start: float,
                  end: float) -> None:
-        self.backend, self.placements, self.attempts = backend, list(placements), attempts
-        first = placements[0] if placements else None
-        self.host = first.host if first is not None else ""
-        self.cpus = tuple(first.cpus) if first is not None else ()
-        self.gpus = tuple(first.gpus) if first is not None else ()
+        self.backend, self.placements, self.attempts = backend, placements, attempts
         self.start, self.end = start, end
+
+    @property
+    def host(self) -> str:
+        return self.placements[0].host if self.placements else ""
+
+    @property
+    def cpus(self) -> Tuple[int, ...]:
+        return tuple(self.placements[0].cpus) if self.placements else ()
+
+    @property
+    def gpus(self) -> Tuple[int, ...]:
+        return tuple(self.placements[0].gpus) if self.placements else ()
 
     def __repr__(self) -> str:
         return (f"Where(backend={self.backend!r}, host={self.host!r}, cpus={list(self.cpus)}, "
@@ -79,7 +98,13 @@ class Future(cf.Future, Ref):
     """
 
     def __init__(self, node: Any, task: Any, session: Any) -> None:
-        super().__init__()
+        # concurrent.futures.Future's fields, with a lock for its condition (see above)
+        self._condition = threading.RLock()
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: Optional[BaseException] = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self.node = node
         self.key = node.key
         self.where: Optional[Where] = None
@@ -93,13 +118,39 @@ class Future(cf.Future, Ref):
             the node's own exception (remote traceback as ``__cause__``);
             ``concurrent.futures.CancelledError``; ``TimeoutError`` after ``timeout``.
         """
-        value = super().result(timeout)
+        if self._ended(timeout) is not None:
+            try:
+                raise self._exception
+            finally:
+                self = None  # as concurrent.futures: no cycle through the traceback
+        value = self._result
         if value is _UNDECODED:
-            with self._condition:
+            value = self._task.backend.decode(self._task.payload)
+            with self._condition:  # the first decoded value is the one every caller gets
                 if self._result is _UNDECODED:
-                    self._result = self._task.backend.decode(self._task.payload)
+                    self._result = value
                 value = self._result
         return value
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """The node's exception (``None`` if it returned), waiting as :meth:`result` does.
+
+        Raises:
+            ``concurrent.futures.CancelledError``; ``TimeoutError`` after ``timeout``.
+        """
+        return self._ended(timeout)
+
+    def _ended(self, timeout: Optional[float]) -> Optional[BaseException]:
+        """Wait (a waiter of its own, as ``concurrent.futures.wait``) until finished;
+        return its exception, or raise ``CancelledError``/``TimeoutError``."""
+        if self._state not in _ENDED:
+            cf.wait((self,), timeout)
+        state = self._state
+        if state == FINISHED:
+            return self._exception
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise cf.CancelledError()
+        raise cf.TimeoutError()
 
     def cancel(self) -> bool:
         """Stop the node: dequeue it, or kill its process(es) if it runs; cancel what
@@ -126,9 +177,8 @@ class Future(cf.Future, Ref):
     # -- called by the scheduler (its thread) ----------------------------------------------
 
     def _start(self) -> None:
-        with self._condition:
-            if self._state == "PENDING":
-                self._state = "RUNNING"  # no notify: result() waiters wake only when it ends
+        if self._state == PENDING:  # no lock: only this thread moves it; no waiter wakes
+            self._state = RUNNING
 
     def _finish(self, where: Where) -> None:
         """The value's bytes are on the record now."""
@@ -144,24 +194,63 @@ class Future(cf.Future, Ref):
     def _end(self, state: str, tell: str, field: Optional[str], value: Any) -> None:
         """Move to ``state`` once, as ``concurrent.futures`` does: waiters, then callbacks."""
         with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+            if self._state in _ENDED:
                 return
             if field is not None:
                 setattr(self, field, value)
             self._state = state
             for waiter in self._waiters:
                 getattr(waiter, tell)(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+
+class _Arrivals:
+    """A waiter, as ``concurrent.futures`` installs on futures: queues each one that ends."""
+
+    __slots__ = ("queue", "add_result", "add_exception", "add_cancelled")
+
+    def __init__(self) -> None:
+        self.queue: "queue.SimpleQueue[cf.Future]" = queue.SimpleQueue()
+        self.add_result = self.add_exception = self.add_cancelled = self.queue.put
 
 
 def as_completed(futures: Iterable[cf.Future], timeout: Optional[float] = None) -> Iterator[cf.Future]:
-    """Yield ``futures`` as they finish (or are cancelled), as ``concurrent.futures.as_completed``.
+    """Yield ``futures`` as they finish (or are cancelled), as ``concurrent.futures.as_completed``
+    (any ``concurrent.futures.Future`` may be among them).
 
     Raises:
         TimeoutError: if not all have finished ``timeout`` seconds after the call.
     """
-    return cf.as_completed(futures, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return _as_completed(set(futures), deadline)
+
+
+def _as_completed(pending: set, deadline: Optional[float]) -> Iterator[cf.Future]:
+    total = len(pending)
+    arrivals = _Arrivals()
+    with _AcquireFutures(pending):  # the lock order of concurrent.futures.wait
+        done = deque(f for f in pending if f._state in (CANCELLED_AND_NOTIFIED, FINISHED))
+        pending.difference_update(done)
+        for f in pending:
+            f._waiters.append(arrivals)
+    try:
+        while done:
+            yield done.popleft()  # no reference kept to what was yielded
+        while pending:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                f = arrivals.queue.get(timeout=left)
+            except queue.Empty:
+                raise cf.TimeoutError(f"{len(pending)} (of {total}) futures unfinished") from None
+            pending.discard(f)
+            yield f
+    finally:
+        for f in pending:
+            with f._condition:
+                f._waiters.remove(arrivals)
 
 
 def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,

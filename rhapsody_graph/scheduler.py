@@ -15,9 +15,13 @@ State (all of it touched only by the scheduler thread, except where noted):
 * ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
   to the ledger only then; ``deadlines``: a heap of (time, tid).
-* groups: what one ``submit()``/``compute()`` added (:class:`Group`): its errors,
-  its fail-fast policy, and an event set when all of it has ended (at the end of
-  that loop pass, after an idle session's backends dropped their per-run state).
+* groups: what one ``compute()`` added (:class:`Group`): its errors, its
+  fail-fast policy, and an event set when all of it has ended (at the end of that
+  loop pass, after an idle session's backends dropped their per-run state). All
+  ``submit()`` calls of a session share one group that keeps no errors (each
+  future holds its own) and that nothing waits on.
+* ``intake``: what submitting threads handed over, ``(records, futures to attach,
+  group)`` each, taken at the start of the next pass (one posted wake-up takes all).
 
 One loop: ``dispatch`` admits ready records against their backend's ledger and
 submits calls; the session's :class:`~.backends.base.Completions` queue wakes it
@@ -44,10 +48,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from .backends.base import DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import NodeTimeoutError, add_note
@@ -62,20 +68,23 @@ ENDED = (DONE, FAILED, CANCELLED)
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
+_OUTSTANDING = operator.attrgetter("outstanding")  # a lease's calls not yet completed
 
 _tids = itertools.count(1)
 _priorities = itertools.count()  # taken by submitting threads, in post-order
 
 
 class Group:
-    """What one submission added: its policy, its errors, and whether it has ended."""
+    """What one ``compute()`` (or every ``submit()`` of a session) added: its policy,
+    its errors, and whether it has ended."""
 
     __slots__ = ("fail_fast", "live", "errors", "ended", "stopping")
 
     def __init__(self, fail_fast: bool, waited: bool) -> None:
         self.fail_fast = fail_fast
         self.live = 0  # its records not yet ended
-        self.errors: List[Tuple["Task", BaseException]] = []  # in the order they failed
+        # in the order they failed; only for a compute() (waited), which raises the first
+        self.errors: Optional[List[Tuple["Task", BaseException]]] = [] if waited else None
         # set when live falls to 0 (only for a compute(), which waits on it)
         self.ended: Optional[threading.Event] = threading.Event() if waited else None
         self.stopping = False  # fail-fast: a node failed, start nothing more of it
@@ -89,14 +98,15 @@ class Task:
                  "tid", "where", "error", "__weakref__")
 
     def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
-                 deps: List["Task"]) -> None:
+                 deps: Sequence["Task"]) -> None:
         self.node, self.lane, self.prepared, self.group = node, lane, prepared, group
         self.backend = lane.backend
         self.prio = next(_priorities)
         self.leased = lane.backend.uses_lease(node)
         self.state = PENDING
         self.deps = deps  # upstream records, in the order of node.deps; () once ended
-        self.dependents: List[Task] = []  # records waiting on this one; () once ended
+        # records waiting on this one: () until the first, () again once ended
+        self.dependents: Sequence[Task] = ()
         self.waiting = 0
         self.needed = 0  # dependents not yet ended
         self.payload: Optional[bytes] = None
@@ -149,12 +159,14 @@ class Scheduler:
         self.idle_waiters: List[threading.Event] = []  # set once nothing is left
         self.closing = False
         self.closed = threading.Event()
+        self.intake: Deque[Tuple[Sequence[Task], Sequence[Tuple[Task, Any]], Group]] = deque()
 
     # -- asked from any thread (each runs later on the scheduler thread) ------------------
 
-    def take(self, new: List[Task], attach: List[Tuple[Task, Any]], group: Group) -> None:
+    def take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
         """Add ``new`` records (in post-order) and give ``attach`` futures to their records."""
-        self.completions.post(lambda out: self._take(new, attach, group))
+        self.intake.append((new, attach, group))
+        self.completions.post(self._take_all)
 
     def cancel(self, tasks: Optional[List[Task]]) -> threading.Event:
         """Cancel ``tasks`` (``None``: everything); the event is set once their
@@ -277,7 +289,13 @@ class Scheduler:
 
     # -- taking submissions --------------------------------------------------------------
 
-    def _take(self, new: List[Task], attach: List[Tuple[Task, Any]], group: Group) -> None:
+    def _take_all(self, out: List[Any]) -> None:
+        """Take everything handed over so far (later posts of this find the intake empty)."""
+        intake = self.intake
+        while intake:
+            self._take(*intake.popleft())
+
+    def _take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
         tasks = self.tasks
         for t in new:
             tasks.setdefault(t.node, t)
@@ -292,7 +310,10 @@ class Scheduler:
                 if d.state in (FAILED, CANCELLED):
                     upstream_failed = d
                     continue
-                d.dependents.append(t)
+                if d.dependents:
+                    d.dependents.append(t)
+                else:
+                    d.dependents = [t]
                 waiting += 1
             t.waiting = waiting
             if upstream_failed is not None:
@@ -421,7 +442,7 @@ class Scheduler:
         if not leases:
             return None
         depth = self._depth(lane, t)
-        for lease in sorted(leases, key=lambda l: l.outstanding) if len(leases) > 1 else leases:
+        for lease in sorted(leases, key=_OUTSTANDING) if len(leases) > 1 else leases:
             lease.depth = depth
             if lease.outstanding < depth and (lease in filling or lease.outstanding <= depth // 2):
                 return lease
@@ -447,13 +468,15 @@ class Scheduler:
         lane = t.lane
         lane.used = True
         node = t.node
-        lane.backend.submit(Call(tid, node, t.prepared, [d.payload for d in t.deps],
-                                 placements, lease))
+        inputs = [d.payload for d in t.deps] if t.deps else []
+        lane.backend.submit(Call(tid, node, t.prepared, inputs, placements, lease))
         if node.opts.timeout is not None:
             heapq.heappush(self.deadlines, (time.monotonic() + node.opts.timeout, tid))
         if t.futures:
-            for fut in _live(t.futures):
-                fut._start()
+            for ref in t.futures:
+                fut = ref()
+                if fut is not None:
+                    fut._start()
 
     # -- completions ---------------------------------------------------------------------
 
@@ -512,10 +535,12 @@ class Scheduler:
             if not j.waiting and j.state == PENDING:
                 self._push(j)
         if t.futures:
-            t.where = Where(t.backend.name, attempt.placements, t.failures + 1, attempt.start,
-                            time.time())
-            for fut in _live(t.futures):
-                fut._finish(t.where)
+            t.where = where = Where(t.backend.name, attempt.placements, t.failures + 1,
+                                    attempt.start, time.time())
+            for ref in t.futures:
+                fut = ref()
+                if fut is not None:
+                    fut._finish(where)
         self._ended(t)
 
     def _ended(self, t: Task) -> None:
@@ -550,7 +575,8 @@ class Scheduler:
         dependents = t.dependents
         self._mark_failed(t, exc)
         group = t.group
-        group.errors.append((t, exc))
+        if group.errors is not None:
+            group.errors.append((t, exc))
         self._ended(t)
         skipped = self._end_downstream(dependents, exc)
         if skipped and not final:
@@ -572,8 +598,9 @@ class Scheduler:
                 self._mark_cancelled(j)
             else:
                 self._mark_failed(j, exc)
-                if not j.group.errors:
-                    j.group.errors.append((j, exc))
+                errors = j.group.errors
+                if errors is not None and not errors:  # a compute() group's first failure
+                    errors.append((j, exc))
             self._ended(j)
         return count
 

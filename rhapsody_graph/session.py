@@ -29,7 +29,7 @@ from .backends.base import RANKS_KIND, Completions
 from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
-from .scheduler import DONE, PENDING, Group, Scheduler, Task
+from .scheduler import DONE, Group, Scheduler, Task
 
 __all__ = ["Session"]
 
@@ -83,6 +83,7 @@ class Session:
         self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
         self._lock = threading.Lock()
         self._closed = False
+        self._futures = Group(fail_fast=False, waited=False)  # shared by all submit() calls
         self._completions = Completions()
         self._completions.closer = self.close
         for b in backends:
@@ -106,12 +107,16 @@ class Session:
             ``NoBackendError``, ``UnsatisfiableError``, ``TypeError``/``ValueError``
             naming the node, before anything runs.
         """
+        if len(nodes) == 1:
+            node = nodes[0]
+            if type(node) is Node and not node.deps and node not in self._scheduler.tasks:
+                return self._submit_leaf(node)
         one_list = len(nodes) == 1 and isinstance(nodes[0], (list, tuple))
         flat = list(nodes[0]) if one_list else nodes
         for n in flat:
             if not isinstance(n, (Node, Ref)):
                 raise TypeError(f"submit() takes nodes (or futures), got {n!r}")
-        futures, _ = self._submit(flat, fail_fast=False)
+        futures = self._submit(flat)
         return futures[0] if len(nodes) == 1 and not one_list else futures
 
     def compute(self, *outputs: Any, fail_fast: bool = True) -> Tuple[Any, ...]:
@@ -119,7 +124,8 @@ class Session:
         roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
-        handles, group = self._submit(roots, fail_fast, futures=False)
+        group = Group(fail_fast, waited=True)
+        handles = self._submit(roots, group)
         try:
             group.ended.wait()
             if group.errors:
@@ -133,22 +139,33 @@ class Session:
             raise
         return tuple(substitute(o, values) for o in outputs)
 
-    def _submit(self, roots: Sequence[Any], fail_fast: bool,
-                futures: bool = True) -> Tuple[List[Any], Group]:
-        """Hand ``roots`` to the scheduler; one future per root (``futures=False``: the
-        record itself for a root this call added, as ``compute`` needs no handle)."""
-        if self._closed:
-            raise RuntimeError("this session is closed; make a new Session")
-        group = Group(fail_fast, waited=not futures)
+    def _submit_leaf(self, node: Node) -> Future:
+        """``submit(node)`` of a new node without inputs (a stream of submissions):
+        its record and future, handed over without a graph walk."""
+        self._check_open()
+        lane = self._scheduler.lanes[id(self._route(node))]
+        t = Task(node, lane, lane.backend.prepare(node), self._futures, ())
+        fut = Future(node, t, self)
+        t.futures = [weakref.ref(fut)]
+        self._scheduler.take((t,), (), self._futures)
+        return fut
+
+    def _submit(self, roots: Sequence[Any], computing: Optional[Group] = None) -> List[Any]:
+        """Hand ``roots`` to the scheduler; one future per root (for ``compute``'s group
+        ``computing``: the record itself for a root this call added: it needs no handle)."""
+        self._check_open()
+        futures = computing is None
+        group = self._futures if futures else computing
         new: List[Task] = []
         records = self._records(roots, group, new)
+        added = {id(t) for t in new}  # records no other thread sees yet
         handles, attach = [], []
         for root in roots:
             if isinstance(root, Ref):
                 handles.append(self._own(root))
                 continue
             t = records[id(root)]
-            new_here = t.state == PENDING and t.group is group  # no other thread sees it yet
+            new_here = id(t) in added
             if new_here and not futures:
                 handles.append(t)
                 continue
@@ -161,7 +178,11 @@ class Session:
             else:
                 attach.append((t, fut))
         self._scheduler.take(new, attach, group)
-        return handles, group
+        return handles
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed; make a new Session")
 
     def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[int, Task]:
         """Records for ``roots`` and what they need, made (in post-order) where unknown."""
@@ -194,7 +215,8 @@ class Session:
                     if id(node) not in records:
                         lane = self._scheduler.lanes[id(self._route(node))]
                         prepared = lane.backend.prepare(node)
-                        t = Task(node, lane, prepared, group, [records[id(d)] for d in node.deps])
+                        t = Task(node, lane, prepared, group,
+                                 [records[id(d)] for d in node.deps] if node.deps else ())
                         records[id(node)] = t
                         new.append(t)
         return records

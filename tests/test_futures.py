@@ -72,6 +72,37 @@ def test_as_completed_yields_futures_in_the_order_they_finish(session):
     assert order == ["fast", "slow"]
 
 
+def test_as_completed_takes_other_futures_too_and_a_timeout_leaves_no_waiter_behind(session):
+    slow = session.submit(rhapsody.task(nap)(30, "slow"))
+    with cf.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(inc, 1)
+        fast = session.submit(rhapsody.task(inc)(2))
+        seen = []
+        with pytest.raises(TimeoutError, match=r"1 \(of 3\) futures unfinished"):
+            for f in rhapsody.as_completed([slow, other, fast, fast], timeout=2):
+                seen.append(f.result())
+    assert sorted(seen) == [2, 3] and not slow._waiters
+    assert slow.cancel() and slow.cancelled()
+
+
+def test_single_submissions_from_two_threads_each_get_their_own_values(session):
+    step = rhapsody.task(inc)
+    results = {}
+
+    def work(k):
+        futures = [session.submit(step(k + i)) for i in range(300)]
+        results[k] = sorted(f.result() for f in rhapsody.as_completed(futures, timeout=60))
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {k: [k + i + 1 for i in range(300)] for k in (0, 1000)}
+    node = step(1)  # submitted twice: one record, two futures
+    first, second = session.submit(node), session.submit(node)
+    assert first is not second and first.result(timeout=60) == second.result(timeout=60) == 2
+
+
 def test_wait_first_completed_returns_the_finished_future_only(session):
     slow = session.submit(rhapsody.task(nap)(30, "slow"))
     fast = session.submit(rhapsody.task(nap)(0.0, "fast"))

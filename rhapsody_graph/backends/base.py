@@ -83,6 +83,7 @@ class Completions:
         """From any thread: a completion, or ``fn(out)`` to run on the scheduler thread."""
         self._posted.append(item)
         if self._asleep:
+            self._asleep = False  # one wake-up byte per sleep: later posts find it awake
             try:
                 os.write(self._wake_w, b"x")
             except (BlockingIOError, OSError):
