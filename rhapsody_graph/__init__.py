@@ -18,13 +18,14 @@ from .errors import (ExecutableError, NoBackendError, NodeTimeoutError, RemoteEr
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, Where, as_completed, wait
 from .graph import Graph, Node
 from .interop.dask import get
+from .journal import explain
 from .resources import Host, Inventory, Ledger, Placement, Resources, current_placement
 from .session import Session
 from .task import ExecResult, Task, executable, map, task
 
 __all__ = [
     "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
-    "Session", "submit", "get", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
+    "Session", "submit", "get", "explain", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
     "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
     "LocalBackend", "DragonBackend", "InferenceBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",

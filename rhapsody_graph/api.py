@@ -75,7 +75,7 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
 
 
 def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
-            fail_fast: bool = True) -> Tuple[Any, ...]:
+            fail_fast: bool = True, journal: Any = None) -> Tuple[Any, ...]:
     """Run everything ``outputs`` need, once; return their values as a tuple.
 
     Args:
@@ -84,13 +84,15 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
         session: the :class:`Session` to run on.
         fail_fast: on the first failure start nothing new of this call (running nodes
             finish); ``False`` runs every node that does not depend on a failure.
+        journal: a directory that keeps finished nodes' values; a later call with the
+            same journal reuses those of unchanged nodes (see :mod:`rhapsody_graph.journal`).
     Returns:
         one value per output.
     Raises:
         the first failing node's own exception, with its remote traceback as
         ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
     """
-    return get_session(backend, session).compute(*outputs, fail_fast=fail_fast)
+    return get_session(backend, session).compute(*outputs, fail_fast=fail_fast, journal=journal)
 
 
 def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,

@@ -60,7 +60,8 @@ class Where:
         backend: the backend's name.
         host, cpus, gpus: the first rank's placement (the ledger's host, core ids, GPU ids).
         placements: every rank's :class:`~rhapsody_graph.resources.Placement`.
-        attempts: how many times it was started (1 unless retried).
+        attempts: how many times it was started (1 unless retried; 0: its value was
+            reused from the session's journal, it did not run).
         start, end: wall-clock times (``time.time()``) of its last attempt.
     """
 

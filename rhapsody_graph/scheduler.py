@@ -38,6 +38,11 @@ placement per rank from the ledger; an AI node's inference service is admitted b
 the backend (``backend.admit``). When nothing runs and a ready node still waits,
 idle services give back what they hold (``backend.release_idle``).
 
+Journal: a record the session made with its value from the group's journal
+(``payload`` already set) is ended ``DONE`` as it is taken, after the rest of its
+submission, and its dependents wake as for any completion; a record with ``saved``
+writes its value to the journal when it is done (failures never are).
+
 Failure: a node that raises is retried up to ``retries`` times on a fresh
 placement; then it and everything downstream fail with its exception. In a
 fail-fast group (``compute()``'s default) nothing of that group starts any more,
@@ -78,7 +83,7 @@ class Group:
     """What one ``compute()`` (or every ``submit()`` of a session) added: its policy,
     its errors, and whether it has ended."""
 
-    __slots__ = ("fail_fast", "live", "errors", "ended", "stopping")
+    __slots__ = ("fail_fast", "live", "errors", "ended", "stopping", "journal")
 
     def __init__(self, fail_fast: bool, waited: bool) -> None:
         self.fail_fast = fail_fast
@@ -88,6 +93,7 @@ class Group:
         # set when live falls to 0 (only for a compute(), which waits on it)
         self.ended: Optional[threading.Event] = threading.Event() if waited else None
         self.stopping = False  # fail-fast: a node failed, start nothing more of it
+        self.journal: Any = None  # where its records' values are kept and reused from
 
 
 class Task:
@@ -95,7 +101,7 @@ class Task:
 
     __slots__ = ("node", "prio", "lane", "backend", "prepared", "leased", "group", "state",
                  "deps", "dependents", "waiting", "needed", "payload", "futures", "failures",
-                 "tid", "where", "error", "__weakref__")
+                 "tid", "where", "error", "saved", "__weakref__")
 
     def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
                  deps: Sequence["Task"]) -> None:
@@ -115,6 +121,7 @@ class Task:
         self.tid = 0  # the running call
         self.where: Optional[Where] = None  # a done record's, for futures attached late
         self.error: Optional[BaseException] = None  # a failed record's
+        self.saved: Optional[Tuple[Any, str]] = None  # (journal, key) to keep its value in
 
     def __repr__(self) -> str:
         return f"<Task {self.node.key} {STATE_NAMES[self.state]}>"
@@ -297,6 +304,7 @@ class Scheduler:
 
     def _take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
         tasks = self.tasks
+        reused: List[Task] = []  # came with their values: done once all of new is taken
         for t in new:
             tasks.setdefault(t.node, t)
             group.live += 1
@@ -318,8 +326,12 @@ class Scheduler:
             t.waiting = waiting
             if upstream_failed is not None:
                 self._end_unrun(t, upstream_failed)
+            elif t.payload is not None:
+                reused.append(t)
             elif not waiting:
                 self._push(t)
+        for t in reused:
+            self._done(t, t.payload, 0.0, None)
         for t, fut in attach:
             if t.state == DONE:
                 fut._finish(t.where)
@@ -524,19 +536,29 @@ class Scheduler:
         if lease.key is not None:
             lane.open_leases[lease.key].remove(lease)
 
-    def _done(self, t: Task, payload: bytes, seconds: float, attempt: Attempt) -> None:
+    def _done(self, t: Task, payload: bytes, seconds: float, attempt: Optional[Attempt]) -> None:
+        """``t`` has its value: from its call, or (``attempt`` None) from the journal."""
         t.state = DONE
         t.payload = payload
-        fid = id(t.node.fn)
-        last = self.seconds.get(fid)
-        self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
+        if attempt is not None:
+            if t.saved is not None:
+                journal, key = t.saved
+                journal.put(key, t.node, payload)
+            fid = id(t.node.fn)
+            last = self.seconds.get(fid)
+            self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
         for j in t.dependents:
             j.waiting -= 1
             if not j.waiting and j.state == PENDING:
                 self._push(j)
         if t.futures:
-            t.where = where = Where(t.backend.name, attempt.placements, t.failures + 1,
-                                    attempt.start, time.time())
+            if attempt is None:  # reused: it never ran here
+                now = time.time()
+                where = Where(t.backend.name, (), 0, now, now)
+            else:
+                where = Where(t.backend.name, attempt.placements, t.failures + 1,
+                              attempt.start, time.time())
+            t.where = where
             for ref in t.futures:
                 fut = ref()
                 if fut is not None:

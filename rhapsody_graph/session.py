@@ -19,6 +19,7 @@ inventory, and the encoding of every call.
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import threading
 import weakref
@@ -29,6 +30,7 @@ from .backends.base import RANKS_KIND, Completions
 from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
+from .journal import Journal
 from .scheduler import DONE, Group, Scheduler, Task
 
 __all__ = ["Session"]
@@ -45,6 +47,9 @@ class Session:
         backends: the backends, each with a distinct ``name`` (default: one
             :class:`~rhapsody_graph.LocalBackend`). The session shuts them down
             when it closes.
+        journal: a directory that keeps every finished node's value, so that a run
+            of the same program after a crash reuses what finished (see
+            :mod:`rhapsody_graph.journal`).
 
     A node with ``backend="name"`` runs there; any other goes to the first backend
     that runs its kind (function, executable, multi-rank, AI) and can hold it. When
@@ -53,7 +58,8 @@ class Session:
     first backend (its servers take cores and GPUs from that backend's ledger).
     """
 
-    def __init__(self, backends: Optional[Sequence[Any]] = None, *, _owns: bool = True) -> None:
+    def __init__(self, backends: Optional[Sequence[Any]] = None, *,
+                 journal: "str | os.PathLike[str] | None" = None, _owns: bool = True) -> None:
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -84,6 +90,7 @@ class Session:
         self._lock = threading.Lock()
         self._closed = False
         self._futures = Group(fail_fast=False, waited=False)  # shared by all submit() calls
+        self._futures.journal = Journal(journal) if journal is not None else None
         self._completions = Completions()
         self._completions.closer = self.close
         for b in backends:
@@ -119,12 +126,14 @@ class Session:
         futures = self._submit(flat)
         return futures[0] if len(nodes) == 1 and not one_list else futures
 
-    def compute(self, *outputs: Any, fail_fast: bool = True) -> Tuple[Any, ...]:
+    def compute(self, *outputs: Any, fail_fast: bool = True,
+                journal: "str | os.PathLike[str] | None" = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
         roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
         group = Group(fail_fast, waited=True)
+        group.journal = Journal(journal) if journal is not None else self._futures.journal
         handles = self._submit(roots, group)
         try:
             group.ended.wait()
@@ -143,8 +152,7 @@ class Session:
         """``submit(node)`` of a new node without inputs (a stream of submissions):
         its record and future, handed over without a graph walk."""
         self._check_open()
-        lane = self._scheduler.lanes[id(self._route(node))]
-        t = Task(node, lane, lane.backend.prepare(node), self._futures, ())
+        t = self._reused(node, self._futures) or self._record(node, self._futures, ())
         fut = Future(node, t, self)
         t.futures = [weakref.ref(fut)]
         self._scheduler.take((t,), (), self._futures)
@@ -200,26 +208,53 @@ class Session:
                     records[id(dep)] = t
             return t
 
+        def reused(node: Any) -> bool:
+            """A record of ``node`` whose value the journal has: its upstream is not needed."""
+            t = self._reused(node, group)
+            if t is not None:
+                records[id(node)] = t
+                new.append(t)
+            return t is not None
+
         for root in roots:
-            if isinstance(root, Ref) or record_of(root) is not None:
+            if isinstance(root, Ref) or record_of(root) is not None or reused(root):
                 continue
             stack = [(root, iter(root.deps))]
             while stack:
                 node, deps = stack[-1]
                 for d in deps:
-                    if record_of(d) is None:
+                    if record_of(d) is None and not reused(d):
                         stack.append((d, iter(d.deps)))
                         break
                 else:
                     stack.pop()
                     if id(node) not in records:
-                        lane = self._scheduler.lanes[id(self._route(node))]
-                        prepared = lane.backend.prepare(node)
-                        t = Task(node, lane, prepared, group,
-                                 [records[id(d)] for d in node.deps] if node.deps else ())
+                        t = self._record(node, group, [records[id(d)] for d in node.deps]
+                                         if node.deps else ())
                         records[id(node)] = t
                         new.append(t)
         return records
+
+    def _record(self, node: Node, group: Group, deps: Sequence[Task]) -> Task:
+        """A new record of ``node``: routed, its call encoded, its journal entry named."""
+        lane = self._scheduler.lanes[id(self._route(node))]
+        t = Task(node, lane, lane.backend.prepare(node), group, deps)
+        if group.journal is not None:
+            t.saved = (group.journal, group.journal.key(node))
+        return t
+
+    def _reused(self, node: Node, group: Group) -> Optional[Task]:
+        """A done record of ``node`` from the group's journal, if it has the value."""
+        journal = group.journal
+        if journal is None:
+            return None
+        payload = journal.get(journal.key(node))
+        if payload is None:
+            return None
+        lane = self._scheduler.lanes[id(self._route(node))]
+        t = Task(node, lane, None, group, ())
+        t.payload = payload  # the scheduler ends it DONE as it takes it (see Scheduler._take)
+        return t
 
     def _own(self, fut: Any) -> Any:
         if getattr(fut, "_session", None) is not self:

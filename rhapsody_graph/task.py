@@ -12,7 +12,7 @@ Resources(cpus=2, gpus=1, placement='host_name')
 >>> simulate.options(cpu=2)
 Traceback (most recent call last):
 ...
-TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpu_affinity, cpus, distribution, gpu, gpu_affinity, gpus, host, host_id, memory, name, placement, policy, process_template, process_templates, ranks, retries, timeout
+TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpu_affinity, cpus, distribution, gpu, gpu_affinity, gpus, host, host_id, memory, name, placement, policy, process_template, process_templates, ranks, retries, timeout, version
 """
 from __future__ import annotations
 
@@ -174,6 +174,7 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "policy": _policy,  # a raw Dragon Policy (the Dragon backend only)
     "process_template": _template,  # Dragon ProcessTemplate arguments for every rank
     "process_templates": _templates,  # [(ranks, arguments), ...]: a job of groups
+    "version": _text,  # part of the journal key (see rhapsody_graph.journal)
 }
 DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
                             "retries": 0, "backend": None, "distribution": "block",
