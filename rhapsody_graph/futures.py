@@ -126,7 +126,7 @@ class Future(cf.Future, Ref):
                 self = None  # as concurrent.futures: no cycle through the traceback
         value = self._result
         if value is _UNDECODED:
-            value = self._task.backend.decode(self._task.payload)
+            value = self._task.value()
             with self._condition:  # the first decoded value is the one every caller gets
                 if self._result is _UNDECODED:
                     self._result = value

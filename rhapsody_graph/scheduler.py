@@ -123,6 +123,20 @@ class Task:
         self.error: Optional[BaseException] = None  # a failed record's
         self.saved: Optional[Tuple[Any, str]] = None  # (journal, key) to keep its value in
 
+    def value(self) -> Any:
+        """A done record's value, decoded in this process.
+
+        Raises:
+            RuntimeError: naming the node, when its value's bytes cannot be unpickled
+            here (a class only the worker has, a broken ``__reduce__``).
+        """
+        try:
+            return self.backend.decode(self.payload)
+        except Exception as exc:
+            raise RuntimeError(f"node {self.node.key!r} finished, but its value cannot be "
+                               f"unpickled in the driver: {type(exc).__name__}: {exc}; return "
+                               "a value of a type the driver can import") from exc
+
     def __repr__(self) -> str:
         return f"<Task {self.node.key} {STATE_NAMES[self.state]}>"
 

@@ -382,7 +382,7 @@ def _kind(node: Node) -> str:
 def _value(handle: Any) -> Any:
     """The value of a future, or of a done record."""
     if isinstance(handle, Task):
-        return handle.backend.decode(handle.payload)
+        return handle.value()
     return handle.result()
 
 

@@ -537,3 +537,25 @@ def test_node_for_another_backend_is_refused_before_anything_runs(backend, tmp_p
         rhapsody.compute(early, bad, backend=backend)
     assert bad.key in str(info.value)
     assert not marker.exists()
+
+
+class _Unloadable:
+    """Pickles fine in the worker; rebuilding it in the driver fails."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise ImportError("no such module here")
+
+
+def make_unloadable():
+    return _Unloadable()
+
+
+def test_a_value_the_driver_cannot_unpickle_fails_naming_the_node(backend):
+    node = rhapsody.task(make_unloadable)()
+    with pytest.raises(RuntimeError, match=f"node {node.key!r} finished, but its value cannot "
+                                           "be unpickled in the driver: ImportError"):
+        node.compute(backend=backend)
