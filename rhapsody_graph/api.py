@@ -75,15 +75,21 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
 
 
 def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
-            fail_fast: bool = True, journal: Any = None) -> Tuple[Any, ...]:
+            on_error: Optional[str] = None, fail_fast: Optional[bool] = None,
+            journal: Any = None) -> Tuple[Any, ...]:
     """Run everything ``outputs`` need, once; return their values as a tuple.
 
     Args:
         outputs: nodes, futures, or containers of them (returned with values in place).
         backend: a backend instance or name (default: the current or default session).
         session: the :class:`Session` to run on.
-        fail_fast: on the first failure start nothing new of this call (running nodes
-            finish); ``False`` runs every node that does not depend on a failure.
+        on_error: when a node fails, ``"wait"`` (default) starts nothing new of this
+            call, lets running nodes finish and raises; ``"raise"`` raises at once and
+            kills the running nodes; ``"continue"`` runs every node that does not depend
+            on the failure and returns, each failed output holding its exception (a
+            ``RuntimeWarning`` lists them).
+        fail_fast: the older spelling: ``True`` is ``"wait"``; ``False`` runs every
+            node that does not depend on the failure, then raises.
         journal: a directory that keeps finished nodes' values; a later call with the
             same journal reuses those of unchanged nodes (see :mod:`rhapsody_graph.journal`).
     Returns:
@@ -92,13 +98,15 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
         the first failing node's own exception, with its remote traceback as
         ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
     """
-    return get_session(backend, session).compute(*outputs, fail_fast=fail_fast, journal=journal)
+    return get_session(backend, session).compute(*outputs, on_error=on_error, fail_fast=fail_fast,
+                                                 journal=journal)
 
 
 def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
-        fail_fast: bool = True) -> Tuple[Any, ...]:
+        on_error: Optional[str] = None, fail_fast: Optional[bool] = None) -> Tuple[Any, ...]:
     """Run a :class:`Graph`; return one value per output (see :func:`compute`)."""
-    return compute(*graph.outputs, backend=backend, session=session, fail_fast=fail_fast)
+    return compute(*graph.outputs, backend=backend, session=session, on_error=on_error,
+                   fail_fast=fail_fast)
 
 
 def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:

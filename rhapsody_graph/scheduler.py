@@ -16,7 +16,7 @@ State (all of it touched only by the scheduler thread, except where noted):
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
   to the ledger only then; ``deadlines``: a heap of (time, tid).
 * groups: what one ``compute()`` added (:class:`Group`): its errors, its
-  fail-fast policy, and an event set when all of it has ended (at the end of that
+  failure policy (``on_error``), and an event set when all of it has ended (at the end of that
   loop pass, after an idle session's backends dropped their per-run state). All
   ``submit()`` calls of a session share one group that keeps no errors (each
   future holds its own) and that nothing waits on.
@@ -44,9 +44,11 @@ submission, and its dependents wake as for any completion; a record with ``saved
 writes its value to the journal when it is done (failures never are).
 
 Failure: a node that raises is retried up to ``retries`` times on a fresh
-placement; then it and everything downstream fail with its exception. In a
-fail-fast group (``compute()``'s default) nothing of that group starts any more,
-while its running nodes finish. Cancelling kills what runs and cancels what
+placement; then it and everything downstream fail with its exception. Then, by
+the group's ``on_error``: ``WAIT`` (``compute()``'s default) starts nothing more of
+the group while its running nodes finish; ``RAISE`` also kills its running nodes, so
+the group ends at once; ``FINISH`` and ``CONTINUE`` run everything that does not
+depend on the failure (the session raises, or returns the exceptions). Cancelling kills what runs and cancels what
 depends on it. Priority: submission order, then the graph's post-order.
 """
 from __future__ import annotations
@@ -70,6 +72,12 @@ PENDING, READY, RUNNING, DONE, FAILED, CANCELLED = range(6)
 STATE_NAMES = {PENDING: "pending", READY: "ready", RUNNING: "running", DONE: "done",
                FAILED: "failed", CANCELLED: "cancelled"}
 ENDED = (DONE, FAILED, CANCELLED)
+#: what a submission does when one of its nodes fails: raise at once, killing what
+#: runs (RAISE); start nothing more, let what runs finish, then raise (WAIT); run
+#: everything that does not depend on the failure, then raise (FINISH); or that, and
+#: return the exceptions in place of the values (CONTINUE)
+RAISE, WAIT, FINISH, CONTINUE = "raise", "wait", "finish", "continue"
+ON_ERROR = (RAISE, WAIT, CONTINUE)  # the names compute(on_error=) takes
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
@@ -83,16 +91,16 @@ class Group:
     """What one ``compute()`` (or every ``submit()`` of a session) added: its policy,
     its errors, and whether it has ended."""
 
-    __slots__ = ("fail_fast", "live", "errors", "ended", "stopping", "journal")
+    __slots__ = ("on_error", "live", "errors", "ended", "stopping", "journal")
 
-    def __init__(self, fail_fast: bool, waited: bool) -> None:
-        self.fail_fast = fail_fast
+    def __init__(self, on_error: str, waited: bool) -> None:
+        self.on_error = on_error  # RAISE, WAIT, FINISH or CONTINUE
         self.live = 0  # its records not yet ended
         # in the order they failed; only for a compute() (waited), which raises the first
         self.errors: Optional[List[Tuple["Task", BaseException]]] = [] if waited else None
         # set when live falls to 0 (only for a compute(), which waits on it)
         self.ended: Optional[threading.Event] = threading.Event() if waited else None
-        self.stopping = False  # fail-fast: a node failed, start nothing more of it
+        self.stopping = False  # RAISE/WAIT: a node failed, start nothing more of it
         self.journal: Any = None  # where its records' values are kept and reused from
 
 
@@ -617,7 +625,7 @@ class Scheduler:
         skipped = self._end_downstream(dependents, exc)
         if skipped and not final:
             add_note(exc, f"{skipped} node(s) depending on {node.key!r} did not run")
-        if group.fail_fast and not group.stopping:
+        if group.on_error in (RAISE, WAIT) and not group.stopping:
             self._stop(group)
 
     def _end_downstream(self, dependents: Sequence[Task], exc: Optional[BaseException]) -> int:
@@ -641,12 +649,14 @@ class Scheduler:
         return count
 
     def _stop(self, group: Group) -> None:
-        """Fail-fast: start nothing more of ``group``; running nodes finish."""
+        """A node of ``group`` failed: start nothing more of it; its running nodes
+        finish (``WAIT``) or are killed (``RAISE``)."""
         group.stopping = True
         for lane in self.lanes.values():
             lane.backend.drop_queued()
+        stop = (PENDING, READY, RUNNING) if group.on_error == RAISE else (PENDING, READY)
         for t in list(self.tasks.values()):
-            if t.group is group and t.state in (PENDING, READY):
+            if t.group is group and t.state in stop:
                 self._cancel_one(t, set())
 
     def _expire(self) -> None:

@@ -19,9 +19,11 @@ inventory, and the encoding of every call.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures as cf
 import os
 import signal
 import threading
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +33,7 @@ from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .journal import Journal
-from .scheduler import DONE, Group, Scheduler, Task
+from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
 
 __all__ = ["Session"]
 
@@ -89,7 +91,7 @@ class Session:
         self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
         self._lock = threading.Lock()
         self._closed = False
-        self._futures = Group(fail_fast=False, waited=False)  # shared by all submit() calls
+        self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
         self._futures.journal = Journal(journal) if journal is not None else None
         self._completions = Completions()
         self._completions.closer = self.close
@@ -126,20 +128,24 @@ class Session:
         futures = self._submit(flat)
         return futures[0] if len(nodes) == 1 and not one_list else futures
 
-    def compute(self, *outputs: Any, fail_fast: bool = True,
+    def compute(self, *outputs: Any, on_error: Optional[str] = None,
+                fail_fast: Optional[bool] = None,
                 journal: "str | os.PathLike[str] | None" = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
+        policy = _on_error(on_error, fail_fast)
         roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
-        group = Group(fail_fast, waited=True)
+        group = Group(policy, waited=True)
         group.journal = Journal(journal) if journal is not None else self._futures.journal
         handles = self._submit(roots, group)
         try:
             group.ended.wait()
-            if group.errors:
+            if group.errors and policy != CONTINUE:
                 raise _first_error(group, roots, handles)
-            values = {id(r): _value(h) for r, h in zip(roots, handles)}
+            values = {id(r): _outcome(h) for r, h in zip(roots, handles)}
+            if group.errors:
+                _warn_failed(group)
         except BaseException:
             if not group.ended.is_set():  # Ctrl-C, or another thread's exception
                 self.cancel()
@@ -379,11 +385,36 @@ def _kind(node: Node) -> str:
     return node.kind
 
 
-def _value(handle: Any) -> Any:
-    """The value of a future, or of a done record."""
+def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
+    """The failure policy of a ``compute()``: ``on_error``, or the older ``fail_fast``."""
+    if on_error is None:
+        return FINISH if fail_fast is False else WAIT
+    if fail_fast is not None:
+        raise TypeError("give on_error= or fail_fast=, not both")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, "
+                         f"got {on_error!r}")
+    return on_error
+
+
+def _outcome(handle: Any) -> Any:
+    """The value of a future or of a record; the exception of a failed one (a
+    ``CancelledError`` for one that never ran) under ``on_error="continue"``."""
     if isinstance(handle, Task):
-        return handle.value()
-    return handle.result()
+        if handle.state == DONE:
+            return handle.value()
+        return handle.error if handle.error is not None else cf.CancelledError(
+            f"node {handle.node.key!r} did not run: an upstream node failed")
+    exc = handle.exception()
+    return handle.result() if exc is None else exc
+
+
+def _warn_failed(group: Group) -> None:
+    """Summarise the failures of an ``on_error="continue"`` run as a warning."""
+    lines = [f"{t.node.key}: {type(exc).__name__}: {exc}" for t, exc in group.errors[:10]]
+    more = f" (and {len(group.errors) - 10} more)" if len(group.errors) > 10 else ""
+    warnings.warn(f"{len(group.errors)} node(s) failed{more}; their outputs hold their "
+                  "exceptions:\n  " + "\n  ".join(lines), RuntimeWarning, stacklevel=3)
 
 
 def _has_value(handle: Any) -> bool:

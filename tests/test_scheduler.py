@@ -559,3 +559,44 @@ def test_a_value_the_driver_cannot_unpickle_fails_naming_the_node(backend):
     with pytest.raises(RuntimeError, match=f"node {node.key!r} finished, but its value cannot "
                                            "be unpickled in the driver: ImportError"):
         node.compute(backend=backend)
+
+
+def slow_then(path, seconds):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def fail_now():
+    raise ValueError("failed at once")
+
+
+def add(a, b):
+    return a + b
+
+
+def test_on_error_raise_raises_at_once_and_kills_the_running_siblings(backend, tmp_path):
+    path = tmp_path / "pid"
+    slow = rhapsody.task(slow_then)(str(path), 60)
+    bad = rhapsody.task(fail_now)()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="failed at once"):
+        rhapsody.compute(slow, rhapsody.task(add)(bad, 1), backend=backend, on_error="raise")
+    assert time.monotonic() - start < 50  # a 60 s sibling would make it wait
+    assert not still_alive([int(path.read_text())], 10), "the running sibling was not killed"
+    assert backend.ledger.idle()
+
+
+def test_on_error_continue_returns_what_succeeded_and_the_exceptions_in_place(backend):
+    bad = rhapsody.task(fail_now)()
+    with pytest.warns(RuntimeWarning, match=rf"1 node\(s\) failed.*\n  {bad.key}: ValueError"):
+        good, failed, downstream = rhapsody.compute(rhapsody.task(add)(1, 2), bad,
+                                                    rhapsody.task(add)(bad, 1),
+                                                    backend=backend, on_error="continue")
+    assert good == 3 and isinstance(failed, ValueError) and isinstance(downstream, ValueError)
+
+
+def test_a_bad_on_error_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="on_error must be one of 'raise', 'wait', 'continue'"):
+        rhapsody.compute(rhapsody.task(add)(1, 2), on_error="ignore")

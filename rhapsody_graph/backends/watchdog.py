@@ -38,7 +38,6 @@ import itertools
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 from typing import Any, Dict, Optional
@@ -114,12 +113,13 @@ def _token() -> str:
         if _state.get("pid") != os.getpid():
             token = secrets.token_hex(8)
             read, write = os.pipe()
-            try:
-                subprocess.Popen([sys.executable, "-S", "-c", WATCHDOG, str(read),
-                                  f"{MARKER}={token}"], pass_fds=(read,), close_fds=True,
-                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                 env={k: v for k, v in os.environ.items()
-                                      if k not in (MARKER, GROUP)})
+            os.set_inheritable(read, True)
+            try:  # posix_spawn, not Popen: nothing to reap or warn about while we live
+                os.posix_spawn(sys.executable,
+                               [sys.executable, "-S", "-c", WATCHDOG, str(read), f"{MARKER}={token}"],
+                               {k: v for k, v in os.environ.items() if k not in (MARKER, GROUP)},
+                               file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                               setsid=True)
             finally:
                 os.close(read)
             os.set_inheritable(write, False)
