@@ -568,7 +568,11 @@ def slow_then(path, seconds):
     return seconds
 
 
-def fail_now():
+def fail_now(started=None):
+    """Fail, once the file ``started`` exists (its writer runs)."""
+    deadline = time.monotonic() + 60
+    while started is not None and not os.path.exists(started) and time.monotonic() < deadline:
+        time.sleep(0.01)
     raise ValueError("failed at once")
 
 
@@ -579,7 +583,7 @@ def add(a, b):
 def test_on_error_raise_raises_at_once_and_kills_the_running_siblings(backend, tmp_path):
     path = tmp_path / "pid"
     slow = rhapsody.task(slow_then)(str(path), 60)
-    bad = rhapsody.task(fail_now)()
+    bad = rhapsody.task(fail_now)(str(path))
     start = time.monotonic()
     with pytest.raises(ValueError, match="failed at once"):
         rhapsody.compute(slow, rhapsody.task(add)(bad, 1), backend=backend, on_error="raise")
