@@ -29,12 +29,16 @@ scheduler queues a run of tiny nodes on it (fusion: 100 no-op nodes cost a few
 Batch calls, not 100) and keeps it open along a chain, so a hop costs one socket
 round trip, not one Batch call.
 
-State, beyond the local backend's: ``_batch`` (the Batch client, started on first
+State: ``pool`` (a :class:`~.pool.WorkerPool`: the workers, leased or running a
+rank, with their sockets, queues and leases; ``pool.connecting`` holds those whose
+Batch call has not connected yet, each with the time by which it must: a timer of
+the queue), ``_jobs`` (tid → the ranks of each executable or multi-rank node,
+values gathered as they arrive), ``_batch`` (the Batch client, started on first
 use), ``_listener`` (the socket workers connect to, watched by the session's
-completion queue) and ``_token``, and ``_connecting`` (workers whose Batch call
-has not connected yet, each with the time by which it must: a timer of the queue). Policy: a worker lives as long as its lease, one-shot
-workers (executables, ranks) until their value arrives; a worker that does not
-connect within ``start_timeout`` fails its node. A timeout is passed to Batch as
+completion queue) and ``_token``, and ``_stopped`` (killed calls Batch has not
+seen end yet). Policy: a worker lives as long as its lease, one-shot workers
+(executables, ranks) until their value arrives; a worker that does not connect
+within ``start_timeout`` fails its node. A timeout is passed to Batch as
 the call's own timeout and enforced here too, by killing the process; Ctrl-C and
 failures kill every process worker.
 """
@@ -51,15 +55,15 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import wire
-from .base import DIED, ERROR, KILLED, OK, Call, Completion, Completions, Lease
+from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
 from .dragon_service import DragonServer
 from .launch import describe_exit
-from .local import LocalBackend, _Prepared, _Worker
+from .pool import PoolBackend, PythonCall, Worker, WorkerPool, check_argv, max_workers, place
 from ..ai.service import LOOPBACK, Spawn
 from ..errors import WorkerDiedError, add_note
-from ..graph import EXECUTABLE, Node
-from ..resources import Host, Placement
+from ..graph import EXECUTABLE, FUNCTION, Node
+from ..resources import Host, Inventory, Ledger, Placement
 
 __all__ = ["DragonBackend", "dragon_hosts"]
 
@@ -100,7 +104,8 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
 
 
 class _BatchProc:
-    """A worker's Batch call, in the shape the local backend expects of a process."""
+    """A worker's Batch call, as the pool kills and describes it (a
+    :class:`~.pool.WorkerProcess`), and which job rank it runs, if any."""
 
     def __init__(self, wid: int, host: str, own_process: bool, local: bool,
                  stopped: List["_BatchProc"]) -> None:
@@ -160,6 +165,12 @@ class _BatchProc:
             return 1
         return code if isinstance(code, int) else 0
 
+    def exit_reason(self, died: bool) -> str:
+        """Why the driver gave up on it, else (if it died) its Batch call's exit code."""
+        if self.reason or not died:
+            return self.reason
+        return describe_exit(self.wait(timeout=2.0))
+
 
 class _Job:
     """The ranks of one node (or one executable): values gathered as they arrive."""
@@ -167,11 +178,11 @@ class _Job:
     def __init__(self, tid: int, key: str, ranks: int, many: bool) -> None:
         self.tid, self.key, self.many = tid, key, many
         self.values: List[Any] = [None] * ranks
-        self.workers: List[_Worker] = []
+        self.workers: List[Worker] = []
         self.left = ranks
 
 
-class DragonBackend(LocalBackend):
+class DragonBackend(PoolBackend):
     """Run nodes as Dragon Batch calls, placed by the ledger on Dragon's hosts.
 
     Args:
@@ -188,21 +199,26 @@ class DragonBackend(LocalBackend):
         result = rhapsody.compute(*nodes, backend=backend)
     """
 
-    takes_dragon_options = True
+    kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND))
 
     def __init__(self, gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
                  start_timeout: float = 120.0, name: str = "dragon") -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"DragonBackend: name must be a non-empty string, got {name!r}")
         self._machine, self._batch_module = _dragon()
-        machine = self._machine
-        super().__init__(hosts=hosts or dragon_hosts(gpus), workers=workers, name=name)
-        self._here = machine.current().hostname
+        self.name = name
+        self.inventory = Inventory(hosts or dragon_hosts(gpus))
+        self.max_workers = max_workers(workers, self.inventory, "DragonBackend")
+        self.ledger = Ledger(self.inventory)
+        self.pool = WorkerPool(self.max_workers, receive=self._receive)
+        self._here = self._machine.current().hostname
         self.start_timeout = start_timeout
+        self._jobs: Dict[int, _Job] = {}
         self._batch: Any = None
         self._token = secrets.token_bytes(TOKEN_BYTES)
         self._listener: Optional[socket.socket] = None
         self._address: Any = None
-        self._connecting: Dict[int, _Worker] = {}
         self._stopped: List[_BatchProc] = []
         self._next_wid = 0
         self._program = wire.dump_callable(run_program)
@@ -214,29 +230,59 @@ class DragonBackend(LocalBackend):
             rows.append(f"{h.name:<24} {len(h.cpus):>5}  {list(h.cpus)} / {list(h.gpus)}")
         return "\n".join(rows)
 
-    # -- encoding ------------------------------------------------------------------
-
-    def prepare(self, node: Node) -> Any:
-        if node.kind != EXECUTABLE:
-            return super().prepare(node)
-        super().prepare(node)  # the local backend's checks of argv
-        spec = node.fn
-        try:
-            args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
-        except Exception as exc:
-            raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
-        return _Prepared(0, self._program, args)
+    # -- joining a session -------------------------------------------------------------
 
     def attach(self, completions: Optional[Completions]) -> None:
-        if completions is None and self._listener is not None and self._hub is not None:
-            self._hub.unwatch(self._listener.fileno())
+        """As :meth:`PoolBackend.attach`, and the listening socket is watched there too."""
+        hub = self.pool.hub
+        if completions is None and self._listener is not None and hub is not None:
+            hub.unwatch(self._listener.fileno())
         super().attach(completions)
         if completions is not None and self._listener is not None:
             self._watch_listener()
 
     def _watch_listener(self) -> None:
-        self._hub.watch(self._listener.fileno(), selectors.EVENT_READ,
-                        lambda mask, out: self._accept(out))
+        self.pool.hub.watch(self._listener.fileno(), selectors.EVENT_READ,
+                            lambda mask, out: self._accept(out))
+
+    def accepts(self, node: Node) -> bool:
+        """Every option of a compute node (Dragon's pass-throughs too)."""
+        return True
+
+    # -- encoding ------------------------------------------------------------------
+
+    def prepare(self, node: Node) -> PythonCall:
+        """Encode a node's call (an executable: :func:`.dragon_worker.run_program` on its
+        argv); raise ``TypeError`` naming what cannot be sent."""
+        if node.kind != EXECUTABLE:
+            return self.pool.encode(node)
+        check_argv(node)
+        spec = node.fn
+        try:
+            args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
+        except Exception as exc:
+            raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
+        return PythonCall(0, self._program, args)
+
+    # -- running (see PoolBackend for the rest) ----------------------------------------
+
+    def kill(self, tid: int) -> None:
+        job = self._jobs.get(tid)
+        if job is None:
+            super().kill(tid)
+            return
+        self._end_job(job)  # SIGKILLed (or cancelled in Batch); not waited for
+        self.pool.hub.post((tid, KILLED, None, 0.0))
+
+    def end_lease(self, lease: Lease) -> None:
+        w = self.pool.end_lease(lease)
+        if w is not None and not w.queue:
+            self.pool.detach(w)  # its Batch call ends and frees its pool slot
+
+    def end_run(self) -> None:
+        super().end_run()
+        # forget the killed calls Batch has seen end (the rest wait for shutdown)
+        self._stopped[:] = [proc for proc in self._stopped if not proc.ended()]
 
     def start(self, n: Optional[int] = None) -> "DragonBackend":
         """Start the Batch client now, rather than with the first node."""
@@ -244,12 +290,12 @@ class DragonBackend(LocalBackend):
             self._start_batch()
         return self
 
-    def pin(self, cpus: Sequence[int]) -> tuple:
-        return tuple(cpus)  # the ledger's ids are Dragon's core ids
-
     # -- starting workers ------------------------------------------------------------
 
-    def _bind(self, lease: Lease, node: Node) -> _Worker:
+    def bind_worker(self, call: Call) -> Worker:
+        """A new worker for the call's lease: a Batch call (a process of its own when
+        placed, timed or templated) that connects back."""
+        lease, node = call.lease, call.node
         p = lease.placement
         opts = node.opts
         as_process = (opts.resources.placement != "default" or opts.timeout is not None
@@ -261,26 +307,22 @@ class DragonBackend(LocalBackend):
             w.proc.handle = batch.process(self._template(node, p, args))
         else:
             w.proc.handle = batch.function(serve, *args)
-        w.lease = lease
-        w.place = (p.host, p.cpus, _pinned(node, p), p.gpus, 0, 1)
-        lease.executor = w
-        self._bound += 1
-        return w
+        return self.pool.bind(lease, w, _pinned(node, p))
 
-    def _launch(self, call: Call) -> None:
+    def launch(self, call: Call) -> None:
+        """An executable or a multi-rank node: one Batch process (or job), a worker per rank."""
         node = call.node
         placements = call.placements
-        job = _Job(call.tid, node.key, len(placements), node.opts.resources.ranks > 1)
-        self._owner[call.tid] = job
+        job = self._jobs[call.tid] = _Job(call.tid, node.key, len(placements),
+                                          node.opts.resources.ranks > 1)
         templates = []
         p0 = call.prepared
         for rank, p in enumerate(placements):
             w = self._new_worker(p.host, own_process=True)
             w.proc.job, w.proc.rank = job, rank
             job.workers.append(w)
-            place = (p.host, p.cpus, _pinned(node, p), p.gpus, p.rank, p.world_size)
-            w.outbox += wire.frame(("run", [(call.tid, p0.fid, p0.func, p0.args, call.inputs,
-                                             place)]))
+            task = (call.tid, p0.fid, p0.func, p0.args, call.inputs, place(p, _pinned(node, p)))
+            w.outbox += wire.frame(("run", [task]))
             w.queue.append(call.tid)
             args = (self._address, self._token, w.proc.wid, True)
             templates.append((1, self._template(node, p, args)))
@@ -289,16 +331,14 @@ class DragonBackend(LocalBackend):
         for w in job.workers:
             w.proc.handle = handle
 
-    def _new_worker(self, host: str, own_process: bool) -> _Worker:
+    def _new_worker(self, host: str, own_process: bool) -> Worker:
+        """A worker whose Batch call is about to start; it must connect back in time."""
         self.start()
         self._next_wid += 1
         proc = _BatchProc(self._next_wid, host, own_process, host == self._here, self._stopped)
         proc.deadline = time.monotonic() + self.start_timeout
-        w = _Worker(proc, -1, -1)  # type: ignore[arg-type]
-        w.outbox += wire.frame(("path", wire.python_path()))
-        self._workers.append(w)
-        self._connecting[proc.wid] = w
-        self._hub.call_at(proc.deadline, self._expire_starts)
+        w = self.pool.add(Worker(proc, wid=proc.wid))
+        self.pool.hub.call_at(proc.deadline, self._expire_starts)
         return w
 
     def _options(self, timeout: Optional[float]) -> Any:
@@ -340,7 +380,7 @@ class DragonBackend(LocalBackend):
         listener.setblocking(False)
         self._address = listener.getsockname()
         self._listener = listener
-        if self._hub is not None:
+        if self.pool.hub is not None:
             self._watch_listener()
         self._batch = _start_batch_client(self._batch_module, self._machine)
 
@@ -385,7 +425,7 @@ class DragonBackend(LocalBackend):
     def _expire_starts(self, out: List[Completion]) -> None:
         """Fail the workers whose Batch call has not connected by its deadline."""
         now = time.monotonic()
-        for w in [w for w in self._connecting.values() if w.proc.deadline <= now]:
+        for w in [w for w in self.pool.connecting.values() if w.proc.deadline <= now]:
             w.proc.reason = (f"Dragon did not start its Batch call within {self.start_timeout:g} s "
                              "(start_timeout=); is the allocation busy?")
             self._fail_worker(w, out)
@@ -402,35 +442,32 @@ class DragonBackend(LocalBackend):
             conn.close()
             return
         wid, pid = HELLO.unpack(hello[TOKEN_BYTES:])
-        w = self._connecting.get(wid)
+        w = self.pool.connecting.get(wid)
         if w is None or not hmac.compare_digest(hello[:TOKEN_BYTES], self._token):
             conn.close()  # not one of ours, or given up on
             return
-        del self._connecting[wid]
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.setblocking(False)
         fd = conn.detach()
         w.proc.pid = pid
-        w.result_r, w.task_w = fd, os.dup(fd)
-        self._watch(w)
-        self._send(w)
+        self.pool.connected(w, fd, os.dup(fd))
 
-    def _send(self, w: _Worker) -> None:
-        if w.task_w >= 0:  # not connected yet: the outbox waits
-            super()._send(w)
+    def _receive(self, w: Worker, out: List[Completion]) -> None:
+        """A worker's results: a leased call's are reported, a job rank's gathered."""
+        if w.proc.job is None:
+            self.pool.receive(w, out)
+        else:
+            self._gather(w, w.proc.job, out)
 
-    def _receive(self, w: _Worker, out: List[Completion]) -> None:
-        job = w.proc.job
-        if job is None:
-            super()._receive(w, out)
-            return
-        results = self._read(w)
+    def _gather(self, w: Worker, job: "_Job", out: List[Completion]) -> None:
+        """Keep a rank's value until every rank has sent one; its error ends the job."""
+        results = self.pool.read(w)
         if results is None:
             self._fail_worker(w, out)
             return
         for status, _, _, payload in results:
             w.queue.clear()
-            self._detach(w)
+            self.pool.detach(w)
             if status & ~wire.GPU_RUNTIME == wire.OK:
                 job.values[w.proc.rank] = payload
                 job.left -= 1
@@ -452,13 +489,13 @@ class DragonBackend(LocalBackend):
             payload = job.values[0]
         out.append((job.tid, OK, payload, 0.0))
 
-    def _fail_worker(self, w: _Worker, out: List[Completion]) -> None:
+    def _fail_worker(self, w: Worker, out: List[Completion]) -> None:
         """A worker died or never started: fail what it held."""
         job = w.proc.job
         if job is None:
-            self._retire(w, DIED)
+            self.pool.retire(w, DIED)
             return
-        reason = self._exit_reason(w, True)
+        reason = w.proc.exit_reason(True)
         exc = WorkerDiedError(f"rank {w.proc.rank} of node {job.key!r} died ({reason}) "
                               "before returning a value" if job.many else
                               f"the process running node {job.key!r} died ({reason})")
@@ -466,57 +503,24 @@ class DragonBackend(LocalBackend):
         out.append((job.tid, DIED, wire.attach(exc, "", job.key), 0.0))
 
     def _end_job(self, job: _Job) -> None:
-        self._owner.pop(job.tid, None)
-        self._keys.pop(job.tid, None)
+        self._jobs.pop(job.tid, None)
         for w in job.workers:
-            if w in self._workers:
+            if w in self.pool.workers:
                 w.proc.kill()
-                self._detach(w)
-
-    def _detach(self, w: _Worker) -> None:
-        self._connecting.pop(w.proc.wid, None)
-        super()._detach(w)
-
-    def _exit_reason(self, w: _Worker, died: bool) -> str:
-        if w.proc.reason or not died:
-            return w.proc.reason
-        return describe_exit(w.proc.wait(timeout=2.0))
-
-    @staticmethod
-    def _kill(proc: Any) -> None:
-        proc.kill()
+                self.pool.detach(w)
 
     # -- ending ------------------------------------------------------------------------
 
-    def kill(self, tid: int) -> None:
-        owner = self._owner.get(tid)
-        if isinstance(owner, _Job):
-            self._end_job(owner)  # SIGKILLed (or cancelled in Batch); not waited for
-            self._hub.post((tid, KILLED, None, 0.0))
-            return
-        super().kill(tid)
-
-    def end_lease(self, lease: Lease) -> None:
-        w = lease.executor
-        super().end_lease(lease)
-        if w is not None and not w.queue:
-            self._detach(w)  # its Batch call ends and frees its pool slot
-
-    def end_run(self) -> None:
-        super().end_run()
-        # forget the killed calls Batch has seen end (the rest wait for shutdown)
-        self._stopped[:] = [proc for proc in self._stopped if not proc.ended()]
-
     def _end_jobs(self) -> None:
-        """End every job and give up on the workers still starting."""
-        for owner in list(self._owner.values()):
-            if isinstance(owner, _Job):
-                self._end_job(owner)
-        self._connecting.clear()
+        """End every job (their workers still starting are given up on)."""
+        for job in list(self._jobs.values()):
+            self._end_job(job)
 
     def abort(self) -> None:
+        """Kill every process worker and end every Batch call now."""
         self._end_jobs()
-        super().abort()
+        self.pool.abort()
+        self.ledger = Ledger(self.inventory)
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(graceful=exc[0] is None)
@@ -527,16 +531,12 @@ class DragonBackend(LocalBackend):
         ``graceful=False`` (on an exception or Ctrl-C) terminates the Batch client
         instead of joining it, as ``with Batch()`` does.
         """
-        if self._hub is not None and self._hub.closer is not None:
-            self._hub.closer()  # the session using it stops first
+        self.close_session()  # the session using it stops first
         self._end_jobs()
-        for w in list(self._workers):
-            w.proc.kill()
-            self._detach(w)
-        super().shutdown()
+        self.pool.abort()  # process workers killed; every socket closed
         if self._listener is not None:
-            if self._hub is not None:
-                self._hub.unwatch(self._listener.fileno())
+            if self.pool.hub is not None:
+                self.pool.hub.unwatch(self._listener.fileno())
             self._listener.close()
             self._listener = None
         if self._batch is not None:

@@ -1,0 +1,515 @@
+"""The pool of persistent workers that the local and Dragon backends share.
+
+A *worker* is a process that runs Python calls it is sent, one after the other,
+over a byte channel to this driver (:mod:`.worker`, frames of :mod:`.wire`): two
+pipes for a local worker, one socket (duplicated) for a Dragon worker that
+connected back. :class:`WorkerPool` is the driver's side of all of them.
+
+State (touched only on the scheduler thread):
+
+* ``workers``: every live :class:`Worker`; each has its channel, its ``outbox``
+  (bytes not written yet) and ``inbox`` (bytes not parsed yet), ``pending`` (calls
+  of this round, not framed yet), ``queue`` (the tids it was sent and has not
+  answered, in order: the head is the one running), the lease it is bound to (or
+  ``None``), the GPU ids it first loaded a GPU runtime with, and the functions it
+  already holds (``funcs``).
+* ``bound``: how many leases hold a worker (at most ``size``).
+* ``owner`` / ``keys``: tid → the worker that holds the call, and the node key
+  (for messages), while the call is queued or running on a worker.
+* ``connecting``: workers whose channel is not there yet (a Dragon Batch call
+  that has not connected back), by worker id; their outbox waits.
+* ``_funcs``: each function pickled once per run (``id(fn)`` → function id and
+  bytes); a worker is sent a function's bytes only with its first call there.
+
+Policy: ``queue`` puts a call on its lease's worker; ``flush`` ends a round with
+one ``run`` frame per worker. Writes never block: a worker's outbox is written
+when its channel has room (the session's :class:`~.base.Completions` queue
+watches it only while something waits), so a big input can never deadlock
+against a big result. Results are read into completions as they arrive. A
+worker that dies fails the call at the head of its queue (``DIED``) and returns
+the rest (``DROPPED``). ``end_run`` forgets the functions, here and in every
+worker.
+
+Why an object each backend owns: the two backends differ only in how a worker
+starts and is bound to a lease (a child process on pipes, chosen GPU-sticky; a
+Batch call that connects back), how it is killed and how its end is described.
+Those come from the backend: it starts the worker and hands it to
+:meth:`WorkerPool.add`, and the worker's ``proc`` (a :class:`WorkerProcess`)
+kills it and says how it ended. The pool's state is then one object with one
+owner, and neither backend reaches into the other's internals. What is left is
+the protocol methods that only forward to the pool (``submit``, ``flush``,
+``end_lease``, ...); written twice they would be the same lines, so
+:class:`PoolBackend` holds them once: a small base with no state of its own, whose
+subclasses supply :meth:`PoolBackend.bind_worker` and :meth:`PoolBackend.launch`.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import pickle
+import selectors
+import weakref
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+from . import wire
+from .base import DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease
+from ..errors import WorkerDiedError
+from ..graph import FUNCTION, Node
+from ..resources import Inventory, Placement
+
+try:
+    from typing import Protocol
+except ImportError:  # pragma: no cover - Python < 3.8
+    Protocol = object  # type: ignore[assignment]
+
+__all__ = ["PoolBackend", "PythonCall", "Worker", "WorkerPool", "WorkerProcess", "check_argv",
+           "max_workers", "place"]
+
+
+class PythonCall:
+    """An encoded Python call: the function's id and pickled bytes, the pickled arguments
+    (upstream values as slots filled from the call's inputs, see :func:`.wire.dump_args`)."""
+
+    __slots__ = ("fid", "func", "args")
+
+    def __init__(self, fid: int, func: bytes, args: bytes) -> None:
+        self.fid, self.func, self.args = fid, func, args
+
+
+class WorkerProcess(Protocol):
+    """What the pool asks of a worker's process; the backend that starts it supplies it."""
+
+    def kill(self) -> None:
+        """Stop the process and what it started, now (never waits)."""
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """Wait (up to ``timeout`` s) for it to end; never raises."""
+
+    def exit_reason(self, died: bool) -> str:
+        """How a killed (``died``: dead on its own) worker ended, for the error; reaps it."""
+
+
+class Worker:
+    """The driver's view of one worker (see the module docstring for the fields)."""
+
+    __slots__ = ("proc", "task_w", "result_r", "inbox", "outbox", "pending", "queue", "lease",
+                 "place", "gpus", "funcs", "writing", "wid")
+
+    def __init__(self, proc: WorkerProcess, task_w: int = -1, result_r: int = -1,
+                 wid: int = 0) -> None:
+        self.proc = proc
+        self.task_w, self.result_r = task_w, result_r  # -1 until connected
+        self.wid = wid  # its id while it connects back (0: connected from the start)
+        self.inbox = bytearray()
+        self.outbox = bytearray(wire.frame(("path", wire.python_path())))
+        self.pending: List[tuple] = []  # tasks of this round, not yet framed
+        self.queue: Deque[int] = deque()
+        self.lease: Optional[Lease] = None
+        self.place: Optional[tuple] = None  # the bound lease's placement, as the worker takes it
+        self.gpus: Optional[Tuple[int, ...]] = None
+        self.funcs: Set[int] = set()
+        self.writing = False  # its task channel is watched for room
+
+
+def place(p: Placement, pinned: Tuple[int, ...]) -> tuple:
+    """Placement ``p`` as a worker takes it with a task: cores to pin itself to, GPUs, rank."""
+    return (p.host, p.cpus, pinned, p.gpus, p.rank, p.world_size)
+
+
+Receive = Callable[[Worker, List[Completion]], None]
+
+
+class WorkerPool:
+    """The workers of one backend, the leases bound to them and the calls they hold.
+
+    Args:
+        size: most leases bound at once (the backend's ``max_workers``).
+        receive: what reads a worker's results when its channel is readable
+            (default :meth:`receive`; the Dragon backend gathers job ranks first).
+    """
+
+    def __init__(self, size: int, receive: Optional[Receive] = None) -> None:
+        self.size = size
+        self.workers: List[Worker] = []
+        self.bound = 0
+        self.owner: Dict[int, Worker] = {}
+        self.keys: Dict[int, str] = {}
+        self.connecting: Dict[int, Worker] = {}
+        self.hub: Optional[Completions] = None  # the session's completion queue
+        self._receive = receive or self.receive
+        self._dirty: List[Worker] = []
+        self._funcs: Dict[int, Tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, bytes)
+        self._fids = itertools.count(1)  # encode() may run in several submitting threads
+        self._finalizer = weakref.finalize(self, _kill_all, self.workers)
+        atexit.register(self._finalizer)
+
+    # -- joining a session ----------------------------------------------------------
+
+    def attach(self, hub: Optional[Completions]) -> None:
+        """Have ``hub`` watch every worker from now on (``None``: stop watching)."""
+        if hub is None:
+            for w in self.workers:
+                self._unwatch(w)
+        self.hub = hub
+        for w in self.workers:
+            self._watch(w)
+
+    # -- encoding -------------------------------------------------------------------
+
+    def encode(self, node: Any) -> PythonCall:
+        """A Python node's call; raise ``TypeError`` naming what cannot be pickled."""
+        entry = self._funcs.get(id(node.fn))
+        if entry is None:
+            try:
+                data = wire.dump_callable(node.fn)
+            except Exception as exc:
+                raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be "
+                                f"pickled to send to a worker: {exc}") from exc
+            entry = self._funcs[id(node.fn)] = (node.fn, next(self._fids), data)
+        try:
+            args = wire.dump_args(node.args, node.kwargs, node.deps)
+        except Exception as exc:
+            raise unpicklable_argument(node, exc) from exc
+        return PythonCall(entry[1], entry[2], args)
+
+    # -- workers --------------------------------------------------------------------
+
+    def add(self, w: Worker) -> Worker:
+        """Take a started worker: a connected one is watched and sent its first frame;
+        one with a ``wid`` waits in ``connecting`` for :meth:`connected`."""
+        self.workers.append(w)
+        if w.task_w < 0:
+            self.connecting[w.wid] = w
+        else:
+            self._watch(w)
+            self.send(w)
+        return w
+
+    def connected(self, w: Worker, result_r: int, task_w: int) -> None:
+        """Worker ``w`` connected back: watch its channel and send what waited."""
+        del self.connecting[w.wid]
+        w.result_r, w.task_w = result_r, task_w
+        self._watch(w)
+        self.send(w)
+
+    def idle(self) -> List[Worker]:
+        """The workers bound to no lease and holding no call."""
+        return [w for w in self.workers if w.lease is None and not w.queue]
+
+    def bind(self, lease: Lease, w: Worker, pinned: Tuple[int, ...]) -> Worker:
+        """Bind ``w`` to ``lease``; its calls run pinned to ``pinned`` cores."""
+        w.lease = lease
+        w.place = place(lease.placement, pinned)
+        lease.executor = w
+        self.bound += 1
+        return w
+
+    def slots_free(self) -> int:
+        return self.size - self.bound
+
+    # -- calls ----------------------------------------------------------------------
+
+    def queue(self, tid: int, key: str, call: PythonCall, inputs: Any, w: Worker) -> None:
+        """Queue call ``tid`` on worker ``w``; it is sent at the next :meth:`flush`."""
+        func = None if call.fid in w.funcs else call.func
+        w.funcs.add(call.fid)
+        if not w.pending:
+            self._dirty.append(w)
+        w.pending.append((tid, call.fid, func, call.args, inputs, w.place))
+        w.queue.append(tid)
+        self.owner[tid] = w
+        self.keys[tid] = key
+
+    def flush(self) -> None:
+        """End a round: one ``run`` frame per worker that was queued calls."""
+        for w in self._dirty:
+            if w.pending:
+                w.outbox += wire.frame(("run", w.pending))
+                w.pending = []
+                self.send(w)
+        self._dirty.clear()
+
+    def drop_queued(self) -> None:
+        """Have every worker return its calls behind the running one (``DROPPED``)."""
+        self.flush()
+        for w in self.workers:
+            if len(w.queue) > 1:
+                w.outbox += wire.frame(("drop",))
+                self.send(w)
+
+    def kill(self, tid: int) -> None:
+        """Stop call ``tid`` now (its worker is killed, the calls behind it ``DROPPED``),
+        then report it ``KILLED``."""
+        w = self.owner.pop(tid, None)
+        self.keys.pop(tid, None)
+        if w is not None:
+            w.queue.remove(tid)
+            self.retire(w, DROPPED)  # reaped before it returns
+        self.hub.post((tid, KILLED, None, 0.0))
+
+    def end_lease(self, lease: Lease) -> Optional[Worker]:
+        """Unbind the worker of ``lease`` (returned, if any) so another lease may take it."""
+        w = lease.executor
+        lease.executor = None
+        if w is not None:
+            w.lease = None
+            self.bound -= 1
+        return w
+
+    def end_run(self) -> None:
+        """Forget every function, here and in every worker."""
+        self._funcs.clear()
+        for w in self.workers:
+            w.funcs.clear()
+            w.outbox += wire.frame(("forget",))
+            self.send(w)
+
+    # -- the channels -------------------------------------------------------------------
+
+    def send(self, w: Worker) -> None:
+        """Write what ``w``'s channel takes now; watch it for room while more waits."""
+        if w.task_w < 0:
+            return  # not connected yet: the outbox waits
+        if w.outbox:
+            try:
+                n = os.write(w.task_w, w.outbox)
+                del w.outbox[:n]
+            except BlockingIOError:
+                pass
+            except OSError:  # the worker is gone; its EOF will be seen on the result channel
+                w.outbox.clear()
+        want = bool(w.outbox)
+        if want != w.writing and self.hub is not None:
+            w.writing = want
+            if want:
+                self.hub.watch(w.task_w, selectors.EVENT_WRITE, lambda mask, out, w=w: self.send(w))
+            else:
+                self.hub.unwatch(w.task_w)
+
+    @staticmethod
+    def read(w: Worker) -> Optional[List[Tuple[int, int, float, bytes]]]:
+        """The complete results worker ``w`` has sent, or ``None`` at EOF (it died)."""
+        try:
+            data = os.read(w.result_r, 1 << 20)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        w.inbox += data
+        return wire.split_results(w.inbox)
+
+    def receive(self, w: Worker, out: List[Completion]) -> None:
+        """Turn the results ``w`` sent into completions; retire it at EOF."""
+        results = self.read(w)
+        if results is None:
+            self.retire(w, DIED)
+            return
+        keys = self.keys
+        for status, tid, seconds, payload in results:
+            if status & wire.GPU_RUNTIME:
+                status &= ~wire.GPU_RUNTIME
+                if w.gpus is None and w.lease is not None:
+                    w.gpus = w.lease.placement.gpus
+            w.queue.popleft()
+            self.owner.pop(tid, None)
+            key = keys.pop(tid, "?")
+            if status == wire.OK:
+                out.append((tid, OK, payload, seconds))
+            elif status == wire.ERROR:
+                out.append((tid, ERROR, wire.load_error(payload, key), seconds))
+            else:
+                out.append((tid, DROPPED, None, 0.0))
+
+    # -- ending workers -----------------------------------------------------------------
+
+    def retire(self, w: Worker, status: Optional[str]) -> None:
+        """Kill worker ``w``; report its queue (head ``DIED``, rest ``DROPPED``) if asked."""
+        w.proc.kill()
+        reason = w.proc.exit_reason(status == DIED)
+        self.detach(w)
+        if w.lease is not None:
+            self.end_lease(w.lease)
+        if status is None:
+            return
+        for i, tid in enumerate(w.queue):
+            self.owner.pop(tid, None)
+            key = self.keys.pop(tid, "?")
+            if i == 0 and status == DIED:
+                exc = WorkerDiedError(f"the worker process running node {key!r} died ({reason})")
+                self.hub.post((tid, DIED, wire.attach(exc, "", key), 0.0))
+            else:
+                self.hub.post((tid, DROPPED, None, 0.0))
+        w.queue.clear()
+
+    def detach(self, w: Worker) -> None:
+        """Stop watching worker ``w``, close its channel and forget it."""
+        if w.wid:
+            self.connecting.pop(w.wid, None)
+        self._unwatch(w)
+        _close(w.result_r)
+        _close(w.task_w)
+        w.result_r = w.task_w = -1
+        if w in self.workers:
+            self.workers.remove(w)
+
+    def abort(self) -> None:
+        """Kill every worker now, reporting nothing; forget every call."""
+        for w in list(self.workers):
+            self.retire(w, None)
+        self.reset()
+
+    def close(self, grace: float) -> None:
+        """Stop every worker: EOF on its channel, then killed after ``grace`` s."""
+        for w in self.workers:
+            _close(w.task_w)
+        for w in list(self.workers):
+            w.proc.wait(timeout=grace)
+            self.retire(w, None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every call (their workers are gone)."""
+        self.owner.clear()
+        self.keys.clear()
+        self.connecting.clear()
+        self._dirty.clear()
+        self.bound = 0
+
+    def _watch(self, w: Worker) -> None:
+        if self.hub is not None and w.result_r >= 0:
+            self.hub.watch(w.result_r, selectors.EVENT_READ,
+                           lambda mask, out, w=w: self._receive(w, out))
+
+    def _unwatch(self, w: Worker) -> None:
+        if self.hub is not None and w.result_r >= 0:
+            self.hub.unwatch(w.result_r)
+            if w.writing:
+                self.hub.unwatch(w.task_w)
+        w.writing = False
+
+
+class PoolBackend:
+    """The backend protocol (see :mod:`.base`) for a backend whose Python calls run on
+    a :class:`WorkerPool`: every method that forwards to ``self.pool``.
+
+    A subclass sets ``pool`` and ``name`` and supplies :meth:`bind_worker` and
+    :meth:`launch`; it extends ``attach``, ``kill``, ``end_lease`` and ``end_run``
+    for what it holds beyond the pool (and calls these).
+    """
+
+    pool: WorkerPool
+    name: str
+
+    def bind_worker(self, call: Any) -> Worker:
+        """A worker for ``call.lease``, which has none yet (started or reused), bound to it."""
+        raise NotImplementedError
+
+    def launch(self, call: Any) -> None:
+        """Start a call under no lease (executables, multi-rank nodes) on processes of its own."""
+        raise NotImplementedError
+
+    def attach(self, completions: Optional[Completions]) -> None:
+        """Post every completion to ``completions`` (the session's queue) from now on;
+        ``None``: leave the session."""
+        if completions is not None and self.pool.hub is not None:
+            raise RuntimeError(f"backend {self.name!r} already belongs to a session; close "
+                               "that session first, or make another backend")
+        self.pool.attach(completions)
+
+    def uses_lease(self, node: Any) -> bool:
+        """Python nodes with one rank run on pool workers, under leases."""
+        return node.kind == FUNCTION and node.opts.resources.ranks == 1
+
+    def admit(self, node: Any, prepared: Any) -> bool:
+        """Every node's needs are its placements: nothing else to take."""
+        return True
+
+    def release_idle(self) -> bool:
+        """Nothing is held beyond running calls."""
+        return False
+
+    def decode(self, payload: bytes) -> Any:
+        return pickle.loads(payload)
+
+    def slots_free(self) -> int:
+        return self.pool.slots_free()
+
+    def submit(self, call: Any) -> None:
+        """Queue a leased call on its lease's worker (binding one first); launch the rest."""
+        lease = call.lease
+        if lease is None:
+            self.launch(call)
+        else:
+            w = lease.executor or self.bind_worker(call)
+            self.pool.queue(call.tid, call.node.key, call.prepared, call.inputs, w)
+
+    def flush(self) -> None:
+        self.pool.flush()
+
+    def drop_queued(self) -> None:
+        self.pool.drop_queued()
+
+    def kill(self, tid: int) -> None:
+        """Stop pool call ``tid`` (see :meth:`WorkerPool.kill`)."""
+        self.pool.kill(tid)
+
+    def end_lease(self, lease: Lease) -> None:
+        self.pool.end_lease(lease)
+
+    def end_run(self) -> None:
+        self.pool.end_run()
+
+    def close_session(self) -> None:
+        """Close the session this backend belongs to, if any (which detaches it)."""
+        hub = self.pool.hub
+        if hub is not None and hub.closer is not None:
+            hub.closer()
+
+    def __enter__(self) -> Any:
+        return self
+
+
+def max_workers(workers: Optional[int], inventory: Inventory, who: str) -> int:
+    """A backend's ``workers=``, checked (default: every core of its inventory)."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"{who}: workers must be an integer >= 1, got {workers!r}")
+    return workers or inventory.total_cpus
+
+
+def check_argv(node: Any) -> None:
+    """Refuse an executable node whose argv holds what cannot become text."""
+    for arg in node.fn.argv:
+        if not isinstance(arg, (str, bytes, int, float, os.PathLike)) and not isinstance(arg, Node):
+            raise TypeError(f"node {node.key!r}: executable arguments must be text, "
+                            f"numbers, paths or nodes; got {arg!r}")
+
+
+def unpicklable_argument(node: Any, exc: Exception) -> TypeError:
+    """Name the argument of ``node`` that cannot be pickled."""
+    named = [(f"argument {i}", a) for i, a in enumerate(node.args)]
+    named += [(f"keyword {k!r}", v) for k, v in node.kwargs.items()]
+    for label, value in named:
+        try:
+            wire.dump_args((value,), {}, node.deps)
+        except Exception as inner:
+            return TypeError(f"node {node.key!r}: {label} {value!r:.80} cannot be pickled to "
+                             f"send to a worker: {inner}")
+    return TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}")
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _kill_all(workers: List[Worker]) -> None:
+    """At exit, or when the pool is collected: kill every worker still there."""
+    for w in list(workers):
+        w.proc.kill()
+        w.proc.wait(timeout=5)
