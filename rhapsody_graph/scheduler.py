@@ -44,7 +44,11 @@ submission, and its dependents wake as for any completion; a record with ``saved
 writes its value to the journal when it is done (failures never are).
 
 Failure: a node that raises is retried up to ``retries`` times on a fresh
-placement; then it and everything downstream fail with its exception. Then, by
+placement (only for the exception types of ``retry_on``, when given), each retry
+``backoff * 2**k`` seconds after the failure; an infrastructure failure (its worker
+or ranks died, its program was killed by a signal, 137 or 143) is retried too, at
+least ``INFRASTRUCTURE_RETRIES`` times. Then it and everything downstream fail with
+its exception. Then, by
 the group's ``on_error``: ``WAIT`` (``compute()``'s default) starts nothing more of
 the group while its running nodes finish; ``RAISE`` also kills its running nodes, so
 the group ends at once; ``FINISH`` and ``CONTINUE`` run everything that does not
@@ -62,8 +66,8 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from .backends.base import DROPPED, KILLED, OK, Call, Completions, Lease
-from .errors import NodeTimeoutError, add_note
+from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
+from .errors import ExecutableError, NodeTimeoutError, add_note
 from .futures import Where
 
 __all__ = ["Scheduler", "Task", "Group"]
@@ -77,6 +81,7 @@ ENDED = (DONE, FAILED, CANCELLED)
 #: everything that does not depend on the failure, then raise (FINISH); or that, and
 #: return the exceptions in place of the values (CONTINUE)
 RAISE, WAIT, FINISH, CONTINUE = "raise", "wait", "finish", "continue"
+INFRASTRUCTURE_RETRIES = 1  # a node whose process died or was killed runs again this often
 ON_ERROR = (RAISE, WAIT, CONTINUE)  # the names compute(on_error=) takes
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
@@ -535,7 +540,7 @@ class Scheduler:
             else:
                 self._push(t)
         else:
-            self._fail(t, payload)
+            self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload))
 
     def _release(self, attempt: Attempt) -> None:
         lane = attempt.task.lane
@@ -606,16 +611,25 @@ class Scheduler:
         if not group.live and group.ended is not None:
             self.ended.append(group)
 
-    def _fail(self, t: Task, exc: BaseException, final: bool = False) -> None:
+    def _fail(self, t: Task, exc: BaseException, final: bool = False,
+              infrastructure: bool = False) -> None:
         node = t.node
         if not final:
             t.failures += 1
-            if t.failures <= node.opts.retries and not t.group.stopping:
-                self._push(t)
+            opts = node.opts
+            if infrastructure:  # its process died or was killed: retried by default
+                allowed = max(opts.retries, INFRASTRUCTURE_RETRIES)
+            elif opts.retry_on is None or isinstance(exc, opts.retry_on):
+                allowed = opts.retries
+            else:
+                allowed = 0
+            if t.failures <= allowed and not t.group.stopping:
+                self._retry(t)
                 return
-            if node.opts.retries:
+            if t.failures > 1:
+                why = "; its process died or was killed" if infrastructure else ""
                 add_note(exc, f"node {node.key!r} failed {t.failures} times "
-                              f"(retries={node.opts.retries})")
+                              f"(retries={opts.retries}{why})")
         dependents = t.dependents
         self._mark_failed(t, exc)
         group = t.group
@@ -627,6 +641,20 @@ class Scheduler:
             add_note(exc, f"{skipped} node(s) depending on {node.key!r} did not run")
         if group.on_error in (RAISE, WAIT) and not group.stopping:
             self._stop(group)
+
+    def _retry(self, t: Task) -> None:
+        """Ready ``t`` again: now, or after its backoff (``backoff * 2**(failures - 1)``
+        seconds, a timer of the completion queue: nothing sleeps)."""
+        delay = t.node.opts.backoff * 2 ** (t.failures - 1)
+        if not delay:
+            self._push(t)
+            return
+        t.state = READY  # not on a heap until the timer: cancel() sees it as ready
+
+        def due(out: List[Any]) -> None:
+            if t.state == READY:
+                self._push(t)
+        self.completions.call_at(time.monotonic() + delay, due)
 
     def _end_downstream(self, dependents: Sequence[Task], exc: Optional[BaseException]) -> int:
         """Fail (``exc``) or cancel (``None``) everything downstream; return how many."""
@@ -730,3 +758,11 @@ class Scheduler:
 def _live(refs: Optional[List[Any]]) -> List[Any]:
     """The futures still alive among weak references ``refs``."""
     return [f for f in (r() for r in refs or ()) if f is not None]
+
+
+def _killed_program(exc: Any) -> bool:
+    """Whether an executable's failure is its process being killed (a signal, the OOM
+    killer's 137, a batch system's 143), not its own error."""
+    code = getattr(exc, "returncode", None)
+    return (isinstance(exc, ExecutableError) and isinstance(code, int)
+            and (code < 0 or code in (128 + 9, 128 + 15)))

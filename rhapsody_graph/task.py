@@ -12,7 +12,7 @@ Resources(cpus=2, gpus=1, placement='host_name')
 >>> simulate.options(cpu=2)
 Traceback (most recent call last):
 ...
-TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, cpu_affinity, cpus, distribution, gpu, gpu_affinity, gpus, host, host_id, memory, name, placement, policy, process_template, process_templates, ranks, retries, timeout, version
+TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options: backend, backoff, cpu_affinity, cpus, distribution, gpu, gpu_affinity, gpus, host, host_id, memory, name, placement, policy, process_template, process_templates, ranks, retries, retry_on, timeout, version
 """
 from __future__ import annotations
 
@@ -63,6 +63,27 @@ def _seconds(who: str, name: str, value: Any) -> Optional[float]:
     if not 0 < value < math.inf:
         raise ValueError(f"{who}: option {name!r} must be a finite number of seconds > 0, "
                          f"got {value!r} (leave it out for no timeout)")
+    return float(value)
+
+
+def _exception_types(who: str, name: str, value: Any) -> Optional[Tuple[type, ...]]:
+    """An exception class or a tuple of them (``None``: any exception)."""
+    if value is None:
+        return None
+    types_ = value if isinstance(value, tuple) else (value,)
+    if not types_ or not all(isinstance(t, type) and issubclass(t, BaseException)
+                             for t in types_):
+        raise TypeError(f"{who}: option {name!r} must be an exception class or a tuple of "
+                        f"them, got {value!r}")
+    return types_
+
+
+def _backoff(who: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {value!r}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{who}: option {name!r} must be a finite number of seconds >= 0, "
+                         f"got {value!r}")
     return float(value)
 
 
@@ -163,6 +184,8 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "memory": _memory,
     "timeout": _seconds,
     "retries": _count(0),
+    "retry_on": _exception_types,  # the node's own exceptions that are retried (default: any)
+    "backoff": _backoff,  # seconds before the first retry, doubling for each next one
     "name": _text,
     "backend": _backend,
     "distribution": _distribution,
@@ -177,7 +200,7 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "version": _text,  # part of the journal key (see rhapsody_graph.journal)
 }
 DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
-                            "retries": 0, "backend": None, "distribution": "block",
+                            "retries": 0, "retry_on": None, "backoff": 0.0, "backend": None, "distribution": "block",
                             "host": None, "host_id": None, "policy": None,
                             "process_template": None, "process_templates": None}
 PINNING = ("cpus", "gpus", "host", "host_id", "cpu_affinity", "gpu_affinity", "policy",
@@ -220,7 +243,8 @@ def _merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> Dict[str, Any]:
 class Options:
     """The validated options of a task: resources plus run policy."""
 
-    __slots__ = ("values", "resources", "timeout", "retries", "name", "backend", "qualname",
+    __slots__ = ("values", "resources", "timeout", "retries", "retry_on", "backoff", "name",
+                 "backend", "qualname",
                  "policy", "template", "templates", "custom_process")
 
     def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
@@ -240,6 +264,8 @@ class Options:
                                    and self.templates is None)
         self.timeout: Optional[float] = merged["timeout"]
         self.retries: int = merged["retries"]
+        self.retry_on: Optional[Tuple[type, ...]] = merged["retry_on"]
+        self.backoff: float = merged["backoff"]
         self.backend: Optional[str] = merged["backend"]
         self.name: str = values.get("name", name)
         self.qualname = qualname

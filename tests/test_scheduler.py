@@ -143,6 +143,11 @@ def die_first(path, how):
     return n, os.getpid()
 
 
+def die_always(path, how):
+    count_attempt(path)
+    die(how)
+
+
 def broken(x):
     raise KeyError(f"broken input {x}")  # <- the remote source line
 
@@ -330,17 +335,17 @@ def test_worker_death_fails_its_node_and_independent_nodes_complete_on_a_replace
         how, tmp_path):
     count = tmp_path / "attempts"
     with rhapsody.LocalBackend(cpus=1) as b:  # one worker: the others must use a new one
-        bad = rhapsody.task(die_first)(str(count), how)
+        bad = rhapsody.task(die_always)(str(count), how)
         others = [rhapsody.task(record_pid)(str(tmp_path / f"other{i}")) for i in range(6)]
         with pytest.raises(rhapsody.WorkerDiedError) as info:
             rhapsody.compute(bad, others, backend=b, fail_fast=False)
         message = str(info.value)
         assert "worker" in message and "died" in message and DEATHS[how] in message
-        assert bad.key in message
-        [dead] = read_pids(count)
-        assert not alive(dead)
+        assert bad.key in message and "failed 2 times" in "".join(info.value.__notes__)
+        dead = read_pids(count)  # an infrastructure failure is retried once by default
+        assert len(dead) == 2 and not [p for p in dead if alive(p)]
         ran_on = {read_pids(tmp_path / f"other{i}")[0] for i in range(6)}
-        assert dead not in ran_on
+        assert not ran_on & set(dead)
         # the replacement is a working pool worker
         assert rhapsody.task(whoami)().compute(backend=b) != dead
 
@@ -604,3 +609,50 @@ def test_on_error_continue_returns_what_succeeded_and_the_exceptions_in_place(ba
 def test_a_bad_on_error_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="on_error must be one of 'raise', 'wait', 'continue'"):
         rhapsody.compute(rhapsody.task(add)(1, 2), on_error="ignore")
+
+
+def fail_with(path, kind):
+    """Raise ``kind`` on the first two attempts; return the attempt count then."""
+    n = count_attempt(path)
+    if n <= 2:
+        raise {"value": ValueError, "key": KeyError}[kind](f"attempt {n}")
+    return n
+
+
+def test_retry_on_retries_only_the_named_exceptions(backend, tmp_path):
+    retried = rhapsody.task(retries=3, retry_on=ValueError)(fail_with)(str(tmp_path / "a"), "value")
+    assert retried.compute(backend=backend) == 3
+    not_retried = rhapsody.task(retries=3, retry_on=(ValueError,))(fail_with)(
+        str(tmp_path / "b"), "key")
+    with pytest.raises(KeyError, match="attempt 1"):
+        not_retried.compute(backend=backend)
+    assert len(lines(tmp_path / "b")) == 1
+
+
+def test_backoff_waits_before_each_retry_without_holding_the_scheduler(backend, tmp_path):
+    node = rhapsody.task(retries=2, backoff=0.5)(fail_with)(str(tmp_path / "c"), "value")
+    other = rhapsody.task(add)(1, 2)
+    start = time.monotonic()
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
+        slow, fast = s.submit(node, other)
+        assert fast.result(timeout=30) == 3 and not slow.done()  # others run meanwhile
+        assert slow.result(timeout=30) == 3
+    assert time.monotonic() - start >= 0.5 + 1.0  # 0.5 s, then 1 s
+
+
+def test_a_killed_program_is_retried_as_an_infrastructure_failure(backend, tmp_path):
+    count = tmp_path / "count"
+    program = rhapsody.executable(
+        ["sh", "-c", f'echo x >> {count}; [ $(wc -l < {count}) -ge 2 ] || kill -9 $$; echo ok'])
+    assert program.compute(backend=backend).stdout == "ok\n"
+    own_error = rhapsody.executable(["sh", "-c", f"echo x >> {tmp_path / 'own'}; exit 3"])
+    with pytest.raises(rhapsody.ExecutableError):
+        own_error.compute(backend=backend)
+    assert len(lines(tmp_path / "own")) == 1  # its own error: not retried without retries=
+
+
+def test_bad_retry_options_are_refused_where_written():
+    with pytest.raises(TypeError, match="'retry_on' must be an exception class"):
+        rhapsody.task(retry_on="ValueError")(add)
+    with pytest.raises(ValueError, match="'backoff' must be a finite number of seconds >= 0"):
+        rhapsody.task(backoff=-1)(add)
