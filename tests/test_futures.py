@@ -77,7 +77,8 @@ def test_as_completed_takes_other_futures_too_and_a_timeout_leaves_no_waiter_beh
     with cf.ThreadPoolExecutor(1) as pool:
         other = pool.submit(inc, 1)
         fast = session.submit(rhapsody.task(inc)(2))
-        seen = []
+        assert fast.result(timeout=60) == 3 and other.result(timeout=60) == 2  # done first:
+        seen = []  # the timeout below then only ever meets the slow one, however busy the box
         with pytest.raises(TimeoutError, match=r"1 \(of 3\) futures unfinished"):
             for f in rhapsody.as_completed([slow, other, fast, fast], timeout=2):
                 seen.append(f.result())

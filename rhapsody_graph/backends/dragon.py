@@ -171,6 +171,12 @@ class _BatchProc:
             return self.reason
         return describe_exit(self.wait(timeout=2.0))
 
+    def exit_fd(self) -> int:
+        return -1  # a Batch call, maybe on another host: its socket's end tells
+
+    def close(self) -> None:
+        pass
+
 
 class _Job:
     """The ranks of one node (or one executable): values gathered as they arrive."""

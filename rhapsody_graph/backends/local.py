@@ -39,10 +39,14 @@ __all__ = ["LocalBackend"]
 class _Process:
     """A worker's child process, as the pool kills and describes it."""
 
-    __slots__ = ("popen",)
+    __slots__ = ("popen", "pidfd")
 
     def __init__(self, popen: subprocess.Popen) -> None:
         self.popen = popen
+        self.pidfd = os.pidfd_open(popen.pid)  # readable once it has ended
+
+    def exit_fd(self) -> int:
+        return self.pidfd
 
     def kill(self) -> None:
         kill_tree(self.popen)  # started in a session of its own: its programs die too
@@ -59,6 +63,11 @@ class _Process:
         code = self.popen.wait()
         watchdog.release(self.popen)
         return describe_exit(code)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class LocalBackend(PoolBackend):

@@ -90,6 +90,14 @@ class WorkerProcess(Protocol):
     def exit_reason(self, died: bool) -> str:
         """How a killed (``died``: dead on its own) worker ended, for the error; reaps it."""
 
+    def exit_fd(self) -> int:
+        """A file descriptor readable once the process has ended (a pidfd), or -1 where
+        there is none (a remote process): the pool then learns of a death from its
+        channel closing, which a child the worker forked can delay."""
+
+    def close(self) -> None:
+        """Release what watching it took (its pidfd); the pool no longer watches it."""
+
 
 class Worker:
     """The driver's view of one worker (see the module docstring for the fields)."""
@@ -348,6 +356,7 @@ class WorkerPool:
         if w.wid:
             self.connecting.pop(w.wid, None)
         self._unwatch(w)
+        w.proc.close()
         _close(w.result_r)
         _close(w.task_w)
         w.result_r = w.task_w = -1
@@ -381,12 +390,26 @@ class WorkerPool:
         if self.hub is not None and w.result_r >= 0:
             self.hub.watch(w.result_r, selectors.EVENT_READ,
                            lambda mask, out, w=w: self._receive(w, out))
+            exited = w.proc.exit_fd()
+            if exited >= 0:  # a death is seen at once, also while a child holds the pipe
+                self.hub.watch(exited, selectors.EVENT_READ,
+                               lambda mask, out, w=w: self._exited(w, out))
+
+    def _exited(self, w: Worker, out: List[Completion]) -> None:
+        """Worker ``w``'s process has ended: take the results it sent, then retire it."""
+        if w in self.workers and w.result_r >= 0:
+            self._receive(w, out)  # results written before it died; retires it at EOF
+        if w in self.workers and w.result_r >= 0:
+            self.retire(w, DIED)
 
     def _unwatch(self, w: Worker) -> None:
         if self.hub is not None and w.result_r >= 0:
             self.hub.unwatch(w.result_r)
             if w.writing:
                 self.hub.unwatch(w.task_w)
+            exited = w.proc.exit_fd()
+            if exited >= 0:
+                self.hub.unwatch(exited)
         w.writing = False
 
 

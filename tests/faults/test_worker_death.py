@@ -1,0 +1,30 @@
+"""A worker's death is noticed by its exit, not by its pipe closing: a child it forked
+that still holds the pipe must not delay (or, if it never exits, hang) the run."""
+import os
+import signal
+import subprocess
+
+import pytest
+
+import rhapsody_graph as rhapsody
+
+from ..test_scheduler import still_alive
+
+
+def fork_and_die(path):
+    child = subprocess.Popen(["sleep", "600"])  # inherits the worker's pipes
+    with open(path, "a") as f:
+        f.write(f"{child.pid}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)  # a death seen only when the pipe closes would wait 600 s
+def test_a_worker_killed_while_its_child_holds_the_pipe_fails_its_node_at_once(tmp_path):
+    path = tmp_path / "children"
+    with rhapsody.LocalBackend(cpus=1) as backend:
+        with pytest.raises(rhapsody.WorkerDiedError, match="killed by SIGKILL"):
+            rhapsody.task(fork_and_die)(str(path)).compute(backend=backend)
+        assert rhapsody.task(abs)(-3).compute(backend=backend) == 3  # a fresh worker
+        assert backend.ledger.idle()
+    children = [int(p) for p in path.read_text().split()]
+    assert not still_alive(children, 10), "the dead worker's children outlived it"
