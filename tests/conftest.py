@@ -7,8 +7,15 @@ import rhapsody_graph as rhapsody
 
 
 def child_pids(pid: int = None) -> set:
-    """Live descendants of ``pid`` (default: this process), from /proc."""
-    pid = pid or os.getpid()
+    """Live descendants of ``pid`` (default: this process, less its watchdog: one per
+    driver, for the driver's life), from /proc."""
+    if pid is None:
+        from rhapsody_graph.backends.watchdog import watchdog_pid
+        return _descendants(os.getpid()) - {watchdog_pid()}
+    return _descendants(pid)
+
+
+def _descendants(pid: int) -> set:
     found, todo = set(), [pid]
     while todo:
         p = todo.pop()

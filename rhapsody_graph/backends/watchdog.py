@@ -42,7 +42,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
-__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked"]
+__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "watchdog_pid"]
 
 MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
 GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
@@ -104,7 +104,7 @@ for _ in range(3):
 
 _lock = threading.Lock()
 _groups = itertools.count(1)
-_state: Dict[str, object] = {}  # "pid": the driver that started it, "fd", "token"
+_state: Dict[str, object] = {}  # "pid": the driver that started it, "fd", "token", "child"
 
 
 def _token() -> str:
@@ -115,7 +115,7 @@ def _token() -> str:
             read, write = os.pipe()
             os.set_inheritable(read, True)
             try:  # posix_spawn, not Popen: nothing to reap or warn about while we live
-                os.posix_spawn(sys.executable,
+                child = os.posix_spawn(sys.executable,
                                [sys.executable, "-S", "-c", WATCHDOG, str(read), f"{MARKER}={token}"],
                                {k: v for k, v in os.environ.items() if k not in (MARKER, GROUP)},
                                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
@@ -123,8 +123,14 @@ def _token() -> str:
             finally:
                 os.close(read)
             os.set_inheritable(write, False)
-            _state.update(pid=os.getpid(), fd=write, token=token)
+            _state.update(pid=os.getpid(), fd=write, token=token, child=child)
         return _state["token"]  # type: ignore[return-value]
+
+
+def watchdog_pid() -> Optional[int]:
+    """The pid of this driver's watchdog, if it has started one (it lives as long as
+    the driver: a child that is meant to be there)."""
+    return _state.get("child") if _state.get("pid") == os.getpid() else None  # type: ignore[return-value]
 
 
 def marked(env: Dict[str, str]) -> Dict[str, str]:
