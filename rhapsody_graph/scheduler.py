@@ -93,7 +93,7 @@ class Task:
         self.node, self.lane, self.prepared, self.group = node, lane, prepared, group
         self.backend = lane.backend
         self.prio = next(_priorities)
-        self.leased = lane.backend.uses_lease(node)
+        self.leased = lane.backend.uses_lease(prepared)
         self.state = PENDING
         self.deps = deps  # upstream records, in the order of node.deps; () once ended
         self.dependents: List[Task] = []  # records waiting on this one; () once ended
@@ -366,7 +366,7 @@ class Scheduler:
             if t.state != READY:
                 continue  # cancelled or failed while it waited
             res = t.node.opts.resources
-            if not backend.admit(t.node, t.prepared):
+            if not backend.admit(t.prepared):
                 deferred.append(item)  # its service does not fit now
                 continue
             placements = None if res.key in blocked else backend.ledger.allocate_ranks(res)
@@ -447,10 +447,11 @@ class Scheduler:
         lane = t.lane
         lane.used = True
         node = t.node
-        lane.backend.submit(Call(tid, node, t.prepared, [d.payload for d in t.deps],
-                                 placements, lease))
-        if node.opts.timeout is not None:
-            heapq.heappush(self.deadlines, (time.monotonic() + node.opts.timeout, tid))
+        timeout = node.opts.timeout
+        lane.backend.submit(Call(tid, node.key, t.prepared, [d.payload for d in t.deps],
+                                 placements, lease, timeout))
+        if timeout is not None:
+            heapq.heappush(self.deadlines, (time.monotonic() + timeout, tid))
         if t.futures:
             for fut in _live(t.futures):
                 fut._start()
