@@ -121,7 +121,7 @@ class Task:
         self.node, self.lane, self.prepared, self.group = node, lane, prepared, group
         self.backend = lane.backend
         self.prio = next(_priorities)
-        self.leased = lane.backend.uses_lease(node)
+        self.leased = lane.backend.uses_lease(prepared)
         self.state = PENDING
         self.deps = deps  # upstream records, in the order of node.deps; () once ended
         # records waiting on this one: () until the first, () again once ended
@@ -426,7 +426,7 @@ class Scheduler:
             if t.state != READY:
                 continue  # cancelled or failed while it waited
             res = t.node.opts.resources
-            if not backend.admit(t.node, t.prepared):
+            if not backend.admit(t.prepared):
                 deferred.append(item)  # its service does not fit now
                 continue
             placements = None if res.key in blocked else backend.ledger.allocate_ranks(res)
@@ -507,10 +507,11 @@ class Scheduler:
         lane = t.lane
         lane.used = True
         node = t.node
+        timeout = node.opts.timeout
         inputs = [d.payload for d in t.deps] if t.deps else []
-        lane.backend.submit(Call(tid, node, t.prepared, inputs, placements, lease))
-        if node.opts.timeout is not None:
-            heapq.heappush(self.deadlines, (time.monotonic() + node.opts.timeout, tid))
+        lane.backend.submit(Call(tid, node.key, t.prepared, inputs, placements, lease, timeout))
+        if timeout is not None:
+            heapq.heappush(self.deadlines, (time.monotonic() + timeout, tid))
         if t.futures:
             for ref in t.futures:
                 fut = ref()

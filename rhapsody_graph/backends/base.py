@@ -6,15 +6,24 @@ the session's one :class:`Completions` queue. No backend owns the loop: the
 session's scheduler thread sleeps in :meth:`Completions.wait`, which watches
 every backend's file descriptors and takes what their threads post.
 
-One line of contract per method (the scheduler calls them all from its thread):
+A backend never sees a graph node after ``prepare``: the session asks ``accepts``
+and ``prepare`` of each node (routing and encoding, possibly in a submitting
+thread), and from then on the scheduler hands the backend only what ``prepare``
+returned (its own self-contained record: key, kind, the options it needs, the
+encoded callable and arguments, each upstream value a slot) and flat
+:class:`Call` s: that record, the upstream values' bytes that fill its slots
+(in the order of the node's ``deps``), the placements, the lease and the timeout.
+
+One line of contract per method (the scheduler calls them all from its thread,
+except ``accepts`` and ``prepare``, which the session calls):
 
 * ``attach(completions)``: join a session (``None``: leave it); post every completion there.
 * ``kinds``: the node kinds it runs (``function``, ``executable``, ``ranks``, ``ai``).
 * ``accepts(node)``: whether it can run this node's options (routing asks it).
-* ``prepare(node)``: encode the call, or raise ``TypeError``/``ValueError`` naming the node.
-* ``uses_lease(node)``: True if the node runs under a :class:`Lease` on a pool executor.
+* ``prepare(node)``: the node's record, or raise ``TypeError``/``ValueError`` naming the node.
+* ``uses_lease(prepared)``: True if the call runs under a :class:`Lease` on a pool executor.
 * ``slots_free()``: how many more leases can be started now.
-* ``admit(node, prepared)``: take what the node needs beyond its placements (an AI
+* ``admit(prepared)``: take what the call needs beyond its placements (an AI
   node's inference service), or answer False: the node waits.
 * ``release_idle()``: free what admissions hold for no running call; True if it freed any.
 * ``submit(call)``: start (or queue on its lease) one call; ``flush()`` ends a round.
@@ -160,14 +169,23 @@ class Lease:
 
 
 class Call:
-    """One submission: node ``tid`` with its encoded form, inputs and placements."""
+    """One submission, flat: no graph node in it.
 
-    __slots__ = ("tid", "node", "prepared", "inputs", "placements", "lease")
+    ``tid`` (the scheduler's id of this attempt), ``key`` (the node's, for messages),
+    ``prepared`` (what the backend's ``prepare`` returned), ``inputs`` (the upstream
+    values' bytes, filling the record's slots in order), ``placements`` (one per
+    rank), ``lease`` (``None``: the call runs on processes of its own) and
+    ``timeout`` (seconds, or ``None``; the scheduler enforces it with ``kill``, a
+    backend may pass it on as well).
+    """
 
-    def __init__(self, tid: int, node: Any, prepared: Any, inputs: Sequence[bytes],
-                 placements: List[Placement], lease: Optional[Lease]) -> None:
-        self.tid, self.node, self.prepared = tid, node, prepared
-        self.inputs, self.placements, self.lease = inputs, placements, lease
+    __slots__ = ("tid", "key", "prepared", "inputs", "placements", "lease", "timeout")
+
+    def __init__(self, tid: int, key: str, prepared: Any, inputs: Sequence[bytes],
+                 placements: List[Placement], lease: Optional[Lease],
+                 timeout: Optional[float]) -> None:
+        self.tid, self.key, self.prepared = tid, key, prepared
+        self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
 
 
 class Backend(Protocol):
@@ -180,10 +198,10 @@ class Backend(Protocol):
 
     def attach(self, completions: Optional[Completions]) -> None: ...
     def accepts(self, node: Any) -> bool: ...
-    def uses_lease(self, node: Any) -> bool: ...
     def prepare(self, node: Any) -> Any: ...
+    def uses_lease(self, prepared: Any) -> bool: ...
     def slots_free(self) -> int: ...
-    def admit(self, node: Any, prepared: Any) -> bool: ...
+    def admit(self, prepared: Any) -> bool: ...
     def release_idle(self) -> bool: ...
     def submit(self, call: Call) -> None: ...
     def flush(self) -> None: ...

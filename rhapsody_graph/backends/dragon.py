@@ -27,7 +27,9 @@ the calls it is sent, so placed nodes still return values and exceptions carry
 their remote traceback. A lease (see :mod:`.base`) is one Batch call: the
 scheduler queues a run of tiny nodes on it (fusion: 100 no-op nodes cost a few
 Batch calls, not 100) and keeps it open along a chain, so a hop costs one socket
-round trip, not one Batch call.
+round trip, not one Batch call. ``prepare`` turns a node into a flat
+:class:`~.pool.PoolCall` whose ``options`` (a ``_Lowering``) say what its Batch calls
+need (placement mode, raw policy, template arguments); nothing after it sees the node.
 
 State: ``pool`` (a :class:`~.pool.WorkerPool`: the workers, leased or running a
 rank, with their sockets, queues and leases; ``pool.connecting`` holds those whose
@@ -59,7 +61,7 @@ from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Complet
 from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
 from .dragon_service import DragonServer
 from .launch import describe_exit
-from .pool import PoolBackend, PythonCall, Worker, WorkerPool, check_argv, max_workers, place
+from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers, place
 from ..ai.service import LOOPBACK, Spawn
 from ..errors import WorkerDiedError, add_note
 from ..graph import EXECUTABLE, FUNCTION, Node
@@ -178,6 +180,35 @@ class _BatchProc:
         pass
 
 
+class _Lowering:
+    """What a node's options say about its Batch calls (a prepared call's ``options``)."""
+
+    __slots__ = ("mode", "policy", "template", "templates", "custom")
+
+    def __init__(self, opts: Any) -> None:
+        self.mode = opts.resources.placement  # default, anywhere, host_name, host_id
+        self.policy = opts.policy  # a raw Dragon Policy, used as it is
+        self.template, self.templates = opts.template, opts.templates
+        self.custom = opts.custom_process  # a process of its own: no shared lease
+
+    def pinned(self, p: Placement) -> tuple:
+        """The cores the worker pins itself to: the ledger's, unless Dragon chooses."""
+        if self.mode in ("default", "anywhere") and self.policy is None:
+            return ()
+        return p.cpus
+
+    def template_arguments(self, rank: int) -> Dict[str, Any]:
+        """``process_template=`` for every rank, or rank ``rank``'s group of
+        ``process_templates=``."""
+        if self.templates is None:
+            return self.template or {}
+        for count, arguments in self.templates:
+            if rank < count:
+                return arguments
+            rank -= count
+        raise AssertionError("process_templates make fewer ranks than the node has")
+
+
 class _Job:
     """The ranks of one node (or one executable): values gathered as they arrive."""
 
@@ -257,18 +288,13 @@ class DragonBackend(PoolBackend):
 
     # -- encoding ------------------------------------------------------------------
 
-    def prepare(self, node: Node) -> PythonCall:
+    def prepare(self, node: Node) -> PoolCall:
         """Encode a node's call (an executable: :func:`.dragon_worker.run_program` on its
-        argv); raise ``TypeError`` naming what cannot be sent."""
-        if node.kind != EXECUTABLE:
-            return self.pool.encode(node)
-        check_argv(node)
-        spec = node.fn
-        try:
-            args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
-        except Exception as exc:
-            raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
-        return PythonCall(0, self._program, args)
+        argv) with what its options say about its Batch call; raise ``TypeError``
+        naming what cannot be sent."""
+        prepared = self.pool.encode(node, program=self._program)
+        prepared.options = _Lowering(node.opts)
+        return prepared
 
     # -- running (see PoolBackend for the rest) ----------------------------------------
 
@@ -301,38 +327,34 @@ class DragonBackend(PoolBackend):
     def bind_worker(self, call: Call) -> Worker:
         """A new worker for the call's lease: a Batch call (a process of its own when
         placed, timed or templated) that connects back."""
-        lease, node = call.lease, call.node
+        lease, lowering = call.lease, call.prepared.options
         p = lease.placement
-        opts = node.opts
-        as_process = (opts.resources.placement != "default" or opts.timeout is not None
-                      or opts.custom_process)
+        as_process = lowering.mode != "default" or call.timeout is not None or lowering.custom
         w = self._new_worker(p.host, own_process=as_process)
         args = (self._address, self._token, w.proc.wid, as_process)
-        batch = self._options(opts.timeout)
+        batch = self._options(call.timeout)
         if as_process:
-            w.proc.handle = batch.process(self._template(node, p, args))
+            w.proc.handle = batch.process(self._template(lowering, p, args))
         else:
             w.proc.handle = batch.function(serve, *args)
-        return self.pool.bind(lease, w, _pinned(node, p))
+        return self.pool.bind(lease, w, lowering.pinned(p))
 
     def launch(self, call: Call) -> None:
         """An executable or a multi-rank node: one Batch process (or job), a worker per rank."""
-        node = call.node
-        placements = call.placements
-        job = self._jobs[call.tid] = _Job(call.tid, node.key, len(placements),
-                                          node.opts.resources.ranks > 1)
+        placements, p0 = call.placements, call.prepared
+        lowering = p0.options
+        job = self._jobs[call.tid] = _Job(call.tid, call.key, len(placements), p0.ranks > 1)
         templates = []
-        p0 = call.prepared
         for rank, p in enumerate(placements):
             w = self._new_worker(p.host, own_process=True)
             w.proc.job, w.proc.rank = job, rank
             job.workers.append(w)
-            task = (call.tid, p0.fid, p0.func, p0.args, call.inputs, place(p, _pinned(node, p)))
+            task = (call.tid, p0.fid, p0.func, p0.args, call.inputs, place(p, lowering.pinned(p)))
             w.outbox += wire.frame(("run", [task]))
             w.queue.append(call.tid)
             args = (self._address, self._token, w.proc.wid, True)
-            templates.append((1, self._template(node, p, args)))
-        batch = self._options(node.opts.timeout)
+            templates.append((1, self._template(lowering, p, args)))
+        batch = self._options(call.timeout)
         handle = batch.process(templates[0][1]) if len(templates) == 1 else batch.job(templates)
         for w in job.workers:
             w.proc.handle = handle
@@ -359,10 +381,13 @@ class DragonBackend(PoolBackend):
         ``default``/``anywhere`` leave the choice to Dragon; a raw ``policy=`` is
         used as it is.
         """
-        if node.opts.policy is not None:
-            return node.opts.policy
+        return self._policy(_Lowering(node.opts), p)
+
+    def _policy(self, lowering: "_Lowering", p: Placement) -> Any:
+        if lowering.policy is not None:
+            return lowering.policy
         from dragon.infrastructure.policy import Policy
-        mode = node.opts.resources.placement
+        mode = lowering.mode
         if mode in ("default", "anywhere"):
             return Policy(placement=getattr(Policy.Placement, mode.upper()))
         pinned = dict(cpu_affinity=list(p.cpus), gpu_affinity=list(p.gpus))
@@ -371,13 +396,13 @@ class DragonBackend(PoolBackend):
             return Policy(placement=Policy.Placement.HOST_ID, host_id=host.id, **pinned)
         return Policy(placement=Policy.Placement.HOST_NAME, host_name=p.host, **pinned)
 
-    def _template(self, node: Node, p: Placement, args: tuple) -> Any:
+    def _template(self, lowering: "_Lowering", p: Placement, args: tuple) -> Any:
         """The ``ProcessTemplate`` of one rank: our worker, the user's template arguments."""
         from dragon.native.process import ProcessTemplate
-        extra = dict(_template_arguments(node.opts, p.rank))
+        extra = dict(lowering.template_arguments(p.rank))
         env = {**(extra.pop("env", None) or {}), **p.env()}
-        return ProcessTemplate(target=serve, args=args, env=env, policy=self.policy(node, p),
-                               **extra)
+        return ProcessTemplate(target=serve, args=args, env=env,
+                               policy=self._policy(lowering, p), **extra)
 
     def _start_batch(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -569,24 +594,6 @@ class DragonBackend(PoolBackend):
             if id(proc.handle) not in seen:  # the ranks of a job share one handle
                 seen.add(id(proc.handle))
                 proc.settle(deadline)
-
-
-def _pinned(node: Node, p: Placement) -> tuple:
-    """The cores the worker pins itself to: the ledger's, unless Dragon chooses."""
-    if node.opts.resources.placement in ("default", "anywhere") and node.opts.policy is None:
-        return ()
-    return p.cpus
-
-
-def _template_arguments(opts: Any, rank: int) -> Dict[str, Any]:
-    """``process_template=`` for every rank, or rank ``rank``'s group of ``process_templates=``."""
-    if opts.templates is None:
-        return opts.template or {}
-    for count, arguments in opts.templates:
-        if rank < count:
-            return arguments
-        rank -= count
-    raise AssertionError("process_templates make fewer ranks than the node has")
 
 
 def _threads_per_core() -> int:

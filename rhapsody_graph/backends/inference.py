@@ -39,12 +39,22 @@ from ..ai.models import Model, lookup
 from ..ai.nodes import AI, run
 from ..ai.service import Service, Services
 from ..errors import NodeTimeoutError
-from ..graph import substitute
 from ..resources import Host, Inventory, Ledger, Resources, detect_host
 
 __all__ = ["InferenceBackend"]
 
 TIMEOUT_GRACE = 1.0  # an AI node's requests stop this long after its timeout
+
+
+class _Prompt:
+    """An AI node's call as :meth:`InferenceBackend.prepare` makes it: its key, its model,
+    its spec (how to build prompts and sample) and its pickled arguments, each upstream
+    value a slot filled from the call's inputs (see :func:`.wire.dump_args`)."""
+
+    __slots__ = ("key", "model", "spec", "args")
+
+    def __init__(self, key: str, model: Model, spec: Any, args: bytes) -> None:
+        self.key, self.model, self.spec, self.args = key, model, spec, args
 
 
 class _Request:
@@ -118,12 +128,12 @@ class InferenceBackend:
     def accepts(self, node: Any) -> bool:
         return self.serves(node.fn.model)
 
-    def uses_lease(self, node: Any) -> bool:
+    def uses_lease(self, prepared: _Prompt) -> bool:
         return False
 
-    def prepare(self, node: Any) -> Model:
-        """The node's model, checked: declared here, engine installed, weights there,
-        its service's request fits the inventory."""
+    def prepare(self, node: Any) -> _Prompt:
+        """The node's call, its model checked: declared here, engine installed, weights
+        there, its service's request fits the inventory."""
         who = f"node {node.key!r}"
         name = node.fn.model
         if self._models is not None and name not in self._models:
@@ -134,28 +144,33 @@ class InferenceBackend:
         request = _request(model)
         if request is not None:
             self.inventory.check(request, f"the inference service of model {model.name!r}")
-        return model
+        try:
+            args = wire.dump_args(tuple(node.args), {}, node.deps)
+        except Exception as exc:
+            raise TypeError(f"{who}: its inputs cannot be pickled: {exc}") from exc
+        return _Prompt(node.key, model, node.fn, args)
 
     def slots_free(self) -> int:
         return 1 << 20  # requests hold no slot: the server queues them
 
-    def admit(self, node: Any, model: Model) -> bool:
-        """Have ``model``'s service placed (not started yet); False: the node waits."""
+    def admit(self, prepared: _Prompt) -> bool:
+        """Have the service of the call's model placed (not started yet); False: the
+        node waits."""
         if self.on is not None:
             self.services.spawn = self.on.server_spawner()
+        model = prepared.model
         return self.services.admit(model, self.ledger, _request(model))
 
     def release_idle(self) -> bool:
         return self.services.release_idle(self.ledger)
 
     def submit(self, call: Call) -> None:
-        node = call.node
-        request = self._requests[call.tid] = _Request(call.tid, node.key)
-        service = self.services.begin(call.tid, call.prepared)
-        values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
-        inputs = substitute(list(node.args), values)
-        threading.Thread(target=self._answer, name=f"rhapsody-ai-{node.key}", daemon=True,
-                         args=(request, node.fn, service, inputs, node.opts.timeout)).start()
+        prompt = call.prepared
+        request = self._requests[call.tid] = _Request(call.tid, call.key)
+        service = self.services.begin(call.tid, prompt.model)
+        inputs, _ = wire.load_args(prompt.args, call.inputs)
+        threading.Thread(target=self._answer, name=f"rhapsody-ai-{call.key}", daemon=True,
+                         args=(request, prompt.spec, service, list(inputs), call.timeout)).start()
 
     def flush(self) -> None:
         pass  # every request starts at submit()

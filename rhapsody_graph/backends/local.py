@@ -21,14 +21,13 @@ process group) and replaced on demand. Writes never block (see :mod:`.pool`).
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog, wire
 from .base import KILLED, RANKS_KIND, Call, Completion
 from .launch import Launch, describe_exit, kill_tree, worker_command
-from .pool import PoolBackend, Worker, WorkerPool, check_argv, max_workers
+from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
 from ..ai.service import Spawn, local_server
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, detect_host
@@ -119,12 +118,9 @@ class LocalBackend(PoolBackend):
         of the driver (see :class:`~rhapsody_graph.InferenceBackend`)."""
         return local_server
 
-    def prepare(self, node: Node) -> Any:
+    def prepare(self, node: Node) -> PoolCall:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
         _refuse_dragon_options(node, self.name)
-        if node.kind == EXECUTABLE:
-            check_argv(node)
-            return node.fn
         return self.pool.encode(node)
 
     # -- running (see PoolBackend for the rest) ----------------------------------------
@@ -211,18 +207,15 @@ class LocalBackend(PoolBackend):
 
     def launch(self, call: Call) -> None:
         """An executable or a multi-rank node: its own processes, started by a thread."""
-        node = call.node
-        launch = self._launches[call.tid] = Launch(call.tid, node.key, self.pin, self._post)
-        if node.kind == FUNCTION:
-            p = call.prepared
+        p = call.prepared
+        launch = self._launches[call.tid] = Launch(call.tid, call.key, self.pin, self._post)
+        if p.kind == FUNCTION:
             task = (call.tid, p.fid, p.func, p.args, call.inputs, None)
             launch.run_in_thread(launch.ranks, task, call.placements)
             return
-        values = {id(d): pickle.loads(b) for d, b in zip(node.deps, call.inputs)}
-        spec = call.prepared
-        argv = [str(values[id(a)]) if isinstance(a, Node) else os.fsdecode(a)
-                if isinstance(a, (bytes, os.PathLike)) else str(a) for a in spec.argv]
-        launch.run_in_thread(launch.executable, argv, spec.cwd, spec.env, call.placements)
+        (argv, cwd, env), _ = wire.load_args(p.args, call.inputs)  # upstream values as text
+        argv = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
+        launch.run_in_thread(launch.executable, argv, cwd, env, call.placements)
 
     def _post(self, completion: Completion) -> None:
         """Called from launcher threads: hand the completion to the scheduler thread."""

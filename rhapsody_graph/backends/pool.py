@@ -56,7 +56,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from . import wire
 from .base import DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease
 from ..errors import WorkerDiedError
-from ..graph import FUNCTION, Node
+from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Inventory, Placement
 
 try:
@@ -64,18 +64,28 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.8
     Protocol = object  # type: ignore[assignment]
 
-__all__ = ["PoolBackend", "PythonCall", "Worker", "WorkerPool", "WorkerProcess", "check_argv",
+__all__ = ["PoolBackend", "PoolCall", "Worker", "WorkerPool", "WorkerProcess", "check_argv",
            "max_workers", "place"]
 
 
-class PythonCall:
-    """An encoded Python call: the function's id and pickled bytes, the pickled arguments
-    (upstream values as slots filled from the call's inputs, see :func:`.wire.dump_args`)."""
+class PoolCall:
+    """A compute node's call as :meth:`WorkerPool.encode` prepares it: self-contained,
+    no graph node in it (the ``prepared`` record of a :class:`~.base.Call`).
 
-    __slots__ = ("fid", "func", "args")
+    ``key``, ``kind`` (function or executable) and ``ranks``: its node's. ``fid`` and
+    ``func``: its function's id and pickled bytes (an executable's: the program a
+    worker runs it with, ``None`` when the driver starts it itself). ``args``: the
+    pickled arguments (an executable's: ``(argv, cwd, env)``), each upstream value a
+    slot filled from the call's inputs (see :func:`.wire.dump_args`). ``options``:
+    what the backend's lowering needs beyond (Dragon's; ``None`` on the local backend).
+    """
 
-    def __init__(self, fid: int, func: bytes, args: bytes) -> None:
+    __slots__ = ("key", "kind", "ranks", "fid", "func", "args", "options")
+
+    def __init__(self, node: Any, fid: int, func: Optional[bytes], args: bytes) -> None:
+        self.key, self.kind, self.ranks = node.key, node.kind, node.opts.resources.ranks
         self.fid, self.func, self.args = fid, func, args
+        self.options: Any = None
 
 
 class WorkerProcess(Protocol):
@@ -166,8 +176,18 @@ class WorkerPool:
 
     # -- encoding -------------------------------------------------------------------
 
-    def encode(self, node: Any) -> PythonCall:
-        """A Python node's call; raise ``TypeError`` naming what cannot be pickled."""
+    def encode(self, node: Any, program: Optional[bytes] = None) -> PoolCall:
+        """A compute node's call (an executable's: run by ``program`` in a worker, else by
+        the driver); raise ``TypeError`` naming what cannot be pickled."""
+        if node.kind == EXECUTABLE:
+            check_argv(node)
+            spec = node.fn
+            try:
+                args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
+            except Exception as exc:
+                raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: "
+                                f"{exc}") from exc
+            return PoolCall(node, 0, program, args)
         entry = self._funcs.get(id(node.fn))
         if entry is None:
             try:
@@ -180,7 +200,7 @@ class WorkerPool:
             args = wire.dump_args(node.args, node.kwargs, node.deps)
         except Exception as exc:
             raise unpicklable_argument(node, exc) from exc
-        return PythonCall(entry[1], entry[2], args)
+        return PoolCall(node, entry[1], entry[2], args)
 
     # -- workers --------------------------------------------------------------------
 
@@ -219,16 +239,18 @@ class WorkerPool:
 
     # -- calls ----------------------------------------------------------------------
 
-    def queue(self, tid: int, key: str, call: PythonCall, inputs: Any, w: Worker) -> None:
-        """Queue call ``tid`` on worker ``w``; it is sent at the next :meth:`flush`."""
-        func = None if call.fid in w.funcs else call.func
-        w.funcs.add(call.fid)
+    def queue(self, call: Any, w: Worker) -> None:
+        """Queue ``call`` (a :class:`~.base.Call` of a :class:`PoolCall`) on worker ``w``;
+        it is sent at the next :meth:`flush`."""
+        tid, prepared = call.tid, call.prepared
+        func = None if prepared.fid in w.funcs else prepared.func
+        w.funcs.add(prepared.fid)
         if not w.pending:
             self._dirty.append(w)
-        w.pending.append((tid, call.fid, func, call.args, inputs, w.place))
+        w.pending.append((tid, prepared.fid, func, prepared.args, call.inputs, w.place))
         w.queue.append(tid)
         self.owner[tid] = w
-        self.keys[tid] = key
+        self.keys[tid] = call.key
 
     def flush(self) -> None:
         """End a round: one ``run`` frame per worker that was queued calls."""
@@ -441,11 +463,11 @@ class PoolBackend:
                                "that session first, or make another backend")
         self.pool.attach(completions)
 
-    def uses_lease(self, node: Any) -> bool:
+    def uses_lease(self, prepared: PoolCall) -> bool:
         """Python nodes with one rank run on pool workers, under leases."""
-        return node.kind == FUNCTION and node.opts.resources.ranks == 1
+        return prepared.kind == FUNCTION and prepared.ranks == 1
 
-    def admit(self, node: Any, prepared: Any) -> bool:
+    def admit(self, prepared: PoolCall) -> bool:
         """Every node's needs are its placements: nothing else to take."""
         return True
 
@@ -465,8 +487,7 @@ class PoolBackend:
         if lease is None:
             self.launch(call)
         else:
-            w = lease.executor or self.bind_worker(call)
-            self.pool.queue(call.tid, call.node.key, call.prepared, call.inputs, w)
+            self.pool.queue(call, lease.executor or self.bind_worker(call))
 
     def flush(self) -> None:
         self.pool.flush()
