@@ -121,7 +121,7 @@ class Task:
         self.node, self.lane, self.prepared, self.group = node, lane, prepared, group
         self.backend = lane.backend
         self.prio = next(_priorities)
-        self.leased = lane.backend.uses_lease(prepared)
+        self.leased = prepared is not None and lane.backend.uses_lease(prepared)  # None: reused
         self.state = PENDING
         self.deps = deps  # upstream records, in the order of node.deps; () once ended
         # records waiting on this one: () until the first, () again once ended

@@ -1,5 +1,6 @@
 """Shared fixtures: declared inventories, so GPU placement is checked on any machine."""
 import os
+import time
 
 import pytest
 
@@ -13,6 +14,16 @@ def child_pids(pid: int = None) -> set:
         from rhapsody_graph.backends.watchdog import watchdog_pid
         return _descendants(os.getpid()) - {watchdog_pid()}
     return _descendants(pid)
+
+
+def wait_until(test, seconds: float) -> bool:
+    """Whether ``test()`` came true within ``seconds`` (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _descendants(pid: int) -> set:

@@ -8,9 +8,10 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from ..conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,14 +75,6 @@ def alive(pids) -> set:
     return {p for p in pids if os.path.exists(f"/proc/{p}")
             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}
 
-
-def wait_until(test, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not test():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def run_and_kill(tmp_path, sig: int, files, *extra: str):

@@ -2,15 +2,15 @@
 journal, reuses what finished and runs only the rest; damaged entries and failures are
 never reused; ``explain`` says why a node is or is not reused (real drivers, real
 signals, real files)."""
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import rhapsody_graph as rhapsody
+
+from ..conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,14 +62,6 @@ def driver(tmp_path, hang: bool, fail: bool = False) -> subprocess.Popen:
                              str(tmp_path / "log"), str(flag)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
-
-def wait_until(test, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not test():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def killed_at_step_four(tmp_path) -> None:

@@ -1,7 +1,6 @@
 """A node's timeout (or cancel) stops what the node started, not only its own process
 group: a grandchild that left the group with ``setsid``, and the workers and programs
 of a ``compute()`` the node ran itself (real processes, found by pid)."""
-import os
 import subprocess
 import time
 
