@@ -9,6 +9,7 @@
 55
 """
 from .ai import ai, model, prompt, smollm2_path
+from .backends.dask import DaskBackend
 from .backends.dragon import DragonBackend, dragon_hosts
 from .backends.inference import InferenceBackend
 from .backends.local import LocalBackend
@@ -28,7 +29,7 @@ __all__ = [
     "Session", "submit", "get", "explain", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
     "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
-    "LocalBackend", "DragonBackend", "InferenceBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
+    "LocalBackend", "DragonBackend", "InferenceBackend", "DaskBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
     "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",
 ]

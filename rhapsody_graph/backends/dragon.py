@@ -58,7 +58,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import wire
 from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease
-from .dragon_worker import HELLO, TOKEN_BYTES, run_program, serve
+from .dragon_worker import HELLO, TOKEN_BYTES, serve
+from .programs import run_program
 from .dragon_service import DragonServer
 from .launch import describe_exit
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers, place
@@ -289,7 +290,7 @@ class DragonBackend(PoolBackend):
     # -- encoding ------------------------------------------------------------------
 
     def prepare(self, node: Node) -> PoolCall:
-        """Encode a node's call (an executable: :func:`.dragon_worker.run_program` on its
+        """Encode a node's call (an executable: :func:`.programs.run_program` on its
         argv) with what its options say about its Batch call; raise ``TypeError``
         naming what cannot be sent."""
         prepared = self.pool.encode(node, program=self._program)

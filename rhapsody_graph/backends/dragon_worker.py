@@ -17,16 +17,11 @@ then no longer reap the process, and ``Batch.join`` would wait for it forever.)
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import struct
-import subprocess
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Tuple
 
-from ..errors import ExecutableError
-from ..resources import current_placement
 from .worker import Worker
 
 HELLO = struct.Struct("<QQ")  # worker id, pid; sent after the run's token
@@ -48,31 +43,3 @@ def serve(address: Tuple[str, int], token: bytes, wid: int, own_process: bool) -
             os.environ.update(env)
             os.sched_setaffinity(0, home)
     return 0
-
-
-def run_program(argv: Sequence[Any], cwd: Optional[str],
-                env: Optional[Mapping[str, str]]) -> Any:
-    """An executable node's body on Dragon: run ``argv`` here, capture its output.
-
-    Upstream values in ``argv`` arrive as values and are passed as text. A
-    non-zero exit raises :class:`~rhapsody_graph.errors.ExecutableError`.
-    """
-    from ..task import ExecResult
-    args = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
-    done = subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})},
-                          stdin=subprocess.DEVNULL, capture_output=True,
-                          preexec_fn=die_with_parent)
-    out = done.stdout.decode(errors="replace")
-    err = done.stderr.decode(errors="replace")
-    if done.returncode != 0:
-        raise ExecutableError(done.returncode, args, out, err)
-    p = current_placement()
-    return ExecResult(args, out, err, 0, p.host, p.cpus, p.gpus, p.rank) if p else \
-        ExecResult(args, out, err, 0)
-
-
-def die_with_parent() -> None:
-    """In the program's process before exec: die when the worker dies (it may be
-    killed by a timeout, and is never a process-group leader under Dragon)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -24,7 +24,7 @@ import sys
 
 from . import wire
 from .dragon_service import TOKEN_ENV
-from .dragon_worker import die_with_parent
+from .programs import die_with_parent
 from ..ai.service import LocalServer
 
 
