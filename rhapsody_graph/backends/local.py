@@ -233,6 +233,8 @@ class LocalBackend(PoolBackend):
 def _refuse_dragon_options(node: Node, backend: str) -> None:
     """Refuse the options only Dragon honours (its pass-throughs), naming the node."""
     opts = node.opts
+    if not opts.custom_process:  # none of them given: the common case, checked once
+        return
     for name, value in (("policy", opts.policy), ("process_template", opts.template),
                         ("process_templates", opts.templates)):
         if value is not None:
