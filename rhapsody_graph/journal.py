@@ -44,7 +44,7 @@ import pickle
 import struct
 import tempfile
 import types
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .graph import Node
 
@@ -127,6 +127,7 @@ class Journal:
         self._keys: Dict[int, str] = {}  # id(node) -> its key, for the nodes seen
         self._nodes: List[Node] = []  # keeps those ids alive and unique
         self._parts: Dict[str, Dict[str, Any]] = {}
+        self._code: Dict[int, Tuple[Any, str]] = {}  # id(fn) -> (fn, its code hash)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -172,9 +173,16 @@ class Journal:
         opts = node.opts
         options = {k: repr(v) for k, v in sorted(opts.values.items())
                    if k not in ("name", "backend")}  # where it runs is no part of its value
-        return {"name": node.name, "kind": node.kind, "code": _fn_hash(node),
+        return {"name": node.name, "kind": node.kind, "code": self._fn_hash(node),
                 "options": options, "args": args,
                 "inputs": [self._keys[id(d)] for d in deps]}
+
+    def _fn_hash(self, node: Any) -> str:
+        """The hash of what ``node`` runs, once per function (many nodes share one)."""
+        known = self._code.get(id(node.fn))
+        if known is None or known[0] is not node.fn:
+            known = self._code[id(node.fn)] = (node.fn, _fn_hash(node))
+        return known[1]
 
     # -- entries -----------------------------------------------------------------------
 
