@@ -46,6 +46,7 @@ import tempfile
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
+from .backends import wire
 from .graph import Node
 
 __all__ = ["Journal", "explain"]
@@ -156,17 +157,9 @@ class Journal:
     def parts(self, node: Any) -> Dict[str, Any]:
         """What ``node``'s key is made of (its upstream nodes' keys must be known)."""
         deps = _nodes_of(node)
-        slots = {id(d): i for i, d in enumerate(deps)}
-
-        class Args(pickle.Pickler):
-            def persistent_id(self, obj: Any) -> Optional[int]:
-                return slots.get(id(obj))
-
-        import io
-        buf = io.BytesIO()
-        try:
-            Args(buf, 4).dump((node.args, node.kwargs))
-            args = hashlib.blake2b(buf.getvalue(), digest_size=16).hexdigest()
+        try:  # upstream nodes and futures as their slots: their keys come in "inputs"
+            args = hashlib.blake2b(wire.dump_plain((node.args, node.kwargs), node.deps),
+                                   digest_size=16).hexdigest()
         except Exception:
             args = hashlib.blake2b(repr((node.args, node.kwargs)).encode(),
                                    digest_size=16).hexdigest()

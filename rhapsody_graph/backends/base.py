@@ -46,6 +46,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import pickle
 import selectors
 import time
 from collections import deque
@@ -186,6 +187,48 @@ class Call:
                  timeout: Optional[float]) -> None:
         self.tid, self.key, self.prepared = tid, key, prepared
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
+
+
+def refuse_second_session(name: str, current: Optional[Completions],
+                          completions: Optional[Completions]) -> None:
+    """Raise if a backend already in a session (its queue ``current``) is asked to join one."""
+    if completions is not None and current is not None:
+        raise RuntimeError(f"backend {name!r} already belongs to a session; close "
+                           "that session first, or make another backend")
+
+
+def close_session(hub: Optional[Completions]) -> None:
+    """Close the session whose queue is ``hub``, if any (it detaches its backends)."""
+    if hub is not None and hub.closer is not None:
+        hub.closer()
+
+
+class OwnCalls:
+    """The protocol methods of a backend whose every call runs on its own, under no
+    lease, started at ``submit`` (Dask's futures, inference requests): nothing to
+    queue, flush or drop. A subclass sets ``name``; ``hub`` is its session's queue."""
+
+    name: str
+    hub: Optional[Completions] = None
+
+    def attach(self, completions: Optional[Completions]) -> None:
+        refuse_second_session(self.name, self.hub, completions)
+        self.hub = completions
+
+    def uses_lease(self, prepared: Any) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass  # every call started at submit()
+
+    def drop_queued(self) -> None:
+        pass  # nothing is queued here
+
+    def end_lease(self, lease: Any) -> None:
+        raise AssertionError(f"{type(self).__name__} calls run under no lease")
+
+    def decode(self, payload: bytes) -> Any:
+        return pickle.loads(payload)
 
 
 class Backend(Protocol):

@@ -31,12 +31,11 @@ True
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Dict, List, Optional
 
 from . import wire
-from .base import DIED, ERROR, KILLED, OK, Call, Completion, Completions
-from .pool import check_argv, unpicklable_argument
+from .base import DIED, ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session
+from .pool import encode_arguments, encode_function, encode_program
 from .programs import run_program
 from ..errors import WorkerDiedError
 from ..graph import EXECUTABLE, FUNCTION
@@ -72,7 +71,7 @@ def _run(func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> 
                 os.environ[k] = v
 
 
-class DaskBackend:
+class DaskBackend(OwnCalls):
     """Run Python nodes and executables on a Dask ``distributed`` cluster.
 
     Args:
@@ -118,7 +117,6 @@ class DaskBackend:
         self._running: Dict[int, Any] = {}  # tid -> its Dask future
         self._where: Dict[int, str] = {}  # tid -> the worker it was sent to
         self._live = {h.name for h in self.inventory.hosts}  # workers the scheduler has now
-        self._hub: Optional[Completions] = None
         self.client.subscribe_topic("all", self._event)  # workers that leave or join
 
     def _hosts(self) -> List[Host]:
@@ -132,39 +130,14 @@ class DaskBackend:
 
     # -- the backend protocol (see .base) ------------------------------------------------
 
-    def attach(self, completions: Optional[Completions]) -> None:
-        if completions is not None and self._hub is not None:
-            raise RuntimeError(f"backend {self.name!r} already belongs to a session; close "
-                               "that session first, or make another backend")
-        self._hub = completions
-
     def accepts(self, node: Any) -> bool:
         return not node.opts.custom_process  # Dragon's policy= and templates
 
     def prepare(self, node: Any) -> _DaskCall:
         """The node's call, pickled now; raise ``TypeError`` naming what cannot be sent."""
         if node.kind == EXECUTABLE:
-            check_argv(node)
-            spec = node.fn
-            try:
-                args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
-            except Exception as exc:
-                raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: "
-                                f"{exc}") from exc
-            return _DaskCall(node.key, node.kind, self._program, args)
-        try:
-            func = wire.dump_callable(node.fn)
-        except Exception as exc:
-            raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be pickled "
-                            f"to send to a Dask worker: {exc}") from exc
-        try:
-            args = wire.dump_args(node.args, node.kwargs, node.deps)
-        except Exception as exc:
-            raise unpicklable_argument(node, exc) from exc
-        return _DaskCall(node.key, node.kind, func, args)
-
-    def uses_lease(self, prepared: Any) -> bool:
-        return False  # each call has its own placement: a worker and its GPU ids
+            return _DaskCall(node.key, node.kind, self._program, encode_program(node))
+        return _DaskCall(node.key, node.kind, encode_function(node), encode_arguments(node))
 
     def slots_free(self) -> int:
         return self.inventory.total_cpus
@@ -185,27 +158,15 @@ class DaskBackend:
             resources={"GPU": len(p.gpus)} if p.gpus else None)
         self._running[tid] = future
         self._where[tid] = p.host
-        hub = self._hub
+        hub = self.hub
         future.add_done_callback(lambda f: hub.post(lambda out: self._take(tid, f, out)))
-
-    def flush(self) -> None:
-        pass  # every call is sent at submit()
-
-    def drop_queued(self) -> None:
-        pass  # nothing queues here: Dask's scheduler holds the calls
 
     def kill(self, tid: int) -> None:
         future = self._running.pop(tid, None)
         self._where.pop(tid, None)
         if future is not None:
             future.cancel()
-        self._hub.post((tid, KILLED, None, 0.0))
-
-    def end_lease(self, lease: Any) -> None:
-        raise AssertionError("Dask calls run under no lease")
-
-    def decode(self, payload: bytes) -> Any:
-        return pickle.loads(payload)
+        self.hub.post((tid, KILLED, None, 0.0))
 
     def end_run(self) -> None:
         pass
@@ -220,8 +181,7 @@ class DaskBackend:
 
     def shutdown(self) -> None:
         """Close the session using it, cancel what runs, close a client it made."""
-        if self._hub is not None and self._hub.closer is not None:
-            self._hub.closer()
+        close_session(self.hub)
         self.abort()
         if self._own:
             self.client.close()
@@ -243,7 +203,7 @@ class DaskBackend:
         message = event[1] if isinstance(event, tuple) and len(event) > 1 else None
         if isinstance(message, dict) and message.get("action") in ("remove-worker",
                                                                     "add-worker"):
-            hub = self._hub
+            hub = self.hub
             if hub is not None:
                 hub.post(lambda out: self._worker_changed(message, out))
 

@@ -28,13 +28,12 @@ on its first backend.
 """
 from __future__ import annotations
 
-import pickle
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import wire
-from .base import ERROR, KILLED, OK, Call, Completion, Completions
+from .base import ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session
 from ..ai.models import Model, lookup
 from ..ai.nodes import AI, run
 from ..ai.service import Service, Services
@@ -66,7 +65,7 @@ class _Request:
         self.tid, self.key, self.abandoned = tid, key, False
 
 
-class InferenceBackend:
+class InferenceBackend(OwnCalls):
     """Answer AI nodes with inference servers it starts and stops itself.
 
     Args:
@@ -102,7 +101,6 @@ class InferenceBackend:
         self._ledger = None if self._inventory is None else Ledger(self._inventory)
         self.services = Services()
         self._requests: Dict[int, _Request] = {}
-        self._hub: Optional[Completions] = None
 
     @property
     def inventory(self) -> Inventory:
@@ -119,17 +117,8 @@ class InferenceBackend:
 
     # -- the backend protocol (see .base) ------------------------------------------------
 
-    def attach(self, completions: Optional[Completions]) -> None:
-        if completions is not None and self._hub is not None:
-            raise RuntimeError(f"backend {self.name!r} already belongs to a session; close "
-                               "that session first, or make another backend")
-        self._hub = completions
-
     def accepts(self, node: Any) -> bool:
         return self.serves(node.fn.model)
-
-    def uses_lease(self, prepared: _Prompt) -> bool:
-        return False
 
     def prepare(self, node: Any) -> _Prompt:
         """The node's call, its model checked: declared here, engine installed, weights
@@ -172,24 +161,12 @@ class InferenceBackend:
         threading.Thread(target=self._answer, name=f"rhapsody-ai-{call.key}", daemon=True,
                          args=(request, prompt.spec, service, list(inputs), call.timeout)).start()
 
-    def flush(self) -> None:
-        pass  # every request starts at submit()
-
-    def drop_queued(self) -> None:
-        pass  # nothing is queued here
-
     def kill(self, tid: int) -> None:
         request = self._requests.pop(tid, None)
         if request is not None:
             request.abandoned = True
         self.services.end(tid)
-        self._hub.post((tid, KILLED, None, 0.0))
-
-    def end_lease(self, lease: Any) -> None:
-        raise AssertionError("AI nodes run under no lease")
-
-    def decode(self, payload: bytes) -> Any:
-        return pickle.loads(payload)
+        self.hub.post((tid, KILLED, None, 0.0))
 
     def end_run(self) -> None:
         self.services.stop_all(self.ledger, keep_remote=True)
@@ -203,8 +180,7 @@ class InferenceBackend:
 
     def shutdown(self) -> None:
         """Close the session using it, then stop every server."""
-        if self._hub is not None and self._hub.closer is not None:
-            self._hub.closer()
+        close_session(self.hub)
         self._abandon_all()
         self.services.stop_all(None)
 
@@ -242,7 +218,7 @@ class InferenceBackend:
         except BaseException as exc:  # report, never lose, a failure
             completion = (request.tid, ERROR, wire.attach(exc, "", request.key), 0.0)
         if not request.abandoned:
-            self._hub.post(lambda out: self._take(request, completion, out))
+            self.hub.post(lambda out: self._take(request, completion, out))
 
     def _take(self, request: _Request, completion: Completion, out: List[Completion]) -> None:
         """On the scheduler thread: report a request's end unless it was abandoned."""

@@ -54,7 +54,8 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import wire
-from .base import DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease
+from .base import (DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease,
+                   close_session, refuse_second_session)
 from ..errors import WorkerDiedError
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Inventory, Placement
@@ -65,7 +66,7 @@ except ImportError:  # pragma: no cover - Python < 3.8
     Protocol = object  # type: ignore[assignment]
 
 __all__ = ["PoolBackend", "PoolCall", "Worker", "WorkerPool", "WorkerProcess", "check_argv",
-           "max_workers", "place"]
+           "encode_arguments", "encode_function", "encode_program", "max_workers", "place"]
 
 
 class PoolCall:
@@ -180,27 +181,11 @@ class WorkerPool:
         """A compute node's call (an executable's: run by ``program`` in a worker, else by
         the driver); raise ``TypeError`` naming what cannot be pickled."""
         if node.kind == EXECUTABLE:
-            check_argv(node)
-            spec = node.fn
-            try:
-                args = wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
-            except Exception as exc:
-                raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: "
-                                f"{exc}") from exc
-            return PoolCall(node, 0, program, args)
+            return PoolCall(node, 0, program, encode_program(node))
         entry = self._funcs.get(id(node.fn))
         if entry is None:
-            try:
-                data = wire.dump_callable(node.fn)
-            except Exception as exc:
-                raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be "
-                                f"pickled to send to a worker: {exc}") from exc
-            entry = self._funcs[id(node.fn)] = (node.fn, next(self._fids), data)
-        try:
-            args = wire.dump_args(node.args, node.kwargs, node.deps)
-        except Exception as exc:
-            raise unpicklable_argument(node, exc) from exc
-        return PoolCall(node, entry[1], entry[2], args)
+            entry = self._funcs[id(node.fn)] = (node.fn, next(self._fids), encode_function(node))
+        return PoolCall(node, entry[1], entry[2], encode_arguments(node))
 
     # -- workers --------------------------------------------------------------------
 
@@ -458,9 +443,7 @@ class PoolBackend:
     def attach(self, completions: Optional[Completions]) -> None:
         """Post every completion to ``completions`` (the session's queue) from now on;
         ``None``: leave the session."""
-        if completions is not None and self.pool.hub is not None:
-            raise RuntimeError(f"backend {self.name!r} already belongs to a session; close "
-                               "that session first, or make another backend")
+        refuse_second_session(self.name, self.pool.hub, completions)
         self.pool.attach(completions)
 
     def uses_lease(self, prepared: PoolCall) -> bool:
@@ -507,9 +490,7 @@ class PoolBackend:
 
     def close_session(self) -> None:
         """Close the session this backend belongs to, if any (which detaches it)."""
-        hub = self.pool.hub
-        if hub is not None and hub.closer is not None:
-            hub.closer()
+        close_session(self.pool.hub)
 
     def __enter__(self) -> Any:
         return self
@@ -529,6 +510,35 @@ def check_argv(node: Any) -> None:
         if not isinstance(arg, (str, bytes, int, float, os.PathLike)) and not isinstance(arg, Node):
             raise TypeError(f"node {node.key!r}: executable arguments must be text, "
                             f"numbers, paths or nodes; got {arg!r}")
+
+
+def encode_program(node: Any) -> bytes:
+    """An executable node's ``(argv, cwd, env)``, pickled for a worker that runs it
+    (upstream values as slots); raise ``TypeError`` naming the node."""
+    check_argv(node)
+    spec = node.fn
+    try:
+        return wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)
+    except Exception as exc:
+        raise TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}") from exc
+
+
+def encode_function(node: Any) -> bytes:
+    """A Python node's function, pickled for a worker; raise ``TypeError`` naming it."""
+    try:
+        return wire.dump_callable(node.fn)
+    except Exception as exc:
+        raise TypeError(f"node {node.key!r}: its function {node.fn!r} cannot be "
+                        f"pickled to send to a worker: {exc}") from exc
+
+
+def encode_arguments(node: Any) -> bytes:
+    """A Python node's arguments, pickled with upstream values as slots; raise
+    ``TypeError`` naming the argument that cannot be sent."""
+    try:
+        return wire.dump_args(node.args, node.kwargs, node.deps)
+    except Exception as exc:
+        raise unpicklable_argument(node, exc) from exc
 
 
 def unpicklable_argument(node: Any, exc: Exception) -> TypeError:

@@ -105,6 +105,14 @@ def _pickler_for(base: type) -> type:
 _PICKLERS = (_pickler_for(pickle.Pickler), _pickler_for(cloudpickle.Pickler))
 
 
+def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
+    """``obj`` by plain pickle only, each of ``deps`` in it as a reference to its slot
+    (bytes that stay the same across runs for the same values; raises if it cannot)."""
+    buf = io.BytesIO()
+    _PICKLERS[0](buf, {id(d): i for i, d in enumerate(deps)}).dump(obj)
+    return buf.getvalue()
+
+
 def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
     """Pickle a call's arguments, upstream nodes replaced by references."""
     if not deps:
