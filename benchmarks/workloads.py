@@ -59,9 +59,13 @@ BARS = {
 
 def describe() -> str:
     """Which code is measured: rhapsody_graph's location and version, dask's version."""
-    import dask
+    try:
+        import dask
+        dask_version = dask.__version__
+    except ImportError:
+        dask_version = "not installed"
     where = os.path.dirname(os.path.dirname(os.path.abspath(rg.__file__)))
-    return (f"rhapsody_graph {rg.__version__} from {where}, dask {dask.__version__}, "
+    return (f"rhapsody_graph {rg.__version__} from {where}, dask {dask_version}, "
             f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
 
