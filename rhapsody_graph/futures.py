@@ -63,14 +63,29 @@ class Where:
         attempts: how many times it was started (1 unless retried; 0: its value was
             reused from the session's journal, it did not run).
         start, end: wall-clock times (``time.time()``) of its last attempt.
+        outputs: per rank, ``(stdout, stderr)`` as the last attempt printed them (Python
+            nodes: what went through ``sys.stdout``/``sys.stderr``, the last MiB of
+            each kept), or ``None`` for a rank that printed nothing; ``()`` when no
+            rank printed anything or the backend keeps no output. An executable's output is on its value
+            (:class:`~rhapsody_graph.ExecResult`).
+        stdout, stderr: every rank's output, in rank order.
     """
 
-    __slots__ = ("backend", "placements", "attempts", "start", "end")
+    __slots__ = ("backend", "placements", "attempts", "start", "end", "outputs")
 
     def __init__(self, backend: str, placements: Sequence[Any], attempts: int, start: float,
-                 end: float) -> None:
+                 end: float, outputs: Optional[Sequence[Any]] = None) -> None:
         self.backend, self.placements, self.attempts = backend, placements, attempts
         self.start, self.end = start, end
+        self.outputs = tuple(outputs or ())
+
+    @property
+    def stdout(self) -> str:
+        return "".join(o[0] for o in self.outputs if o)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(o[1] for o in self.outputs if o)
 
     @property
     def host(self) -> str:
@@ -95,7 +110,8 @@ class Future(cf.Future, Ref):
 
     Attributes:
         node: the node it stands for; ``key``: its key.
-        where: a :class:`Where` once it has finished with a value (else ``None``).
+        where: a :class:`Where` once it has run (with a value or an exception; ``None``
+            while it has not, or when it never started).
     """
 
     def __init__(self, node: Any, task: Any, session: Any) -> None:
@@ -186,7 +202,8 @@ class Future(cf.Future, Ref):
         self.where = where
         self._end(FINISHED, "add_result", "_result", _UNDECODED)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, where: Optional[Where] = None) -> None:
+        self.where = where
         self._end(FINISHED, "add_exception", "_exception", exc)
 
     def _cancelled(self) -> None:

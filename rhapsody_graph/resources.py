@@ -42,16 +42,19 @@ class Resources:
 
     Where it may run: ``host`` (a host name) or ``host_id`` (a host's id), exactly
     these core ids (``cpu_ids``) or GPU ids (``gpu_ids``), and the ``placement``
-    mode a backend lowers it with (see :data:`PLACEMENTS`).
+    mode a backend lowers it with (see :data:`PLACEMENTS`). ``per_rank``: one
+    request per rank where the ranks differ (groups with their own Dragon policies);
+    the ledger then places rank ``r`` by ``per_rank[r]``.
     """
 
     __slots__ = ("cpus", "gpus", "memory", "ranks", "distribution", "host", "host_id",
-                 "cpu_ids", "gpu_ids", "placement", "_key")
+                 "cpu_ids", "gpu_ids", "placement", "per_rank", "_key")
 
     def __init__(self, cpus: int = 1, gpus: int = 0, memory: int = 0, ranks: int = 1,
                  distribution: str = "block", host: Optional[str] = None,
                  host_id: Optional[int] = None, cpu_ids: Optional[Tuple[int, ...]] = None,
-                 gpu_ids: Optional[Tuple[int, ...]] = None, placement: str = "default") -> None:
+                 gpu_ids: Optional[Tuple[int, ...]] = None, placement: str = "default",
+                 per_rank: "Optional[Tuple[Resources, ...]]" = None) -> None:
         self.cpus = cpus
         self.gpus = gpus
         self.memory = memory
@@ -62,8 +65,9 @@ class Resources:
         self.cpu_ids = cpu_ids
         self.gpu_ids = gpu_ids
         self.placement = placement
+        self.per_rank = per_rank
         self._key = (cpus, gpus, memory, ranks, distribution, host, host_id, cpu_ids, gpu_ids,
-                     placement)
+                     placement, per_rank and tuple(r.key for r in per_rank))
 
     @property
     def key(self) -> tuple:
@@ -311,6 +315,9 @@ class Inventory:
             UnsatisfiableError: naming ``who`` (``"node 'train'"``), the request and the
                 largest host.
         """
+        if req.per_rank is not None:
+            self._check_per_rank(req.per_rank, who)
+            return
         if self.ranks_that_fit(req) >= req.ranks:
             return
         where = req.where()
@@ -331,6 +338,21 @@ class Inventory:
             f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {big.memory} bytes "
             f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
             f"inventory, e.g. LocalBackend(cpus=..., gpus=...).")
+
+    def _check_per_rank(self, ranks: "Sequence[Resources]", who: str) -> None:
+        """Ranks with requests of their own: placed one by one on an empty ledger; the
+        first that finds no room is named with what it asks and what the hosts hold."""
+        ledger = Ledger(self)
+        for r, req in enumerate(ranks):
+            if ledger.allocate(req, r, len(ranks)) is None:
+                hosts = ", ".join(f"{h.name!r} (cpus {list(h.cpus)}, gpus {list(h.gpus)})"
+                                  for h in self.hosts[:8])
+                where = req.where()
+                raise UnsatisfiableError(
+                    f"{who}: rank {r} of {len(ranks)} asks for {req.cpus} cpus, {req.gpus} gpus"
+                    + (f" on {where}" if where else "")
+                    + f", which does not fit beside the ranks before it; the inventory has "
+                    f"{hosts}. Pin ids the hosts have, or ask for fewer ranks.")
 
     def __repr__(self) -> str:
         return "Inventory(" + ", ".join(map(repr, self.hosts)) + ")"
@@ -438,8 +460,11 @@ class Ledger:
         return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
 
     def allocate_ranks(self, req: Resources) -> Optional[List[Placement]]:
-        """Place all ``req.ranks`` ranks (block or round-robin over hosts), or none."""
+        """Place all ``req.ranks`` ranks (block or round-robin over hosts, or each by its
+        own request in ``req.per_rank``), or none."""
         n = req.ranks
+        if req.per_rank is not None:
+            return self._allocate_each(req.per_rank)
         if n == 1:
             one = self.allocate(req)
             return None if one is None else [one]
@@ -460,6 +485,19 @@ class Ledger:
             for st in self._order:
                 while len(placed) < n and self._allowed(st, req) and st.fits(req):
                     placed.append(self._take_on(st, req, len(placed), n))
+        return self._complete(placed, n)
+
+    def _allocate_each(self, ranks: Sequence[Resources]) -> Optional[List[Placement]]:
+        placed: List[Placement] = []
+        for r, req in enumerate(ranks):
+            p = self.allocate(req, r, len(ranks))
+            if p is None:
+                break
+            placed.append(p)
+        return self._complete(placed, len(ranks))
+
+    def _complete(self, placed: List[Placement], n: int) -> Optional[List[Placement]]:
+        """All ``n`` ranks placed (their local ranks numbered), or none (the rest given back)."""
         if len(placed) < n:
             for p in placed:
                 self.release(p)

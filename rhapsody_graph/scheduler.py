@@ -168,12 +168,13 @@ class Lane:
 
 
 class Attempt:
-    __slots__ = ("task", "lease", "placements", "start", "after")
+    __slots__ = ("task", "lease", "placements", "start", "after", "outputs")
 
     def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any]) -> None:
         self.task, self.lease, self.placements = task, lease, placements
         self.start = time.time() if task.futures else 0.0  # for a future's `where`
         self.after: Optional[Callable[[], None]] = None  # once killed: what then
+        self.outputs: Optional[Tuple[Any, ...]] = None  # per rank: (stdout, stderr) or None
 
 
 class Scheduler:
@@ -251,8 +252,8 @@ class Scheduler:
                 timeout = None
                 if self.deadlines:
                     timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
-                for tid, status, payload, seconds in wait(timeout):
-                    self._complete(tid, status, payload, seconds)
+                for completion in wait(timeout):
+                    self._complete(*completion)
                 if self.deadlines:
                     self._expire()
             except BaseException as exc:  # a bug here must not hang every future
@@ -363,7 +364,7 @@ class Scheduler:
             if t.state == DONE:
                 fut._finish(t.where)
             elif t.state == FAILED:
-                fut._fail(t.error)
+                fut._fail(t.error, t.where)
             elif t.state == CANCELLED:
                 fut._cancelled()
             else:
@@ -520,7 +521,10 @@ class Scheduler:
 
     # -- completions ---------------------------------------------------------------------
 
-    def _complete(self, tid: int, status: str, payload: Any, seconds: float) -> None:
+    def _complete(self, tid: int, status: str, payload: Any, seconds: float,
+                  outputs: Optional[Tuple[Any, ...]] = None) -> None:
+        """A call has ended; ``outputs``: what each rank printed, ``(stdout, stderr)`` or
+        ``None``, where the backend captured it."""
         attempt = self.inflight.pop(tid, None)
         if attempt is None:
             attempt = self.killing.pop(tid, None)
@@ -532,6 +536,7 @@ class Scheduler:
             return
         self._release(attempt)
         t = attempt.task
+        attempt.outputs = outputs
         if status == OK:
             self._done(t, payload, seconds, attempt)
         elif status in (DROPPED, KILLED):  # never started, or killed by an abort
@@ -541,7 +546,14 @@ class Scheduler:
             else:
                 self._push(t)
         else:
+            if t.futures:
+                t.where = self._where(t, attempt)
             self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload))
+
+    @staticmethod
+    def _where(t: Task, attempt: Attempt) -> Where:
+        return Where(t.backend.name, attempt.placements, t.failures + 1, attempt.start,
+                     time.time(), attempt.outputs)
 
     def _release(self, attempt: Attempt) -> None:
         lane = attempt.task.lane
@@ -584,8 +596,7 @@ class Scheduler:
                 now = time.time()
                 where = Where(t.backend.name, (), 0, now, now)
             else:
-                where = Where(t.backend.name, attempt.placements, t.failures + 1,
-                              attempt.start, time.time())
+                where = self._where(t, attempt)
             t.where = where
             for ref in t.futures:
                 fut = ref()
@@ -753,7 +764,7 @@ class Scheduler:
         t.state = FAILED
         t.error = exc
         for fut in _live(t.futures):
-            fut._fail(exc)
+            fut._fail(exc, t.where)
 
 
 def _live(refs: Optional[List[Any]]) -> List[Any]:

@@ -138,12 +138,12 @@ def _ids(who: str, name: str, value: Any) -> tuple:
 
 def _policy(who: str, name: str, value: Any) -> Any:
     if not all(hasattr(value, a) for a in ("placement", "cpu_affinity", "gpu_affinity")):
-        raise TypeError(f"{who}: option 'policy' must be a dragon.infrastructure.policy.Policy, "
+        raise TypeError(f"{who}: option {name!r} must be a dragon.infrastructure.policy.Policy, "
                         f"got {value!r}")
     return value
 
 
-TEMPLATE_KEYS = ("cwd", "env", "stdin", "stdout", "stderr", "options")
+TEMPLATE_KEYS = ("cwd", "env", "stdin", "stdout", "stderr", "options", "policy")
 
 
 def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
@@ -154,10 +154,12 @@ def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
     if bad:
         raise TypeError(f"{who}: option {name!r} does not take {', '.join(repr(b) for b in bad)}; "
                         f"it passes {', '.join(TEMPLATE_KEYS)} to Dragon's ProcessTemplate "
-                        "(target, args and policy come from the node)")
+                        "(target and args come from the node)")
     env = value.get("env")
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise TypeError(f"{who}: {name} env must map str to str, got {env!r}")
+    if value.get("policy") is not None:
+        _policy(who, f"{name} policy", value["policy"])
     return dict(value)
 
 
@@ -248,17 +250,19 @@ class Options:
                  "policy", "template", "templates", "custom_process")
 
     def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
-        merged = {**DEFAULTS, **_from_policy(values.get("policy")), **values}
+        policy = _node_policy(name, values)
+        merged = {**DEFAULTS, **_from_policy(policy), **values, "policy": policy}
         self.values = values
-        self.policy = merged["policy"]
+        self.policy = policy
         self.template: Optional[Dict[str, Any]] = merged["process_template"]
         self.templates: Optional[List[Tuple[int, Dict[str, Any]]]] = merged["process_templates"]
+        ranks = _ranks(name, merged, values)
         self.resources = Resources(
             _sized(name, merged, values, "cpus", "cpu_affinity"),
             _sized(name, merged, values, "gpus", "gpu_affinity"),
-            merged["memory"], _ranks(name, merged, values), merged["distribution"], merged["host"],
+            merged["memory"], ranks, merged["distribution"], merged["host"],
             merged["host_id"], merged.get("cpu_affinity"), merged.get("gpu_affinity"),
-            _mode(merged, values))
+            _mode(merged, values), _per_rank(merged, values, ranks))
         # a raw policy or template arguments: the node's process is its own (no lease sharing)
         self.custom_process = not (self.policy is None and self.template is None
                                    and self.templates is None)
@@ -272,6 +276,63 @@ class Options:
 
     def __repr__(self) -> str:
         return f"Options({self.values})"
+
+
+def _node_policy(who: str, values: Mapping[str, Any]) -> Any:
+    """The node's Dragon policy: ``policy=``, or the one inside ``process_template``."""
+    policy = values.get("policy")
+    inner = (values.get("process_template") or {}).get("policy")
+    if policy is not None and inner is not None:
+        raise ValueError(f"{who}: give the Dragon policy once, as policy= or inside "
+                         "process_template, not both")
+    return policy if policy is not None else inner
+
+
+def _group_policies(merged: Mapping[str, Any], ranks: int) -> List[Tuple[int, Any]]:
+    """``(ranks, policy)`` per group of ranks: each ``process_templates`` group with its
+    own policy (else the node's), or one group of every rank under the node's policy."""
+    groups = merged["process_templates"]
+    if groups is None:
+        return [(ranks, merged["policy"])]
+    return [(k, t.get("policy") if t.get("policy") is not None else merged["policy"])
+            for k, t in groups]
+
+
+def _per_rank(merged: Mapping[str, Any], values: Mapping[str, Any],
+              ranks: int) -> Optional[Tuple[Resources, ...]]:
+    """One request per rank where Dragon policies pin groups of ranks (``None`` when no
+    policy does). A group's ranks share its policy's host, and split the cores and GPUs
+    it pins among them in order, so the ledger reserves exactly what each group pins:
+    ``cpu_affinity=[0, 1, 2, 3]`` over 2 ranks holds cores 0-1 for rank 0 and 2-3 for
+    rank 1. Dragon still starts every rank of the group with the policy as given."""
+    groups = _group_policies(merged, ranks)
+    if all(p is None for _, p in groups) or (ranks == 1 and len(groups) == 1):
+        return None
+    out: List[Resources] = []
+    for count, policy in groups:
+        group = {**merged, **_from_policy(policy)}
+        for share_cpus, share_gpus in zip(_split(group.get("cpu_affinity"), count),
+                                          _split(group.get("gpu_affinity"), count)):
+            out.append(Resources(
+                merged["cpus"] if share_cpus is None else len(share_cpus),
+                merged["gpus"] if share_gpus is None else len(share_gpus),
+                merged["memory"], 1, "block", group["host"], group["host_id"],
+                share_cpus, share_gpus, _mode(group, {**values, **_from_policy(policy)})))
+    return tuple(out)
+
+
+def _split(ids: Optional[Tuple[int, ...]], parts: int) -> List[Optional[Tuple[int, ...]]]:
+    """``ids`` cut into ``parts`` consecutive shares (earlier shares one larger);
+    ``None`` for each part when nothing is pinned."""
+    if ids is None:
+        return [None] * parts
+    size, extra = divmod(len(ids), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(tuple(ids[start:end]))
+        start = end
+    return out
 
 
 def _from_policy(policy: Any) -> Dict[str, Any]:

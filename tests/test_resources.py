@@ -171,3 +171,27 @@ def test_a_request_too_big_for_the_host_it_names_is_refused_naming_that_host():
                        match="2 gpus on host='a', but no host can hold it: the largest such "
                              "host 'a' has 2 cpus, 0 gpus"):
         inv.check(Resources(cpus=0, gpus=2, host="a"), "node 'svc'")
+
+
+def test_ranks_with_requests_of_their_own_are_placed_each_by_its_own_or_not_at_all():
+    lg = ledger(Host("n0", cpus=4, gpus=2))
+    groups = Resources(cpus=1, ranks=3, per_rank=(
+        Resources(cpus=2, cpu_ids=(2, 3), host="n0"), Resources(cpus=1, gpus=1, gpu_ids=(1,)),
+        Resources(cpus=1)))
+    placed = lg.allocate_ranks(groups)
+    assert [(p.cpus, p.gpus, p.rank, p.world_size) for p in placed] == [
+        ((2, 3), (), 0, 3), ((0,), (1,), 1, 3), ((1,), (), 2, 3)]
+    assert lg.allocate_ranks(groups) is None  # all or nothing: no rank is left holding cores
+    for p in placed:
+        lg.release(p)
+    assert lg.idle()
+
+
+def test_ranks_that_can_never_fit_together_are_refused_naming_the_rank_and_the_hosts():
+    inv = Inventory([Host("n0", cpus=2)])
+    inv.check(Resources(ranks=2, per_rank=(Resources(cpu_ids=(0,)), Resources(cpu_ids=(1,)))),
+              "node 'job'")
+    with pytest.raises(UnsatisfiableError, match=r"node 'job': rank 1 of 2 asks for 2 cpus, 0 "
+                                                 r"gpus on cpu_affinity=\[0, 1\].*'n0' \(cpus \[0, 1\]"):
+        inv.check(Resources(ranks=2, per_rank=(Resources(cpus=1), Resources(cpus=2, cpu_ids=(0, 1)))),
+                  "node 'job'")

@@ -131,3 +131,38 @@ def test_process_templates_set_the_rank_count_and_must_agree_with_ranks():
     assert t.options(process_templates=groups).opts.resources.ranks == 3
     with pytest.raises(ValueError, match="ranks=2 does not match process_templates"):
         t.options(ranks=2, process_templates=groups)
+
+
+def _policy(**kw):
+    from dragon.infrastructure.policy import Policy
+    return Policy(placement=Policy.Placement.HOST_NAME, host_name="n0", **kw)
+
+
+def test_a_policy_inside_process_template_is_the_nodes_policy():
+    t = rhapsody.task(lambda: 0)
+    inside = t.options(process_template={"policy": _policy(cpu_affinity=[1]), "cwd": "/tmp"}).opts
+    given = t.options(policy=_policy(cpu_affinity=[1]), process_template={"cwd": "/tmp"}).opts
+    assert inside.resources == given.resources
+    assert (inside.resources.host, inside.resources.cpu_ids) == ("n0", (1,))
+    with pytest.raises(ValueError, match="give the Dragon policy once"):
+        t.options(policy=_policy(), process_template={"policy": _policy()})
+    with pytest.raises(TypeError, match="'process_templates policy' must be a dragon"):
+        t.options(process_templates=[(1, {"policy": "cores 0-3"})])
+
+
+def test_each_group_of_ranks_is_placed_by_its_own_policy_splitting_the_ids_it_pins():
+    t = rhapsody.task(lambda: 0)
+    groups = [(2, {"policy": _policy(cpu_affinity=[0, 1, 2, 3])}),
+              (2, {"policy": _policy(cpu_affinity=[4, 5, 6], gpu_affinity=[0, 1])}),
+              (1, {"env": {"ROLE": "plain"}})]
+    res = t.options(process_templates=groups).opts.resources
+    assert res.ranks == 5
+    assert [(r.host, r.cpu_ids, r.gpu_ids, r.cpus) for r in res.per_rank] == [
+        ("n0", (0, 1), None, 2), ("n0", (2, 3), None, 2),
+        ("n0", (4, 5), (0,), 2), ("n0", (6,), (1,), 1),
+        (None, None, None, 1)]
+    ledger = rhapsody.Ledger(rhapsody.Inventory([rhapsody.Host("n0", cpus=8, gpus=2)]))
+    placed = ledger.allocate_ranks(res)
+    assert [p.cpus for p in placed] == [(0, 1), (2, 3), (4, 5), (6,), (7,)]
+    with pytest.raises(rhapsody.UnsatisfiableError, match="rank 2 of 5 .*cpu_affinity=\\[4, 5\\]"):
+        rhapsody.Inventory([rhapsody.Host("n0", cpus=4)]).check(res, "node 'job'")

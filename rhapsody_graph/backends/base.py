@@ -61,7 +61,9 @@ except ImportError:  # pragma: no cover - Python < 3.8
 
 OK, ERROR, DIED, DROPPED, KILLED = "ok", "error", "died", "dropped", "killed"
 
-Completion = Tuple[int, str, Any, float]
+#: ``(tid, status, payload, seconds[, outputs])``: ``outputs`` (where the backend
+#: captures them) holds per rank ``(stdout, stderr)``, or ``None`` if it printed nothing
+Completion = Tuple[Any, ...]
 #: the kind routing gives a node with ``ranks > 1``; any other node's kind is its own
 #: ``node.kind`` (``graph.FUNCTION``, ``graph.EXECUTABLE``, ``ai.nodes.AI``)
 RANKS_KIND = "ranks"

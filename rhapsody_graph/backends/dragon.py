@@ -54,7 +54,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import wire
 from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease
@@ -193,10 +193,19 @@ class _Lowering:
         self.custom = opts.custom_process  # a process of its own: no shared lease
 
     def pinned(self, p: Placement) -> tuple:
-        """The cores the worker pins itself to: the ledger's, unless Dragon chooses."""
-        if self.mode in ("default", "anywhere") and self.policy is None:
+        """The cores the worker pins itself to: those its rank's raw policy pins (shared
+        by the ranks of its group), else the ledger's, unless Dragon chooses."""
+        policy = self.raw_policy(p.rank)
+        if policy is not None and policy.cpu_affinity:
+            return tuple(policy.cpu_affinity)
+        if self.mode in ("default", "anywhere") and policy is None:
             return ()
         return p.cpus
+
+    def raw_policy(self, rank: int) -> Any:
+        """The user's Dragon policy for rank ``rank``: its group's, else the node's."""
+        group = self.template_arguments(rank).get("policy")
+        return group if group is not None else self.policy
 
     def template_arguments(self, rank: int) -> Dict[str, Any]:
         """``process_template=`` for every rank, or rank ``rank``'s group of
@@ -216,6 +225,7 @@ class _Job:
     def __init__(self, tid: int, key: str, ranks: int, many: bool) -> None:
         self.tid, self.key, self.many = tid, key, many
         self.values: List[Any] = [None] * ranks
+        self.outputs: List[Optional[Tuple[str, str]]] = [None] * ranks  # what each printed
         self.workers: List[Worker] = []
         self.left = ranks
 
@@ -385,8 +395,9 @@ class DragonBackend(PoolBackend):
         return self._policy(_Lowering(node.opts), p)
 
     def _policy(self, lowering: "_Lowering", p: Placement) -> Any:
-        if lowering.policy is not None:
-            return lowering.policy
+        raw = lowering.raw_policy(p.rank if p is not None else 0)
+        if raw is not None:
+            return raw
         from dragon.infrastructure.policy import Policy
         mode = lowering.mode
         if mode in ("default", "anywhere"):
@@ -401,6 +412,7 @@ class DragonBackend(PoolBackend):
         """The ``ProcessTemplate`` of one rank: our worker, the user's template arguments."""
         from dragon.native.process import ProcessTemplate
         extra = dict(lowering.template_arguments(p.rank))
+        extra.pop("policy", None)  # the rank's policy comes from _policy
         env = {**(extra.pop("env", None) or {}), **p.env()}
         return ProcessTemplate(target=serve, args=args, env=env,
                                policy=self._policy(lowering, p), **extra)
@@ -500,7 +512,9 @@ class DragonBackend(PoolBackend):
         for status, _, _, payload in results:
             w.queue.clear()
             self.pool.detach(w)
-            if status & ~wire.GPU_RUNTIME == wire.OK:
+            status, payload, job.outputs[w.proc.rank] = wire.take_output(
+                status & ~wire.GPU_RUNTIME, payload)
+            if status == wire.OK:
                 job.values[w.proc.rank] = payload
                 job.left -= 1
                 if not job.left:
@@ -511,7 +525,7 @@ class DragonBackend(PoolBackend):
                     add_note(exc, f"in rank {w.proc.rank} of {len(job.values)}; "
                                   "the other ranks were stopped")
                 self._end_job(job)
-                out.append((job.tid, ERROR, exc, 0.0))
+                out.append((job.tid, ERROR, exc, 0.0, tuple(job.outputs)))
 
     def _finish(self, job: _Job, out: List[Completion]) -> None:
         self._end_job(job)
@@ -519,7 +533,7 @@ class DragonBackend(PoolBackend):
             payload = wire.dump_value([pickle.loads(v) for v in job.values])
         else:
             payload = job.values[0]
-        out.append((job.tid, OK, payload, 0.0))
+        out.append((job.tid, OK, payload, 0.0, tuple(job.outputs)))
 
     def _fail_worker(self, w: Worker, out: List[Completion]) -> None:
         """A worker died or never started: fail what it held."""

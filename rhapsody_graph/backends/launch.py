@@ -168,6 +168,7 @@ class Launch:
 
     def _gather(self, sel: selectors.BaseSelector, procs: List[subprocess.Popen]) -> Completion:
         values: List[Any] = [None] * len(procs)
+        outputs: List[Any] = [None] * len(procs)
         while sel.get_map():
             for key, _ in sel.select():
                 rank, buf = key.data
@@ -184,12 +185,14 @@ class Launch:
                                           "before returning a value")
                     return (self.tid, DIED, wire.attach(exc, "", self.key), 0.0)
                 status, _, _, payload = got[0]
-                if status & ~wire.GPU_RUNTIME == wire.ERROR:
+                status, payload, outputs[rank] = wire.take_output(
+                    status & ~wire.GPU_RUNTIME, payload)
+                if status == wire.ERROR:
                     exc = wire.load_error(payload, self.key)
                     add_note(exc, f"in rank {rank} of {len(procs)}")
-                    return (self.tid, ERROR, exc, 0.0)
+                    return (self.tid, ERROR, exc, 0.0, tuple(outputs))
                 values[rank] = pickle.loads(payload)
-        return (self.tid, OK, wire.dump_value(values), 0.0)
+        return (self.tid, OK, wire.dump_value(values), 0.0, tuple(outputs))
 
 
 def _close_registered(sel: selectors.BaseSelector) -> None:

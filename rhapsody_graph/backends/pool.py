@@ -334,6 +334,10 @@ class WorkerPool:
                 out.append((tid, OK, payload, seconds))
             elif status == wire.ERROR:
                 out.append((tid, ERROR, wire.load_error(payload, key), seconds))
+            elif status & wire.OUTPUT:  # it printed: (stdout, stderr) come with it
+                status, payload, printed = wire.take_output(status, payload)
+                value = payload if status == wire.OK else wire.load_error(payload, key)
+                out.append((tid, OK if status == wire.OK else ERROR, value, seconds, (printed,)))
             else:
                 out.append((tid, DROPPED, None, 0.0))
 

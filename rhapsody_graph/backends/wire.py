@@ -39,7 +39,9 @@ from ..errors import RemoteError, RemoteTraceback, add_note
 OK, ERROR, DROPPED = 0, 1, 2
 IMPORTING = False  # True in a worker while it unpickles a task (and imports its module)
 GPU_RUNTIME = 0x80  # or-ed into a status once the worker has loaded a GPU runtime
+OUTPUT = 0x40  # or-ed into a status when the payload starts with the call's stdout/stderr
 RESULT = struct.Struct("<BQdQ")
+OUTPUT_HEAD = struct.Struct("<QQ")  # bytes of stdout, of stderr
 LENGTH = struct.Struct("<Q")
 PROTOCOL = 5
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
@@ -198,6 +200,26 @@ def frame(message: Any) -> bytes:
 def result_frame(status: int, tid: int, seconds: float, payload: bytes) -> bytes:
     """One worker → driver result."""
     return RESULT.pack(status, tid, seconds, len(payload)) + payload
+
+
+def with_output(status: int, payload: bytes, out: str, err: str) -> Tuple[int, bytes]:
+    """A result's status and payload carrying the call's captured ``out``/``err`` too."""
+    if not (out or err):
+        return status, payload
+    o, e = out.encode(errors="replace"), err.encode(errors="replace")
+    return status | OUTPUT, OUTPUT_HEAD.pack(len(o), len(e)) + o + e + payload
+
+
+def take_output(status: int, payload: bytes) -> Tuple[int, bytes, Optional[Tuple[str, str]]]:
+    """Undo :func:`with_output`: the status without ``OUTPUT``, the value's payload, and
+    ``(stdout, stderr)`` (``None`` when the call printed nothing)."""
+    if not status & OUTPUT:
+        return status, payload, None
+    n_out, n_err = OUTPUT_HEAD.unpack_from(payload)
+    start = OUTPUT_HEAD.size
+    out = payload[start:start + n_out].decode(errors="replace")
+    err = payload[start + n_out:start + n_out + n_err].decode(errors="replace")
+    return status & ~OUTPUT, payload[start + n_out + n_err:], (out, err)
 
 
 def split_results(buf: bytearray) -> List[Tuple[int, int, float, bytes]]:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, Optional
 
-from . import wire
+from . import capture, wire
 from ..resources import Placement
 
 
@@ -35,6 +35,7 @@ class Worker:
         self.home = os.sched_getaffinity(0)
         self.open = True
         self.gpu_flag = 0  # wire.GPU_RUNTIME once a GPU runtime is mapped in this process
+        self.out, self.err = capture.install()  # what each call prints, kept for its result
 
     def serve(self) -> None:
         while self.open or self.queue:
@@ -85,6 +86,7 @@ class Worker:
         _flush_std()
         if place and place[3] and not self.gpu_flag and _gpu_runtime_loaded():
             self.gpu_flag = wire.GPU_RUNTIME
+        status, payload = wire.with_output(status, payload, self.out.take(), self.err.take())
         wire.write_all(self.result_fd,
                        wire.result_frame(status | self.gpu_flag, tid, seconds, payload))
 

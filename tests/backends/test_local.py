@@ -260,3 +260,32 @@ def test_dragon_only_options_are_refused_on_the_local_backend(gpu_backend):
 def placement_seen():
     return (rhapsody.current_placement(), os.environ.get("CUDA_VISIBLE_DEVICES"),
             sorted(os.sched_getaffinity(0)))
+
+
+def _chatty(i):
+    print(f"out {i}")
+    print(f"err {i}", file=sys.stderr)
+    if i < 0:
+        raise ValueError(i)
+    return i
+
+
+def test_what_a_python_node_prints_is_on_its_future_with_the_value(gpu_backend):
+    ok, bad = rhapsody.submit(rhapsody.task(_chatty)(3), rhapsody.task(_chatty)(-1),
+                              backend=gpu_backend)
+    assert ok.result() == 3
+    assert (ok.where.stdout, ok.where.stderr) == ("out 3\n", "err 3\n")
+    assert isinstance(bad.exception(), ValueError)
+    assert (bad.where.stdout, bad.where.stderr) == ("out -1\n", "err -1\n")
+    quiet = rhapsody.submit(rhapsody.task(abs)(-2), backend=gpu_backend)
+    assert quiet.result() == 2 and quiet.where.stdout == "" and quiet.where.outputs == ()
+
+
+def test_each_rank_of_a_python_job_keeps_its_own_output(gpu_backend):
+    def hello():
+        print("rank", os.environ["RANK"])
+        return int(os.environ["RANK"])
+
+    job = rhapsody.submit(rhapsody.task(ranks=2)(hello)(), backend=gpu_backend)
+    assert job.result() == [0, 1]
+    assert job.where.outputs == (("rank 0\n", ""), ("rank 1\n", ""))

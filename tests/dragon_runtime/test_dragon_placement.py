@@ -66,3 +66,24 @@ def test_process_templates_give_each_group_of_ranks_its_own_arguments(dragon_bac
     groups = [(1, {"env": {"ROLE": "leader"}}), (1, {"env": {"ROLE": "follower"}})]
     node = rhapsody.task(role).options(process_templates=groups, distribution="ROUNDROBIN")()
     assert rhapsody.compute(node, backend=dragon_backend)[0] == [("0", "leader"), ("1", "follower")]
+
+
+def test_each_group_of_ranks_runs_on_the_cores_its_own_policy_pins(dragon_backend):
+    host = dragon_backend.inventory.hosts[0]
+    first, last = host.cpus[0], host.cpus[-1]
+
+    def where():
+        p = rhapsody.current_placement()
+        print("rank", os.environ["RANK"], "on", sorted(os.sched_getaffinity(0)))
+        return os.environ["ROLE"], sorted(os.sched_getaffinity(0)), p.cpus
+
+    def group(role, core):
+        policy = Policy(placement=Policy.Placement.HOST_NAME, host_name=host.name,
+                        cpu_affinity=[core])
+        return (1, {"policy": policy, "env": {"ROLE": role}})
+
+    node = rhapsody.task(where).options(process_templates=[group("a", first), group("b", last)])()
+    fut = rhapsody.submit(node, backend=dragon_backend)
+    assert fut.result(timeout=100) == [("a", [first], (first,)), ("b", [last], (last,))]
+    assert fut.where.stdout == f"rank 0 on [{first}]\nrank 1 on [{last}]\n"
+    assert dragon_backend.ledger.idle()

@@ -1,0 +1,115 @@
+"""RHAPSODY's backend classes, each a rhapsody_graph backend under RHAPSODY's name.
+
+=================================================  =========================================
+RHAPSODY                                           runs on
+=================================================  =========================================
+``ConcurrentExecutionBackend(executor=, name=)``   :class:`~rhapsody_graph.LocalBackend`
+                                                   (one worker process per ``max_workers``)
+``DragonExecutionBackendV3(num_workers=, name=)``  :class:`~rhapsody_graph.DragonBackend`
+``DragonExecutionBackend`` (same)                  :class:`~rhapsody_graph.DragonBackend`
+``DaskExecutionBackend(cluster=|client=, name=)``  :class:`~rhapsody_graph.DaskBackend`
+``DragonVllmInferenceBackend(name=, model=)``      :class:`~rhapsody_graph.InferenceBackend`
+=================================================  =========================================
+
+Each is awaitable (``backend = await ConcurrentExecutionBackend()``): awaiting starts
+its workers off the event loop. ``.backend`` is the rhapsody_graph backend.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Optional
+
+from ...ai.models import lookup, model
+from ...backends.inference import InferenceBackend
+from ...backends.local import LocalBackend
+
+__all__ = ["ConcurrentExecutionBackend", "DragonExecutionBackendV3", "DragonExecutionBackend",
+           "DaskExecutionBackend", "DragonVllmInferenceBackend"]
+
+
+class _Backend:
+    """A rhapsody_graph backend under a RHAPSODY name; awaiting it starts it."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name: str = backend.name
+
+    def __await__(self):
+        return self._started().__await__()
+
+    async def _started(self) -> "_Backend":
+        start = getattr(self.backend, "start", None)
+        if start is not None:
+            await asyncio.get_running_loop().run_in_executor(None, start)
+        return self
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.backend.shutdown)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ConcurrentExecutionBackend(_Backend):
+    """Tasks in local worker processes: ``executor``'s ``max_workers`` of them (a
+    ``concurrent.futures`` executor is read for its size only), else one per core."""
+
+    def __init__(self, executor: Any = None, name: str = "concurrent") -> None:
+        workers = getattr(executor, "_max_workers", None)
+        super().__init__(LocalBackend(cpus=workers, name=name))
+
+
+class DragonExecutionBackendV3(_Backend):
+    """Tasks as Dragon Batch calls (run under the ``dragon`` launcher)."""
+
+    def __init__(self, num_workers: Optional[int] = None, name: str = "dragon",
+                 **kwargs: Any) -> None:
+        from ...backends.dragon import DragonBackend
+        super().__init__(DragonBackend(workers=num_workers, name=name, **kwargs))
+
+
+DragonExecutionBackend = DragonExecutionBackendV3
+
+
+class DaskExecutionBackend(_Backend):
+    """Tasks on a Dask ``distributed`` cluster: ``cluster=`` (also one started with
+    ``asynchronous=True``), ``client=`` or ``address=``."""
+
+    def __init__(self, cluster: Any = None, client: Any = None, address: Optional[str] = None,
+                 name: str = "dask") -> None:
+        from ...backends.dask import DaskBackend
+        if cluster is not None and getattr(cluster, "asynchronous", False):
+            cluster, address = None, cluster.scheduler_address  # our client has its own loop
+        super().__init__(DaskBackend(client, cluster=cluster, address=address, name=name))
+
+    async def _started(self) -> "_Backend":
+        return self
+
+
+class DragonVllmInferenceBackend(_Backend):
+    """An inference service for one model. ``model`` names a model declared with
+    :func:`rhapsody_graph.model`, or is a path: a ``.gguf`` file (llama.cpp) or a
+    model directory (vLLM)."""
+
+    def __init__(self, name: str = "inference", model: str = "", **model_options: Any) -> None:
+        declared = _declared(model, model_options)
+        self.model_name = declared.name
+        super().__init__(InferenceBackend([declared], name=name))
+
+    async def _started(self) -> "_Backend":
+        return self  # its server starts with the first task that needs it
+
+
+def _declared(name: str, options: Any) -> Any:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"DragonVllmInferenceBackend: model= must name a model, got {name!r}")
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        engine = "vllm" if os.path.isdir(path) else "llama_cpp"
+        return model(os.path.basename(path.rstrip("/")), engine=engine, path=path, **options)
+    try:
+        return lookup(name, "DragonVllmInferenceBackend")
+    except Exception as exc:
+        raise ValueError(f"DragonVllmInferenceBackend: model {name!r} is neither a path to "
+                         "weights nor a model declared with rhapsody_graph.model(...)") from exc
