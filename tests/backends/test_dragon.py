@@ -47,6 +47,9 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     ("cpu_gpu_affinity.py", ["--gpus", "4"], r"gpu only .*CUDA_VISIBLE_DEVICES=\d"),
     ("gpu_round_robin.py", ["--gpus", "4"], r"task 7: host \S+, CUDA_VISIBLE_DEVICES=3"),
     ("multi_rank_job.py", [], r"executable ranks: \['rank 0 of 2', 'rank 1 of 2'\]"),
+    (os.path.join("..", "rhapsody", "dragon_templates.py"), [],
+     r"Task task\.\d+: DONE \(output: 'rank 0\\nrank 1'\)(?s:.*)"
+     r"Task groups: DONE \(output: 'rank 0 cores \[\d\]\\nrank 1 cores \[\d\]'\)"),
     ("mixed_session.py", ["--gpus", "2"],
      r"simulation 5 on hpc, host \S+, cores \[\d\]: 0.833(?s:.*)2 of 6 refined on \['cpu'\]\n"
      r"summary: \S(?s:.*)the summary ran on llm, host \S+"),
