@@ -53,7 +53,9 @@ import secrets
 import selectors
 import signal
 import socket
+import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import wire
@@ -69,6 +71,19 @@ from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, Placement
 
 __all__ = ["DragonBackend", "dragon_hosts"]
+
+#: every backend whose Batch client runs: shut down when the main thread ends, before
+#: Python waits for non-daemon threads (Batch keeps some), so that a program whose
+#: backend never joined a session, or failed before closing it, still exits
+_started: "weakref.WeakSet[DragonBackend]" = weakref.WeakSet()
+
+
+def _shut_down_started() -> None:
+    for backend in list(_started):
+        backend.shutdown()
+
+
+threading._register_atexit(_shut_down_started)  # the hook concurrent.futures uses too
 
 TIMEOUT_GRACE = 5.0  # Batch's own timeout fires this long after ours, as a backstop
 JOIN_TIMEOUT = 60.0  # shutdown() terminates a Batch client that takes longer to join
@@ -427,6 +442,7 @@ class DragonBackend(PoolBackend):
         if self.pool.hub is not None:
             self._watch_listener()
         self._batch = _start_batch_client(self._batch_module, self._machine)
+        _started.add(self)
 
     def _reachable(self) -> str:
         """This driver's address as processes on every host of the inventory reach it."""

@@ -111,8 +111,9 @@ class ComputeTask(BaseTask):
     ``process_templates`` as a job (one value per rank); an executable as a process,
     or as a job with ``process_templates``. Unlike RHAPSODY, a function's
     ``return_value`` is always its value (a job's: the list of its ranks' values), and
-    its ``stdout``/``stderr`` are what it printed. An executable's ``return_value``
-    is its stdout.
+    its ``stdout``/``stderr`` are what it printed. An executable's output is on
+    ``stdout``/``stderr`` and its ``return_value`` is ``None``, as in RHAPSODY (its
+    :class:`~rhapsody_graph.ExecResult` per rank is ``task.future.result()``).
     """
 
     def __init__(self, function: Optional[Callable[..., Any]] = None,
@@ -158,8 +159,7 @@ class ComputeTask(BaseTask):
             return
         ranks = value if isinstance(value, list) else [value]
         self.stdout = "".join(r.stdout for r in ranks)
-        self.stderr = "".join(r.stderr for r in ranks)
-        self.return_value = self.stdout
+        self.stderr = "".join(r.stderr for r in ranks)  # return_value stays None
 
 
 def _run_coroutine_function(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -113,13 +113,24 @@ if __name__ == "__main__":
 """
 
 
+FAILS_BEFORE_ITS_SESSION = """import rhapsody_graph as rhapsody
+
+if __name__ == "__main__":
+    backend = rhapsody.DragonBackend().start()  # started, never in a session
+    raise SystemExit("failed before the session")
+"""
+
+
 @pytest.mark.timeout(300)
-def test_a_dragon_program_that_never_closes_its_backend_exits_and_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("program, code_and_output", [
+    (UNCLOSED, (0, "(42,)")), (FAILS_BEFORE_ITS_SESSION, (1, "failed before the session"))])
+def test_a_dragon_program_that_never_closes_its_backend_exits_and_leaves_no_process(
+        tmp_path, program, code_and_output):
     script = tmp_path / "unclosed.py"
-    script.write_text(UNCLOSED)
+    script.write_text(program)
     before = dragon_pids()
     code, output = _launch([shutil.which("dragon"), str(script)], 240)
-    assert code == 0 and "(42,)" in output, output[-3000:]
+    assert (code, code_and_output[1] in output) == (code_and_output[0], True), output[-3000:]
     assert not dragon_pids() - before, "Dragon processes left behind"
 
 

@@ -41,7 +41,7 @@ def test_tasks_report_state_value_output_exit_code_and_backend():
         ("double", TaskState.DONE, 42, "doubling 21\n", 0, "cpu")
     assert bad.state == TaskState.FAILED and isinstance(bad.exception, KeyError)
     assert bad.exit_code == 1 and bad["state"] == "FAILED"
-    assert (exe.state, exe.return_value, exe.stdout, exe.stderr) == ("DONE", "out\n", "out\n", "err\n")
+    assert (exe.state, exe.return_value, exe.stdout, exe.stderr) == ("DONE", None, "out\n", "err\n")
     assert (exit3.state, exit3.exit_code, exit3.stderr) == ("FAILED", 3, "no\n")
 
 
@@ -86,7 +86,7 @@ def test_a_dragon_template_on_a_local_backend_is_refused_before_anything_runs():
 
 @pytest.mark.parametrize("example, shows", [
     ("baseline.py", ["task.000001: DONE on local_cpu", "return_value=49",
-                     "stdout='hello rhapsody\\n'"]),
+                     "return_value=None stdout='hello rhapsody\\n'"]),
 ])
 def test_converted_seed_example_runs(example, shows):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "rhapsody", example)],
