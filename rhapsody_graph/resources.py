@@ -296,6 +296,8 @@ class Inventory:
 
     def ranks_that_fit(self, req: Resources) -> int:
         """How many ranks of ``req`` fit on the whole inventory when it is empty."""
+        if req.per_rank is not None:  # ranks of their own: all of them, or none
+            return req.ranks if Ledger(self).allocate_ranks(req) is not None else 0
         total = 0
         for h in self.eligible(req):
             if req.cpu_ids is not None or req.gpu_ids is not None:

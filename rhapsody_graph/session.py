@@ -289,6 +289,8 @@ class Session:
         who = f"node {node.key!r}"
         if name is not None:
             b = self.backends.get(name)
+            if b is not None and kind in b.kinds and not b.accepts(node):
+                b.prepare(node)  # raises, naming the options it cannot honour, if it can
             if b is None or kind not in b.kinds or not b.accepts(node):
                 why = (f"this session has no backend named {name!r}" if b is None else
                        f"backend {name!r} does not run {kind} nodes with these options")

@@ -301,38 +301,26 @@ def _group_policies(merged: Mapping[str, Any], ranks: int) -> List[Tuple[int, An
 def _per_rank(merged: Mapping[str, Any], values: Mapping[str, Any],
               ranks: int) -> Optional[Tuple[Resources, ...]]:
     """One request per rank where Dragon policies pin groups of ranks (``None`` when no
-    policy does). A group's ranks share its policy's host, and split the cores and GPUs
-    it pins among them in order, so the ledger reserves exactly what each group pins:
-    ``cpu_affinity=[0, 1, 2, 3]`` over 2 ranks holds cores 0-1 for rank 0 and 2-3 for
-    rank 1. Dragon still starts every rank of the group with the policy as given."""
+    policy does). A group's ranks run on its policy's host and share what it pins, as
+    Dragon starts each of them with that policy: the group's first rank reserves the
+    pinned cores and GPUs once (so the ledger holds exactly what each group pins), the
+    others reserve none of them; what a group does not pin is asked for per rank."""
     groups = _group_policies(merged, ranks)
     if all(p is None for _, p in groups) or (ranks == 1 and len(groups) == 1):
         return None
     out: List[Resources] = []
     for count, policy in groups:
         group = {**merged, **_from_policy(policy)}
-        for share_cpus, share_gpus in zip(_split(group.get("cpu_affinity"), count),
-                                          _split(group.get("gpu_affinity"), count)):
+        cpu_ids, gpu_ids = group.get("cpu_affinity"), group.get("gpu_affinity")
+        for i in range(count):
+            share_cpus = None if cpu_ids is None else (cpu_ids if i == 0 else ())
+            share_gpus = None if gpu_ids is None else (gpu_ids if i == 0 else ())
             out.append(Resources(
                 merged["cpus"] if share_cpus is None else len(share_cpus),
                 merged["gpus"] if share_gpus is None else len(share_gpus),
                 merged["memory"], 1, "block", group["host"], group["host_id"],
                 share_cpus, share_gpus, _mode(group, {**values, **_from_policy(policy)})))
     return tuple(out)
-
-
-def _split(ids: Optional[Tuple[int, ...]], parts: int) -> List[Optional[Tuple[int, ...]]]:
-    """``ids`` cut into ``parts`` consecutive shares (earlier shares one larger);
-    ``None`` for each part when nothing is pinned."""
-    if ids is None:
-        return [None] * parts
-    size, extra = divmod(len(ids), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        out.append(tuple(ids[start:end]))
-        start = end
-    return out
 
 
 def _from_policy(policy: Any) -> Dict[str, Any]:

@@ -189,8 +189,9 @@ def test_ranks_with_requests_of_their_own_are_placed_each_by_its_own_or_not_at_a
 
 def test_ranks_that_can_never_fit_together_are_refused_naming_the_rank_and_the_hosts():
     inv = Inventory([Host("n0", cpus=2)])
-    inv.check(Resources(ranks=2, per_rank=(Resources(cpu_ids=(0,)), Resources(cpu_ids=(1,)))),
-              "node 'job'")
+    fits = Resources(ranks=2, per_rank=(Resources(cpu_ids=(0,)), Resources(cpu_ids=(1,))))
+    inv.check(fits, "node 'job'")
+    assert inv.ranks_that_fit(fits) == 2
     with pytest.raises(UnsatisfiableError, match=r"node 'job': rank 1 of 2 asks for 2 cpus, 0 "
                                                  r"gpus on cpu_affinity=\[0, 1\].*'n0' \(cpus \[0, 1\]"):
         inv.check(Resources(ranks=2, per_rank=(Resources(cpus=1), Resources(cpus=2, cpu_ids=(0, 1)))),

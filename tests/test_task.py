@@ -150,19 +150,23 @@ def test_a_policy_inside_process_template_is_the_nodes_policy():
         t.options(process_templates=[(1, {"policy": "cores 0-3"})])
 
 
-def test_each_group_of_ranks_is_placed_by_its_own_policy_splitting_the_ids_it_pins():
+def test_each_group_of_ranks_shares_what_its_own_policy_pins_reserved_once():
     t = rhapsody.task(lambda: 0)
     groups = [(2, {"policy": _policy(cpu_affinity=[0, 1, 2, 3])}),
-              (2, {"policy": _policy(cpu_affinity=[4, 5, 6], gpu_affinity=[0, 1])}),
+              (2, {"policy": _policy(cpu_affinity=[4, 5, 6], gpu_affinity=[0])}),
               (1, {"env": {"ROLE": "plain"}})]
     res = t.options(process_templates=groups).opts.resources
     assert res.ranks == 5
-    assert [(r.host, r.cpu_ids, r.gpu_ids, r.cpus) for r in res.per_rank] == [
-        ("n0", (0, 1), None, 2), ("n0", (2, 3), None, 2),
-        ("n0", (4, 5), (0,), 2), ("n0", (6,), (1,), 1),
-        (None, None, None, 1)]
+    assert [(r.host, r.cpu_ids, r.gpu_ids, r.cpus, r.gpus) for r in res.per_rank] == [
+        ("n0", (0, 1, 2, 3), None, 4, 0), ("n0", (), None, 0, 0),
+        ("n0", (4, 5, 6), (0,), 3, 1), ("n0", (), (), 0, 0),
+        (None, None, None, 1, 0)]
     ledger = rhapsody.Ledger(rhapsody.Inventory([rhapsody.Host("n0", cpus=8, gpus=2)]))
     placed = ledger.allocate_ranks(res)
-    assert [p.cpus for p in placed] == [(0, 1), (2, 3), (4, 5), (6,), (7,)]
-    with pytest.raises(rhapsody.UnsatisfiableError, match="rank 2 of 5 .*cpu_affinity=\\[4, 5\\]"):
+    assert [(p.cpus, p.gpus) for p in placed] == [
+        ((0, 1, 2, 3), ()), ((), ()), ((4, 5, 6), (0,)), ((), ()), ((7,), ())]
+    for p in placed:
+        ledger.release(p)
+    assert ledger.idle()
+    with pytest.raises(rhapsody.UnsatisfiableError, match="rank 2 of 5 .*cpu_affinity=\\[4, 5, 6\\]"):
         rhapsody.Inventory([rhapsody.Host("n0", cpus=4)]).check(res, "node 'job'")

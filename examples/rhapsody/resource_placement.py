@@ -2,9 +2,11 @@
 
     dragon python examples/rhapsody/resource_placement.py [--gpus 4]
 
-Only the RHAPSODY imports changed, plus two adaptations to the host it runs on: the
+Only the RHAPSODY imports changed, plus adaptations to the host it runs on: the
 tutorial pins cores 0-3 and 4-7 (and 0-7 and 8-15), which become the first and the
-second half of this host's cores; and on a machine where Dragon finds no GPU,
+second half of this host's cores; its 2 + 2 rank jobs get 1 + 1 ranks on a host of
+fewer than 4 cores (Dragon Batch starts a job of at most one rank per core, and
+rhapsody_graph refuses, before anything runs, a job that can never start); on a machine where Dragon finds no GPU,
 ``--gpus N`` declares N GPU ids (so placement shows in CUDA_VISIBLE_DEVICES). The
 tutorial makes a backend per section; one backend and one session serve them all here.
 Functions print JSON and return it: with rhapsody_graph, ``return_value`` is the value
@@ -82,15 +84,16 @@ async def main(declared_gpus):
         (t,) = await run(session, [templated(on_host(host))])
         print(f"2 process_template: ran on {json.loads(t.stdout)['hostname']} (target {host})")
         # 3. a parallel job of two groups, each with its own policy
-        (t,) = await run(session, [templated(groups=[(2, on_host(host)), (2, on_host(host))])])
+        n = max(1, min(2, len(os.sched_getaffinity(0)) // 2))  # Batch: a rank per core
+        (t,) = await run(session, [templated(groups=[(n, on_host(host)), (n, on_host(host))])])
         print(f"3 process_templates: {len(t.stdout.splitlines())} ranks reported")
         # 4. cpu affinity: two tasks on disjoint cores, then a job of two pinned groups
         a, b = await run(session, [templated(Policy(cpu_affinity=low)),
                                    templated(Policy(cpu_affinity=high))])
         cores_a, cores_b = (json.loads(x.stdout)["cpu_affinity"] for x in (a, b))
         print(f"4 cpu affinity: A {cores_a} B {cores_b} disjoint={set(cores_a).isdisjoint(cores_b)}")
-        (t,) = await run(session, [templated(groups=[(2, Policy(cpu_affinity=low)),
-                                                     (2, Policy(cpu_affinity=high))])])
+        (t,) = await run(session, [templated(groups=[(n, Policy(cpu_affinity=low)),
+                                                     (n, Policy(cpu_affinity=high))])])
         seen = [json.loads(line)["cpu_affinity"] for line in t.stdout.splitlines()]
         print(f"4 cpu affinity per group: {seen}")
         # 5. gpu affinity: one task per GPU, then 8 tasks round-robin, then a job per GPU group
@@ -99,8 +102,8 @@ async def main(declared_gpus):
         many = await run(session, [templated(on_gpu(gpus[i % len(gpus)])) for i in range(8)])
         print("5 round robin: " + " ".join(t.return_value["CUDA_VISIBLE_DEVICES"] for t in many))
         if len(gpus) >= 2:
-            (t,) = await run(session, [templated(groups=[(2, on_gpu(gpus[0])),
-                                                         (2, on_gpu(gpus[1]))])])
+            (t,) = await run(session, [templated(groups=[(n, on_gpu(gpus[0])),
+                                                         (n, on_gpu(gpus[1]))])])
             print("5 gpu groups: " + " ".join(r["CUDA_VISIBLE_DEVICES"] for r in t.return_value))
         # 6. combined cpu + gpu affinity
         both = await run(session, [templated(on_gpu(gpus[0], cpu_affinity=low))])

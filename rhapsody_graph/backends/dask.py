@@ -183,6 +183,8 @@ class DaskBackend(OwnCalls):
         """Close the session using it, cancel what runs, close a client it made."""
         close_session(self.hub)
         self.abort()
+        if self.client.status == "running":  # else the scheduler logs that it could not
+            self.client.unsubscribe_topic("all")  # tell this closing client it left
         if self._own:
             self.client.close()
 

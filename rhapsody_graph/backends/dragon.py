@@ -165,11 +165,12 @@ class _BatchProc:
             return type(exc).__name__ != "TaskNotReadyError"
         return True
 
-    def settle(self, deadline: float) -> None:
-        """Wait (until ``deadline``) for Batch to see this killed call end."""
+    def settle(self) -> None:
+        """Wait for Batch to see this killed call end (``Task.get`` may ignore its
+        timeout: callers bound the wait)."""
         if self.handle is not None:
             try:
-                self.handle.get(timeout=max(0.0, deadline - time.monotonic()))
+                self.handle.get()
             except Exception:
                 pass
 
@@ -216,6 +217,16 @@ class _Lowering:
         if self.mode in ("default", "anywhere") and policy is None:
             return ()
         return p.cpus
+
+    def seen(self, p: Placement) -> Placement:
+        """What rank ``p.rank`` runs with: the cores and GPUs its raw policy pins (shared
+        by its group's ranks, reserved once by the first of them), else its own."""
+        policy = self.raw_policy(p.rank)
+        if policy is None or not (policy.cpu_affinity or policy.gpu_affinity):
+            return p
+        return Placement(p.host, tuple(policy.cpu_affinity) or p.cpus,
+                         tuple(policy.gpu_affinity) or p.gpus, p.memory, p.rank,
+                         p.world_size, p.local_rank)
 
     def raw_policy(self, rank: int) -> Any:
         """The user's Dragon policy for rank ``rank``: its group's, else the node's."""
@@ -309,15 +320,30 @@ class DragonBackend(PoolBackend):
                             lambda mask, out: self._accept(out))
 
     def accepts(self, node: Node) -> bool:
-        """Every option of a compute node (Dragon's pass-throughs too)."""
-        return True
+        """Every option of a compute node (Dragon's pass-throughs too), and jobs of no
+        more ranks than Batch can start here (see :meth:`prepare`)."""
+        return node.opts.resources.ranks <= self._job_ranks
+
+    @property
+    def _job_ranks(self) -> int:
+        """The most ranks a Batch job can have here: dragonhpc 0.15 packs a job one
+        rank per core and waits forever for hosts it lacks (no timeout starts)."""
+        per_host = len(self.inventory.hosts[0].cpus) // (2 if _threads_per_core() > 1 else 1)
+        return max(1, per_host) * len(self.inventory.hosts)
 
     # -- encoding ------------------------------------------------------------------
 
     def prepare(self, node: Node) -> PoolCall:
         """Encode a node's call (an executable: :func:`.programs.run_program` on its
         argv) with what its options say about its Batch call; raise ``TypeError``
-        naming what cannot be sent."""
+        naming what cannot be sent, ``ValueError`` for a job too big for Batch."""
+        ranks = node.opts.resources.ranks
+        if ranks > self._job_ranks:
+            raise ValueError(
+                f"node {node.key!r} is a job of {ranks} ranks, but Dragon Batch runs a job "
+                f"of at most one rank per core, {self._job_ranks} on this allocation "
+                f"(ranks that share a policy's cores still count one each); ask for fewer "
+                f"ranks or run on more hosts")
         prepared = self.pool.encode(node, program=self._program)
         prepared.options = _Lowering(node.opts)
         return prepared
@@ -371,7 +397,8 @@ class DragonBackend(PoolBackend):
         lowering = p0.options
         job = self._jobs[call.tid] = _Job(call.tid, call.key, len(placements), p0.ranks > 1)
         templates = []
-        for rank, p in enumerate(placements):
+        for rank, granted in enumerate(placements):
+            p = lowering.seen(granted)
             w = self._new_worker(p.host, own_process=True)
             w.proc.job, w.proc.rank = job, rank
             job.workers.append(w)
@@ -618,13 +645,10 @@ class DragonBackend(PoolBackend):
         fatal exception", dragonhpc 0.15) when a process exits after the Batch worker
         joining it is gone, which a terminate right after a kill brings about.
         """
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        seen = set()
-        while self._stopped:
-            proc = self._stopped.pop()
-            if id(proc.handle) not in seen:  # the ranks of a job share one handle
-                seen.add(id(proc.handle))
-                proc.settle(deadline)
+        stopped, self._stopped[:] = list(self._stopped), []
+        # the ranks of a job share one handle
+        calls = list({id(proc.handle): proc for proc in stopped}.values())
+        _bounded(lambda: [proc.settle() for proc in calls], SETTLE_TIMEOUT)
 
 
 def _threads_per_core() -> int:
@@ -674,10 +698,11 @@ def _bounded(fn: Any, seconds: float) -> None:
     """Call ``fn`` in a daemon thread; stop waiting for it after ``seconds``.
 
     After a Ctrl-C that reached the whole process group, Dragon's own services may be
-    gone, and ``Batch.terminate`` then waits for an answer forever.
+    gone, and ``Batch.terminate`` then waits for an answer forever; a Batch
+    ``Task.get(timeout=)`` can block past its timeout (dragonhpc 0.15).
     """
     import threading
-    t = threading.Thread(target=fn, name="rhapsody-dragon-terminate", daemon=True)
+    t = threading.Thread(target=fn, name="rhapsody-dragon-bounded", daemon=True)
     t.start()
     t.join(seconds)
 

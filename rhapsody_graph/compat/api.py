@@ -208,13 +208,20 @@ class Session:
         self.tasks: List[BaseTask] = []
         self._session: Optional[_Session] = None
 
-    def _open(self) -> _Session:
+    async def _open(self) -> _Session:
+        """The session, made on first use. Off the event loop, as is every call that may
+        wait on a backend: an asynchronous Dask cluster is served by this very loop."""
         if self._session is None:
-            self._session = _Session(backends=[b.backend for b in self.backends])
+            backends = [b.backend for b in self.backends]
+            made = await asyncio.get_running_loop().run_in_executor(None, _Session, backends)
+            if self._session is None:
+                self._session = made
+            else:
+                made.close()
         return self._session
 
     async def __aenter__(self) -> "Session":
-        self._open()
+        await self._open()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -223,10 +230,10 @@ class Session:
     async def submit_tasks(self, tasks: Iterable[BaseTask]) -> List[BaseTask]:
         """Start ``tasks``; returns them (each is awaitable) at once."""
         tasks = list(tasks)
-        session, loop = self._open(), asyncio.get_running_loop()
+        session, loop = await self._open(), asyncio.get_running_loop()
         nodes = [t.node(self._model_for(t)) if isinstance(t, AITask) else t.node()
                  for t in tasks]  # every task checked before any starts
-        for t, fut in zip(tasks, session.submit(nodes)):
+        for t, fut in zip(tasks, await loop.run_in_executor(None, session.submit, nodes)):
             t._submitted(fut, loop)
         self.tasks += tasks
         return tasks

@@ -41,7 +41,7 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     assert not left, f"Dragon processes left behind: {sorted(left)}"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("example, args, shows", [
     ("ai_on_a_gpu.py", ["--gpus", "2"], r"analyse ran on \S+, GPU \d; best run \d\nsummary: \w"),
     ("cpu_gpu_affinity.py", ["--gpus", "4"], r"gpu only .*CUDA_VISIBLE_DEVICES=\d"),
@@ -50,13 +50,19 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     (os.path.join("..", "rhapsody", "dragon_templates.py"), [],
      r"Task task\.\d+: DONE \(output: 'rank 0\\nrank 1'\)(?s:.*)"
      r"Task groups: DONE \(output: 'rank 0 cores \[\d\]\\nrank 1 cores \[\d\]'\)"),
+    (os.path.join("..", "rhapsody", "resource_placement.py"), ["--gpus", "4"],
+     r"4 cpu affinity: A \[\d\] B \[\d\] disjoint=True(?s:.*)5 round robin: 0 1 2 3 0 1 2 3"
+     r"(?s:.*)6 combined: cores \[\d+\] GPU 0"),
+    (os.path.join("..", "rhapsody", "multiple_backends.py"), [],
+     r"Task 1 ran on: local_cpu\nTask 2 ran on: hpc_gpu\nImplicit task ran on: local_cpu; "
+     r"templated task on: hpc_gpu(?s:.*)16 of 16 hostname tasks finished on Dragon"),
     ("mixed_session.py", ["--gpus", "2"],
      r"simulation 5 on hpc, host \S+, cores \[\d\]: 0.833(?s:.*)2 of 6 refined on \['cpu'\]\n"
      r"summary: \S(?s:.*)the summary ran on llm, host \S+"),
 ])
 def test_dragon_example_runs_under_the_launcher_and_leaves_no_process(example, args, shows):
     before = dragon_pids()
-    code, output = _launch([shutil.which("dragon"), os.path.join(EXAMPLES, example), *args], 240)
+    code, output = _launch([shutil.which("dragon"), os.path.join(EXAMPLES, example), *args], 360)
     assert code == 0 and re.search(shows, output), output[-3000:]
     assert not dragon_pids() - before, "Dragon processes left behind"
 

@@ -87,6 +87,10 @@ def test_a_dragon_template_on_a_local_backend_is_refused_before_anything_runs():
 @pytest.mark.parametrize("example, shows", [
     ("baseline.py", ["task.000001: DONE on local_cpu", "return_value=49",
                      "return_value=None stdout='hello rhapsody\\n'"]),
+    ("mixed_ai.py", ["Simulation DONE (exit code 0): step 3 energy 7",
+                     "AI Summary DONE on vllm_service: '"]),
+    ("dask_cluster.py", ["squares [0, 1, 4, 9] on ", "none of them this one: True",
+                         "executable DONE: 'from a worker' exit code 0 on dask"]),
 ])
 def test_converted_seed_example_runs(example, shows):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "rhapsody", example)],
@@ -94,3 +98,4 @@ def test_converted_seed_example_runs(example, shows):
     assert done.returncode == 0, done.stderr[-3000:]
     for text in shows:
         assert text in done.stdout, done.stdout
+    assert "CRITICAL" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

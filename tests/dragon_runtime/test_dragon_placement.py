@@ -87,3 +87,23 @@ def test_each_group_of_ranks_runs_on_the_cores_its_own_policy_pins(dragon_backen
     assert fut.result(timeout=100) == [("a", [first], (first,)), ("b", [last], (last,))]
     assert fut.where.stdout == f"rank 0 on [{first}]\nrank 1 on [{last}]\n"
     assert dragon_backend.ledger.idle()
+
+
+def test_the_ranks_of_a_group_share_the_cores_their_policy_pins(dragon_backend):
+    host = dragon_backend.inventory.hosts[0]
+    pinned = Policy(placement=Policy.Placement.HOST_NAME, host_name=host.name,
+                    cpu_affinity=[host.cpus[0]])
+    node = rhapsody.task(seen).options(process_templates=[(2, {"policy": pinned})])()
+    ranks = rhapsody.compute(node, backend=dragon_backend)[0]
+    assert [r["affinity"] for r in ranks] == [[host.cpus[0]]] * 2
+    assert [r["placement"].cpus for r in ranks] == [(host.cpus[0],)] * 2
+    assert dragon_backend.ledger.idle()
+
+
+def test_a_job_of_more_ranks_than_batch_starts_is_refused_before_anything_runs(dragon_backend):
+    cores = sum(len(h.cpus) for h in dragon_backend.inventory.hosts)
+    shared = Policy(cpu_affinity=[dragon_backend.inventory.hosts[0].cpus[0]])
+    node = rhapsody.task(seen).options(process_templates=[(cores + 1, {"policy": shared})])()
+    with pytest.raises(ValueError, match=rf"{cores + 1} ranks.*at most one rank per core"):
+        rhapsody.submit(node, backend=dragon_backend)
+    assert dragon_backend.ledger.idle()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any, Optional
 
 from ...ai.models import lookup, model
@@ -74,16 +75,31 @@ DragonExecutionBackend = DragonExecutionBackendV3
 
 class DaskExecutionBackend(_Backend):
     """Tasks on a Dask ``distributed`` cluster: ``cluster=`` (also one started with
-    ``asynchronous=True``), ``client=`` or ``address=``."""
+    ``asynchronous=True``), ``client=`` or ``address=``. Its client connects off the
+    event loop (when awaited, else when the session opens): an asynchronous cluster is
+    served by that loop, which a connection made on it would block for good."""
 
     def __init__(self, cluster: Any = None, client: Any = None, address: Optional[str] = None,
                  name: str = "dask") -> None:
-        from ...backends.dask import DaskBackend
         if cluster is not None and getattr(cluster, "asynchronous", False):
             cluster, address = None, cluster.scheduler_address  # our client has its own loop
-        super().__init__(DaskBackend(client, cluster=cluster, address=address, name=name))
+        self.name = name
+        self._given = dict(client=client, cluster=cluster, address=address)
+        self._backend: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def backend(self) -> Any:
+        with self._lock:
+            if self._backend is None:
+                from ...backends.dask import DaskBackend
+                given = self._given
+                self._backend = DaskBackend(given["client"], cluster=given["cluster"],
+                                            address=given["address"], name=self.name)
+            return self._backend
 
     async def _started(self) -> "_Backend":
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.backend)
         return self
 
 
