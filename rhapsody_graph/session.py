@@ -289,11 +289,10 @@ class Session:
         who = f"node {node.key!r}"
         if name is not None:
             b = self.backends.get(name)
-            if b is not None and kind in b.kinds and not b.accepts(node):
-                b.prepare(node)  # raises, naming the options it cannot honour, if it can
             if b is None or kind not in b.kinds or not b.accepts(node):
                 why = (f"this session has no backend named {name!r}" if b is None else
-                       f"backend {name!r} does not run {kind} nodes with these options")
+                       f"backend {name!r} does not run {kind} nodes with these options"
+                       + _refusal(b, node))
                 raise NoBackendError(f"{who} asks for backend {name!r}, but {why}; the "
                                      f"session's backends: {', '.join(self.backends)}",
                                      node.key, list(self.backends))
@@ -385,6 +384,17 @@ def _kind(node: Node) -> str:
     if node.kind != AI and node.opts.resources.ranks > 1:
         return RANKS_KIND
     return node.kind
+
+
+def _refusal(backend: Any, node: Node) -> str:
+    """Why ``backend`` refuses ``node``, as its ``prepare`` says it (else nothing)."""
+    if _kind(node) not in backend.kinds:
+        return ""
+    try:
+        backend.prepare(node)
+    except (TypeError, ValueError) as exc:
+        return f" ({exc})"
+    return ""
 
 
 def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
