@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
@@ -271,6 +272,19 @@ class Graph:
         from .api import run
         values = run(self, **kwargs)
         return values[0] if len(values) == 1 else values
+
+    def visualize(self, path: "str | os.PathLike[str]", max_boxes: int = 200) -> str:
+        """Draw the graph with Graphviz into ``path`` (``.svg``, ``.png``, ``.pdf``, or
+        ``.dot`` for the source); return the path. Like nodes are drawn as one box with
+        a count (see :mod:`rhapsody_graph.drawing`). Needs ``pip install
+        "rhapsody-graph[viz]"`` and Graphviz's ``dot`` (a clear error says so)."""
+        from .drawing import visualize
+        return visualize(self, path, max_boxes)
+
+    def to_mermaid(self, max_boxes: int = 200) -> str:
+        """The graph as a Mermaid ``flowchart`` for Markdown, boxes as in :meth:`visualize`."""
+        from .drawing import to_mermaid
+        return to_mermaid(self, max_boxes)
 
     def __repr__(self) -> str:
         return f"<Graph {len(self)} nodes, {len(self.outputs)} outputs>"
