@@ -20,13 +20,14 @@ from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, Wh
 from .graph import Graph, Node
 from .interop.dask import get
 from .journal import explain
+from .report import report
 from .resources import Host, Inventory, Ledger, Placement, Resources, current_placement
 from .session import Session
 from .task import ExecResult, Task, executable, map, task
 
 __all__ = [
     "task", "Task", "executable", "map", "compute", "Graph", "Node", "ExecResult",
-    "Session", "submit", "get", "explain", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
+    "Session", "submit", "get", "explain", "report", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
     "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
     "LocalBackend", "DragonBackend", "InferenceBackend", "DaskBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",

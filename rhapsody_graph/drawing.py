@@ -31,6 +31,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from .backends.base import RANKS_KIND, kind_of
+
 __all__ = ["Box", "boxes", "to_mermaid", "to_dot", "visualize", "MAX_BOXES"]
 
 MAX_BOXES = 200  # more than this and a task's nodes share one box whatever they read
@@ -90,9 +92,10 @@ def _node(dep: Any) -> Any:
 def _describe(node: Any) -> Tuple[str, str]:
     """(kind, request) of a node, for its box."""
     res = node.opts.resources
-    if node.kind == "ai":
+    kind = kind_of(node)
+    if kind == "ai":
         return "ai", f"model {node.fn.model}"
-    kind = "job" if res.ranks > 1 else node.kind
+    kind = "job" if kind == RANKS_KIND else kind
     parts = [f"{res.cpus} cpu{'s' if res.cpus != 1 else ''}"]
     if res.gpus:
         parts.append(f"{res.gpus} gpu{'s' if res.gpus != 1 else ''}")

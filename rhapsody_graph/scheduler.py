@@ -170,9 +170,10 @@ class Lane:
 class Attempt:
     __slots__ = ("task", "lease", "placements", "start", "after", "outputs")
 
-    def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any]) -> None:
+    def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any],
+                 timed: Any) -> None:
         self.task, self.lease, self.placements = task, lease, placements
-        self.start = time.time() if task.futures else 0.0  # for a future's `where`
+        self.start = time.time() if timed else 0.0  # for a future's `where`, the run log
         self.after: Optional[Callable[[], None]] = None  # once killed: what then
         self.outputs: Optional[Tuple[Any, ...]] = None  # per rank: (stdout, stderr) or None
 
@@ -195,6 +196,7 @@ class Scheduler:
         self.closing = False
         self.closed = threading.Event()
         self.intake: Deque[Tuple[Sequence[Task], Sequence[Tuple[Task, Any]], Group]] = deque()
+        self.runlog: Any = None  # a RunLog: each ended attempt is written there
 
     # -- asked from any thread (each runs later on the scheduler thread) ------------------
 
@@ -504,7 +506,7 @@ class Scheduler:
         tid = next(_tids)
         t.state = RUNNING
         t.tid = tid
-        self.inflight[tid] = Attempt(t, lease, placements)
+        self.inflight[tid] = Attempt(t, lease, placements, t.futures or self.runlog)
         lane = t.lane
         lane.used = True
         node = t.node
@@ -526,6 +528,8 @@ class Scheduler:
         """A call has ended; ``outputs``: what each rank printed, ``(stdout, stderr)`` or
         ``None``, where the backend captured it."""
         attempt = self.inflight.pop(tid, None)
+        if self.runlog is not None:
+            self._log(attempt, self.killing.get(tid), status, payload)
         if attempt is None:
             attempt = self.killing.pop(tid, None)
             if attempt is not None:  # a killed call has ended: now its placements are free
@@ -549,6 +553,22 @@ class Scheduler:
             if t.futures:
                 t.where = self._where(t, attempt)
             self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload))
+
+    def _log(self, attempt: Optional[Attempt], killed: Optional[Attempt], status: str,
+             payload: Any) -> None:
+        """Write the ended attempt to the run journal (:mod:`.runlog`)."""
+        if killed is not None or (attempt is not None and status == KILLED):
+            attempt = killed or attempt
+            self.runlog.write(attempt.task, attempt, "killed", 0)
+        elif attempt is None:
+            return
+        elif status == OK:
+            self.runlog.write(attempt.task, attempt, "done", len(payload))
+        elif status == DROPPED:
+            self.runlog.write(attempt.task, attempt, "dropped", 0)
+        else:
+            self.runlog.write(attempt.task, attempt, "died" if status == DIED else "failed", 0,
+                              f"{type(payload).__name__}: {payload}")
 
     @staticmethod
     def _where(t: Task, attempt: Attempt) -> Where:

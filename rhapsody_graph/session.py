@@ -28,11 +28,12 @@ import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .ai.nodes import AI
-from .backends.base import RANKS_KIND, Completions
+from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .journal import Journal
+from .runlog import RunLog
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
 
 __all__ = ["Session"]
@@ -52,6 +53,9 @@ class Session:
         journal: a directory that keeps every finished node's value, so that a run
             of the same program after a crash reuses what finished (see
             :mod:`rhapsody_graph.journal`).
+        run_log: a file to which every attempt of a node is appended as a JSON line
+            (node, backend, host, cores, GPUs, attempt, start, end, outcome, bytes: see
+            :mod:`rhapsody_graph.runlog`), for :func:`rhapsody_graph.report`.
 
     A node with ``backend="name"`` runs there; any other goes to the first backend
     that runs its kind (function, executable, multi-rank, AI) and can hold it. When
@@ -61,7 +65,8 @@ class Session:
     """
 
     def __init__(self, backends: Optional[Sequence[Any]] = None, *,
-                 journal: "str | os.PathLike[str] | None" = None, _owns: bool = True) -> None:
+                 journal: "str | os.PathLike[str] | None" = None,
+                 run_log: "str | os.PathLike[str] | None" = None, _owns: bool = True) -> None:
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -98,6 +103,8 @@ class Session:
         for b in backends:
             b.attach(self._completions)
         self._scheduler = Scheduler(backends, self._completions)
+        self._runlog = RunLog(run_log) if run_log is not None else None
+        self._scheduler.runlog = self._runlog
         self._thread = threading.Thread(target=self._scheduler.run, name="rhapsody-scheduler",
                                         daemon=True)
         self._thread.start()
@@ -283,7 +290,7 @@ class Session:
         return backend
 
     def _choose(self, node: Node) -> Any:
-        kind = _kind(node)
+        kind = kind_of(node)
         res = node.opts.resources
         name = node.opts.backend
         who = f"node {node.key!r}"
@@ -352,6 +359,8 @@ class Session:
             if self._owns or b in self._implicit:
                 b.shutdown()
         self._completions.close()
+        if self._runlog is not None:
+            self._runlog.close()
 
     def __enter__(self) -> "Session":
         _current.append(self)
@@ -380,15 +389,9 @@ def current_session() -> Optional[Session]:
     return _current[-1] if _current else None
 
 
-def _kind(node: Node) -> str:
-    if node.kind != AI and node.opts.resources.ranks > 1:
-        return RANKS_KIND
-    return node.kind
-
-
 def _refusal(backend: Any, node: Node) -> str:
     """Why ``backend`` refuses ``node``, as its ``prepare`` says it (else nothing)."""
-    if _kind(node) not in backend.kinds:
+    if kind_of(node) not in backend.kinds:
         return ""
     try:
         backend.prepare(node)

@@ -69,6 +69,14 @@ Completion = Tuple[Any, ...]
 RANKS_KIND = "ranks"
 
 
+def kind_of(node: Any) -> str:
+    """The kind a node is routed by: :data:`RANKS_KIND` for a function or executable
+    of several ranks, else its own ``node.kind``."""
+    if node.kind != "ai" and node.opts.resources.ranks > 1:
+        return RANKS_KIND
+    return node.kind
+
+
 class Completions:
     """The session's one completion queue: backends post, the scheduler drains.
 

@@ -1,0 +1,89 @@
+"""The run journal: one JSON line per attempt of a node, for reports and timelines.
+
+``Session(run_log="run.jsonl")`` appends, as each attempt ends, a line with:
+
+=============  ==========================================================
+``node``       the node's key; ``name``: its task's name
+``kind``       ``function``, ``executable``, ``job`` (several ranks) or ``ai``
+``backend``    the backend's name
+``host``       the first rank's host; ``hosts``: every rank's
+``cpus``       core ids of every rank; ``gpus``: GPU ids of every rank
+``attempt``    1, then 2, ... for retries
+``start``      wall-clock seconds (``time.time()``) the attempt was started
+``end``        and when the scheduler learnt that it ended
+``outcome``    ``done``, ``failed``, ``died`` (its process died), ``killed``
+               (timeout, cancel) or ``dropped`` (never started)
+``bytes``      the size of its encoded value (``done`` only, else 0)
+``error``      the exception's type and message (``failed``, ``died``)
+=============  ==========================================================
+
+This is not the resume journal (``Session(journal=...)``, :mod:`.journal`): it keeps
+no values, only what ran where. :func:`read` loads it; :func:`rhapsody_graph.report`
+draws it.
+
+>>> import os, tempfile, rhapsody_graph as rhapsody
+>>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
+>>> with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+...     s.submit(rhapsody.task(abs)(-2)).result(timeout=60)
+2
+>>> [(r["name"], r["outcome"], r["attempt"], r["bytes"] > 0) for r in read(path)]
+[('abs', 'done', 1, True)]
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List
+
+from .backends.base import RANKS_KIND, kind_of
+
+__all__ = ["RunLog", "read"]
+
+OUTCOMES = ("done", "failed", "died", "killed", "dropped")
+
+
+class RunLog:
+    """Appends attempt records to ``path`` (a line each, flushed as written)."""
+
+    def __init__(self, path: "str | os.PathLike[str]") -> None:
+        self.path = os.fspath(path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,
+              error: str = "") -> None:
+        """One attempt of ``task`` (a scheduler record) has ended with ``outcome``."""
+        placements = attempt.placements or ()
+        record: Dict[str, Any] = {
+            "node": task.node.key, "name": task.node.name, "kind": _kind(task.node),
+            "backend": task.backend.name,
+            "host": placements[0].host if placements else "",
+            "hosts": [p.host for p in placements],
+            "cpus": [list(p.cpus) for p in placements],
+            "gpus": [list(p.gpus) for p in placements],
+            "attempt": task.failures + 1, "start": attempt.start, "end": time.time(),
+            "outcome": outcome, "bytes": nbytes}
+        if error:
+            record["error"] = error
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _kind(node: Any) -> str:
+    kind = kind_of(node)
+    return "job" if kind == RANKS_KIND else kind
+
+
+def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
+    """The records of a run journal, in the order they were written (a torn last line,
+    from a driver killed while writing it, is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records

@@ -1,0 +1,57 @@
+"""The run journal: a JSON line per attempt, with where it ran and how it ended."""
+import time
+
+import pytest
+
+import rhapsody_graph as rhapsody
+from rhapsody_graph.runlog import read
+
+
+def flaky(x):
+    raise ValueError(f"bad input {x}")
+
+
+def payload(n):
+    return bytes(n)
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_every_attempt_is_a_line_with_its_placement_outcome_and_bytes(tmp_path):
+    path = tmp_path / "run.jsonl"
+    backend = rhapsody.LocalBackend(cpus=2, gpus=1)
+    with rhapsody.Session(backends=[backend], run_log=path) as s:
+        big = s.submit(rhapsody.task(payload).options(gpus=1)(10_000))
+        bad = s.submit(rhapsody.task(flaky).options(retries=1)(7))
+        echo = s.submit(rhapsody.executable(["echo", "hi"]))
+        assert len(big.result(timeout=60)) == 10_000 and echo.result(timeout=60).returncode == 0
+        with pytest.raises(ValueError):
+            bad.result(timeout=60)
+        slow = s.submit(rhapsody.task(nap)(60))
+        while not slow.running():
+            rhapsody.wait([slow], timeout=0.05)
+        slow.cancel()
+    records = read(path)
+    by_name = {}
+    for r in records:
+        by_name.setdefault(r["name"], []).append(r)
+    (b,) = by_name["payload"]
+    assert (b["outcome"], b["kind"], b["backend"], b["attempt"]) == ("done", "function", "local", 1)
+    assert b["bytes"] >= 10_000 and b["gpus"] == [[0]] and len(b["cpus"][0]) == 1
+    assert b["host"] == backend.inventory.hosts[0].name and b["end"] >= b["start"] > 0
+    assert [(r["outcome"], r["attempt"]) for r in by_name["flaky"]] == [("failed", 1), ("failed", 2)]
+    assert by_name["flaky"][0]["error"] == "ValueError: bad input 7"
+    assert by_name["echo"][0]["kind"] == "executable" and by_name["echo"][0]["outcome"] == "done"
+    assert [r["outcome"] for r in by_name["nap"]] == ["killed"]
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+        s.submit(rhapsody.task(abs)(-1)).result(timeout=60)
+    with open(path, "a") as f:
+        f.write('{"node": "cut of')
+    assert [r["name"] for r in read(path)] == ["abs"]
