@@ -18,6 +18,7 @@ backend of that kind.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -45,8 +46,9 @@ _lock = threading.Lock()
 
 
 def get_backend(backend: Any = None) -> Any:
-    """The backend to run on: an instance, a name of :data:`BACKENDS`, or ``None`` (local)."""
-    name = "local" if backend is None else backend
+    """The backend to run on: an instance, a name of :data:`BACKENDS`, or ``None``: the
+    one named by ``$RHAPSODY_GRAPH_BACKEND`` (``rhapsody-graph run --backend``), else local."""
+    name = (os.environ.get("RHAPSODY_GRAPH_BACKEND") or "local") if backend is None else backend
     if not isinstance(name, str):
         return backend
     if name not in BACKENDS:

@@ -1,0 +1,97 @@
+"""The ``rhapsody-graph`` command line, run as a user runs it (the installed console script)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.backends.test_dragon import dragon_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=120):
+    exe = shutil.which("rhapsody-graph")
+    assert exe, 'the console script is missing: pip install ".[test]" installs it'
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_help_works_for_every_command():
+    for args in ([], ["info"], ["run"], ["visualize"], ["report"]):
+        out = cli(*args, "--help")
+        assert out.returncode == 0 and "usage: rhapsody-graph" in out.stdout, out.stderr
+
+
+def test_info_shows_this_hosts_cores_and_what_is_installed_with_versions():
+    found = json.loads(cli("info", "--json").stdout)
+    assert found["cores"] == sorted(os.sched_getaffinity(0))
+    dask = found["components"]["Dask backend"]
+    assert dask["package"] == "distributed" and dask["version"]  # the test extra installs it
+    vllm = found["components"]["vLLM inference"]
+    assert vllm["version"] or vllm["install"] == "pip install vllm"
+    text = cli("info").stdout
+    assert f"{len(found['cores'])} cores" in text and "Dragon backend: dragonhpc" in text
+
+
+def test_run_gives_the_script_its_arguments_default_backend_and_exit_code(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import rhapsody_graph as rhapsody
+        fut = rhapsody.submit(rhapsody.task(abs)(-5))
+        print("value", fut.result(timeout=60), "on", fut.where.backend, "args", sys.argv[1:])
+        sys.exit(3)
+    """))
+    out = cli("run", str(script), "--", "a", "--b")
+    assert out.returncode == 3, out.stderr
+    assert "value 5 on local args ['a', '--b']" in out.stdout
+
+
+def test_run_of_a_script_that_raises_prints_its_traceback_and_exits_1(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("raise KeyError('no such sample')\n")
+    out = cli("run", str(script))
+    assert out.returncode == 1 and "KeyError: 'no such sample'" in out.stderr
+    missing = cli("run", str(tmp_path / "absent.py"))
+    assert missing.returncode == 2 and "no such script" in missing.stderr
+
+
+def test_visualize_draws_a_scripts_graph_and_names_what_is_wrong(tmp_path):
+    out_file = tmp_path / ("flow.svg" if shutil.which("dot") else "flow.dot")
+    out = cli("visualize", "examples/pictures.py:workflow", str(out_file))
+    assert out.returncode == 0, out.stderr
+    assert "40,004 nodes drawn" in out.stdout and "simulate ×20,000" in out_file.read_text()
+    wrong = cli("visualize", "examples/pictures.py:nothing", str(out_file))
+    assert wrong.returncode == 2 and "examples/pictures.py has no 'nothing'" in wrong.stderr
+    shape = cli("visualize", "examples/pictures.py", str(out_file))
+    assert shape.returncode == 2 and "give SCRIPT:NAME" in shape.stderr
+
+
+def test_report_writes_the_page_of_a_run_journal(tmp_path):
+    journal = tmp_path / "run.jsonl"
+    code = ("import rhapsody_graph as r\n"
+            f"with r.Session(run_log={str(journal)!r}) as s: s.submit(r.task(abs)(-1)).result()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    out = cli("report", str(journal), str(tmp_path / "run.html"))
+    assert out.returncode == 0 and "1 node, 1 attempt (1 done)" in (tmp_path / "run.html").read_text()
+    missing = cli("report", str(tmp_path / "none.jsonl"), str(tmp_path / "x.html"))
+    assert missing.returncode == 2 and "no such run journal" in missing.stderr
+    bad = cli("report", str(journal), str(tmp_path / "x.txt"))
+    assert bad.returncode == 1 and "unknown report type" in bad.stderr
+
+
+@pytest.mark.timeout(300)
+def test_run_with_backend_dragon_runs_the_script_under_the_launcher(tmp_path):
+    script = tmp_path / "on_dragon.py"
+    script.write_text(textwrap.dedent("""
+        import rhapsody_graph as rhapsody
+        fut = rhapsody.submit(rhapsody.task(abs)(-7))
+        print("value", fut.result(timeout=120), "on", fut.where.backend)
+    """))
+    before = dragon_pids()
+    out = cli("run", "--backend", "dragon", str(script), timeout=280)
+    assert out.returncode == 0 and "value 7 on dragon" in out.stdout, out.stdout + out.stderr
+    assert not dragon_pids() - before, "Dragon processes left behind"
