@@ -78,7 +78,7 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
 
 def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
             on_error: Optional[str] = None, fail_fast: Optional[bool] = None,
-            journal: Any = None) -> Tuple[Any, ...]:
+            journal: Any = None, progress: Optional[bool] = None) -> Tuple[Any, ...]:
     """Run everything ``outputs`` need, once; return their values as a tuple.
 
     Args:
@@ -94,6 +94,9 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
             node that does not depend on the failure, then raises.
         journal: a directory that keeps finished nodes' values; a later call with the
             same journal reuses those of unchanged nodes (see :mod:`rhapsody_graph.journal`).
+        progress: ``True`` shows this call's progress (live in a terminal, else a line
+            every 10 s) when its session shows none; ``False``/``None`` add nothing to
+            the session's own display (see :mod:`rhapsody_graph.progress`).
     Returns:
         one value per output.
     Raises:
@@ -101,14 +104,15 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
         ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
     """
     return get_session(backend, session).compute(*outputs, on_error=on_error, fail_fast=fail_fast,
-                                                 journal=journal)
+                                                 journal=journal, progress=progress)
 
 
 def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
-        on_error: Optional[str] = None, fail_fast: Optional[bool] = None) -> Tuple[Any, ...]:
+        on_error: Optional[str] = None, fail_fast: Optional[bool] = None,
+        progress: Optional[bool] = None) -> Tuple[Any, ...]:
     """Run a :class:`Graph`; return one value per output (see :func:`compute`)."""
     return compute(*graph.outputs, backend=backend, session=session, on_error=on_error,
-                   fail_fast=fail_fast)
+                   fail_fast=fail_fast, progress=progress)
 
 
 def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:

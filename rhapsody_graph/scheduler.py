@@ -15,6 +15,9 @@ State (all of it touched only by the scheduler thread, except where noted):
 * ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
   to the ledger only then; ``deadlines``: a heap of (time, tid).
+* per lane, counters the progress display reads (:mod:`.progress`): records
+  ``submitted``, attempts ``started`` and ``stopped``, records ended ``done``,
+  ``failed``, ``cancelled``.
 * groups: what one ``compute()`` added (:class:`Group`): its errors, its
   failure policy (``on_error``), and an event set when all of it has ended (at the end of that
   loop pass, after an idle session's backends dropped their per-run state). All
@@ -165,6 +168,9 @@ class Lane:
         self.drained: List[Lease] = []  # shared leases with nothing queued
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
+        # what the progress display reads (from its own thread: plain int reads)
+        self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
+        self.done = self.failed = self.cancelled = 0  # records ended so
 
 
 class Attempt:
@@ -298,6 +304,8 @@ class Scheduler:
             if t.state not in ENDED:
                 self._fail(t, exc, final=True)
         self._abort_backends()
+        for attempt in self.inflight.values():
+            attempt.task.lane.stopped += 1
         self.inflight.clear()
         self.killing.clear()
         for _, event in self.kill_waits:
@@ -339,6 +347,7 @@ class Scheduler:
             tasks.setdefault(t.node, t)
             group.live += 1
             self.live += 1
+            t.lane.submitted += 1
             waiting = 0
             upstream_failed = None
             for d in t.deps:
@@ -508,6 +517,7 @@ class Scheduler:
         t.tid = tid
         self.inflight[tid] = Attempt(t, lease, placements, t.futures or self.runlog)
         lane = t.lane
+        lane.started += 1
         lane.used = True
         node = t.node
         timeout = node.opts.timeout
@@ -528,6 +538,8 @@ class Scheduler:
         """A call has ended; ``outputs``: what each rank printed, ``(stdout, stderr)`` or
         ``None``, where the backend captured it."""
         attempt = self.inflight.pop(tid, None)
+        if attempt is not None:
+            attempt.task.lane.stopped += 1
         if self.runlog is not None:
             self._log(attempt, self.killing.get(tid), status, payload)
         if attempt is None:
@@ -637,6 +649,13 @@ class Scheduler:
         t.futures = None
         if (t.state != DONE or not t.needed) and tasks.get(t.node) is t:
             del tasks[t.node]
+        lane = t.lane
+        if t.state == DONE:
+            lane.done += 1
+        elif t.state == FAILED:
+            lane.failed += 1
+        else:
+            lane.cancelled += 1
         self.live -= 1
         group = t.group
         group.live -= 1
@@ -727,6 +746,7 @@ class Scheduler:
             if attempt is None:
                 continue
             t = attempt.task
+            t.lane.stopped += 1
             error = NodeTimeoutError.of(t.node.key, t.node.opts.timeout)
 
             def after(t: Task = t, error: BaseException = error) -> None:
@@ -766,6 +786,7 @@ class Scheduler:
         if t.state == RUNNING:
             attempt = self.inflight.pop(t.tid, None)
             if attempt is not None:
+                t.lane.stopped += 1
                 self._kill(t.tid, attempt, None)
             kills.add(t.tid)
         dependents = t.dependents

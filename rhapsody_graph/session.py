@@ -33,6 +33,7 @@ from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .journal import Journal
+from .progress import Progress, mode
 from .runlog import RunLog
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
 
@@ -56,6 +57,9 @@ class Session:
         run_log: a file to which every attempt of a node is appended as a JSON line
             (node, backend, host, cores, GPUs, attempt, start, end, outcome, bytes: see
             :mod:`rhapsody_graph.runlog`), for :func:`rhapsody_graph.report`.
+        progress: show nodes done / running / failed / waiting per backend while the
+            session runs (``None``: in a terminal, or as a line every 10 s in a long
+            batch run, unless ``$CI`` is set; see :mod:`rhapsody_graph.progress`).
 
     A node with ``backend="name"`` runs there; any other goes to the first backend
     that runs its kind (function, executable, multi-rank, AI) and can hold it. When
@@ -66,7 +70,8 @@ class Session:
 
     def __init__(self, backends: Optional[Sequence[Any]] = None, *,
                  journal: "str | os.PathLike[str] | None" = None,
-                 run_log: "str | os.PathLike[str] | None" = None, _owns: bool = True) -> None:
+                 run_log: "str | os.PathLike[str] | None" = None,
+                 progress: Optional[bool] = None, _owns: bool = True) -> None:
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -105,6 +110,8 @@ class Session:
         self._scheduler = Scheduler(backends, self._completions)
         self._runlog = RunLog(run_log) if run_log is not None else None
         self._scheduler.runlog = self._runlog
+        how = mode(progress)
+        self._progress = Progress(self._scheduler.lanes.values(), how) if how else None
         self._thread = threading.Thread(target=self._scheduler.run, name="rhapsody-scheduler",
                                         daemon=True)
         self._thread.start()
@@ -137,12 +144,23 @@ class Session:
 
     def compute(self, *outputs: Any, on_error: Optional[str] = None,
                 fail_fast: Optional[bool] = None,
-                journal: "str | os.PathLike[str] | None" = None) -> Tuple[Any, ...]:
+                journal: "str | os.PathLike[str] | None" = None,
+                progress: Optional[bool] = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
         policy = _on_error(on_error, fail_fast)
         roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
+        how = mode(progress) if progress and self._progress is None else None
+        shown = Progress(self._scheduler.lanes.values(), how) if how else None
+        try:
+            return self._compute(outputs, roots, policy, journal)
+        finally:
+            if shown is not None:
+                shown.stop()
+
+    def _compute(self, outputs: Sequence[Any], roots: Sequence[Any], policy: str,
+                 journal: "str | os.PathLike[str] | None") -> Tuple[Any, ...]:
         group = Group(policy, waited=True)
         group.journal = Journal(journal) if journal is not None else self._futures.journal
         handles = self._submit(roots, group)
@@ -353,6 +371,8 @@ class Session:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._scheduler.close()
             self._scheduler.closed.wait(CANCEL_TIMEOUT)
+        if self._progress is not None:
+            self._progress.stop()
         # backends placed on another go first: their servers may need it to stop
         for b in sorted(self.backends.values(), key=lambda b: getattr(b, "on", None) is None):
             b.attach(None)

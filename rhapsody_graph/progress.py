@@ -1,0 +1,197 @@
+"""The progress display: nodes done / running / failed / waiting per backend, with
+elapsed and estimated time, for everything a session runs.
+
+One display per session, whatever submits (``compute()``, ``submit()`` while the user
+iterates ``as_completed``). It runs in its own thread and only reads the counters the
+scheduler keeps per backend (:class:`~.scheduler.Lane`), so the scheduler does no
+more than a few integer additions per node for it.
+
+Modes (:func:`mode`): ``"live"``, a `rich <https://rich.readthedocs.io>`_ display
+redrawn in place (an interactive terminal; ``pip install "rhapsody-graph[progress]"``,
+else plain lines); ``"lines"``, a plain line per backend every
+:data:`LINE_INTERVAL` seconds and one at the end, for runs that long (batch job logs,
+where stdout is not a terminal); ``None``, nothing. ``progress=None`` (the default) chooses: nothing when
+``$CI`` is set, live in a terminal, lines otherwise.
+
+>>> mode(False), mode(None, tty=True, environ={}), mode(None, tty=False, environ={})
+(None, 'live', 'lines')
+>>> mode(None, tty=True, environ={"CI": "true"}), mode(True, tty=False, environ={"CI": "1"})
+(None, 'lines')
+>>> mode(None, tty=True, environ={"RHAPSODY_GRAPH_PROGRESS": "0"})
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
+
+__all__ = ["Progress", "mode", "counts", "LINE_INTERVAL", "ENV"]
+
+LIVE_INTERVAL = 0.25  # seconds between redraws of the live display
+LINE_INTERVAL = 10.0  # seconds between plain lines (the first comes after this long)
+#: ``0``/``off``: no display unless asked for (``progress=True``); ``live``/``lines``: that one
+ENV = "RHAPSODY_GRAPH_PROGRESS"
+
+
+def mode(progress: Optional[bool], tty: Optional[bool] = None,
+         environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The display ``progress`` asks for: ``"live"``, ``"lines"`` or ``None``."""
+    if progress is False:
+        return None
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(ENV, "").lower()
+    if progress is None and chosen in ("0", "off", "false"):
+        return None
+    if chosen in ("live", "lines"):
+        return chosen
+    if tty is None:
+        tty = sys.stdout.isatty()
+    if progress is None and environ.get("CI", "").lower() not in ("", "0", "false"):
+        return None
+    return "live" if tty else "lines"
+
+
+def counts(lane: Any) -> Dict[str, int]:
+    """One backend's nodes: ``done``, ``running``, ``failed`` (cancelled too), ``waiting``
+    and ``total`` submitted."""
+    done, failed = lane.done, lane.failed + lane.cancelled
+    running = max(0, lane.started - lane.stopped)
+    total = lane.submitted
+    return {"done": done, "running": running, "failed": failed,
+            "waiting": max(0, total - done - failed - running), "total": total}
+
+
+class Progress:
+    """Draws the counts of ``lanes`` (one per backend) in ``how`` (``"live"`` or
+    ``"lines"``) until :meth:`stop`."""
+
+    def __init__(self, lanes: Sequence[Any], how: str, out: Optional[TextIO] = None,
+                 interval: Optional[float] = None) -> None:
+        self.lanes = list(lanes)
+        self._out = out  # None: sys.stdout as it is at each draw
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._live: Any = None
+        self._printed = False  # a plain line was written
+        self._base: Dict[int, int] = {}  # id(lane) -> records ended when it got busy
+        if how == "live":
+            self._live = _rich_display(out or sys.stdout)
+            how = "live" if self._live is not None else "lines"
+        self.how = how
+        self.interval = interval or (LIVE_INTERVAL if how == "live" else LINE_INTERVAL)
+        self._thread = threading.Thread(target=self._run, name="rhapsody-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._live is not None:
+            self._live.start()
+        try:
+            while not self._stop.wait(self.interval):
+                self._draw()
+        finally:
+            self._draw(final=True)
+            if self._live is not None:
+                self._live.stop()
+
+    def stop(self) -> None:
+        """Draw the last state and end the display."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def lines(self) -> List[str]:
+        """A plain line per backend that has had work: counts, elapsed, estimate (by the
+        rate since the session last got busy)."""
+        elapsed = time.monotonic() - self.start
+        out = []
+        for lane in self.lanes:
+            c = counts(lane)
+            if not c["total"]:
+                continue
+            ended = c["done"] + c["failed"]
+            left = c["total"] - ended
+            rate = (ended - self._base.get(id(lane), 0)) / max(elapsed, 1e-9)
+            eta = f", about {_clock(left / rate)} left" if rate > 0 and left else ""
+            out.append(f"[{lane.backend.name}] {c['done']:,}/{c['total']:,} done, "
+                       f"{c['running']:,} running, {c['failed']:,} failed, "
+                       f"{c['waiting']:,} waiting; {_clock(elapsed)} elapsed{eta}")
+        return out
+
+    def _busy(self) -> bool:
+        """Whether work is outstanding; an idle session's clock restarts with its next work."""
+        busy = any(lane.submitted > lane.done + lane.failed + lane.cancelled
+                   for lane in self.lanes)
+        if not busy:
+            self.start = time.monotonic()
+            self._base = {id(lane): lane.done + lane.failed + lane.cancelled
+                          for lane in self.lanes}
+        return busy
+
+    def _draw(self, final: bool = False) -> None:
+        if not final and not self._busy():
+            return
+        if self._live is not None:
+            self._live.show(self.lanes, time.monotonic() - self.start)
+            return
+        if final and not self._printed:
+            return  # a run shorter than LINE_INTERVAL prints nothing
+        lines = self.lines()
+        if lines:
+            out = self._out or sys.stdout
+            try:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+            except (ValueError, OSError):  # stdout closed or gone: the run goes on
+                return
+            self._printed = True
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _RichDisplay:
+    """A ``rich.progress.Progress`` with a bar per backend."""
+
+    def __init__(self, rich_progress: Any, out: TextIO) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        self.bars = rich_progress.Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[running]} running, {task.fields[failed]} failed, "
+                       "{task.fields[waiting]} waiting"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(file=out), auto_refresh=False, transient=False)
+        self.ids: Dict[int, Any] = {}
+
+    def start(self) -> None:
+        self.bars.start()
+
+    def stop(self) -> None:
+        self.bars.stop()
+
+    def show(self, lanes: Sequence[Any], elapsed: float) -> None:
+        for lane in lanes:
+            c = counts(lane)
+            if not c["total"]:
+                continue
+            fields = {k: f"{c[k]:,}" for k in ("running", "failed", "waiting")}
+            tid = self.ids.get(id(lane))
+            if tid is None:
+                tid = self.ids[id(lane)] = self.bars.add_task(lane.backend.name, **fields)
+            self.bars.update(tid, total=c["total"], completed=c["done"] + c["failed"], **fields)
+        self.bars.refresh()
+
+
+def _rich_display(out: TextIO) -> Optional[_RichDisplay]:
+    try:
+        import rich.progress
+    except ImportError:
+        return None
+    return _RichDisplay(rich.progress, out)
