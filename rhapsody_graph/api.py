@@ -100,8 +100,9 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
     Returns:
         one value per output.
     Raises:
-        the first failing node's own exception, with its remote traceback as
-        ``__cause__``; ``ValueError``/``TypeError`` for bad input, before anything runs.
+        Exception: the first failing node's own exception, with its remote traceback
+            as ``__cause__``.
+        ValueError: for bad input (also ``TypeError``), before anything runs.
     """
     return get_session(backend, session).compute(*outputs, on_error=on_error, fail_fast=fail_fast,
                                                  journal=journal, progress=progress)

@@ -132,8 +132,9 @@ class Future(cf.Future, Ref):
         """The node's value, waiting up to ``timeout`` seconds (``None``: for ever).
 
         Raises:
-            the node's own exception (remote traceback as ``__cause__``);
-            ``concurrent.futures.CancelledError``; ``TimeoutError`` after ``timeout``.
+            Exception: the node's own exception (remote traceback as ``__cause__``).
+            concurrent.futures.CancelledError: if it was cancelled.
+            TimeoutError: after ``timeout``.
         """
         if self._ended(timeout) is not None:
             try:
@@ -153,7 +154,8 @@ class Future(cf.Future, Ref):
         """The node's exception (``None`` if it returned), waiting as :meth:`result` does.
 
         Raises:
-            ``concurrent.futures.CancelledError``; ``TimeoutError`` after ``timeout``.
+            concurrent.futures.CancelledError: if it was cancelled.
+            TimeoutError: after ``timeout``.
         """
         return self._ended(timeout)
 

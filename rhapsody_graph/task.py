@@ -478,8 +478,8 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
     over every GPU of every host, never two running nodes on one GPU.
 
     >>> def square(x): return x * x
-    >>> [n.compute() for n in map(square, range(3))]
-    [0, 1, 4]
+    >>> tuple(n.compute() for n in map(square, range(3)))
+    (0, 1, 4)
     """
     if not iterables:
         raise TypeError("map() needs at least one iterable of items")

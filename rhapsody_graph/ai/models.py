@@ -89,8 +89,8 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
             left out with ``url=``.
         path: the weights, a local file or directory.
         url: an OpenAI-compatible endpoint that is already running (``.../v1``).
-        gpus, cpus: what the inference service holds in the ledger while it runs
-            (cpus also sets its thread count; 0: one thread, no core reserved).
+        gpus: GPUs the inference service holds in the ledger while it runs.
+        cpus: cores it holds (also its thread count; 0: one thread, no core reserved).
         host: the host to serve it on (a host name of the backend's inventory);
             default: the host the ledger finds room on (with gpus=/cpus=), else the
             driver's.

@@ -74,7 +74,10 @@ class InferenceBackend(OwnCalls):
         name: its name in a session (``backend="name"`` on a node routes there).
         on: a compute backend of the same session whose ledger places the services
             and which starts their servers (under Dragon: Dragon processes).
-        cpus, gpus, hosts: an inventory of its own instead (default: this machine).
+        cpus: with ``gpus`` and ``hosts``, an inventory of its own instead of ``on``'s
+            (default: this machine).
+        gpus: see ``cpus``.
+        hosts: see ``cpus``.
     """
 
     kinds = frozenset((AI,))

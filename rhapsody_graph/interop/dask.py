@@ -55,11 +55,13 @@ def get(dsk: Any, keys: Any, *, num_workers: Optional[int] = None, session: Any 
             lists as tuples.
         num_workers: worker processes of a :class:`~rhapsody_graph.LocalBackend`
             kept for this count (default: the current or default session).
-        session, backend: run there instead (as :func:`rhapsody_graph.compute` takes them).
+        session: run on this session instead (as :func:`rhapsody_graph.compute` takes it).
+        backend: run on this backend instead (likewise).
         kwargs: other Dask scheduler options (``cache``, callbacks...) are accepted and
             not used.
     Raises:
-        the first failing task's own exception; ``ImportError`` without dask.
+        Exception: the first failing task's own exception.
+        ImportError: without dask.
     """
     from ..api import compute
     if backend is None and session is None and num_workers is not None:
