@@ -40,6 +40,8 @@ def _dragon() -> Any:
 
 #: backend names ``backend=`` takes without an instance, and how each is made
 BACKENDS: Dict[str, Callable[[], Any]] = {"local": _local, "dragon": _dragon}
+#: names the default backend when ``backend=`` is not given (``rhapsody-graph run --backend``)
+BACKEND_ENV = "RHAPSODY_GRAPH_BACKEND"
 _defaults: Dict[str, Any] = {}  # by name, made on first use
 _sessions: Dict[int, Session] = {}  # id(backend) -> the session made for it
 _lock = threading.Lock()
@@ -48,7 +50,7 @@ _lock = threading.Lock()
 def get_backend(backend: Any = None) -> Any:
     """The backend to run on: an instance, a name of :data:`BACKENDS`, or ``None``: the
     one named by ``$RHAPSODY_GRAPH_BACKEND`` (``rhapsody-graph run --backend``), else local."""
-    name = (os.environ.get("RHAPSODY_GRAPH_BACKEND") or "local") if backend is None else backend
+    name = (os.environ.get(BACKEND_ENV) or "local") if backend is None else backend
     if not isinstance(name, str):
         return backend
     if name not in BACKENDS:

@@ -20,10 +20,10 @@ import sys
 import traceback
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["main", "BACKEND_ENV"]
+from .api import BACKEND_ENV
 
-#: the default backend ``compute()``/``submit()`` use when given none (``run --backend``)
-BACKEND_ENV = "RHAPSODY_GRAPH_BACKEND"
+__all__ = ["main"]
+
 #: what ``info`` reports: (what, distribution, the extra that installs it)
 COMPONENTS = (("Dragon backend", "dragonhpc", "dragon"), ("Dask backend", "distributed", "dask"),
               ("llama.cpp inference", "llama-cpp-python", "ai"), ("vLLM inference", "vllm", None),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from .backends.base import RANKS_KIND, kind_of
+from .backends.base import kind_name
 
 __all__ = ["Box", "boxes", "to_mermaid", "to_dot", "visualize", "MAX_BOXES"]
 
@@ -92,10 +92,9 @@ def _node(dep: Any) -> Any:
 def _describe(node: Any) -> Tuple[str, str]:
     """(kind, request) of a node, for its box."""
     res = node.opts.resources
-    kind = kind_of(node)
+    kind = kind_name(node)
     if kind == "ai":
         return "ai", f"model {node.fn.model}"
-    kind = "job" if kind == RANKS_KIND else kind
     parts = [f"{res.cpus} cpu{'s' if res.cpus != 1 else ''}"]
     if res.gpus:
         parts.append(f"{res.gpus} gpu{'s' if res.gpus != 1 else ''}")

@@ -56,11 +56,16 @@ def mode(progress: Optional[bool], tty: Optional[bool] = None,
 def counts(lane: Any) -> Dict[str, int]:
     """One backend's nodes: ``done``, ``running``, ``failed`` (cancelled too), ``waiting``
     and ``total`` submitted."""
-    done, failed = lane.done, lane.failed + lane.cancelled
+    done, failed = lane.done, _ended(lane) - lane.done
     running = max(0, lane.started - lane.stopped)
     total = lane.submitted
     return {"done": done, "running": running, "failed": failed,
             "waiting": max(0, total - done - failed - running), "total": total}
+
+
+def _ended(lane: Any) -> int:
+    """The lane's records that have ended, however."""
+    return lane.done + lane.failed + lane.cancelled
 
 
 class Progress:
@@ -121,19 +126,17 @@ class Progress:
 
     def _busy(self) -> bool:
         """Whether work is outstanding; an idle session's clock restarts with its next work."""
-        busy = any(lane.submitted > lane.done + lane.failed + lane.cancelled
-                   for lane in self.lanes)
+        busy = any(lane.submitted > _ended(lane) for lane in self.lanes)
         if not busy:
             self.start = time.monotonic()
-            self._base = {id(lane): lane.done + lane.failed + lane.cancelled
-                          for lane in self.lanes}
+            self._base = {id(lane): _ended(lane) for lane in self.lanes}
         return busy
 
     def _draw(self, final: bool = False) -> None:
         if not final and not self._busy():
             return
         if self._live is not None:
-            self._live.show(self.lanes, time.monotonic() - self.start)
+            self._live.show(self.lanes)
             return
         if final and not self._printed:
             return  # a run shorter than LINE_INTERVAL prints nothing
@@ -176,7 +179,7 @@ class _RichDisplay:
     def stop(self) -> None:
         self.bars.stop()
 
-    def show(self, lanes: Sequence[Any], elapsed: float) -> None:
+    def show(self, lanes: Sequence[Any]) -> None:
         for lane in lanes:
             c = counts(lane)
             if not c["total"]:

@@ -36,7 +36,7 @@ import os
 import time
 from typing import Any, Dict, List
 
-from .backends.base import RANKS_KIND, kind_of
+from .backends.base import kind_name
 
 __all__ = ["RunLog", "read"]
 
@@ -55,7 +55,7 @@ class RunLog:
         """One attempt of ``task`` (a scheduler record) has ended with ``outcome``."""
         placements = attempt.placements or ()
         record: Dict[str, Any] = {
-            "node": task.node.key, "name": task.node.name, "kind": _kind(task.node),
+            "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
             "backend": task.backend.name,
             "host": placements[0].host if placements else "",
             "hosts": [p.host for p in placements],
@@ -69,11 +69,6 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _kind(node: Any) -> str:
-    kind = kind_of(node)
-    return "job" if kind == RANKS_KIND else kind
 
 
 def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:

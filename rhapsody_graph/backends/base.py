@@ -77,6 +77,13 @@ def kind_of(node: Any) -> str:
     return node.kind
 
 
+def kind_name(node: Any) -> str:
+    """A node's kind as pictures and run journals show it: ``job`` for several ranks,
+    else ``function``, ``executable`` or ``ai``."""
+    kind = kind_of(node)
+    return "job" if kind == RANKS_KIND else kind
+
+
 class Completions:
     """The session's one completion queue: backends post, the scheduler drains.
 

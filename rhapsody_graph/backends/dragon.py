@@ -283,6 +283,10 @@ class DragonBackend(PoolBackend):
         self._machine, self._batch_module = _dragon()
         self.name = name
         self.inventory = Inventory(hosts or dragon_hosts(gpus))
+        # the most ranks a Batch job can have here: dragonhpc 0.15 packs a job one rank
+        # per core and waits forever for hosts it lacks (no timeout starts)
+        per_host = len(self.inventory.hosts[0].cpus) // (2 if _threads_per_core() > 1 else 1)
+        self._job_ranks = max(1, per_host) * len(self.inventory.hosts)
         self.max_workers = max_workers(workers, self.inventory, "DragonBackend")
         self.ledger = Ledger(self.inventory)
         self.pool = WorkerPool(self.max_workers, receive=self._receive)
@@ -323,13 +327,6 @@ class DragonBackend(PoolBackend):
         """Every option of a compute node (Dragon's pass-throughs too), and jobs of no
         more ranks than Batch can start here (see :meth:`prepare`)."""
         return node.opts.resources.ranks <= self._job_ranks
-
-    @property
-    def _job_ranks(self) -> int:
-        """The most ranks a Batch job can have here: dragonhpc 0.15 packs a job one
-        rank per core and waits forever for hosts it lacks (no timeout starts)."""
-        per_host = len(self.inventory.hosts[0].cpus) // (2 if _threads_per_core() > 1 else 1)
-        return max(1, per_host) * len(self.inventory.hosts)
 
     # -- encoding ------------------------------------------------------------------
 
