@@ -23,6 +23,10 @@ State (all of it touched only by the scheduler thread, except where noted):
   loop pass, after an idle session's backends dropped their per-run state). All
   ``submit()`` calls of a session share one group that keeps no errors (each
   future holds its own) and that nothing waits on.
+* ``rest_due``: when the session goes idle, its backends drop per-run state at once
+  if a ``compute()`` ends or someone waits (``Session.wait``), else only after
+  :data:`IDLE_GRACE` seconds still idle (a timer): a loop that submits again as soon
+  as a result arrives keeps its pickled functions and its inference servers.
 * ``intake``: what submitting threads handed over, ``(records, futures to attach,
   group)`` each, taken at the start of the next pass (one posted wake-up takes all).
 
@@ -89,6 +93,10 @@ ON_ERROR = (RAISE, WAIT, CONTINUE)  # the names compute(on_error=) takes
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
+#: how long a session with only futures may stay idle before its backends drop
+#: per-run state (pickled functions, measured run times, idle inference servers):
+#: a stream of submissions that keeps catching up keeps its warm state
+IDLE_GRACE = 5.0
 _OUTSTANDING = operator.attrgetter("outstanding")  # a lease's calls not yet completed
 
 _tids = itertools.count(1)
@@ -203,6 +211,7 @@ class Scheduler:
         self.closed = threading.Event()
         self.intake: Deque[Tuple[Sequence[Task], Sequence[Tuple[Task, Any]], Group]] = deque()
         self.runlog: Any = None  # a RunLog: each ended attempt is written there
+        self.rest_due = False  # a timer will end the run if the session stays idle
 
     # -- asked from any thread (each runs later on the scheduler thread) ------------------
 
@@ -286,8 +295,18 @@ class Scheduler:
             lane.ready.clear()
             lane.ready_own.clear()
         if not self.live:
-            self._idle()
+            if self.ended or self.idle_waiters:  # a compute() returns, or wait(): at rest
+                self._idle()
+            elif not self.rest_due and any(lane.used for lane in self.lanes.values()):
+                self.rest_due = True
+                self.completions.call_at(time.monotonic() + IDLE_GRACE, self._rest)
         return False
+
+    def _rest(self, out: List[Any]) -> None:
+        """The grace after futures ended has passed: rest, unless work came meanwhile."""
+        self.rest_due = False
+        if not self.live and not self.inflight and not self.killing:
+            self._idle()
 
     def _idle(self) -> None:
         """Nothing is left to run: backends drop their per-run state."""

@@ -99,3 +99,17 @@ def test_an_inference_backend_with_its_own_inventory_places_its_server_there(smo
         assert held.result(timeout=60) == str(go)
         s.wait()
         assert llm.ledger.idle() and cpu.ledger.idle()
+
+
+def test_a_stream_of_ai_futures_keeps_its_server_between_submissions(smollm2):
+    """A session that catches up with its submissions (the adaptive loop of issue 10:
+    submit, take the result, submit again) keeps its server warm; wait() rests it."""
+    cpu = rhapsody.LocalBackend(cpus=2, name="cpu")
+    llm = rhapsody.InferenceBackend(name="llm", models=[smollm2], on=cpu)
+    with rhapsody.Session(backends=[cpu, llm]) as s:
+        assert "Paris" in s.submit(capital_of("France")).result(timeout=150)
+        server = llm.services.running["smollm2-llm"]
+        assert "Rome" in s.submit(capital_of("Italy")).result(timeout=150)
+        assert llm.services.running["smollm2-llm"] is server
+        s.wait()
+        assert not llm.services.running and cpu.ledger.idle()
