@@ -42,7 +42,16 @@ about 2 ms of work by the function's measured run time (1 until it is measured);
 nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
 arguments) get a lease of their own. Executables, multi-rank and AI nodes get one
 placement per rank from the ledger; an AI node's inference service is admitted by
-the backend (``backend.admit``). When nothing runs and a ready node still waits,
+the backend (``backend.admit``).
+
+Forwarding (on a backend that ``forwards``): a pending record whose only unfinished
+input is running on a shared lease of the same request is started at once behind
+that input on the same worker, its input named by the running call's tid
+(:meth:`Scheduler._forward`). A chain then runs hop after hop on one worker with the
+values it made, and the driver tops the lease up once half of what it holds is done
+(one frame per half-depth of hops, not a round trip per hop). A forwarded record is
+``RUNNING`` with ``waiting`` > 0. If its input fails, it comes back ``DROPPED`` and
+waits again (a retry), or ends with its input (no retry left). When nothing runs and a ready node still waits,
 idle services give back what they hold (``backend.release_idle``).
 
 Journal: a record the session made with its value from the group's journal
@@ -97,6 +106,7 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: per-run state (pickled functions, measured run times, idle inference servers):
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
+FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
 _OUTSTANDING = operator.attrgetter("outstanding")  # a lease's calls not yet completed
 
 _tids = itertools.count(1)
@@ -176,6 +186,8 @@ class Lane:
         self.drained: List[Lease] = []  # shared leases with nothing queued
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
+        self.forwards = getattr(backend, "forwards", False)  # see _forward
+        self.unflushed = False  # calls were submitted since its backend's last flush
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
         self.done = self.failed = self.cancelled = 0  # records ended so
@@ -422,21 +434,22 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         for lane in self.lanes.values():
-            if not (lane.ready or lane.ready_own or lane.drained):
-                continue
-            while True:
-                if lane.ready_own:
-                    # their placements (and an AI node's service) come fresh from the
-                    # ledger: drained leases must not hold cores against them
-                    self._end_drained(lane)
-                    self._dispatch_own(lane)
-                if lane.ready:
-                    self._dispatch_leased(lane)
-                # drained leases stay open through one pass, so a chain reuses its
-                # worker; the ones not reused are ended, and may admit more nodes
-                if not (self._end_drained(lane) and (lane.ready or lane.ready_own)):
-                    break
-            lane.backend.flush()
+            if lane.ready or lane.ready_own or lane.drained:
+                while True:
+                    if lane.ready_own:
+                        # their placements (and an AI node's service) come fresh from the
+                        # ledger: drained leases must not hold cores against them
+                        self._end_drained(lane)
+                        self._dispatch_own(lane)
+                    if lane.ready:
+                        self._dispatch_leased(lane)
+                    # drained leases stay open through one pass, so a chain reuses its
+                    # worker; the ones not reused are ended, and may admit more nodes
+                    if not (self._end_drained(lane) and (lane.ready or lane.ready_own)):
+                        break
+            if lane.unflushed:
+                lane.unflushed = False
+                lane.backend.flush()
 
     def _end_drained(self, lane: Lane) -> bool:
         """End the shared leases left with nothing queued; True if any was ended."""
@@ -482,8 +495,8 @@ class Scheduler:
                 continue
             opts = t.node.opts
             res = opts.resources
-            exclusive = res.gpus > 0 or opts.timeout is not None or opts.custom_process
-            key = (res.key, exclusive)
+            key = _sharing_key(opts)
+            exclusive = key[1]
             lease = None if exclusive else self._lease_with_room(lane, key, t, filling)
             if lease is None:
                 placement = None
@@ -503,8 +516,45 @@ class Scheduler:
             filling.add(lease)
             lease.outstanding += 1
             self._start(t, lease, [lease.placement])
+            if lease.key is not None and lane.forwards:
+                lease.tail = t
+                self._forward(lease, t)
         for item in deferred:
             heapq.heappush(ready, item)
+
+    def _forward(self, lease: Lease, t: Task) -> None:
+        """Queue behind running ``t`` the dependent that waits for nothing else, and so
+        down a chain while ``lease`` has room: its worker runs each with the value it
+        just made, with no trip through this thread per hop (the completions still
+        come here, one by one, so accounting, cancellation and failures stay exact).
+        A forwarded record is ``RUNNING`` while an input is not done (``waiting``)."""
+        while True:
+            j = _chained(t, lease)
+            if j is None or lease.outstanding >= self._forward_depth(j):
+                return
+            lease.outstanding += 1
+            self._start(j, lease, [lease.placement])
+            lease.tail = t = j
+
+    def _forward_depth(self, t: Task) -> int:
+        """Most calls a lease holds while a chain is forwarded on it: ~2 ms of work,
+        at least 2 (the next hop waits on the worker, not on a round trip)."""
+        seconds = self.seconds.get(id(t.node.fn))
+        if seconds is None:
+            return FORWARD_DEPTH
+        return max(FORWARD_DEPTH, min(MAX_DEPTH, int(LEASE_BUDGET / max(seconds, 1e-6))))
+
+    def _forward_behind(self, j: Task) -> None:
+        """``j`` now waits for one running input: forward it behind that input's call
+        if it runs on a shared lease of the same request (a reduction's last step)."""
+        for d in j.deps:
+            if d.state == RUNNING:
+                attempt = self.inflight.get(d.tid)
+                lease = attempt.lease if attempt is not None else None
+                if (lease is not None and lease.key is not None and lease.executor is not None
+                        and lease.tail is d):
+                    self._forward(lease, d)
+                return
 
     def _lease_with_room(self, lane: Lane, key: tuple, t: Task, filling: set) -> Optional[Lease]:
         """An open shared lease that may queue ``t`` next, if any."""
@@ -537,10 +587,11 @@ class Scheduler:
         self.inflight[tid] = Attempt(t, lease, placements, t.futures or self.runlog)
         lane = t.lane
         lane.started += 1
-        lane.used = True
+        lane.used = lane.unflushed = True
         node = t.node
         timeout = node.opts.timeout
-        inputs = [d.payload for d in t.deps] if t.deps else []
+        # an input still running is named by its call's tid: forwarded (see _forward)
+        inputs = [d.payload if d.state == DONE else d.tid for d in t.deps] if t.deps else []
         lane.backend.submit(Call(tid, node.key, t.prepared, inputs, placements, lease, timeout))
         if timeout is not None:
             heapq.heappush(self.deadlines, (time.monotonic() + timeout, tid))
@@ -574,10 +625,22 @@ class Scheduler:
         attempt.outputs = outputs
         if status == OK:
             self._done(t, payload, seconds, attempt)
+            lease = attempt.lease
+            if lease is not None and lease.tail is not None:
+                tail = lease.tail
+                # the chain goes on: top its worker up once half of what it holds is done
+                # (one frame per half-depth of hops, not one per hop)
+                if (tail.state == RUNNING and lease.executor is not None
+                        and lease.outstanding <= self._forward_depth(tail) // 2):
+                    running = self.inflight.get(tail.tid)
+                    if running is not None and running.lease is lease:
+                        self._forward(lease, tail)
         elif status in (DROPPED, KILLED):  # never started, or killed by an abort
             if t.group.stopping:
                 t.state = READY
                 self._cancel_one(t, set())
+            elif t.waiting:  # forwarded, and its input returned no value there: wait again
+                t.state = PENDING
             else:
                 self._push(t)
         else:
@@ -640,8 +703,11 @@ class Scheduler:
             self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
         for j in t.dependents:
             j.waiting -= 1
-            if not j.waiting and j.state == PENDING:
-                self._push(j)
+            if j.state == PENDING:
+                if not j.waiting:
+                    self._push(j)
+                elif j.waiting == 1 and j.leased and j.lane.forwards:
+                    self._forward_behind(j)
         if t.futures:
             if attempt is None:  # reused: it never ran here
                 now = time.time()
@@ -732,7 +798,12 @@ class Scheduler:
         stack = list(dependents)
         while stack:
             j = stack.pop()
-            if j.state not in (PENDING, READY):
+            if j.state == RUNNING and j.waiting:  # forwarded behind what failed: its call
+                attempt = self.inflight.pop(j.tid, None)  # comes back DROPPED, unheeded
+                if attempt is not None:
+                    j.lane.stopped += 1
+                    self._release(attempt)
+            elif j.state not in (PENDING, READY):
                 continue
             count += 1
             stack.extend(j.dependents)
@@ -825,6 +896,23 @@ class Scheduler:
         t.error = exc
         for fut in _live(t.futures):
             fut._fail(exc, t.where)
+
+
+def _sharing_key(opts: Any) -> tuple:
+    """Which shared leases a node of these options may join: ``(request key, exclusive)``;
+    exclusive (a lease of its own): GPUs, a timeout, or a process of its own."""
+    res = opts.resources
+    return (res.key, res.gpus > 0 or opts.timeout is not None or opts.custom_process)
+
+
+def _chained(t: Task, lease: Lease) -> Optional[Task]:
+    """The dependent of running ``t`` that may be forwarded behind it on ``lease``:
+    pending, waiting for ``t`` alone, a pool node of the same shared request."""
+    for j in t.dependents:
+        if (j.state == PENDING and j.waiting == 1 and j.leased and j.lane is t.lane
+                and not j.group.stopping and _sharing_key(j.node.opts) == lease.key):
+            return j
+    return None
 
 
 def _live(refs: Optional[List[Any]]) -> List[Any]:

@@ -656,3 +656,88 @@ def test_bad_retry_options_are_refused_where_written():
         rhapsody.task(retry_on="ValueError")(add)
     with pytest.raises(ValueError, match="'backoff' must be a finite number of seconds >= 0"):
         rhapsody.task(backoff=-1)(add)
+
+
+# -- chains run where their values are (forwarded) ---------------------------------------
+
+def hop(upstream, log=None):
+    """One hop of a chain: ``(hops so far, pids that ran them)``; logs its count."""
+    count, pids = upstream
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{count + 1}\n")
+    return count + 1, pids + [os.getpid()]
+
+
+def hop_flaky(upstream, path):
+    count_attempt(path)
+    if len(lines(path)) == 1:
+        raise ValueError("the first attempt of this hop fails")
+    return hop(upstream)
+
+
+def hop_broken(upstream):
+    raise KeyError(f"hop {upstream[0] + 1} is broken")
+
+
+def test_a_chain_runs_hop_after_hop_on_one_worker_with_the_values_it_made(backend):
+    x = (0, [])
+    for _ in range(300):
+        x = rhapsody.task(hop)(x)
+    count, pids = x.compute(backend=backend)
+    assert count == 300 and len(set(pids)) == 1  # forwarded: no hop moved to another worker
+    assert backend.ledger.idle()
+
+
+def test_a_failure_inside_a_forwarded_chain_fails_what_follows_and_runs_none_of_it(
+        backend, tmp_path):
+    log = str(tmp_path / "log")
+    x = (0, [])
+    for i in range(60):
+        x = rhapsody.task(hop_broken)(x) if i == 30 else rhapsody.task(hop)(x, log=log)
+    with pytest.raises(KeyError, match="hop 31 is broken"):
+        x.compute(backend=backend)
+    assert lines(log) == [str(i) for i in range(1, 31)]  # nothing after the failure ran
+    assert backend.ledger.idle()
+
+
+def test_a_retried_hop_inside_a_forwarded_chain_lets_the_chain_finish(backend, tmp_path):
+    log, attempts = str(tmp_path / "log"), str(tmp_path / "attempts")
+    x = (0, [])
+    for i in range(60):
+        x = (rhapsody.task(hop_flaky, retries=1)(x, attempts) if i == 30
+             else rhapsody.task(hop)(x, log=log))
+    count, _ = x.compute(backend=backend)
+    assert count == 60 and len(lines(attempts)) == 2
+    # every other hop ran exactly once, in order, although the ones after the flaky
+    # hop were queued behind it on its worker when it failed
+    assert lines(log) == [str(i) for i in range(1, 61) if i != 31]
+    assert backend.ledger.idle()
+
+
+def hold_until(started, release):
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "released"
+
+
+def test_cancelling_a_hop_forwarded_behind_a_running_one_cancels_the_rest_of_the_chain(
+        tmp_path):
+    backend = rhapsody.LocalBackend(cpus=1)
+    go = tmp_path / "go"
+    with rhapsody.Session(backends=[backend]) as s:
+        first = rhapsody.task(hold_until)(str(go), str(tmp_path / "release"))
+        chain = [rhapsody.task(hop)((0, [first]))]
+        for _ in range(5):
+            chain.append(rhapsody.task(hop)(chain[-1]))
+        futures = s.submit(first, *chain)
+        wait_for_files([str(go)], 30)  # the first runs; the next is queued behind it
+        assert futures[1].cancel()
+        assert all(f.cancelled() for f in futures[1:])
+        (tmp_path / "release").touch()
+        assert futures[0].result(timeout=60) == "released"
+        s.wait()
+        assert backend.ledger.idle()

@@ -27,6 +27,10 @@ except ``accepts`` and ``prepare``, which the session calls):
   node's inference service), or answer False: the node waits.
 * ``release_idle()``: free what admissions hold for no running call; True if it freed any.
 * ``submit(call)``: start (or queue on its lease) one call; ``flush()`` ends a round.
+* ``forwards``: True if a leased call's input may be, instead of bytes, the ``tid``
+  (an int) of an earlier call on the same lease: the executor fills it with that
+  call's value where it ran (no round trip through the driver), or reports the call
+  ``DROPPED`` if that call returned no value.
 * ``drop_queued()``: calls queued behind a running one come back ``DROPPED``.
 * ``kill(tid)``: stop one call now; it reports one ``KILLED`` completion once its
   processes are gone (and nothing else).
@@ -176,7 +180,7 @@ class Lease:
     executor that holds the lease's placement: that is how tiny nodes are batched.
     """
 
-    __slots__ = ("placement", "outstanding", "depth", "key", "executor")
+    __slots__ = ("placement", "outstanding", "depth", "key", "executor", "tail")
 
     def __init__(self, placement: Placement, depth: int, key: Optional[tuple] = None) -> None:
         self.placement = placement
@@ -184,6 +188,7 @@ class Lease:
         self.outstanding = 0  # calls submitted and not yet completed
         self.depth = depth  # most calls the scheduler queues on it at once
         self.executor: Any = None  # set by the backend when it binds the lease
+        self.tail: Any = None  # the scheduler's record of the last call queued on it
 
 
 class Call:
@@ -191,7 +196,9 @@ class Call:
 
     ``tid`` (the scheduler's id of this attempt), ``key`` (the node's, for messages),
     ``prepared`` (what the backend's ``prepare`` returned), ``inputs`` (the upstream
-    values' bytes, filling the record's slots in order), ``placements`` (one per
+    values' bytes, filling the record's slots in order; on a backend that
+    ``forwards``, an int: the tid of an earlier call on the same lease whose value
+    it is), ``placements`` (one per
     rank), ``lease`` (``None``: the call runs on processes of its own) and
     ``timeout`` (seconds, or ``None``; the scheduler enforces it with ``kill``, a
     backend may pass it on as well).
@@ -199,7 +206,7 @@ class Call:
 
     __slots__ = ("tid", "key", "prepared", "inputs", "placements", "lease", "timeout")
 
-    def __init__(self, tid: int, key: str, prepared: Any, inputs: Sequence[bytes],
+    def __init__(self, tid: int, key: str, prepared: Any, inputs: Sequence[Any],
                  placements: List[Placement], lease: Optional[Lease],
                  timeout: Optional[float]) -> None:
         self.tid, self.key, self.prepared = tid, key, prepared
@@ -227,6 +234,7 @@ class OwnCalls:
 
     name: str
     hub: Optional[Completions] = None
+    forwards = False
 
     def attach(self, completions: Optional[Completions]) -> None:
         refuse_second_session(self.name, self.hub, completions)
@@ -253,6 +261,7 @@ class Backend(Protocol):
 
     name: str
     kinds: frozenset
+    forwards: bool
     inventory: Inventory
     ledger: Ledger  # the backend's, so what it holds outside a run (services) is accounted
 

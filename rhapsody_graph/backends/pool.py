@@ -435,6 +435,7 @@ class PoolBackend:
 
     pool: WorkerPool
     name: str
+    forwards = True  # a worker keeps the value a later call on its lease takes as input
 
     def bind_worker(self, call: Any) -> Worker:
         """A worker for ``call.lease``, which has none yet (started or reused), bound to it."""

@@ -5,7 +5,12 @@ private pipes. It keeps a queue of tasks; between two tasks it takes any new
 messages without blocking (so a ``drop`` is seen before the next task starts), and
 blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
-one running. A placement is applied only when it differs from the last one:
+one running. An input may be the tid of an earlier call instead of bytes (a chain
+forwarded by the scheduler): the worker keeps the value of a call that a queued
+call names, and of its last call, and fills the input from there without a trip
+through the driver; if that value is not here (the call failed, or ran before the
+one naming it arrived and was not the last) the call is answered ``DROPPED``.
+A placement is applied only when it differs from the last one:
 ``os.sched_setaffinity`` to the granted cores, then the GPU masks and the
 ``RANK``/``WORLD_SIZE`` variables in ``os.environ``. EOF on the task pipe (the
 driver closed it, or died) ends the process. SIGINT is ignored: the driver owns
@@ -19,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Set, Tuple
 
 from . import capture, wire
 from ..resources import Placement
@@ -31,11 +36,15 @@ class Worker:
         self.inbox = bytearray()
         self.queue: Deque[tuple] = deque()
         self.funcs: Dict[int, Any] = {}
+        self.unloaded: Dict[int, bytes] = {}  # functions sent, not unpickled yet
         self.place: Optional[tuple] = None
         self.home = os.sched_getaffinity(0)
         self.open = True
         self.gpu_flag = 0  # wire.GPU_RUNTIME once a GPU runtime is mapped in this process
         self.out, self.err = capture.install()  # what each call prints, kept for its result
+        self.wanted: Set[int] = set()  # tids whose value a queued call takes as input
+        self.kept: Dict[int, bytes] = {}  # those values, once their calls have returned
+        self.last: Optional[Tuple[int, bytes]] = None  # the last call's (tid, value)
 
     def serve(self) -> None:
         while self.open or self.queue:
@@ -61,28 +70,67 @@ class Worker:
     def handle(self, message: tuple) -> None:
         verb = message[0]
         if verb == "run":
+            for task in message[1]:
+                if task[2] is not None:  # a function comes with the first call sent here
+                    self.unloaded[task[1]] = task[2]
+                for d in task[4]:
+                    if type(d) is int:
+                        self.wanted.add(d)
             self.queue.extend(message[1])
         elif verb == "drop":
             for task in self.queue:
                 wire.write_all(self.result_fd, wire.result_frame(wire.DROPPED, task[0], 0.0, b""))
             self.queue.clear()
+            self.forget_values()
         elif verb == "forget":
             self.funcs.clear()
+            self.unloaded.clear()
+            self.forget_values()
         elif verb == "path":
             sys.path[:0] = [p for p in message[1] if p not in sys.path]
 
+    def forget_values(self) -> None:
+        self.wanted.clear()
+        self.kept.clear()
+        self.last = None
+
+    def value_of(self, tid: int) -> Optional[bytes]:
+        """The value of earlier call ``tid`` if it is here (taken: one call names it)."""
+        self.wanted.discard(tid)
+        value = self.kept.pop(tid, None)
+        if value is None and self.last is not None and self.last[0] == tid:
+            value = self.last[1]
+        return value
+
     def run(self, task: tuple) -> None:
-        tid, fid, func_bytes, args, deps, place = task
+        tid, fid, _, args, deps, place = task
+        for i, d in enumerate(deps):
+            if type(d) is int:
+                value = self.value_of(d)
+                if value is None:
+                    wire.write_all(self.result_fd, wire.result_frame(wire.DROPPED, tid, 0.0, b""))
+                    return
+                deps[i] = value
         start = time.perf_counter()
         try:
             if place != self.place:
                 self.apply(place)
-            fn, a, kw = wire.load_call(None if fid in self.funcs else func_bytes, args, deps)
-            fn = self.funcs.setdefault(fid, fn)
+            fn = self.funcs.get(fid)
+            loaded, a, kw = wire.load_call(None if fn is not None else self.unloaded[fid],
+                                           args, deps)
+            if fn is None:
+                fn = self.funcs[fid] = loaded
+                del self.unloaded[fid]
             payload, status = wire.dump_value(fn(*a, **kw)), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
         seconds = time.perf_counter() - start
+        if status == wire.OK:
+            self.last = (tid, payload)
+            if tid in self.wanted:
+                self.kept[tid] = payload
+        else:
+            self.last = None
         _flush_std()
         if place and place[3] and not self.gpu_flag and _gpu_runtime_loaded():
             self.gpu_flag = wire.GPU_RUNTIME
