@@ -58,7 +58,7 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import wire
+from . import dragon_runtime, wire
 from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, serve
 from .programs import run_program
@@ -81,6 +81,7 @@ _started: "weakref.WeakSet[DragonBackend]" = weakref.WeakSet()
 def _shut_down_started() -> None:
     for backend in list(_started):
         backend.shutdown()
+    dragon_runtime.stop()  # a runtime this process started (python script.py), if any
 
 
 threading._register_atexit(_shut_down_started)  # the hook concurrent.futures uses too
@@ -99,10 +100,8 @@ def _dragon() -> Any:
         from dragon.workflows import batch
     except ImportError as exc:
         raise ImportError("DragonBackend needs Dragon: pip install \"rhapsody-graph[dragon]\", "
-                          "then run your program with `dragon your_program.py`") from exc
-    if "DRAGON_MY_PUID" not in os.environ and "DRAGON_DEFAULT_PD" not in os.environ:
-        raise RuntimeError("DragonBackend must run under the Dragon launcher: "
-                           "`dragon your_program.py` (or `dragon python -m pytest ...`)")
+                          "then run your program with `python your_program.py` or "
+                          "`dragon your_program.py`") from exc
     return machine, batch
 
 
@@ -113,6 +112,9 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
     machine without GPUs); hosts that report GPUs keep their own.
     """
     machine, _ = _dragon()
+    if not dragon_runtime.attached():
+        raise RuntimeError("dragon_hosts() needs a Dragon runtime: make a DragonBackend() "
+                           "first (it starts one), or run under `dragon your_program.py`")
     hosts = []
     for huid in machine.System().nodes:
         node = machine.Node(huid)
@@ -266,7 +268,9 @@ class DragonBackend(PoolBackend):
         workers: most leases running at once (default: every core of every host).
         start_timeout: seconds a Batch call may take to start before its node fails.
 
-    Run under ``dragon``::
+    Run as ``python program.py`` (a single-host Dragon runtime is started for the
+    process and stopped with its last Dragon backend: see :mod:`.dragon_runtime`) or
+    under the launcher, ``dragon program.py`` (needed for several hosts)::
 
         backend = rhapsody.DragonBackend()
         print(backend.describe())
@@ -281,6 +285,7 @@ class DragonBackend(PoolBackend):
         if not isinstance(name, str) or not name:
             raise TypeError(f"DragonBackend: name must be a non-empty string, got {name!r}")
         self._machine, self._batch_module = _dragon()
+        dragon_runtime.ensure(self)  # outside the launcher: a runtime of this process's own
         self.name = name
         self.inventory = Inventory(hosts or dragon_hosts(gpus))
         # the most ranks a Batch job can have here: dragonhpc 0.15 packs a job one rank
@@ -634,6 +639,7 @@ class DragonBackend(PoolBackend):
             finally:  # a second Ctrl-C while settling still terminates
                 if not (settled and graceful and _joined(batch)):
                     _bounded(batch.terminate, TERMINATE_TIMEOUT)
+        dragon_runtime.release(self)  # the last backend to go stops a runtime it started
 
     def _settle(self) -> None:
         """Wait for the Batch calls of killed processes to end before Batch is stopped.

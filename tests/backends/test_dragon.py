@@ -128,14 +128,18 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["dragon", "python"])
 @pytest.mark.parametrize("program, code_and_output", [
     (UNCLOSED, (0, "(42,)")), (FAILS_BEFORE_ITS_SESSION, (1, "failed before the session"))])
 def test_a_dragon_program_that_never_closes_its_backend_exits_and_leaves_no_process(
-        tmp_path, program, code_and_output):
+        tmp_path, program, code_and_output, launcher):
+    """Under the launcher, and as a plain ``python script.py`` (which starts a Dragon
+    runtime of its own and must stop it)."""
     script = tmp_path / "unclosed.py"
     script.write_text(program)
     before = dragon_pids()
-    code, output = _launch([shutil.which("dragon"), str(script)], 240)
+    run = [shutil.which("dragon")] if launcher == "dragon" else [sys.executable]
+    code, output = _launch(run + [str(script)], 240)
     assert (code, code_and_output[1] in output) == (code_and_output[0], True), output[-3000:]
     assert not dragon_pids() - before, "Dragon processes left behind"
 
@@ -177,3 +181,47 @@ def _scenario_count() -> int:
     files = [f for f in os.listdir(SCENARIOS) if f.startswith("test_") and f.endswith(".py")]
     return sum(len(re.findall(r"^def test_", open(os.path.join(SCENARIOS, f)).read(), re.M))
                for f in files)
+
+
+KILLED_DRIVER = """import os, sys, time
+import rhapsody_graph as rhapsody
+
+@rhapsody.task
+def sleeper(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+rhapsody.compute(sleeper(sys.argv[1]), backend=rhapsody.DragonBackend())
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_plain_python_driver_killed_by_sigkill_leaves_no_dragon_process(tmp_path):
+    """``python script.py`` starts its own Dragon runtime; SIGKILL to the driver (a batch
+    system's, the OOM killer's) takes the runtime and the node's process with it."""
+    script, pidfile = tmp_path / "killed.py", tmp_path / "pid"
+    script.write_text(KILLED_DRIVER)
+    before = dragon_pids()
+    proc = subprocess.Popen([sys.executable, str(script), str(pidfile)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=os.setpgrp)
+    try:
+        node = _wait_for_pids(pidfile, 1, proc)[0]
+        assert dragon_pids() - before, "no Dragon runtime was started"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30  # the watchdog ends them once the driver is gone
+        while (dragon_pids() - before or os.path.exists(f"/proc/{node}")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
+        assert not dragon_pids() - before, "Dragon processes left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if not dragon_pids():  # no Dragon runtime alive at all: clear what SIGKILL left
+            for name in os.listdir("/dev/shm"):
+                if name.startswith("DD"):
+                    os.unlink(os.path.join("/dev/shm", name))
