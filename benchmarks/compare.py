@@ -3,6 +3,7 @@
     python benchmarks/compare.py                  # all workloads, 4 repeats
     python benchmarks/compare.py --repeats 6 --workloads independent chain
     python benchmarks/compare.py --quick          # smaller sizes, a smoke run
+    python benchmarks/compare.py --chart docs/performance.png   # and draw the bar chart
 
 Prints wall microseconds per task (per node for build/order, per hop for the chain;
 seconds for startup), the median of ``--repeats`` runs, and each engine's ratio to
@@ -118,6 +119,35 @@ def table(results: Dict[str, Dict[str, List[float]]], units: Dict[str, str]) -> 
     return "\n".join(lines)
 
 
+def chart(results: Dict[str, Dict[str, List[float]]], units: Dict[str, str], path: str,
+          subtitle: str) -> None:
+    """One group of bars per workload (its median per engine), log scale: lower is faster."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [k for k in results if k != "startup"]
+    engines = sorted({e for k in workloads for e in results[k]},
+                     key=lambda e: (e != "rhapsody", e))
+    width = 0.8 / max(1, len(engines))
+    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(workloads), 4.2))
+    for i, engine in enumerate(engines):
+        xs = [j + (i - (len(engines) - 1) / 2) * width for j, k in enumerate(workloads)
+              if engine in results[k]]
+        ys = [statistics.median(results[k][engine]) for k in workloads if engine in results[k]]
+        ax.bar(xs, ys, width, label="rhapsody_graph" if engine == "rhapsody" else engine,
+               color="#d62728" if engine == "rhapsody" else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels([f"{k}\n({units[k]})" for k in workloads], fontsize=8)
+    ax.set_ylabel("microseconds (log scale; lower is faster)")
+    ax.set_title(f"rhapsody_graph beside its peers, one run ({subtitle})", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=4, help="timed runs per engine (median)")
@@ -129,6 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=w.WORKERS)
     p.add_argument("--quick", action="store_true", help="1/10 sizes: a smoke run")
     p.add_argument("--json", metavar="PATH", help="also write the raw samples here")
+    p.add_argument("--chart", metavar="PATH",
+                   help="also draw the medians as a bar chart (PNG or SVG, matplotlib)")
     a = p.parse_args(argv)
 
     engines = sorted(set(a.engines) | {"rhapsody"}) if a.engines else []
@@ -173,6 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"| {e} | {statistics.median(v['import_s']):.3f} | "
                   f"{statistics.median(v['first_value_s']):.3f} | "
                   f"{statistics.median(v['process_s']):.3f} |")
+    if a.chart:
+        chart(results, units, a.chart, f"{os.cpu_count()} CPUs, {a.workers} workers, "
+                                       f"median of {a.repeats}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"results": results, "startup": extra.get("startup"), "units": units,

@@ -9,8 +9,10 @@
 ``host``       the first rank's host; ``hosts``: every rank's
 ``cpus``       core ids of every rank; ``gpus``: GPU ids of every rank
 ``attempt``    1, then 2, ... for retries
-``start``      wall-clock seconds (``time.time()``) the attempt was started
-``end``        and when the scheduler learnt that it ended
+``start``      wall-clock seconds (``time.time()``) the attempt began to run: ``end``
+               less the run time its executor measured (a pool worker's), else
+               when it was started (a process of its own, an AI request)
+``end``        when the scheduler learnt that it ended
 ``outcome``    ``done``, ``failed``, ``died`` (its process died), ``killed``
                (timeout, cancel) or ``dropped`` (never started)
 ``bytes``      the size of its encoded value (``done`` only, else 0)
@@ -51,9 +53,12 @@ class RunLog:
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,
-              error: str = "") -> None:
-        """One attempt of ``task`` (a scheduler record) has ended with ``outcome``."""
+              error: str = "", seconds: float = 0.0) -> None:
+        """One attempt of ``task`` (a scheduler record) has ended with ``outcome``,
+        after running ``seconds`` (0: not measured) by its executor's clock."""
         placements = attempt.placements or ()
+        end = time.time()
+        start = max(attempt.start, end - seconds) if seconds > 0 else attempt.start
         record: Dict[str, Any] = {
             "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
             "backend": task.backend.name,
@@ -61,7 +66,7 @@ class RunLog:
             "hosts": [p.host for p in placements],
             "cpus": [list(p.cpus) for p in placements],
             "gpus": [list(p.gpus) for p in placements],
-            "attempt": task.failures + 1, "start": attempt.start, "end": time.time(),
+            "attempt": task.failures + 1, "start": start, "end": end,
             "outcome": outcome, "bytes": nbytes}
         if error:
             record["error"] = error

@@ -611,7 +611,7 @@ class Scheduler:
         if attempt is not None:
             attempt.task.lane.stopped += 1
         if self.runlog is not None:
-            self._log(attempt, self.killing.get(tid), status, payload)
+            self._log(attempt, self.killing.get(tid), status, payload, seconds)
         if attempt is None:
             attempt = self.killing.pop(tid, None)
             if attempt is not None:  # a killed call has ended: now its placements are free
@@ -645,29 +645,34 @@ class Scheduler:
                 self._push(t)
         else:
             if t.futures:
-                t.where = self._where(t, attempt)
+                t.where = self._where(t, attempt, seconds)
             self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload))
 
     def _log(self, attempt: Optional[Attempt], killed: Optional[Attempt], status: str,
-             payload: Any) -> None:
-        """Write the ended attempt to the run journal (:mod:`.runlog`)."""
+             payload: Any, seconds: float) -> None:
+        """Write the ended attempt to the run journal (:mod:`.runlog`); ``seconds``: its
+        run time as its executor measured it (a call queued on a worker waited first)."""
         if killed is not None or (attempt is not None and status == KILLED):
             attempt = killed or attempt
             self.runlog.write(attempt.task, attempt, "killed", 0)
         elif attempt is None:
             return
         elif status == OK:
-            self.runlog.write(attempt.task, attempt, "done", len(payload))
+            self.runlog.write(attempt.task, attempt, "done", len(payload), seconds=seconds)
         elif status == DROPPED:
             self.runlog.write(attempt.task, attempt, "dropped", 0)
         else:
             self.runlog.write(attempt.task, attempt, "died" if status == DIED else "failed", 0,
-                              f"{type(payload).__name__}: {payload}")
+                              f"{type(payload).__name__}: {payload}", seconds)
 
     @staticmethod
-    def _where(t: Task, attempt: Attempt) -> Where:
-        return Where(t.backend.name, attempt.placements, t.failures + 1, attempt.start,
-                     time.time(), attempt.outputs)
+    def _where(t: Task, attempt: Attempt, seconds: float) -> Where:
+        """Where ``t`` ran; its start: when it began to run by its executor's measure
+        (``seconds`` before now; a call queued on a worker waited first), else when started."""
+        end = time.time()
+        start = max(attempt.start, end - seconds) if seconds > 0 else attempt.start
+        return Where(t.backend.name, attempt.placements, t.failures + 1, start, end,
+                     attempt.outputs)
 
     def _release(self, attempt: Attempt) -> None:
         lane = attempt.task.lane
@@ -713,7 +718,7 @@ class Scheduler:
                 now = time.time()
                 where = Where(t.backend.name, (), 0, now, now)
             else:
-                where = self._where(t, attempt)
+                where = self._where(t, attempt, seconds)
             t.where = where
             for ref in t.futures:
                 fut = ref()

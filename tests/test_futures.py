@@ -65,10 +65,22 @@ def test_submit_returns_at_once_and_result_waits_for_the_value(session):
     assert fut.result(timeout=60) == "late" and fut.done() and fut.exception() is None
 
 
-def test_as_completed_yields_futures_in_the_order_they_finish(session):
-    slow = session.submit(rhapsody.task(nap)(1.0, "slow"))
+def released(path):
+    """Return once ``path`` exists (the test creates it when it has seen what it needs)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "slow"
+
+
+def test_as_completed_yields_futures_in_the_order_they_finish(session, tmp_path):
+    release = tmp_path / "release"  # the slow one ends only after the fast one was yielded
+    slow = session.submit(rhapsody.task(released)(str(release)))
     fast = session.submit(rhapsody.task(nap)(0.0, "fast"))
-    order = [f.result() for f in rhapsody.as_completed([slow, fast], timeout=60)]
+    order = []
+    for f in rhapsody.as_completed([slow, fast], timeout=60):
+        order.append(f.result())
+        release.touch()
     assert order == ["fast", "slow"]
 
 

@@ -55,3 +55,23 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     with open(path, "a") as f:
         f.write('{"node": "cut of')
     assert [r["name"] for r in read(path)] == ["abs"]
+
+
+def nap_after(upstream, seconds):
+    time.sleep(seconds)
+    return upstream
+
+
+def test_a_call_queued_behind_another_is_journaled_from_when_it_ran(tmp_path):
+    """The next hop of a chain waits on the worker behind the running one (forwarded):
+    its line starts when it began to run, so timelines show run time, not queueing."""
+    path = tmp_path / "run.jsonl"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+        x = 0
+        for _ in range(3):
+            x = rhapsody.task(nap_after)(x, 0.3)
+        assert s.submit(x).result(timeout=60) == 0
+    records = read(path)
+    assert [r["outcome"] for r in records] == ["done"] * 3
+    for r in records:
+        assert 0.3 <= r["end"] - r["start"] < 0.55, r  # queued: it would be ~0.6 s
