@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UnsatisfiableError
 
@@ -282,6 +282,11 @@ class Inventory:
                 and (req.cpu_ids is None or set(req.cpu_ids) <= set(h.cpus))
                 and (req.gpu_ids is None or set(req.gpu_ids) <= set(h.gpus))]
 
+    def fits_elsewhere(self, req: Resources, avoid: Collection[str]) -> bool:
+        """Whether one rank of ``req`` could run on a host not named in ``avoid``."""
+        others = [h for h in self.hosts if h.name not in avoid]
+        return bool(others) and Inventory(others).ranks_that_fit(req) >= 1
+
     @property
     def total_cpus(self) -> int:
         return sum(len(h.cpus) for h in self.hosts)
@@ -405,16 +410,19 @@ class Ledger:
         self._gpu_ring = [(i, g) for i, st in enumerate(self._order) for g in st.host.gpus]
         self._gpu_cursor = 0
 
-    def allocate(self, req: Resources, rank: int = 0, world_size: int = 1) -> Optional[Placement]:
-        """Take one rank's worth of ``req`` on one host, or return ``None``."""
+    def allocate(self, req: Resources, rank: int = 0, world_size: int = 1,
+                 avoid: Collection[str] = ()) -> Optional[Placement]:
+        """Take one rank's worth of ``req`` on one host (none named in ``avoid``), or
+        return ``None``."""
+        order = [st for st in self._order if st.host.name not in avoid] if avoid else self._order
         if req.host is not None or req.host_id is not None or req.cpu_ids or req.gpu_ids:
-            for st in self._order:
+            for st in order:
                 if self._allowed(st, req) and st.fits(req):
                     return self._take(st, req, self._gpus_for(st, req), rank, world_size)
             return None
         if req.gpus:
-            return self._allocate_gpus(req, rank, world_size)
-        for st in self._order:
+            return self._allocate_gpus(req, rank, world_size, avoid)
+        for st in order:
             if st.fits(req):
                 return self._take(st, req, (), rank, world_size)
         return None
@@ -427,13 +435,14 @@ class Ledger:
     def _gpus_for(st: "_HostState", req: Resources) -> Tuple[int, ...]:
         return req.gpu_ids if req.gpu_ids is not None else tuple(sorted(st.free_gpus)[:req.gpus])
 
-    def _allocate_gpus(self, req: Resources, rank: int, world_size: int) -> Optional[Placement]:
+    def _allocate_gpus(self, req: Resources, rank: int, world_size: int,
+                       avoid: Collection[str]) -> Optional[Placement]:
         ring, n = self._gpu_ring, len(self._gpu_ring)
         for step in range(n):
             pos = (self._gpu_cursor + step) % n
             host_index, first = ring[pos]
             st = self._order[host_index]
-            if first not in st.free_gpus or not st.fits(req):
+            if first not in st.free_gpus or not st.fits(req) or st.host.name in avoid:
                 continue
             gpus, last = [first], pos
             for k in range(1, n):

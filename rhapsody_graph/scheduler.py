@@ -63,7 +63,8 @@ Failure: a node that raises is retried up to ``retries`` times on a fresh
 placement (only for the exception types of ``retry_on``, when given), each retry
 ``backoff * 2**k`` seconds after the failure; an infrastructure failure (its worker
 or ranks died, its program was killed by a signal, 137 or 143) is retried too, at
-least ``INFRASTRUCTURE_RETRIES`` times. Then it and everything downstream fail with
+least ``INFRASTRUCTURE_RETRIES`` times, and (one rank) on another host than the one
+where it died while another host of its backend could take it (``avoid``). Then it and everything downstream fail with
 its exception. Then, by
 the group's ``on_error``: ``WAIT`` (``compute()``'s default) starts nothing more of
 the group while its running nodes finish; ``RAISE`` also kills its running nodes, so
@@ -135,7 +136,7 @@ class Task:
 
     __slots__ = ("node", "prio", "lane", "backend", "prepared", "leased", "group", "state",
                  "deps", "dependents", "waiting", "needed", "payload", "futures", "failures",
-                 "tid", "where", "error", "saved", "__weakref__")
+                 "tid", "where", "error", "saved", "avoid", "__weakref__")
 
     def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
                  deps: Sequence["Task"]) -> None:
@@ -156,6 +157,8 @@ class Task:
         self.where: Optional[Where] = None  # a done record's, for futures attached late
         self.error: Optional[BaseException] = None  # a failed record's
         self.saved: Optional[Tuple[Any, str]] = None  # (journal, key) to keep its value in
+        # hosts where its process died: a retry goes elsewhere while another host can take it
+        self.avoid: Optional[frozenset] = None
 
     def value(self) -> Any:
         """A done record's value, decoded in this process.
@@ -473,9 +476,16 @@ class Scheduler:
             if not backend.admit(t.prepared):
                 deferred.append(item)  # its service does not fit now
                 continue
-            placements = None if res.key in blocked else backend.ledger.allocate_ranks(res)
+            key = res.key if t.avoid is None else (res.key, t.avoid)
+            if key in blocked:
+                placements = None
+            elif t.avoid is not None:
+                one = backend.ledger.allocate(res, avoid=t.avoid)
+                placements = None if one is None else [one]
+            else:
+                placements = backend.ledger.allocate_ranks(res)
             if placements is None:
-                blocked.add(res.key)
+                blocked.add(key)
                 deferred.append(item)
             else:
                 self._start(t, None, placements)
@@ -496,12 +506,14 @@ class Scheduler:
             opts = t.node.opts
             res = opts.resources
             key = _sharing_key(opts)
+            if t.avoid is not None:  # a retry after its process died: a lease elsewhere
+                key = (res.key, True, t.avoid)
             exclusive = key[1]
             lease = None if exclusive else self._lease_with_room(lane, key, t, filling)
             if lease is None:
                 placement = None
                 if key not in blocked and b.slots_free() > 0:
-                    placement = b.ledger.allocate(res)
+                    placement = b.ledger.allocate(res, avoid=t.avoid or ())
                 if placement is None:
                     blocked.add(key)
                     deferred.append(item)
@@ -646,7 +658,8 @@ class Scheduler:
         else:
             if t.futures:
                 t.where = self._where(t, attempt, seconds)
-            self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload))
+            self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload),
+                       host=attempt.placements[0].host if attempt.placements else None)
 
     def _log(self, attempt: Optional[Attempt], killed: Optional[Attempt], status: str,
              payload: Any, seconds: float) -> None:
@@ -753,13 +766,17 @@ class Scheduler:
             self.ended.append(group)
 
     def _fail(self, t: Task, exc: BaseException, final: bool = False,
-              infrastructure: bool = False) -> None:
+              infrastructure: bool = False, host: Optional[str] = None) -> None:
         node = t.node
         if not final:
             t.failures += 1
             opts = node.opts
-            if infrastructure:  # its process died or was killed: retried by default
-                allowed = max(opts.retries, INFRASTRUCTURE_RETRIES)
+            if infrastructure:  # its process died or was killed: retried by default,
+                allowed = max(opts.retries, INFRASTRUCTURE_RETRIES)  # on another host
+                if host is not None and opts.resources.ranks == 1:
+                    avoid = (t.avoid or frozenset()) | {host}
+                    if t.backend.inventory.fits_elsewhere(opts.resources, avoid):
+                        t.avoid = avoid
             elif opts.retry_on is None or isinstance(exc, opts.retry_on):
                 allowed = opts.retries
             else:

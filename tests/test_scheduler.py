@@ -741,3 +741,40 @@ def test_cancelling_a_hop_forwarded_behind_a_running_one_cancels_the_rest_of_the
         assert futures[0].result(timeout=60) == "released"
         s.wait()
         assert backend.ledger.idle()
+
+
+# -- retries go to another host ----------------------------------------------------------
+
+def die_first_on_its_host(path):
+    """Log the host of this attempt; the first attempt's process dies."""
+    host = os.environ["RHAPSODY_HOST"]
+    with open(path, "a") as f:
+        f.write(host + "\n")
+    if len(lines(path)) == 1:
+        os._exit(3)
+    return host
+
+
+@pytest.mark.parametrize("kind", ["function", "executable"])
+def test_a_node_whose_process_died_is_retried_on_another_host(tmp_path, kind):
+    log = str(tmp_path / "hosts")
+    backend = rhapsody.LocalBackend(hosts=[rhapsody.Host("n0", 1), rhapsody.Host("n1", 1)])
+    if kind == "function":
+        node = rhapsody.task(die_first_on_its_host)(log)
+    else:  # a program killed by a signal is an infrastructure failure too
+        script = ("import os, signal\nh = os.environ['RHAPSODY_HOST']\n"
+                  f"open({log!r}, 'a').write(h + '\\n')\n"
+                  f"if len(open({log!r}).read().split()) == 1: os.kill(os.getpid(), 9)\n")
+        node = rhapsody.executable([sys.executable, "-c", script])
+    node.compute(backend=backend)
+    first, second = lines(log)
+    assert first != second  # the host where it died is avoided while another can take it
+    assert backend.ledger.idle()
+
+
+def test_a_retry_stays_on_the_only_host_that_can_take_it(tmp_path):
+    log = str(tmp_path / "hosts")
+    backend = rhapsody.LocalBackend(hosts=[rhapsody.Host("n0", 1), rhapsody.Host("n1", 2)])
+    node = rhapsody.task(die_first_on_its_host, cpus=2)(log)  # only n1 has 2 cores
+    assert node.compute(backend=backend) == "n1"
+    assert lines(log) == ["n1", "n1"]
