@@ -129,14 +129,20 @@ def chart(results: Dict[str, Dict[str, List[float]]], units: Dict[str, str], pat
     workloads = [k for k in results if k != "startup"]
     engines = sorted({e for k in workloads for e in results[k]},
                      key=lambda e: (e != "rhapsody", e))
-    width = 0.8 / max(1, len(engines))
+    peers = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22"]
+    colour = {e: "#d62728" if e == "rhapsody" else peers[i % len(peers)]
+              for i, e in enumerate(engines)}
+    width = 0.8 / max(len(results[k]) for k in workloads)
     fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(workloads), 4.2))
-    for i, engine in enumerate(engines):
-        xs = [j + (i - (len(engines) - 1) / 2) * width for j, k in enumerate(workloads)
-              if engine in results[k]]
-        ys = [statistics.median(results[k][engine]) for k in workloads if engine in results[k]]
-        ax.bar(xs, ys, width, label="rhapsody_graph" if engine == "rhapsody" else engine,
-               color="#d62728" if engine == "rhapsody" else None)
+    labelled = set()
+    for j, k in enumerate(workloads):  # each group: its own engines, centred on its tick
+        present = [e for e in engines if e in results[k]]
+        for i, e in enumerate(present):
+            x = j + (i - (len(present) - 1) / 2) * width
+            name = "rhapsody_graph" if e == "rhapsody" else e
+            ax.bar(x, statistics.median(results[k][e]), width, color=colour[e],
+                   label=None if e in labelled else name)
+            labelled.add(e)
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels([f"{k}\n({units[k]})" for k in workloads], fontsize=8)
