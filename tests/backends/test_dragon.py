@@ -67,6 +67,16 @@ def test_dragon_example_runs_under_the_launcher_and_leaves_no_process(example, a
     assert not dragon_pids() - before, "Dragon processes left behind"
 
 
+@pytest.mark.timeout(300)
+def test_dragon_example_runs_as_plain_python_and_leaves_no_process():
+    before = dragon_pids()
+    code, output = _launch([sys.executable, os.path.join(EXAMPLES, "without_launcher.py")], 240)
+    assert code == 0 and re.search(
+        r"before: False\nunder a Dragon runtime now: True(?s:.*)on Dragon: value 5 from "
+        r"process \d+ on \S+\non the local backend: value 5", output), output[-3000:]
+    assert not dragon_pids() - before, "Dragon processes left behind"
+
+
 def _launch(cmd: list, seconds: float) -> tuple:
     """Run the Dragon launcher on ``cmd``; its exit code and output. On a timeout, kill
     its whole process group, clean up after Dragon and fail."""
