@@ -470,14 +470,16 @@ class Ledger:
         st.free_memory -= req.memory
         return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
 
-    def allocate_ranks(self, req: Resources) -> Optional[List[Placement]]:
+    def allocate_ranks(self, req: Resources,
+                       avoid: Collection[str] = ()) -> Optional[List[Placement]]:
         """Place all ``req.ranks`` ranks (block or round-robin over hosts, or each by its
-        own request in ``req.per_rank``), or none."""
+        own request in ``req.per_rank``), or none; a single rank on no host named in
+        ``avoid``."""
         n = req.ranks
         if req.per_rank is not None:
             return self._allocate_each(req.per_rank)
         if n == 1:
-            one = self.allocate(req)
+            one = self.allocate(req, avoid=avoid)
             return None if one is None else [one]
         placed: List[Placement] = []
         if req.distribution == "round_robin":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any, Dict, List
 
 from .backends.base import kind_name
@@ -53,12 +52,10 @@ class RunLog:
         self._file = open(self.path, "a", buffering=1)
 
     def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,
-              error: str = "", seconds: float = 0.0) -> None:
-        """One attempt of ``task`` (a scheduler record) has ended with ``outcome``,
-        after running ``seconds`` (0: not measured) by its executor's clock."""
+              error: str = "") -> None:
+        """One attempt of ``task`` (a scheduler record, its ``start`` and ``end`` set)
+        has ended with ``outcome``."""
         placements = attempt.placements or ()
-        end = time.time()
-        start = max(attempt.start, end - seconds) if seconds > 0 else attempt.start
         record: Dict[str, Any] = {
             "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
             "backend": task.backend.name,
@@ -66,7 +63,7 @@ class RunLog:
             "hosts": [p.host for p in placements],
             "cpus": [list(p.cpus) for p in placements],
             "gpus": [list(p.gpus) for p in placements],
-            "attempt": task.failures + 1, "start": start, "end": end,
+            "attempt": task.failures + 1, "start": attempt.start, "end": attempt.end,
             "outcome": outcome, "bytes": nbytes}
         if error:
             record["error"] = error

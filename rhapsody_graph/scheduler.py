@@ -197,14 +197,23 @@ class Lane:
 
 
 class Attempt:
-    __slots__ = ("task", "lease", "placements", "start", "after", "outputs")
+    __slots__ = ("task", "lease", "placements", "start", "end", "after", "outputs")
 
     def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any],
                  timed: Any) -> None:
         self.task, self.lease, self.placements = task, lease, placements
         self.start = time.time() if timed else 0.0  # for a future's `where`, the run log
+        self.end = 0.0
         self.after: Optional[Callable[[], None]] = None  # once killed: what then
         self.outputs: Optional[Tuple[Any, ...]] = None  # per rank: (stdout, stderr) or None
+
+    def ended(self, seconds: float) -> None:
+        """It ended now, after running ``seconds`` by its executor's clock (0: not
+        measured): its start moves to when it began to run (a call queued on a worker
+        waited first)."""
+        self.end = time.time()
+        if seconds > 0:
+            self.start = max(self.start, self.end - seconds)
 
 
 class Scheduler:
@@ -477,13 +486,8 @@ class Scheduler:
                 deferred.append(item)  # its service does not fit now
                 continue
             key = res.key if t.avoid is None else (res.key, t.avoid)
-            if key in blocked:
-                placements = None
-            elif t.avoid is not None:
-                one = backend.ledger.allocate(res, avoid=t.avoid)
-                placements = None if one is None else [one]
-            else:
-                placements = backend.ledger.allocate_ranks(res)
+            placements = (None if key in blocked
+                          else backend.ledger.allocate_ranks(res, avoid=t.avoid or ()))
             if placements is None:
                 blocked.add(key)
                 deferred.append(item)
@@ -558,15 +562,23 @@ class Scheduler:
 
     def _forward_behind(self, j: Task) -> None:
         """``j`` now waits for one running input: forward it behind that input's call
-        if it runs on a shared lease of the same request (a reduction's last step)."""
+        if that is the last call on a shared lease (a reduction's last step)."""
         for d in j.deps:
             if d.state == RUNNING:
                 attempt = self.inflight.get(d.tid)
-                lease = attempt.lease if attempt is not None else None
-                if (lease is not None and lease.key is not None and lease.executor is not None
-                        and lease.tail is d):
-                    self._forward(lease, d)
+                if attempt is not None and attempt.lease is not None \
+                        and self._chain_end(attempt.lease) is d:
+                    self._forward(attempt.lease, d)
                 return
+
+    def _chain_end(self, lease: Lease) -> Optional[Task]:
+        """The last call queued on shared ``lease``, if it still runs there (a forwarded
+        chain may go on behind it)."""
+        t = lease.tail
+        if t is None or t.state != RUNNING or lease.key is None or lease.executor is None:
+            return None
+        attempt = self.inflight.get(t.tid)
+        return t if attempt is not None and attempt.lease is lease else None
 
     def _lease_with_room(self, lane: Lane, key: tuple, t: Task, filling: set) -> Optional[Lease]:
         """An open shared lease that may queue ``t`` next, if any."""
@@ -622,8 +634,12 @@ class Scheduler:
         attempt = self.inflight.pop(tid, None)
         if attempt is not None:
             attempt.task.lane.stopped += 1
+        killed = self.killing.get(tid)
+        timed = attempt or killed
+        if timed is not None and timed.start:  # for a future's `where` and the run log
+            timed.ended(seconds)
         if self.runlog is not None:
-            self._log(attempt, self.killing.get(tid), status, payload, seconds)
+            self._log(attempt, killed, status, payload)
         if attempt is None:
             attempt = self.killing.pop(tid, None)
             if attempt is not None:  # a killed call has ended: now its placements are free
@@ -638,15 +654,11 @@ class Scheduler:
         if status == OK:
             self._done(t, payload, seconds, attempt)
             lease = attempt.lease
-            if lease is not None and lease.tail is not None:
-                tail = lease.tail
-                # the chain goes on: top its worker up once half of what it holds is done
-                # (one frame per half-depth of hops, not one per hop)
-                if (tail.state == RUNNING and lease.executor is not None
-                        and lease.outstanding <= self._forward_depth(tail) // 2):
-                    running = self.inflight.get(tail.tid)
-                    if running is not None and running.lease is lease:
-                        self._forward(lease, tail)
+            tail = self._chain_end(lease) if lease is not None else None
+            # the chain goes on: top its worker up once half of what it holds is done
+            # (one frame per half-depth of hops, not one per hop)
+            if tail is not None and lease.outstanding <= self._forward_depth(tail) // 2:
+                self._forward(lease, tail)
         elif status in (DROPPED, KILLED):  # never started, or killed by an abort
             if t.group.stopping:
                 t.state = READY
@@ -657,35 +669,30 @@ class Scheduler:
                 self._push(t)
         else:
             if t.futures:
-                t.where = self._where(t, attempt, seconds)
+                t.where = self._where(t, attempt)
             self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload),
                        host=attempt.placements[0].host if attempt.placements else None)
 
     def _log(self, attempt: Optional[Attempt], killed: Optional[Attempt], status: str,
-             payload: Any, seconds: float) -> None:
-        """Write the ended attempt to the run journal (:mod:`.runlog`); ``seconds``: its
-        run time as its executor measured it (a call queued on a worker waited first)."""
+             payload: Any) -> None:
+        """Write the ended attempt to the run journal (:mod:`.runlog`)."""
         if killed is not None or (attempt is not None and status == KILLED):
             attempt = killed or attempt
             self.runlog.write(attempt.task, attempt, "killed", 0)
         elif attempt is None:
             return
         elif status == OK:
-            self.runlog.write(attempt.task, attempt, "done", len(payload), seconds=seconds)
+            self.runlog.write(attempt.task, attempt, "done", len(payload))
         elif status == DROPPED:
             self.runlog.write(attempt.task, attempt, "dropped", 0)
         else:
             self.runlog.write(attempt.task, attempt, "died" if status == DIED else "failed", 0,
-                              f"{type(payload).__name__}: {payload}", seconds)
+                              f"{type(payload).__name__}: {payload}")
 
     @staticmethod
-    def _where(t: Task, attempt: Attempt, seconds: float) -> Where:
-        """Where ``t`` ran; its start: when it began to run by its executor's measure
-        (``seconds`` before now; a call queued on a worker waited first), else when started."""
-        end = time.time()
-        start = max(attempt.start, end - seconds) if seconds > 0 else attempt.start
-        return Where(t.backend.name, attempt.placements, t.failures + 1, start, end,
-                     attempt.outputs)
+    def _where(t: Task, attempt: Attempt) -> Where:
+        return Where(t.backend.name, attempt.placements, t.failures + 1, attempt.start,
+                     attempt.end, attempt.outputs)
 
     def _release(self, attempt: Attempt) -> None:
         lane = attempt.task.lane
@@ -731,7 +738,7 @@ class Scheduler:
                 now = time.time()
                 where = Where(t.backend.name, (), 0, now, now)
             else:
-                where = self._where(t, attempt, seconds)
+                where = self._where(t, attempt)
             t.where = where
             for ref in t.futures:
                 fut = ref()

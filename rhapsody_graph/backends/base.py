@@ -47,6 +47,7 @@ bytes, ``ERROR`` and ``DIED`` with the exception to raise, ``DROPPED`` with
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import os
@@ -54,7 +55,7 @@ import pickle
 import selectors
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..resources import Inventory, Ledger, Placement
 
@@ -219,6 +220,28 @@ def refuse_second_session(name: str, current: Optional[Completions],
     if completions is not None and current is not None:
         raise RuntimeError(f"backend {name!r} already belongs to a session; close "
                            "that session first, or make another backend")
+
+
+@contextlib.contextmanager
+def environ(env: Dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` inside the block, as it was after it.
+
+    >>> with environ({"RHAPSODY_DOCTEST": "1"}):
+    ...     os.environ["RHAPSODY_DOCTEST"]
+    '1'
+    >>> "RHAPSODY_DOCTEST" in os.environ
+    False
+    """
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def close_session(hub: Optional[Completions]) -> None:

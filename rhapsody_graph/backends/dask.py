@@ -30,11 +30,11 @@ True
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional
 
 from . import wire
-from .base import DIED, ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session
+from .base import (DIED, ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session,
+                   environ)
 from .pool import encode_arguments, encode_function, encode_program
 from .programs import run_program
 from ..errors import WorkerDiedError
@@ -56,19 +56,12 @@ class _DaskCall:
 def _run(func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
     """On a Dask worker: run one call in the environment of its placement (GPU masks,
     ``current_placement()``), then put the worker's back; never raises."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        fn, a, kw = wire.load_call(func, args, inputs)
-        return ("ok", wire.dump_value(fn(*a, **kw)))
-    except BaseException as exc:  # the driver raises it, with this traceback
-        return ("error", wire.dump_error(exc))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(env):
+        try:
+            fn, a, kw = wire.load_call(func, args, inputs)
+            return ("ok", wire.dump_value(fn(*a, **kw)))
+        except BaseException as exc:  # the driver raises it, with this traceback
+            return ("error", wire.dump_error(exc))
 
 
 class DaskBackend(OwnCalls):

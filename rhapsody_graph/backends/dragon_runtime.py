@@ -26,6 +26,7 @@ import weakref
 from typing import Any, Optional
 
 from . import watchdog
+from .base import environ
 
 __all__ = ["START_TIMEOUT", "attached", "ensure", "release", "running", "stop"]
 
@@ -80,20 +81,12 @@ def stop() -> None:
 def _start() -> Any:
     """Start a single-host runtime and attach to it; its processes carry the run marker."""
     from dragon.workflows.runtime import LocalRuntime
-    marks = watchdog.marked({})
-    saved = {k: os.environ.get(k) for k in marks}
-    os.environ.update(marks)  # start_local_runtime gives the launcher a copy of os.environ
     try:
-        # it prints the runtime's description, auth token included: not for the user's output
-        with contextlib.redirect_stdout(io.StringIO()):
+        # start_local_runtime gives the launcher a copy of os.environ; it prints the
+        # runtime's description, auth token included: not for the user's output
+        with environ(watchdog.marked({})), contextlib.redirect_stdout(io.StringIO()):
             return LocalRuntime.start(timeout=START_TIMEOUT)
     except Exception as exc:
         raise RuntimeError(f"could not start a Dragon runtime for this process ({exc}); "
                            "run the program under the launcher instead: "
                            "`dragon your_program.py`") from exc
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
