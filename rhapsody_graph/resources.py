@@ -275,6 +275,25 @@ class Inventory:
             if h.id is None:
                 h.id = i
 
+    def add(self, host: Host) -> None:
+        """A host that joined (a Dask worker that started later): placed on from now on.
+
+        Raises:
+            ValueError: a host of that name is already here.
+        """
+        if any(h.name == host.name for h in self.hosts):
+            raise ValueError(f"host names must be unique: {host.name!r} is already here")
+        if host.id is None:
+            host.id = max((h.id for h in self.hosts if isinstance(h.id, int)), default=-1) + 1
+        self.hosts.append(host)
+
+    def remove(self, name: str) -> Optional[Host]:
+        """A host that left: nothing more is placed on it; the host, if it was here."""
+        for i, h in enumerate(self.hosts):
+            if h.name == name:
+                return self.hosts.pop(i)
+        return None
+
     def eligible(self, req: Resources) -> List[Host]:
         """The hosts ``req`` may run on: all, or the one it names, that hold its ids."""
         return [h for h in self.hosts
@@ -322,6 +341,9 @@ class Inventory:
             UnsatisfiableError: naming ``who`` (``"node 'train'"``), the request and the
                 largest host.
         """
+        if not self.hosts:
+            raise UnsatisfiableError(f"{who} cannot be placed: the inventory has no host now "
+                                     "(every worker left); start workers, then submit again")
         if req.per_rank is not None:
             self._check_per_rank(req.per_rank, who)
             return
@@ -406,9 +428,27 @@ class Ledger:
         self.inventory = inventory
         self._hosts = {h.name: _HostState(h) for h in inventory.hosts}
         self._order = list(self._hosts.values())
+        self._ring()
+
+    def _ring(self) -> None:
         # round-robin over every GPU of every host: (host index, gpu id) in order
         self._gpu_ring = [(i, g) for i, st in enumerate(self._order) for g in st.host.gpus]
         self._gpu_cursor = 0
+
+    def add_host(self, host: Host) -> None:
+        """Add a host that joined to the inventory, all of it free."""
+        self.inventory.add(host)
+        st = self._hosts[host.name] = _HostState(host)
+        self._order.append(st)
+        self._ring()
+
+    def remove_host(self, name: str) -> None:
+        """Place nothing more on host ``name`` (it left); releasing what was on it is a no-op."""
+        self.inventory.remove(name)
+        st = self._hosts.pop(name, None)
+        if st is not None:
+            self._order.remove(st)
+            self._ring()
 
     def allocate(self, req: Resources, rank: int = 0, world_size: int = 1,
                  avoid: Collection[str] = ()) -> Optional[Placement]:
@@ -525,8 +565,10 @@ class Ledger:
         return self._take(st, req, self._gpus_for(st, req), rank, world_size)
 
     def release(self, placement: Placement) -> None:
-        """Give a placement's cores, GPUs and memory back to its host."""
-        st = self._hosts[placement.host]
+        """Give a placement's cores, GPUs and memory back to its host (if it is still here)."""
+        st = self._hosts.get(placement.host)
+        if st is None:
+            return
         st.free_cpus.extend(placement.cpus)
         st.free_cpus.sort()
         st.free_gpus.update(placement.gpus)

@@ -38,7 +38,8 @@ with completions and with what other threads asked (submit, cancel, close);
 Admission: a Python node with one rank runs under a :class:`~.backends.base.Lease`
 (a placement held by one worker). Tiny nodes with the same request share a lease:
 up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease holds
-about 2 ms of work by the function's measured run time (1 until it is measured);
+about 2 ms of work (the backend's ``lease_budget``, larger where a round trip costs
+more) by the function's measured run time (1 until it is measured);
 nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
 arguments) get a lease of their own. Executables, multi-rank and AI nodes get one
 placement per rank from the ledger; an AI node's inference service is admitted by
@@ -100,7 +101,7 @@ ENDED = (DONE, FAILED, CANCELLED)
 RAISE, WAIT, FINISH, CONTINUE = "raise", "wait", "finish", "continue"
 INFRASTRUCTURE_RETRIES = 1  # a node whose process died or was killed runs again this often
 ON_ERROR = (RAISE, WAIT, CONTINUE)  # the names compute(on_error=) takes
-LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold
+LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold (a backend's lease_budget)
 MAX_DEPTH = 64
 UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict priority
 #: how long a session with only futures may stay idle before its backends drop
@@ -190,6 +191,7 @@ class Lane:
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
         self.forwards = getattr(backend, "forwards", False)  # see _forward
+        self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _depth
         self.unflushed = False  # calls were submitted since its backend's last flush
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
@@ -558,7 +560,7 @@ class Scheduler:
         seconds = self.seconds.get(id(t.node.fn))
         if seconds is None:
             return FORWARD_DEPTH
-        return max(FORWARD_DEPTH, min(MAX_DEPTH, int(LEASE_BUDGET / max(seconds, 1e-6))))
+        return max(FORWARD_DEPTH, min(MAX_DEPTH, int(t.lane.budget / max(seconds, 1e-6))))
 
     def _forward_behind(self, j: Task) -> None:
         """``j`` now waits for one running input: forward it behind that input's call
@@ -598,9 +600,10 @@ class Scheduler:
                    for leases in lane.open_leases.values() for l in leases)
 
     def _depth(self, lane: Lane, t: Task) -> int:
-        """How many calls one shared lease may queue: ~2 ms of work, spread over slots."""
+        """How many calls one shared lease may queue: the backend's lease budget of work
+        (~2 ms: :data:`LEASE_BUDGET`), spread over slots."""
         seconds = self.seconds.get(id(t.node.fn))
-        by_time = UNKNOWN_DEPTH if seconds is None else int(LEASE_BUDGET / max(seconds, 1e-6))
+        by_time = UNKNOWN_DEPTH if seconds is None else int(lane.budget / max(seconds, 1e-6))
         by_spread = 1 + len(lane.ready) // lane.slots
         return max(1, min(MAX_DEPTH, by_time, by_spread))
 

@@ -196,3 +196,22 @@ def test_ranks_that_can_never_fit_together_are_refused_naming_the_rank_and_the_h
                                                  r"gpus on cpu_affinity=\[0, 1\].*'n0' \(cpus \[0, 1\]"):
         inv.check(Resources(ranks=2, per_rank=(Resources(cpus=1), Resources(cpus=2, cpu_ids=(0, 1)))),
                   "node 'job'")
+
+
+def test_a_host_that_joins_is_placed_on_and_one_that_leaves_is_not():
+    ledger = Ledger(Inventory([Host("a", cpus=1, gpus=1)]))
+    first = ledger.allocate(Resources(cpus=1, gpus=1))
+    assert first.host == "a" and ledger.allocate(Resources(cpus=1)) is None
+    ledger.add_host(Host("b", cpus=2, gpus=1))
+    assert [h.name for h in ledger.inventory.hosts] == ["a", "b"]
+    assert ledger.inventory.hosts[1].id == 1
+    assert ledger.allocate(Resources(cpus=1, gpus=1)).host == "b"
+    with pytest.raises(ValueError, match="'b' is already here"):
+        ledger.add_host(Host("b", cpus=1))
+    ledger.remove_host("a")
+    ledger.release(first)  # its host left: nothing to give back
+    assert ledger.allocate(Resources(cpus=1)).host == "b"
+    assert ledger.allocate(Resources(cpus=1)) is None
+    ledger.remove_host("b")
+    with pytest.raises(UnsatisfiableError, match="has no host now"):
+        ledger.inventory.check(Resources(cpus=1), "node 'x'")

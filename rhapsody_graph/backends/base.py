@@ -31,6 +31,8 @@ except ``accepts`` and ``prepare``, which the session calls):
   (an int) of an earlier call on the same lease: the executor fills it with that
   call's value where it ran (no round trip through the driver), or reports the call
   ``DROPPED`` if that call returned no value.
+* ``lease_budget`` (optional): seconds of measured work the scheduler queues on one
+  shared lease at most (default 2 ms; more where each round trip costs more).
 * ``drop_queued()``: calls queued behind a running one come back ``DROPPED``.
 * ``kill(tid)``: stop one call now; it reports one ``KILLED`` completion once its
   processes are gone (and nothing else).

@@ -6,37 +6,50 @@ address, its threads as core slots and its declared ``GPU`` resource as GPU ids.
 The ledger's placement picks the worker; the call goes to exactly that worker
 (``workers=[address]``, ``resources={"GPU": n}`` for a GPU node), and there it sets
 the GPU masks (``CUDA_VISIBLE_DEVICES``, ``ROCR_VISIBLE_DEVICES``,
-``ZE_AFFINITY_MASK``) to the ledger's ids before the body runs.
+``ZE_AFFINITY_MASK``) to the ledger's ids before the body runs. Workers that join
+the cluster later are added to the inventory, workers that leave are removed.
 
-Python nodes and executables (run by :func:`.programs.run_program` on the worker)
-are calls of one function with pickled arguments, their upstream values filled in
-on the worker; the value comes back pickled, an exception with its remote
-traceback. Multi-rank and AI nodes go to other backends of the session. A call
-whose worker left the cluster (the scheduler's ``remove-worker`` event, to which the
-backend subscribes) completes ``DIED``, so the scheduler retries it as an
-infrastructure failure; a call placed on a worker that has left goes to whichever
-worker Dask picks. (The inventory is the worker list at construction: workers that
-join later are used only that way.)
+Python nodes run under leases, as on the local backend: a lease is one core of one
+worker held by the ledger, and the scheduler queues up to its depth (about 50 ms
+of measured work: ``lease_budget``) of tiny calls on it at once, so Dask's round trip is paid per batch,
+not per call. Executables (run by :func:`.programs.run_program` on the worker) get a
+placement of their own. Every call is one Dask task of one function with pickled
+arguments, its upstream values filled in on the worker; the value comes back
+pickled with the time the body ran, an exception with its remote traceback.
+Multi-rank and AI nodes go to other backends of the session. A call whose worker
+left the cluster (the scheduler's ``remove-worker`` event, to which the backend
+subscribes) completes ``DIED``, so the scheduler retries it as an infrastructure
+failure.
+
+Killing a call (a timeout, a cancel) cancels its Dask future, then asks its worker
+(``client.run``) what the call is doing: a queued call never starts; an executable's
+process group is killed; a Python body running in a worker thread, which no thread
+API can stop, is stopped by restarting that worker through its nanny (the other
+calls it was running fail over as infrastructure failures). ``KILLED`` is reported
+once that is done, so the ledger gets the core back only when the work has stopped.
 
 State: ``_running`` (tid → the Dask future of each call) and ``_where`` (tid → its
-worker); each future's done-callback posts its completion to the session's queue;
-``_live``: the workers the scheduler has now. Killing a call cancels its future: a
-queued call never starts, and its placement is free at once; a call that already
-runs in a worker thread finishes there (Dask cannot stop a thread) while its result
-is thrown away.
+worker); each future's done-callback appends it to ``_ended``, which the collector
+thread takes whole: it fetches the values of every call that ended since its last
+round in one ``gather`` (one round trip per batch, not per call) and posts them to
+the session's queue. ``_live``: the workers the scheduler has now; ``_killers``: the
+threads stopping killed calls. On a worker, ``_calls`` maps each running call's key
+to its thread.
 
 >>> DaskBackend.kinds == frozenset({"function", "executable"})
 True
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import wire
 from .base import (DIED, ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session,
                    environ)
 from .pool import encode_arguments, encode_function, encode_program
-from .programs import run_program
+from .programs import kill_program_of, run_program
 from ..errors import WorkerDiedError
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger
@@ -53,15 +66,34 @@ class _DaskCall:
         self.key, self.kind, self.func, self.args = key, kind, func, args
 
 
-def _run(func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
+_calls: Dict[str, int] = {}  # on a worker: the key of each call running there -> its thread
+
+
+def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
     """On a Dask worker: run one call in the environment of its placement (GPU masks,
-    ``current_placement()``), then put the worker's back; never raises."""
+    ``current_placement()``), then put the worker's back; never raises. Returns
+    ``(status, payload, seconds the body ran)``."""
+    _calls[key] = threading.get_ident()
+    start = time.perf_counter()
     with environ(env):
         try:
             fn, a, kw = wire.load_call(func, args, inputs)
-            return ("ok", wire.dump_value(fn(*a, **kw)))
+            result = ("ok", wire.dump_value(fn(*a, **kw)))
         except BaseException as exc:  # the driver raises it, with this traceback
-            return ("error", wire.dump_error(exc))
+            result = ("error", wire.dump_error(exc))
+        finally:
+            del _calls[key]
+    return result + (time.perf_counter() - start,)
+
+
+def _stop(key: str) -> str:
+    """On a worker (``client.run``): stop call ``key`` if its body runs a program (its
+    process group is killed); say what was found: ``"program"``, ``"thread"`` (a
+    Python body is running) or ``"absent"`` (it is not running here)."""
+    ident = _calls.get(key)
+    if ident is None:
+        return "absent"
+    return "program" if kill_program_of(ident) else "thread"
 
 
 class DaskBackend(OwnCalls):
@@ -81,6 +113,8 @@ class DaskBackend(OwnCalls):
     """
 
     kinds = frozenset((FUNCTION, EXECUTABLE))
+    #: a Dask round trip costs milliseconds: a lease queues up to 50 ms of measured work
+    lease_budget = 0.05
 
     def __init__(self, client: Any = None, *, cluster: Any = None, address: Optional[str] = None,
                  name: str = "dask", timeout: float = 10.0) -> None:
@@ -110,6 +144,13 @@ class DaskBackend(OwnCalls):
         self._running: Dict[int, Any] = {}  # tid -> its Dask future
         self._where: Dict[int, str] = {}  # tid -> the worker it was sent to
         self._live = {h.name for h in self.inventory.hosts}  # workers the scheduler has now
+        self._killers: List[threading.Thread] = []  # stopping killed calls (see kill)
+        self._ended: List[Tuple[int, Any]] = []  # (tid, future) of calls that ended, not fetched
+        self._ended_cv = threading.Condition()
+        self._open = True
+        self._collector = threading.Thread(target=self._collect, daemon=True,
+                                           name=f"rhapsody-dask-{name}-results")
+        self._collector.start()
         self.client.subscribe_topic("all", self._event)  # workers that leave or join
 
     def _hosts(self) -> List[Host]:
@@ -117,14 +158,18 @@ class DaskBackend(OwnCalls):
         if not workers:
             raise RuntimeError(f"DaskBackend {self.name!r}: the cluster has no worker yet; "
                                "start its workers first (cluster.scale(n), or wait_for_workers)")
-        return [Host(address, int(w.get("nthreads", 1)) or 1,
-                     int((w.get("resources") or {}).get("GPU", 0)))
-                for address, w in sorted(workers.items())]
+        return [_host(address, w) for address, w in sorted(workers.items())]
 
     # -- the backend protocol (see .base) ------------------------------------------------
 
     def accepts(self, node: Any) -> bool:
         return not node.opts.custom_process  # Dragon's policy= and templates
+
+    def uses_lease(self, prepared: Any) -> bool:
+        return prepared.kind == FUNCTION
+
+    def end_lease(self, lease: Any) -> None:
+        pass  # its calls are Dask tasks: nothing is held on the worker
 
     def prepare(self, node: Any) -> _DaskCall:
         """The node's call, pickled now; raise ``TypeError`` naming what cannot be sent."""
@@ -144,22 +189,54 @@ class DaskBackend(OwnCalls):
     def submit(self, call: Call) -> None:
         p = call.placements[0]
         tid, prepared = call.tid, call.prepared
+        if call.lease is not None:
+            call.lease.executor = p.host  # the worker its calls queue on
         here = p.host in self._live  # else its worker left: Dask picks another
+        key = f"{call.key}-{tid}"
         future = self.client.submit(
-            _run, prepared.func, prepared.args, list(call.inputs), p.env(),
-            key=f"{call.key}-{tid}", workers=[p.host] if here else None, pure=False,
+            _run, key, prepared.func, prepared.args, list(call.inputs), p.env(),
+            key=key, workers=[p.host] if here else None, pure=False,
             resources={"GPU": len(p.gpus)} if p.gpus else None)
         self._running[tid] = future
         self._where[tid] = p.host
-        hub = self.hub
-        future.add_done_callback(lambda f: hub.post(lambda out: self._take(tid, f, out)))
+        future.add_done_callback(lambda f: self._call_ended(tid, f))
 
     def kill(self, tid: int) -> None:
+        """Cancel the call's future; in a thread of its own, stop what it runs on its
+        worker (see the module docstring), then report ``KILLED``."""
         future = self._running.pop(tid, None)
-        self._where.pop(tid, None)
-        if future is not None:
-            future.cancel()
-        self.hub.post((tid, KILLED, None, 0.0))
+        worker = self._where.pop(tid, None)
+        hub = self.hub
+        if future is None or worker is None:
+            hub.post((tid, KILLED, None, 0.0))
+            return
+        future.cancel()
+
+        def stop() -> None:
+            try:
+                self._stop_on(worker, future.key)
+            finally:
+                hub.post((tid, KILLED, None, 0.0))
+        self._killers = [k for k in self._killers if k.is_alive()]
+        killer = threading.Thread(target=stop, name=f"rhapsody-dask-kill-{tid}", daemon=True)
+        self._killers.append(killer)
+        killer.start()
+
+    def _stop_on(self, worker: str, key: str) -> None:
+        """Stop call ``key`` on ``worker``: kill its program, or restart the worker if a
+        Python body runs there (a worker without a nanny cannot be restarted: the
+        body runs on, and only its result is thrown away)."""
+        if worker not in self._live or self.client.status != "running":
+            return
+        try:
+            found = self.client.run(_stop, key, workers=[worker], on_error="return")
+        except Exception:  # the worker left meanwhile: nothing of the call is left there
+            return
+        if found.get(worker) == "thread":
+            try:
+                self.client.restart_workers([worker], raise_for_error=False)
+            except Exception:
+                pass
 
     def end_run(self) -> None:
         pass
@@ -176,6 +253,12 @@ class DaskBackend(OwnCalls):
         """Close the session using it, cancel what runs, close a client it made."""
         close_session(self.hub)
         self.abort()
+        for killer in self._killers:
+            killer.join()
+        with self._ended_cv:
+            self._open = False
+            self._ended_cv.notify()
+        self._collector.join()
         if self.client.status == "running":  # else the scheduler logs that it could not
             self.client.unsubscribe_topic("all")  # tell this closing client it left
         if self._own:
@@ -203,12 +286,17 @@ class DaskBackend(OwnCalls):
                 hub.post(lambda out: self._worker_changed(message, out))
 
     def _worker_changed(self, message: Dict[str, Any], out: List[Completion]) -> None:
-        """A worker left (its calls fail ``DIED``: the scheduler retries them) or joined."""
+        """A worker joined (its threads and GPUs join the inventory) or left (it leaves
+        the inventory; its calls fail ``DIED``: the scheduler retries them)."""
         worker = message.get("worker")
         if message["action"] == "add-worker":
             self._live.add(worker)
+            info = self.client.scheduler_info(n_workers=-1)["workers"].get(worker)
+            if info is not None and all(h.name != worker for h in self.inventory.hosts):
+                self.ledger.add_host(_host(worker, info))
             return
         self._live.discard(worker)
+        self.ledger.remove_host(worker)
         for tid in [t for t, w in self._where.items() if w == worker]:
             future = self._running.pop(tid)
             del self._where[tid]
@@ -217,23 +305,69 @@ class DaskBackend(OwnCalls):
                                   f"{future.key.rsplit('-', 1)[0]!r} left the cluster")
             out.append((tid, DIED, wire.attach(exc, "", future.key.rsplit("-", 1)[0]), 0.0))
 
-    def _take(self, tid: int, future: Any, out: List[Completion]) -> None:
-        """On the scheduler thread: report a call's end (not one killed already)."""
-        if self._running.get(tid) is not future:
-            return
-        del self._running[tid]
-        del self._where[tid]
-        key = future.key.rsplit("-", 1)[0]
-        if future.status == "finished":
-            status, payload = future.result()
-            if status == "ok":
-                out.append((tid, OK, payload, 0.0))
-            else:
-                out.append((tid, ERROR, wire.load_error(payload, key), 0.0))
-            return
+    def _call_ended(self, tid: int, future: Any) -> None:
+        """In Dask's callback thread: a call's future is done; the collector fetches it."""
+        with self._ended_cv:
+            self._ended.append((tid, future))
+            self._ended_cv.notify()
+
+    def _collect(self) -> None:
+        """The collector thread: fetch the values of the calls that ended, all of them
+        in one ``gather`` (one round trip per batch, not per call), and hand the batch
+        to the scheduler thread. Sleeps on a condition while nothing ended."""
+        while True:
+            with self._ended_cv:
+                while self._open and not self._ended:
+                    self._ended_cv.wait()
+                if not self._open:
+                    return
+                batch, self._ended = self._ended, []
+            values = self._gather([f for _, f in batch if f.status == "finished"])
+            hub = self.hub
+            if hub is not None:
+                hub.post(lambda out, batch=batch: self._take(batch, values, out))
+
+    def _gather(self, futures: List[Any]) -> Dict[str, tuple]:
+        """The results of finished futures by key (one lost meanwhile is left out)."""
+        if not futures:
+            return {}
         try:
-            reason = repr(future.exception(timeout=0))
-        except Exception as exc:  # cancelled by Dask itself (a lost client)
-            reason = repr(exc)
-        exc = WorkerDiedError(f"the Dask worker running node {key!r} was lost ({reason})")
-        out.append((tid, DIED, wire.attach(exc, "", key), 0.0))
+            return dict(zip([f.key for f in futures], self.client.gather(futures)))
+        except Exception:  # one was lost or cancelled meanwhile: the others one by one
+            values = {}
+            for f in futures:
+                try:
+                    values[f.key] = f.result(timeout=0)
+                except Exception:
+                    pass
+            return values
+
+    def _take(self, batch: List[Tuple[int, Any]], values: Dict[str, tuple],
+              out: List[Completion]) -> None:
+        """On the scheduler thread: report the calls' ends (not those killed already)."""
+        for tid, future in batch:
+            if self._running.get(tid) is not future:
+                continue
+            del self._running[tid]
+            del self._where[tid]
+            key = future.key.rsplit("-", 1)[0]
+            value = values.get(future.key)
+            if value is not None:
+                status, payload, seconds = value
+                if status == "ok":
+                    out.append((tid, OK, payload, seconds))
+                else:
+                    out.append((tid, ERROR, wire.load_error(payload, key), seconds))
+                continue
+            try:
+                reason = repr(future.exception(timeout=0))
+            except Exception as exc:  # cancelled by Dask itself (a lost client)
+                reason = repr(exc)
+            exc = WorkerDiedError(f"the Dask worker running node {key!r} was lost ({reason})")
+            out.append((tid, DIED, wire.attach(exc, "", key), 0.0))
+
+
+def _host(address: str, info: Dict[str, Any]) -> Host:
+    """A worker of the scheduler's list as a host: its threads, its declared GPUs."""
+    return Host(address, int(info.get("nthreads", 1)) or 1,
+                int((info.get("resources") or {}).get("GPU", 0)))

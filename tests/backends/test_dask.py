@@ -1,13 +1,19 @@
 """DaskBackend on a real distributed.LocalCluster (2 worker processes, 1 thread each,
 2 declared GPUs each): placement and GPU masks seen inside the task, executables,
 failures with their tracebacks, edges across a Dask and a local backend, routing of
-the kinds Dask does not run, a killed Dask worker, and errors before anything runs."""
+the kinds Dask does not run, many tiny calls under leases, a killed Dask worker,
+cancelling and timing out running calls (their processes are gone after), workers
+that join and leave, and errors before anything runs."""
 import os
 import signal
+import time
 
 import pytest
 
 import rhapsody_graph as rhapsody
+
+from ..conftest import wait_until
+from ..test_scheduler import still_alive
 
 distributed = pytest.importorskip("distributed")
 
@@ -101,3 +107,61 @@ def test_an_unreachable_scheduler_is_refused_naming_its_address():
 def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="exactly one of client=, cluster= or address="):
         rhapsody.DaskBackend()
+
+
+def test_many_tiny_calls_queue_on_leases_and_all_come_back(session):
+    dask = session.backends["dask"]
+    nodes = [rhapsody.task(backend="dask")(double)(i) for i in range(300)]
+    assert session.compute(*nodes) == tuple(2 * i for i in range(300))
+    assert dask.ledger.idle()
+
+
+def write_pid_and_sleep(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_cancelling_a_running_python_node_restarts_its_worker_and_frees_the_core(
+        session, tmp_path):
+    dask = session.backends["dask"]
+    before = {h.name for h in dask.inventory.hosts}
+    path = tmp_path / "pid"
+    fut = session.submit(rhapsody.task(backend="dask")(write_pid_and_sleep)(str(path)))
+    assert wait_until(lambda: path.exists() and path.read_text(), 60)
+    pid = int(path.read_text())
+    fut.cancel()
+    assert fut.cancelled()
+    session.wait()
+    assert still_alive([pid], 30) == []  # the worker process running it was restarted
+    assert dask.ledger.idle()
+    # the restarted worker joins again under a new address: the inventory follows
+    assert wait_until(lambda: len(dask.inventory.hosts) == 2
+                      and {h.name for h in dask.inventory.hosts} != before, 60)
+    assert session.compute(rhapsody.task(backend="dask")(double)(4)) == (8,)
+
+
+def test_an_executable_that_times_out_on_dask_is_killed_with_its_children(session, tmp_path):
+    path = tmp_path / "pids"
+    script = f"sleep 60 & echo $! > {path}; echo $$ >> {path}; wait"
+    node = rhapsody.executable(["sh", "-c", script], backend="dask", timeout=2)
+    with pytest.raises(rhapsody.NodeTimeoutError):
+        session.compute(node)
+    assert wait_until(lambda: path.exists() and len(path.read_text().split()) == 2, 10)
+    assert still_alive([int(p) for p in path.read_text().split()], 30) == []
+    assert session.backends["dask"].ledger.idle()
+
+
+def test_workers_that_join_and_leave_change_the_inventory(session, cluster):
+    dask = session.backends["dask"]
+    cluster.scale(3)
+    dask.client.wait_for_workers(3, timeout=60)
+    assert wait_until(lambda: len(dask.inventory.hosts) == 3, 60)
+    workers = dask.client.scheduler_info(n_workers=-1)["workers"]
+    assert {h.name for h in dask.inventory.hosts} == set(workers)
+    nodes = [rhapsody.task(backend="dask", gpus=1)(where_am_i)(i) for i in range(6)]
+    assert {host for host, _, _ in session.compute(*nodes)} == set(workers)
+    cluster.scale(2)
+    assert wait_until(lambda: len(dask.inventory.hosts) == 2, 60)
+    assert {h.name for h in dask.inventory.hosts} == \
+        set(dask.client.scheduler_info(n_workers=-1)["workers"])
