@@ -302,9 +302,9 @@ class Inventory:
                 and (req.gpu_ids is None or set(req.gpu_ids) <= set(h.gpus))]
 
     def fits_elsewhere(self, req: Resources, avoid: Collection[str]) -> bool:
-        """Whether one rank of ``req`` could run on a host not named in ``avoid``."""
+        """Whether all ranks of ``req`` could run on hosts not named in ``avoid``."""
         others = [h for h in self.hosts if h.name not in avoid]
-        return bool(others) and Inventory(others).ranks_that_fit(req) >= 1
+        return bool(others) and Inventory(others).ranks_that_fit(req) >= req.ranks
 
     @property
     def total_cpus(self) -> int:
@@ -513,8 +513,8 @@ class Ledger:
     def allocate_ranks(self, req: Resources,
                        avoid: Collection[str] = ()) -> Optional[List[Placement]]:
         """Place all ``req.ranks`` ranks (block or round-robin over hosts, or each by its
-        own request in ``req.per_rank``), or none; a single rank on no host named in
-        ``avoid``."""
+        own request in ``req.per_rank``), or none; on no host named in ``avoid``
+        (ranks of their own requests ignore it)."""
         n = req.ranks
         if req.per_rank is not None:
             return self._allocate_each(req.per_rank)
@@ -522,8 +522,8 @@ class Ledger:
             one = self.allocate(req, avoid=avoid)
             return None if one is None else [one]
         placed: List[Placement] = []
+        hosts = [st for st in self._order if st.host.name not in avoid] if avoid else self._order
         if req.distribution == "round_robin":
-            hosts = self._order
             start = 0
             while len(placed) < n:
                 for k in range(len(hosts)):
@@ -535,7 +535,7 @@ class Ledger:
                 else:
                     break
         else:
-            for st in self._order:
+            for st in hosts:
                 while len(placed) < n and self._allowed(st, req) and st.fits(req):
                     placed.append(self._take_on(st, req, len(placed), n))
         return self._complete(placed, n)
