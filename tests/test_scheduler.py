@@ -260,14 +260,14 @@ def test_timeout_on_multi_rank_node_kills_every_rank_and_frees_the_ledger(backen
             f.write(str(os.getpid()))
         time.sleep(30)
 
-    timeout = 2.0  # two fresh rank processes must start (and write their pid) first
+    timeout = 3.0  # two fresh rank processes must start (and write their pid) first
     slow = rhapsody.task(ranks=2, cpus=1, timeout=timeout)(hold)(str(tmp_path))
     follow = rhapsody.task(cpus=2)(survivors)(
         str(after), *(str(tmp_path / f"rank{r}") for r in range(2)))
     t0 = time.monotonic()
     with pytest.raises(rhapsody.NodeTimeoutError, match=re.escape(repr(slow.key))):
         rhapsody.compute(slow, follow, backend=backend, fail_fast=False)
-    assert time.monotonic() - t0 < timeout + 1.0
+    assert time.monotonic() - t0 < 20  # killed at its timeout, not after its 30 s sleep
     seen = json.loads(after.read_text())
     assert seen["t"] >= t0 + timeout, "the follow-up ran while the ranks held their cores"
     assert len(set(seen["pids"])) == 2

@@ -58,7 +58,7 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import dragon_runtime, wire
+from . import dragon_runtime, watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease
 from .dragon_worker import HELLO, TOKEN_BYTES, serve
 from .programs import run_program
@@ -177,14 +177,21 @@ class _BatchProc:
                 pass
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """The Batch call's exit code (-9 when the driver killed it, 1 if unknown)."""
+        """The Batch call's exit code (-9 when the driver killed it, 1 if not known
+        within ``timeout`` s: a Batch call whose worker was SIGKILLed may never report,
+        and ``Task.get`` blocks past its own timeout, so the wait is bounded here)."""
         if self.killed:
             return -signal.SIGKILL
-        try:
-            code = self.handle.get(timeout=2.0 if timeout is None else timeout)
-        except Exception:
-            return 1
-        return code if isinstance(code, int) else 0
+        code = [1]
+
+        def get() -> None:
+            try:
+                got = self.handle.get()
+            except Exception:
+                return
+            code[0] = got if isinstance(got, int) else 0
+        _bounded(get, 2.0 if timeout is None else timeout)
+        return code[0]
 
     def exit_reason(self, died: bool) -> str:
         """Why the driver gave up on it, else (if it died) its Batch call's exit code."""
@@ -457,7 +464,8 @@ class DragonBackend(PoolBackend):
         from dragon.native.process import ProcessTemplate
         extra = dict(lowering.template_arguments(p.rank))
         extra.pop("policy", None)  # the rank's policy comes from _policy
-        env = {**(extra.pop("env", None) or {}), **p.env()}
+        # the run marker: the driver's watchdog ends the process if the driver dies
+        env = watchdog.marked({**(extra.pop("env", None) or {}), **p.env()})
         return ProcessTemplate(target=serve, args=args, env=env,
                                policy=self._policy(lowering, p), **extra)
 
@@ -689,23 +697,31 @@ def _start_batch_client(batch_module: Any, machine: Any) -> Any:
 
 
 def _joined(batch: Any) -> bool:
-    """Join the Batch client (its pool ends once every call has); False if that fails."""
-    try:
-        batch.join(timeout=JOIN_TIMEOUT)
-    except Exception:
-        return False
-    return True
+    """Join the Batch client (its pool ends once every call has); False if that fails
+    or takes longer than :data:`JOIN_TIMEOUT` (``Batch.join`` may wait forever for a
+    client request after a worker was SIGKILLed, whatever its ``timeout=``)."""
+    failed = []
+
+    def join() -> None:
+        try:
+            batch.join(timeout=JOIN_TIMEOUT)
+        except Exception as exc:
+            failed.append(exc)
+    return _bounded(join, JOIN_TIMEOUT) and not failed
 
 
-def _bounded(fn: Any, seconds: float) -> None:
-    """Call ``fn`` in a daemon thread; stop waiting for it after ``seconds``.
+def _bounded(fn: Any, seconds: float) -> bool:
+    """Call ``fn`` in a daemon thread; stop waiting for it after ``seconds``; True if
+    it returned by then.
 
     After a Ctrl-C that reached the whole process group, Dragon's own services may be
     gone, and ``Batch.terminate`` then waits for an answer forever; a Batch
-    ``Task.get(timeout=)`` can block past its timeout (dragonhpc 0.15).
+    ``Task.get(timeout=)`` or ``Batch.join(timeout=)`` can block past its timeout
+    (dragonhpc 0.15).
     """
     import threading
     t = threading.Thread(target=fn, name="rhapsody-dragon-bounded", daemon=True)
     t.start()
     t.join(seconds)
+    return not t.is_alive()
 

@@ -7,8 +7,12 @@ module does nothing. A plain Python process that makes a
 child process, this process attached to it), shared by every Dragon backend of the
 process and stopped when the last of them shuts down (or at exit).
 
-State: ``_runtime`` (the running ``LocalRuntime``, or ``None``) and ``_users`` (the
-backends that use it). The runtime's processes carry this driver's run marker
+Under the launcher, the driver watches the launcher (its parent) and stops as on a
+SIGTERM when it exits, then ends its runtime's processes: a SIGTERM to the launcher
+alone would leave them all running.
+
+State: ``_runtime`` (the running ``LocalRuntime``, or ``None``), ``_users`` (the
+backends that use it) and ``_watching`` (the launcher is watched). The runtime's processes carry this driver's run marker
 (:mod:`.watchdog`), so they die with the driver even when it is SIGKILLed; only
 Dragon's shared-memory files can remain then (``dragon-cleanup`` removes them).
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import select
+import signal
 import threading
 import weakref
 from typing import Any, Optional
@@ -32,10 +38,12 @@ __all__ = ["START_TIMEOUT", "attached", "ensure", "release", "running", "stop"]
 
 START_TIMEOUT = 120.0  # seconds the runtime may take to start (~8 s on an idle 2-core VM)
 STOP_TIMEOUT = 30.0
+LAUNCHER_GRACE = 10.0  # after the launcher died: seconds for a clean stop, then exit
 
 _lock = threading.Lock()
 _runtime: Optional[Any] = None
 _users: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_watching = False  # the launcher is watched (see _watch_launcher)
 
 
 def attached() -> bool:
@@ -54,10 +62,42 @@ def ensure(user: Any) -> None:
     global _runtime
     with _lock:
         if _runtime is None and attached():
+            _watch_launcher()
             return  # under the launcher: its runtime is ours
         if _runtime is None:
             _runtime = _start()
         _users.add(user)
+
+
+def _watch_launcher() -> None:
+    """Under the launcher (once per process): SIGTERM this driver when its parent, the
+    launcher, exits. A SIGTERM to the launcher is not passed on to the driver, which
+    would then run on under init with the runtime gone; this way it stops as on any
+    SIGTERM (its sessions close). Dragon's threads can keep it from exiting then, and
+    the runtime's processes spin on without it: after :data:`LAUNCHER_GRACE` seconds
+    the driver kills the processes of its runtime (by ``DRAGON_RT_UID``) and exits;
+    its watchdog ends what carries its run marker."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    try:
+        parent = os.pidfd_open(os.getppid())
+    except (AttributeError, OSError):  # Linux < 5.3, or the parent is already gone
+        return
+
+    runtime = f"DRAGON_RT_UID={os.environ.get('DRAGON_RT_UID', '')}".encode()
+
+    def watch() -> None:
+        select.select([parent], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)  # a clean stop, while the grace lasts
+        threading.Event().wait(LAUNCHER_GRACE)
+        # the runtime is gone and its processes spin on: end this runtime's (by its
+        # id, never another launch's), then this driver (its watchdog ends the rest)
+        if runtime != b"DRAGON_RT_UID=":
+            watchdog.kill_carrying(runtime.__eq__)
+        os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=watch, name="rhapsody-launcher-watch", daemon=True).start()
 
 
 def release(user: Any) -> None:

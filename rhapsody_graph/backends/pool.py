@@ -305,11 +305,14 @@ class WorkerPool:
 
     @staticmethod
     def read(w: Worker) -> Optional[List[Tuple[int, int, float, bytes]]]:
-        """The complete results worker ``w`` has sent, or ``None`` at EOF (it died)."""
+        """The complete results worker ``w`` has sent, or ``None`` at EOF or a reset
+        connection (it died: a socket whose peer was killed with unread data resets)."""
         try:
             data = os.read(w.result_r, 1 << 20)
         except BlockingIOError:
             return []
+        except OSError:  # ECONNRESET and the like: the worker is gone
+            return None
         if not data:
             return None
         w.inbox += data

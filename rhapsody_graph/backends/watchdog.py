@@ -40,7 +40,7 @@ import secrets
 import signal
 import sys
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 __all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "watchdog_pid"]
 
@@ -149,12 +149,18 @@ def kill_marked(proc: Any) -> None:
     if not mark:
         return
     item, below = f"{GROUP}={mark}".encode(), f"{GROUP}={mark}/".encode()
+    kill_carrying(lambda v: v == item or v.startswith(below))
+
+
+def kill_carrying(test: Callable[[bytes], bool]) -> None:
+    """SIGKILL every other process of this user with an environment item (``b"K=V"``)
+    that passes ``test``."""
     me = os.getpid()
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) != me:
             try:
                 with open(f"/proc/{name}/environ", "rb") as f:
-                    if not any(v == item or v.startswith(below) for v in f.read().split(b"\0")):
+                    if not any(test(v) for v in f.read().split(b"\0")):
                         continue
                 os.kill(int(name), signal.SIGKILL)
             except OSError:

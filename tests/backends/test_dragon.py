@@ -175,14 +175,18 @@ def _wait_for_pids(path, count, proc, seconds=120):
 
 
 def _driver_pid(launcher: int, script: str) -> int:
-    """The driver process the launcher started (its own cmdline names the script)."""
+    """The driver process the launcher started (its own cmdline names the script).
+
+    Its arguments are read split by NULs or, where a title was set (``setproctitle``,
+    which gunicorn, imported by Dragon, loads when it is installed, leaves one string),
+    by spaces."""
     for pid in dragon_pids() | {int(p) for p in os.listdir("/proc") if p.isdigit()}:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+                argv = f.read().replace(b"\0", b" ").split()
         except OSError:
             continue
-        if pid != launcher and len(argv) > 1 and argv[1].decode() == script:
+        if pid != launcher and len(argv) > 1 and argv[1].decode(errors="replace") == script:
             return pid
     raise AssertionError("no driver process found")
 
@@ -232,6 +236,60 @@ def test_a_plain_python_driver_killed_by_sigkill_leaves_no_dragon_process(tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if not dragon_pids():  # no Dragon runtime alive at all: clear what SIGKILL left
+            for name in os.listdir("/dev/shm"):
+                if name.startswith("DD"):
+                    os.unlink(os.path.join("/dev/shm", name))
+
+
+LAUNCHER_KILLED = """import os, sys, time
+import rhapsody_graph as rhapsody
+
+@rhapsody.task(cpus=1)
+def sleeper(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+with open(sys.argv[2], "w") as f:
+    f.write(str(os.getpid()))
+with rhapsody.DragonBackend() as backend:
+    rhapsody.compute(sleeper(sys.argv[1]), backend=backend)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launcher_alone_stops_the_driver_and_leaves_no_process(tmp_path):
+    """A batch system's SIGTERM may reach only the launcher: the driver it started must
+    not run on under init, nor the node's process, nor any Dragon process."""
+    script, pidfile, driverfile = tmp_path / "launched.py", tmp_path / "pid", tmp_path / "driver"
+    script.write_text(LAUNCHER_KILLED)
+    before = dragon_pids()
+    proc = subprocess.Popen([shutil.which("dragon"), str(script), str(pidfile), str(driverfile)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=_fresh_signals)
+    try:
+        node = _wait_for_pids(pidfile, 1, proc)[0]
+        driver = int(driverfile.read_text())
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher alone, not its group
+        proc.communicate(timeout=120)
+        deadline = time.monotonic() + 150  # the driver's bounded shutdown, then its watchdog
+        while (dragon_pids() - before or os.path.exists(f"/proc/{node}")
+               or os.path.exists(f"/proc/{driver}")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{driver}"), "the driver outlived its launcher"
+        assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
+        assert not dragon_pids() - before, "Dragon processes left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = dragon_pids() - before
+        for pid in left:  # this launch's processes only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not dragon_pids():  # no Dragon runtime alive at all: clear what was left
             for name in os.listdir("/dev/shm"):
                 if name.startswith("DD"):
                     os.unlink(os.path.join("/dev/shm", name))
