@@ -565,7 +565,9 @@ class Ledger:
 
     @staticmethod
     def _gpus_for(st: _HostState, req: Resources) -> Tuple[int, ...]:
-        return req.gpu_ids if req.gpu_ids is not None else tuple(sorted(st.free_gpus)[:req.gpus])
+        if req.gpu_ids is not None:
+            return req.gpu_ids
+        return tuple(sorted(st.free_gpus)[:req.gpus]) if req.gpus else ()
 
     def _allocate_gpus(self, req: Resources, mask: int, rank: int,
                        world_size: int) -> Optional[Placement]:
@@ -586,9 +588,11 @@ class Ledger:
                 return None
             first = _next_free(st, 0)
         ids = st.host.gpus
-        n = len(ids)
-        free = st.free_gpus
-        local = [(first + k) % n for k in range(n) if ids[(first + k) % n] in free][:req.gpus]
+        if req.gpus == 1:
+            local = [first]
+        else:  # its next free ones in the host's order, around to its first
+            n, free = len(ids), st.free_gpus
+            local = [(first + k) % n for k in range(n) if ids[(first + k) % n] in free][:req.gpus]
         self._cursor = (st.slot, local[-1] + 1)
         return self._take(st, req, tuple(ids[i] for i in local), rank, world_size)
 
