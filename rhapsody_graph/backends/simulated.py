@@ -188,10 +188,17 @@ class SimulatedBackend:
 
     def drop_queued(self) -> None:
         """Calls queued on a lease that have not started by the clock come back ``DROPPED``."""
-        for tid in [tid for tid, (r, lease) in self._running.items()
-                    if lease is not None and r.start > self.clock]:
+        queued = [tid for tid, (r, lease) in self._running.items()
+                  if lease is not None and r.start > self.clock]
+        leases = {id(self._running[tid][1]): self._running[tid][1] for tid in queued}
+        for tid in queued:
             del self._running[tid]
             self.hub.post((tid, DROPPED, None, 0.0))
+        for lease in leases.values():  # free once the call still running there ends
+            lease.executor.free_at = self.clock
+        for r, lease in self._running.values():
+            if lease is not None and id(lease) in leases:
+                lease.executor.free_at = max(lease.executor.free_at, r.end)
 
     def kill(self, tid: int) -> None:
         """End the call at the clock (what it ran so far is recorded); report ``KILLED``."""

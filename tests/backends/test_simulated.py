@@ -171,3 +171,26 @@ def test_twenty_thousand_nodes_on_a_hundred_hosts():
     assert sim.double_bookings() == []
     assert sim.ledger.idle()
     assert sim.utilisation()["cores"] > 0
+
+
+def test_calls_queued_on_a_lease_come_back_dropped_and_the_lease_frees_early():
+    from rhapsody_graph.backends.base import DROPPED, OK, Call, Completions, Lease
+    from rhapsody_graph.resources import Resources
+    sim = SimulatedBackend(hosts=1, cpus=1, gpus=0, duration=seconds_of)
+    hub = Completions()
+    sim.attach(hub)
+    step = rhapsody.task(cpus=1)(boom)
+    lease = Lease(sim.ledger.allocate(Resources(cpus=1)), 3, ("k", False))
+    nodes = [step(4), step(6), step(8)]
+    for tid, node in enumerate(nodes, 1):
+        sim.submit(Call(tid, node.key, sim.prepare(node), [], [lease.placement], lease, None))
+    sim.drop_queued()  # at clock 0 the first runs; the two behind it never started
+    assert sorted(c[:2] for c in hub.wait(None)) == [(2, DROPPED), (3, DROPPED)]
+    assert [c[:2] for c in hub.wait(None)] == [(1, OK)]
+    later = step(1)
+    sim.submit(Call(4, later.key, sim.prepare(later), [], [lease.placement], lease, None))
+    assert [c[:2] for c in hub.wait(None)] == [(4, OK)]
+    assert [(r.start, r.end) for r in sim.records] == [(0.0, 4.0), (4.0, 5.0)]
+    sim.attach(None)
+    hub.close()
+    sim.shutdown()
