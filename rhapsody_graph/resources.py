@@ -303,9 +303,9 @@ class Inventory:
                 and (req.gpu_ids is None or set(req.gpu_ids) <= set(h.gpus))]
 
     def fits_elsewhere(self, req: Resources, avoid: Collection[str]) -> bool:
-        """Whether one rank of ``req`` could run on a host not named in ``avoid``."""
+        """Whether all ranks of ``req`` could run on hosts not named in ``avoid``."""
         others = [h for h in self.hosts if h.name not in avoid]
-        return bool(others) and Inventory(others).ranks_that_fit(req) >= 1
+        return bool(others) and Inventory(others).ranks_that_fit(req) >= req.ranks
 
     @property
     def total_cpus(self) -> int:
@@ -622,8 +622,8 @@ class Ledger:
     def allocate_ranks(self, req: Resources,
                        avoid: Collection[str] = ()) -> Optional[List[Placement]]:
         """Place all ``req.ranks`` ranks (block or round-robin over hosts, or each by its
-        own request in ``req.per_rank``), or none; a single rank on no host named in
-        ``avoid``."""
+        own request in ``req.per_rank``), or none; on no host named in ``avoid``
+        (ranks of their own requests ignore it)."""
         n = req.ranks
         if req.per_rank is not None:
             return self._allocate_each(req.per_rank)
@@ -631,8 +631,8 @@ class Ledger:
             one = self.allocate(req, avoid=avoid)
             return None if one is None else [one]
         mask = self._fitting(req)
-        if mask and (req.host is not None or req.host_id is not None):
-            mask &= self._allowed(req, ())
+        if mask and (avoid or req.host is not None or req.host_id is not None):
+            mask &= self._allowed(req, avoid)
         if self._room(mask, req, n) < n:
             return None  # refused without taking anything (at most n hosts looked at)
         placed: List[Placement] = []

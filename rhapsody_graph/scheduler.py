@@ -64,8 +64,8 @@ Failure: a node that raises is retried up to ``retries`` times on a fresh
 placement (only for the exception types of ``retry_on``, when given), each retry
 ``backoff * 2**k`` seconds after the failure; an infrastructure failure (its worker
 or ranks died, its program was killed by a signal, 137 or 143) is retried too, at
-least ``INFRASTRUCTURE_RETRIES`` times, and (one rank) on another host than the one
-where it died while another host of its backend could take it (``avoid``). Then it and everything downstream fail with
+least ``INFRASTRUCTURE_RETRIES`` times, and on other hosts than the ones where it
+ran while other hosts of its backend could take all its ranks (``avoid``). Then it and everything downstream fail with
 its exception. Then, by
 the group's ``on_error``: ``WAIT`` (``compute()``'s default) starts nothing more of
 the group while its running nodes finish; ``RAISE`` also kills its running nodes, so
@@ -81,7 +81,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import (Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Set,
+                    Tuple)
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import ExecutableError, NodeTimeoutError, add_note
@@ -729,7 +730,7 @@ class Scheduler:
             if t.futures:
                 t.where = self._where(t, attempt)
             self._fail(t, payload, infrastructure=status == DIED or _killed_program(payload),
-                       host=attempt.placements[0].host if attempt.placements else None)
+                       hosts={p.host for p in attempt.placements})
 
     def _log(self, attempt: Optional[Attempt], killed: Optional[Attempt], status: str,
              payload: Any) -> None:
@@ -834,15 +835,15 @@ class Scheduler:
             self.ended.append(group)
 
     def _fail(self, t: Task, exc: BaseException, final: bool = False,
-              infrastructure: bool = False, host: Optional[str] = None) -> None:
+              infrastructure: bool = False, hosts: Collection[str] = ()) -> None:
         node = t.node
         if not final:
             t.failures += 1
             opts = node.opts
             if infrastructure:  # its process died or was killed: retried by default,
                 allowed = max(opts.retries, INFRASTRUCTURE_RETRIES)  # on another host
-                if host is not None and opts.resources.ranks == 1:
-                    avoid = (t.avoid or frozenset()) | {host}
+                if hosts and opts.resources.per_rank is None:
+                    avoid = (t.avoid or frozenset()) | hosts
                     if t.backend.inventory.fits_elsewhere(opts.resources, avoid):
                         t.avoid = avoid
             elif opts.retry_on is None or isinstance(exc, opts.retry_on):

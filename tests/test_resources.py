@@ -277,12 +277,12 @@ class Reference:
                 return self.take(s, req, None)
         return None
 
-    def allocate_ranks(self, req):
+    def allocate_ranks(self, req, avoid=()):
         if req.ranks == 1:
-            one = self.allocate(req)
+            one = self.allocate(req, avoid)
             return None if one is None else [one]
         saved = [(s, list(s["cpus"]), set(s["gpus"]), s["mem"]) for s in self.hosts]
-        hosts = [s for s in self.hosts if self.named(s, req)]
+        hosts = [s for s in self.hosts if self.named(s, req) and s["h"].name not in avoid]
         placed = []
         if req.distribution == "round_robin":
             while len(placed) < req.ranks and any(self.fits(s, req) for s in hosts):
@@ -355,7 +355,7 @@ def test_the_indexed_ledger_places_as_a_brute_force_scan_does(hosts, seed):
         if op < 0.55:
             req = _requests(rng, lg.inventory.hosts)
             avoid = ()
-            if req.ranks == 1 and rng.random() < 0.1:
+            if rng.random() < 0.1:
                 avoid = {rng.choice(lg.inventory.hosts).name}
             if req.ranks == 1:
                 got = lg.allocate(req, avoid=avoid)
@@ -363,8 +363,8 @@ def test_the_indexed_ledger_places_as_a_brute_force_scan_does(hosts, seed):
                 want = ref.allocate(req, avoid)
                 want = None if want is None else [want]
             else:
-                got = lg.allocate_ranks(req)
-                want = ref.allocate_ranks(req)
+                got = lg.allocate_ranks(req, avoid)
+                want = ref.allocate_ranks(req, avoid)
             assert (got and _shown(got)) == want, (step, req, avoid)
             if got:
                 held.append((got, req.memory))

@@ -772,6 +772,25 @@ def test_a_node_whose_process_died_is_retried_on_another_host(tmp_path, kind):
     assert backend.ledger.idle()
 
 
+def test_a_multi_rank_job_whose_rank_died_is_retried_on_other_hosts(tmp_path):
+    marker = str(tmp_path / "killed")
+    backend = rhapsody.LocalBackend(hosts=[rhapsody.Host(f"n{i}", 2) for i in range(4)])
+    script = ("import os\ntry:\n"
+              f"    os.close(os.open({marker!r}, os.O_CREAT | os.O_EXCL))\n"
+              "    os.kill(os.getpid(), 9)  # the first rank to get here, once\n"
+              "except FileExistsError:\n    print(os.environ['RHAPSODY_HOST'])\n")
+    job = rhapsody.executable([sys.executable, "-c", script], ranks=4, cpus=1)
+    with rhapsody.Session(backends=[backend]) as s:
+        fut = s.submit(job)
+        ran = fut.result(timeout=120)
+        s.wait()
+    # the first attempt had the block n0, n0, n1, n1; the retry avoids both hosts
+    assert [r.stdout.strip() for r in ran] == ["n2", "n2", "n3", "n3"]
+    assert fut.where.attempts == 2 and [p.host for p in fut.where.placements] == \
+        ["n2", "n2", "n3", "n3"]
+    assert backend.ledger.idle()
+
+
 def test_a_retry_stays_on_the_only_host_that_can_take_it(tmp_path):
     log = str(tmp_path / "hosts")
     backend = rhapsody.LocalBackend(hosts=[rhapsody.Host("n0", 1), rhapsody.Host("n1", 2)])
