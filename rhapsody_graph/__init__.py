@@ -13,6 +13,7 @@ from .backends.dask import DaskBackend
 from .backends.dragon import DragonBackend, dragon_hosts
 from .backends.inference import InferenceBackend
 from .backends.local import LocalBackend
+from .backends.simulated import SimulatedBackend
 from .api import compute, submit
 from .errors import (ExecutableError, NoBackendError, NodeTimeoutError, RemoteError,
                      RemoteTraceback, UnsatisfiableError, WorkerDiedError)
@@ -30,7 +31,7 @@ __all__ = [
     "Session", "submit", "get", "explain", "report", "Future", "Where", "as_completed", "wait", "ALL_COMPLETED",
     "FIRST_COMPLETED", "FIRST_EXCEPTION", "NoBackendError",
     "ai", "prompt", "model", "smollm2_path",
-    "LocalBackend", "DragonBackend", "InferenceBackend", "DaskBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
+    "LocalBackend", "DragonBackend", "InferenceBackend", "DaskBackend", "SimulatedBackend", "dragon_hosts", "Host", "Inventory", "Ledger", "Placement", "Resources",
     "current_placement", "ExecutableError", "NodeTimeoutError", "RemoteError",
     "RemoteTraceback", "UnsatisfiableError", "WorkerDiedError",
 ]

@@ -19,6 +19,7 @@ State and policy:
 """
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import socket
@@ -393,13 +394,18 @@ def _named(h: Host, req: Resources) -> bool:
 
 
 class _HostState:
-    __slots__ = ("host", "free_cpus", "free_gpus", "free_memory")
+    """One host's free cores (sorted), GPU ids and memory; ``slot``: its position in
+    the ledger's host order, ``bit`` = ``1 << slot`` in the free-capacity masks."""
 
-    def __init__(self, host: Host) -> None:
+    __slots__ = ("host", "free_cpus", "free_gpus", "free_memory", "slot", "bit")
+
+    def __init__(self, host: Host, slot: int) -> None:
         self.host = host
         self.free_cpus = sorted(host.cpus)
         self.free_gpus = set(host.gpus)
         self.free_memory = host.memory
+        self.slot = slot
+        self.bit = 1 << slot
 
     def fits(self, req: Resources) -> bool:
         if req.cpu_ids is not None and not set(req.cpu_ids) <= set(self.free_cpus):
@@ -408,6 +414,24 @@ class _HostState:
             return False
         return (len(self.free_cpus) >= req.cpus and len(self.free_gpus) >= req.gpus
                 and self.free_memory >= req.memory)
+
+    def room(self, req: Resources, most: int) -> int:
+        """How many ranks of ``req`` fit here now (at most ``most``)."""
+        if req.cpu_ids is not None or req.gpu_ids is not None:
+            return 1 if self.fits(req) else 0  # the same ids: one rank at a time
+        fits = most
+        if req.cpus:
+            fits = min(fits, len(self.free_cpus) // req.cpus)
+        if req.gpus:
+            fits = min(fits, len(self.free_gpus) // req.gpus)
+        if req.memory:
+            fits = min(fits, self.free_memory // req.memory)
+        return fits
+
+
+def _lowest(mask: int) -> int:
+    """The lowest set bit's position (``mask`` > 0)."""
+    return (mask & -mask).bit_length() - 1
 
 
 class Ledger:
@@ -422,91 +446,176 @@ class Ledger:
     >>> ledger.allocate(Resources(cpus=1, gpus=1)) is None
     True
     >>> ledger.release(p)
+
+    Free-capacity index: hosts have a slot (their position in the inventory) and
+    ``_cpus_ge[k]`` is a bit mask (a Python int) of the slots with at least ``k``
+    free cores, ``_gpus_ge[k]`` likewise for GPUs. ``_cpus_ge[c] & _gpus_ge[g]`` are
+    the hosts a request of ``c`` cores and ``g`` GPUs fits on now: first fit is its
+    lowest bit, round-robin the lowest at or after the GPU cursor, and a request that
+    fits nowhere is refused without looking at a host. Each allocate or release moves
+    one host between a few masks: a placement decision costs about the same at 1 host
+    and at 1,000 (``benchmarks/scale.py``).
     """
 
     def __init__(self, inventory: Inventory) -> None:
         self.inventory = inventory
-        self._hosts = {h.name: _HostState(h) for h in inventory.hosts}
-        self._order = list(self._hosts.values())
-        self._ring()
+        self._hosts: Dict[str, _HostState] = {}
+        self._index(inventory.hosts)
 
-    def _ring(self) -> None:
-        # round-robin over every GPU of every host: (host index, gpu id) in order
-        self._gpu_ring = [(i, g) for i, st in enumerate(self._order) for g in st.host.gpus]
-        self._gpu_cursor = 0
+    def _index(self, hosts: Sequence[Host]) -> None:
+        """(Re)build the host order and the free-capacity masks; the GPU cursor
+        goes back to the first GPU of the first host."""
+        old = self._hosts
+        self._order: List[_HostState] = []
+        self._hosts = {}
+        self._by_id: Dict[Any, _HostState] = {}
+        self._cpus_ge: List[int] = [0]
+        self._gpus_ge: List[int] = [0]
+        for h in hosts:
+            st = old.get(h.name)
+            if st is None:
+                st = _HostState(h, 0)
+            self._enter(st)
+        # round-robin over every GPU of every host: the next (slot, index in host.gpus)
+        self._cursor = (0, 0)
+
+    def _enter(self, st: _HostState) -> None:
+        """Give ``st`` the next slot and put it in the masks of its free counts."""
+        st.slot = len(self._order)
+        st.bit = 1 << st.slot
+        self._order.append(st)
+        self._hosts[st.host.name] = st
+        self._by_id.setdefault(st.host.id, st)
+        self._cpus_ge[0] |= st.bit  # every host has at least 0 free of each
+        self._gpus_ge[0] |= st.bit
+        _flip(self._cpus_ge, st.bit, 0, len(st.free_cpus))
+        _flip(self._gpus_ge, st.bit, 0, len(st.free_gpus))
 
     def add_host(self, host: Host) -> None:
         """Add a host that joined to the inventory, all of it free."""
         self.inventory.add(host)
-        st = self._hosts[host.name] = _HostState(host)
-        self._order.append(st)
-        self._ring()
+        self._enter(_HostState(host, 0))
+        self._cursor = (0, 0)
 
     def remove_host(self, name: str) -> None:
         """Place nothing more on host ``name`` (it left); releasing what was on it is a no-op."""
         self.inventory.remove(name)
-        st = self._hosts.pop(name, None)
-        if st is not None:
-            self._order.remove(st)
-            self._ring()
+        if name in self._hosts:
+            self._index([st.host for st in self._order if st.host.name != name])
+
+    # -- queries of the index --------------------------------------------------------
+
+    def _fitting(self, req: Resources) -> int:
+        """The mask of hosts with enough free cores and GPUs for one rank of ``req``."""
+        cpus, gpus = self._cpus_ge, self._gpus_ge
+        if req.cpus >= len(cpus) or req.gpus >= len(gpus):
+            return 0
+        return cpus[req.cpus] & gpus[req.gpus]
+
+    def _allowed(self, req: Resources, avoid: Collection[str]) -> int:
+        """The mask of hosts ``req`` may use: the one it names (if any), none in ``avoid``."""
+        if req.host is not None or req.host_id is not None:
+            st = (self._hosts.get(req.host) if req.host is not None
+                  else self._by_id.get(req.host_id))
+            allowed = st.bit if st is not None and _named(st.host, req) else 0
+        else:
+            allowed = -1  # every slot
+        for name in avoid:
+            st = self._hosts.get(name)
+            if st is not None:
+                allowed &= ~st.bit
+        return allowed
+
+    def _first(self, mask: int, start: int, req: Resources) -> Optional[_HostState]:
+        """The first host at slot ``start`` or later in ``mask`` that ``req`` fits on."""
+        order = self._order
+        mask >>= start
+        while mask:
+            low = _lowest(mask)
+            st = order[start + low]
+            if st.fits(req):
+                return st
+            start += low + 1
+            mask >>= low + 1
+        return None
+
+    # -- allocation --------------------------------------------------------------------
 
     def allocate(self, req: Resources, rank: int = 0, world_size: int = 1,
                  avoid: Collection[str] = ()) -> Optional[Placement]:
         """Take one rank's worth of ``req`` on one host (none named in ``avoid``), or
         return ``None``."""
-        order = [st for st in self._order if st.host.name not in avoid] if avoid else self._order
-        if req.host is not None or req.host_id is not None or req.cpu_ids or req.gpu_ids:
-            for st in order:
-                if self._allowed(st, req) and st.fits(req):
-                    return self._take(st, req, self._gpus_for(st, req), rank, world_size)
+        cpus, gpus = self._cpus_ge, self._gpus_ge
+        if req.cpus >= len(cpus) or req.gpus >= len(gpus):
             return None
+        mask = cpus[req.cpus] & gpus[req.gpus]  # the hosts with enough free cores and GPUs
+        named = req.host is not None or req.host_id is not None
+        if mask and (avoid or named):
+            mask &= self._allowed(req, avoid)
+        if not mask:
+            return None
+        if named or req.cpu_ids or req.gpu_ids:
+            st = self._first(mask, 0, req)
+            return None if st is None else self._take(st, req, self._gpus_for(st, req), rank,
+                                                      world_size)
         if req.gpus:
-            return self._allocate_gpus(req, rank, world_size, avoid)
-        for st in order:
-            if st.fits(req):
-                return self._take(st, req, (), rank, world_size)
-        return None
+            return self._allocate_gpus(req, mask, rank, world_size)
+        st = self._first(mask, 0, req) if req.memory else self._order[_lowest(mask)]
+        return None if st is None else self._take(st, req, (), rank, world_size)
 
     @staticmethod
-    def _allowed(st: "_HostState", req: Resources) -> bool:
-        return _named(st.host, req)
+    def _gpus_for(st: _HostState, req: Resources) -> Tuple[int, ...]:
+        if req.gpu_ids is not None:
+            return req.gpu_ids
+        return tuple(sorted(st.free_gpus)[:req.gpus]) if req.gpus else ()
 
-    @staticmethod
-    def _gpus_for(st: "_HostState", req: Resources) -> Tuple[int, ...]:
-        return req.gpu_ids if req.gpu_ids is not None else tuple(sorted(st.free_gpus)[:req.gpus])
-
-    def _allocate_gpus(self, req: Resources, rank: int, world_size: int,
-                       avoid: Collection[str]) -> Optional[Placement]:
-        ring, n = self._gpu_ring, len(self._gpu_ring)
-        for step in range(n):
-            pos = (self._gpu_cursor + step) % n
-            host_index, first = ring[pos]
-            st = self._order[host_index]
-            if first not in st.free_gpus or not st.fits(req) or st.host.name in avoid:
-                continue
-            gpus, last = [first], pos
-            for k in range(1, n):
-                if len(gpus) == req.gpus:
-                    break
-                h, g = ring[(pos + k) % n]
-                if h == host_index and g in st.free_gpus:
-                    gpus.append(g)
-                    last = pos + k
-            if len(gpus) < req.gpus:
-                continue
-            self._gpu_cursor = (last + 1) % n
-            return self._take(st, req, tuple(gpus), rank, world_size)
-        return None
+    def _allocate_gpus(self, req: Resources, mask: int, rank: int,
+                       world_size: int) -> Optional[Placement]:
+        """Round-robin over every GPU of every host: the first GPU from the cursor on
+        (in host order, each host's GPUs in its order) on a host ``req`` fits on; the
+        request's other GPUs are that host's next free ones."""
+        slot, index = self._cursor
+        st: Optional[_HostState] = None
+        first = -1
+        if mask >> slot & 1:  # the cursor's host, from the cursor's GPU on
+            here = self._order[slot]
+            first = _next_free(here, index)
+            if first >= 0 and here.fits(req):
+                st = here
+        if st is None:
+            st = self._first(mask, slot + 1, req) or self._first(mask, 0, req)
+            if st is None:
+                return None
+            first = _next_free(st, 0)
+        ids = st.host.gpus
+        if req.gpus == 1:
+            local = [first]
+        else:  # its next free ones in the host's order, around to its first
+            n, free = len(ids), st.free_gpus
+            local = [(first + k) % n for k in range(n) if ids[(first + k) % n] in free][:req.gpus]
+        self._cursor = (st.slot, local[-1] + 1)
+        return self._take(st, req, tuple(ids[i] for i in local), rank, world_size)
 
     def _take(self, st: _HostState, req: Resources, gpus: Tuple[int, ...], rank: int,
               world_size: int) -> Placement:
+        free = st.free_cpus
+        before = len(free)
         if req.cpu_ids is not None:
             cpus = tuple(req.cpu_ids)
-            st.free_cpus = [c for c in st.free_cpus if c not in cpus]
+            st.free_cpus = free = [c for c in free if c not in cpus]
         else:
-            cpus = tuple(st.free_cpus[:req.cpus])
-            del st.free_cpus[:req.cpus]
-        st.free_gpus.difference_update(gpus)
+            cpus = tuple(free[:req.cpus])
+            del free[:req.cpus]
+        bit = st.bit
+        masks = self._cpus_ge
+        for k in range(len(free) + 1, before + 1):  # fewer free cores: out of those masks
+            masks[k] ^= bit
+        if gpus:
+            before = len(st.free_gpus)
+            st.free_gpus.difference_update(gpus)
+            masks = self._gpus_ge
+            for k in range(len(st.free_gpus) + 1, before + 1):
+                masks[k] ^= bit
         st.free_memory -= req.memory
         return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
 
@@ -521,24 +630,37 @@ class Ledger:
         if n == 1:
             one = self.allocate(req, avoid=avoid)
             return None if one is None else [one]
+        mask = self._fitting(req)
+        if mask and (avoid or req.host is not None or req.host_id is not None):
+            mask &= self._allowed(req, avoid)
+        if self._room(mask, req, n) < n:
+            return None  # refused without taking anything (at most n hosts looked at)
         placed: List[Placement] = []
-        hosts = [st for st in self._order if st.host.name not in avoid] if avoid else self._order
-        if req.distribution == "round_robin":
-            start = 0
-            while len(placed) < n:
-                for k in range(len(hosts)):
-                    st = hosts[(start + k) % len(hosts)]
-                    if self._allowed(st, req) and st.fits(req):
-                        placed.append(self._take_on(st, req, len(placed), n))
-                        start = (start + k + 1) % len(hosts)
-                        break
-                else:
-                    break
-        else:
-            for st in hosts:
-                while len(placed) < n and self._allowed(st, req) and st.fits(req):
-                    placed.append(self._take_on(st, req, len(placed), n))
+        start = 0
+        while len(placed) < n:
+            st = self._first(mask, start, req) or self._first(mask, 0, req)
+            if st is None:  # round-robin goes around again from the first host
+                break
+            if req.distribution == "round_robin":
+                placed.append(self._take(st, req, self._gpus_for(st, req), len(placed), n))
+            else:
+                while len(placed) < n and st.fits(req):
+                    placed.append(self._take(st, req, self._gpus_for(st, req), len(placed), n))
+            if not st.fits(req):
+                mask &= ~st.bit
+            start = st.slot + 1
         return self._complete(placed, n)
+
+    def _room(self, mask: int, req: Resources, n: int) -> int:
+        """How many ranks of ``req`` fit on the hosts of ``mask`` now, counted up to
+        ``n`` (each host there holds at least one, so at most ``n`` are looked at)."""
+        order = self._order
+        total = 0
+        while mask and total < n:
+            low = mask & -mask
+            mask ^= low
+            total += order[low.bit_length() - 1].room(req, n - total)
+        return total
 
     def _allocate_each(self, ranks: Sequence[Resources]) -> Optional[List[Placement]]:
         placed: List[Placement] = []
@@ -561,20 +683,45 @@ class Ledger:
             per_host[p.host] = p.local_rank + 1
         return placed
 
-    def _take_on(self, st: _HostState, req: Resources, rank: int, world_size: int) -> Placement:
-        return self._take(st, req, self._gpus_for(st, req), rank, world_size)
-
     def release(self, placement: Placement) -> None:
         """Give a placement's cores, GPUs and memory back to its host (if it is still here)."""
         st = self._hosts.get(placement.host)
         if st is None:
             return
-        st.free_cpus.extend(placement.cpus)
-        st.free_cpus.sort()
-        st.free_gpus.update(placement.gpus)
+        free = st.free_cpus
+        before = len(free)
+        if len(placement.cpus) == 1:
+            bisect.insort(free, placement.cpus[0])
+        else:
+            free.extend(placement.cpus)
+            free.sort()
+        _flip(self._cpus_ge, st.bit, before, len(free))
+        if placement.gpus:
+            before = len(st.free_gpus)
+            st.free_gpus.update(placement.gpus)
+            _flip(self._gpus_ge, st.bit, before, len(st.free_gpus))
         st.free_memory += placement.memory
 
     def idle(self) -> bool:
         """True when nothing is allocated (every core and GPU is free)."""
         return all(len(st.free_cpus) == len(st.host.cpus) and len(st.free_gpus) == len(st.host.gpus)
                    for st in self._order)
+
+
+def _flip(masks: List[int], bit: int, a: int, b: int) -> None:
+    """A host's free count went from ``a`` to ``b`` (or back): flip its ``bit`` in the
+    masks of the counts in between (``masks[k]``: the hosts with ``k`` or more free)."""
+    low, high = (a, b) if a < b else (b, a)
+    if high >= len(masks):
+        masks.extend([0] * (high + 1 - len(masks)))
+    for k in range(low + 1, high + 1):
+        masks[k] ^= bit
+
+
+def _next_free(st: _HostState, index: int) -> int:
+    """The index (in ``st.host.gpus``) of its first free GPU at ``index`` or later; -1: none."""
+    ids, free = st.host.gpus, st.free_gpus
+    for i in range(index, len(ids)):
+        if ids[i] in free:
+            return i
+    return -1

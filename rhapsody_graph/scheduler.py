@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import operator
 import threading
 import time
 import weakref
@@ -110,10 +109,10 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
 FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
-_OUTSTANDING = operator.attrgetter("outstanding")  # a lease's calls not yet completed
 
 _tids = itertools.count(1)
 _priorities = itertools.count()  # taken by submitting threads, in post-order
+_pushes = itertools.count()  # numbers shared leases and their heap entries (see Shared)
 
 
 class Group:
@@ -187,7 +186,7 @@ class Lane:
         self.backend = backend
         self.ready: List[Tuple[int, Task]] = []  # pool nodes, under leases
         self.ready_own: List[Tuple[int, Task]] = []  # nodes on processes of their own
-        self.open_leases: Dict[tuple, List[Lease]] = {}  # shared leases by request
+        self.open_leases: Dict[tuple, Shared] = {}  # shared leases by request
         self.drained: List[Lease] = []  # shared leases with nothing queued
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
@@ -197,6 +196,45 @@ class Lane:
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
         self.done = self.failed = self.cancelled = 0  # records ended so
+
+
+class Shared:
+    """A lane's open shared leases of one request: ``leases`` in the order they were
+    opened (lease → its number), and ``heap``, whose valid top is the least loaded
+    ``(outstanding, number, push, lease)``; an entry goes stale when its lease's count
+    changes (a new one is pushed) or the lease ends, and is dropped as it surfaces."""
+
+    __slots__ = ("leases", "heap")
+
+    def __init__(self) -> None:
+        self.leases: Dict[Lease, int] = {}
+        self.heap: List[Tuple[int, int, int, Lease]] = []
+
+    def add(self, lease: Lease) -> None:
+        self.leases[lease] = next(_pushes)
+        self.note(lease)
+
+    def note(self, lease: Lease) -> None:
+        """``lease.outstanding`` changed."""
+        number = self.leases.get(lease)
+        if number is None:
+            return
+        heap = self.heap
+        if len(heap) > 2 * len(self.leases) + 32:  # mostly stale: rebuild it
+            heap[:] = [(l.outstanding, n, next(_pushes), l) for l, n in self.leases.items()]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (lease.outstanding, number, next(_pushes), lease))
+
+    def least(self) -> Optional[Lease]:
+        """The open lease with the fewest calls outstanding (the first opened of those)."""
+        heap, leases = self.heap, self.leases
+        while heap:
+            outstanding, number, _, lease = heap[0]
+            if lease.outstanding == outstanding and leases.get(lease) == number:
+                return lease
+            heapq.heappop(heap)
+        return None
 
 
 class Attempt:
@@ -531,9 +569,14 @@ class Scheduler:
                     lease = Lease(placement, 1)
                 else:
                     lease = Lease(placement, self._depth(lane, t), key)
-                    lane.open_leases.setdefault(key, []).append(lease)
+                    shared = lane.open_leases.get(key)
+                    if shared is None:
+                        shared = lane.open_leases[key] = Shared()
+                    shared.add(lease)
             filling.add(lease)
             lease.outstanding += 1
+            if lease.key is not None:
+                lane.open_leases[lease.key].note(lease)
             self._start(t, lease, [lease.placement])
             if lease.key is not None and lane.forwards:
                 lease.tail = t
@@ -552,6 +595,7 @@ class Scheduler:
             if j is None or lease.outstanding >= self._forward_depth(j):
                 return
             lease.outstanding += 1
+            t.lane.open_leases[lease.key].note(lease)
             self._start(j, lease, [lease.placement])
             lease.tail = t = j
 
@@ -584,21 +628,32 @@ class Scheduler:
         return t if attempt is not None and attempt.lease is lease else None
 
     def _lease_with_room(self, lane: Lane, key: tuple, t: Task, filling: set) -> Optional[Lease]:
-        """An open shared lease that may queue ``t`` next, if any."""
-        leases = lane.open_leases.get(key)
-        if not leases:
+        """An open shared lease that may queue ``t`` next, if any: the least loaded
+        (the first opened of those) while it is at most half full, else the least
+        loaded of those filled in this pass (``filling``) that are not full."""
+        shared = lane.open_leases.get(key)
+        lease = shared.least() if shared is not None else None
+        if lease is None:
             return None
         depth = self._depth(lane, t)
-        for lease in sorted(leases, key=_OUTSTANDING) if len(leases) > 1 else leases:
-            lease.depth = depth
-            if lease.outstanding < depth and (lease in filling or lease.outstanding <= depth // 2):
-                return lease
-        return None
+        lease.depth = depth
+        outstanding = lease.outstanding
+        if outstanding >= depth:
+            return None  # every lease of this request is full
+        if outstanding <= depth // 2 or lease in filling:
+            return lease
+        # every lease is more than half full: only one being filled now may take more
+        room = [l for l in filling if l.key == key and l.outstanding < depth]
+        if not room:
+            return None
+        lease = min(room, key=lambda l: (l.outstanding, shared.leases[l]))
+        lease.depth = depth
+        return lease
 
     @staticmethod
     def _any_lease_room(lane: Lane, filling: set) -> bool:
         return any(l.outstanding < l.depth and (l in filling or l.outstanding <= l.depth // 2)
-                   for leases in lane.open_leases.values() for l in leases)
+                   for shared in lane.open_leases.values() for l in shared.leases)
 
     def _depth(self, lane: Lane, t: Task) -> int:
         """How many calls one shared lease may queue: the backend's lease budget of work
@@ -706,6 +761,9 @@ class Scheduler:
                 lane.backend.ledger.release(p)
             return
         lease.outstanding -= 1
+        shared = lane.open_leases.get(lease.key) if lease.key is not None else None
+        if shared is not None:
+            shared.note(lease)
         if lease.outstanding == 0:
             if lease.executor is not None and lease.key is not None:
                 lane.drained.append(lease)  # shared: ended after the next dispatch unless reused
@@ -717,7 +775,7 @@ class Scheduler:
         lane.backend.ledger.release(lease.placement)
         lane.backend.end_lease(lease)
         if lease.key is not None:
-            lane.open_leases[lease.key].remove(lease)
+            del lane.open_leases[lease.key].leases[lease]
 
     def _done(self, t: Task, payload: bytes, seconds: float, attempt: Optional[Attempt]) -> None:
         """``t`` has its value: from its call, or (``attempt`` None) from the journal."""

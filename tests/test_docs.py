@@ -16,5 +16,5 @@ def test_the_documentation_site_builds_strictly_with_its_api_reference(tmp_path)
     assert "rhapsody_graph.Session" in reference and "submit" in reference
     assert "Two commands" in (tmp_path / "index.html").read_text()
     for page in ("concepts", "dask", "troubleshooting", "cli", "rhapsody", "ai", "dragon",
-                 "performance", "api"):
+                 "performance", "scaling", "api"):
         assert (tmp_path / page / "index.html").exists(), page

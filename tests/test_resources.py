@@ -215,3 +215,188 @@ def test_a_host_that_joins_is_placed_on_and_one_that_leaves_is_not():
     ledger.remove_host("b")
     with pytest.raises(UnsatisfiableError, match="has no host now"):
         ledger.inventory.check(Resources(cpus=1), "node 'x'")
+
+
+# -- the free-capacity index against a brute-force reference ---------------------------
+
+class Reference:
+    """The ledger's rules by brute force: every host (and every GPU of the ring) looked
+    at on every ask. First fit for cores, round-robin over all GPUs for GPU asks."""
+
+    def __init__(self, hosts):
+        self.hosts = []
+        self.cursor = 0  # a position in the ring of (host, gpu) of every host in order
+        for h in hosts:
+            self.add(h)
+
+    def add(self, h):
+        self.hosts.append({"h": h, "cpus": sorted(h.cpus), "gpus": set(h.gpus), "mem": h.memory})
+        self.cursor = 0
+
+    def remove(self, name):
+        self.hosts = [s for s in self.hosts if s["h"].name != name]
+        self.cursor = 0
+
+    @staticmethod
+    def fits(s, req):
+        return ((req.cpu_ids is None or set(req.cpu_ids) <= set(s["cpus"]))
+                and (req.gpu_ids is None or set(req.gpu_ids) <= s["gpus"])
+                and len(s["cpus"]) >= req.cpus and len(s["gpus"]) >= req.gpus
+                and s["mem"] >= req.memory)
+
+    @staticmethod
+    def named(s, req):
+        return ((req.host is None or s["h"].name == req.host)
+                and (req.host_id is None or s["h"].id == req.host_id))
+
+    def take(self, s, req, gpus):
+        cpus = tuple(req.cpu_ids) if req.cpu_ids is not None else tuple(s["cpus"][:req.cpus])
+        if gpus is None:
+            gpus = tuple(req.gpu_ids) if req.gpu_ids is not None else tuple(sorted(s["gpus"])[:req.gpus])
+        s["cpus"] = [c for c in s["cpus"] if c not in cpus]
+        s["gpus"] -= set(gpus)
+        s["mem"] -= req.memory
+        return (s["h"].name, cpus, gpus)
+
+    def allocate(self, req, avoid=()):
+        hosts = [s for s in self.hosts if s["h"].name not in avoid and self.named(s, req)]
+        if req.host is None and req.host_id is None and not req.cpu_ids and not req.gpu_ids \
+                and req.gpus:
+            ring = [(s, g) for s in self.hosts for g in s["h"].gpus]
+            for step in range(len(ring)):
+                pos = (self.cursor + step) % len(ring)
+                s, g = ring[pos]
+                if s in hosts and g in s["gpus"] and self.fits(s, req):
+                    after = [(k, g2) for k, (s2, g2) in enumerate(ring[pos:] + ring[:pos])
+                             if s2 is s and g2 in s["gpus"]][:req.gpus]
+                    self.cursor = (pos + after[-1][0] + 1) % len(ring)
+                    return self.take(s, req, tuple(g2 for _, g2 in after))
+            return None
+        for s in hosts:
+            if self.fits(s, req):
+                return self.take(s, req, None)
+        return None
+
+    def allocate_ranks(self, req, avoid=()):
+        if req.ranks == 1:
+            one = self.allocate(req, avoid)
+            return None if one is None else [one]
+        saved = [(s, list(s["cpus"]), set(s["gpus"]), s["mem"]) for s in self.hosts]
+        hosts = [s for s in self.hosts if self.named(s, req) and s["h"].name not in avoid]
+        placed = []
+        if req.distribution == "round_robin":
+            while len(placed) < req.ranks and any(self.fits(s, req) for s in hosts):
+                for s in hosts:
+                    if len(placed) < req.ranks and self.fits(s, req):
+                        placed.append(self.take(s, req, None))
+        else:
+            for s in hosts:
+                while len(placed) < req.ranks and self.fits(s, req):
+                    placed.append(self.take(s, req, None))
+        if len(placed) < req.ranks:
+            for s, cpus, gpus, mem in saved:
+                s["cpus"], s["gpus"], s["mem"] = cpus, gpus, mem
+            return None
+        return placed
+
+    def release(self, placed):
+        for name, cpus, gpus, *mem in placed:
+            for s in self.hosts:
+                if s["h"].name == name:
+                    s["cpus"] = sorted(s["cpus"] + list(cpus))
+                    s["gpus"] |= set(gpus)
+                    s["mem"] += mem[0] if mem else 0
+
+
+def _requests(rng, hosts):
+    """A random ask: plain shapes mostly, then named hosts, pinned ids, memory, ranks."""
+    h = rng.choice(hosts)
+    pick = rng.random()
+    if pick < 0.35:
+        return Resources(cpus=rng.choice([1, 1, 2, 4, 8]))
+    if pick < 0.6:
+        return Resources(cpus=rng.choice([0, 1, 4]), gpus=rng.choice([1, 1, 2, 4, 8]))
+    if pick < 0.68:
+        return Resources(cpus=1, gpus=rng.choice([0, 1]), host=h.name)
+    if pick < 0.72:
+        return Resources(cpus=1, host_id=h.id)
+    if pick < 0.78:
+        return Resources(cpus=1, cpu_ids=(rng.choice(h.cpus),))
+    if pick < 0.82 and h.gpus:
+        return Resources(cpus=1, gpus=1, gpu_ids=(rng.choice(h.gpus),))
+    if pick < 0.86:
+        return Resources(cpus=1, memory=rng.choice([100, 400]))
+    return Resources(cpus=rng.choice([1, 2]), gpus=rng.choice([0, 0, 1]),
+                     ranks=rng.choice([2, 3, 8, 24]),
+                     distribution=rng.choice(["block", "round_robin"]))
+
+
+def _host(rng, name):
+    return Host(name, cpus=rng.choice([1, 2, 4, 8]), gpus=rng.choice([0, 1, 2, 4, 8]),
+                memory=1000)
+
+
+def _shown(placements):
+    return [(p.host, p.cpus, p.gpus) for p in placements]
+
+
+@pytest.mark.parametrize("hosts", [1, 3, 17, 64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_indexed_ledger_places_as_a_brute_force_scan_does(hosts, seed):
+    import random
+    rng = random.Random(seed * 1000 + hosts)
+    declared = [_host(rng, f"n{i}") for i in range(hosts)]
+    lg = Ledger(Inventory(declared))
+    ref = Reference(lg.inventory.hosts)
+    held = []  # (placements, what the reference gave)
+    joined = hosts
+    for step in range(1500):
+        op = rng.random()
+        if op < 0.55:
+            req = _requests(rng, lg.inventory.hosts)
+            avoid = ()
+            if rng.random() < 0.1:
+                avoid = {rng.choice(lg.inventory.hosts).name}
+            if req.ranks == 1:
+                got = lg.allocate(req, avoid=avoid)
+                got = None if got is None else [got]
+                want = ref.allocate(req, avoid)
+                want = None if want is None else [want]
+            else:
+                got = lg.allocate_ranks(req, avoid)
+                want = ref.allocate_ranks(req, avoid)
+            assert (got and _shown(got)) == want, (step, req, avoid)
+            if got:
+                held.append((got, req.memory))
+        elif op < 0.93 and held:
+            placements, memory = held.pop(rng.randrange(len(held)))
+            for p in placements:
+                lg.release(p)
+            ref.release([(p.host, p.cpus, p.gpus, p.memory) for p in placements])
+        elif op < 0.965:
+            host = _host(rng, f"n{joined}")
+            joined += 1
+            lg.add_host(host)
+            ref.add(host)
+        elif len(lg.inventory.hosts) > 1:
+            name = rng.choice(lg.inventory.hosts).name
+            lg.remove_host(name)
+            ref.remove(name)
+    for placements, _ in held:
+        for p in placements:
+            lg.release(p)
+    assert lg.idle()
+    assert all(lg.allocate(Resources(cpus=len(h.cpus), gpus=len(h.gpus), host=h.name))
+               for h in lg.inventory.hosts)
+
+
+def test_failing_asks_on_a_full_ledger_take_nothing():
+    lg = ledger(*[Host(f"n{i}", cpus=4, gpus=2) for i in range(50)])
+    held = [lg.allocate(Resources(cpus=4, gpus=2)) for _ in range(50)]
+    assert all(held)
+    for req in (Resources(cpus=1), Resources(gpus=1), Resources(cpus=1, ranks=64),
+                Resources(cpus=1, host="n7"), Resources(cpus=1, gpu_ids=(0,))):
+        assert lg.allocate_ranks(req) is None
+    lg.release(held[-1])
+    assert lg.allocate_ranks(Resources(cpus=1, ranks=5)) is None  # 4 cores free: none taken
+    assert [p.host for p in lg.allocate_ranks(Resources(cpus=1, ranks=4))] == ["n49"] * 4
