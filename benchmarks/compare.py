@@ -16,11 +16,13 @@ pytest-benchmark suite times.
 Run engines are measured one at a time, all with the same worker count: each is
 started and warmed, runs every workload, and is shut down before the next starts (so
 no engine's idle processes share the cores with another's timing). Each workload gets
-an untimed warm-up at 1/10 size, which also estimates its cost: a size whose
+untimed warm-up runs, the first at 1/10 size, which estimate its cost: a size whose
 ``--repeats`` runs would take over ``--budget`` seconds is cut to fit (the table says
-"capped at N"), then one untimed run at the measured size precedes the timed ones. An
+"capped at N"), and the last warm-up runs at the size then measured. An
 engine that is not installed, fails to start or fails a workload is listed with the
-reason. Child processes still alive at the end are listed.
+reason. rhapsody_graph is measured again after the peers and the ratio of its two
+medians printed (far from 1: the machine's speed changed during the run, and the ratios
+with it). Child processes still alive at the end are listed.
 """
 from __future__ import annotations
 
@@ -89,10 +91,19 @@ def _per_unit_us(workload: str, seconds: float, size: int) -> float:
 
 def fit(workload: str, engine: str, eng: w.Engines, size: int, repeats: int,
         budget: float) -> int:
-    """Warm up at 1/10 size; the size (at most ``size``) whose runs fit the budget."""
-    probe = max(2, size // 10)
-    per_unit_s = _timed(workload, engine, eng, probe) / probe
-    return max(2, min(size, int(budget / (repeats * per_unit_s))))
+    """Untimed warm-up runs, from 1/10 size: the size (at most ``size``) whose
+    ``repeats`` timed runs fit the budget. A run at each size tried checks the estimate
+    (a per-task cost that grows with the graph makes the first one low); the last run is
+    at the size returned, so it is that size's warm-up."""
+    used = max(2, size // 10)
+    seconds = _timed(workload, engine, eng, used)
+    for _ in range(4):
+        target = max(2, min(size, int(used * budget / (repeats * seconds))))
+        if target == used or (target < used and seconds * repeats <= 1.5 * budget):
+            break
+        used = target
+        seconds = _timed(workload, engine, eng, used)
+    return used
 
 
 def measure_run(workload: str, engine: str, eng: w.Engines, size: int, repeats: int,
@@ -100,7 +111,6 @@ def measure_run(workload: str, engine: str, eng: w.Engines, size: int, repeats: 
     """``(samples or reason, size measured)``: µs per unit, ``repeats`` timed runs."""
     try:
         used = fit(workload, engine, eng, size, repeats, budget)
-        _timed(workload, engine, eng, used)  # untimed warm-up at the measured size
         samples = [_per_unit_us(workload, _timed(workload, engine, eng, used), used)
                    for _ in range(repeats)]
     except Exception as exc:  # reported in the table, never dropped
@@ -216,6 +226,16 @@ def table(results: Dict[str, Dict[str, Samples]], units: Dict[str, str],
     return "\n".join(lines)
 
 
+def drift(first: Dict[str, Dict[str, Samples]], again: Dict[str, Dict[str, Samples]]) -> str:
+    """Per workload, rhapsody_graph's median at the end over its median at the start."""
+    parts = []
+    for kind, per in again.items():
+        start, end = first[kind].get("rhapsody"), per.get("rhapsody")
+        if isinstance(start, list) and isinstance(end, list):
+            parts.append(f"{kind} {statistics.median(end) / statistics.median(start):.2f}")
+    return ", ".join(parts)
+
+
 def linearity_table(linearity: Dict[str, tuple]) -> str:
     """Per-input cost of the join at a quarter of the inputs and at all of them."""
     lines = ["| engine | inputs | us/input at 1/4 | us/input | ratio (1 = linear) |",
@@ -318,8 +338,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for kind in run_kinds:
         results[kind] = {}
     if run_kinds:
-        for engine in [e for e in w.ADAPTERS if not engines or e in engines]:
+        run_engines = [e for e in w.ADAPTERS if not engines or e in engines]
+        for engine in run_engines:
             measure_engine(engine, run_kinds, sizes, a.repeats, budget, a.workers, out)
+        if len(run_engines) > 1:  # the machine may have changed while the peers ran
+            again = {"results": {k: {} for k in run_kinds}, "notes": out["notes"],
+                     "linearity": {}, "start_s": {}}
+            measure_engine("rhapsody", run_kinds, sizes, a.repeats, budget, a.workers, again)
+            out["drift"] = again["results"]
     if "startup" in a.workloads:
         st = measure_startup(a.repeats, engines)
         results["startup"] = {e: v["first_value_s"] for e, v in st.items()}
@@ -333,6 +359,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if out["linearity"]:
         print("\njoin: per-input cost at a quarter of the inputs and at all of them:")
         print(linearity_table(out["linearity"]))
+    if out.get("drift"):
+        print("\nrhapsody_graph measured again after the peers (median at the end / at the "
+              "start; far from 1: the machine's speed changed during the run): " + drift(
+                  results, out["drift"]))
     if out["start_s"]:
         print("\nengine start + warm-up (s, before any timing): " + ", ".join(
             f"{e} {s:.2f}" for e, s in out["start_s"].items()))
@@ -353,7 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(a.json, "w") as f:
             json.dump({"results": results, "startup": extra.get("startup"), "units": units,
                        "notes": out["notes"], "start_s": out["start_s"],
-                       "linearity": out["linearity"], "repeats": a.repeats,
+                       "linearity": out["linearity"], "drift": out.get("drift"),
+                       "repeats": a.repeats,
                        "graph_repeats": graph_repeats, "budget_s": budget}, f, indent=1)
     return 0
 
