@@ -115,7 +115,7 @@ def measure_run(workload: str, engine: str, eng: w.Engines, size: int, repeats: 
                    for _ in range(repeats)]
     except Exception as exc:  # reported in the table, never dropped
         return w.reason(exc), size
-    _progress(workload, engine, samples)
+    _progress(f"{workload}@{used}", engine, samples)
     return samples, used
 
 
@@ -267,7 +267,7 @@ def chart(results: Dict[str, Dict[str, Samples]], units: Dict[str, str], path: s
     colour = {e: "#d62728" if e == "rhapsody" else peers[i % len(peers)]
               for i, e in enumerate(engines)}
     width = 0.85 / max(len(numbers[k]) for k in workloads)
-    fig, ax = plt.subplots(figsize=(2 + 2.4 * len(workloads), 5.2))
+    fig, ax = plt.subplots(figsize=(2.5 + 1.7 * len(workloads), 5.2))
     for j, k in enumerate(workloads):  # each group: its own engines, centred on its tick
         present = [e for e in engines if e in numbers[k]]
         for i, e in enumerate(present):
