@@ -4,13 +4,25 @@
     python benchmarks/compare.py --repeats 6 --workloads independent chain
     python benchmarks/compare.py --quick          # smaller sizes, a smoke run
     python benchmarks/compare.py --chart docs/performance.png   # and draw the bar chart
+    python benchmarks/compare.py --engines ray parsl-htex --workloads chain20ms --hops 50
 
-Prints wall microseconds per task (per node for build/order, per hop for the chain;
-seconds for startup), the median of ``--repeats`` runs, and each engine's ratio to
-rhapsody_graph (peer / rhapsody: > 1 means rhapsody_graph is faster). The workloads
-are the ones in ``workloads.py``, the same code the pytest-benchmark suite times.
-Run engines are started and warmed once, before anything is timed, and each workload
-gets one untimed warm-up run per engine.
+Prints wall microseconds per task (per node for build/order, per hop for the chain, per
+input for the join, per-hop delay beyond the 20 ms sleep for chain20ms; bytes per
+pending node for memory; seconds for startup), the median of ``--repeats`` runs, and
+each engine's ratio to rhapsody_graph (peer / rhapsody: > 1 means rhapsody_graph is
+faster). The workloads and engines are the ones in ``workloads.py``, the same code the
+pytest-benchmark suite times.
+
+Run engines are measured one at a time, all with the same worker count: each is
+started and warmed, runs every workload, and is shut down before the next starts (so
+no engine's idle processes share the cores with another's timing). Each workload gets
+untimed warm-up runs, the first at 1/10 size, which estimate its cost: a size whose
+``--repeats`` runs would take over ``--budget`` seconds is cut to fit (the table says
+"capped at N"), and the last warm-up runs at the size then measured. An
+engine that is not installed, fails to start or fails a workload is listed with the
+reason. rhapsody_graph is measured again after the peers and the ratio of its two
+medians printed (far from 1: the machine's speed changed during the run, and the ratios
+with it). Child processes still alive at the end are listed.
 """
 from __future__ import annotations
 
@@ -22,13 +34,16 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import workloads as w  # noqa: E402
 
-ALL = ("build", "order", "independent", "chain", "reduction", "startup")
+ALL = ("build", "order", "memory", "independent", "chain", "reduction", "join", "chain20ms",
+       "startup")
+RUN_KINDS = ("independent", "chain", "reduction", "join", "chain20ms")
+Samples = Union[List[float], str]  # the per-unit samples, or why there are none
 
 
 def _time(fn, *args) -> tuple:
@@ -60,21 +75,70 @@ def measure_graph(kind: str, repeats: int, levels: int, width: int,
     return out
 
 
-def measure_runs(workload: str, eng: w.Engines, repeats: int, size: int,
-                 engines: List[str]) -> Dict[str, List[float]]:
+def _timed(workload: str, engine: str, eng: w.Engines, size: int) -> float:
+    """Seconds for one run of ``workload`` at ``size``, its value checked."""
     fn, expected, _default, _unit = w.RUNS[workload]
-    count = w.run_tasks(workload, size)
-    out: Dict[str, List[float]] = {}
-    for engine in [e for e in w.RUN_ENGINES if not engines or e in engines]:
-        assert fn(engine, eng, size) == expected(size)  # untimed warm-up
-        samples = []
-        for _ in range(repeats):
-            dt, value = _time(fn, engine, eng, size)
-            assert value == expected(size), (workload, engine)
-            samples.append(dt / count * 1e6)
-        out[engine] = samples
-        _progress(workload, engine, samples)
-    return out
+    dt, value = _time(fn, engine, eng, size)
+    if value != expected(size):
+        raise AssertionError(f"{workload} on {engine} returned a wrong value")
+    return dt
+
+
+def _per_unit_us(workload: str, seconds: float, size: int) -> float:
+    per = seconds / w.run_tasks(workload, size)
+    return (per - w.NAP_S if workload == "chain20ms" else per) * 1e6
+
+
+def fit(workload: str, engine: str, eng: w.Engines, size: int, repeats: int,
+        budget: float) -> int:
+    """Untimed warm-up runs, from 1/10 size: the size (at most ``size``) whose
+    ``repeats`` timed runs fit the budget. A run at each size tried checks the estimate
+    (a per-task cost that grows with the graph makes the first one low); the last run is
+    at the size returned, so it is that size's warm-up."""
+    used = max(2, size // 10)
+    seconds = _timed(workload, engine, eng, used)
+    for _ in range(4):
+        target = max(2, min(size, int(used * budget / (repeats * seconds))))
+        if target == used or (target < used and seconds * repeats <= 1.5 * budget):
+            break
+        used = target
+        seconds = _timed(workload, engine, eng, used)
+    return used
+
+
+def measure_run(workload: str, engine: str, eng: w.Engines, size: int, repeats: int,
+                budget: float) -> tuple:
+    """``(samples or reason, size measured)``: µs per unit, ``repeats`` timed runs."""
+    try:
+        used = fit(workload, engine, eng, size, repeats, budget)
+        samples = [_per_unit_us(workload, _timed(workload, engine, eng, used), used)
+                   for _ in range(repeats)]
+    except Exception as exc:  # reported in the table, never dropped
+        return w.reason(exc), size
+    _progress(f"{workload}@{used}", engine, samples)
+    return samples, used
+
+
+def measure_engine(engine: str, kinds: List[str], sizes: Dict[str, int], repeats: int,
+                   budget: float, workers: int, out: dict) -> None:
+    """Start ``engine``, run every workload of ``kinds`` on it, shut it down. Fills
+    ``out``: results, notes (sizes cut to the budget), join linearity, start seconds."""
+    with w.Engines([engine], workers=workers, strict=False) as eng:
+        if engine in eng.failed:
+            for kind in kinds:
+                out["results"][kind][engine] = eng.failed[engine]
+            print(f"  .. {engine}: {eng.failed[engine]}", file=sys.stderr, flush=True)
+            return
+        out["start_s"][engine] = eng.start_s[engine]
+        for kind in kinds:
+            samples, used = measure_run(kind, engine, eng, sizes[kind], repeats, budget)
+            out["results"][kind][engine] = samples
+            if used < sizes[kind]:
+                out["notes"][kind][engine] = f"capped at {used:,} (time budget)"
+            if kind == "join" and not isinstance(samples, str):
+                quarter, _ = measure_run(kind, engine, eng, max(2, used // 4), repeats,
+                                         budget)
+                out["linearity"][engine] = (quarter, samples, used)
 
 
 def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, List[float]]]:
@@ -86,8 +150,44 @@ def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, Lis
     return out
 
 
+def measure_memory(levels: int, width: int, engines: List[str]) -> Dict[str, Samples]:
+    """Bytes per pending node (``workloads.memory``: one measurement, it barely varies)."""
+    out: Dict[str, Samples] = {}
+    for engine in [e for e in w.MEMORY_ENGINES if not engines or e in engines]:
+        try:
+            out[engine] = [w.memory(engine, levels, width)]
+        except Exception as exc:
+            out[engine] = w.reason(exc)
+            continue
+        _progress("memory", engine, out[engine])
+    return out
+
+
+HELPERS = {"resource_tracker": "multiprocessing's resource tracker",
+           "os.killpg": "rhapsody_graph's watchdog"}  # both exit with this process
+
+
+def leftovers() -> List[str]:
+    """Child processes of this one still alive (engines should have stopped theirs);
+    the two helpers that end with this process are named as such."""
+    import psutil
+    time.sleep(1.0)  # let exiting workers go
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            line = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        helper = next((name for key, name in HELPERS.items() if key in line), None)
+        alive.append(f"{child.pid} ({helper}, exits with this process)" if helper
+                     else f"{child.pid} {line[:100]}")
+    return alive
+
+
 def _progress(workload: str, engine: str, samples: List[float]) -> None:
-    print(f"  .. {workload:<12} {engine:<13} " + " ".join(f"{s:.4g}" for s in samples),
+    print(f"  .. {workload:<12} {engine:<22} " + " ".join(f"{s:.4g}" for s in samples),
           file=sys.stderr, flush=True)
 
 
@@ -101,54 +201,87 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
-def table(results: Dict[str, Dict[str, List[float]]], units: Dict[str, str]) -> str:
-    lines = ["| workload | engine | median | min | max | ratio to rhapsody_graph | bar |",
+def table(results: Dict[str, Dict[str, Samples]], units: Dict[str, str],
+          notes: Dict[str, Dict[str, str]]) -> str:
+    """Markdown: one row per workload and engine; an engine without figures shows why."""
+    lines = ["| workload | engine | median | min | max | ratio to rhapsody_graph | bar / note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for workload, per_engine in results.items():
-        base = statistics.median(per_engine["rhapsody"]) if "rhapsody" in per_engine else None
+        ours = per_engine.get("rhapsody")
+        base = statistics.median(ours) if isinstance(ours, list) else None
         bar = w.BARS.get(workload)
         for engine, samples in per_engine.items():
+            note = notes.get(workload, {}).get(engine, "")
+            if isinstance(samples, str):
+                lines.append(f"| {workload} ({units[workload]}) | {engine} | {samples} "
+                             f"| | | - | {note} |")
+                continue
             med = statistics.median(samples)
             ratio = f"{med / base:.2f}x" if base else "-"
-            verdict = ""
             if engine == "rhapsody" and bar is not None:
-                unit = "s" if workload == "startup" else "us"
-                verdict = f"<= {bar:g} {unit}: {'met' if med <= bar else 'MISSED'}"
+                unit = {"startup": "s", "memory": "B"}.get(workload, "us")
+                note = f"<= {bar:g} {unit}: {'met' if med <= bar else 'MISSED'}"
             lines.append(f"| {workload} ({units[workload]}) | {engine} | {_fmt(med)} | "
-                         f"{_fmt(min(samples))} | {_fmt(max(samples))} | {ratio} | {verdict} |")
+                         f"{_fmt(min(samples))} | {_fmt(max(samples))} | {ratio} | {note} |")
     return "\n".join(lines)
 
 
-def chart(results: Dict[str, Dict[str, List[float]]], units: Dict[str, str], path: str,
+def drift(first: Dict[str, Dict[str, Samples]], again: Dict[str, Dict[str, Samples]]) -> str:
+    """Per workload, rhapsody_graph's median at the end over its median at the start."""
+    parts = []
+    for kind, per in again.items():
+        start, end = first[kind].get("rhapsody"), per.get("rhapsody")
+        if isinstance(start, list) and isinstance(end, list):
+            parts.append(f"{kind} {statistics.median(end) / statistics.median(start):.2f}")
+    return ", ".join(parts)
+
+
+def linearity_table(linearity: Dict[str, tuple]) -> str:
+    """Per-input cost of the join at a quarter of the inputs and at all of them."""
+    lines = ["| engine | inputs | us/input at 1/4 | us/input | ratio (1 = linear) |",
+             "|---|---:|---:|---:|---:|"]
+    for engine, (quarter, full, n) in linearity.items():
+        if isinstance(quarter, str):
+            lines.append(f"| {engine} | {n:,} | {quarter} | | |")
+            continue
+        q, f = statistics.median(quarter), statistics.median(full)
+        lines.append(f"| {engine} | {n:,} | {_fmt(q)} | {_fmt(f)} | {f / q:.2f} |")
+    return "\n".join(lines)
+
+
+def chart(results: Dict[str, Dict[str, Samples]], units: Dict[str, str], path: str,
           subtitle: str) -> None:
-    """One group of bars per workload (its median per engine), log scale: lower is faster."""
+    """One group of bars per workload (its median per engine), log scale: lower is
+    better. Engines without figures are left out of the chart (the table says why)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [k for k in results if k != "startup"]
-    engines = sorted({e for k in workloads for e in results[k]},
+    numbers = {k: {e: statistics.median(v) for e, v in per.items() if isinstance(v, list)}
+               for k, per in results.items() if k != "startup"}
+    workloads = [k for k in numbers if numbers[k]]
+    engines = sorted({e for k in workloads for e in numbers[k]},
                      key=lambda e: (e != "rhapsody", e))
-    peers = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22"]
+    palette = plt.get_cmap("tab20").colors
+    peers = [c for i, c in enumerate(palette) if i not in (6, 7)]  # tab20's reds
     colour = {e: "#d62728" if e == "rhapsody" else peers[i % len(peers)]
               for i, e in enumerate(engines)}
-    width = 0.8 / max(len(results[k]) for k in workloads)
-    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(workloads), 4.2))
-    labelled = set()
+    width = 0.85 / max(len(numbers[k]) for k in workloads)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.7 * len(workloads), 5.2))
     for j, k in enumerate(workloads):  # each group: its own engines, centred on its tick
-        present = [e for e in engines if e in results[k]]
+        present = [e for e in engines if e in numbers[k]]
         for i, e in enumerate(present):
             x = j + (i - (len(present) - 1) / 2) * width
-            name = "rhapsody_graph" if e == "rhapsody" else e
-            ax.bar(x, statistics.median(results[k][e]), width, color=colour[e],
-                   label=None if e in labelled else name)
-            labelled.add(e)
+            ax.bar(x, max(numbers[k][e], 1e-2), width, color=colour[e])
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels([f"{k}\n({units[k]})" for k in workloads], fontsize=8)
-    ax.set_ylabel("microseconds (log scale; lower is faster)")
+    ax.set_xticklabels([f"{k}\n({units[k]})".replace(", ", ",\n", 1) for k in workloads],
+                       fontsize=7)
+    ax.set_ylabel("cost per unit under each group (log scale; lower is better)")
     ax.set_title(f"rhapsody_graph beside its peers, one run ({subtitle})", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[e]) for e in engines]
+    ax.legend(handles, ["rhapsody_graph" if e == "rhapsody" else e for e in engines],
+              fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -163,6 +296,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--engines", nargs="+", default=[], choices=w.ALL_ENGINES,
                    help="restrict to these engines (rhapsody is always kept for the ratios)")
     p.add_argument("--workers", type=int, default=w.WORKERS)
+    p.add_argument("--hops", type=int, default=None,
+                   help=f"chain20ms length (default {w.HOPS}, --quick {w.HOPS // 10})")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per engine and workload for the timed runs; larger sizes "
+                        "are cut to fit (default 15, --quick 3)")
     p.add_argument("--quick", action="store_true", help="1/10 sizes: a smoke run")
     p.add_argument("--json", metavar="PATH", help="also write the raw samples here")
     p.add_argument("--chart", metavar="PATH",
@@ -171,29 +309,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     engines = sorted(set(a.engines) | {"rhapsody"}) if a.engines else []
     scale = 10 if a.quick else 1
+    budget = a.budget or (3.0 if a.quick else 15.0)
     levels, width = w.LEVELS, w.WIDTH // scale
     sizes = {"independent": w.INDEPENDENT // scale, "chain": w.CHAIN // scale,
-             "reduction": w.LEAVES // scale}
+             "reduction": w.LEAVES // scale, "join": w.JOIN // scale,
+             "chain20ms": a.hops or w.HOPS // scale}
     graph_repeats = a.graph_repeats or min(a.repeats, 3)
-
-    units = {"build": f"us/node, {levels * width:,} nodes",
-             "order": f"us/node, {levels * width:,} nodes",
+    nodes = f"{levels * width:,} nodes"
+    units = {"build": f"us/node, {nodes}", "order": f"us/node, {nodes}",
+             "memory": f"bytes/node, {nodes} pending",
              "independent": f"us/task, {sizes['independent']:,} no-ops",
              "chain": f"us/hop, {sizes['chain']:,} steps",
              "reduction": f"us/task, {2 * sizes['reduction'] - 1:,} tasks",
+             "join": f"us/input, {sizes['join']:,} inputs",
+             "chain20ms": f"us/hop over 20 ms, {sizes['chain20ms']:,} hops",
              "startup": "s, import to first value"}
-    results: Dict[str, Dict[str, List[float]]] = {}
+    results: Dict[str, Dict[str, Samples]] = {}
     extra: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+    out = {"results": results, "notes": {k: {} for k in RUN_KINDS}, "linearity": {},
+           "start_s": {}}
 
     for kind in ("build", "order"):
         if kind in a.workloads:
             results[kind] = measure_graph(kind, graph_repeats, levels, width, engines)
-    run_kinds = [k for k in ("independent", "chain", "reduction") if k in a.workloads]
+    if "memory" in a.workloads:
+        results["memory"] = measure_memory(levels, width, engines)
+    run_kinds = [k for k in RUN_KINDS if k in a.workloads]
+    for kind in run_kinds:
+        results[kind] = {}
     if run_kinds:
-        started = [e for e in w.RUN_ENGINES if not engines or e in engines]
-        with w.Engines(started, workers=a.workers) as eng:
-            for kind in run_kinds:
-                results[kind] = measure_runs(kind, eng, a.repeats, sizes[kind], engines)
+        run_engines = [e for e in w.ADAPTERS if not engines or e in engines]
+        for engine in run_engines:
+            measure_engine(engine, run_kinds, sizes, a.repeats, budget, a.workers, out)
+        if len(run_engines) > 1:  # the machine may have changed while the peers ran
+            again = {"results": {k: {} for k in run_kinds}, "notes": out["notes"],
+                     "linearity": {}, "start_s": {}}
+            measure_engine("rhapsody", run_kinds, sizes, a.repeats, budget, a.workers, again)
+            out["drift"] = again["results"]
     if "startup" in a.workloads:
         st = measure_startup(a.repeats, engines)
         results["startup"] = {e: v["first_value_s"] for e, v in st.items()}
@@ -201,8 +353,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"\nrhapsody_graph benchmarks: {platform.python_implementation()} "
           f"{platform.python_version()}, {os.cpu_count()} CPUs, {a.workers} workers, "
-          f"median of {a.repeats} (build/order: {graph_repeats})\n{w.describe()}\n")
-    print(table(results, units))
+          f"median of {a.repeats} (build/order: {graph_repeats}), {budget:g} s budget per "
+          f"engine and workload\n{w.describe()}\n")
+    print(table(results, units, out["notes"]))
+    if out["linearity"]:
+        print("\njoin: per-input cost at a quarter of the inputs and at all of them:")
+        print(linearity_table(out["linearity"]))
+    if out.get("drift"):
+        print("\nrhapsody_graph measured again after the peers (median at the end / at the "
+              "start; far from 1: the machine's speed changed during the run): " + drift(
+                  results, out["drift"]))
+    if out["start_s"]:
+        print("\nengine start + warm-up (s, before any timing): " + ", ".join(
+            f"{e} {s:.2f}" for e, s in out["start_s"].items()))
     if "startup" in extra:
         print("\nfirst result in a fresh process (medians, seconds):")
         print("| engine | import | import to first value | whole process |")
@@ -211,13 +374,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"| {e} | {statistics.median(v['import_s']):.3f} | "
                   f"{statistics.median(v['first_value_s']):.3f} | "
                   f"{statistics.median(v['process_s']):.3f} |")
+    alive = leftovers()
+    print("\nchild processes left at exit: " + ("; ".join(alive) if alive else "none"))
     if a.chart:
         chart(results, units, a.chart, f"{os.cpu_count()} CPUs, {a.workers} workers, "
                                        f"median of {a.repeats}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"results": results, "startup": extra.get("startup"), "units": units,
-                       "repeats": a.repeats, "graph_repeats": graph_repeats}, f, indent=1)
+                       "notes": out["notes"], "start_s": out["start_s"],
+                       "linearity": out["linearity"], "drift": out.get("drift"),
+                       "repeats": a.repeats,
+                       "graph_repeats": graph_repeats, "budget_s": budget}, f, indent=1)
     return 0
 
 

@@ -4,14 +4,28 @@ Every workload is one function per engine with the same shape, so that the
 pytest-benchmark suite (``benchmarks/test_*.py``) and the side-by-side script
 (``benchmarks/compare.py``) time exactly the same code.
 
-Engines that run tasks:
+Engines that run tasks (each one small adapter class below, with the same shape; all
+with 2 workers, started and warmed before any timing):
 
 * ``rhapsody``: :class:`rhapsody_graph.LocalBackend` with ``cpus=2`` (two persistent
-  worker processes), started and warmed before any timing;
-* ``processpool``: ``concurrent.futures.ProcessPoolExecutor(2)``, warmed;
-* ``dask-threads``: ``dask.delayed`` + the threaded scheduler, ``num_workers=2``;
-* ``threadpool``: ``concurrent.futures.ThreadPoolExecutor(2)``, the floor (no
-  process boundary, no pickling).
+  worker processes);
+* ``processpool`` / ``threadpool``: ``concurrent.futures`` executors of 2; the thread
+  pool is the floor (no process boundary, no pickling, no graph);
+* ``dask-threads`` / ``dask-sync``: ``dask.delayed`` + the threaded scheduler
+  (``num_workers=2``) / the synchronous one;
+* ``dask-distributed``: ``dask.delayed`` + ``client.compute`` on a
+  ``distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``;
+  ``dask-futures``: ``client.submit`` chains on the same kind of cluster;
+* ``ray``: ``ray.init(num_cpus=2)``, remote functions, ``ray.get``;
+* ``parsl-threads`` / ``parsl-htex``: Parsl ``python_app`` on its ThreadPoolExecutor (2
+  threads) / HighThroughputExecutor (2 workers, local provider);
+* ``rhapsody-py-threads`` / ``rhapsody-py-processes``: RHAPSODY (PyPI ``rhapsody-py``),
+  a ``Session`` over ``ConcurrentExecutionBackend`` on a thread / process pool of 2;
+* ``asyncflow``: RADICAL AsyncFlow's ``WorkflowEngine`` over its local backend on a
+  thread pool of 2.
+
+The first four (``RUN_ENGINES``) are the pytest-benchmark suite's; the peers
+(``PEER_ENGINES``) are optional installs (``pip install -e ".[bench]"``).
 
 Engines that build / order a graph: ``rhapsody`` (``@task`` calls, ``Graph(*outputs)``),
 ``dask`` (``dask.delayed`` calls, ``dask.order.order``), ``graphlib``
@@ -23,11 +37,14 @@ reference (``workloads.noop``): nothing engine-specific is pickled by value.
 """
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+import tracemalloc
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from graphlib import TopologicalSorter
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -40,12 +57,15 @@ LEVELS, WIDTH = 10, 10_000          # 100,000 nodes, 180,000 edges
 INDEPENDENT = 5_000                 # independent no-op nodes
 CHAIN = 1_000                       # chain length (hops)
 LEAVES = 1_024                      # binary reduction: 2,047 tasks
+JOIN = 10_000                       # one node reading 10,000 inputs
+HOPS = 100                          # chain20ms: hops of 20 ms each
+NAP_S = 0.020                       # each chain20ms hop's own sleep
 
 RUN_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool")
 BUILD_ENGINES = ("rhapsody", "dask", "dict")
 ORDER_ENGINES = ("rhapsody", "dask", "graphlib")
 STARTUP_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool")
-ALL_ENGINES = tuple(sorted(set(RUN_ENGINES + BUILD_ENGINES + ORDER_ENGINES + STARTUP_ENGINES)))
+MEMORY_ENGINES = ("rhapsody", "dask", "ray", "dict")
 
 # The issue's bars, in microseconds per node / hop (startup: seconds).
 BARS = {
@@ -54,6 +74,7 @@ BARS = {
     "independent": 100.0,
     "chain": 150.0,
     "startup": 0.5,
+    "memory": 1024.0,  # bytes per pending node
 }
 
 
@@ -83,61 +104,376 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def total(*xs: int) -> int:
+    return sum(xs)
+
+
+def nap_inc(x: int) -> int:
+    time.sleep(NAP_S)
+    return x + 1
+
+
+BODIES = (noop, inc, add, total, nap_inc)
 r_noop = rg.task(noop)
 r_inc = rg.task(inc)
 r_add = rg.task(add)
+_TASKS = {noop: r_noop, inc: r_inc, add: r_add, total: rg.task(total),
+          nap_inc: rg.task(nap_inc)}
 
 
-# -- engines ---------------------------------------------------------------------
+# -- engines: one adapter each, with the same shape ------------------------------------
+# An adapter is started once (``start``), warmed, and closed once (``close``). A workload
+# is a ``build(call)`` function that makes its tasks with ``call(fn, *args)`` (an arg may
+# be the handle of another call: the engine's own dependency when it has one, else the
+# driver waits for the value and passes it on) and returns the handles whose values it
+# wants; ``run(build)`` returns those values.
+
+Build = Callable[[Callable[..., Any]], List[Any]]
+
+
+def _value(x: Any) -> Any:
+    """The value behind a ``concurrent.futures.Future`` (the driver waits), else ``x``."""
+    return x.result() if isinstance(x, Future) else x
+
+
+def _importable_by_workers() -> None:
+    """Let worker processes started from now on import this module (by reference)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in paths if p])
+
+
+class Adapter:
+    """One engine. Subclasses set ``call`` and ``run``, and start/close what they own."""
+
+    def start(self, workers: int) -> None:
+        pass
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def run(self, build: Build) -> List[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Rhapsody(Adapter):
+    """rhapsody_graph: ``@task`` nodes, one ``compute()`` on a ``LocalBackend``."""
+
+    def start(self, workers: int) -> None:
+        self.backend = rg.LocalBackend(cpus=workers).start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return _TASKS[fn](*args)
+
+    def run(self, build: Build) -> List[Any]:
+        return rg.compute(build(self.call), backend=self.backend)[0]
+
+    def close(self) -> None:
+        self.backend.shutdown()
+
+
+class Pool(Adapter):
+    """A ``concurrent.futures`` executor: one ``submit`` per task; the driver carries
+    each value to the tasks that read it."""
+
+    def __init__(self, executor: Callable[[int], Executor]) -> None:
+        self.executor = executor
+
+    def start(self, workers: int) -> None:
+        self.ex = self.executor(workers)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.ex.submit(fn, *map(_value, args))
+
+    def run(self, build: Build) -> List[Any]:
+        return [_value(h) for h in build(self.call)]
+
+    def close(self) -> None:
+        self.ex.shutdown()
+
+
+class DaskDelayed(Adapter):
+    """``dask.delayed`` calls, one ``dask.compute`` with a local scheduler."""
+
+    def __init__(self, scheduler: str) -> None:
+        self.scheduler = scheduler
+
+    def start(self, workers: int) -> None:
+        from dask import delayed
+        self.delayed = delayed
+        self.options = {"scheduler": self.scheduler}
+        if self.scheduler == "threads":  # its pool is cached per num_workers
+            self.options["num_workers"] = workers
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.delayed(fn)(*args)
+
+    def run(self, build: Build) -> List[Any]:
+        import dask
+        return list(dask.compute(*build(self.call), **self.options))
+
+
+class DaskDistributed(DaskDelayed):
+    """``dask.delayed`` calls computed on a ``distributed.LocalCluster`` of worker
+    processes (``client.compute``); ``futures=True``: ``client.submit`` chains instead."""
+
+    def __init__(self, futures: bool = False) -> None:
+        super().__init__("distributed")
+        self.futures = futures
+
+    def start(self, workers: int) -> None:
+        from distributed import Client, LocalCluster
+        super().start(workers)
+        _importable_by_workers()
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                    dashboard_address=":0")
+        self.client = Client(self.cluster)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.futures:
+            return self.client.submit(fn, *args, pure=False)
+        return super().call(fn, *args)
+
+    def run(self, build: Build) -> List[Any]:
+        handles = build(self.call)
+        return self.client.gather(handles if self.futures else self.client.compute(handles))
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+class Ray(Adapter):
+    """Ray remote functions (an ``ObjectRef`` argument is a dependency), ``ray.get``."""
+
+    def start(self, workers: int) -> None:
+        import ray
+        _importable_by_workers()
+        self.ray = ray
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        self.remote = {fn: ray.remote(fn) for fn in BODIES}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.remote[fn].remote(*args)
+
+    def run(self, build: Build) -> List[Any]:
+        return self.ray.get(build(self.call))
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+class Parsl(Adapter):
+    """Parsl ``python_app`` calls (an ``AppFuture`` argument is a dependency) on one
+    executor: ``threads`` or ``htex`` (HighThroughputExecutor, local provider)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def start(self, workers: int) -> None:
+        import tempfile
+
+        import parsl
+        from parsl.config import Config
+        if self.kind == "threads":
+            from parsl.executors import ThreadPoolExecutor as Threads
+            executor = Threads(label="threads", max_threads=workers)
+        else:
+            from parsl.executors import HighThroughputExecutor
+            from parsl.providers import LocalProvider
+            _importable_by_workers()
+            executor = HighThroughputExecutor(
+                label="htex", max_workers_per_node=workers, cores_per_worker=1,
+                address="127.0.0.1",
+                provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1))
+        self.rundir = tempfile.mkdtemp(prefix="parsl-bench-")
+        self.dfk = parsl.load(Config(executors=[executor], run_dir=self.rundir,
+                                     strategy="none"))
+        self.apps = {fn: parsl.python_app(fn, data_flow_kernel=self.dfk) for fn in BODIES}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.apps[fn](*args)
+
+    def run(self, build: Build) -> List[Any]:
+        return [_value(h) for h in build(self.call)]
+
+    def close(self) -> None:
+        import shutil
+
+        import parsl
+        self.dfk.cleanup()
+        parsl.clear()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+class _AsyncAdapter(Adapter):
+    """An engine driven from asyncio: one event loop of its own, entered per ``run``
+    (handles are asyncio futures, made inside the loop)."""
+
+    def start(self, workers: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.astart(workers))
+
+    async def astart(self, workers: int) -> None:
+        raise NotImplementedError
+
+    def run(self, build: Build) -> List[Any]:
+        async def gather() -> List[Any]:
+            return list(await asyncio.gather(*build(self.call)))
+        return self.loop.run_until_complete(gather())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.aclose())
+        self.loop.close()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RhapsodyPy(_AsyncAdapter):
+    """RHAPSODY (PyPI ``rhapsody-py``): a ``Session`` over its ``ConcurrentExecutionBackend``
+    on a thread or process pool. It has no task dependencies: a task whose argument is
+    another's handle awaits that task first (in the driver's event loop), then is
+    submitted with the value, one ``ComputeTask`` per ``submit_tasks``."""
+
+    def __init__(self, executor: Callable[[int], Executor]) -> None:
+        self.executor = executor
+
+    async def astart(self, workers: int) -> None:
+        from rhapsody.api import ComputeTask, Session
+        from rhapsody.backends import ConcurrentExecutionBackend
+        self.task = ComputeTask
+        backend = await ConcurrentExecutionBackend(self.executor(workers))
+        self.session = Session(backends=[backend])
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return asyncio.ensure_future(self._one(fn, args))
+
+    async def _one(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+        values = [await a if isinstance(a, asyncio.Future) else a for a in args]
+        task = self.task(function=fn, args=tuple(values))
+        await self.session.submit_tasks([task])
+        return (await task)["return_value"]
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class AsyncFlow(_AsyncAdapter):
+    """RADICAL AsyncFlow (PyPI ``radical-asyncflow``): ``WorkflowEngine.function_task``
+    (async bodies; a future argument is a dependency) over its ``LocalExecutionBackend``
+    on a ``ThreadPoolExecutor`` (its default executor)."""
+
+    async def astart(self, workers: int) -> None:
+        from radical.asyncflow import LocalExecutionBackend, WorkflowEngine
+        backend = await LocalExecutionBackend(ThreadPoolExecutor(workers))
+        self.flow = await WorkflowEngine.create(backend=backend)
+        self.apps = {fn: self.flow.function_task(_async_twin(fn)) for fn in BODIES}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.apps[fn](*args)
+
+    async def aclose(self) -> None:
+        await self.flow.shutdown()
+
+
+def _async_twin(fn: Callable[..., Any]) -> Callable[..., Any]:
+    async def twin(*args: Any) -> Any:
+        return fn(*args)
+    twin.__name__ = twin.__qualname__ = fn.__name__
+    return twin
+
+
+ADAPTERS: Dict[str, Callable[[], Adapter]] = {
+    "rhapsody": Rhapsody,
+    "processpool": lambda: Pool(ProcessPoolExecutor),
+    "dask-threads": lambda: DaskDelayed("threads"),
+    "threadpool": lambda: Pool(ThreadPoolExecutor),
+    "dask-sync": lambda: DaskDelayed("sync"),
+    "dask-distributed": DaskDistributed,
+    "dask-futures": lambda: DaskDistributed(futures=True),
+    "ray": Ray,
+    "parsl-threads": lambda: Parsl("threads"),
+    "parsl-htex": lambda: Parsl("htex"),
+    "rhapsody-py-threads": lambda: RhapsodyPy(ThreadPoolExecutor),
+    "rhapsody-py-processes": lambda: RhapsodyPy(ProcessPoolExecutor),
+    "asyncflow": AsyncFlow,
+}
+PEER_ENGINES = tuple(e for e in ADAPTERS if e not in RUN_ENGINES)
+ALL_ENGINES = tuple(sorted(set(ADAPTERS) | set(BUILD_ENGINES + ORDER_ENGINES + MEMORY_ENGINES
+                                               + STARTUP_ENGINES)))
+
+
+def _warm(build_call: Callable[..., Any], n: int) -> List[Any]:
+    return [build_call(add, build_call(inc, 0), 1)] + [build_call(noop, i) for i in range(4 * n)]
+
+
+def reason(exc: BaseException) -> str:
+    """One line for the table: 'not installed (...)' or 'failed: ...'."""
+    if isinstance(exc, ImportError):
+        return f"not installed ({exc})"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"failed: {type(exc).__name__}: {text[:160]}"
+
 
 class Engines:
-    """Starts and warms every run engine once; use as a context manager.
+    """Starts and warms run engines once; use as a context manager.
 
-    ``only`` restricts which engines are started (default: all of RUN_ENGINES).
+    ``only`` restricts which engines are started (default: RUN_ENGINES, the
+    pytest-benchmark suite's). With ``strict=False`` an engine that cannot be imported
+    or started is recorded in ``failed`` (engine -> reason) instead of raising;
+    ``start_s`` holds each started engine's start + warm-up seconds.
     """
 
-    def __init__(self, only: Sequence[str] = RUN_ENGINES, workers: int = WORKERS) -> None:
+    def __init__(self, only: Sequence[str] = RUN_ENGINES, workers: int = WORKERS,
+                 strict: bool = True) -> None:
         self.only = tuple(only)
         self.workers = workers
-        self.rhapsody: Any = None
-        self.processpool: Any = None
-        self.threadpool: Any = None
+        self.strict = strict
+        self.adapters: Dict[str, Adapter] = {}
+        self.failed: Dict[str, str] = {}
+        self.start_s: Dict[str, float] = {}
 
     def __enter__(self) -> "Engines":
-        n = self.workers
-        if "rhapsody" in self.only:
-            self.rhapsody = rg.LocalBackend(cpus=n).start()
-            # warm-up: every worker imports this module and caches the functions
-            assert rg.compute([r_noop(i) for i in range(4 * n)], backend=self.rhapsody)[0] \
-                == list(range(4 * n))
-            assert rg.compute(r_add(r_inc(0), r_noop(1)), backend=self.rhapsody)[0] == 2
-        if "processpool" in self.only:
-            self.processpool = ProcessPoolExecutor(n)
-            _warm_pool(self.processpool, n)
-        if "threadpool" in self.only:
-            self.threadpool = ThreadPoolExecutor(n)
-            _warm_pool(self.threadpool, n)
-        if "dask-threads" in self.only:
-            import dask
-            from dask import delayed
-            # the threaded scheduler caches its pool per num_workers: build it now
-            assert dask.compute(delayed(add)(delayed(inc)(0), 1), scheduler="threads",
-                                num_workers=n)[0] == 2
+        for name in self.only:
+            t0 = time.perf_counter()
+            adapter = self.adapters[name] = ADAPTERS[name]()
+            try:
+                adapter.start(self.workers)
+                assert adapter.run(lambda call: _warm(call, self.workers)) \
+                    == [2] + list(range(4 * self.workers))
+            except Exception as exc:
+                if self.strict:
+                    raise
+                self.failed[name] = reason(exc)
+                self._close(name)
+                continue
+            self.start_s[name] = time.perf_counter() - t0
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.rhapsody is not None:
-            self.rhapsody.shutdown()
-        if self.processpool is not None:
-            self.processpool.shutdown()
-        if self.threadpool is not None:
-            self.threadpool.shutdown()
+        for name in list(self.adapters):
+            self._close(name)
 
+    def _close(self, name: str) -> None:
+        adapter = self.adapters.pop(name, None)
+        try:
+            adapter.close()
+        except Exception as exc:  # a half-started engine: report, close the others
+            print(f"{name}: close failed: {reason(exc)}", file=sys.stderr)
 
-def _warm_pool(ex: Any, n: int) -> None:
-    futs = [ex.submit(noop, i) for i in range(8 * n)]
-    assert [f.result() for f in futs] == list(range(8 * n))
-    assert ex.submit(add, ex.submit(inc, 0).result(), 1).result() == 2
+    def run(self, engine: str, build: Build) -> List[Any]:
+        """The values of the handles ``build`` returns, computed on ``engine``."""
+        adapter = self.adapters.get(engine)
+        if adapter is None:
+            raise ValueError(f"engine {engine!r} is not started: "
+                             f"{self.failed.get(engine, 'not in only=')}")
+        return adapter.run(build)
 
 
 # -- run workloads: each returns the value, checked by the caller ------------------------
@@ -145,71 +481,45 @@ def _warm_pool(ex: Any, n: int) -> None:
 
 def independent(engine: str, eng: Engines, n: int = INDEPENDENT) -> List[int]:
     """``n`` independent no-op tasks; returns their values."""
-    if engine == "rhapsody":
-        return rg.compute([r_noop(i) for i in range(n)], backend=eng.rhapsody)[0]
-    if engine == "dask-threads":
-        import dask
-        from dask import delayed
-        return list(dask.compute(*[delayed(noop)(i) for i in range(n)],
-                                 scheduler="threads", num_workers=eng.workers))
-    ex = _executor(engine, eng)
-    futs = [ex.submit(noop, i) for i in range(n)]
-    return [f.result() for f in futs]
+    return eng.run(engine, lambda call: [call(noop, i) for i in range(n)])
 
 
-def chain(engine: str, eng: Engines, n: int = CHAIN) -> int:
-    """``n`` tasks, each depending on the previous one; returns ``n``."""
-    if engine == "rhapsody":
-        x = r_inc(0)
+def chain(engine: str, eng: Engines, n: int = CHAIN, body: Callable[[int], int] = inc) -> int:
+    """``n`` tasks, each reading the previous one's value; returns ``n``. Executors
+    without dependencies carry each value through the driver to the next submit."""
+    def build(call: Callable[..., Any]) -> List[Any]:
+        x = call(body, 0)
         for _ in range(n - 1):
-            x = r_inc(x)
-        return x.compute(backend=eng.rhapsody)
-    if engine == "dask-threads":
-        from dask import delayed
-        x = delayed(inc)(0)
-        for _ in range(n - 1):
-            x = delayed(inc)(x)
-        return x.compute(scheduler="threads", num_workers=eng.workers)
-    ex = _executor(engine, eng)
-    v = 0
-    for _ in range(n):  # the driver carries each value to the next submit
-        v = ex.submit(inc, v).result()
-    return v
+            x = call(body, x)
+        return [x]
+    return eng.run(engine, build)[0]
+
+
+def chain20ms(engine: str, eng: Engines, hops: int = HOPS) -> int:
+    """A chain of ``hops`` tasks that each sleep 20 ms: wall / hops - 20 ms is the
+    per-hop delay of waking the next task (a polling engine shows its period)."""
+    return chain(engine, eng, hops, body=nap_inc)
 
 
 def reduction(engine: str, eng: Engines, leaves: int = LEAVES) -> int:
     """A binary tree: ``leaves`` no-op leaves, pairwise ``add`` up to one root.
 
-    ``2 * leaves - 1`` tasks; returns ``sum(range(leaves))``. Executors run it level by
-    level (each level's values come back to the driver before the next is submitted).
+    ``2 * leaves - 1`` tasks; returns ``sum(range(leaves))``. Executors without
+    dependencies wait for each pair's values before submitting its ``add``.
     """
-    if engine in ("rhapsody", "dask-threads"):
-        if engine == "rhapsody":
-            level = [r_noop(i) for i in range(leaves)]
-            join = r_add
-        else:
-            from dask import delayed
-            level = [delayed(noop)(i) for i in range(leaves)]
-            join = delayed(add)
+    def build(call: Callable[..., Any]) -> List[Any]:
+        level = [call(noop, i) for i in range(leaves)]
         while len(level) > 1:
-            level = [join(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)] \
+            level = [call(add, level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)] \
                 + ([level[-1]] if len(level) % 2 else [])
-        if engine == "rhapsody":
-            return level[0].compute(backend=eng.rhapsody)
-        return level[0].compute(scheduler="threads", num_workers=eng.workers)
-    ex = _executor(engine, eng)
-    vals = [f.result() for f in [ex.submit(noop, i) for i in range(leaves)]]
-    while len(vals) > 1:
-        futs = [ex.submit(add, vals[k], vals[k + 1]) for k in range(0, len(vals) - 1, 2)]
-        vals = [f.result() for f in futs] + ([vals[-1]] if len(vals) % 2 else [])
-    return vals[0]
+        return level
+    return eng.run(engine, build)[0]
 
 
-def _executor(engine: str, eng: Engines) -> Any:
-    ex = {"processpool": eng.processpool, "threadpool": eng.threadpool}.get(engine)
-    if ex is None:
-        raise ValueError(f"engine {engine!r} is not started (or unknown)")
-    return ex
+def join(engine: str, eng: Engines, n: int = JOIN) -> int:
+    """``n`` independent no-ops feeding one node that sums them (one node, ``n``
+    inputs); returns ``sum(range(n))``."""
+    return eng.run(engine, lambda call: [call(total, *[call(noop, i) for i in range(n)])])[0]
 
 
 RUNS: Dict[str, Tuple[Callable[..., Any], Callable[[int], Any], int, str]] = {
@@ -217,6 +527,8 @@ RUNS: Dict[str, Tuple[Callable[..., Any], Callable[[int], Any], int, str]] = {
     "independent": (independent, lambda n: list(range(n)), INDEPENDENT, "task"),
     "chain": (chain, lambda n: n, CHAIN, "hop"),
     "reduction": (reduction, lambda n: n * (n - 1) // 2, LEAVES, "task"),
+    "join": (join, lambda n: n * (n - 1) // 2, JOIN, "input"),
+    "chain20ms": (chain20ms, lambda n: n, HOPS, "hop"),
 }
 
 
@@ -235,6 +547,9 @@ def build(engine: str, levels: int = LEVELS, width: int = WIDTH) -> List[Any]:
     elif engine == "dask":
         from dask import delayed
         leaf, join = delayed(noop), delayed(add)
+    elif engine == "ray":  # a Ray DAG: .bind() builds, nothing runs
+        import ray
+        leaf, join = ray.remote(noop).bind, ray.remote(add).bind
     elif engine == "dict":
         return _build_dict(levels, width)
     else:
@@ -300,6 +615,40 @@ def order(engine: str, graph_input: Any) -> int:
     if engine == "graphlib":
         return sum(1 for _ in TopologicalSorter(graph_input).static_order())
     raise ValueError(f"unknown order engine {engine!r}")
+
+
+def pending(engine: str, levels: int = LEVELS, width: int = WIDTH) -> Any:
+    """What an engine holds in the driver for a graph it was handed but has not run:
+    rhapsody_graph, the ``@task`` nodes and the ``Graph`` made of them (what ``compute``
+    orders and schedules); Dask, the ``delayed`` objects and their materialized task
+    graph (``collections_to_expr(...).__dask_graph__()``, as ``dask.persist`` makes);
+    Ray, a DAG of
+    ``.bind()`` nodes; the floor, a plain ``{key: (func, dep keys)}`` dict."""
+    outputs = build(engine, levels, width)
+    if engine == "rhapsody":
+        return outputs, rg.Graph(*outputs)
+    if engine == "dask":
+        from dask.base import collections_to_expr
+        return outputs, collections_to_expr(outputs).__dask_graph__()
+    return outputs
+
+
+def memory(engine: str, levels: int = LEVELS, width: int = WIDTH) -> float:
+    """Peak bytes per node that the driver allocates (``tracemalloc``, Python's own
+    allocator, from zero) while it builds ``levels * width`` pending nodes with
+    :func:`pending`, after a small untimed build has done the imports and caches.
+    The same graph and the same counter for every engine; worker processes are not
+    counted (none is started)."""
+    pending(engine, 2, 8)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        held = pending(engine, levels, width)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del held
+    return peak / (levels * width)
 
 
 # -- first result after import, in a fresh interpreter ---------------------------------------
