@@ -232,13 +232,7 @@ def test_a_plain_python_driver_killed_by_sigkill_leaves_no_dragon_process(tmp_pa
         assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
         assert not dragon_pids() - before, "Dragon processes left behind"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if not dragon_pids():  # no Dragon runtime alive at all: clear what SIGKILL left
-            for name in os.listdir("/dev/shm"):
-                if name.startswith("DD"):
-                    os.unlink(os.path.join("/dev/shm", name))
+        _end_launch(proc, before)
 
 
 LAUNCHER_KILLED = """import os, sys, time
@@ -280,16 +274,22 @@ def test_sigterm_to_the_launcher_alone_stops_the_driver_and_leaves_no_process(tm
         assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
         assert not dragon_pids() - before, "Dragon processes left behind"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        left = dragon_pids() - before
-        for pid in left:  # this launch's processes only
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not dragon_pids():  # no Dragon runtime alive at all: clear what was left
-            for name in os.listdir("/dev/shm"):
-                if name.startswith("DD"):
-                    os.unlink(os.path.join("/dev/shm", name))
+        _end_launch(proc, before)
+
+
+def _end_launch(proc: subprocess.Popen, before: set) -> None:
+    """After a test that killed part of a launch: kill what is left of it (the
+    launcher's group, then this launch's Dragon processes, by pid) and, when no Dragon
+    runtime is alive at all, the shared-memory files a killed runtime leaves."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in dragon_pids() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not dragon_pids():
+        for name in os.listdir("/dev/shm"):
+            if name.startswith("DD"):
+                os.unlink(os.path.join("/dev/shm", name))

@@ -31,9 +31,39 @@ def total(values):
     return sum(values)
 
 
+def fates_of(seed: int, n: int) -> list:
+    """``n`` fates: 94 % ok, 5 % fail, 1 % kill its worker (at least one of each)."""
+    rng = random.Random(seed)
+    fates = [rng.choices(["ok", "fail", "kill"], weights=[94, 5, 1])[0] for _ in range(n)]
+    assert "kill" in fates and "fail" in fates
+    return fates
+
+
+def check_accounting(fates, got, sums, ran, log, join):
+    """Every value, failure and join as the fates say; every node started exactly once,
+    but a killed worker's node once more (an infrastructure failure is retried)."""
+    for i, (fate, value) in enumerate(zip(fates, got)):
+        if fate == "ok":
+            assert value == i
+        elif fate == "fail":
+            assert isinstance(value, ValueError)
+        else:
+            assert isinstance(value, rhapsody.WorkerDiedError)
+    for k, value in enumerate(sums):
+        chunk = fates[k * join:(k + 1) * join]
+        if all(f == "ok" for f in chunk):
+            assert value == sum(range(k * join, k * join + join))
+        else:
+            assert isinstance(value, Exception)
+    assert all(r.returncode == 0 for r in ran)
+    counts = {}
+    for i in map(int, open(log).read().split()):
+        counts[i] = counts.get(i, 0) + 1
+    assert all(counts.get(i) == (2 if fate == "kill" else 1) for i, fate in enumerate(fates))
+
+
 def test_twenty_thousand_mixed_nodes_with_failures_and_worker_kills(tmp_path):
-    rng = random.Random(20_000)
-    fates = [rng.choices(["ok", "fail", "kill"], weights=[94, 5, 1])[0] for _ in range(NODES)]
+    fates = fates_of(20_000, NODES)
     log = str(tmp_path / "starts")
     before = child_pids()
     with rhapsody.LocalBackend(cpus=2) as backend:
@@ -45,23 +75,5 @@ def test_twenty_thousand_mixed_nodes_with_failures_and_worker_kills(tmp_path):
             values = rhapsody.compute(nodes, joins, programs, backend=backend,
                                       on_error="continue")
         assert backend.ledger.idle()
-    got, sums, ran = values
-    for i, (fate, value) in enumerate(zip(fates, got)):
-        if fate == "ok":
-            assert value == i
-        elif fate == "fail":
-            assert isinstance(value, ValueError)
-        else:
-            assert isinstance(value, rhapsody.WorkerDiedError)
-    for k, value in enumerate(sums):
-        chunk = fates[k * 100:(k + 1) * 100]
-        expected = sum(range(k * 100, k * 100 + 100)) if all(f == "ok" for f in chunk) else None
-        assert value == expected if expected is not None else isinstance(value, Exception)
-    assert all(r.returncode == 0 for r in ran)
-    starts = [int(line) for line in open(log).read().split()]
-    counts = {}
-    for i in starts:
-        counts[i] = counts.get(i, 0) + 1
-    # exactly once, but a killed worker's node runs again once (an infrastructure failure)
-    assert all(counts.get(i) == (2 if fate == "kill" else 1) for i, fate in enumerate(fates))
+    check_accounting(fates, *values, log, join=100)
     assert not child_pids() - before
