@@ -252,9 +252,13 @@ with rhapsody.DragonBackend() as backend:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_to_the_launcher_alone_stops_the_driver_and_leaves_no_process(tmp_path):
-    """A batch system's SIGTERM may reach only the launcher: the driver it started must
-    not run on under init, nor the node's process, nor any Dragon process."""
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGTERM, False),
+                                                 (signal.SIGINT, True)])
+def test_a_signal_to_the_launcher_stops_the_driver_and_leaves_no_process(
+        tmp_path, signum, whole_group):
+    """A batch system's SIGTERM may reach only the launcher, a terminal's Ctrl-C reaches
+    its whole group (Dragon's services first): the driver must not run on under init,
+    nor the node's process, nor any Dragon process."""
     script, pidfile, driverfile = tmp_path / "launched.py", tmp_path / "pid", tmp_path / "driver"
     script.write_text(LAUNCHER_KILLED)
     before = dragon_pids()
@@ -264,7 +268,10 @@ def test_sigterm_to_the_launcher_alone_stops_the_driver_and_leaves_no_process(tm
     try:
         node = _wait_for_pids(pidfile, 1, proc)[0]
         driver = int(driverfile.read_text())
-        os.kill(proc.pid, signal.SIGTERM)  # the launcher alone, not its group
+        if whole_group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)  # the launcher alone
         proc.communicate(timeout=120)
         deadline = time.monotonic() + 150  # the driver's bounded shutdown, then its watchdog
         while (dragon_pids() - before or os.path.exists(f"/proc/{node}")
