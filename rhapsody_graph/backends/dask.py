@@ -11,8 +11,8 @@ the cluster later are added to the inventory, workers that leave are removed.
 
 Python nodes run under leases, as on the local backend: a lease is one core of one
 worker held by the ledger, and the scheduler queues up to its depth (about 50 ms
-of measured work: ``lease_budget``) of tiny calls on it at once, so Dask's round trip is paid per batch,
-not per call. Executables (run by :func:`.programs.run_program` on the worker) get a
+of measured work: ``lease_budget``) of tiny calls on it at once, so Dask's round trip
+is paid per batch, not per call. Executables (run by :func:`.programs.run_program` on the worker) get a
 placement of their own. Every call is one Dask task of one function with pickled
 arguments, its upstream values filled in on the worker; the value comes back
 pickled with the time the body ran, an exception with its remote traceback.

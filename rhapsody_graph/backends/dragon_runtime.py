@@ -12,8 +12,8 @@ SIGTERM when it exits, then ends its runtime's processes: a SIGTERM to the launc
 alone would leave them all running.
 
 State: ``_runtime`` (the running ``LocalRuntime``, or ``None``), ``_users`` (the
-backends that use it) and ``_watching`` (the launcher is watched). The runtime's processes carry this driver's run marker
-(:mod:`.watchdog`), so they die with the driver even when it is SIGKILLed; only
+backends that use it) and ``_watching`` (the launcher is watched). The runtime's
+processes carry this driver's run marker (:mod:`.watchdog`), so they die with the driver even when it is SIGKILLed; only
 Dragon's shared-memory files can remain then (``dragon-cleanup`` removes them).
 
 >>> from rhapsody_graph.backends import dragon_runtime
