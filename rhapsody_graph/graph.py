@@ -22,7 +22,6 @@ It never recurses, so a 10,000-deep chain is fine.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -30,7 +29,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 __all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
-_seq = itertools.count()
+_SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex))  # hold no node
+_seq = itertools.count()  # node keys: the name and the node's number, scrambled (_SCRAMBLE)
+_SCRAMBLE = 0x9E3779B97F4B  # odd: n -> n * _SCRAMBLE mod 2**48 is one to one
 #: lazy objects of other systems that become nodes where a node finds them in its
 #: arguments: the attribute that marks their type -> the function that makes the node
 #: (``rhapsody_graph.interop.dask`` registers Dask collections)
@@ -135,7 +136,8 @@ class Node:
     """One call, not yet run. Build it by calling a task; run it with :meth:`compute`.
 
     Attributes:
-        key: a deterministic, readable id: the name and a short hash.
+        key: a readable id, unique in this process and the same in every run of the
+            same program: the name and 12 hex digits.
         name: the task's name.
         deps: the distinct upstream nodes (and futures) found in the arguments.
         kind: ``"function"`` or ``"executable"``.
@@ -159,6 +161,8 @@ class Node:
             t = type(a)
             if t is Node:
                 deps.setdefault(id(a), a)
+            elif t in _SCALARS:
+                continue
             elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)) or _foreign(t):
                 deep = True
                 break
@@ -170,8 +174,7 @@ class Node:
             put(self, "deps", find_nodes((args, kwargs)))
         else:
             put(self, "deps", tuple(deps.values()))
-        digest = hashlib.blake2b(f"{opts.qualname}:{next(_seq)}".encode(), digest_size=6)
-        put(self, "key", f"{self.name}-{digest.hexdigest()}")
+        put(self, "key", f"{self.name}-{next(_seq) * _SCRAMBLE & 0xFFFFFFFFFFFF:012x}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Refused: an edited node could close a cycle or disagree with its key."""

@@ -191,7 +191,7 @@ class Lane:
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
         self.forwards = getattr(backend, "forwards", False)  # see _forward
-        self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _depth
+        self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _by_time
         self.unflushed = False  # calls were submitted since its backend's last flush
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
@@ -543,6 +543,9 @@ class Scheduler:
         blocked: set = set()
         deferred = []
         filling: set = set()
+        # consecutive nodes of one task share a sharing key and a measured run time
+        last_opts = task_key = last_fn = None
+        by_time = 1
         while ready and len(deferred) < 32:
             item = heapq.heappop(ready)
             t = item[1]
@@ -550,11 +553,18 @@ class Scheduler:
                 continue
             opts = t.node.opts
             res = opts.resources
-            key = _sharing_key(opts)
+            if opts is not last_opts:
+                last_opts, task_key = opts, _sharing_key(opts)
+            key = task_key
             if t.avoid is not None:  # a retry after its process died: a lease elsewhere
                 key = (res.key, True, t.avoid)
             exclusive = key[1]
-            lease = None if exclusive else self._lease_with_room(lane, key, t, filling)
+            if not exclusive and t.node.fn is not last_fn:
+                last_fn = t.node.fn
+                by_time = self._by_time(lane, last_fn)
+            # a shared lease holds the backend's lease budget of work, spread over slots
+            depth = 1 if exclusive else max(1, min(by_time, 1 + len(ready) // lane.slots))
+            lease = None if exclusive else self._lease_with_room(lane, key, depth, filling)
             if lease is None:
                 placement = None
                 if key not in blocked and b.slots_free() > 0:
@@ -568,7 +578,7 @@ class Scheduler:
                 if exclusive:
                     lease = Lease(placement, 1)
                 else:
-                    lease = Lease(placement, self._depth(lane, t), key)
+                    lease = Lease(placement, depth, key)
                     shared = lane.open_leases.get(key)
                     if shared is None:
                         shared = lane.open_leases[key] = Shared()
@@ -580,7 +590,8 @@ class Scheduler:
             self._start(t, lease, [lease.placement])
             if lease.key is not None and lane.forwards:
                 lease.tail = t
-                self._forward(lease, t)
+                if t.dependents:
+                    self._forward(lease, t)
         for item in deferred:
             heapq.heappush(ready, item)
 
@@ -627,15 +638,16 @@ class Scheduler:
         attempt = self.inflight.get(t.tid)
         return t if attempt is not None and attempt.lease is lease else None
 
-    def _lease_with_room(self, lane: Lane, key: tuple, t: Task, filling: set) -> Optional[Lease]:
-        """An open shared lease that may queue ``t`` next, if any: the least loaded
-        (the first opened of those) while it is at most half full, else the least
-        loaded of those filled in this pass (``filling``) that are not full."""
+    @staticmethod
+    def _lease_with_room(lane: Lane, key: tuple, depth: int, filling: set) -> Optional[Lease]:
+        """An open shared lease that may queue a call next, if any (``depth``: what one
+        may hold now): the least loaded (the first opened of those) while it is at most
+        half full, else the least loaded of those filled in this pass (``filling``)
+        that are not full."""
         shared = lane.open_leases.get(key)
         lease = shared.least() if shared is not None else None
         if lease is None:
             return None
-        depth = self._depth(lane, t)
         lease.depth = depth
         outstanding = lease.outstanding
         if outstanding >= depth:
@@ -655,13 +667,13 @@ class Scheduler:
         return any(l.outstanding < l.depth and (l in filling or l.outstanding <= l.depth // 2)
                    for shared in lane.open_leases.values() for l in shared.leases)
 
-    def _depth(self, lane: Lane, t: Task) -> int:
-        """How many calls one shared lease may queue: the backend's lease budget of work
-        (~2 ms: :data:`LEASE_BUDGET`), spread over slots."""
-        seconds = self.seconds.get(id(t.node.fn))
-        by_time = UNKNOWN_DEPTH if seconds is None else int(lane.budget / max(seconds, 1e-6))
-        by_spread = 1 + len(lane.ready) // lane.slots
-        return max(1, min(MAX_DEPTH, by_time, by_spread))
+    def _by_time(self, lane: Lane, fn: Any) -> int:
+        """How many calls of ``fn`` one shared lease may queue by their measured run
+        time: the backend's lease budget of work (~2 ms: :data:`LEASE_BUDGET`)."""
+        seconds = self.seconds.get(id(fn))
+        if seconds is None:
+            return UNKNOWN_DEPTH
+        return min(MAX_DEPTH, int(lane.budget / max(seconds, 1e-6)))
 
     def _start(self, t: Task, lease: Optional[Lease], placements: List[Any]) -> None:
         tid = next(_tids)
@@ -713,7 +725,8 @@ class Scheduler:
         if status == OK:
             self._done(t, payload, seconds, attempt)
             lease = attempt.lease
-            tail = self._chain_end(lease) if lease is not None else None
+            tail = (self._chain_end(lease) if lease is not None and lease.tail is not None
+                    and lease.tail.dependents else None)
             # the chain goes on: top its worker up once half of what it holds is done
             # (one frame per half-depth of hops, not one per hop)
             if tail is not None and lease.outstanding <= self._forward_depth(tail) // 2:

@@ -171,6 +171,8 @@ class Session:
             values = {id(r): _outcome(h) for r, h in zip(roots, handles)}
             if group.errors:
                 _warn_failed(group)
+            if len(outputs) == len(roots) and all(type(o) is Node for o in outputs):
+                return tuple(values[id(o)] for o in outputs)  # compute(*nodes): no rebuild
         except BaseException:
             if not group.ended.is_set():  # Ctrl-C, or another thread's exception
                 self.cancel()
@@ -247,8 +249,14 @@ class Session:
                 new.append(t)
             return t is not None
 
+        journal = group.journal
         for root in roots:
-            if isinstance(root, Ref) or record_of(root) is not None or reused(root):
+            if isinstance(root, Ref) or record_of(root) is not None or (
+                    journal is not None and reused(root)):
+                continue
+            if not root.deps:  # a leaf: no walk
+                t = records[id(root)] = self._record(root, group, ())
+                new.append(t)
                 continue
             stack = [(root, iter(root.deps))]
             while stack:

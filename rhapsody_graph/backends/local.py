@@ -120,7 +120,8 @@ class LocalBackend(PoolBackend):
 
     def prepare(self, node: Node) -> PoolCall:
         """Encode a node's call; raise ``TypeError`` naming what cannot be sent."""
-        _refuse_dragon_options(node, self.name)
+        if node.opts.custom_process:
+            _refuse_dragon_options(node, self.name)
         return self.pool.encode(node)
 
     # -- running (see PoolBackend for the rest) ----------------------------------------
@@ -233,8 +234,6 @@ class LocalBackend(PoolBackend):
 def _refuse_dragon_options(node: Node, backend: str) -> None:
     """Refuse the options only Dragon honours (its pass-throughs), naming the node."""
     opts = node.opts
-    if not opts.custom_process:  # none of them given: the common case, checked once
-        return
     for name, value in (("policy", opts.policy), ("process_template", opts.template),
                         ("process_templates", opts.templates)):
         if value is not None:
