@@ -132,7 +132,20 @@ def substitute(obj: Any, values: Dict[int, Any]) -> Any:
     return obj
 
 
-class Node:
+class _Fields:
+    """A node's fields (:class:`Node` is this, frozen; :class:`_Open` is this, being built)."""
+
+    __slots__ = ("key", "name", "fn", "args", "kwargs", "deps", "opts", "kind", "__weakref__")
+
+
+class _Open(_Fields):
+    """A node while it is built: its fields are set plainly (``object.__setattr__`` on a
+    frozen class costs ten times more), then its class becomes :class:`Node`."""
+
+    __slots__ = ()
+
+
+class Node(_Fields):
     """One call, not yet run. Build it by calling a task; run it with :meth:`compute`.
 
     Attributes:
@@ -143,17 +156,15 @@ class Node:
         kind: ``"function"`` or ``"executable"``.
     """
 
-    __slots__ = ("key", "name", "fn", "args", "kwargs", "deps", "opts", "kind", "__weakref__")
+    __slots__ = ()
 
-    def __init__(self, fn: Any, args: tuple, kwargs: dict, opts: Any, kind: str = FUNCTION,
-                 name: Optional[str] = None) -> None:
-        put = object.__setattr__  # a node is immutable once built (see __setattr__)
-        put(self, "fn", fn)
-        put(self, "args", args)
-        put(self, "kwargs", kwargs)
-        put(self, "opts", opts)
-        put(self, "kind", kind)
-        put(self, "name", name or opts.name)
+    def __new__(cls, fn: Any, args: tuple, kwargs: dict, opts: Any, kind: str = FUNCTION,
+                name: Optional[str] = None) -> "Node":
+        self = object.__new__(_Open)  # frozen once built (see __setattr__)
+        self.fn = fn
+        self.opts = opts
+        self.kind = kind
+        self.name = name = name or opts.name
         # fast path: plain positional nodes and scalars need no deep walk
         deps: Dict[int, Node] = {}
         deep = False
@@ -169,12 +180,14 @@ class Node:
         if deep or kwargs:
             if ADAPTERS:
                 args, kwargs = _adapt(args), _adapt(kwargs)
-                put(self, "args", args)
-                put(self, "kwargs", kwargs)
-            put(self, "deps", find_nodes((args, kwargs)))
+            self.deps = find_nodes((args, kwargs))
         else:
-            put(self, "deps", tuple(deps.values()))
-        put(self, "key", f"{self.name}-{next(_seq) * _SCRAMBLE & 0xFFFFFFFFFFFF:012x}")
+            self.deps = tuple(deps.values())
+        self.args = args
+        self.kwargs = kwargs
+        self.key = f"{name}-{next(_seq) * _SCRAMBLE & 0xFFFFFFFFFFFF:012x}"
+        self.__class__ = Node
+        return self
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Refused: an edited node could close a cycle or disagree with its key."""

@@ -109,6 +109,7 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
 FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
+SCAN = 8  # up to this many open shared leases of one request are scanned, more keep a heap
 
 _tids = itertools.count(1)
 _priorities = itertools.count()  # taken by submitting threads, in post-order
@@ -200,9 +201,11 @@ class Lane:
 
 class Shared:
     """A lane's open shared leases of one request: ``leases`` in the order they were
-    opened (lease → its number), and ``heap``, whose valid top is the least loaded
-    ``(outstanding, number, push, lease)``; an entry goes stale when its lease's count
-    changes (a new one is pushed) or the lease ends, and is dropped as it surfaces."""
+    opened (lease → its number), and, while there are more than :data:`SCAN` of them,
+    ``heap``, whose valid top is the least loaded ``(outstanding, number, push,
+    lease)``; an entry goes stale when its lease's count changes (a new one is pushed)
+    or the lease ends, and is dropped as it surfaces. A few leases are scanned instead:
+    cheaper than keeping the heap (one per worker of a small machine)."""
 
     __slots__ = ("leases", "heap")
 
@@ -211,24 +214,41 @@ class Shared:
         self.heap: List[Tuple[int, int, int, Lease]] = []
 
     def add(self, lease: Lease) -> None:
-        self.leases[lease] = next(_pushes)
-        self.note(lease)
+        leases = self.leases
+        leases[lease] = next(_pushes)
+        if len(leases) == SCAN + 1:  # from now on a heap: made afresh
+            self._rebuild()
+        elif len(leases) > SCAN:
+            self.note(lease)
 
     def note(self, lease: Lease) -> None:
         """``lease.outstanding`` changed."""
-        number = self.leases.get(lease)
+        leases = self.leases
+        if len(leases) <= SCAN:
+            return
+        number = leases.get(lease)
         if number is None:
             return
-        heap = self.heap
-        if len(heap) > 2 * len(self.leases) + 32:  # mostly stale: rebuild it
-            heap[:] = [(l.outstanding, n, next(_pushes), l) for l, n in self.leases.items()]
-            heapq.heapify(heap)
+        if len(self.heap) > 2 * len(leases) + 32:  # mostly stale
+            self._rebuild()
         else:
-            heapq.heappush(heap, (lease.outstanding, number, next(_pushes), lease))
+            heapq.heappush(self.heap, (lease.outstanding, number, next(_pushes), lease))
+
+    def _rebuild(self) -> None:
+        heap = self.heap
+        heap[:] = [(l.outstanding, n, next(_pushes), l) for l, n in self.leases.items()]
+        heapq.heapify(heap)
 
     def least(self) -> Optional[Lease]:
         """The open lease with the fewest calls outstanding (the first opened of those)."""
-        heap, leases = self.heap, self.leases
+        leases = self.leases
+        if len(leases) <= SCAN:
+            best = None
+            for lease in leases:
+                if best is None or lease.outstanding < best.outstanding:
+                    best = lease
+            return best
+        heap = self.heap
         while heap:
             outstanding, number, _, lease = heap[0]
             if lease.outstanding == outstanding and leases.get(lease) == number:

@@ -33,6 +33,8 @@ from ..resources import Placement
 class Worker:
     def __init__(self, task_fd: int, result_fd: int) -> None:
         self.task_fd, self.result_fd = task_fd, result_fd
+        self.poller = select.poll()  # between two tasks: has the driver sent more?
+        self.poller.register(task_fd, select.POLLIN)
         self.inbox = bytearray()
         self.queue: Deque[tuple] = deque()
         self.funcs: Dict[int, Any] = {}
@@ -57,7 +59,7 @@ class Worker:
 
     def receive(self, block: bool) -> None:
         """Read what the driver sent: wait for it, or only take what is already there."""
-        if not block and not select.select([self.task_fd], [], [], 0)[0]:
+        if not block and not self.poller.poll(0):
             return
         data = os.read(self.task_fd, 1 << 20)
         if not data:
