@@ -52,6 +52,18 @@ def test_a_legacy_graph_with_aliases_literals_and_nested_keys_matches_dask():
     assert rhapsody.get(dsk, "c") == 11
 
 
+def test_delayed_calls_run_only_what_the_keys_need_with_and_without_delayed_fusion():
+    # rhapsody.get skips Dask's delayed optimizer (a quadratic cull) and culls as it
+    # walks from the keys: a call no key needs must not run, fused or not
+    from dask.delayed import Delayed
+    needed = dask.delayed(operator.add)(dask.delayed(operator.mul)(2, 3), 1)
+    both = dask.delayed(operator.add)(needed, dask.delayed(operator.truediv)(1, 0))
+    partial = Delayed(needed.key, both.dask)  # its graph holds the 1/0 call, its key not
+    assert same(partial, [partial, 5]) == ((7, [7, 5]), (7, [7, 5]))
+    with dask.config.set({"optimization.fuse.delayed": True}):
+        assert same(partial) == ((7,), (7,))
+
+
 def test_a_failing_task_raises_its_own_exception_with_its_remote_traceback():
     bad = dask.delayed(operator.truediv)(1, 0)
     with pytest.raises(ZeroDivisionError) as info:
