@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 __all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
-_SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex))  # hold no node
+SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex))  # hold no node
 _seq = itertools.count()  # node keys: the name and the node's number, scrambled (_SCRAMBLE)
 _SCRAMBLE = 0x9E3779B97F4B  # odd: n -> n * _SCRAMBLE mod 2**48 is one to one
 #: lazy objects of other systems that become nodes where a node finds them in its
@@ -172,7 +172,7 @@ class Node(_Fields):
             t = type(a)
             if t is Node:
                 deps.setdefault(id(a), a)
-            elif t in _SCALARS:
+            elif t in SCALARS:
                 continue
             elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)) or _foreign(t):
                 deep = True

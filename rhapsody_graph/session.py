@@ -262,7 +262,7 @@ class Session:
             while stack:
                 node, deps = stack[-1]
                 for d in deps:
-                    if record_of(d) is None and not reused(d):
+                    if record_of(d) is None and (journal is None or not reused(d)):
                         stack.append((d, iter(d.deps)))
                         break
                 else:

@@ -8,7 +8,10 @@ Driver → worker: frames of ``<Q`` length + a pickled message:
 
 * ``("run", [task, ...])`` with ``task = (tid, fid, func_bytes | None, args, deps, place)``;
   ``args`` pickles ``(args, kwargs)`` with every upstream node written as a
-  persistent reference (its position in ``deps``, the upstream values' bytes);
+  persistent reference (its position in ``deps``, the upstream values' bytes), or,
+  for a call whose upstream nodes are all plain positional arguments beside
+  scalars (``inc(x)``, ``add(x, 1)``), is ``FLAT`` + the pickled ``(arguments with
+  None in their places, ((position, slot), ...))``: no pickler of our own on either side;
 * ``("drop",)``: discard queued tasks, answer ``DROPPED`` for each;
 * ``("forget",)``: clear the function cache (sent at the end of a run);
 * ``("path", sys_path)``: import from the driver's path (sent first).
@@ -35,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cloudpickle
 
 from ..errors import RemoteError, RemoteTraceback, add_note
+from ..graph import SCALARS
 
 OK, ERROR, DROPPED = 0, 1, 2
 IMPORTING = False  # True in a worker while it unpickles a task (and imports its module)
@@ -45,6 +49,7 @@ OUTPUT_HEAD = struct.Struct("<QQ")  # bytes of stdout, of stderr
 LENGTH = struct.Struct("<Q")
 PROTOCOL = 5
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
+FLAT = b"F"  # starts flat arguments (see above); a pickle starts with its PROTO opcode
 
 
 def dump_value(obj: Any) -> bytes:
@@ -120,6 +125,10 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
     if not deps:
         return dump_value((args, kwargs))
     slots = {id(d): i for i, d in enumerate(deps)}
+    if not kwargs:
+        flat = _flat(args, slots)
+        if flat is not None:
+            return FLAT + pickle.dumps(flat, PROTOCOL)
     for pickler in _PICKLERS:
         buf = io.BytesIO()
         try:
@@ -131,6 +140,24 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
             if pickler is _PICKLERS[-1]:
                 raise
     raise AssertionError("unreachable")
+
+
+def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
+    """``(args with None for each upstream node, ((position, slot), ...))`` when every
+    upstream node is a positional argument and every other argument a scalar."""
+    template, places = [], []
+    for i, a in enumerate(args):
+        slot = slots.get(id(a))
+        if slot is not None:
+            places.append((i, slot))
+            template.append(None)
+        elif type(a) in SCALARS:
+            template.append(a)
+        else:
+            return None  # it may hold a node: the general way
+    if len(set(slot for _, slot in places)) != len(slots):
+        return None  # an upstream node is elsewhere too (cannot be, but never guess)
+    return tuple(template), tuple(places)
 
 
 class _ArgUnpickler(pickle.Unpickler):
@@ -161,6 +188,15 @@ def load_args(data: bytes, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
     """Unpickle ``(args, kwargs)``, filling references with upstream values."""
     if not deps:
         return pickle.loads(data)
+    if data[:1] == FLAT:
+        template, places = pickle.loads(memoryview(data)[1:])
+        args = list(template)
+        values: Dict[int, Any] = {}  # one object per upstream value, as persistent_load
+        for i, slot in places:
+            if slot not in values:
+                values[slot] = pickle.loads(deps[slot])
+            args[i] = values[slot]
+        return tuple(args), {}
     return _ArgUnpickler(data, deps).load()
 
 

@@ -1,0 +1,57 @@
+"""The call encoding between the driver and its workers (rhapsody_graph.backends.wire):
+upstream values fill their slots the same way on the flat fast path and the general one."""
+import pickle
+
+import rhapsody_graph as rhapsody
+from rhapsody_graph.backends import wire
+
+
+class Upstream:
+    """Stands for an upstream node: only its identity matters to the encoding."""
+
+
+def _round_trip(args, kwargs, deps, values):
+    data = wire.dump_args(args, kwargs, deps)
+    return data, wire.load_args(data, [pickle.dumps(v) for v in values])
+
+
+def test_positional_upstream_values_beside_scalars_take_the_flat_encoding():
+    a, b = Upstream(), Upstream()
+    data, (args, kwargs) = _round_trip((a, 1, "x", b, None, 2.5), {}, (a, b), (10, [1, 2]))
+    assert data[:1] == wire.FLAT
+    assert args == (10, 1, "x", [1, 2], None, 2.5) and kwargs == {}
+
+
+def test_one_upstream_value_read_twice_is_one_object_on_both_encodings():
+    a = Upstream()
+    flat, (args, _) = _round_trip((a, a), {}, (a,), ([7],))
+    assert flat[:1] == wire.FLAT and args[0] is args[1]
+    general, (args, kwargs) = _round_trip((a, [a]), {"k": a}, (a,), ([7],))
+    assert general[:1] != wire.FLAT
+    assert args[0] is args[1][0] is kwargs["k"] and args[0] == [7]
+
+
+def test_containers_keywords_and_other_objects_take_the_general_encoding():
+    a = Upstream()
+    for args, kwargs in (((a, [1]), {}), ((a,), {"k": 1}), ((a, Upstream()), {})):
+        data = wire.dump_args(args, kwargs, (a,))
+        assert data[:1] != wire.FLAT, (args, kwargs)
+
+
+@rhapsody.task
+def _pair(x, y):
+    return x is y, x
+
+
+@rhapsody.task
+def _listed(n):
+    return list(range(n))
+
+
+def test_a_worker_gives_one_upstream_value_read_twice_as_one_object():
+    backend = rhapsody.LocalBackend(cpus=1)
+    try:
+        up = _listed(3)
+        assert _pair(up, up).compute(backend=backend) == (True, [0, 1, 2])
+    finally:
+        backend.shutdown()
