@@ -1,0 +1,70 @@
+"""What one ``compute()`` of N no-ops costs the driver: wall time, the driver's CPU
+(every thread) and the workers' CPU, per node; median of ``--repeats`` runs.
+
+    python benchmarks/driver_cost.py                      # this checkout
+    PYTHONPATH=/path/to/other/checkout python benchmarks/driver_cost.py   # another one
+
+Alternate two checkouts in the same minutes to compare them on a noisy box. For a
+figure that does not move with the box's load, count the driver's instructions with
+callgrind (workers are not traced) and take the difference between 1 and 3 timed
+runs, per node:
+
+    valgrind --tool=callgrind --callgrind-out-file=cg.1 python benchmarks/driver_cost.py --valgrind --repeats 1
+    valgrind --tool=callgrind --callgrind-out-file=cg.3 python benchmarks/driver_cost.py --valgrind --repeats 3
+    # (Ir of cg.3 - Ir of cg.1) / (2 * N), the Ir from "Collected :" on stderr
+
+(the real interpreter, not a pyenv shim script: ``$(python -c 'import sys;
+print(sys.executable)')``). Runs on the API every checkout since the first one has:
+``rhapsody_graph.compute(nodes, backend=LocalBackend(cpus=2))``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5_000, help="no-op nodes per compute()")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs after one warm run")
+    ap.add_argument("--valgrind", action="store_true",
+                    help="under valgrind, which lacks pidfd_open: a pipe stands in for "
+                         "each worker's pidfd (a worker's death is then seen by its EOF)")
+    a = ap.parse_args()
+    if a.valgrind:
+        os.pidfd_open = lambda pid, flags=0: os.pipe()[0]
+    import rhapsody_graph as rg
+    from workloads import r_noop
+
+    backend = rg.LocalBackend(cpus=2).start()
+    me = psutil.Process()
+
+    def workers_cpu() -> float:
+        return sum(sum(c.cpu_times()[:2]) for c in me.children(recursive=True))
+
+    def run() -> None:
+        rg.compute([r_noop(i) for i in range(a.n)], backend=backend)
+
+    try:
+        run()
+        rows = []
+        for _ in range(a.repeats):
+            k0, c0, w0 = workers_cpu(), time.process_time(), time.perf_counter()
+            run()
+            rows.append((time.perf_counter() - w0, time.process_time() - c0, workers_cpu() - k0))
+    finally:
+        backend.shutdown()
+    wall, driver, workers = (statistics.median(r[i] for r in rows) / a.n * 1e6 for i in range(3))
+    print(f"{rg.__file__}: wall {wall:.1f}, driver CPU {driver:.1f}, workers' CPU "
+          f"{workers:.1f} us/node ({a.n:,} no-ops, median of {a.repeats})")
+
+
+if __name__ == "__main__":
+    main()
