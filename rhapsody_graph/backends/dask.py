@@ -46,8 +46,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import wire
-from .base import (DIED, ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session,
-                   environ)
+from .base import (DIED, ERROR, KILLED, OK, Call, Completion, Completions, OwnCalls,
+                   close_session, environ)
 from .pool import encode_arguments, encode_function, encode_program
 from .programs import kill_program_of, run_program
 from ..errors import WorkerDiedError
@@ -277,24 +277,37 @@ class DaskBackend(OwnCalls):
 
     def _event(self, event: Any) -> None:
         """In the client's thread: a scheduler event; a worker that left or joined is
-        handed to the scheduler thread."""
+        handed to the scheduler thread (a joined one's threads and resources are asked
+        for on a thread of its own: the client's blocking calls must not run on the
+        client's event loop, nor stall the scheduler thread)."""
         message = event[1] if isinstance(event, tuple) and len(event) > 1 else None
-        if isinstance(message, dict) and message.get("action") in ("remove-worker",
-                                                                    "add-worker"):
-            hub = self.hub
-            if hub is not None:
-                hub.post(lambda out: self._worker_changed(message, out))
-
-    def _worker_changed(self, message: Dict[str, Any], out: List[Completion]) -> None:
-        """A worker joined (its threads and GPUs join the inventory) or left (it leaves
-        the inventory; its calls fail ``DIED``: the scheduler retries them)."""
-        worker = message.get("worker")
-        if message["action"] == "add-worker":
-            self._live.add(worker)
-            info = self.client.scheduler_info(n_workers=-1)["workers"].get(worker)
-            if info is not None and all(h.name != worker for h in self.inventory.hosts):
-                self.ledger.add_host(_host(worker, info))
+        hub = self.hub
+        if not isinstance(message, dict) or hub is None:
             return
+        worker = message.get("worker")
+        if message.get("action") == "add-worker":
+            hub.post(lambda out: self._live.add(worker))
+            threading.Thread(target=self._ask_worker, args=(worker, hub), daemon=True,
+                             name=f"rhapsody-dask-{worker}").start()
+        elif message.get("action") == "remove-worker":
+            hub.post(lambda out: self._worker_left(worker, out))
+
+    def _ask_worker(self, worker: str, hub: Completions) -> None:
+        """On a thread of its own: worker ``worker`` joined; post its host to the scheduler."""
+        try:
+            info = self.client.scheduler_info(n_workers=-1)["workers"].get(worker)
+        except Exception:  # the client closed meanwhile: nothing joins
+            return
+        if info is not None:
+            hub.post(lambda out: self._worker_joined(worker, info))
+
+    def _worker_joined(self, worker: str, info: Dict[str, Any]) -> None:
+        """Its threads and GPUs join the inventory, unless it left meanwhile."""
+        if worker in self._live and all(h.name != worker for h in self.inventory.hosts):
+            self.ledger.add_host(_host(worker, info))
+
+    def _worker_left(self, worker: str, out: List[Completion]) -> None:
+        """It leaves the inventory; its calls fail ``DIED`` (the scheduler retries them)."""
         self._live.discard(worker)
         self.ledger.remove_host(worker)
         for tid in [t for t, w in self._where.items() if w == worker]:
