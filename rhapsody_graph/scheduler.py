@@ -621,9 +621,14 @@ class Scheduler:
         just made, with no trip through this thread per hop (the completions still
         come here, one by one, so accounting, cancellation and failures stay exact).
         A forwarded record is ``RUNNING`` while an input is not done (``waiting``)."""
+        fn = depth = None  # a chain's hops are mostly calls of one function
         while True:
             j = _chained(t, lease)
-            if j is None or lease.outstanding >= self._forward_depth(j):
+            if j is None:
+                return
+            if j.node.fn is not fn:
+                fn, depth = j.node.fn, self._forward_depth(j)
+            if lease.outstanding >= depth:
                 return
             lease.outstanding += 1
             t.lane.open_leases[lease.key].note(lease)

@@ -155,7 +155,7 @@ def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
             template.append(a)
         else:
             return None  # it may hold a node: the general way
-    if len(set(slot for _, slot in places)) != len(slots):
+    if len({slot for _, slot in places}) != len(slots):
         return None  # an upstream node is elsewhere too (cannot be, but never guess)
     return tuple(template), tuple(places)
 
