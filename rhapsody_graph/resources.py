@@ -505,12 +505,16 @@ class Ledger:
 
     # -- queries of the index --------------------------------------------------------
 
-    def _fitting(self, req: Resources) -> int:
-        """The mask of hosts with enough free cores and GPUs for one rank of ``req``."""
+    def _fitting(self, req: Resources, avoid: Collection[str]) -> int:
+        """The mask of hosts with enough free cores and GPUs for one rank of ``req`` that
+        it may use (the one it names, if any; none in ``avoid``)."""
         cpus, gpus = self._cpus_ge, self._gpus_ge
         if req.cpus >= len(cpus) or req.gpus >= len(gpus):
             return 0
-        return cpus[req.cpus] & gpus[req.gpus]
+        mask = cpus[req.cpus] & gpus[req.gpus]
+        if mask and (avoid or req.host is not None or req.host_id is not None):
+            mask &= self._allowed(req, avoid)
+        return mask
 
     def _allowed(self, req: Resources, avoid: Collection[str]) -> int:
         """The mask of hosts ``req`` may use: the one it names (if any), none in ``avoid``."""
@@ -545,16 +549,10 @@ class Ledger:
                  avoid: Collection[str] = ()) -> Optional[Placement]:
         """Take one rank's worth of ``req`` on one host (none named in ``avoid``), or
         return ``None``."""
-        cpus, gpus = self._cpus_ge, self._gpus_ge
-        if req.cpus >= len(cpus) or req.gpus >= len(gpus):
-            return None
-        mask = cpus[req.cpus] & gpus[req.gpus]  # the hosts with enough free cores and GPUs
-        named = req.host is not None or req.host_id is not None
-        if mask and (avoid or named):
-            mask &= self._allowed(req, avoid)
+        mask = self._fitting(req, avoid)
         if not mask:
             return None
-        if named or req.cpu_ids or req.gpu_ids:
+        if req.host is not None or req.host_id is not None or req.cpu_ids or req.gpu_ids:
             st = self._first(mask, 0, req)
             return None if st is None else self._take(st, req, self._gpus_for(st, req), rank,
                                                       world_size)
@@ -606,16 +604,11 @@ class Ledger:
         else:
             cpus = tuple(free[:req.cpus])
             del free[:req.cpus]
-        bit = st.bit
-        masks = self._cpus_ge
-        for k in range(len(free) + 1, before + 1):  # fewer free cores: out of those masks
-            masks[k] ^= bit
+        _flip(self._cpus_ge, st.bit, before, len(free))
         if gpus:
             before = len(st.free_gpus)
             st.free_gpus.difference_update(gpus)
-            masks = self._gpus_ge
-            for k in range(len(st.free_gpus) + 1, before + 1):
-                masks[k] ^= bit
+            _flip(self._gpus_ge, st.bit, before, len(st.free_gpus))
         st.free_memory -= req.memory
         return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
 
@@ -630,9 +623,7 @@ class Ledger:
         if n == 1:
             one = self.allocate(req, avoid=avoid)
             return None if one is None else [one]
-        mask = self._fitting(req)
-        if mask and (avoid or req.host is not None or req.host_id is not None):
-            mask &= self._allowed(req, avoid)
+        mask = self._fitting(req, avoid)
         if self._room(mask, req, n) < n:
             return None  # refused without taking anything (at most n hosts looked at)
         placed: List[Placement] = []
@@ -657,9 +648,9 @@ class Ledger:
         order = self._order
         total = 0
         while mask and total < n:
-            low = mask & -mask
-            mask ^= low
-            total += order[low.bit_length() - 1].room(req, n - total)
+            low = _lowest(mask)
+            mask ^= 1 << low
+            total += order[low].room(req, n - total)
         return total
 
     def _allocate_each(self, ranks: Sequence[Resources]) -> Optional[List[Placement]]:

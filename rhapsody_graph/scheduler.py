@@ -638,10 +638,7 @@ class Scheduler:
     def _forward_depth(self, t: Task) -> int:
         """Most calls a lease holds while a chain is forwarded on it: ~2 ms of work,
         at least 2 (the next hop waits on the worker, not on a round trip)."""
-        seconds = self.seconds.get(id(t.node.fn))
-        if seconds is None:
-            return FORWARD_DEPTH
-        return max(FORWARD_DEPTH, min(MAX_DEPTH, int(t.lane.budget / max(seconds, 1e-6))))
+        return max(FORWARD_DEPTH, self._by_time(t.lane, t.node.fn))
 
     def _forward_behind(self, j: Task) -> None:
         """``j`` now waits for one running input: forward it behind that input's call

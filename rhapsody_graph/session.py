@@ -171,8 +171,6 @@ class Session:
             values = {id(r): _outcome(h) for r, h in zip(roots, handles)}
             if group.errors:
                 _warn_failed(group)
-            if len(outputs) == len(roots) and all(type(o) is Node for o in outputs):
-                return tuple(values[id(o)] for o in outputs)  # compute(*nodes): no rebuild
         except BaseException:
             if not group.ended.is_set():  # Ctrl-C, or another thread's exception
                 self.cancel()

@@ -314,9 +314,10 @@ class DaskBackend(OwnCalls):
             future = self._running.pop(tid)
             del self._where[tid]
             future.cancel()
-            exc = WorkerDiedError(f"the Dask worker {worker} running node "
-                                  f"{future.key.rsplit('-', 1)[0]!r} left the cluster")
-            out.append((tid, DIED, wire.attach(exc, "", future.key.rsplit("-", 1)[0]), 0.0))
+            key = future.key.rsplit("-", 1)[0]
+            exc = WorkerDiedError(f"the Dask worker {worker} running node {key!r} left the "
+                                  "cluster")
+            out.append((tid, DIED, wire.attach(exc, "", key), 0.0))
 
     def _call_ended(self, tid: int, future: Any) -> None:
         """In Dask's callback thread: a call's future is done; the collector fetches it."""

@@ -156,7 +156,7 @@ def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
         else:
             return None  # it may hold a node: the general way
     if len({slot for _, slot in places}) != len(slots):
-        return None  # an upstream node is elsewhere too (cannot be, but never guess)
+        return None  # an upstream node is not among them (unpicklable_argument tries one)
     return tuple(template), tuple(places)
 
 
