@@ -32,7 +32,6 @@ exception), ``CANCELLED_AND_NOTIFIED`` (cancelled: by :meth:`Future.cancel`, by
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import queue
 import threading
@@ -184,6 +183,7 @@ class Future(cf.Future, Ref):
         return self.cancelled()
 
     def __await__(self):
+        import asyncio  # imported already by whoever awaits
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:

@@ -34,7 +34,7 @@ _seq = itertools.count()  # node keys: the name and the node's number, scrambled
 _SCRAMBLE = 0x9E3779B97F4B  # odd: n -> n * _SCRAMBLE mod 2**48 is one to one
 #: lazy objects of other systems that become nodes where a node finds them in its
 #: arguments: the attribute that marks their type -> the function that makes the node
-#: (``rhapsody_graph.interop.dask`` registers Dask collections)
+#: (the package registers Dask collections, for :mod:`rhapsody_graph.interop.dask`)
 ADAPTERS: Dict[str, Callable[[Any], "Node"]] = {}
 
 FUNCTION = "function"

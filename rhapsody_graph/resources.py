@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import shutil
-import socket
-import subprocess
 from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UnsatisfiableError
@@ -231,6 +228,8 @@ def detect_gpus() -> Tuple[int, ...]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return tuple(int(g) for g in visible.split(",") if g.strip().isdigit())
+    import shutil
+    import subprocess
     smi = shutil.which("nvidia-smi")
     if not smi:
         return ()
@@ -259,6 +258,7 @@ def detect_host(cpus: "int | Sequence[int] | None" = None,
     else:
         core_ids = cpus
     gpu_ids = detect_gpus() if gpus is None else gpus
+    import socket
     return Host(socket.gethostname(), core_ids, gpu_ids, memory)
 
 

@@ -1,5 +1,8 @@
-"""Backends lower a placed node to a real execution; see :mod:`.base` for the protocol."""
-from .base import Backend, Call, Lease
-from .local import LocalBackend
+"""Backends run calls and report completions; :mod:`.base` holds the protocol.
 
-__all__ = ["Backend", "Call", "Lease", "LocalBackend"]
+The modules: :mod:`.local` (worker processes on pipes), :mod:`.dragon`, :mod:`.dask`,
+:mod:`.inference` (model servers), :mod:`.simulated` (no user code: modelled run times),
+and what they share (:mod:`.pool`, :mod:`.launch`, :mod:`.wire`, :mod:`.watchdog`).
+Nothing is imported here, so that a worker process importing :mod:`.worker` loads only
+what it runs.
+"""

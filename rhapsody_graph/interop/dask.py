@@ -28,7 +28,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
-from ..graph import ADAPTERS, Node
+from ..graph import Node
 from ..task import task
 
 __all__ = ["get", "as_node"]
@@ -166,8 +166,6 @@ def _first(keys: Any) -> Any:
         keys = keys[0]
     return keys
 
-
-ADAPTERS["__dask_graph__"] = as_node
 
 
 def _tuples(values: Any, keys: Any) -> Any:
