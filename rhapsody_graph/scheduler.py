@@ -10,8 +10,9 @@ State (all of it touched only by the scheduler thread, except where noted):
 * ``payload``: a done record's value bytes. Its ``needed`` counts the dependents
   not yet finished; at 0 the record leaves ``tasks`` and its bytes live on only
   while a future holds the record (futures are the only other holders).
-* ``lanes``: one per backend: its ready heaps (``ready`` for pool nodes under
-  leases, ``ready_own`` for nodes on their own processes), its open shared leases.
+* ``lanes``: one per backend: its ready records (``ready``: pool nodes under
+  leases, a heap per lease shape, :class:`Ready`; ``ready_own``: a heap of nodes on
+  processes of their own), its open shared leases.
 * ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
   to the ledger only then; ``deadlines``: a heap of (time, tid).
@@ -41,9 +42,12 @@ up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease hol
 about 2 ms of work (the backend's ``lease_budget``, larger where a round trip costs
 more) by the function's measured run time (1 until it is measured);
 nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
-arguments) get a lease of their own. Executables, multi-rank and AI nodes get one
-placement per rank from the ledger; an AI node's inference service is admitted by
-the backend (``backend.admit``).
+arguments) get a lease of their own. A dispatch pass starts pool nodes in priority
+order; when the best node's shape (its request and sharing) cannot be placed, the
+rest of that shape waits and the next shape's nodes start where they fit (backfill:
+one look per blocked shape and pass, however many nodes it holds). Executables,
+multi-rank and AI nodes get one placement per rank from the ledger; an AI node's
+inference service is admitted by the backend (``backend.admit``).
 
 Forwarding (on a backend that ``forwards``): a pending record whose only unfinished
 input is running on a shared lease of the same request is started at once behind
@@ -185,7 +189,9 @@ class Lane:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        self.ready: List[Tuple[int, Task]] = []  # pool nodes, under leases
+        self.ready = Ready()  # pool nodes, under leases, by the shape of their lease
+        self.last_opts: Any = None  # the options of the record pushed last, and its shape
+        self.last_shape: tuple = ()
         self.ready_own: List[Tuple[int, Task]] = []  # nodes on processes of their own
         self.open_leases: Dict[tuple, Shared] = {}  # shared leases by request
         self.drained: List[Lease] = []  # shared leases with nothing queued
@@ -197,6 +203,67 @@ class Lane:
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
         self.done = self.failed = self.cancelled = 0  # records ended so
+
+    def shape_of(self, t: Task) -> tuple:
+        """The key of ``t``'s lease: its sharing key, or, for a retry after its process
+        died, its request with the hosts to avoid (a lease of its own elsewhere)."""
+        opts = t.node.opts
+        if t.avoid is not None:
+            return (opts.resources.key, True, t.avoid)
+        self.last_opts, self.last_shape = opts, _sharing_key(opts)
+        return self.last_shape
+
+
+class Ready:
+    """A lane's ready pool records by *shape*, the key their lease is chosen by
+    (:meth:`Lane.shape_of`): ``shapes`` holds a non-empty heap of ``(prio, record)`` per
+    shape, and ``heads`` a heap of ``(prio, shape)``, each shape's best record's
+    priority as ``listed`` says (an entry whose priority is not its shape's ``listed``
+    one is stale and dropped as it surfaces). Outside a dispatch pass every shape is
+    listed. A pass takes shapes best first (:meth:`take`) and drains each while it
+    fits, so a shape that cannot be placed now costs one look per pass however many
+    records it holds, and the records behind it of other shapes still start (backfill
+    without a window); the pass lists what it took again (:meth:`list`). ``count``: the
+    records held, cancelled ones too until they surface. On the hot path the scheduler
+    pushes (``_push``) and pops (``_dispatch_leased``) a shape's heap itself."""
+
+    __slots__ = ("shapes", "heads", "listed", "count")
+
+    def __init__(self) -> None:
+        self.shapes: Dict[tuple, List[Tuple[int, Task]]] = {}
+        self.heads: List[Tuple[int, tuple]] = []
+        self.listed: Dict[tuple, int] = {}
+        self.count = 0
+
+    def list(self, shape: tuple) -> None:
+        """Enter ``shape`` in ``heads`` by its best record, unless it is there already
+        by a priority as good."""
+        heap = self.shapes.get(shape)
+        if heap:
+            prio = heap[0][0]
+            listed = self.listed.get(shape)
+            if listed is None or prio < listed:
+                self.listed[shape] = prio
+                heapq.heappush(self.heads, (prio, shape))
+
+    def take(self) -> Optional[tuple]:
+        """The shape of the best record, out of ``heads`` until :meth:`list` puts it back."""
+        heads, listed = self.heads, self.listed
+        while heads:
+            prio, shape = heapq.heappop(heads)
+            if listed.get(shape) == prio:
+                del listed[shape]
+                return shape
+        return None
+
+    def records(self) -> List[Task]:
+        return [t for heap in self.shapes.values() for _, t in heap]
+
+    def clear(self) -> None:
+        self.shapes.clear()
+        self.heads.clear()
+        self.listed.clear()
+        self.count = 0
 
 
 class Shared:
@@ -367,12 +434,12 @@ class Scheduler:
     def _when_nothing_runs(self) -> bool:
         """Free idle services for nodes that wait (True: dispatch again), fail what
         can never start, or let backends drop per-run state when nothing is left."""
-        lanes = [lane for lane in self.lanes.values() if lane.ready or lane.ready_own]
+        lanes = [lane for lane in self.lanes.values() if lane.ready.count or lane.ready_own]
         for lane in lanes:
             if lane.ready_own and lane.backend.release_idle():
                 return True  # an idle inference service held what a ready node needs
         for lane in lanes:
-            for _, t in lane.ready + lane.ready_own:
+            for t in lane.ready.records() + [t for _, t in lane.ready_own]:
                 if t.state == READY:
                     self._fail(t, RuntimeError(
                         f"node {t.node.key!r} can never start: the scheduler stalled with it "
@@ -501,24 +568,37 @@ class Scheduler:
     def _push(self, t: Task) -> None:
         t.state = READY
         lane = t.lane
-        heapq.heappush(lane.ready if t.leased else lane.ready_own, (t.prio, t))
+        if t.leased:
+            shape = (lane.last_shape if t.node.opts is lane.last_opts and t.avoid is None
+                     else lane.shape_of(t))
+            ready = lane.ready
+            heap = ready.shapes.get(shape)
+            if heap is None:
+                heap = ready.shapes[shape] = []
+            heapq.heappush(heap, (t.prio, t))
+            ready.count += 1
+            if heap[0][1] is t:  # its shape's new best (a shape taken by a pass is listed after it)
+                ready.listed[shape] = t.prio
+                heapq.heappush(ready.heads, (t.prio, shape))
+        else:
+            heapq.heappush(lane.ready_own, (t.prio, t))
 
     # -- dispatch ------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         for lane in self.lanes.values():
-            if lane.ready or lane.ready_own or lane.drained:
+            if lane.ready.count or lane.ready_own or lane.drained:
                 while True:
                     if lane.ready_own:
                         # their placements (and an AI node's service) come fresh from the
                         # ledger: drained leases must not hold cores against them
                         self._end_drained(lane)
                         self._dispatch_own(lane)
-                    if lane.ready:
+                    if lane.ready.count:
                         self._dispatch_leased(lane)
                     # drained leases stay open through one pass, so a chain reuses its
                     # worker; the ones not reused are ended, and may admit more nodes
-                    if not (self._end_drained(lane) and (lane.ready or lane.ready_own)):
+                    if not (self._end_drained(lane) and (lane.ready.count or lane.ready_own)):
                         break
             if lane.unflushed:
                 lane.unflushed = False
@@ -558,62 +638,70 @@ class Scheduler:
             heapq.heappush(ready, item)
 
     def _dispatch_leased(self, lane: Lane) -> None:
-        """Pool nodes: top up shared leases, or open a lease on a free slot."""
+        """Pool nodes, best shape first (see :class:`Ready`): top up shared leases, or
+        open a lease on a free slot; a shape that cannot be placed waits for the next pass."""
         ready, b = lane.ready, lane.backend
-        blocked: set = set()
-        deferred = []
+        taken: List[tuple] = []  # shapes that cannot be placed in this pass
         filling: set = set()
-        # consecutive nodes of one task share a sharing key and a measured run time
-        last_opts = task_key = last_fn = None
+        last_fn = None  # consecutive records of a shape are mostly calls of one function
         by_time = 1
-        while ready and len(deferred) < 32:
-            item = heapq.heappop(ready)
-            t = item[1]
-            if t.state != READY:
-                continue
-            opts = t.node.opts
-            res = opts.resources
-            if opts is not last_opts:
-                last_opts, task_key = opts, _sharing_key(opts)
-            key = task_key
-            if t.avoid is not None:  # a retry after its process died: a lease elsewhere
-                key = (res.key, True, t.avoid)
-            exclusive = key[1]
-            if not exclusive and t.node.fn is not last_fn:
-                last_fn = t.node.fn
-                by_time = self._by_time(lane, last_fn)
-            # a shared lease holds the backend's lease budget of work, spread over slots
-            depth = 1 if exclusive else max(1, min(by_time, 1 + len(ready) // lane.slots))
-            lease = None if exclusive else self._lease_with_room(lane, key, depth, filling)
-            if lease is None:
-                placement = None
-                if key not in blocked and b.slots_free() > 0:
-                    placement = b.ledger.allocate(res, avoid=t.avoid or ())
-                if placement is None:
-                    blocked.add(key)
-                    deferred.append(item)
-                    if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
-                        break
+        while True:
+            shape = ready.take()
+            if shape is None:
+                break
+            heap = ready.shapes.get(shape)
+            exclusive = shape[1]
+            blocked = full = False
+            while heap:
+                t = heap[0][1]
+                if t.state != READY:
+                    heapq.heappop(heap)
+                    ready.count -= 1
                     continue
-                if exclusive:
-                    lease = Lease(placement, 1)
-                else:
-                    lease = Lease(placement, depth, key)
-                    shared = lane.open_leases.get(key)
-                    if shared is None:
-                        shared = lane.open_leases[key] = Shared()
-                    shared.add(lease)
-            filling.add(lease)
-            lease.outstanding += 1
-            if lease.key is not None:
-                lane.open_leases[lease.key].note(lease)
-            self._start(t, lease, [lease.placement])
-            if lease.key is not None and lane.forwards:
-                lease.tail = t
-                if t.dependents:
-                    self._forward(lease, t)
-        for item in deferred:
-            heapq.heappush(ready, item)
+                if not exclusive and t.node.fn is not last_fn:
+                    last_fn = t.node.fn
+                    by_time = self._by_time(lane, last_fn)
+                # a shared lease holds the backend's lease budget of work, spread over slots
+                depth = 1 if exclusive else max(1, min(by_time, 1 + ready.count // lane.slots))
+                lease = None if exclusive else self._lease_with_room(lane, shape, depth, filling)
+                if lease is None:
+                    placement = (b.ledger.allocate(t.node.opts.resources, avoid=t.avoid or ())
+                                 if b.slots_free() > 0 else None)
+                    if placement is None:  # this shape waits for the next pass; others may fit
+                        blocked = True
+                        full = b.slots_free() <= 0 and not self._any_lease_room(lane, filling)
+                        break
+                    if exclusive:
+                        lease = Lease(placement, 1)
+                    else:
+                        lease = Lease(placement, depth, shape)
+                        shared = lane.open_leases.get(shape)
+                        if shared is None:
+                            shared = lane.open_leases[shape] = Shared()
+                        shared.add(lease)
+                heapq.heappop(heap)
+                ready.count -= 1
+                filling.add(lease)
+                lease.outstanding += 1
+                if lease.key is not None:
+                    lane.open_leases[lease.key].note(lease)
+                self._start(t, lease, [lease.placement])
+                if lease.key is not None and lane.forwards:
+                    lease.tail = t
+                    if t.dependents:
+                        self._forward(lease, t)
+                if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
+                    break  # another shape's record comes first (or a stale entry: take() says)
+            if not heap and ready.shapes.get(shape) is heap:
+                del ready.shapes[shape]
+            if blocked:
+                taken.append(shape)
+            else:
+                ready.list(shape)  # it gave way to a better shape (nothing if it is empty)
+            if full:
+                break
+        for shape in taken:
+            ready.list(shape)
 
     def _forward(self, lease: Lease, t: Task) -> None:
         """Queue behind running ``t`` the dependent that waits for nothing else, and so

@@ -797,3 +797,21 @@ def test_a_retry_stays_on_the_only_host_that_can_take_it(tmp_path):
     node = rhapsody.task(die_first_on_its_host, cpus=2)(log)  # only n1 has 2 cores
     assert node.compute(backend=backend) == "n1"
     assert lines(log) == ["n1", "n1"]
+
+
+def test_a_shape_that_cannot_be_placed_does_not_hold_back_ready_nodes_of_other_shapes():
+    """100 GPU nodes queue for the one GPU; a one-core node submitted after them starts
+    at once on the free core (the old dispatch looked at 32 blocked nodes, then stopped),
+    and the GPU nodes still run in submission order."""
+    from rhapsody_graph.backends.simulated import SimulatedBackend
+    sim = SimulatedBackend(hosts=1, cpus=2, gpus=1, duration=lambda node: node.args[0])
+    on_gpu = rhapsody.task(cpus=1, gpus=1)(abs)
+    on_core = rhapsody.task(cpus=1)(abs)
+    gpu_nodes = [on_gpu(10) for _ in range(100)]
+    core_node = on_core(1)
+    with rhapsody.Session(backends=[sim], progress=False) as s:
+        s.compute(gpu_nodes + [core_node])
+    start = {r.key: r.start for r in sim.records}
+    assert start[core_node.key] == 0.0
+    assert [start[n.key] for n in gpu_nodes] == [10.0 * i for i in range(100)]
+    assert sim.double_bookings() == [] and sim.ledger.idle()
