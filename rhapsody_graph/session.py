@@ -32,7 +32,6 @@ from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
-from .journal import Journal
 from .progress import Progress, mode
 from .runlog import RunLog
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
@@ -102,7 +101,7 @@ class Session:
         self._lock = threading.Lock()
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
-        self._futures.journal = Journal(journal) if journal is not None else None
+        self._futures.journal = _journal(journal)
         self._completions = Completions()
         self._completions.closer = self.close
         for b in backends:
@@ -162,7 +161,7 @@ class Session:
     def _compute(self, outputs: Sequence[Any], roots: Sequence[Any], policy: str,
                  journal: "str | os.PathLike[str] | None") -> Tuple[Any, ...]:
         group = Group(policy, waited=True)
-        group.journal = Journal(journal) if journal is not None else self._futures.journal
+        group.journal = _journal(journal) if journal is not None else self._futures.journal
         handles = self._submit(roots, group)
         try:
             group.ended.wait()
@@ -424,6 +423,14 @@ def _refusal(backend: Any, node: Node) -> str:
     except (TypeError, ValueError) as exc:
         return f" ({exc})"
     return ""
+
+
+def _journal(path: "str | os.PathLike[str] | None") -> Any:
+    """The journal kept at ``path`` (:mod:`.journal`, imported when one is asked for)."""
+    if path is None:
+        return None
+    from .journal import Journal
+    return Journal(path)
 
 
 def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:

@@ -17,7 +17,6 @@ runs it on the host Dragon placed the service on. Both have the same small surfa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ HOST_MARK, PORT_MARK = "{host}", "{port}"  # in a server's argv, until its addre
 
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port nothing listens on at ``host`` now."""
+    import socket
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
