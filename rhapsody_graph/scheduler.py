@@ -10,9 +10,9 @@ State (all of it touched only by the scheduler thread, except where noted):
 * ``payload``: a done record's value bytes. Its ``needed`` counts the dependents
   not yet finished; at 0 the record leaves ``tasks`` and its bytes live on only
   while a future holds the record (futures are the only other holders).
-* ``lanes``: one per backend: its ready records (``ready``: pool nodes under
-  leases, a heap per lease shape, :class:`Ready`; ``ready_own``: a heap of nodes on
-  processes of their own), its open shared leases.
+* ``lanes``: one per backend: its ready records by shape (:class:`Ready`; ``ready``:
+  pool nodes under leases, ``ready_own``: nodes on processes of their own), its open
+  shared leases.
 * ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
   to the ledger only then; ``deadlines``: a heap of (time, tid).
@@ -85,8 +85,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import (Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Set,
-                    Tuple)
+from contextlib import closing
+from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Optional,
+                    Sequence, Set, Tuple)
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import ExecutableError, NodeTimeoutError, add_note
@@ -192,7 +193,7 @@ class Lane:
         self.ready = Ready()  # pool nodes, under leases, by the shape of their lease
         self.last_opts: Any = None  # the options of the record pushed last, and its shape
         self.last_shape: tuple = ()
-        self.ready_own: List[Tuple[int, Task]] = []  # nodes on processes of their own
+        self.ready_own = Ready()  # nodes on processes of their own, by request
         self.open_leases: Dict[tuple, Shared] = {}  # shared leases by request
         self.drained: List[Lease] = []  # shared leases with nothing queued
         self.slots = max(1, backend.slots_free())
@@ -215,27 +216,57 @@ class Lane:
 
 
 class Ready:
-    """A lane's ready pool records by *shape*, the key their lease is chosen by
-    (:meth:`Lane.shape_of`): ``shapes`` holds a non-empty heap of ``(prio, record)`` per
-    shape, and ``heads`` a heap of ``(prio, shape)``, each shape's best record's
-    priority as ``listed`` says (an entry whose priority is not its shape's ``listed``
-    one is stale and dropped as it surfaces). Outside a dispatch pass every shape is
-    listed. A pass takes shapes best first (:meth:`take`) and drains each while it
-    fits, so a shape that cannot be placed now costs one look per pass however many
-    records it holds, and the records behind it of other shapes still start (backfill
-    without a window); the pass lists what it took again (:meth:`list`). ``count``: the
-    records held, cancelled ones too until they surface. On the hot path the scheduler
-    pushes (``_push``) and pops (``_dispatch_leased``) a shape's heap itself."""
+    """A lane's ready records by *shape*, the key that decides where they can go (pool
+    nodes: their lease's, :meth:`Lane.shape_of`; others: their request and the hosts to
+    avoid). ``shapes`` holds a non-empty heap of ``(prio, record)`` per shape, ``heads``
+    a heap of ``(prio, shape)``: each shape's best record's priority as ``listed``
+    says (an entry whose priority is not its shape's ``listed`` one is stale and
+    dropped as it surfaces). Outside a dispatch pass every shape is listed. A pass
+    (:meth:`by_shape`) takes shapes best first and drains each while it fits, so a
+    shape that cannot be placed now costs one look per pass however many records it
+    holds, and the records of other shapes behind it still start (backfill without a
+    window). ``count``: the records held, cancelled ones too until they surface. The
+    scheduler pushes (``_push``) and pops (the dispatchers) a shape's heap itself,
+    keeping ``count``: that is the hot path."""
 
-    __slots__ = ("shapes", "heads", "listed", "count")
+    __slots__ = ("shapes", "heads", "listed", "count", "waiting")
 
     def __init__(self) -> None:
         self.shapes: Dict[tuple, List[Tuple[int, Task]]] = {}
         self.heads: List[Tuple[int, tuple]] = []
         self.listed: Dict[tuple, int] = {}
         self.count = 0
+        self.waiting: List[tuple] = []  # shapes that wait for the next pass (see wait())
 
-    def list(self, shape: tuple) -> None:
+    def by_shape(self) -> Iterator[Tuple[tuple, List[Tuple[int, Task]]]]:
+        """One dispatch pass: ``(shape, heap)`` best shape first. The caller pops what
+        it starts, stops draining a shape when another shape's best comes first
+        (``heap[0][0] > heads[0][0]``; a stale head only costs a look), and calls
+        :meth:`wait` for a shape that cannot be placed now; when the pass ends (or the
+        caller closes it) every shape it took is listed again."""
+        waiting = self.waiting
+        try:
+            while True:
+                shape = self._take()
+                if shape is None:
+                    return
+                heap = self.shapes[shape]
+                yield shape, heap
+                if not heap:
+                    if self.shapes.get(shape) is heap:
+                        del self.shapes[shape]
+                elif not waiting or waiting[-1] is not shape:
+                    self._list(shape)  # it gave way to a better shape
+        finally:
+            for shape in waiting:
+                self._list(shape)
+            waiting.clear()
+
+    def wait(self, shape: tuple) -> None:
+        """``shape`` cannot be placed now: not again in this pass."""
+        self.waiting.append(shape)
+
+    def _list(self, shape: tuple) -> None:
         """Enter ``shape`` in ``heads`` by its best record, unless it is there already
         by a priority as good."""
         heap = self.shapes.get(shape)
@@ -246,8 +277,8 @@ class Ready:
                 self.listed[shape] = prio
                 heapq.heappush(self.heads, (prio, shape))
 
-    def take(self) -> Optional[tuple]:
-        """The shape of the best record, out of ``heads`` until :meth:`list` puts it back."""
+    def _take(self) -> Optional[tuple]:
+        """The shape of the best record, out of ``heads`` until it is listed again."""
         heads, listed = self.heads, self.listed
         while heads:
             prio, shape = heapq.heappop(heads)
@@ -434,12 +465,13 @@ class Scheduler:
     def _when_nothing_runs(self) -> bool:
         """Free idle services for nodes that wait (True: dispatch again), fail what
         can never start, or let backends drop per-run state when nothing is left."""
-        lanes = [lane for lane in self.lanes.values() if lane.ready.count or lane.ready_own]
+        lanes = [lane for lane in self.lanes.values()
+                 if lane.ready.count or lane.ready_own.count]
         for lane in lanes:
-            if lane.ready_own and lane.backend.release_idle():
+            if lane.ready_own.count and lane.backend.release_idle():
                 return True  # an idle inference service held what a ready node needs
         for lane in lanes:
-            for t in lane.ready.records() + [t for _, t in lane.ready_own]:
+            for t in lane.ready.records() + lane.ready_own.records():
                 if t.state == READY:
                     self._fail(t, RuntimeError(
                         f"node {t.node.key!r} can never start: the scheduler stalled with it "
@@ -572,24 +604,25 @@ class Scheduler:
             shape = (lane.last_shape if t.node.opts is lane.last_opts and t.avoid is None
                      else lane.shape_of(t))
             ready = lane.ready
-            heap = ready.shapes.get(shape)
-            if heap is None:
-                heap = ready.shapes[shape] = []
-            heapq.heappush(heap, (t.prio, t))
-            ready.count += 1
-            if heap[0][1] is t:  # its shape's new best (a shape taken by a pass is listed after it)
-                ready.listed[shape] = t.prio
-                heapq.heappush(ready.heads, (t.prio, shape))
         else:
-            heapq.heappush(lane.ready_own, (t.prio, t))
+            shape = (t.node.opts.resources.key, t.avoid)
+            ready = lane.ready_own
+        heap = ready.shapes.get(shape)
+        if heap is None:
+            heap = ready.shapes[shape] = []
+        heapq.heappush(heap, (t.prio, t))
+        ready.count += 1
+        if heap[0][1] is t:  # its shape's new best (a shape taken by a pass is listed after it)
+            ready.listed[shape] = t.prio
+            heapq.heappush(ready.heads, (t.prio, shape))
 
     # -- dispatch ------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         for lane in self.lanes.values():
-            if lane.ready.count or lane.ready_own or lane.drained:
+            if lane.ready.count or lane.ready_own.count or lane.drained:
                 while True:
-                    if lane.ready_own:
+                    if lane.ready_own.count:
                         # their placements (and an AI node's service) come fresh from the
                         # ledger: drained leases must not hold cores against them
                         self._end_drained(lane)
@@ -598,7 +631,8 @@ class Scheduler:
                         self._dispatch_leased(lane)
                     # drained leases stay open through one pass, so a chain reuses its
                     # worker; the ones not reused are ended, and may admit more nodes
-                    if not (self._end_drained(lane) and (lane.ready.count or lane.ready_own)):
+                    if not (self._end_drained(lane)
+                            and (lane.ready.count or lane.ready_own.count)):
                         break
             if lane.unflushed:
                 lane.unflushed = False
@@ -613,95 +647,89 @@ class Scheduler:
         return bool(ended)
 
     def _dispatch_own(self, lane: Lane) -> None:
-        """Executables, multi-rank and AI nodes: one placement per rank, if they fit now."""
+        """Executables, multi-rank and AI nodes, best shape (request) first: one
+        placement per rank, if they fit now."""
         ready, backend = lane.ready_own, lane.backend
-        blocked: set = set()
-        deferred = []
-        while ready:
-            item = heapq.heappop(ready)
-            t = item[1]
-            if t.state != READY:
-                continue  # cancelled or failed while it waited
-            res = t.node.opts.resources
-            if not backend.admit(t.prepared):
-                deferred.append(item)  # its service does not fit now
-                continue
-            key = res.key if t.avoid is None else (res.key, t.avoid)
-            placements = (None if key in blocked
-                          else backend.ledger.allocate_ranks(res, avoid=t.avoid or ()))
-            if placements is None:
-                blocked.add(key)
-                deferred.append(item)
-            else:
-                self._start(t, None, placements)
-        for item in deferred:
-            heapq.heappush(ready, item)
+        unadmitted = []
+        with closing(ready.by_shape()) as shapes:
+            for shape, heap in shapes:
+                while heap:
+                    t = heap[0][1]
+                    heapq.heappop(heap)
+                    ready.count -= 1
+                    if t.state != READY:
+                        continue  # cancelled or failed while it waited
+                    if not backend.admit(t.prepared):
+                        unadmitted.append(t)  # its service does not fit now; others may
+                        continue
+                    placements = backend.ledger.allocate_ranks(t.node.opts.resources,
+                                                               avoid=t.avoid or ())
+                    if placements is None:
+                        heapq.heappush(heap, (t.prio, t))
+                        ready.count += 1
+                        ready.wait(shape)
+                        break
+                    self._start(t, None, placements)
+                    if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
+                        break  # another shape's best comes first
+        for t in unadmitted:
+            self._push(t)
 
     def _dispatch_leased(self, lane: Lane) -> None:
         """Pool nodes, best shape first (see :class:`Ready`): top up shared leases, or
         open a lease on a free slot; a shape that cannot be placed waits for the next pass."""
         ready, b = lane.ready, lane.backend
-        taken: List[tuple] = []  # shapes that cannot be placed in this pass
         filling: set = set()
         last_fn = None  # consecutive records of a shape are mostly calls of one function
         by_time = 1
-        while True:
-            shape = ready.take()
-            if shape is None:
-                break
-            heap = ready.shapes.get(shape)
-            exclusive = shape[1]
-            blocked = full = False
-            while heap:
-                t = heap[0][1]
-                if t.state != READY:
+        with closing(ready.by_shape()) as shapes:
+            for shape, heap in shapes:
+                exclusive = shape[1]
+                while heap:
+                    t = heap[0][1]
+                    if t.state != READY:
+                        heapq.heappop(heap)
+                        ready.count -= 1
+                        continue
+                    if not exclusive and t.node.fn is not last_fn:
+                        last_fn = t.node.fn
+                        by_time = self._by_time(lane, last_fn)
+                    # a shared lease holds the backend's lease budget of work, spread
+                    # over slots
+                    depth = (1 if exclusive
+                             else max(1, min(by_time, 1 + ready.count // lane.slots)))
+                    lease = (None if exclusive
+                             else self._lease_with_room(lane, shape, depth, filling))
+                    if lease is None:
+                        placement = (b.ledger.allocate(t.node.opts.resources,
+                                                       avoid=t.avoid or ())
+                                     if b.slots_free() > 0 else None)
+                        if placement is None:  # the shape waits for the next pass
+                            ready.wait(shape)
+                            if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
+                                return  # nothing fits anywhere
+                            break
+                        if exclusive:
+                            lease = Lease(placement, 1)
+                        else:
+                            lease = Lease(placement, depth, shape)
+                            shared = lane.open_leases.get(shape)
+                            if shared is None:
+                                shared = lane.open_leases[shape] = Shared()
+                            shared.add(lease)
                     heapq.heappop(heap)
                     ready.count -= 1
-                    continue
-                if not exclusive and t.node.fn is not last_fn:
-                    last_fn = t.node.fn
-                    by_time = self._by_time(lane, last_fn)
-                # a shared lease holds the backend's lease budget of work, spread over slots
-                depth = 1 if exclusive else max(1, min(by_time, 1 + ready.count // lane.slots))
-                lease = None if exclusive else self._lease_with_room(lane, shape, depth, filling)
-                if lease is None:
-                    placement = (b.ledger.allocate(t.node.opts.resources, avoid=t.avoid or ())
-                                 if b.slots_free() > 0 else None)
-                    if placement is None:  # this shape waits for the next pass; others may fit
-                        blocked = True
-                        full = b.slots_free() <= 0 and not self._any_lease_room(lane, filling)
-                        break
-                    if exclusive:
-                        lease = Lease(placement, 1)
-                    else:
-                        lease = Lease(placement, depth, shape)
-                        shared = lane.open_leases.get(shape)
-                        if shared is None:
-                            shared = lane.open_leases[shape] = Shared()
-                        shared.add(lease)
-                heapq.heappop(heap)
-                ready.count -= 1
-                filling.add(lease)
-                lease.outstanding += 1
-                if lease.key is not None:
-                    lane.open_leases[lease.key].note(lease)
-                self._start(t, lease, [lease.placement])
-                if lease.key is not None and lane.forwards:
-                    lease.tail = t
-                    if t.dependents:
-                        self._forward(lease, t)
-                if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
-                    break  # another shape's record comes first (or a stale entry: take() says)
-            if not heap and ready.shapes.get(shape) is heap:
-                del ready.shapes[shape]
-            if blocked:
-                taken.append(shape)
-            else:
-                ready.list(shape)  # it gave way to a better shape (nothing if it is empty)
-            if full:
-                break
-        for shape in taken:
-            ready.list(shape)
+                    filling.add(lease)
+                    lease.outstanding += 1
+                    if lease.key is not None:
+                        lane.open_leases[lease.key].note(lease)
+                    self._start(t, lease, [lease.placement])
+                    if lease.key is not None and lane.forwards:
+                        lease.tail = t
+                        if t.dependents:
+                            self._forward(lease, t)
+                    if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
+                        break  # another shape's best comes first
 
     def _forward(self, lease: Lease, t: Task) -> None:
         """Queue behind running ``t`` the dependent that waits for nothing else, and so

@@ -815,3 +815,34 @@ def test_a_shape_that_cannot_be_placed_does_not_hold_back_ready_nodes_of_other_s
     assert start[core_node.key] == 0.0
     assert [start[n.key] for n in gpu_nodes] == [10.0 * i for i in range(100)]
     assert sim.double_bookings() == [] and sim.ledger.idle()
+
+
+def test_waiting_executables_cost_the_dispatcher_a_look_per_request_not_per_node(
+        monkeypatch):
+    """3,000 executables of one request wait for 4 cores: a dispatch pass looks at the
+    request once, so the scheduler's heap operations grow with the nodes, not with
+    nodes x passes (it used to pop and push back every waiting node in every pass)."""
+    import heapq
+    import types
+    from rhapsody_graph import scheduler
+    from rhapsody_graph.backends.simulated import SimulatedBackend
+    ops = [0]
+
+    def counted(fn):
+        def wrapper(*args):
+            ops[0] += 1
+            return fn(*args)
+        return wrapper
+
+    shim = types.SimpleNamespace(**{k: v for k, v in vars(heapq).items()
+                                    if not k.startswith("__")})
+    shim.heappush, shim.heappop = counted(heapq.heappush), counted(heapq.heappop)
+    monkeypatch.setattr(scheduler, "heapq", shim)
+    sim = SimulatedBackend(hosts=1, cpus=4, gpus=0, duration=1.0)
+    n = 3000
+    nodes = [rhapsody.executable(["never-run", str(i)], cpus=1) for i in range(n)]
+    with rhapsody.Session(backends=[sim], progress=False) as s:
+        s.compute(nodes)
+    assert len(sim.records) == n and sim.double_bookings() == [] and sim.ledger.idle()
+    assert sim.clock == n / 4
+    assert ops[0] < 20 * n, f"{ops[0]} heap operations for {n} nodes"
