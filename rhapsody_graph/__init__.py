@@ -12,10 +12,10 @@ The names below are imported on first use (PEP 562), so ``import rhapsody_graph`
 a few milliseconds and a worker process, which imports one module of the package, does
 not import the rest of it.
 """
-from typing import TYPE_CHECKING, Any, List
-
+import importlib
 import sys
 import types
+from typing import TYPE_CHECKING, Any, List
 
 from . import graph
 
@@ -69,7 +69,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """Import the submodule that defines ``name`` and keep the name here; a submodule's
     own name (``rhapsody_graph.api``) imports it."""
-    import importlib
     where = _WHERE.get(name)
     if where is None:
         try:
@@ -98,7 +97,6 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
     def __reduce__(self) -> Any:  # pickled by name, as (cloud)pickle does plain modules
-        import importlib
         return importlib.import_module, (self.__name__,)
 
 

@@ -263,7 +263,8 @@ def detect_host(cpus: "int | Sequence[int] | None" = None,
 
 
 class Inventory:
-    """The hosts a backend can place work on."""
+    """The hosts a backend can place work on; ``total_cpus`` and ``total_gpus`` count
+    their cores and GPUs as hosts join (:meth:`add`) and leave (:meth:`remove`)."""
 
     def __init__(self, hosts: Iterable[Host]) -> None:
         self.hosts: List[Host] = list(hosts)
@@ -275,6 +276,8 @@ class Inventory:
         for i, h in enumerate(self.hosts):
             if h.id is None:
                 h.id = i
+        self.total_cpus = sum(len(h.cpus) for h in self.hosts)
+        self.total_gpus = sum(len(h.gpus) for h in self.hosts)
 
     def add(self, host: Host) -> None:
         """A host that joined (a Dask worker that started later): placed on from now on.
@@ -287,11 +290,15 @@ class Inventory:
         if host.id is None:
             host.id = max((h.id for h in self.hosts if isinstance(h.id, int)), default=-1) + 1
         self.hosts.append(host)
+        self.total_cpus += len(host.cpus)
+        self.total_gpus += len(host.gpus)
 
     def remove(self, name: str) -> Optional[Host]:
         """A host that left: nothing more is placed on it; the host, if it was here."""
         for i, h in enumerate(self.hosts):
             if h.name == name:
+                self.total_cpus -= len(h.cpus)
+                self.total_gpus -= len(h.gpus)
                 return self.hosts.pop(i)
         return None
 
@@ -306,14 +313,6 @@ class Inventory:
         """Whether all ranks of ``req`` could run on hosts not named in ``avoid``."""
         others = [h for h in self.hosts if h.name not in avoid]
         return bool(others) and Inventory(others).ranks_that_fit(req) >= req.ranks
-
-    @property
-    def total_cpus(self) -> int:
-        return sum(len(h.cpus) for h in self.hosts)
-
-    @property
-    def total_gpus(self) -> int:
-        return sum(len(h.gpus) for h in self.hosts)
 
     def largest(self, hosts: Optional[List[Host]] = None) -> Host:
         """The host with the most GPUs, then cores, then memory (of ``hosts``: default all)."""

@@ -400,3 +400,14 @@ def test_failing_asks_on_a_full_ledger_take_nothing():
     lg.release(held[-1])
     assert lg.allocate_ranks(Resources(cpus=1, ranks=5)) is None  # 4 cores free: none taken
     assert [p.host for p in lg.allocate_ranks(Resources(cpus=1, ranks=4))] == ["n49"] * 4
+
+
+def test_inventory_totals_follow_hosts_that_join_and_leave():
+    inv = Inventory([Host("a", range(4), [0, 1]), Host("b", range(8), [])])
+    assert (inv.total_cpus, inv.total_gpus) == (12, 2)
+    inv.add(Host("c", range(2), [0, 1, 2, 3]))
+    assert (inv.total_cpus, inv.total_gpus) == (14, 6)
+    inv.remove("a")
+    inv.remove("no such host")
+    assert (inv.total_cpus, inv.total_gpus) == (10, 4)
+    assert inv.total_cpus == sum(len(h.cpus) for h in inv.hosts)
