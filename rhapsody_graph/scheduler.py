@@ -1152,7 +1152,9 @@ def _chained(t: Task, lease: Lease) -> Optional[Task]:
     pending, waiting for ``t`` alone, a pool node of the same shared request."""
     for j in t.dependents:
         if (j.state == PENDING and j.waiting == 1 and j.leased and j.lane is t.lane
-                and not j.group.stopping and _sharing_key(j.node.opts) == lease.key):
+                and not j.group.stopping
+                # a call of t's task shares t's lease key (a shared lease's is its sharing key)
+                and (j.node.opts is t.node.opts or _sharing_key(j.node.opts) == lease.key)):
             return j
     return None
 
