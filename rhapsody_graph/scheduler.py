@@ -256,17 +256,17 @@ class Ready:
                     if self.shapes.get(shape) is heap:
                         del self.shapes[shape]
                 elif not waiting or waiting[-1] is not shape:
-                    self._list(shape)  # it gave way to a better shape
+                    self.list_shape(shape)  # it gave way to a better shape
         finally:
             for shape in waiting:
-                self._list(shape)
+                self.list_shape(shape)
             waiting.clear()
 
     def wait(self, shape: tuple) -> None:
         """``shape`` cannot be placed now: not again in this pass."""
         self.waiting.append(shape)
 
-    def _list(self, shape: tuple) -> None:
+    def list_shape(self, shape: tuple) -> None:
         """Enter ``shape`` in ``heads`` by its best record, unless it is there already
         by a priority as good."""
         heap = self.shapes.get(shape)
@@ -612,9 +612,8 @@ class Scheduler:
             heap = ready.shapes[shape] = []
         heapq.heappush(heap, (t.prio, t))
         ready.count += 1
-        if heap[0][1] is t:  # its shape's new best (a shape taken by a pass is listed after it)
-            ready.listed[shape] = t.prio
-            heapq.heappush(ready.heads, (t.prio, shape))
+        if heap[0][1] is t:  # its shape's new best
+            ready.list_shape(shape)
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -655,20 +654,22 @@ class Scheduler:
             for shape, heap in shapes:
                 while heap:
                     t = heap[0][1]
-                    heapq.heappop(heap)
-                    ready.count -= 1
-                    if t.state != READY:
-                        continue  # cancelled or failed while it waited
+                    if t.state != READY:  # cancelled or failed while it waited
+                        heapq.heappop(heap)
+                        ready.count -= 1
+                        continue
                     if not backend.admit(t.prepared):
+                        heapq.heappop(heap)
+                        ready.count -= 1
                         unadmitted.append(t)  # its service does not fit now; others may
                         continue
                     placements = backend.ledger.allocate_ranks(t.node.opts.resources,
                                                                avoid=t.avoid or ())
                     if placements is None:
-                        heapq.heappush(heap, (t.prio, t))
-                        ready.count += 1
                         ready.wait(shape)
                         break
+                    heapq.heappop(heap)
+                    ready.count -= 1
                     self._start(t, None, placements)
                     if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
                         break  # another shape's best comes first
