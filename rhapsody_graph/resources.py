@@ -258,8 +258,7 @@ def detect_host(cpus: "int | Sequence[int] | None" = None,
     else:
         core_ids = cpus
     gpu_ids = detect_gpus() if gpus is None else gpus
-    import socket
-    return Host(socket.gethostname(), core_ids, gpu_ids, memory)
+    return Host(os.uname().nodename, core_ids, gpu_ids, memory)  # socket.gethostname(), without socket
 
 
 class Inventory:

@@ -33,7 +33,6 @@ from .errors import NoBackendError, add_note
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
-from .runlog import RunLog
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
 
 __all__ = ["Session"]
@@ -107,7 +106,10 @@ class Session:
         for b in backends:
             b.attach(self._completions)
         self._scheduler = Scheduler(backends, self._completions)
-        self._runlog = RunLog(run_log) if run_log is not None else None
+        self._runlog: Any = None
+        if run_log is not None:
+            from .runlog import RunLog  # json only for a session that writes one
+            self._runlog = RunLog(run_log)
         self._scheduler.runlog = self._runlog
         how = mode(progress)
         self._progress = Progress(self._scheduler.lanes.values(), how) if how else None

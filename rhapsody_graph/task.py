@@ -17,7 +17,6 @@ TypeError: simulate: unknown option 'cpu' (did you mean 'cpus'?); valid options:
 from __future__ import annotations
 
 import builtins
-import difflib
 import functools
 import math
 import re
@@ -220,6 +219,7 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     for name, value in options.items():
         check = OPTIONS.get(name)
         if check is None:
+            import difflib  # only for this message
             close = difflib.get_close_matches(name, OPTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"{who}: unknown option {name!r}{hint}; valid options: "

@@ -107,6 +107,14 @@ class LocalBackend(PoolBackend):
 
     # -- joining a session (see PoolBackend for the rest) ------------------------------
 
+    def attach(self, completions: Any) -> None:
+        """Join a session (see :class:`PoolBackend`), starting one worker now if none
+        runs: its interpreter boots while the driver builds and encodes the first
+        calls, instead of after them."""
+        super().attach(completions)
+        if completions is not None and not self.pool.workers and not wire.IMPORTING:
+            self._spawn()
+
     def accepts(self, node: Node) -> bool:
         """True unless ``node`` has Dragon pass-through options this backend cannot honour."""
         return not node.opts.custom_process

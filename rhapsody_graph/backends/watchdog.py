@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -111,7 +110,7 @@ def _token() -> str:
     """This driver's run marker, starting its watchdog on first use (again after a fork)."""
     with _lock:
         if _state.get("pid") != os.getpid():
-            token = secrets.token_hex(8)
+            token = os.urandom(8).hex()  # a marker, not a secret (no secrets/hmac import)
             read, write = os.pipe()
             os.set_inheritable(read, True)
             try:  # posix_spawn, not Popen: nothing to reap or warn about while we live

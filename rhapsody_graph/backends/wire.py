@@ -32,10 +32,7 @@ import os
 import pickle
 import struct
 import sys
-import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import cloudpickle
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import RemoteError, RemoteTraceback, add_note
 from ..graph import SCALARS
@@ -61,7 +58,15 @@ def dump_value(obj: Any) -> bytes:
             return data
     except Exception:
         pass
-    return cloudpickle.dumps(obj, PROTOCOL)
+    return _cloudpickle().dumps(obj, PROTOCOL)
+
+
+def _cloudpickle() -> Any:
+    """cloudpickle, imported on first need: a worker whose calls pickle plainly (an
+    importable function, plain values) starts without it (pickle imports it to load
+    what it wrote)."""
+    import cloudpickle
+    return cloudpickle
 
 
 class _TaskFunctionRef:
@@ -92,7 +97,7 @@ def dump_callable(fn: Any) -> bytes:
                 return pickle.dumps(_TaskFunctionRef(module, qualname), PROTOCOL)
         except Exception:
             pass
-    return cloudpickle.dumps(fn, PROTOCOL)
+    return _cloudpickle().dumps(fn, PROTOCOL)
 
 
 def _pickler_for(base: type) -> type:
@@ -109,14 +114,23 @@ def _pickler_for(base: type) -> type:
     return ArgPickler
 
 
-_PICKLERS = (_pickler_for(pickle.Pickler), _pickler_for(cloudpickle.Pickler))
+_PLAIN = _pickler_for(pickle.Pickler)
+_CLOUD: List[type] = []  # cloudpickle's, made on first need
+
+
+def _picklers() -> Iterator[type]:
+    """Plain pickle's argument pickler, then (if it cannot) cloudpickle's."""
+    yield _PLAIN
+    if not _CLOUD:
+        _CLOUD.append(_pickler_for(_cloudpickle().Pickler))
+    yield _CLOUD[0]
 
 
 def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
     """``obj`` by plain pickle only, each of ``deps`` in it as a reference to its slot
     (bytes that stay the same across runs for the same values; raises if it cannot)."""
     buf = io.BytesIO()
-    _PICKLERS[0](buf, {id(d): i for i, d in enumerate(deps)}).dump(obj)
+    _PLAIN(buf, {id(d): i for i, d in enumerate(deps)}).dump(obj)
     return buf.getvalue()
 
 
@@ -129,15 +143,15 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
         flat = _flat(args, slots)
         if flat is not None:
             return FLAT + pickle.dumps(flat, PROTOCOL)
-    for pickler in _PICKLERS:
+    for pickler in _picklers():
         buf = io.BytesIO()
         try:
             pickler(buf, slots).dump((args, kwargs))
             data = buf.getvalue()
-            if pickler is _PICKLERS[-1] or MAIN not in data:
+            if pickler is not _PLAIN or MAIN not in data:
                 return data
         except Exception:
-            if pickler is _PICKLERS[-1]:
+            if pickler is not _PLAIN:
                 raise
     raise AssertionError("unreachable")
 
@@ -202,14 +216,15 @@ def load_args(data: bytes, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
 
 def dump_error(exc: BaseException) -> bytes:
     """Pickle an exception with its formatted traceback; its summary if unpicklable."""
+    import traceback  # only on this path: a worker starts without it
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     summary = f"{type(exc).__qualname__}: {exc}"
     try:
-        data = cloudpickle.dumps((exc, summary, tb), PROTOCOL)
+        data = dump_value((exc, summary, tb))
         pickle.loads(data)  # an exception whose __init__ rejects its args fails here
         return data
     except Exception:
-        return cloudpickle.dumps((None, summary, tb), PROTOCOL)
+        return dump_value((None, summary, tb))
 
 
 def load_error(data: bytes, key: str) -> BaseException:
