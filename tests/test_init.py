@@ -34,10 +34,11 @@ def test_importing_the_package_loads_no_scheduler_backend_or_pickler():
         assert heavy not in loaded, heavy
 
 
-def test_a_worker_process_loads_no_scheduler_session_or_backend():
+def test_a_worker_process_loads_no_scheduler_session_backend_or_cloudpickle():
     loaded = _loaded_after("import rhapsody_graph.backends.worker")
     for heavy in ("rhapsody_graph.scheduler", "rhapsody_graph.session", "rhapsody_graph.task",
-                  "rhapsody_graph.backends.local", "rhapsody_graph.backends.dask", "asyncio"):
+                  "rhapsody_graph.backends.local", "rhapsody_graph.backends.dask", "asyncio",
+                  "cloudpickle", "traceback"):  # pickle imports cloudpickle when a call needs it
         assert heavy not in loaded, heavy
 
 

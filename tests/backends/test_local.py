@@ -141,6 +141,17 @@ def test_backend_shutdown_leaves_no_child_process():
     assert not child_pids() - before
 
 
+def test_a_backend_joining_a_session_starts_one_worker_at_once_which_runs_the_first_call():
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backends=[backend]) as session:
+        started = [w.proc.popen.pid for w in backend.pool.workers]
+        assert len(started) == 1  # booting while the driver encodes the first calls
+        first = session.submit(rhapsody.task(os.getpid)()).result(timeout=60)
+        assert first == started[0]
+    backend.shutdown()
+    assert started[0] not in child_pids()
+
+
 def test_slots_and_ledger_are_all_free_after_failed_and_successful_runs():
     backend = rhapsody.LocalBackend(cpus=2)
     try:
