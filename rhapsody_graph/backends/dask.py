@@ -62,7 +62,7 @@ class _DaskCall:
 
     __slots__ = ("key", "kind", "func", "args")
 
-    def __init__(self, key: str, kind: str, func: bytes, args: bytes) -> None:
+    def __init__(self, key: str, kind: str, func: bytes, args: wire.Args) -> None:
         self.key, self.kind, self.func, self.args = key, kind, func, args
 
 

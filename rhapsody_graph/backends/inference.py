@@ -47,12 +47,13 @@ TIMEOUT_GRACE = 1.0  # an AI node's requests stop this long after its timeout
 
 class _Prompt:
     """An AI node's call as :meth:`InferenceBackend.prepare` makes it: its key, its model,
-    its spec (how to build prompts and sample) and its pickled arguments, each upstream
-    value a slot filled from the call's inputs (see :func:`.wire.dump_args`)."""
+    its spec (how to build prompts and sample) and its arguments as
+    :func:`.wire.dump_args` gives them, each upstream value a slot filled from the
+    call's inputs."""
 
     __slots__ = ("key", "model", "spec", "args")
 
-    def __init__(self, key: str, model: Model, spec: Any, args: bytes) -> None:
+    def __init__(self, key: str, model: Model, spec: Any, args: wire.Args) -> None:
         self.key, self.model, self.spec, self.args = key, model, spec, args
 
 

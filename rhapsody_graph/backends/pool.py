@@ -76,14 +76,14 @@ class PoolCall:
     ``key``, ``kind`` (function or executable) and ``ranks``: its node's. ``fid`` and
     ``func``: its function's id and pickled bytes (an executable's: the program a
     worker runs it with, ``None`` when the driver starts it itself). ``args``: the
-    pickled arguments (an executable's: ``(argv, cwd, env)``), each upstream value a
-    slot filled from the call's inputs (see :func:`.wire.dump_args`). ``options``:
+    arguments as :func:`.wire.dump_args` gives them (an executable's: ``(argv, cwd,
+    env)``), each upstream value a slot filled from the call's inputs. ``options``:
     what the backend's lowering needs beyond (Dragon's; ``None`` on the local backend).
     """
 
     __slots__ = ("key", "kind", "ranks", "fid", "func", "args", "options")
 
-    def __init__(self, node: Any, fid: int, func: Optional[bytes], args: bytes) -> None:
+    def __init__(self, node: Any, fid: int, func: Optional[bytes], args: wire.Args) -> None:
         self.key, self.kind, self.ranks = node.key, node.kind, node.opts.resources.ranks
         self.fid, self.func, self.args = fid, func, args
         self.options: Any = None
@@ -520,7 +520,7 @@ def check_argv(node: Any) -> None:
                             f"numbers, paths or nodes; got {arg!r}")
 
 
-def encode_program(node: Any) -> bytes:
+def encode_program(node: Any) -> wire.Args:
     """An executable node's ``(argv, cwd, env)``, pickled for a worker that runs it
     (upstream values as slots); raise ``TypeError`` naming the node."""
     check_argv(node)
@@ -540,8 +540,8 @@ def encode_function(node: Any) -> bytes:
                         f"pickled to send to a worker: {exc}") from exc
 
 
-def encode_arguments(node: Any) -> bytes:
-    """A Python node's arguments, pickled with upstream values as slots; raise
+def encode_arguments(node: Any) -> wire.Args:
+    """A Python node's arguments (see :func:`.wire.dump_args`), upstream values as slots; raise
     ``TypeError`` naming the argument that cannot be sent."""
     try:
         return wire.dump_args(node.args, node.kwargs, node.deps)

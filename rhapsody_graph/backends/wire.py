@@ -7,11 +7,13 @@ ever unpickling them, and decodes only what ``compute()`` returns.
 Driver → worker: frames of ``<Q`` length + a pickled message:
 
 * ``("run", [task, ...])`` with ``task = (tid, fid, func_bytes | None, args, deps, place)``;
-  ``args`` pickles ``(args, kwargs)`` with every upstream node written as a
-  persistent reference (its position in ``deps``, the upstream values' bytes), or,
-  for a call whose upstream nodes are all plain positional arguments beside
-  scalars (``inc(x)``, ``add(x, 1)``), is ``FLAT`` + the pickled ``(arguments with
-  None in their places, ((position, slot), ...))``: no pickler of our own on either side;
+  ``args`` is, for a call of scalars alone (``f(1, "a")``), its argument tuple;
+  for a call whose upstream nodes are all plain positional arguments beside scalars
+  (``inc(x)``, ``add(x, 1)``), the list ``[arguments with None in their places,
+  ((position, slot), ...)]`` (both pickled once, with the frame: no pickler of our own
+  on either side); else the bytes of ``(args, kwargs)`` pickled with every upstream
+  node written as a persistent reference (its position in ``deps``, the upstream
+  values' bytes);
 * ``("drop",)``: discard queued tasks, answer ``DROPPED`` for each;
 * ``("forget",)``: clear the function cache (sent at the end of a run);
 * ``("path", sys_path)``: import from the driver's path (sent first).
@@ -32,7 +34,7 @@ import os
 import pickle
 import struct
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RemoteError, RemoteTraceback, add_note
 from ..graph import SCALARS
@@ -45,8 +47,8 @@ RESULT = struct.Struct("<BQdQ")
 OUTPUT_HEAD = struct.Struct("<QQ")  # bytes of stdout, of stderr
 LENGTH = struct.Struct("<Q")
 PROTOCOL = 5
+Args = Union[bytes, tuple, list]  # a call's arguments as dump_args gives them
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
-FLAT = b"F"  # starts flat arguments (see above); a pickle starts with its PROTO opcode
 
 
 def dump_value(obj: Any) -> bytes:
@@ -134,15 +136,22 @@ def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
     return buf.getvalue()
 
 
-def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
-    """Pickle a call's arguments, upstream nodes replaced by references."""
+def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> Args:
+    """A call's arguments for a worker, upstream nodes replaced by references: a tuple
+    of scalars as it is, a flat list, or pickled bytes (see the module docstring)."""
     if not deps:
+        if not kwargs:
+            for a in args:
+                if type(a) not in SCALARS:
+                    break
+            else:
+                return args
         return dump_value((args, kwargs))
     slots = {id(d): i for i, d in enumerate(deps)}
     if not kwargs:
         flat = _flat(args, slots)
         if flat is not None:
-            return FLAT + pickle.dumps(flat, PROTOCOL)
+            return flat
     for pickler in _picklers():
         buf = io.BytesIO()
         try:
@@ -156,8 +165,8 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
-    """``(args with None for each upstream node, ((position, slot), ...))`` when every
+def _flat(args: tuple, slots: Dict[int, int]) -> Optional[list]:
+    """``[args with None for each upstream node, ((position, slot), ...)]`` when every
     upstream node is a positional argument and every other argument a scalar."""
     template, places = [], []
     for i, a in enumerate(args):
@@ -171,7 +180,7 @@ def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
             return None  # it may hold a node: the general way
     if len({slot for _, slot in places}) != len(slots):
         return None  # an upstream node is not among them (unpicklable_argument tries one)
-    return tuple(template), tuple(places)
+    return [tuple(template), tuple(places)]
 
 
 class _ArgUnpickler(pickle.Unpickler):
@@ -186,7 +195,7 @@ class _ArgUnpickler(pickle.Unpickler):
         return self.values[slot]
 
 
-def load_call(func_bytes: bytes, args: bytes, deps: Sequence[bytes]) -> Tuple[Any, tuple, dict]:
+def load_call(func_bytes: bytes, args: Args, deps: Sequence[bytes]) -> Tuple[Any, tuple, dict]:
     """In a worker: the function (``None`` if not sent) and its arguments, marked as importing."""
     global IMPORTING
     IMPORTING = True
@@ -198,12 +207,14 @@ def load_call(func_bytes: bytes, args: bytes, deps: Sequence[bytes]) -> Tuple[An
         IMPORTING = False
 
 
-def load_args(data: bytes, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
+def load_args(data: Args, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
     """Unpickle ``(args, kwargs)``, filling references with upstream values."""
+    if type(data) is tuple:
+        return data, {}  # scalars, unpickled with their frame
     if not deps:
         return pickle.loads(data)
-    if data[:1] == FLAT:
-        template, places = pickle.loads(memoryview(data)[1:])
+    if type(data) is list:
+        template, places = data
         args = list(template)
         values: Dict[int, Any] = {}  # one object per upstream value, as persistent_load
         for i, slot in places:
