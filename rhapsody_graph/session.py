@@ -103,8 +103,16 @@ class Session:
         self._futures.journal = _journal(journal)
         self._completions = Completions()
         self._completions.closer = self.close
-        for b in backends:
-            b.attach(self._completions)
+        joined: List[Any] = []
+        try:
+            for b in backends:
+                b.attach(self._completions)
+                joined.append(b)
+        except BaseException:  # one is in another session: the others stay free to join one
+            for b in joined:
+                b.attach(None)
+            self._completions.close()
+            raise
         self._scheduler = Scheduler(backends, self._completions)
         self._runlog: Any = None
         if run_log is not None:

@@ -78,6 +78,15 @@ def test_two_backends_with_one_name_are_refused():
             rhapsody.Session(backends=[a, b])
 
 
+def test_a_backend_in_another_session_is_refused_and_leaves_the_others_free_to_join_one(two):
+    busy = two.backends["cpu"]
+    with rhapsody.LocalBackend(cpus=1, name="free") as free:
+        with pytest.raises(RuntimeError, match="'cpu' already belongs to a session"):
+            rhapsody.Session(backends=[free, busy])
+        with rhapsody.Session(backends=[free]) as s:
+            assert s.submit(rhapsody.task(add)(2, 2)).result(timeout=60) == 4
+
+
 def test_compute_inside_a_with_block_runs_on_that_session():
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="inner")]) as s:
         node = rhapsody.task(backend="inner")(add)(2, 3)
