@@ -9,11 +9,12 @@ Driver → worker: frames of ``<Q`` length + a pickled message:
 * ``("run", [task, ...])`` with ``task = (tid, fid, func_bytes | None, args, deps, place)``;
   ``args`` is, for a call of scalars alone (``f(1, "a")``), its argument tuple;
   for a call whose upstream nodes are all plain positional arguments beside scalars
-  (``inc(x)``, ``add(x, 1)``), the list ``[arguments with None in their places,
-  ((position, slot), ...)]`` (both pickled once, with the frame: no pickler of our own
-  on either side); else the bytes of ``(args, kwargs)`` pickled with every upstream
-  node written as a persistent reference (its position in ``deps``, the upstream
-  values' bytes);
+  (``inc(x)``, ``add(x, 1)``), the pair ``((arguments with None in their places),
+  ((position, slot), ...))``: a call with upstream values (both pickled once, with
+  the frame: no pickler of our own on either side; and plain tuples of scalars,
+  which Python's collector stops tracking while the call waits); else the bytes of
+  ``(args, kwargs)`` pickled with every upstream node written as a persistent
+  reference (its position in ``deps``, the upstream values' bytes);
 * ``("drop",)``: discard queued tasks, answer ``DROPPED`` for each;
 * ``("forget",)``: clear the function cache (sent at the end of a run);
 * ``("path", sys_path)``: import from the driver's path (sent first).
@@ -47,7 +48,7 @@ RESULT = struct.Struct("<BQdQ")
 OUTPUT_HEAD = struct.Struct("<QQ")  # bytes of stdout, of stderr
 LENGTH = struct.Struct("<Q")
 PROTOCOL = 5
-Args = Union[bytes, tuple, list]  # a call's arguments as dump_args gives them
+Args = Union[bytes, tuple]  # a call's arguments as dump_args gives them
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
 
 
@@ -138,7 +139,7 @@ def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
 
 def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> Args:
     """A call's arguments for a worker, upstream nodes replaced by references: a tuple
-    of scalars as it is, a flat list, or pickled bytes (see the module docstring)."""
+    of scalars as it is, a flat pair, or pickled bytes (see the module docstring)."""
     if not deps:
         if not kwargs:
             for a in args:
@@ -165,8 +166,8 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> Args:
     raise AssertionError("unreachable")
 
 
-def _flat(args: tuple, slots: Dict[int, int]) -> Optional[list]:
-    """``[args with None for each upstream node, ((position, slot), ...)]`` when every
+def _flat(args: tuple, slots: Dict[int, int]) -> Optional[tuple]:
+    """``(args with None for each upstream node, ((position, slot), ...))`` when every
     upstream node is a positional argument and every other argument a scalar."""
     template, places = [], []
     for i, a in enumerate(args):
@@ -180,7 +181,7 @@ def _flat(args: tuple, slots: Dict[int, int]) -> Optional[list]:
             return None  # it may hold a node: the general way
     if len({slot for _, slot in places}) != len(slots):
         return None  # an upstream node is not among them (unpicklable_argument tries one)
-    return [tuple(template), tuple(places)]
+    return tuple(template), tuple(places)
 
 
 class _ArgUnpickler(pickle.Unpickler):
@@ -209,11 +210,11 @@ def load_call(func_bytes: bytes, args: Args, deps: Sequence[bytes]) -> Tuple[Any
 
 def load_args(data: Args, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
     """Unpickle ``(args, kwargs)``, filling references with upstream values."""
-    if type(data) is tuple:
-        return data, {}  # scalars, unpickled with their frame
     if not deps:
+        if type(data) is tuple:
+            return data, {}  # scalars, unpickled with their frame
         return pickle.loads(data)
-    if type(data) is list:
+    if type(data) is tuple:  # flat, unpickled with its frame
         template, places = data
         args = list(template)
         values: Dict[int, Any] = {}  # one object per upstream value, as persistent_load
