@@ -112,8 +112,8 @@ class LocalBackend(PoolBackend):
         runs: its interpreter boots while the driver builds and encodes the first
         calls, instead of after them."""
         super().attach(completions)
-        if completions is not None and not self.pool.workers and not wire.IMPORTING:
-            self._spawn()
+        if completions is not None and not wire.IMPORTING:
+            self.start(1)
 
     def accepts(self, node: Node) -> bool:
         """True unless ``node`` has Dragon pass-through options this backend cannot honour."""
