@@ -3,8 +3,8 @@ modelled inventory, and a virtual clock says when each call ends. No user code r
 
 ``SimulatedBackend(hosts=1000, cpus=64, gpus=8, duration=...)`` joins a session like
 any backend and runs Python functions, executables and multi-rank jobs (any node,
-Dragon options included). ``prepare`` keeps only the node's key, kind and modelled
-duration (``duration=``: seconds, or a function of the node returning seconds); the
+Dragon options included). ``prepare`` keeps only the node's modelled duration
+(``duration=``: seconds, or a function of the node returning seconds); the
 function and its arguments are never pickled, unpickled or called. Every node's
 value is ``None``.
 
@@ -19,7 +19,9 @@ a million nodes run in seconds of wall time. Timeouts and retry backoffs stay in
 real time (the scheduler's), so they rarely fire here.
 
 What happened is kept: ``records`` holds one :class:`Record` per call that ran
-(key, simulated start and end, placements), from which :func:`double_bookings`
+(key, simulated start and end, placements; kept as plain tuples of scalars while the
+run goes on, so that Python's cyclic collector does not walk a million of them over
+and over, and made into records when read), from which :func:`double_bookings`
 checks, without the ledger, that no core or GPU id of any host was held by two calls
 at once, and :func:`utilisation` / :func:`timeline` say how busy cores and GPUs were.
 
@@ -39,11 +41,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import os
 import pickle
 import selectors
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, \
+    Tuple, Union
 
 from .base import DROPPED, KILLED, OK, RANKS_KIND, Call, Completion, close_session, \
     refuse_second_session
@@ -64,25 +68,6 @@ class Record(NamedTuple):
     start: float
     end: float
     placements: Sequence[Placement]
-
-
-class _Planned:
-    """What ``prepare`` keeps of a node: its key, kind, modelled seconds, and whether
-    it runs under a lease (a Python function of one rank)."""
-
-    __slots__ = ("key", "kind", "seconds", "leased")
-
-    def __init__(self, key: str, kind: str, seconds: float, leased: bool) -> None:
-        self.key, self.kind, self.seconds, self.leased = key, kind, seconds, leased
-
-
-class _Executor:
-    """The one executor a lease binds: its calls run one after the other."""
-
-    __slots__ = ("free_at",)
-
-    def __init__(self, free_at: float) -> None:
-        self.free_at = free_at  # when the last call queued on it ends
 
 
 class SimulatedBackend:
@@ -119,12 +104,15 @@ class SimulatedBackend:
             _seconds(duration, f"SimulatedBackend {name!r}: duration")
         self._duration = duration
         self.record = record
-        self.records: List[Record] = []
+        # per call that ran: (key, start, end, ((host, cpus, gpus), ...)); see `records`
+        self._rows: List[tuple] = []
         self.clock = 0.0
         self.hub: Any = None
         self._slots = self.inventory.total_cpus  # leases it takes at most (the ledger decides)
         self._due: List[Tuple[float, int]] = []  # (end, tid) of calls not yet completed
-        self._running: Dict[int, Tuple[Record, Any]] = {}  # tid -> (its record, its lease)
+        # tid -> (key, start, end, placements, lease) of a call not yet ended; a lease's
+        # executor here is a number: when the last call queued on the lease ends
+        self._running: Dict[int, Tuple[str, float, float, Sequence[Placement], Any]] = {}
         self._wake_r, self._wake_w = os.pipe()  # readable while _due holds a call
         os.set_blocking(self._wake_r, False)
         self._readable = False
@@ -142,17 +130,18 @@ class SimulatedBackend:
     def accepts(self, node: Any) -> bool:
         return True  # nothing runs: any options are fine
 
-    def prepare(self, node: Any) -> _Planned:
-        """The node's key, kind and modelled seconds; raise ``ValueError`` naming the
-        node when ``duration`` gives no finite number >= 0 for it."""
+    def prepare(self, node: Any) -> Tuple[float, bool]:
+        """``(modelled seconds, whether it runs under a lease)``: a plain tuple of two
+        scalars, which Python's cyclic collector stops tracking (a million pending
+        nodes cost it nothing). Raise ``ValueError`` naming the node when ``duration``
+        gives no finite number >= 0 for it."""
         seconds = self._duration
         if callable(seconds):
             seconds = _seconds(seconds(node), f"node {node.key!r}: the duration modelled for it")
-        leased = node.kind == FUNCTION and node.opts.resources.ranks == 1
-        return _Planned(node.key, node.kind, float(seconds), leased)
+        return float(seconds), node.kind == FUNCTION and node.opts.resources.ranks == 1
 
-    def uses_lease(self, prepared: _Planned) -> bool:
-        return prepared.leased
+    def uses_lease(self, prepared: Tuple[float, bool]) -> bool:
+        return prepared[1]
 
     def slots_free(self) -> int:
         return self._slots
@@ -168,16 +157,12 @@ class SimulatedBackend:
         and ends its modelled seconds later."""
         start = self.clock
         lease = call.lease
+        if lease is not None and lease.executor is not None and lease.executor > start:
+            start = lease.executor
+        end = start + call.prepared[0]
         if lease is not None:
-            executor = lease.executor
-            if executor is None:
-                executor = lease.executor = _Executor(start)
-            elif executor.free_at > start:
-                start = executor.free_at
-        end = start + call.prepared.seconds
-        if lease is not None:
-            executor.free_at = end
-        self._running[call.tid] = (Record(call.key, start, end, call.placements), lease)
+            lease.executor = end
+        self._running[call.tid] = (call.key, start, end, call.placements, lease)
         heapq.heappush(self._due, (end, call.tid))
         if not self._readable:
             self._readable = True
@@ -188,32 +173,32 @@ class SimulatedBackend:
 
     def drop_queued(self) -> None:
         """Calls queued on a lease that have not started by the clock come back ``DROPPED``."""
-        queued = [tid for tid, (r, lease) in self._running.items()
-                  if lease is not None and r.start > self.clock]
-        leases = {id(self._running[tid][1]): self._running[tid][1] for tid in queued}
+        queued = [tid for tid, (_, start, _, _, lease) in self._running.items()
+                  if lease is not None and start > self.clock]
+        leases = {id(self._running[tid][4]): self._running[tid][4] for tid in queued}
         for tid in queued:
             del self._running[tid]
             self.hub.post((tid, DROPPED, None, 0.0))
         for lease in leases.values():  # free once the call still running there ends
-            lease.executor.free_at = self.clock
-        for r, lease in self._running.values():
+            lease.executor = self.clock
+        for _, _, end, _, lease in self._running.values():
             if lease is not None and id(lease) in leases:
-                lease.executor.free_at = max(lease.executor.free_at, r.end)
+                lease.executor = max(lease.executor, end)
 
     def kill(self, tid: int) -> None:
         """End the call at the clock (what it ran so far is recorded); report ``KILLED``."""
         entry = self._running.pop(tid, None)
         if entry is not None:
-            r, lease = entry
-            end = max(r.start, self.clock)
-            if self.record and end > r.start:
-                self.records.append(r._replace(end=end))
-            if lease is not None and lease.executor.free_at == r.end:
-                lease.executor.free_at = end
+            key, start, planned, placements, lease = entry
+            end = max(start, self.clock)
+            if self.record and end > start:
+                self._rows.append(_row(key, start, end, placements))
+            if lease is not None and lease.executor == planned:
+                lease.executor = end
         self.hub.post((tid, KILLED, None, 0.0))
 
     def end_lease(self, lease: Any) -> None:
-        pass  # its executor is a record here: nothing to stop
+        pass  # its executor is a number here: nothing to stop
 
     def decode(self, payload: bytes) -> Any:
         return pickle.loads(payload)
@@ -249,13 +234,20 @@ class SimulatedBackend:
 
     # -- what happened ----------------------------------------------------------------------
 
+    @property
+    def records(self) -> List[Record]:
+        """One :class:`Record` per call that ran, in the order they ended (made anew
+        on each read)."""
+        return [Record(key, start, end, [Placement(host, cpus, gpus) for host, cpus, gpus in held])
+                for key, start, end, held in self._rows]
+
     def double_bookings(self) -> List[Tuple[Tuple[str, str, int], tuple, tuple]]:
         """Every core or GPU id held by two calls at once (see :func:`double_bookings`)."""
-        return double_bookings(self.records)
+        return double_bookings(self._rows)
 
     def utilisation(self) -> Dict[str, float]:
         """How busy cores and GPUs were from 0 to the clock (see :func:`utilisation`)."""
-        return utilisation(self.records, self.inventory, 0.0, self.clock)
+        return utilisation(self._rows, self.inventory, 0.0, self.clock)
 
     # -- the clock --------------------------------------------------------------------------
 
@@ -268,16 +260,16 @@ class SimulatedBackend:
         if due:
             now = due[0][0]
             self.clock = max(self.clock, now)
-            keep = self.records.append if self.record else None
+            keep = self._rows.append if self.record else None
             while due and due[0][0] <= now:
                 tid = heapq.heappop(due)[1]
                 entry = running.pop(tid, None)
                 if entry is None:
                     continue
-                r = entry[0]
+                key, start, end, placements, _ = entry
                 if keep is not None:
-                    keep(r)
-                out.append((tid, OK, _VALUE, r.end - r.start))
+                    keep(_row(key, start, end, placements))
+                out.append((tid, OK, _VALUE, end - start))
         if not due:
             self._quiet()
 
@@ -289,6 +281,14 @@ class SimulatedBackend:
                 os.read(self._wake_r, 64)
             except (BlockingIOError, OSError):
                 pass
+
+
+_held = operator.attrgetter("host", "cpus", "gpus")  # a placement's (host, cpus, gpus)
+
+
+def _row(key: str, start: float, end: float, placements: Sequence[Placement]) -> tuple:
+    """A call that ran, as a tuple of scalars and tuples (see ``records``)."""
+    return key, start, end, tuple(map(_held, placements))
 
 
 def _seconds(value: Any, what: str) -> float:
@@ -331,15 +331,14 @@ def double_bookings(records: Iterable[Record]) -> List[Tuple[Tuple[str, str, int
     [(('n0', 'cpu', 1), (0, 5, 'a'), (4, 9, 'b'))]
     """
     held: Dict[Tuple[str, str, int], List[tuple]] = defaultdict(list)
-    for r in records:
-        if r.end <= r.start:
+    for key, start, end, placements in _rows(records):
+        if end <= start:
             continue  # held for no time
-        span = (r.start, r.end, r.key)
-        for p in r.placements:
-            host = p.host
-            for c in p.cpus:
+        span = (start, end, key)
+        for host, cpus, gpus in placements:
+            for c in cpus:
                 held[(host, "cpu", c)].append(span)
-            for g in p.gpus:
+            for g in gpus:
                 held[(host, "gpu", g)].append(span)
     clashes = []
     for where, spans in held.items():
@@ -353,16 +352,23 @@ def double_bookings(records: Iterable[Record]) -> List[Tuple[Tuple[str, str, int
     return clashes
 
 
+def _rows(records: Iterable[Any]) -> Iterator[tuple]:
+    """Each record as ``(key, start, end, ((host, cpus, gpus), ...))``; the backend's
+    own rows (plain tuples) pass as they are."""
+    for r in records:
+        yield r if type(r) is tuple else _row(r.key, r.start, r.end, r.placements)
+
+
 def _busy(records: Iterable[Record]) -> List[Tuple[float, int, int]]:
     """``(time, change in busy cores, change in busy GPUs)``, in time order."""
     changes = []
-    for r in records:
+    for _, start, end, placements in _rows(records):
         cpus = gpus = 0
-        for p in r.placements:
-            cpus += len(p.cpus)
-            gpus += len(p.gpus)
-        changes.append((r.start, cpus, gpus))
-        changes.append((r.end, -cpus, -gpus))
+        for _, on, at in placements:
+            cpus += len(on)
+            gpus += len(at)
+        changes.append((start, cpus, gpus))
+        changes.append((end, -cpus, -gpus))
     changes.sort()
     return changes
 
@@ -401,12 +407,12 @@ def utilisation(records: Iterable[Record], inventory: Inventory, start: float,
     ``end`` (of the inventory's cores and GPUs), and ``seconds``: ``end - start``."""
     span = end - start
     cores = gpus = 0.0
-    for r in records:
-        held = min(r.end, end) - max(r.start, start)
+    for _, began, ended, placements in _rows(records):
+        held = min(ended, end) - max(began, start)
         if held > 0:
-            for p in r.placements:
-                cores += len(p.cpus) * held
-                gpus += len(p.gpus) * held
+            for _, on, at in placements:
+                cores += len(on) * held
+                gpus += len(at) * held
     total_cpus, total_gpus = inventory.total_cpus, inventory.total_gpus
     return {"cores": cores / (total_cpus * span) if span > 0 and total_cpus else 0.0,
             "gpus": gpus / (total_gpus * span) if span > 0 and total_gpus else 0.0,
