@@ -104,7 +104,7 @@ class SimulatedBackend:
             _seconds(duration, f"SimulatedBackend {name!r}: duration")
         self._duration = duration
         self.record = record
-        # per call that ran: (key, start, end, ((host, cpus, gpus), ...)); see `records`
+        # per call that ran: (key, start, end, (a placement's fields, ...)); see `records`
         self._rows: List[tuple] = []
         self.clock = 0.0
         self.hub: Any = None
@@ -238,7 +238,7 @@ class SimulatedBackend:
     def records(self) -> List[Record]:
         """One :class:`Record` per call that ran, in the order they ended (made anew
         on each read)."""
-        return [Record(key, start, end, [Placement(host, cpus, gpus) for host, cpus, gpus in held])
+        return [Record(key, start, end, [Placement(*fields) for fields in held])
                 for key, start, end, held in self._rows]
 
     def double_bookings(self) -> List[Tuple[Tuple[str, str, int], tuple, tuple]]:
@@ -283,7 +283,8 @@ class SimulatedBackend:
                 pass
 
 
-_held = operator.attrgetter("host", "cpus", "gpus")  # a placement's (host, cpus, gpus)
+# a placement's fields, in the order Placement() takes them: host, cpus and gpus first
+_held = operator.attrgetter("host", "cpus", "gpus", "memory", "rank", "world_size", "local_rank")
 
 
 def _row(key: str, start: float, end: float, placements: Sequence[Placement]) -> tuple:
@@ -335,10 +336,11 @@ def double_bookings(records: Iterable[Record]) -> List[Tuple[Tuple[str, str, int
         if end <= start:
             continue  # held for no time
         span = (start, end, key)
-        for host, cpus, gpus in placements:
-            for c in cpus:
+        for p in placements:
+            host = p[0]
+            for c in p[1]:
                 held[(host, "cpu", c)].append(span)
-            for g in gpus:
+            for g in p[2]:
                 held[(host, "gpu", g)].append(span)
     clashes = []
     for where, spans in held.items():
@@ -353,8 +355,8 @@ def double_bookings(records: Iterable[Record]) -> List[Tuple[Tuple[str, str, int
 
 
 def _rows(records: Iterable[Any]) -> Iterator[tuple]:
-    """Each record as ``(key, start, end, ((host, cpus, gpus), ...))``; the backend's
-    own rows (plain tuples) pass as they are."""
+    """Each record as ``(key, start, end, (a placement's fields, ...))`` (see
+    :func:`_row`); the backend's own rows (plain tuples) pass as they are."""
     for r in records:
         yield r if type(r) is tuple else _row(r.key, r.start, r.end, r.placements)
 
@@ -364,9 +366,9 @@ def _busy(records: Iterable[Record]) -> List[Tuple[float, int, int]]:
     changes = []
     for _, start, end, placements in _rows(records):
         cpus = gpus = 0
-        for _, on, at in placements:
-            cpus += len(on)
-            gpus += len(at)
+        for p in placements:
+            cpus += len(p[1])
+            gpus += len(p[2])
         changes.append((start, cpus, gpus))
         changes.append((end, -cpus, -gpus))
     changes.sort()
@@ -410,9 +412,9 @@ def utilisation(records: Iterable[Record], inventory: Inventory, start: float,
     for _, began, ended, placements in _rows(records):
         held = min(ended, end) - max(began, start)
         if held > 0:
-            for _, on, at in placements:
-                cores += len(on) * held
-                gpus += len(at) * held
+            for p in placements:
+                cores += len(p[1]) * held
+                gpus += len(p[2]) * held
     total_cpus, total_gpus = inventory.total_cpus, inventory.total_gpus
     return {"cores": cores / (total_cpus * span) if span > 0 and total_cpus else 0.0,
             "gpus": gpus / (total_gpus * span) if span > 0 and total_gpus else 0.0,

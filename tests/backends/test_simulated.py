@@ -59,6 +59,8 @@ def test_a_mixed_graph_completes_with_none_values_and_no_double_booking():
     assert len(used) == 32  # the map waves and the trainers went over every GPU
     jobs = [r for r in sim.records if len(r.placements) == 16]
     assert jobs and all(len({p.host for p in r.placements}) == 4 for r in jobs)
+    assert all([(p.rank, p.world_size) for p in r.placements] == [(k, 16) for k in range(16)]
+               for r in jobs)  # a record's placements are the ledger's, rank by rank
     u = sim.utilisation()
     assert 0 < u["cores"] <= 1 and 0 < u["gpus"] <= 1 and u["seconds"] == sim.clock
 
