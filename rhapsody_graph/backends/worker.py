@@ -2,8 +2,9 @@
 
 Started as ``python -m rhapsody_graph.backends.worker TASK_FD RESULT_FD`` with two
 private pipes. It keeps a queue of tasks; between two tasks it takes any new
-messages without blocking (so a ``drop`` is seen before the next task starts), and
-blocks on the pipe only when the queue is empty. Every result is written as soon
+messages without blocking, at most once every :data:`LOOK` seconds while tasks
+run back to back (a ``drop`` is seen before the next task that starts after that),
+and blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
 one running. An input may be the tid of an earlier call instead of bytes (a chain
 forwarded by the scheduler): the worker keeps the value of a call that a queued
@@ -29,6 +30,10 @@ from typing import Any, Deque, Dict, Optional, Set, Tuple
 from . import capture, wire
 from ..resources import Placement
 
+#: between two queued tasks, look for new messages again once this many seconds have
+#: passed since the last look: a poll per task would be a third of a no-op's cost here
+LOOK = 50e-6
+
 
 class Worker:
     def __init__(self, task_fd: int, result_fd: int) -> None:
@@ -47,15 +52,20 @@ class Worker:
         self.wanted: Set[int] = set()  # tids whose value a queued call takes as input
         self.kept: Dict[int, bytes] = {}  # those values, once their calls have returned
         self.last: Optional[Tuple[int, bytes]] = None  # the last call's (tid, value)
+        self.looked = 0.0  # when messages were last looked for (perf_counter)
+        self.ended = 0.0  # when the last call ended (perf_counter)
 
     def serve(self) -> None:
         while self.open or self.queue:
             if self.queue:
-                self.receive(block=False)
+                if self.ended - self.looked >= LOOK:
+                    self.looked = self.ended
+                    self.receive(block=False)
                 if self.queue:
                     self.run(self.queue.popleft())
             else:
                 self.receive(block=True)
+                self.looked = time.perf_counter()
 
     def receive(self, block: bool) -> None:
         """Read what the driver sent: wait for it, or only take what is already there."""
@@ -126,17 +136,20 @@ class Worker:
             payload, status = wire.dump_value(fn(*a, **kw)), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
-        seconds = time.perf_counter() - start
+        self.ended = time.perf_counter()
+        seconds = self.ended - start
         if status == wire.OK:
             self.last = (tid, payload)
             if tid in self.wanted:
                 self.kept[tid] = payload
         else:
             self.last = None
-        _flush_std()
+        out, err = self.out.take(), self.err.take()
+        if out or err or sys.stdout is not self.out or sys.stderr is not self.err:
+            _flush_std()  # it printed, or replaced a stream: what it wrote goes out now
         if place and place[3] and not self.gpu_flag and _gpu_runtime_loaded():
             self.gpu_flag = wire.GPU_RUNTIME
-        status, payload = wire.with_output(status, payload, self.out.take(), self.err.take())
+        status, payload = wire.with_output(status, payload, out, err)
         wire.write_all(self.result_fd,
                        wire.result_frame(status | self.gpu_flag, tid, seconds, payload))
 

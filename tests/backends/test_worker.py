@@ -1,0 +1,104 @@
+"""A worker process on its own (rhapsody_graph.backends.worker): the real
+``python -m rhapsody_graph.backends.worker`` on two pipes, driven frame by frame
+from the test as the pool drives it."""
+import os
+import subprocess
+import sys
+
+import psutil
+
+from rhapsody_graph.backends import wire
+
+
+def hold(signal_path: str, release_path: str) -> str:
+    """Say it started (on one FIFO), then wait until the test says go (on another)."""
+    with open(signal_path, "w") as f:
+        f.write("started")
+    with open(release_path) as f:
+        return f.read()
+
+
+def shout(text: str) -> str:
+    print(text)
+    return text
+
+
+def identity(x):
+    return x
+
+
+class WorkerProcess:
+    def __init__(self, tmp_path):
+        task_r, self.task_w = os.pipe()
+        self.result_r, result_w = os.pipe()
+        self.stdout = open(tmp_path / "worker.out", "w+")  # a file: block-buffered
+        buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rhapsody_graph.backends.worker", str(task_r), str(result_w)],
+            pass_fds=(task_r, result_w), stdout=self.stdout, env=buffered)
+        os.close(task_r)
+        os.close(result_w)
+        self.inbox = bytearray()
+        self.send(("path", wire.python_path()))
+        self.fids = {}
+
+    def send(self, message):
+        wire.write_all(self.task_w, wire.frame(message))
+
+    def run(self, *calls):
+        """Queue ``(tid, function, args)`` calls; a function's bytes go with its first call."""
+        tasks = []
+        for tid, fn, args in calls:
+            first = fn not in self.fids
+            fid = self.fids.setdefault(fn, len(self.fids) + 1)
+            tasks.append((tid, fid, wire.dump_callable(fn) if first else None,
+                          wire.dump_args(args, {}, ()), [], None))
+        self.send(("run", tasks))
+
+    def results(self, n):
+        out = []
+        while len(out) < n:
+            data = os.read(self.result_r, 1 << 16)
+            assert data, f"the worker ended after {len(out)} of {n} results"
+            self.inbox += data
+            out += wire.split_results(self.inbox)
+        return [(status, tid) for status, tid, _, _ in out]
+
+    def close(self):
+        os.close(self.task_w)  # EOF: the worker ends
+        self.proc.wait(timeout=30)
+        os.close(self.result_r)
+        self.stdout.close()
+        assert not psutil.pid_exists(self.proc.pid) or \
+            psutil.Process(self.proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_drop_sent_while_a_call_runs_returns_the_calls_queued_behind_it(tmp_path):
+    started, release = tmp_path / "started", tmp_path / "release"
+    os.mkfifo(started)
+    os.mkfifo(release)
+    w = WorkerProcess(tmp_path)
+    try:
+        w.run((1, hold, (str(started), str(release))), (2, identity, (2,)), (3, identity, (3,)))
+        with open(started) as f:
+            assert f.read() == "started"  # call 1 runs; 2 and 3 wait behind it
+        w.send(("drop",))
+        with open(release, "w") as f:
+            f.write("go")
+        assert sorted(w.results(3)) == [(wire.OK, 1), (wire.DROPPED, 2), (wire.DROPPED, 3)]
+    finally:
+        w.close()
+
+
+def test_many_quick_calls_each_answer_once_in_order_and_what_one_prints_reaches_the_terminal(
+        tmp_path):
+    w = WorkerProcess(tmp_path)
+    try:
+        w.run(*[(tid, identity, (tid,)) for tid in range(1, 501)])
+        w.run((501, shout, ("hello from the worker",)))
+        assert w.results(501) == [(wire.OK, tid) for tid in range(1, 501)] + \
+            [(wire.OK | wire.OUTPUT, 501)]
+        w.stdout.seek(0)  # written through at the end of the call, not at the worker's exit
+        assert w.stdout.read() == "hello from the worker\n"
+    finally:
+        w.close()
