@@ -8,7 +8,10 @@ Engines that run tasks (each one small adapter class below, with the same shape;
 with 2 workers, started and warmed before any timing):
 
 * ``rhapsody``: :class:`rhapsody_graph.LocalBackend` with ``cpus=2`` (two persistent
-  worker processes);
+  worker processes), one ``compute()`` of the whole graph;
+* ``rhapsody-futures``: the same backend in a :class:`rhapsody_graph.Session`, one
+  ``submit`` per task as it is made, a future the input of the tasks that read it
+  (the futures path);
 * ``processpool`` / ``threadpool``: ``concurrent.futures`` executors of 2; the thread
   pool is the floor (no process boundary, no pickling, no graph);
 * ``dask-threads`` / ``dask-sync``: ``dask.delayed`` + the threaded scheduler
@@ -174,6 +177,24 @@ class Rhapsody(Adapter):
 
     def close(self) -> None:
         self.backend.shutdown()
+
+
+class RhapsodyFutures(Adapter):
+    """rhapsody_graph's futures path: one ``Session.submit`` per task, its inputs the
+    futures of the tasks it reads (edges the scheduler keeps; no value comes back to
+    the driver until the end)."""
+
+    def start(self, workers: int) -> None:
+        self.session = rg.Session(backends=[rg.LocalBackend(cpus=workers)], progress=False)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.session.submit(_TASKS[fn](*args))
+
+    def run(self, build: Build) -> List[Any]:
+        return [f.result() for f in build(self.call)]
+
+    def close(self) -> None:
+        self.session.close()
 
 
 class Pool(Adapter):
@@ -391,6 +412,7 @@ def _async_twin(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
     "rhapsody": Rhapsody,
+    "rhapsody-futures": RhapsodyFutures,
     "processpool": lambda: Pool(ProcessPoolExecutor),
     "dask-threads": lambda: DaskDelayed("threads"),
     "threadpool": lambda: Pool(ThreadPoolExecutor),

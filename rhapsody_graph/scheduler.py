@@ -52,7 +52,8 @@ inference service is admitted by the backend (``backend.admit``).
 Forwarding (on a backend that ``forwards``): a pending record whose only unfinished
 input is running on a shared lease of the same request is started at once behind
 that input on the same worker, its input named by the running call's tid
-(:meth:`Scheduler._forward`). A chain then runs hop after hop on one worker with the
+(:meth:`Scheduler._forward`), whether it came in the same submission or later (a
+chain submitted future by future). A chain then runs hop after hop on one worker with the
 values it made, and the driver tops the lease up once half of what it holds is done
 (one frame per half-depth of hops, not a round trip per hop). A forwarded record is
 ``RUNNING`` with ``waiting`` > 0. If its input fails, it comes back ``DROPPED`` and
@@ -572,6 +573,8 @@ class Scheduler:
                 reused.append(t)
             elif not waiting:
                 self._push(t)
+            elif waiting == 1 and t.leased and t.lane.forwards:
+                self._forward_behind(t)  # a future's dependent, submitted while it runs
         for t in reused:
             self._done(t, t.payload, 0.0, None)
         for t, fut in attach:

@@ -724,6 +724,27 @@ def hold_until(started, release):
     return "released"
 
 
+def test_a_chain_submitted_future_by_future_queues_the_next_hop_behind_the_running_one(tmp_path):
+    go, release = tmp_path / "go", tmp_path / "release"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)]) as s:
+        first = s.submit(rhapsody.task(hold_until)(str(go), str(release)))
+        wait_for_files([str(go)], 30)
+        futures = [s.submit(rhapsody.task(hop)((0, [first])))]
+        for _ in range(2):
+            futures.append(s.submit(rhapsody.task(hop)(futures[-1])))
+        deadline = time.monotonic() + 30
+        while not futures[0].running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # started while the first still holds its worker: queued there behind it (the
+        # lease holds the next hop; the ones after it follow as hops end)
+        assert futures[0].running() and not first.done()
+        release.touch()
+        count, pids = futures[-1].result(timeout=60)
+        assert count == 3 and set(pids[1:]) == {int(go.read_text())}  # its worker ran them
+        s.wait()
+        assert s.backends["local"].ledger.idle()
+
+
 def test_cancelling_a_hop_forwarded_behind_a_running_one_cancels_the_rest_of_the_chain(
         tmp_path):
     backend = rhapsody.LocalBackend(cpus=1)
