@@ -165,7 +165,7 @@ class Node(_Fields):
         self.opts = opts
         self.kind = kind
         self.name = name = name or opts.name
-        # fast path: plain positional nodes and scalars need no deep walk
+        # fast path: plain positional nodes, futures and scalars need no deep walk
         deps: Dict[int, Node] = {}
         deep = False
         for a in args:
@@ -174,7 +174,9 @@ class Node(_Fields):
                 deps.setdefault(id(a), a)
             elif t in SCALARS:
                 continue
-            elif t in _CONTAINERS or isinstance(a, (_CONTAINERS, Ref)) or _foreign(t):
+            elif isinstance(a, Ref):  # a future: an edge, as a node is
+                deps.setdefault(id(a), a)
+            elif t in _CONTAINERS or isinstance(a, _CONTAINERS) or _foreign(t):
                 deep = True
                 break
         if deep or kwargs:

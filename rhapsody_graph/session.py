@@ -141,8 +141,10 @@ class Session:
         """
         if len(nodes) == 1:
             node = nodes[0]
-            if type(node) is Node and not node.deps and node not in self._scheduler.tasks:
-                return self._submit_leaf(node)
+            if type(node) is Node and node not in self._scheduler.tasks:
+                fut = self._submit_one(node)
+                if fut is not None:
+                    return fut
         one_list = len(nodes) == 1 and isinstance(nodes[0], (list, tuple))
         flat = list(nodes[0]) if one_list else nodes
         for n in flat:
@@ -188,11 +190,21 @@ class Session:
             raise
         return tuple(substitute(o, values) for o in outputs)
 
-    def _submit_leaf(self, node: Node) -> Future:
-        """``submit(node)`` of a new node without inputs (a stream of submissions):
-        its record and future, handed over without a graph walk."""
+    def _submit_one(self, node: Node) -> Optional[Future]:
+        """``submit(node)`` of a new node whose inputs are all known here (futures of
+        this session, nodes it runs, or none: a stream of submissions): its record and
+        future, handed over without a graph walk. ``None`` if an input is new."""
         self._check_open()
-        t = self._reused(node, self._futures) or self._record(node, self._futures, ())
+        t = self._reused(node, self._futures)
+        if t is None:
+            known = self._scheduler.tasks
+            deps = []
+            for d in node.deps:
+                record = self._own(d)._task if isinstance(d, Ref) else known.get(d)
+                if record is None:
+                    return None  # it needs the walk
+                deps.append(record)
+            t = self._record(node, self._futures, deps or ())
         fut = Future(node, t, self)
         t.futures = [weakref.ref(fut)]
         self._scheduler.take((t,), (), self._futures)

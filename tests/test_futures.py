@@ -187,6 +187,22 @@ def test_a_future_is_an_input_to_new_work_even_nested_and_after_it_finished(sess
     assert b.result(timeout=60) == 2 + 3 + 2
 
 
+def test_one_node_on_futures_running_done_or_beside_a_new_upstream_node_gets_every_value(
+        session):
+    done = session.submit(rhapsody.task(inc)(1))
+    assert done.result(timeout=60) == 2
+    running = session.submit(rhapsody.task(nap)(0.2, 10))
+    add = rhapsody.task(lambda a, b, c=0: a + b + c)
+    on_futures = add(done, running)
+    assert on_futures.deps == (done, running)  # positional futures are its edges, in order
+    known = rhapsody.task(inc)(5)
+    session.submit(known)  # a node this session already runs
+    new = rhapsody.task(inc)(done)  # an input nobody submitted: the walk takes it along
+    futures = [session.submit(on_futures), session.submit(add(done, known)),
+               session.submit(add(running, new)), session.submit(add(done, done, c=running))]
+    assert [f.result(timeout=60) for f in futures] == [12, 8, 13, 14]
+
+
 def test_the_graph_grows_while_it_runs_as_results_arrive(session):
     sims = session.submit(*[rhapsody.task(nap)(0.01 * i, i) for i in range(8)])
     refined = []
