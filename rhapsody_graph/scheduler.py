@@ -53,7 +53,9 @@ Forwarding (on a backend that ``forwards``): a pending record whose only unfinis
 input is running on a shared lease of the same request is started at once behind
 that input on the same worker, its input named by the running call's tid
 (:meth:`Scheduler._forward`), whether it came in the same submission or later (a
-chain submitted future by future). A chain then runs hop after hop on one worker with the
+chain submitted future by future); so is one whose unfinished inputs were all queued
+on that lease since its lane's last flush (``flushed``: they reach the worker in the
+frame that names them). A chain then runs hop after hop on one worker with the
 values it made, and the driver tops the lease up once half of what it holds is done
 (one frame per half-depth of hops, not a round trip per hop). A forwarded record is
 ``RUNNING`` with ``waiting`` > 0. If its input fails, it comes back ``DROPPED`` and
@@ -202,6 +204,7 @@ class Lane:
         self.forwards = getattr(backend, "forwards", False)  # see _forward
         self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _by_time
         self.unflushed = False  # calls were submitted since its backend's last flush
+        self.flushed = 0  # every call with a tid up to this one went out at a flush
         # what the progress display reads (from its own thread: plain int reads)
         self.submitted = self.started = self.stopped = 0  # records; attempts begun, ended
         self.done = self.failed = self.cancelled = 0  # records ended so
@@ -639,6 +642,7 @@ class Scheduler:
             if lane.unflushed:
                 lane.unflushed = False
                 lane.backend.flush()
+                lane.flushed = next(_tids)
 
     def _end_drained(self, lane: Lane) -> bool:
         """End the shared leases left with nothing queued; True if any was ended."""
@@ -743,7 +747,7 @@ class Scheduler:
         A forwarded record is ``RUNNING`` while an input is not done (``waiting``)."""
         fn = depth = None  # a chain's hops are mostly calls of one function
         while True:
-            j = _chained(t, lease)
+            j = self._chained(t, lease)
             if j is None:
                 return
             if j.node.fn is not fn:
@@ -754,6 +758,34 @@ class Scheduler:
             t.lane.open_leases[lease.key].note(lease)
             self._start(j, lease, [lease.placement])
             lease.tail = t = j
+
+    def _chained(self, t: Task, lease: Lease) -> Optional[Task]:
+        """The dependent of running ``t`` that may be forwarded behind it on ``lease``:
+        pending, a pool node of the same shared request, waiting for ``t`` alone or
+        for calls all queued on ``lease`` since its last flush (a reduction's subtree:
+        they reach its worker in the frame that names them)."""
+        for j in t.dependents:
+            if (j.state == PENDING and j.leased and j.lane is t.lane
+                    and not j.group.stopping
+                    # a call of t's task shares t's lease key (a shared lease's is its sharing key)
+                    and (j.node.opts is t.node.opts or _sharing_key(j.node.opts) == lease.key)
+                    and (j.waiting == 1 or self._queued_together(j, lease))):
+                return j
+        return None
+
+    def _queued_together(self, j: Task, lease: Lease) -> bool:
+        """Whether every input of ``j`` not done is a call queued on ``lease`` and not
+        sent yet."""
+        flushed, inflight = j.lane.flushed, self.inflight
+        for d in j.deps:
+            if d.state == DONE:
+                continue
+            if d.state != RUNNING or d.tid <= flushed:
+                return False
+            attempt = inflight.get(d.tid)
+            if attempt is None or attempt.lease is not lease:
+                return False
+        return True
 
     def _forward_depth(self, t: Task) -> int:
         """Most calls a lease holds while a chain is forwarded on it: ~2 ms of work,
@@ -1149,18 +1181,6 @@ def _sharing_key(opts: Any) -> tuple:
     exclusive (a lease of its own): GPUs, a timeout, or a process of its own."""
     res = opts.resources
     return (res.key, res.gpus > 0 or opts.timeout is not None or opts.custom_process)
-
-
-def _chained(t: Task, lease: Lease) -> Optional[Task]:
-    """The dependent of running ``t`` that may be forwarded behind it on ``lease``:
-    pending, waiting for ``t`` alone, a pool node of the same shared request."""
-    for j in t.dependents:
-        if (j.state == PENDING and j.waiting == 1 and j.leased and j.lane is t.lane
-                and not j.group.stopping
-                # a call of t's task shares t's lease key (a shared lease's is its sharing key)
-                and (j.node.opts is t.node.opts or _sharing_key(j.node.opts) == lease.key)):
-            return j
-    return None
 
 
 def _live(refs: Optional[List[Any]]) -> List[Any]:

@@ -715,6 +715,74 @@ def test_a_retried_hop_inside_a_forwarded_chain_lets_the_chain_finish(backend, t
     assert backend.ledger.idle()
 
 
+def inc(x):
+    return x + 1
+
+
+def plus(a, b):
+    return a + b
+
+
+def test_a_node_whose_inputs_are_all_queued_on_one_worker_runs_there_with_their_values():
+    # y = inc(x); x = plus(x, y), 200 times: each plus is sent behind both its inputs,
+    # naming them; the worker fills them with the values it made (and keeps a value
+    # two queued calls name for both), with no round trip through the driver per step
+    backend = rhapsody.LocalBackend(cpus=2)
+    named = []
+    submit = backend.submit
+
+    def spy(call):  # the real submit, after noting how many inputs the call names
+        named.append(sum(type(i) is int for i in call.inputs))
+        submit(call)
+    backend.submit = spy
+    x, expected = rhapsody.task(inc)(0), 1
+    for _ in range(200):
+        x = rhapsody.task(plus)(x, rhapsody.task(inc)(x))
+        expected = 2 * expected + 1
+    with rhapsody.Session(backends=[backend]) as s:
+        assert s.compute(x) == (expected,)
+        assert len(named) == 401  # one call per node: no forwarded call came back unrun
+        assert named.count(2) >= 50  # joins forwarded behind both of their inputs
+        assert backend.ledger.idle()
+
+
+def inc_logged(x, log):
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    return x + 1
+
+
+def inc_flaky(x, path):
+    if count_attempt(path) == 1:
+        raise ValueError("the first attempt of this step fails")
+    return x + 1
+
+
+def inc_broken(x):
+    raise KeyError(f"the step after {x} is broken")
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_failing_input_of_joins_queued_behind_it_fails_them_or_lets_them_finish_on_retry(
+        backend, tmp_path, retries):
+    log, attempts = str(tmp_path / "log"), str(tmp_path / "attempts")
+    x, expected = rhapsody.task(inc)(0), 1
+    for i in range(60):
+        y = (rhapsody.task(inc_flaky if retries else inc_broken, retries=retries)(
+                 x, *([attempts] if retries else [])) if i == 30
+             else rhapsody.task(inc_logged)(x, log))
+        x = rhapsody.task(plus)(x, y)
+        expected = 2 * expected + 1
+    if retries:
+        assert x.compute(backend=backend) == expected and len(lines(attempts)) == 2
+        assert len(lines(log)) == 59  # every other step ran once
+    else:
+        with pytest.raises(KeyError, match="is broken"):
+            x.compute(backend=backend)
+        assert len(lines(log)) == 30  # nothing after the failure ran
+    assert backend.ledger.idle()
+
+
 def hold_until(started, release):
     with open(started, "w") as f:
         f.write(str(os.getpid()))

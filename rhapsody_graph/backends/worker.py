@@ -7,10 +7,11 @@ run back to back (a ``drop`` is seen before the next task that starts after that
 and blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
 one running. An input may be the tid of an earlier call instead of bytes (a chain
-forwarded by the scheduler): the worker keeps the value of a call that a queued
-call names, and of its last call, and fills the input from there without a trip
-through the driver; if that value is not here (the call failed, or ran before the
-one naming it arrived and was not the last) the call is answered ``DROPPED``.
+forwarded by the scheduler): the worker keeps the value of a call that queued
+calls name (until the last of them takes it), and of its last call, and fills the
+input from there without a trip through the driver; if that value is not here (the
+call failed, or ran before the one naming it arrived and was not the last) the call
+is answered ``DROPPED``.
 A placement is applied only when it differs from the last one:
 ``os.sched_setaffinity`` to the granted cores, then the GPU masks and the
 ``RANK``/``WORLD_SIZE`` variables in ``os.environ``. EOF on the task pipe (the
@@ -25,7 +26,7 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Optional, Set, Tuple
+from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import capture, wire
 from ..resources import Placement
@@ -49,7 +50,7 @@ class Worker:
         self.open = True
         self.gpu_flag = 0  # wire.GPU_RUNTIME once a GPU runtime is mapped in this process
         self.out, self.err = capture.install()  # what each call prints, kept for its result
-        self.wanted: Set[int] = set()  # tids whose value a queued call takes as input
+        self.wanted: Dict[int, int] = {}  # tid -> how many queued calls take its value
         self.kept: Dict[int, bytes] = {}  # those values, once their calls have returned
         self.last: Optional[Tuple[int, bytes]] = None  # the last call's (tid, value)
         self.looked = 0.0  # when messages were last looked for (perf_counter)
@@ -87,7 +88,7 @@ class Worker:
                     self.unloaded[task[1]] = task[2]
                 for d in task[4]:
                     if type(d) is int:
-                        self.wanted.add(d)
+                        self.wanted[d] = self.wanted.get(d, 0) + 1
             self.queue.extend(message[1])
         elif verb == "drop":
             for task in self.queue:
@@ -107,9 +108,14 @@ class Worker:
         self.last = None
 
     def value_of(self, tid: int) -> Optional[bytes]:
-        """The value of earlier call ``tid`` if it is here (taken: one call names it)."""
-        self.wanted.discard(tid)
-        value = self.kept.pop(tid, None)
+        """The value of earlier call ``tid`` if it is here (kept until the last queued
+        call that names it takes it)."""
+        named = self.wanted.pop(tid, 0)
+        if named > 1:
+            self.wanted[tid] = named - 1
+            value = self.kept.get(tid)
+        else:
+            value = self.kept.pop(tid, None)
         if value is None and self.last is not None and self.last[0] == tid:
             value = self.last[1]
         return value

@@ -2,6 +2,7 @@
 ``python -m rhapsody_graph.backends.worker`` on two pipes, driven frame by frame
 from the test as the pool drives it."""
 import os
+import pickle
 import subprocess
 import sys
 
@@ -27,6 +28,14 @@ def identity(x):
     return x
 
 
+def add(a, b):
+    return a + b
+
+
+class Upstream:
+    """An upstream value's place in a call's arguments (any object: slots are by identity)."""
+
+
 class WorkerProcess:
     def __init__(self, tmp_path):
         task_r, self.task_w = os.pipe()
@@ -46,22 +55,30 @@ class WorkerProcess:
         wire.write_all(self.task_w, wire.frame(message))
 
     def run(self, *calls):
-        """Queue ``(tid, function, args)`` calls; a function's bytes go with its first call."""
+        """Queue ``(tid, function, args[, inputs])`` calls; a function's bytes go with its
+        first call. ``inputs``: what fills each :class:`Upstream` of ``args`` in turn,
+        the value's bytes or the tid of an earlier call (forwarded)."""
         tasks = []
-        for tid, fn, args in calls:
+        for tid, fn, args, *inputs in calls:
+            inputs = list(inputs[0]) if inputs else []
+            upstream = [a for a in args if isinstance(a, Upstream)]
             first = fn not in self.fids
             fid = self.fids.setdefault(fn, len(self.fids) + 1)
             tasks.append((tid, fid, wire.dump_callable(fn) if first else None,
-                          wire.dump_args(args, {}, ()), [], None))
+                          wire.dump_args(args, {}, upstream), inputs, None))
         self.send(("run", tasks))
 
-    def results(self, n):
+    def results(self, n, values=False):
+        """The next ``n`` results, ``(status, tid)`` each (and the value, if asked)."""
         out = []
         while len(out) < n:
             data = os.read(self.result_r, 1 << 16)
             assert data, f"the worker ended after {len(out)} of {n} results"
             self.inbox += data
             out += wire.split_results(self.inbox)
+        if values:
+            return [(status, tid, pickle.loads(payload) if status == wire.OK else None)
+                    for status, tid, _, payload in out]
         return [(status, tid) for status, tid, _, _ in out]
 
     def close(self):
@@ -100,5 +117,19 @@ def test_many_quick_calls_each_answer_once_in_order_and_what_one_prints_reaches_
             [(wire.OK | wire.OUTPUT, 501)]
         w.stdout.seek(0)  # written through at the end of the call, not at the worker's exit
         assert w.stdout.read() == "hello from the worker\n"
+    finally:
+        w.close()
+
+
+def test_a_value_that_several_queued_calls_name_is_given_to_each_of_them(tmp_path):
+    w = WorkerProcess(tmp_path)
+    a, b = Upstream(), Upstream()
+    try:
+        # 2 and 3 both take 1's value on the worker, 3 takes 2's too (a diamond); 4
+        # names 1 again after the calls that named it have taken it: not kept, dropped
+        w.run((1, identity, (5,)), (2, add, (a, 1), [1]), (3, add, (a, b), [1, 2]))
+        assert w.results(3, values=True) == [(wire.OK, 1, 5), (wire.OK, 2, 6), (wire.OK, 3, 11)]
+        w.run((4, add, (a, 1), [1]), (5, add, (a, b), [3, pickle.dumps(1)]))
+        assert w.results(2, values=True) == [(wire.DROPPED, 4, None), (wire.OK, 5, 12)]
     finally:
         w.close()
