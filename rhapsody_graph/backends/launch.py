@@ -172,7 +172,7 @@ class Launch:
         while sel.get_map():
             for key, _ in sel.select():
                 rank, buf = key.data
-                data = os.read(key.fd, 1 << 20)
+                data = os.read(key.fd, wire.READ)
                 if data:
                     buf += data
                     continue

@@ -308,7 +308,7 @@ class WorkerPool:
         """The complete results worker ``w`` has sent, or ``None`` at EOF or a reset
         connection (it died: a socket whose peer was killed with unread data resets)."""
         try:
-            data = os.read(w.result_r, 1 << 20)
+            data = os.read(w.result_r, wire.READ)
         except BlockingIOError:
             return []
         except OSError:  # ECONNRESET and the like: the worker is gone

@@ -72,7 +72,7 @@ class Worker:
         """Read what the driver sent: wait for it, or only take what is already there."""
         if not block and not self.poller.poll(0):
             return
-        data = os.read(self.task_fd, 1 << 20)
+        data = os.read(self.task_fd, wire.READ)
         if not data:
             self.open = False
             return
