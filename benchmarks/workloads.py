@@ -43,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -297,8 +299,6 @@ class Parsl(Adapter):
         self.kind = kind
 
     def start(self, workers: int) -> None:
-        import tempfile
-
         import parsl
         from parsl.config import Config
         if self.kind == "threads":
@@ -324,8 +324,6 @@ class Parsl(Adapter):
         return [_value(h) for h in build(self.call)]
 
     def close(self) -> None:
-        import shutil
-
         import parsl
         self.dfk.cleanup()
         parsl.clear()
@@ -370,7 +368,8 @@ class RhapsodyPy(_AsyncAdapter):
         from rhapsody.backends import ConcurrentExecutionBackend
         self.task = ComputeTask
         backend = await ConcurrentExecutionBackend(self.executor(workers))
-        self.session = Session(backends=[backend])
+        self.work_dir = tempfile.mkdtemp(prefix="rhapsody-py-bench-")  # its session's files
+        self.session = Session(backends=[backend], work_dir=self.work_dir)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return asyncio.ensure_future(self._one(fn, args))
@@ -383,6 +382,7 @@ class RhapsodyPy(_AsyncAdapter):
 
     async def aclose(self) -> None:
         await self.session.close()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 class AsyncFlow(_AsyncAdapter):
@@ -393,7 +393,8 @@ class AsyncFlow(_AsyncAdapter):
     async def astart(self, workers: int) -> None:
         from radical.asyncflow import LocalExecutionBackend, WorkflowEngine
         backend = await LocalExecutionBackend(ThreadPoolExecutor(workers))
-        self.flow = await WorkflowEngine.create(backend=backend)
+        self.work_dir = tempfile.mkdtemp(prefix="asyncflow-bench-")  # its session's files
+        self.flow = await WorkflowEngine.create(backend=backend, work_dir=self.work_dir)
         self.apps = {fn: self.flow.function_task(_async_twin(fn)) for fn in BODIES}
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -401,6 +402,7 @@ class AsyncFlow(_AsyncAdapter):
 
     async def aclose(self) -> None:
         await self.flow.shutdown()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def _async_twin(fn: Callable[..., Any]) -> Callable[..., Any]:
