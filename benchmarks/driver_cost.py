@@ -2,6 +2,7 @@
 (every thread) and the workers' CPU, per node; median of ``--repeats`` runs.
 
     python benchmarks/driver_cost.py                      # this checkout
+    python benchmarks/driver_cost.py --graph reduction --n 1024   # 2,047 nodes, pairs
     PYTHONPATH=/path/to/other/checkout python benchmarks/driver_cost.py   # another one
 
 Alternate two checkouts in the same minutes to compare them on a noisy box. For a
@@ -33,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5_000, help="no-op nodes per compute()")
+    ap.add_argument("--graph", choices=("independent", "reduction"), default="independent",
+                    help="independent no-ops, or add pairwise over --n no-op leaves "
+                         "(2n - 1 nodes)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs after one warm run")
     ap.add_argument("--valgrind", action="store_true",
                     help="under valgrind, which lacks pidfd_open: a pipe stands in for "
@@ -41,7 +45,17 @@ def main() -> None:
     if a.valgrind:
         os.pidfd_open = lambda pid, flags=0: os.pipe()[0]
     import rhapsody_graph as rg
-    from workloads import r_noop
+    from workloads import add, r_noop
+    r_add = rg.task(add)
+
+    def nodes() -> list:
+        level = [r_noop(i) for i in range(a.n)]
+        if a.graph == "independent":
+            return level
+        while len(level) > 1:
+            level = [r_add(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
+        return level
+    count = a.n if a.graph == "independent" else 2 * a.n - 1
 
     backend = rg.LocalBackend(cpus=2).start()
     me = psutil.Process()
@@ -50,7 +64,7 @@ def main() -> None:
         return sum(sum(c.cpu_times()[:2]) for c in me.children(recursive=True))
 
     def run() -> None:
-        rg.compute([r_noop(i) for i in range(a.n)], backend=backend)
+        rg.compute(nodes(), backend=backend)
 
     try:
         run()
@@ -61,9 +75,11 @@ def main() -> None:
             rows.append((time.perf_counter() - w0, time.process_time() - c0, workers_cpu() - k0))
     finally:
         backend.shutdown()
-    wall, driver, workers = (statistics.median(r[i] for r in rows) / a.n * 1e6 for i in range(3))
+    wall, driver, workers = (statistics.median(r[i] for r in rows) / count * 1e6
+                             for i in range(3))
+    what = f"{a.n:,} no-ops" if a.graph == "independent" else f"{count:,}-node reduction"
     print(f"{rg.__file__}: wall {wall:.1f}, driver CPU {driver:.1f}, workers' CPU "
-          f"{workers:.1f} us/node ({a.n:,} no-ops, median of {a.repeats})")
+          f"{workers:.1f} us/node ({what}, median of {a.repeats})")
 
 
 if __name__ == "__main__":

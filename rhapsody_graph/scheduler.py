@@ -40,7 +40,8 @@ Admission: a Python node with one rank runs under a :class:`~.backends.base.Leas
 (a placement held by one worker). Tiny nodes with the same request share a lease:
 up to ``depth`` of them are queued on one worker, ``depth`` sized so a lease holds
 about 2 ms of work (the backend's ``lease_budget``, larger where a round trip costs
-more) by the function's measured run time (1 until it is measured);
+more) by the function's measured run time (1 until it is measured), and a lease
+once chosen takes a run of neighbours in priority order up to its depth;
 nodes with GPUs, a timeout, or a process of their own (a raw ``policy=`` or template
 arguments) get a lease of their own. A dispatch pass starts pool nodes in priority
 order; when the best node's shape (its request and sharing) cannot be placed, the
@@ -685,7 +686,10 @@ class Scheduler:
 
     def _dispatch_leased(self, lane: Lane) -> None:
         """Pool nodes, best shape first (see :class:`Ready`): top up shared leases, or
-        open a lease on a free slot; a shape that cannot be placed waits for the next pass."""
+        open a lease on a free slot; a shape that cannot be placed waits for the next
+        pass. A shared lease, once chosen, takes the shape's next records until it
+        holds its depth (a run of neighbours in priority order, so a reduction's pairs
+        land on one worker), then the next one is chosen."""
         ready, b = lane.ready, lane.backend
         filling: set = set()
         last_fn = None  # consecutive records of a shape are mostly calls of one function
@@ -693,6 +697,7 @@ class Scheduler:
         with closing(ready.by_shape()) as shapes:
             for shape, heap in shapes:
                 exclusive = shape[1]
+                lease, depth, shared = None, 0, None  # the shared lease being filled
                 while heap:
                     t = heap[0][1]
                     if t.state != READY:
@@ -702,37 +707,41 @@ class Scheduler:
                     if not exclusive and t.node.fn is not last_fn:
                         last_fn = t.node.fn
                         by_time = self._by_time(lane, last_fn)
-                    # a shared lease holds the backend's lease budget of work, spread
-                    # over slots
-                    depth = (1 if exclusive
-                             else max(1, min(by_time, 1 + ready.count // lane.slots)))
-                    lease = (None if exclusive
-                             else self._lease_with_room(lane, shape, depth, filling))
-                    if lease is None:
-                        placement = (b.ledger.allocate(t.node.opts.resources,
-                                                       avoid=t.avoid or ())
-                                     if b.slots_free() > 0 else None)
-                        if placement is None:  # the shape waits for the next pass
-                            ready.wait(shape)
-                            if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
-                                return  # nothing fits anywhere
-                            break
-                        if exclusive:
-                            lease = Lease(placement, 1)
-                        else:
-                            lease = Lease(placement, depth, shape)
-                            shared = lane.open_leases.get(shape)
-                            if shared is None:
-                                shared = lane.open_leases[shape] = Shared()
-                            shared.add(lease)
+                        lease = None
+                    if lease is None or lease.outstanding >= depth:
+                        # a shared lease holds the backend's lease budget of work,
+                        # spread over slots
+                        depth = (1 if exclusive
+                                 else max(1, min(by_time, 1 + ready.count // lane.slots)))
+                        lease = (None if exclusive
+                                 else self._lease_with_room(lane, shape, depth, filling))
+                        if lease is None:
+                            placement = (b.ledger.allocate(t.node.opts.resources,
+                                                           avoid=t.avoid or ())
+                                         if b.slots_free() > 0 else None)
+                            if placement is None:  # the shape waits for the next pass
+                                ready.wait(shape)
+                                if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
+                                    return  # nothing fits anywhere
+                                break
+                            if exclusive:
+                                lease = Lease(placement, 1)
+                            else:
+                                lease = Lease(placement, depth, shape)
+                                shared = lane.open_leases.get(shape)
+                                if shared is None:
+                                    shared = lane.open_leases[shape] = Shared()
+                                shared.add(lease)
+                        depth = lease.depth
+                        shared = lane.open_leases[shape] if lease.key is not None else None
+                        filling.add(lease)
                     heapq.heappop(heap)
                     ready.count -= 1
-                    filling.add(lease)
                     lease.outstanding += 1
-                    if lease.key is not None:
-                        lane.open_leases[lease.key].note(lease)
+                    if shared is not None:
+                        shared.note(lease)
                     self._start(t, lease, [lease.placement])
-                    if lease.key is not None and lane.forwards:
+                    if shared is not None and lane.forwards:
                         lease.tail = t
                         if t.dependents:
                             self._forward(lease, t)

@@ -746,6 +746,29 @@ def test_a_node_whose_inputs_are_all_queued_on_one_worker_runs_there_with_their_
         assert backend.ledger.idle()
 
 
+def test_a_reduction_runs_its_pairs_where_their_leaves_ran():
+    # a shared lease takes a run of neighbours in priority order (post-order: two
+    # leaves, then their join), so a pair's leaves share a worker and their join is
+    # queued behind them there; only the joins across two runs carry values
+    backend = rhapsody.LocalBackend(cpus=2)
+    named = []
+    submit = backend.submit
+
+    def spy(call):  # the real submit, after noting how many inputs the call names
+        named.append(sum(type(i) is int for i in call.inputs))
+        submit(call)
+    backend.submit = spy
+    level = [rhapsody.task(inc)(i) for i in range(256)]
+    while len(level) > 1:
+        level = [rhapsody.task(plus)(level[k], level[k + 1]) for k in range(0, len(level), 2)]
+    with rhapsody.Session(backends=[backend]) as s:
+        assert s.compute(level[0]) == (sum(range(1, 257)),)
+    assert len(named) == 511  # one call per node
+    carried = 255 - named.count(2) - named.count(1)  # joins sent with both values
+    assert carried < 26, f"{carried} of 255 joins went through the driver"
+    assert backend.ledger.idle()
+
+
 def inc_logged(x, log):
     with open(log, "a") as f:
         f.write(f"{x}\n")
