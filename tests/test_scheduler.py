@@ -715,6 +715,19 @@ def test_a_retried_hop_inside_a_forwarded_chain_lets_the_chain_finish(backend, t
     assert backend.ledger.idle()
 
 
+def inputs_named(backend) -> list:
+    """A list that gets, for each call ``backend`` is sent from now on, how many of its
+    inputs it names (forwarded) instead of carrying; the real ``submit`` then runs."""
+    named = []
+    submit = backend.submit
+
+    def noting(call):
+        named.append(sum(type(i) is int for i in call.inputs))
+        submit(call)
+    backend.submit = noting
+    return named
+
+
 def inc(x):
     return x + 1
 
@@ -728,13 +741,7 @@ def test_a_node_whose_inputs_are_all_queued_on_one_worker_runs_there_with_their_
     # naming them; the worker fills them with the values it made (and keeps a value
     # two queued calls name for both), with no round trip through the driver per step
     backend = rhapsody.LocalBackend(cpus=2)
-    named = []
-    submit = backend.submit
-
-    def spy(call):  # the real submit, after noting how many inputs the call names
-        named.append(sum(type(i) is int for i in call.inputs))
-        submit(call)
-    backend.submit = spy
+    named = inputs_named(backend)
     x, expected = rhapsody.task(inc)(0), 1
     for _ in range(200):
         x = rhapsody.task(plus)(x, rhapsody.task(inc)(x))
@@ -751,13 +758,7 @@ def test_a_reduction_runs_its_pairs_where_their_leaves_ran():
     # leaves, then their join), so a pair's leaves share a worker and their join is
     # queued behind them there; only the joins across two runs carry values
     backend = rhapsody.LocalBackend(cpus=2)
-    named = []
-    submit = backend.submit
-
-    def spy(call):  # the real submit, after noting how many inputs the call names
-        named.append(sum(type(i) is int for i in call.inputs))
-        submit(call)
-    backend.submit = spy
+    named = inputs_named(backend)
     level = [rhapsody.task(inc)(i) for i in range(256)]
     while len(level) > 1:
         level = [rhapsody.task(plus)(level[k], level[k + 1]) for k in range(0, len(level), 2)]
