@@ -2,7 +2,8 @@
 (every thread) and the workers' CPU, per node; median of ``--repeats`` runs.
 
     python benchmarks/driver_cost.py                      # this checkout
-    python benchmarks/driver_cost.py --graph reduction --n 1024   # 2,047 nodes, pairs
+    python benchmarks/driver_cost.py --workload reduction --n 1024   # 2,047 nodes, pairs
+    python benchmarks/driver_cost.py --workload futures   # Session.submit + as_completed
     PYTHONPATH=/path/to/other/checkout python benchmarks/driver_cost.py   # another one
 
 Alternate two checkouts in the same minutes to compare them on a noisy box. For a
@@ -16,7 +17,8 @@ runs, per node:
 
 (the real interpreter, not a pyenv shim script: ``$(python -c 'import sys;
 print(sys.executable)')``). Runs on the API every checkout since the first one has:
-``rhapsody_graph.compute(nodes, backend=LocalBackend(cpus=2))``.
+``rhapsody_graph.compute(nodes, backend=LocalBackend(cpus=2))`` (``--workload futures``:
+``Session``, ``submit`` and ``as_completed``, since sessions landed).
 """
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5_000, help="no-op nodes per compute()")
-    ap.add_argument("--graph", choices=("independent", "reduction"), default="independent",
-                    help="independent no-ops, or add pairwise over --n no-op leaves "
-                         "(2n - 1 nodes)")
+    ap.add_argument("--workload", choices=("independent", "reduction", "futures"),
+                    default="independent",
+                    help="independent: one compute() of --n no-ops; reduction: add "
+                         "pairwise over --n no-op leaves (2n - 1 nodes); futures: --n "
+                         "no-ops submitted one by one to a Session, consumed with "
+                         "as_completed")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs after one warm run")
     ap.add_argument("--valgrind", action="store_true",
                     help="under valgrind, which lacks pidfd_open: a pipe stands in for "
@@ -50,21 +55,27 @@ def main() -> None:
 
     def nodes() -> list:
         level = [r_noop(i) for i in range(a.n)]
-        if a.graph == "independent":
+        if a.workload == "independent":
             return level
         while len(level) > 1:
             level = [r_add(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
         return level
-    count = a.n if a.graph == "independent" else 2 * a.n - 1
+    count = 2 * a.n - 1 if a.workload == "reduction" else a.n
 
     backend = rg.LocalBackend(cpus=2).start()
+    session = rg.Session(backends=[backend]) if a.workload == "futures" else None
     me = psutil.Process()
 
     def workers_cpu() -> float:
         return sum(sum(c.cpu_times()[:2]) for c in me.children(recursive=True))
 
     def run() -> None:
-        rg.compute(nodes(), backend=backend)
+        if session is None:
+            rg.compute(nodes(), backend=backend)
+            return
+        futures = [session.submit(r_noop(i)) for i in range(a.n)]
+        for f in rg.as_completed(futures):
+            f.result()
 
     try:
         run()
@@ -74,10 +85,13 @@ def main() -> None:
             run()
             rows.append((time.perf_counter() - w0, time.process_time() - c0, workers_cpu() - k0))
     finally:
+        if session is not None:
+            session.close()
         backend.shutdown()
     wall, driver, workers = (statistics.median(r[i] for r in rows) / count * 1e6
                              for i in range(3))
-    what = f"{a.n:,} no-ops" if a.graph == "independent" else f"{count:,}-node reduction"
+    what = {"independent": f"{a.n:,} no-ops", "reduction": f"{count:,}-node reduction",
+            "futures": f"{a.n:,} futures"}[a.workload]
     print(f"{rg.__file__}: wall {wall:.1f}, driver CPU {driver:.1f}, workers' CPU "
           f"{workers:.1f} us/node ({what}, median of {a.repeats})")
 
