@@ -778,7 +778,9 @@ class Scheduler:
                     and not j.group.stopping
                     # a call of t's task shares t's lease key (a shared lease's is its sharing key)
                     and (j.node.opts is t.node.opts or _sharing_key(j.node.opts) == lease.key)
-                    and (j.waiting == 1 or self._queued_together(j, lease))):
+                    # every input not done must be a call of its own on the lease
+                    and (j.waiting == 1 or (j.waiting <= lease.outstanding
+                                            and self._queued_together(j, lease)))):
                 return j
         return None
 
