@@ -778,8 +778,11 @@ class Scheduler:
                     and not j.group.stopping
                     # a call of t's task shares t's lease key (a shared lease's is its sharing key)
                     and (j.node.opts is t.node.opts or _sharing_key(j.node.opts) == lease.key)
-                    # every input not done must be a call of its own on the lease
+                    # every input not done must be a call of its own on the lease; a
+                    # node with more inputs than any lease holds is never read through
+                    # (each look would walk its inputs, done ones too)
                     and (j.waiting == 1 or (j.waiting <= lease.outstanding
+                                            and len(j.deps) <= MAX_DEPTH
                                             and self._queued_together(j, lease)))):
                 return j
         return None
