@@ -50,16 +50,12 @@ def main() -> None:
     if a.valgrind:
         os.pidfd_open = lambda pid, flags=0: os.pipe()[0]
     import rhapsody_graph as rg
-    from workloads import add, r_noop
-    r_add = rg.task(add)
+    from workloads import r_call, r_noop, tree
 
     def nodes() -> list:
-        level = [r_noop(i) for i in range(a.n)]
         if a.workload == "independent":
-            return level
-        while len(level) > 1:
-            level = [r_add(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
-        return level
+            return [r_noop(i) for i in range(a.n)]
+        return [tree(r_call, a.n)]
     count = 2 * a.n - 1 if a.workload == "reduction" else a.n
 
     backend = rg.LocalBackend(cpus=2).start()

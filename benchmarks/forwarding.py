@@ -27,30 +27,22 @@ from typing import Any, Callable, Dict, List
 import rhapsody_graph as rg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import add, noop  # noqa: E402
+from workloads import r_add, r_call, r_noop, tree  # noqa: E402
 
 
 def graphs(steps: int, leaves: int) -> Dict[str, Callable[[], Any]]:
-    n, a = rg.task(noop), rg.task(add)
-
     def chain() -> Any:
-        x = n(0)
+        x = r_noop(0)
         for _ in range(steps):
-            x = n(x)
+            x = r_noop(x)
         return x
 
     def diamond() -> Any:
-        x = n(0)
+        x = r_noop(0)
         for _ in range(steps):
-            x = a(x, n(x))
+            x = r_add(x, r_noop(x))
         return x
-
-    def reduction() -> Any:
-        level = [n(i) for i in range(leaves)]
-        while len(level) > 1:
-            level = [a(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
-        return level[0]
-    return {"chain": chain, "diamond": diamond, "reduction": reduction}
+    return {"chain": chain, "diamond": diamond, "reduction": lambda: tree(r_call, leaves)}
 
 
 def main() -> None:

@@ -126,6 +126,11 @@ _TASKS = {noop: r_noop, inc: r_inc, add: r_add, total: rg.task(total),
           nap_inc: rg.task(nap_inc)}
 
 
+def r_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """The rhapsody_graph node of body ``fn`` on ``args`` (a workload's ``call``, as nodes)."""
+    return _TASKS[fn](*args)
+
+
 # -- engines: one adapter each, with the same shape ------------------------------------
 # An adapter is started once (``start``), warmed, and closed once (``close``). A workload
 # is a ``build(call)`` function that makes its tasks with ``call(fn, *args)`` (an arg may
@@ -172,7 +177,7 @@ class Rhapsody(Adapter):
         self.backend = rg.LocalBackend(cpus=workers).start()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return _TASKS[fn](*args)
+        return r_call(fn, *args)
 
     def run(self, build: Build) -> List[Any]:
         return rg.compute(build(self.call), backend=self.backend)[0]
@@ -190,7 +195,7 @@ class RhapsodyFutures(Adapter):
         self.session = rg.Session(backends=[rg.LocalBackend(cpus=workers)], progress=False)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.session.submit(_TASKS[fn](*args))
+        return self.session.submit(r_call(fn, *args))
 
     def run(self, build: Build) -> List[Any]:
         return [f.result() for f in build(self.call)]
@@ -525,19 +530,22 @@ def chain20ms(engine: str, eng: Engines, hops: int = HOPS) -> int:
     return chain(engine, eng, hops, body=nap_inc)
 
 
-def reduction(engine: str, eng: Engines, leaves: int = LEAVES) -> int:
-    """A binary tree: ``leaves`` no-op leaves, pairwise ``add`` up to one root.
+def tree(call: Callable[..., Any], leaves: int = LEAVES) -> Any:
+    """A binary tree made with ``call(fn, *args)``: ``leaves`` no-op leaves, pairwise
+    ``add`` up to one root, returned."""
+    level = [call(noop, i) for i in range(leaves)]
+    while len(level) > 1:
+        level = [call(add, level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)] \
+            + ([level[-1]] if len(level) % 2 else [])
+    return level[0]
 
-    ``2 * leaves - 1`` tasks; returns ``sum(range(leaves))``. Executors without
-    dependencies wait for each pair's values before submitting its ``add``.
+
+def reduction(engine: str, eng: Engines, leaves: int = LEAVES) -> int:
+    """A binary tree (:func:`tree`): ``2 * leaves - 1`` tasks; returns
+    ``sum(range(leaves))``. Executors without dependencies wait for each pair's values
+    before submitting its ``add``.
     """
-    def build(call: Callable[..., Any]) -> List[Any]:
-        level = [call(noop, i) for i in range(leaves)]
-        while len(level) > 1:
-            level = [call(add, level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)] \
-                + ([level[-1]] if len(level) % 2 else [])
-        return level
-    return eng.run(engine, build)[0]
+    return eng.run(engine, lambda call: [tree(call, leaves)])[0]
 
 
 def join(engine: str, eng: Engines, n: int = JOIN) -> int:

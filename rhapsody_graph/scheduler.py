@@ -732,7 +732,6 @@ class Scheduler:
                                 if shared is None:
                                     shared = lane.open_leases[shape] = Shared()
                                 shared.add(lease)
-                        depth = lease.depth
                         shared = lane.open_leases[shape] if lease.key is not None else None
                         filling.add(lease)
                     heapq.heappop(heap)
