@@ -11,7 +11,8 @@ forwarded by the scheduler): the worker keeps the value of a call that queued
 calls name (until the last of them takes it), and of its last call, and fills the
 input from there without a trip through the driver; if that value is not here (the
 call failed, or ran before the one naming it arrived and was not the last) the call
-is answered ``DROPPED``.
+is answered ``DROPPED``. The run time sent with a result leaves out the one-time load
+of the call's function (the import of its module, on its first call here).
 A placement is applied only when it differs from the last one:
 ``os.sched_setaffinity`` to the granted cores, then the GPU masks and the
 ``RANK``/``WORLD_SIZE`` variables in ``os.environ``. EOF on the task pipe (the
@@ -139,6 +140,7 @@ class Worker:
             if fn is None:
                 fn = self.funcs[fid] = loaded
                 del self.unloaded[fid]
+                start = time.perf_counter()  # leases are sized by run time (_by_time)
             payload, status = wire.dump_value(fn(*a, **kw)), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR

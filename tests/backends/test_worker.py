@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -30,6 +31,20 @@ def identity(x):
 
 def add(a, b):
     return a + b
+
+
+def loaded_slowly(seconds: float):
+    """``identity``, after ``seconds``: what unpickling a function costs when its
+    module is slow to import (torch, say)."""
+    time.sleep(seconds)
+    return identity
+
+
+class SlowToLoad:
+    """A function whose first load on a worker takes half a second."""
+
+    def __reduce__(self):
+        return loaded_slowly, (0.5,)
 
 
 class Upstream:
@@ -68,8 +83,9 @@ class WorkerProcess:
                           wire.dump_args(args, {}, upstream), inputs, None))
         self.send(("run", tasks))
 
-    def results(self, n, values=False):
-        """The next ``n`` results, ``(status, tid)`` each (and the value, if asked)."""
+    def results(self, n, values=False, timed=False):
+        """The next ``n`` results, ``(status, tid)`` each (and the value, or the seconds
+        the worker says the call ran, if asked)."""
         out = []
         while len(out) < n:
             data = os.read(self.result_r, 1 << 16)
@@ -79,6 +95,8 @@ class WorkerProcess:
         if values:
             return [(status, tid, pickle.loads(payload) if status == wire.OK else None)
                     for status, tid, _, payload in out]
+        if timed:
+            return [(status, tid, seconds) for status, tid, seconds, _ in out]
         return [(status, tid) for status, tid, _, _ in out]
 
     def close(self):
@@ -131,5 +149,20 @@ def test_a_value_that_several_queued_calls_name_is_given_to_each_of_them(tmp_pat
         assert w.results(3, values=True) == [(wire.OK, 1, 5), (wire.OK, 2, 6), (wire.OK, 3, 11)]
         w.run((4, add, (a, 1), [1]), (5, add, (a, b), [3, pickle.dumps(1)]))
         assert w.results(2, values=True) == [(wire.DROPPED, 4, None), (wire.OK, 5, 12)]
+    finally:
+        w.close()
+
+
+def test_a_calls_run_time_leaves_out_the_one_time_load_of_its_function(tmp_path):
+    # the scheduler sizes a lease by its function's run time: a first call timed with
+    # the import of the function's module (~0.15 s for a test module, seconds for
+    # torch) made it queue that function's calls one at a time for dozens of calls
+    w = WorkerProcess(tmp_path)
+    try:
+        slow = SlowToLoad()
+        w.run((1, slow, (7,)), (2, slow, (8,)))
+        (ok1, tid1, first), (ok2, tid2, _) = w.results(2, timed=True)
+        assert (ok1, tid1, ok2, tid2) == (wire.OK, 1, wire.OK, 2)
+        assert 0 < first < 0.5, f"the first call ran {first} s by the worker's clock"
     finally:
         w.close()
