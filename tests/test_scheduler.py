@@ -566,6 +566,19 @@ def test_a_value_the_driver_cannot_unpickle_fails_naming_the_node(backend):
         node.compute(backend=backend)
 
 
+def make_lock():
+    return threading.Lock()
+
+
+def test_a_value_the_worker_cannot_pickle_fails_naming_the_node_and_the_values_type(backend):
+    node = rhapsody.task(make_lock)()
+    with pytest.raises(TypeError, match="the value it returned, lock .*, cannot be pickled to "
+                                        "go back to the driver") as info:
+        node.compute(backend=backend)
+    assert f"raised by node {node.key!r}" in "\n".join(info.value.__notes__)
+    assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)  # the remote traceback
+
+
 def slow_then(path, seconds):
     with open(path, "w") as f:
         f.write(str(os.getpid()))

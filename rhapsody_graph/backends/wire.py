@@ -67,6 +67,17 @@ def dump_value(obj: Any) -> bytes:
     return _cloudpickle().dumps(obj, PROTOCOL)
 
 
+def dump_result(value: Any) -> bytes:
+    """A call's return value pickled to go back to the driver; raise ``TypeError``
+    naming its type when it cannot be (a lock, an open file, a generator)."""
+    try:
+        return dump_value(value)
+    except Exception as exc:
+        raise TypeError(f"the value it returned, {type(value).__name__} {value!r:.80}, cannot "
+                        f"be pickled to go back to the driver: {exc}; return plain data "
+                        "instead") from exc
+
+
 def _cloudpickle() -> Any:
     """cloudpickle, imported on first need: a worker whose calls pickle plainly (an
     importable function, plain values) starts without it (pickle imports it to load

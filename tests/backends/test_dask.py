@@ -6,6 +6,7 @@ cancelling and timing out running calls (their processes are gone after), worker
 that join and leave, and errors before anything runs."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -74,6 +75,19 @@ def test_executables_values_failures_and_edges_across_backends(session):
         session.compute(rhapsody.task(backend="dask")(boom)("thing"))
     assert isinstance(info.value.__cause__, rhapsody.RemoteTraceback)
     assert "in boom" in info.value.__cause__.tb
+
+
+def make_lock():
+    return threading.Lock()
+
+
+def test_a_value_the_dask_worker_cannot_pickle_fails_naming_the_node_and_the_values_type(
+        session):
+    node = rhapsody.task(backend="dask")(make_lock)()
+    with pytest.raises(TypeError, match="the value it returned, lock .*, cannot be pickled to "
+                                        "go back to the driver") as info:
+        session.compute(node)
+    assert f"raised by node {node.key!r}" in "\n".join(info.value.__notes__)
 
 
 def test_a_multi_rank_node_goes_to_a_backend_that_runs_ranks(session):
