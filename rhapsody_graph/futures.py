@@ -167,8 +167,10 @@ class Future(cf.Future, Ref):
         if state == FINISHED:
             return self._exception
         if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-            raise cf.CancelledError()
-        raise cf.TimeoutError()
+            raise cf.CancelledError(f"node {self.key!r} was cancelled")
+        raise cf.TimeoutError(f"node {self.key!r} did not finish within {timeout} s "
+                              f"({'running' if state == RUNNING else 'not started yet'}); "
+                              "it goes on: wait again, or cancel() it")
 
     def cancel(self) -> bool:
         """Stop the node: dequeue it, or kill its process(es) if it runs; cancel what

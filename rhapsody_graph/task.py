@@ -96,6 +96,10 @@ def _text(who: str, name: str, value: Any) -> str:
 
 def _backend(who: str, name: str, value: Any) -> Optional[str]:
     """A backend's name; which names exist is the session's to say, before anything runs."""
+    if value is not None and not isinstance(value, str) and hasattr(value, "submit"):
+        raise TypeError(f"{who}: option {name!r} names a backend ('local', 'dragon' or a "
+                        f"session backend's name=), got the backend {value!r}; to run on "
+                        "it, pass it to compute(..., backend=it) or to Session(backends=[...])")
     return None if value is None else _text(who, name, value)
 
 

@@ -60,7 +60,8 @@ def test_submit_returns_at_once_and_result_waits_for_the_value(session):
     t0 = time.monotonic()
     fut = session.submit(rhapsody.task(nap)(1.0, "late"))
     assert time.monotonic() - t0 < 0.5 and not fut.done()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=f"node {fut.key!r} did not finish within 0.05 s "
+                                           r"\((running|not started yet)\); it goes on"):
         fut.result(timeout=0.05)
     assert fut.result(timeout=60) == "late" and fut.done() and fut.exception() is None
 
@@ -261,7 +262,7 @@ def test_cancelling_a_running_python_node_kills_its_worker_and_frees_its_cores(t
         assert fut.cancel()
         assert not alive(pid), "cancel() returned before the worker was gone"
         assert fut.cancelled() and dependent.cancelled() and backend.ledger.idle()
-        with pytest.raises(cf.CancelledError):
+        with pytest.raises(cf.CancelledError, match=f"node {fut.key!r} was cancelled"):
             fut.result()
         assert s.submit(rhapsody.task(inc)(1)).result(timeout=60) == 2  # the session goes on
 

@@ -63,6 +63,13 @@ def test_bad_options_are_refused_at_decoration_naming_the_value(options, error, 
         rhapsody.task(**options)(inc)
 
 
+def test_a_backend_instance_given_as_the_backend_option_is_refused_saying_where_it_goes():
+    with rhapsody.LocalBackend(cpus=1) as backend:
+        with pytest.raises(TypeError, match=r"^inc: option 'backend' names a backend .*got the "
+                                            r"backend .*pass it to compute\(\.\.\., backend=it\)"):
+            rhapsody.map(inc, [1], backend=backend)
+
+
 def test_bad_options_name_the_function_in_options_call():
     t = rhapsody.task(inc)
     with pytest.raises(ValueError, match=r"^inc: option 'cpus' must be >= 0, got -2"):
