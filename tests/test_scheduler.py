@@ -20,6 +20,7 @@ import pytest
 
 import rhapsody_graph as rhapsody
 
+from .backends.test_worker import hold as hold_on_fifos
 from .conftest import child_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -766,14 +767,6 @@ def test_a_node_whose_inputs_are_all_queued_on_one_worker_runs_there_with_their_
         assert backend.ledger.idle()
 
 
-def held(started: str, release: str) -> str:
-    """Say it started (on one FIFO), then wait until the test says go (on another)."""
-    with open(started, "w") as f:
-        f.write("started")
-    with open(release) as f:
-        return f.read()
-
-
 def test_a_reduction_runs_its_pairs_where_their_leaves_ran(monkeypatch, tmp_path):
     # a shared lease, once chosen, takes a run of neighbours in priority order
     # (post-order: two leaves, then their join), so a pair's leaves share a worker and
@@ -806,7 +799,8 @@ def test_a_reduction_runs_its_pairs_where_their_leaves_ran(monkeypatch, tmp_path
         warm_up = [rhapsody.task(inc)(-i) for i in range(8)]
         assert s.submit(rhapsody.task(plus)(warm_up[0], warm_up[1])).result() == 1
         assert [f.result() for f in s.submit(warm_up)] == [1, 0, -1, -2, -3, -4, -5, -6]
-        holds = s.submit([rhapsody.task(held)(*fifos[:2]), rhapsody.task(held)(*fifos[2:])])
+        holds = s.submit([rhapsody.task(hold_on_fifos)(*fifos[:2]),
+                          rhapsody.task(hold_on_fifos)(*fifos[2:])])
         for started in fifos[::2]:  # one on each worker
             with open(started) as f:
                 assert f.read() == "started"

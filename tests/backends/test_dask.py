@@ -6,7 +6,6 @@ cancelling and timing out running calls (their processes are gone after), worker
 that join and leave, and errors before anything runs."""
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 import rhapsody_graph as rhapsody
 
 from ..conftest import wait_until
-from ..test_scheduler import still_alive
+from ..test_scheduler import make_lock, still_alive
 
 distributed = pytest.importorskip("distributed")
 
@@ -75,10 +74,6 @@ def test_executables_values_failures_and_edges_across_backends(session):
         session.compute(rhapsody.task(backend="dask")(boom)("thing"))
     assert isinstance(info.value.__cause__, rhapsody.RemoteTraceback)
     assert "in boom" in info.value.__cause__.tb
-
-
-def make_lock():
-    return threading.Lock()
 
 
 def test_a_value_the_dask_worker_cannot_pickle_fails_naming_the_node_and_the_values_type(
