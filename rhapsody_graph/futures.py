@@ -119,13 +119,28 @@ class Future(cf.Future, Ref):
         self._state = PENDING
         self._result: Any = None
         self._exception: Optional[BaseException] = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
+        self._w: Optional[list] = None  # waiters and callbacks: lists made on first use
+        self._cbs: Optional[list] = None
         self.node = node
         self.key = node.key
         self.where: Optional[Where] = None
         self._task = task  # the scheduler's record: holds the value's bytes
         self._session = session
+
+    # concurrent.futures reads and appends to these lists under ``_condition``; most
+    # futures never get a waiter or a callback, and two lists per future would be two
+    # more objects for Python's cyclic collector to walk while they live
+    @property
+    def _waiters(self) -> list:
+        if self._w is None:
+            self._w = []
+        return self._w
+
+    @property
+    def _done_callbacks(self) -> list:
+        if self._cbs is None:
+            self._cbs = []
+        return self._cbs
 
     def result(self, timeout: Optional[float] = None) -> Any:
         """The node's value, waiting up to ``timeout`` seconds (``None``: for ever).
@@ -221,9 +236,10 @@ class Future(cf.Future, Ref):
             if field is not None:
                 setattr(self, field, value)
             self._state = state
-            for waiter in self._waiters:
-                getattr(waiter, tell)(self)
-        if self._done_callbacks:
+            if self._w:
+                for waiter in self._w:
+                    getattr(waiter, tell)(self)
+        if self._cbs:
             self._invoke_callbacks()
 
 

@@ -363,7 +363,7 @@ class Shared:
 class Attempt:
     __slots__ = ("task", "lease", "placements", "start", "end", "after", "outputs")
 
-    def __init__(self, task: Task, lease: Optional[Lease], placements: List[Any],
+    def __init__(self, task: Task, lease: Optional[Lease], placements: Sequence[Any],
                  timed: Any) -> None:
         self.task, self.lease, self.placements = task, lease, placements
         self.start = time.time() if timed else 0.0  # for a future's `where`, the run log
@@ -739,7 +739,7 @@ class Scheduler:
                     lease.outstanding += 1
                     if shared is not None:
                         shared.note(lease)
-                    self._start(t, lease, [lease.placement])
+                    self._start(t, lease, lease.placements)
                     if shared is not None and lane.forwards:
                         lease.tail = t
                         if t.dependents:
@@ -764,7 +764,7 @@ class Scheduler:
                 return
             lease.outstanding += 1
             t.lane.open_leases[lease.key].note(lease)
-            self._start(j, lease, [lease.placement])
+            self._start(j, lease, lease.placements)
             lease.tail = t = j
 
     def _chained(self, t: Task, lease: Lease) -> Optional[Task]:
@@ -862,7 +862,7 @@ class Scheduler:
             return UNKNOWN_DEPTH
         return min(MAX_DEPTH, int(lane.budget / max(seconds, 1e-6)))
 
-    def _start(self, t: Task, lease: Optional[Lease], placements: List[Any]) -> None:
+    def _start(self, t: Task, lease: Optional[Lease], placements: Sequence[Any]) -> None:
         tid = next(_tids)
         t.state = RUNNING
         t.tid = tid
@@ -873,7 +873,7 @@ class Scheduler:
         node = t.node
         timeout = node.opts.timeout
         # an input still running is named by its call's tid: forwarded (see _forward)
-        inputs = [d.payload if d.state == DONE else d.tid for d in t.deps] if t.deps else []
+        inputs = [d.payload if d.state == DONE else d.tid for d in t.deps] if t.deps else ()
         lane.backend.submit(Call(tid, node.key, t.prepared, inputs, placements, lease, timeout))
         if timeout is not None:
             heapq.heappush(self.deadlines, (time.monotonic() + timeout, tid))
@@ -1019,6 +1019,7 @@ class Scheduler:
         t.deps = ()
         t.dependents = ()
         t.futures = None
+        t.prepared = None  # its encoded call: a future may keep the record for long
         if (t.state != DONE or not t.needed) and tasks.get(t.node) is t:
             del tasks[t.node]
         lane = t.lane

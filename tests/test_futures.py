@@ -336,6 +336,40 @@ def test_a_long_futures_loop_of_megabyte_results_keeps_the_driver_flat(session):
     assert session._scheduler.tasks == {}
 
 
+def test_a_finished_future_keeps_its_arguments_once_not_also_their_pickled_copy(session):
+    import tracemalloc
+    echo_size = rhapsody.task(len)
+    tracemalloc.start()
+    try:
+        fut = session.submit(echo_size(bytearray(20 << 20)))  # pickled to go to the worker
+        assert fut.result(timeout=60) == 20 << 20
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 30 << 20, f"a finished future holds {held >> 20} MB for a 20 MB argument"
+
+
+def test_finished_futures_give_pythons_collector_few_objects_to_walk(session):
+    # the cyclic collector walks every tracked object a live future keeps: its node, the
+    # node's argument tuple, the record, the future, its lock and its Where (no call
+    # encoding, no waiter or callback lists, no list of placements)
+    import gc
+    make = rhapsody.task(inc)
+    futures = [session.submit(make(i)) for i in range(1000)]
+    assert [f.result(timeout=60) for f in futures] == list(range(1, 1001))
+    gc.collect()
+    gc.disable()
+    try:
+        before = {id(o) for o in gc.get_objects()}
+        futures = [session.submit(make(i)) for i in range(1000)]
+        assert [f.result(timeout=60) for f in futures] == list(range(1, 1001))
+        session.wait()
+        kept = [o for o in gc.get_objects() if id(o) not in before]
+    finally:
+        gc.enable()
+    assert len(kept) <= 6.5 * 1000, (len(kept), sorted({type(o).__name__ for o in kept}))
+
+
 def test_adaptive_sampling_example_refines_the_promising_seeds_and_leaves_no_process():
     import subprocess
     import sys

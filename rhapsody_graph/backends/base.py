@@ -183,10 +183,11 @@ class Lease:
     executor that holds the lease's placement: that is how tiny nodes are batched.
     """
 
-    __slots__ = ("placement", "outstanding", "depth", "key", "executor", "tail")
+    __slots__ = ("placement", "placements", "outstanding", "depth", "key", "executor", "tail")
 
     def __init__(self, placement: Placement, depth: int, key: Optional[tuple] = None) -> None:
         self.placement = placement
+        self.placements = (placement,)  # every call's placements: one tuple for all of them
         self.key = key  # the scheduler's sharing key; None for a lease of its own
         self.outstanding = 0  # calls submitted and not yet completed
         self.depth = depth  # most calls the scheduler queues on it at once
@@ -210,7 +211,7 @@ class Call:
     __slots__ = ("tid", "key", "prepared", "inputs", "placements", "lease", "timeout")
 
     def __init__(self, tid: int, key: str, prepared: Any, inputs: Sequence[Any],
-                 placements: List[Placement], lease: Optional[Lease],
+                 placements: Sequence[Placement], lease: Optional[Lease],
                  timeout: Optional[float]) -> None:
         self.tid, self.key, self.prepared = tid, key, prepared
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
