@@ -524,6 +524,23 @@ def test_unpicklable_argument_is_refused_before_anything_runs_naming_node_and_ob
     assert not marker.exists()
 
 
+class LockWithBrokenRepr:
+    """Cannot be pickled (it holds a lock), and its ``repr`` raises."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __repr__(self):
+        raise RuntimeError("repr is broken")
+
+
+def test_an_unpicklable_argument_whose_repr_raises_is_still_refused_naming_its_type(backend):
+    bad = rhapsody.task(whoami)(LockWithBrokenRepr())
+    with pytest.raises(TypeError, match=f"node {bad.key!r}: argument 0 <LockWithBrokenRepr "
+                                        "instance at 0x[0-9a-f]+> cannot be pickled"):
+        bad.compute(backend=backend)
+
+
 def test_unpicklable_function_is_refused_before_anything_runs_naming_the_node(
         backend, tmp_path):
     marker = tmp_path / "ran"
@@ -578,6 +595,17 @@ def test_a_value_the_worker_cannot_pickle_fails_naming_the_node_and_the_values_t
         node.compute(backend=backend)
     assert f"raised by node {node.key!r}" in "\n".join(info.value.__notes__)
     assert "cannot pickle '_thread.lock' object" in str(info.value.__cause__)  # the remote traceback
+
+
+def make_unpicklable_with_broken_repr():
+    return LockWithBrokenRepr()
+
+
+def test_a_returned_value_whose_repr_raises_still_fails_naming_its_type(backend):
+    node = rhapsody.task(make_unpicklable_with_broken_repr)()
+    with pytest.raises(TypeError, match="the value it returned, LockWithBrokenRepr <LockWithBroken"
+                                        "Repr instance at 0x[0-9a-f]+>, cannot be pickled"):
+        node.compute(backend=backend)
 
 
 def slow_then(path, seconds):

@@ -557,7 +557,7 @@ def unpicklable_argument(node: Any, exc: Exception) -> TypeError:
         try:
             wire.dump_args((value,), {}, node.deps)
         except Exception as inner:
-            return TypeError(f"node {node.key!r}: {label} {value!r:.80} cannot be pickled to "
+            return TypeError(f"node {node.key!r}: {label} {wire.brief(value)} cannot be pickled to "
                              f"send to a worker: {inner}")
     return TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}")
 

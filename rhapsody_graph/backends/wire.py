@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import reprlib
 import struct
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -67,13 +68,23 @@ def dump_value(obj: Any) -> bytes:
     return _cloudpickle().dumps(obj, PROTOCOL)
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+
+
+def brief(value: Any) -> str:
+    """A short repr of ``value`` for an error message: bounded however big the value
+    is, and never raising (a ``__repr__`` that fails gives ``<Type instance at 0x…>``)."""
+    return _BRIEF.repr(value)
+
+
 def dump_result(value: Any) -> bytes:
     """A call's return value pickled to go back to the driver; raise ``TypeError``
     naming its type when it cannot be (a lock, an open file, a generator)."""
     try:
         return dump_value(value)
     except Exception as exc:
-        raise TypeError(f"the value it returned, {type(value).__name__} {value!r:.80}, cannot "
+        raise TypeError(f"the value it returned, {type(value).__name__} {brief(value)}, cannot "
                         f"be pickled to go back to the driver: {exc}; return plain data "
                         "instead") from exc
 
