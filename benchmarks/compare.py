@@ -13,9 +13,14 @@ each engine's ratio to rhapsody_graph (peer / rhapsody: > 1 means rhapsody_graph
 faster). The workloads and engines are the ones in ``workloads.py``, the same code the
 pytest-benchmark suite times.
 
-Run engines are measured one at a time, all with the same worker count: each is
-started and warmed, runs every workload, and is shut down before the next starts (so
-no engine's idle processes share the cores with another's timing). Each workload gets
+Run engines are measured one at a time, all with the same worker count, each in an
+interpreter of its own (spawned for it): it is started and warmed, runs every
+workload, and is shut down before the next starts, so no engine's idle processes
+share the cores with another's timing, and none is timed beside the modules and
+objects another engine (or the build, order and memory workloads) left in the
+process, which Python's cyclic collector would walk on its full passes (importing
+Ray, Dask ``distributed`` and Parsl alone made a thread pool's futures 2.5x slower
+here). Each workload gets
 untimed warm-up runs, the first at 1/10 size, which estimate its cost: a size whose
 ``--repeats`` runs would take over ``--budget`` seconds is cut to fit (the table says
 "capped at N"), and the last warm-up runs at the size then measured. An
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -139,6 +145,41 @@ def measure_engine(engine: str, kinds: List[str], sizes: Dict[str, int], repeats
                 quarter, _ = measure_run(kind, engine, eng, max(2, used // 4), repeats,
                                          budget)
                 out["linearity"][engine] = (quarter, samples, used)
+
+
+def measure_engine_apart(engine: str, kinds: List[str], sizes: Dict[str, int], repeats: int,
+                         budget: float, workers: int) -> dict:
+    """:func:`measure_engine` in a new interpreter; returns what it filled in ``out``."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_measure_child,
+                        args=(send, engine, kinds, sizes, repeats, budget, workers))
+    child.start()
+    send.close()
+    try:
+        part = receive.recv()
+    except EOFError:
+        part = {"results": {k: {engine: f"failed: its process exited {child.exitcode}"}
+                            for k in kinds}, "notes": {}, "linearity": {}, "start_s": {}}
+    child.join()
+    return part
+
+
+def _measure_child(send: "multiprocessing.connection.Connection", engine: str,
+                   kinds: List[str], sizes: Dict[str, int], repeats: int, budget: float,
+                   workers: int) -> None:
+    part = {"results": {k: {} for k in kinds}, "notes": {k: {} for k in kinds},
+            "linearity": {}, "start_s": {}}
+    measure_engine(engine, kinds, sizes, repeats, budget, workers, part)
+    send.send(part)
+
+
+def _merge(out: dict, part: dict) -> None:
+    for field in ("results", "notes"):
+        for kind, per_engine in part[field].items():
+            out[field].setdefault(kind, {}).update(per_engine)
+    out["linearity"].update(part["linearity"])
+    out["start_s"].update(part["start_s"])
 
 
 def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, List[float]]]:
@@ -340,12 +381,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if run_kinds:
         run_engines = [e for e in w.ADAPTERS if not engines or e in engines]
         for engine in run_engines:
-            measure_engine(engine, run_kinds, sizes, a.repeats, budget, a.workers, out)
+            _merge(out, measure_engine_apart(engine, run_kinds, sizes, a.repeats, budget,
+                                             a.workers))
         if len(run_engines) > 1:  # the machine may have changed while the peers ran
-            again = {"results": {k: {} for k in run_kinds}, "notes": out["notes"],
-                     "linearity": {}, "start_s": {}}
-            measure_engine("rhapsody", run_kinds, sizes, a.repeats, budget, a.workers, again)
-            out["drift"] = again["results"]
+            out["drift"] = measure_engine_apart("rhapsody", run_kinds, sizes, a.repeats,
+                                                budget, a.workers)["results"]
     if "startup" in a.workloads:
         st = measure_startup(a.repeats, engines)
         results["startup"] = {e: v["first_value_s"] for e, v in st.items()}
