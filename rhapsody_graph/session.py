@@ -224,7 +224,7 @@ class Session:
             if isinstance(root, Ref):
                 handles.append(self._own(root))
                 continue
-            t = records[id(root)]
+            t = records[root]
             new_here = id(t) in added
             if new_here and not futures:
                 handles.append(t)
@@ -244,27 +244,27 @@ class Session:
         if self._closed:
             raise RuntimeError("this session is closed; make a new Session")
 
-    def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[int, Task]:
+    def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[Any, Task]:
         """Records for ``roots`` and what they need, made (in post-order) where unknown."""
         known = self._scheduler.tasks
-        records: Dict[int, Task] = {}
+        records: Dict[Any, Task] = {}  # by node or future (both hash by identity)
 
         def record_of(dep: Any) -> Optional[Task]:
-            t = records.get(id(dep))
+            t = records.get(dep)
             if t is None:
                 if isinstance(dep, Ref):
                     t = self._own(dep)._task
                 else:
                     t = known.get(dep)
                 if t is not None:
-                    records[id(dep)] = t
+                    records[dep] = t
             return t
 
         def reused(node: Any) -> bool:
             """A record of ``node`` whose value the journal has: its upstream is not needed."""
             t = self._reused(node, group)
             if t is not None:
-                records[id(node)] = t
+                records[node] = t
                 new.append(t)
             return t is not None
 
@@ -274,7 +274,7 @@ class Session:
                     journal is not None and reused(root)):
                 continue
             if not root.deps:  # a leaf: no walk
-                t = records[id(root)] = self._record(root, group, ())
+                t = records[root] = self._record(root, group, ())
                 new.append(t)
                 continue
             stack = [(root, iter(root.deps))]
@@ -286,10 +286,10 @@ class Session:
                         break
                 else:
                     stack.pop()
-                    if id(node) not in records:
-                        t = self._record(node, group, [records[id(d)] for d in node.deps]
+                    if node not in records:
+                        t = self._record(node, group, [records[d] for d in node.deps]
                                          if node.deps else ())
-                        records[id(node)] = t
+                        records[node] = t
                         new.append(t)
         return records
 
