@@ -159,17 +159,24 @@ def measure_engine_apart(engine: str, kinds: List[str], sizes: Dict[str, int], r
     try:
         part = receive.recv()
     except EOFError:
-        part = {"results": {k: {engine: f"failed: its process exited {child.exitcode}"}
-                            for k in kinds}, "notes": {}, "linearity": {}, "start_s": {}}
+        child.join()
+        part = _empty_part(kinds)
+        for kind in kinds:
+            part["results"][kind][engine] = f"failed: its process exited {child.exitcode}"
     child.join()
     return part
+
+
+def _empty_part(kinds: List[str]) -> dict:
+    """What :func:`measure_engine` fills for one engine, before it does."""
+    return {"results": {k: {} for k in kinds}, "notes": {k: {} for k in kinds},
+            "linearity": {}, "start_s": {}}
 
 
 def _measure_child(send: "multiprocessing.connection.Connection", engine: str,
                    kinds: List[str], sizes: Dict[str, int], repeats: int, budget: float,
                    workers: int) -> None:
-    part = {"results": {k: {} for k in kinds}, "notes": {k: {} for k in kinds},
-            "linearity": {}, "start_s": {}}
+    part = _empty_part(kinds)
     measure_engine(engine, kinds, sizes, repeats, budget, workers, part)
     send.send(part)
 

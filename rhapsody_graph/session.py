@@ -218,14 +218,14 @@ class Session:
         group = self._futures if futures else computing
         new: List[Task] = []
         records = self._records(roots, group, new)
-        added = {id(t) for t in new}  # records no other thread sees yet
+        added = set(new)  # records no other thread sees yet (they hash by identity)
         handles, attach = [], []
         for root in roots:
             if isinstance(root, Ref):
                 handles.append(self._own(root))
                 continue
             t = records[root]
-            new_here = id(t) in added
+            new_here = t in added
             if new_here and not futures:
                 handles.append(t)
                 continue
