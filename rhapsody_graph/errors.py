@@ -6,7 +6,9 @@ note names the node. The classes below cover what is not the node's own doing.
 """
 from __future__ import annotations
 
+import reprlib
 import subprocess
+from typing import Any
 
 __all__ = [
     "RemoteTraceback",
@@ -76,3 +78,18 @@ def add_note(exc: BaseException, note: str) -> BaseException:
     if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
         exc.add_note(note)
     return exc
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+
+
+def brief(value: Any) -> str:
+    """A short repr of a user's value for an error message: bounded however big the
+    value is, and never raising (a ``__repr__`` that fails gives
+    ``<Type instance at 0x…>``), so the message it is in always reaches the user.
+
+    >>> brief("x" * 1000)[:12], len(brief("x" * 1000)) <= 80
+    ("'xxxxxxxxxxx", True)
+    """
+    return _BRIEF.repr(value)

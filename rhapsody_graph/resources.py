@@ -23,7 +23,7 @@ import bisect
 import os
 from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UnsatisfiableError
+from .errors import UnsatisfiableError, brief
 
 __all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host", "gpu_masks",
            "current_placement"]
@@ -189,7 +189,7 @@ class Host:
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)
                                    or memory < 0):
             raise ValueError(f"host {name!r}: memory must be a number of bytes >= 0, "
-                             f"got {memory!r}")
+                             f"got {brief(memory)}")
         self.memory = memory if memory is not None else _total_memory()
         if not self.cpus:
             raise ValueError(f"host {name!r} needs at least one core, got cpus={cpus!r}")
@@ -208,7 +208,7 @@ def _ids(host: str, what: str, value: "int | Sequence[int]") -> Tuple[int, ...]:
     elif (not isinstance(value, (list, tuple, range, set, frozenset))
           or not all(is_id(i) for i in value)):
         raise ValueError(f"host {host!r}: {what} must be a count >= 0 or a list of ids >= 0, "
-                         f"got {value!r}")
+                         f"got {brief(value)}")
     else:
         ids = tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
     if len(set(ids)) != len(ids):

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
-from .errors import NoBackendError, add_note
+from .errors import NoBackendError, add_note, brief
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
@@ -149,7 +149,7 @@ class Session:
         flat = list(nodes[0]) if one_list else nodes
         for n in flat:
             if not isinstance(n, (Node, Ref)):
-                raise TypeError(f"submit() takes nodes (or futures), got {n!r}")
+                raise TypeError(f"submit() takes nodes (or futures), got {brief(n)}")
         futures = self._submit(flat)
         return futures[0] if len(nodes) == 1 and not one_list else futures
 
@@ -463,7 +463,7 @@ def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
         raise TypeError("give on_error= or fail_fast=, not both")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, "
-                         f"got {on_error!r}")
+                         f"got {brief(on_error)}")
     return on_error
 
 

@@ -22,6 +22,7 @@ import math
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .errors import brief
 from .graph import EXECUTABLE, Node
 from .resources import DISTRIBUTIONS, PLACEMENTS, Resources
 
@@ -32,9 +33,9 @@ def _count(minimum: int) -> Callable[[str, str, Any], int]:
     def check(who: str, name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{who}: option {name!r} must be an integer >= {minimum}, "
-                            f"got {value!r} ({type(value).__name__})")
+                            f"got {brief(value)} ({type(value).__name__})")
         if value < minimum:
-            raise ValueError(f"{who}: option {name!r} must be >= {minimum}, got {value!r}")
+            raise ValueError(f"{who}: option {name!r} must be >= {minimum}, got {brief(value)}")
         return value
     return check
 
@@ -49,7 +50,7 @@ def _memory(who: str, name: str, value: Any) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{who}: option 'memory' must be bytes or a size like '4GB', "
-                             f"got {value!r}")
+                             f"got {brief(value)}")
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     return _count(0)(who, name, value)
 
@@ -58,10 +59,10 @@ def _seconds(who: str, name: str, value: Any) -> Optional[float]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {brief(value)}")
     if not 0 < value < math.inf:
         raise ValueError(f"{who}: option {name!r} must be a finite number of seconds > 0, "
-                         f"got {value!r} (leave it out for no timeout)")
+                         f"got {brief(value)} (leave it out for no timeout)")
     return float(value)
 
 
@@ -73,22 +74,22 @@ def _exception_types(who: str, name: str, value: Any) -> Optional[Tuple[type, ..
     if not types_ or not all(isinstance(t, type) and issubclass(t, BaseException)
                              for t in types_):
         raise TypeError(f"{who}: option {name!r} must be an exception class or a tuple of "
-                        f"them, got {value!r}")
+                        f"them, got {brief(value)}")
     return types_
 
 
 def _backoff(who: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {brief(value)}")
     if not 0 <= value < math.inf:
         raise ValueError(f"{who}: option {name!r} must be a finite number of seconds >= 0, "
-                         f"got {value!r}")
+                         f"got {brief(value)}")
     return float(value)
 
 
 def _text(who: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{who}: option {name!r} must be a string, got {value!r}")
+        raise TypeError(f"{who}: option {name!r} must be a string, got {brief(value)}")
     if not value:
         raise ValueError(f"{who}: option {name!r} must not be empty")
     return value
@@ -98,7 +99,7 @@ def _backend(who: str, name: str, value: Any) -> Optional[str]:
     """A backend's name; which names exist is the session's to say, before anything runs."""
     if value is not None and not isinstance(value, str) and hasattr(value, "submit"):
         raise TypeError(f"{who}: option {name!r} names a backend ('local', 'dragon' or a "
-                        f"session backend's name=), got the backend {value!r}; to run on "
+                        f"session backend's name=), got the backend {brief(value)}; to run on "
                         "it, pass it to compute(..., backend=it) or to Session(backends=[...])")
     return None if value is None else _text(who, name, value)
 
@@ -107,7 +108,7 @@ def _distribution(who: str, name: str, value: Any) -> str:
     value = _seed_name(value, {"roundrobin": "round_robin"})
     if value not in DISTRIBUTIONS:
         raise ValueError(f"{who}: option 'distribution' must be one of "
-                         f"{', '.join(repr(d) for d in DISTRIBUTIONS)}, got {value!r}")
+                         f"{', '.join(repr(d) for d in DISTRIBUTIONS)}, got {brief(value)}")
     return value
 
 
@@ -124,7 +125,7 @@ def _placement(who: str, name: str, value: Any) -> str:
     value = _seed_name(value, {"hostname": "host_name", "hostid": "host_id"})
     if value not in PLACEMENTS:
         raise ValueError(f"{who}: option 'placement' must be one of "
-                         f"{', '.join(repr(p) for p in PLACEMENTS)}, got {value!r}")
+                         f"{', '.join(repr(p) for p in PLACEMENTS)}, got {brief(value)}")
     return value
 
 
@@ -133,16 +134,16 @@ def _ids(who: str, name: str, value: Any) -> tuple:
           and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value))
     if not ok:
         raise TypeError(f"{who}: option {name!r} must be a non-empty list of ids >= 0, "
-                        f"got {value!r}")
+                        f"got {brief(value)}")
     if len(set(value)) != len(value):
-        raise ValueError(f"{who}: option {name!r} lists an id twice: {list(value)}")
+        raise ValueError(f"{who}: option {name!r} lists an id twice: {brief(list(value))}")
     return tuple(value)
 
 
 def _policy(who: str, name: str, value: Any) -> Any:
     if not all(hasattr(value, a) for a in ("placement", "cpu_affinity", "gpu_affinity")):
         raise TypeError(f"{who}: option {name!r} must be a dragon.infrastructure.policy.Policy, "
-                        f"got {value!r}")
+                        f"got {brief(value)}")
     return value
 
 
@@ -152,7 +153,7 @@ TEMPLATE_KEYS = ("cwd", "env", "stdin", "stdout", "stderr", "options", "policy")
 def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{who}: option {name!r} must be a dict of ProcessTemplate arguments "
-                        f"({', '.join(TEMPLATE_KEYS)}), got {value!r}")
+                        f"({', '.join(TEMPLATE_KEYS)}), got {brief(value)}")
     bad = sorted(set(value) - set(TEMPLATE_KEYS))
     if bad:
         raise TypeError(f"{who}: option {name!r} does not take {', '.join(repr(b) for b in bad)}; "
@@ -160,7 +161,7 @@ def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
                         "(target and args come from the node)")
     env = value.get("env")
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError(f"{who}: {name} env must map str to str, got {env!r}")
+        raise TypeError(f"{who}: {name} env must map str to str, got {brief(env)}")
     if value.get("policy") is not None:
         _policy(who, f"{name} policy", value["policy"])
     return dict(value)
@@ -169,12 +170,12 @@ def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
 def _templates(who: str, name: str, value: Any) -> List[Tuple[int, Dict[str, Any]]]:
     if not isinstance(value, (list, tuple)) or not value:
         raise TypeError(f"{who}: option 'process_templates' must be a non-empty list of "
-                        f"(ranks, {{ProcessTemplate arguments}}) pairs, got {value!r}")
+                        f"(ranks, {{ProcessTemplate arguments}}) pairs, got {brief(value)}")
     out = []
     for pair in value:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise TypeError(f"{who}: each entry of 'process_templates' must be a "
-                            f"(ranks, dict) pair, got {pair!r}")
+                            f"(ranks, dict) pair, got {brief(pair)}")
         out.append((_count(1)(who, "process_templates ranks", pair[0]),
                     _template(who, "process_templates", pair[1])))
     return out
@@ -383,7 +384,7 @@ class Task:
 
     def __init__(self, func: Callable[..., Any], options: Mapping[str, Any]) -> None:
         if not callable(func):
-            raise TypeError(f"@task needs a callable, got {func!r}")
+            raise TypeError(f"@task needs a callable, got {brief(func)}")
         if isinstance(func, Task):
             options = _merge(func.opts.values, options)
             func = func.func
@@ -463,11 +464,11 @@ def executable(argv: Sequence[Any], *, cwd: Optional[str] = None,
     'hi\\n'
     """
     if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
-        raise TypeError(f"executable() needs a non-empty list of arguments, got {argv!r}")
+        raise TypeError(f"executable() needs a non-empty list of arguments, got {brief(argv)}")
     prog = str(argv[0]) if not isinstance(argv[0], Node) else "executable"
     who = f"executable {prog!r}"
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError(f"{who}: env must map str to str, got {env!r}")
+        raise TypeError(f"{who}: env must map str to str, got {brief(env)}")
     values = validate(who, options)
     opts = Options(values, prog.rsplit("/", 1)[-1], f"executable:{prog}")
     spec = ExecSpec(list(argv), cwd, dict(env) if env else None)

@@ -76,6 +76,27 @@ def test_bad_options_name_the_function_in_options_call():
         t.options(cpus=-2)
 
 
+class BrokenRepr:
+    """A value whose ``repr`` raises, as a half-built object's can."""
+
+    def __repr__(self):
+        raise RuntimeError("repr is broken")
+
+
+@pytest.mark.parametrize("options, text", [
+    ({"cpus": BrokenRepr()}, r"^inc: option 'cpus' must be an integer >= 0, got <BrokenRepr "
+                             r"instance at 0x[0-9a-f]+> \(BrokenRepr\)$"),
+    ({"timeout": BrokenRepr()}, r"'timeout' must be a number of seconds, got <BrokenRepr"),
+    ({"memory": "lots" * 100_000}, r"'memory' must be bytes or a size like '4GB', got 'lotslots"),
+    ({"cpu_affinity": list(range(-1, 100_000))}, r"ids >= 0, got \[-1, 0, 1, 2, 3, 4, \.\.\.\]$"),
+    ({"gpu_affinity": [0] * 100_000}, r"'gpu_affinity' lists an id twice: \[0, 0, 0, 0, 0, 0, \.\.\.\]$"),
+])
+def test_a_bad_option_value_is_named_briefly_even_when_its_repr_fails_or_is_huge(options, text):
+    with pytest.raises((TypeError, ValueError), match=text) as caught:
+        rhapsody.task(**options)(inc)
+    assert len(str(caught.value)) < 400
+
+
 def test_executable_validates_its_arguments():
     with pytest.raises(TypeError, match="non-empty list"):
         rhapsody.executable("echo hi")

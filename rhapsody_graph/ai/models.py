@@ -16,6 +16,8 @@ import os
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
+from ..errors import brief
+
 __all__ = ["Model", "model", "lookup", "smollm2_path", "ENGINES"]
 
 #: engine -> (Python modules that must be importable, what to install)
@@ -113,23 +115,23 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         engine = "remote"
     elif engine not in ENGINES:
         raise ValueError(f"model {name!r}: engine must be one of {', '.join(ENGINES)}, "
-                         f"got {engine!r}")
+                         f"got {brief(engine)}")
     elif not path:
         raise ValueError(f"model {name!r}: engine {engine!r} needs path= to local weights")
     for what, seconds in (("timeout", timeout), ("ready_timeout", ready_timeout)):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise ValueError(f"model {name!r}: {what} must be a number of seconds > 0, "
-                             f"got {seconds!r}")
+                             f"got {brief(seconds)}")
     for what, value, least in (("gpus", gpus, 0), ("cpus", cpus, 0), ("retries", retries, 0),
                                ("concurrency", concurrency, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"model {name!r}: {what} must be an integer >= {least}, "
-                             f"got {value!r}")
+                             f"got {brief(value)}")
     if host is not None and (url is not None or not isinstance(host, str) or not host):
         raise ValueError(f"model {name!r}: host= must be a host name, for a server this "
-                         f"project starts (not with url=); got {host!r}")
+                         f"project starts (not with url=); got {brief(host)}")
     if lists is not None and not isinstance(lists, bool):
-        raise ValueError(f"model {name!r}: lists= must be True or False, got {lists!r}")
+        raise ValueError(f"model {name!r}: lists= must be True or False, got {brief(lists)}")
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
               retries, concurrency, float(ready_timeout), host, lists, path)

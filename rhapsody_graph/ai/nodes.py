@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from ..errors import brief
 from ..graph import Node
 from ..task import Options, validate
 
@@ -53,13 +54,13 @@ def _options(who: str, options: Dict[str, Any]) -> Options:
 def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[str],
           chat: Optional[bool], parse: Any, sampling: Dict[str, Any]) -> AISpec:
     if not isinstance(model, str) or not model:
-        raise TypeError(f"{who}: model= must name a declared model, got {model!r}")
+        raise TypeError(f"{who}: model= must name a declared model, got {brief(model)}")
     unknown = set(sampling) - set(SAMPLING)
     if unknown:
         raise TypeError(f"{who}: unknown sampling option(s) {sorted(unknown)}; "
                         f"valid: {', '.join(SAMPLING)}")
     if parse is not None and not callable(parse):
-        raise TypeError(f"{who}: parse= must be callable, got {parse!r}")
+        raise TypeError(f"{who}: parse= must be callable, got {brief(parse)}")
     if system is not None and chat is False:
         raise ValueError(f"{who}: system= needs a chat request (chat=True)")
     return AISpec(model, template, builder, system, True if chat is None else chat,
@@ -81,7 +82,7 @@ def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
     if not isinstance(prompt, str) and not (
             isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
         raise TypeError(f"{who}: prompt must be a template string or a non-empty list of them, "
-                        f"got {prompt!r}")
+                        f"got {brief(prompt)}")
     spec = _spec(who, model, prompt if isinstance(prompt, str) else list(prompt), None, system,
                  chat, parse, sampling)
     opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
@@ -122,7 +123,7 @@ def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any],
     if not isinstance(texts, (list, tuple)) or not texts or not all(
             isinstance(t, str) for t in texts):
         raise TypeError(f"the prompt must be a string or a non-empty list of strings, "
-                        f"got {built!r}")
+                        f"got {brief(built)}")
     if spec.chat:
         system = [{"role": "system", "content": spec.system}] if spec.system else []
         answers = client.chat([system + [{"role": "user", "content": t}] for t in texts],

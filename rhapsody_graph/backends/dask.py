@@ -50,7 +50,7 @@ from .base import (DIED, ERROR, KILLED, OK, Call, Completion, Completions, OwnCa
                    close_session, environ)
 from .pool import encode_arguments, encode_function, encode_program
 from .programs import kill_program_of, run_program
-from ..errors import WorkerDiedError
+from ..errors import WorkerDiedError, brief
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger
 
@@ -127,7 +127,7 @@ class DaskBackend(OwnCalls):
         if sum(x is not None for x in (client, cluster, address)) != 1:
             raise TypeError("DaskBackend: give exactly one of client=, cluster= or address=")
         if not isinstance(name, str) or not name:
-            raise TypeError(f"DaskBackend: name must be a non-empty string, got {name!r}")
+            raise TypeError(f"DaskBackend: name must be a non-empty string, got {brief(name)}")
         self.name = name
         self._own = client is None
         if client is None:

@@ -66,7 +66,7 @@ from .dragon_service import DragonServer
 from .launch import describe_exit
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers, place
 from ..ai.service import LOOPBACK, Spawn
-from ..errors import WorkerDiedError, add_note
+from ..errors import WorkerDiedError, add_note, brief
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, Placement
 
@@ -290,7 +290,7 @@ class DragonBackend(PoolBackend):
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
                  start_timeout: float = 120.0, name: str = "dragon") -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"DragonBackend: name must be a non-empty string, got {name!r}")
+            raise TypeError(f"DragonBackend: name must be a non-empty string, got {brief(name)}")
         self._machine, self._batch_module = _dragon()
         dragon_runtime.ensure(self)  # outside the launcher: a runtime of this process's own
         self.name = name

@@ -37,7 +37,7 @@ from .base import ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session
 from ..ai.models import Model, lookup
 from ..ai.nodes import AI, run
 from ..ai.service import Service, Services
-from ..errors import NodeTimeoutError
+from ..errors import NodeTimeoutError, brief
 from ..resources import Host, Inventory, Ledger, Resources, detect_host
 
 __all__ = ["InferenceBackend"]
@@ -88,12 +88,12 @@ class InferenceBackend(OwnCalls):
                  gpus: "int | Sequence[int] | None" = None,
                  hosts: Optional[Sequence[Host]] = None) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"InferenceBackend: name must be a non-empty string, got {name!r}")
+            raise TypeError(f"InferenceBackend: name must be a non-empty string, got {brief(name)}")
         if models is not None:
             bad = [m for m in models if not isinstance(m, Model)]
             if bad:
                 raise TypeError(f"InferenceBackend {name!r}: models= takes declared models "
-                                f"(rhapsody.model(...)), got {bad[0]!r}")
+                                f"(rhapsody.model(...)), got {brief(bad[0])}")
         if on is not None and (cpus is not None or gpus is not None or hosts is not None):
             raise TypeError(f"InferenceBackend {name!r}: give on=backend or an inventory "
                             "(cpus=/gpus=/hosts=), not both")

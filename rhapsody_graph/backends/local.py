@@ -29,6 +29,7 @@ from .base import KILLED, RANKS_KIND, Call, Completion
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
 from ..ai.service import Spawn, local_server
+from ..errors import brief
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, detect_host
 
@@ -93,7 +94,8 @@ class LocalBackend(PoolBackend):
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
                  memory: Optional[int] = None, name: str = "local") -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{type(self).__name__}: name must be a non-empty string, got {name!r}")
+            raise TypeError(f"{type(self).__name__}: name must be a non-empty string, "
+                            f"got {brief(name)}")
         self.name = name
         if hosts is not None and (cpus is not None or gpus is not None or memory is not None):
             raise TypeError("LocalBackend: give either hosts=[Host(...), ...] or "

@@ -56,7 +56,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from . import wire
 from .base import (DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease,
                    close_session, refuse_second_session)
-from ..errors import WorkerDiedError
+from ..errors import WorkerDiedError, brief
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Inventory, Placement
 
@@ -508,7 +508,7 @@ def max_workers(workers: Optional[int], inventory: Inventory, who: str) -> int:
     """A backend's ``workers=``, checked (default: every core of its inventory)."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers < 1):
-        raise ValueError(f"{who}: workers must be an integer >= 1, got {workers!r}")
+        raise ValueError(f"{who}: workers must be an integer >= 1, got {brief(workers)}")
     return workers or inventory.total_cpus
 
 
@@ -517,7 +517,7 @@ def check_argv(node: Any) -> None:
     for arg in node.fn.argv:
         if not isinstance(arg, (str, bytes, int, float, os.PathLike)) and not isinstance(arg, Node):
             raise TypeError(f"node {node.key!r}: executable arguments must be text, "
-                            f"numbers, paths or nodes; got {arg!r}")
+                            f"numbers, paths or nodes; got {brief(arg)}")
 
 
 def encode_program(node: Any) -> wire.Args:
@@ -557,7 +557,7 @@ def unpicklable_argument(node: Any, exc: Exception) -> TypeError:
         try:
             wire.dump_args((value,), {}, node.deps)
         except Exception as inner:
-            return TypeError(f"node {node.key!r}: {label} {wire.brief(value)} cannot be pickled to "
+            return TypeError(f"node {node.key!r}: {label} {brief(value)} cannot be pickled to "
                              f"send to a worker: {inner}")
     return TypeError(f"node {node.key!r}: its arguments cannot be pickled: {exc}")
 

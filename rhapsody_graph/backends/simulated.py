@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 
 from .base import DROPPED, KILLED, OK, RANKS_KIND, Call, Completion, close_session, \
     refuse_second_session
+from ..errors import brief
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger, Placement
 
@@ -96,7 +97,7 @@ class SimulatedBackend:
                  gpus: Optional[int] = None, memory: Optional[int] = None, name: str = "sim",
                  duration: Duration = 1.0, record: bool = True) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"SimulatedBackend: name must be a non-empty string, got {name!r}")
+            raise TypeError(f"SimulatedBackend: name must be a non-empty string, got {brief(name)}")
         self.name = name
         self.inventory = Inventory(_declared(name, hosts, cpus, gpus, memory))
         self.ledger = Ledger(self.inventory)
@@ -295,7 +296,7 @@ def _row(key: str, start: float, end: float, placements: Sequence[Placement]) ->
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not 0 <= value < math.inf:
-        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {brief(value)}")
     return float(value)
 
 
@@ -304,7 +305,7 @@ def _declared(name: str, hosts: "int | Sequence[Host]", cpus: Optional[int],
     """The hosts to simulate: ``hosts`` of the given counts, or the hosts given."""
     if isinstance(hosts, int) and not isinstance(hosts, bool):
         if hosts < 1:
-            raise ValueError(f"SimulatedBackend {name!r}: hosts must be >= 1, got {hosts!r}")
+            raise ValueError(f"SimulatedBackend {name!r}: hosts must be >= 1, got {brief(hosts)}")
         cpus = 64 if cpus is None else cpus
         gpus = 8 if gpus is None else gpus
         memory = 256 * 2**30 if memory is None else memory
@@ -312,7 +313,7 @@ def _declared(name: str, hosts: "int | Sequence[Host]", cpus: Optional[int],
     if (not isinstance(hosts, (list, tuple)) or not hosts
             or not all(isinstance(h, Host) for h in hosts)):
         raise TypeError(f"SimulatedBackend {name!r}: hosts must be a count or a list of "
-                        f"Host, got {hosts!r}")
+                        f"Host, got {brief(hosts)}")
     if cpus is not None or gpus is not None or memory is not None:
         raise TypeError(f"SimulatedBackend {name!r}: give hosts=[Host(...), ...] or "
                         "hosts=N with cpus=/gpus=/memory=, not both")

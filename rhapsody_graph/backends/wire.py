@@ -33,12 +33,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import reprlib
 import struct
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..errors import RemoteError, RemoteTraceback, add_note
+from ..errors import RemoteError, RemoteTraceback, add_note, brief
 from ..graph import SCALARS
 
 OK, ERROR, DROPPED = 0, 1, 2
@@ -66,16 +65,6 @@ def dump_value(obj: Any) -> bytes:
     except Exception:
         pass
     return _cloudpickle().dumps(obj, PROTOCOL)
-
-
-_BRIEF = reprlib.Repr()
-_BRIEF.maxstring = _BRIEF.maxother = 80
-
-
-def brief(value: Any) -> str:
-    """A short repr of ``value`` for an error message: bounded however big the value
-    is, and never raising (a ``__repr__`` that fails gives ``<Type instance at 0x…>``)."""
-    return _BRIEF.repr(value)
 
 
 def dump_result(value: Any) -> bytes:

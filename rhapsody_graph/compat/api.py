@@ -12,7 +12,7 @@ import itertools
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..ai.nodes import ai
-from ..errors import ExecutableError
+from ..errors import ExecutableError, brief
 from ..futures import Future
 from ..graph import Node
 from ..session import Session as _Session
@@ -128,7 +128,7 @@ class ComputeTask(BaseTask):
                             "exactly one")
         if function is not None and not callable(function):
             raise TypeError(f"ComputeTask {self.uid!r}: function= must be callable, "
-                            f"got {function!r}")
+                            f"got {brief(function)}")
         extra = dict(task_backend_specific_kwargs or {})
         bad = sorted(set(extra) - set(BACKEND_KWARGS))
         if bad:
@@ -179,7 +179,7 @@ class AITask(BaseTask):
                  **sampling: Any) -> None:
         super().__init__(backend, uid)
         if not isinstance(prompt, str):
-            raise TypeError(f"AITask {self.uid!r}: prompt must be a string, got {prompt!r}")
+            raise TypeError(f"AITask {self.uid!r}: prompt must be a string, got {brief(prompt)}")
         self.prompt, self.model, self.system_prompt = prompt, model, system_prompt
         self.sampling = sampling
         self.response: Optional[str] = None

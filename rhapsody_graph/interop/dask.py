@@ -28,6 +28,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
+from ..errors import brief
 from ..graph import Node
 from ..task import task
 
@@ -185,7 +186,7 @@ def _pool(num_workers: int) -> Any:
     """The LocalBackend kept for ``num_workers`` worker processes."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"rhapsody_graph.get: num_workers must be an integer >= 1, "
-                         f"got {num_workers!r}")
+                         f"got {brief(num_workers)}")
     from ..backends.local import LocalBackend
     with _lock:
         if num_workers not in _pools:

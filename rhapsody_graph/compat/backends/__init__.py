@@ -24,6 +24,7 @@ from typing import Any, Optional
 from ...ai.models import lookup, model
 from ...backends.inference import InferenceBackend
 from ...backends.local import LocalBackend
+from ...errors import brief
 
 __all__ = ["ConcurrentExecutionBackend", "DragonExecutionBackendV3", "DragonExecutionBackend",
            "DaskExecutionBackend", "DragonVllmInferenceBackend"]
@@ -119,7 +120,7 @@ class DragonVllmInferenceBackend(_Backend):
 
 def _declared(name: str, options: Any) -> Any:
     if not isinstance(name, str) or not name:
-        raise TypeError(f"DragonVllmInferenceBackend: model= must name a model, got {name!r}")
+        raise TypeError(f"DragonVllmInferenceBackend: model= must name a model, got {brief(name)}")
     path = os.path.expanduser(name)
     if os.path.exists(path):
         engine = "vllm" if os.path.isdir(path) else "llama_cpp"
