@@ -5,6 +5,7 @@ import time
 import pytest
 
 import rhapsody_graph as rhapsody
+from tests.reaper import descendants
 
 
 def child_pids(pid: int = None) -> set:
@@ -12,8 +13,8 @@ def child_pids(pid: int = None) -> set:
     driver, for the driver's life), from /proc."""
     if pid is None:
         from rhapsody_graph.backends.watchdog import watchdog_pid
-        return _descendants(os.getpid()) - {watchdog_pid()}
-    return _descendants(pid)
+        return descendants(os.getpid()) - {watchdog_pid()}
+    return descendants(pid)
 
 
 def wait_until(test, seconds: float) -> bool:
@@ -24,27 +25,6 @@ def wait_until(test, seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def _descendants(pid: int) -> set:
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except FileNotFoundError:
-                continue
-            for k in kids:
-                if k not in found:
-                    found.add(k)
-                    todo.append(k)
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,10 @@ Starting Dragon costs seconds, so every scenario in tests/dragon_runtime shares 
 launch and one Batch runtime; this test starts it, bounds it, and checks that the
 launch passed every scenario and left no Dragon process behind. The examples in
 examples/dragon run here too, each in a launch of its own, as a user runs them.
+
+Every launch runs under tests/reaper.py, which knows the launch's processes by ancestry
+(a child subreaper): what is left behind is found by pid and reported whatever its name,
+and another job's Dragon runtime on the same machine is never counted nor touched.
 """
 import os
 import re
@@ -15,30 +19,33 @@ import time
 
 import pytest
 
+from tests.reaper import NONE_LEFT, children, descendants, left_behind, start, stop
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SCENARIOS = os.path.join(ROOT, "tests", "dragon_runtime")
 EXAMPLES = os.path.join(ROOT, "examples", "dragon")
 
 
-def dragon_pids() -> set:
-    """Processes of a Dragon runtime (its launcher, services and managed processes)."""
-    out = subprocess.run(["pgrep", "-f", "dragon"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()} - {os.getpid()}
+#: how long a launch's processes may take to exit after the launch itself has
+GRACE = 5.0
+
+
+def dragon_alive() -> bool:
+    """Whether any Dragon runtime runs on this machine (this test's or another's)."""
+    return subprocess.run(["pgrep", "-f", "dragon"], capture_output=True).returncode == 0
 
 
 @pytest.mark.timeout(900)
 def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
     launcher = shutil.which("dragon")
     assert launcher, 'the Dragon launcher is missing: pip install ".[test]" installs dragonhpc'
-    before = dragon_pids()
     code, output = _launch([launcher, sys.executable, "-m", "pytest", SCENARIOS, "-q", "-p",
                             "no:cacheprovider", "-o", "addopts=-ra"], 840)
     summary = re.search(r"(\d+) passed", output)
     assert code == 0 and summary, output[-6000:]
     assert int(summary.group(1)) == _scenario_count(), output[-6000:]
-    left = dragon_pids() - before
-    assert not left, f"Dragon processes left behind: {sorted(left)}"
+    assert left_behind(output) == NONE_LEFT
 
 
 @pytest.mark.timeout(420)
@@ -61,61 +68,57 @@ def test_dragon_scenarios_pass_under_the_dragon_launcher_and_leave_no_process():
      r"summary: \S(?s:.*)the summary ran on llm, host \S+"),
 ])
 def test_dragon_example_runs_under_the_launcher_and_leaves_no_process(example, args, shows):
-    before = dragon_pids()
     code, output = _launch([shutil.which("dragon"), os.path.join(EXAMPLES, example), *args], 360)
     assert code == 0 and re.search(shows, output), output[-3000:]
-    assert not dragon_pids() - before, "Dragon processes left behind"
+    assert left_behind(output) == NONE_LEFT
 
 
 @pytest.mark.timeout(300)
 def test_dragon_example_runs_as_plain_python_and_leaves_no_process():
-    before = dragon_pids()
     code, output = _launch([sys.executable, os.path.join(EXAMPLES, "without_launcher.py")], 240)
     assert code == 0 and re.search(
         r"before: False\nunder a Dragon runtime now: True(?s:.*)on Dragon: value 5 from "
         r"process \d+ on \S+\non the local backend: value 5", output), output[-3000:]
-    assert not dragon_pids() - before, "Dragon processes left behind"
+    assert left_behind(output) == NONE_LEFT
 
 
 def _launch(cmd: list, seconds: float) -> tuple:
-    """Run the Dragon launcher on ``cmd``; its exit code and output. On a timeout, kill
-    its whole process group, clean up after Dragon and fail."""
-    # its own process group, to kill it all on a timeout; not its own session: the
-    # dragon launcher started by setsid hangs without a word (dragonhpc 0.15)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=os.setpgrp)
+    """Run ``cmd`` (the Dragon launcher on a program, or a program that starts Dragon)
+    under the reaper; its exit code and output, the reaper's report last. On a timeout,
+    kill all it started, by pid, and fail."""
+    proc = _start(cmd, GRACE)
     try:
-        output, _ = proc.communicate(timeout=seconds)
+        output, _ = proc.communicate(timeout=seconds + GRACE)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _end_launch(proc)
         output, _ = proc.communicate()
-        subprocess.run(["dragon-cleanup"], capture_output=True)
         pytest.fail(f"{cmd[1:]} did not finish under dragon in {seconds} s:\n" + output[-6000:])
     return proc.returncode, output
 
 
+def _start(cmd: list, grace: float, preexec=os.setpgrp) -> subprocess.Popen:
+    """``cmd`` under the reaper, in a process group of its own (to signal it whole); not
+    in a session of its own: the dragon launcher started by setsid hangs without a word
+    (dragonhpc 0.15)."""
+    return start(cmd, grace, cwd=ROOT, preexec_fn=preexec)
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_to_the_driver_kills_its_nodes_and_leaves_no_dragon_process(tmp_path):
-    before = dragon_pids()
     pidfile = tmp_path / "pids"
     script = os.path.join(SCENARIOS, "interrupted.py")
-    proc = subprocess.Popen([shutil.which("dragon"), script, str(pidfile)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_fresh_signals)
+    proc = _start([shutil.which("dragon"), script, str(pidfile)], GRACE, _fresh_signals)
     try:
         pids = _wait_for_pids(pidfile, 3, proc)
         time.sleep(1)  # the nodes and the server run: the driver waits in its loop
         os.kill(_driver_pid(proc.pid, script), signal.SIGINT)  # what Ctrl-C does to the driver
-        output, _ = proc.communicate(timeout=90)
+        output, _ = proc.communicate(timeout=90 + GRACE)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            subprocess.run(["dragon-cleanup"], capture_output=True)
+        _end_launch(proc)
     assert "KeyboardInterrupt" in output, output[-3000:]
+    assert left_behind(output) == NONE_LEFT
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], \
         "a node's process or the inference server survived"
-    assert not dragon_pids() - before, "Dragon processes left behind"
 
 
 UNCLOSED = """import rhapsody_graph as rhapsody
@@ -147,11 +150,10 @@ def test_a_dragon_program_that_never_closes_its_backend_exits_and_leaves_no_proc
     runtime of its own and must stop it)."""
     script = tmp_path / "unclosed.py"
     script.write_text(program)
-    before = dragon_pids()
     run = [shutil.which("dragon")] if launcher == "dragon" else [sys.executable]
     code, output = _launch(run + [str(script)], 240)
     assert (code, code_and_output[1] in output) == (code_and_output[0], True), output[-3000:]
-    assert not dragon_pids() - before, "Dragon processes left behind"
+    assert left_behind(output) == NONE_LEFT
 
 
 def _fresh_signals() -> None:
@@ -174,19 +176,20 @@ def _wait_for_pids(path, count, proc, seconds=120):
     raise AssertionError("the interrupted driver's nodes did not start")
 
 
-def _driver_pid(launcher: int, script: str) -> int:
-    """The driver process the launcher started (its own cmdline names the script).
+def _driver_pid(reaper: int, script: str) -> int:
+    """The driver process of the launch under ``reaper`` (its own cmdline names the
+    script).
 
     Its arguments are read split by NULs or, where a title was set (``setproctitle``,
     which gunicorn, imported by Dragon, loads when it is installed, leaves one string),
     by spaces."""
-    for pid in dragon_pids() | {int(p) for p in os.listdir("/proc") if p.isdigit()}:
+    for pid in descendants(reaper):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().replace(b"\0", b" ").split()
         except OSError:
             continue
-        if pid != launcher and len(argv) > 1 and argv[1].decode(errors="replace") == script:
+        if len(argv) > 1 and argv[1].decode(errors="replace") == script:
             return pid
     raise AssertionError("no driver process found")
 
@@ -216,23 +219,17 @@ def test_a_plain_python_driver_killed_by_sigkill_leaves_no_dragon_process(tmp_pa
     system's, the OOM killer's) takes the runtime and the node's process with it."""
     script, pidfile = tmp_path / "killed.py", tmp_path / "pid"
     script.write_text(KILLED_DRIVER)
-    before = dragon_pids()
-    proc = subprocess.Popen([sys.executable, str(script), str(pidfile)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=os.setpgrp)
+    proc = _start([sys.executable, str(script), str(pidfile)], 30)  # the watchdog's time
     try:
         node = _wait_for_pids(pidfile, 1, proc)[0]
-        assert dragon_pids() - before, "no Dragon runtime was started"
-        proc.kill()
-        proc.wait()
-        deadline = time.monotonic() + 30  # the watchdog ends them once the driver is gone
-        while (dragon_pids() - before or os.path.exists(f"/proc/{node}")) \
-                and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
-        assert not dragon_pids() - before, "Dragon processes left behind"
+        driver, = children(proc.pid)
+        assert len(descendants(driver)) > 2, "no Dragon runtime was started"
+        os.kill(driver, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=90)
     finally:
-        _end_launch(proc, before)
+        _end_launch(proc)
+    assert left_behind(output) == NONE_LEFT  # within 30 s of the driver's death
+    assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
 
 
 LAUNCHER_KILLED = """import os, sys, time
@@ -251,7 +248,7 @@ with rhapsody.DragonBackend() as backend:
 """
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("signum, whole_group", [(signal.SIGTERM, False),
                                                  (signal.SIGINT, True)])
 def test_a_signal_to_the_launcher_stops_the_driver_and_leaves_no_process(
@@ -261,42 +258,31 @@ def test_a_signal_to_the_launcher_stops_the_driver_and_leaves_no_process(
     nor the node's process, nor any Dragon process."""
     script, pidfile, driverfile = tmp_path / "launched.py", tmp_path / "pid", tmp_path / "driver"
     script.write_text(LAUNCHER_KILLED)
-    before = dragon_pids()
-    proc = subprocess.Popen([shutil.which("dragon"), str(script), str(pidfile), str(driverfile)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=_fresh_signals)
+    # the reaper waits for the driver's bounded shutdown, then its watchdog
+    proc = _start([shutil.which("dragon"), str(script), str(pidfile), str(driverfile)], 150,
+                  _fresh_signals)
     try:
         node = _wait_for_pids(pidfile, 1, proc)[0]
         driver = int(driverfile.read_text())
+        launcher, = children(proc.pid)
         if whole_group:
-            os.killpg(proc.pid, signum)
+            os.killpg(os.getpgid(launcher), signum)  # the launcher leads a group of its own
         else:
-            os.kill(proc.pid, signum)  # the launcher alone
-        proc.communicate(timeout=120)
-        deadline = time.monotonic() + 150  # the driver's bounded shutdown, then its watchdog
-        while (dragon_pids() - before or os.path.exists(f"/proc/{node}")
-               or os.path.exists(f"/proc/{driver}")) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not os.path.exists(f"/proc/{driver}"), "the driver outlived its launcher"
-        assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
-        assert not dragon_pids() - before, "Dragon processes left behind"
+            os.kill(launcher, signum)  # the launcher alone
+        output, _ = proc.communicate(timeout=120 + 150)
     finally:
-        _end_launch(proc, before)
+        _end_launch(proc)
+    assert left_behind(output) == NONE_LEFT
+    assert not os.path.exists(f"/proc/{driver}"), "the driver outlived its launcher"
+    assert not os.path.exists(f"/proc/{node}"), "the node's process survived"
 
 
-def _end_launch(proc: subprocess.Popen, before: set) -> None:
-    """After a test that killed part of a launch: kill what is left of it (the
-    launcher's group, then this launch's Dragon processes, by pid) and, when no Dragon
-    runtime is alive at all, the shared-memory files a killed runtime leaves."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pid in dragon_pids() - before:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if not dragon_pids():
+def _end_launch(proc: subprocess.Popen) -> None:
+    """After a launch that failed or was killed in part: kill what is left of it (the
+    reaper does, by pid) and, when no Dragon runtime is alive at all (this test's or
+    another's), remove the shared-memory files a killed runtime leaves."""
+    stop(proc)
+    if not dragon_alive():
         for name in os.listdir("/dev/shm"):
             if name.startswith("DD"):
                 os.unlink(os.path.join("/dev/shm", name))
