@@ -308,6 +308,9 @@ def chart(results: Dict[str, Dict[str, Samples]], units: Dict[str, str], path: s
     numbers = {k: {e: statistics.median(v) for e, v in per.items() if isinstance(v, list)}
                for k, per in results.items() if k != "startup"}
     workloads = [k for k in numbers if numbers[k]]
+    if not workloads:
+        print(f"\nno chart written to {path}: start-up is a table only, and nothing else ran")
+        return
     engines = sorted({e for k in workloads for e in numbers[k]},
                      key=lambda e: (e != "rhapsody", e))
     palette = plt.get_cmap("tab20").colors

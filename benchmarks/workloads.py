@@ -69,7 +69,8 @@ NAP_S = 0.020                       # each chain20ms hop's own sleep
 RUN_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool")
 BUILD_ENGINES = ("rhapsody", "dask", "dict")
 ORDER_ENGINES = ("rhapsody", "dask", "graphlib")
-STARTUP_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool")
+STARTUP_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool",
+                   "processpool-forkserver", "processpool-spawn")
 MEMORY_ENGINES = ("rhapsody", "dask", "ray", "dict")
 
 # The issue's bars, in microseconds per node / hop (startup: seconds).
@@ -727,6 +728,22 @@ print(t1 - t0, time.perf_counter() - t0)
 """,
     "threadpool": _EXECUTOR_STARTUP.format(executor="ThreadPoolExecutor"),
 }
+# ProcessPoolExecutor with fresh interpreters for workers, as rhapsody_graph's are:
+# "forkserver" (Python 3.14's default on Linux) and "spawn" (macOS's and Windows'
+# default). Their children cannot import a function of a ``python -c`` script, so the
+# task is a builtin (``abs``), sent by reference.
+for _method in ("forkserver", "spawn"):
+    _STARTUP[f"processpool-{_method}"] = f"""
+import time
+t0 = time.perf_counter()
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+t1 = time.perf_counter()
+ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("{_method}"))
+assert ex.submit(abs, -2).result() == 2
+print(t1 - t0, time.perf_counter() - t0)
+ex.shutdown()
+"""
 
 
 _STARTED: set = set()  # engines whose script has run once here: their bytecode is cached
