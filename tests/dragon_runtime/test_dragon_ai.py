@@ -1,7 +1,6 @@
 """AI nodes on the Dragon backend: the inference server is a Dragon process placed by
 the ledger (tests/backends/test_dragon.py runs this under the real launcher)."""
 import os
-import subprocess
 import threading
 
 import pytest
@@ -13,11 +12,15 @@ from ..ai.test_nodes import killer, serving
 pytestmark = pytest.mark.timeout(180)
 
 
-def service_hosts() -> set:
-    """Pids of live service-host processes (the keepers of Dragon-placed servers)."""
-    out = subprocess.run(["pgrep", "-f", "rhapsody_graph.backends.service_host"],
-                         capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def keeper_of(server: int) -> int:
+    """The pid of the server's parent, which must be a service host (the keeper that
+    Dragon placed): found by ancestry, so another run's service hosts never count."""
+    with open(f"/proc/{server}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    with open(f"/proc/{parent}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"rhapsody_graph.backends.service_host" in argv, f"the server's parent is {argv}"
+    return parent
 
 
 def watch_server(backend, model: str) -> dict:
@@ -31,7 +34,7 @@ def watch_server(backend, model: str) -> dict:
             env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
         seen.update(pid=pid, placement=service.placement, url=service.client.base_url,
                     cores=os.sched_getaffinity(pid), cuda=env.get(b"CUDA_VISIBLE_DEVICES"),
-                    keepers=service_hosts())
+                    keeper=keeper_of(pid))
 
     seen["thread"] = threading.Thread(target=watch)
     seen["thread"].start()
@@ -61,9 +64,8 @@ def test_the_server_runs_on_its_services_cores_and_gpu_and_is_gone_after_compute
     assert seen["cores"] == set(placement.cpus) and len(placement.cpus) == 1
     assert seen["cuda"] == str(placement.gpus[0]).encode() and len(placement.gpus) == 1
     assert seen["url"].startswith("http://127.0.0.1:")  # the driver's host: loopback
-    assert seen["keepers"], "no service host ran the server"
     assert not os.path.exists(f"/proc/{seen['pid']}"), "the server outlived compute()"
-    assert not service_hosts() & seen["keepers"], "the service host outlived compute()"
+    assert not os.path.exists(f"/proc/{seen['keeper']}"), "the service host outlived compute()"
     assert dragon_backend.ledger.idle(), "the service kept its cores or GPU"
 
 
@@ -78,4 +80,4 @@ def test_a_killed_server_fails_its_nodes_with_its_log_and_leaves_no_process(drag
     thread.join()
     seen["thread"].join()
     assert not os.path.exists(f"/proc/{seen['pid']}")
-    assert not service_hosts() & seen["keepers"], "the service host outlived compute()"
+    assert not os.path.exists(f"/proc/{seen['keeper']}"), "the service host outlived compute()"
