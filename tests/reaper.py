@@ -19,8 +19,9 @@ the command's status (``128 + N`` when signal N ended it). SIGINT and SIGTERM do
 stop it (a test sends them to the command's whole process group); SIGUSR1 kills the
 command and everything it started at once (a test's clean-up after a failure).
 
-A test starts a command this way with :func:`start`, reads the report with
-:func:`left_behind` and cleans up after a failure with :func:`stop`.
+A test runs a command this way with :func:`run` (or :func:`start`, to act on it while
+it runs, and :func:`stop` to clean up after a failure) and reads the report with
+:func:`left_behind`.
 """
 import ctypes
 import os
@@ -29,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 PR_SET_CHILD_SUBREAPER = 36
 REPORT = "reaper: "
@@ -70,6 +71,20 @@ def start(command: Sequence[str], grace: float, **popen: Any) -> subprocess.Pope
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(grace), *command],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
+
+
+def run(command: Sequence[str], grace: float, timeout: float,
+        **popen: Any) -> Tuple[Optional[int], str]:
+    """Run ``command`` under a reaper: its exit status and output, the reaper's report
+    last. Past ``timeout`` seconds (and the grace), everything it started is killed
+    (:func:`stop`) and the status is ``None``."""
+    proc = start(command, grace, **popen)
+    try:
+        output, _ = proc.communicate(timeout=timeout + grace)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        return None, proc.communicate()[0]
+    return proc.returncode, output
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.reaper import NONE_LEFT, left_behind, start, stop
+from tests.reaper import NONE_LEFT, left_behind, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,11 +91,7 @@ def test_run_with_backend_dragon_runs_the_script_under_the_launcher(tmp_path):
         fut = rhapsody.submit(rhapsody.task(abs)(-7))
         print("value", fut.result(timeout=120), "on", fut.where.backend)
     """))
-    proc = start([shutil.which("rhapsody-graph"), "run", "--backend", "dragon", str(script)],
-                 5, cwd=ROOT)  # under the reaper: what the run leaves is found by pid
-    try:
-        output, _ = proc.communicate(timeout=285)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0 and "value 7 on dragon" in output, output
+    code, output = run([shutil.which("rhapsody-graph"), "run", "--backend", "dragon",
+                        str(script)], 5, 280, cwd=ROOT)  # what the run leaves: found by pid
+    assert code == 0 and "value 7 on dragon" in output, output
     assert left_behind(output) == NONE_LEFT

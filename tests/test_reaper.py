@@ -4,13 +4,11 @@ import os
 import re
 import subprocess
 
-from tests.reaper import NONE_LEFT, left_behind, start
+from tests.reaper import NONE_LEFT, left_behind, run as reaped
 
 
 def run(script, grace=5.0):
-    proc = start(["bash", "-c", script], grace)
-    output, _ = proc.communicate(timeout=60)
-    return proc.returncode, output
+    return reaped(["bash", "-c", script], grace, 60)
 
 
 def test_the_reaper_reports_and_kills_a_process_its_command_left_in_a_session_of_its_own():
@@ -39,3 +37,9 @@ def test_the_reaper_does_not_count_a_process_that_is_not_its_commands():
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_command_past_its_timeout_is_killed_with_all_it_started():
+    code, output = reaped(["bash", "-c", "setsid sleep 600 & echo started $!; sleep 600"], 1, 1)
+    pid = int(re.search(r"started (\d+)", output).group(1))
+    assert code is None and not os.path.exists(f"/proc/{pid}")

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.reaper import NONE_LEFT, children, descendants, left_behind, start, stop
+from tests.reaper import NONE_LEFT, children, descendants, left_behind, run, start, stop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -86,14 +86,11 @@ def _launch(cmd: list, seconds: float) -> tuple:
     """Run ``cmd`` (the Dragon launcher on a program, or a program that starts Dragon)
     under the reaper; its exit code and output, the reaper's report last. On a timeout,
     kill all it started, by pid, and fail."""
-    proc = _start(cmd, GRACE)
-    try:
-        output, _ = proc.communicate(timeout=seconds + GRACE)
-    except subprocess.TimeoutExpired:
-        _end_launch(proc)
-        output, _ = proc.communicate()
+    code, output = run(cmd, GRACE, seconds, cwd=ROOT, preexec_fn=os.setpgrp)
+    if code is None:
+        _remove_dead_runtime_files()
         pytest.fail(f"{cmd[1:]} did not finish under dragon in {seconds} s:\n" + output[-6000:])
-    return proc.returncode, output
+    return code, output
 
 
 def _start(cmd: list, grace: float, preexec=os.setpgrp) -> subprocess.Popen:
@@ -279,9 +276,15 @@ def test_a_signal_to_the_launcher_stops_the_driver_and_leaves_no_process(
 
 def _end_launch(proc: subprocess.Popen) -> None:
     """After a launch that failed or was killed in part: kill what is left of it (the
-    reaper does, by pid) and, when no Dragon runtime is alive at all (this test's or
-    another's), remove the shared-memory files a killed runtime leaves."""
+    reaper does, by pid), then the files of dead runtimes."""
     stop(proc)
+    _remove_dead_runtime_files()
+
+
+
+def _remove_dead_runtime_files() -> None:
+    """The shared-memory files killed Dragon runtimes leave, when no runtime at all is
+    alive (this test's or another's)."""
     if not dragon_alive():
         for name in os.listdir("/dev/shm"):
             if name.startswith("DD"):
