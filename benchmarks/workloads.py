@@ -692,15 +692,31 @@ def memory(engine: str, levels: int = LEVELS, width: int = WIDTH) -> float:
 _EXECUTOR_STARTUP = """
 import time
 t0 = time.perf_counter()
-from concurrent.futures import {executor}
+{imports}
 t1 = time.perf_counter()
 def f(x):
     return x + 1
-ex = {executor}(2)
-assert ex.submit(f, 1).result() == 2
+ex = {pool}
+assert ex.submit({call}).result() == 2
 print(t1 - t0, time.perf_counter() - t0)
 ex.shutdown()
 """
+
+
+def _executor_startup(executor: str, method: str = "") -> str:
+    """The start-up script of a ``concurrent.futures`` pool of 2. With a multiprocessing
+    start ``method`` ("forkserver", Python 3.14's default on Linux; "spawn", macOS's and
+    Windows') its workers are fresh interpreters, as rhapsody_graph's are; those cannot
+    import a function of a ``python -c`` script, so the task is then the builtin ``abs``,
+    sent by reference."""
+    if not method:
+        return _EXECUTOR_STARTUP.format(imports=f"from concurrent.futures import {executor}",
+                                        pool=f"{executor}(2)", call="f, 1")
+    return _EXECUTOR_STARTUP.format(
+        imports=f"import multiprocessing\nfrom concurrent.futures import {executor}",
+        pool=f'{executor}(2, mp_context=multiprocessing.get_context("{method}"))',
+        call="abs, -2")
+
 
 _STARTUP = {
     "rhapsody": """
@@ -714,7 +730,7 @@ def f(x):
 assert f(1).compute() == 2
 print(t1 - t0, time.perf_counter() - t0)
 """,
-    "processpool": _EXECUTOR_STARTUP.format(executor="ProcessPoolExecutor"),
+    "processpool": _executor_startup("ProcessPoolExecutor"),
     "dask-threads": """
 import time
 t0 = time.perf_counter()
@@ -726,24 +742,10 @@ def f(x):
 assert delayed(f)(1).compute(scheduler="threads", num_workers=2) == 2
 print(t1 - t0, time.perf_counter() - t0)
 """,
-    "threadpool": _EXECUTOR_STARTUP.format(executor="ThreadPoolExecutor"),
+    "threadpool": _executor_startup("ThreadPoolExecutor"),
+    "processpool-forkserver": _executor_startup("ProcessPoolExecutor", "forkserver"),
+    "processpool-spawn": _executor_startup("ProcessPoolExecutor", "spawn"),
 }
-# ProcessPoolExecutor with fresh interpreters for workers, as rhapsody_graph's are:
-# "forkserver" (Python 3.14's default on Linux) and "spawn" (macOS's and Windows'
-# default). Their children cannot import a function of a ``python -c`` script, so the
-# task is a builtin (``abs``), sent by reference.
-for _method in ("forkserver", "spawn"):
-    _STARTUP[f"processpool-{_method}"] = f"""
-import time
-t0 = time.perf_counter()
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-t1 = time.perf_counter()
-ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("{_method}"))
-assert ex.submit(abs, -2).result() == 2
-print(t1 - t0, time.perf_counter() - t0)
-ex.shutdown()
-"""
 
 
 _STARTED: set = set()  # engines whose script has run once here: their bytecode is cached
