@@ -33,7 +33,7 @@ from .errors import NoBackendError, add_note, brief
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
-from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Scheduler, Task
+from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
 
 __all__ = ["Session"]
 
@@ -96,7 +96,7 @@ class Session:
             backends.append(inference)
         self._owns = _owns
         self._checked: Dict[Tuple[int, tuple], None] = {}
-        self._routes: Dict[int, Tuple[Any, str, Any]] = {}  # id(opts) -> (opts, kind, backend)
+        self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
         self._lock = threading.Lock()
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
@@ -295,7 +295,7 @@ class Session:
 
     def _record(self, node: Node, group: Group, deps: Sequence[Task]) -> Task:
         """A new record of ``node``: routed, its call encoded, its journal entry named."""
-        lane = self._scheduler.lanes[id(self._route(node))]
+        lane = self._lane(node)
         t = Task(node, lane, lane.backend.prepare(node), group, deps)
         if group.journal is not None:
             t.saved = (group.journal, group.journal.key(node))
@@ -309,7 +309,7 @@ class Session:
         payload = journal.get(journal.key(node))
         if payload is None:
             return None
-        lane = self._scheduler.lanes[id(self._route(node))]
+        lane = self._lane(node)
         t = Task(node, lane, None, group, ())
         t.payload = payload  # the scheduler ends it DONE as it takes it (see Scheduler._take)
         return t
@@ -322,17 +322,17 @@ class Session:
 
     # -- routing -------------------------------------------------------------------------
 
-    def _route(self, node: Node) -> Any:
-        """The backend that runs ``node`` (its ``backend=``, else the first that can);
-        remembered per task options, which all calls of one task share."""
+    def _lane(self, node: Node) -> Lane:
+        """The scheduler's lane of the backend that runs ``node`` (its ``backend=``, else
+        the first that can); remembered per task options, which all calls of one task share."""
         hit = self._routes.get(id(node.opts))
         if hit is not None and hit[0] is node.opts and hit[1] == node.kind:
             return hit[2]
-        backend = self._choose(node)
+        lane = self._scheduler.lanes[id(self._choose(node))]
         if len(self._routes) > ROUTES_KEPT:
             self._routes.clear()
-        self._routes[id(node.opts)] = (node.opts, node.kind, backend)
-        return backend
+        self._routes[id(node.opts)] = (node.opts, node.kind, lane)
+        return lane
 
     def _choose(self, node: Node) -> Any:
         kind = kind_of(node)

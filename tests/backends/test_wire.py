@@ -23,6 +23,19 @@ def test_positional_upstream_values_beside_scalars_take_the_flat_encoding():
     assert args == (10, 1, "x", [1, 2], None, 2.5) and kwargs == {}
 
 
+def test_a_call_of_its_inputs_in_order_takes_the_flat_encoding_at_no_walk():
+    a, b, c = Upstream(), Upstream(), Upstream()
+    for args in ((a,), (a, b), (a, b, c)):
+        data, (loaded, kwargs) = _round_trip(args, {}, args, range(len(args)))
+        assert data == wire._flat(args, {id(d): i for i, d in enumerate(args)})
+        assert loaded == tuple(range(len(args))) and kwargs == {}
+    # one arity, one pair (a reduction's joins share it), which the collector ignores
+    assert wire.dump_args((a, b), {}, (a, b)) is wire.dump_args((c, a), {}, (c, a))
+    for _ in range(3):  # the outer tuple once the inner ones are let go
+        gc.collect()
+    assert not gc.is_tracked(wire.dump_args((a, b), {}, (a, b)))
+
+
 def test_one_upstream_value_read_twice_is_one_object_on_both_encodings():
     a = Upstream()
     flat, (args, _) = _round_trip((a, a), {}, (a,), ([7],))
