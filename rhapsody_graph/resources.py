@@ -359,11 +359,11 @@ class Inventory:
         per = "per rank " if req.ranks > 1 else ""
         raise UnsatisfiableError(
             f"{who} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
-            + (f", {req.memory} bytes of memory" if req.memory else "")
+            + (f", {_size(req.memory)} of memory" if req.memory else "")
             + (f" x {req.ranks} ranks" if req.ranks > 1 else "")
             + (f" on {where}" if where else "")
             + f", but no host can hold it: the largest {'such ' if where else ''}host {big.name!r} has "
-            f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {big.memory} bytes "
+            f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {_size(big.memory)} of memory "
             f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
             f"inventory, e.g. LocalBackend(cpus=..., gpus=...).")
 
@@ -384,6 +384,14 @@ class Inventory:
 
     def __repr__(self) -> str:
         return "Inventory(" + ", ".join(map(repr, self.hosts)) + ")"
+
+
+def _size(n: int) -> str:
+    """Bytes as a message shows them: ``25276194816 bytes (23.5 GiB)``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n} bytes ({n / scale:.1f} {unit})"
+    return f"{n} bytes"
 
 
 def _named(h: Host, req: Resources) -> bool:

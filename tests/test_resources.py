@@ -79,6 +79,14 @@ def test_impossible_request_names_node_request_and_largest_host():
     inv.check(Resources(cpus=1, ranks=6), "node 'job'")  # 2 + 4 cores
 
 
+def test_an_impossible_memory_request_shows_both_sizes_in_units_a_reader_can_compare():
+    inv = Inventory([Host("n0", cpus=2, memory=24 << 30)])
+    with pytest.raises(UnsatisfiableError, match=r"asks for 1 cpus, 0 gpus, 68719476736 bytes "
+                       r"\(64\.0 GiB\) of memory.*has 2 cpus, 0 gpus and 25769803776 bytes "
+                       r"\(24\.0 GiB\) of memory"):
+        inv.check(Resources(cpus=1, memory=64 << 30), "node 'load'")
+
+
 def test_detect_host_reads_affinity_and_honours_declared_counts():
     import os
     h = detect_host()
