@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                  # all workloads, 4 repeats
     python benchmarks/compare.py --repeats 6 --workloads independent chain
+    python benchmarks/compare.py --repeats 2 --rounds 3   # engines in turn, three times
     python benchmarks/compare.py --quick          # smaller sizes, a smoke run
     python benchmarks/compare.py --chart docs/performance.png   # and draw the bar chart
     python benchmarks/compare.py --engines ray parsl-htex --workloads chain20ms --hops 50
@@ -27,7 +28,9 @@ untimed warm-up runs, the first at 1/10 size, which estimate its cost: a size wh
 engine that is not installed, fails to start or fails a workload is listed with the
 reason. rhapsody_graph is measured again after the peers and the ratio of its two
 medians printed (far from 1: the machine's speed changed during the run, and the ratios
-with it). Child processes still alive at the end are listed.
+with it). With ``--rounds N`` every run engine is measured N times in turn and the
+median is taken over all its samples, so a slow spell weighs on each engine's figure
+alike. Child processes still alive at the end are listed.
 """
 from __future__ import annotations
 
@@ -182,11 +185,24 @@ def _measure_child(send: "multiprocessing.connection.Connection", engine: str,
 
 
 def _merge(out: dict, part: dict) -> None:
-    for field in ("results", "notes"):
-        for kind, per_engine in part[field].items():
-            out[field].setdefault(kind, {}).update(per_engine)
-    out["linearity"].update(part["linearity"])
-    out["start_s"].update(part["start_s"])
+    """Add one engine's measurements (one round) to ``out``: its samples join those of
+    earlier rounds; a round that failed leaves the reason, not the other rounds' samples."""
+    for kind, per_engine in part["results"].items():
+        into = out["results"].setdefault(kind, {})
+        for engine, samples in per_engine.items():
+            earlier = into.get(engine)
+            into[engine] = (earlier + samples if isinstance(earlier, list)
+                            and isinstance(samples, list) else
+                            earlier if isinstance(earlier, str) else samples)
+    for kind, per_engine in part["notes"].items():
+        out["notes"].setdefault(kind, {}).update(per_engine)
+    for engine, (quarter, full, used) in part["linearity"].items():
+        earlier = out["linearity"].get(engine)
+        if earlier is not None and earlier[2] == used and isinstance(quarter, list):
+            quarter, full = earlier[0] + quarter, earlier[1] + full
+        out["linearity"][engine] = (quarter, full, used)
+    for engine, seconds in part["start_s"].items():
+        out["start_s"].setdefault(engine, seconds)
 
 
 def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, List[float]]]:
@@ -341,6 +357,11 @@ def chart(results: Dict[str, Dict[str, Samples]], units: Dict[str, str], path: s
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=4, help="timed runs per engine (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the run engines this many times in turn (a round: each "
+                        "engine once, in an interpreter of its own) and pool their samples: "
+                        "a slow spell of the machine then falls on every engine, not on the "
+                        "one it ran beside")
     p.add_argument("--graph-repeats", type=int, default=None,
                    help="timed runs for build/order (default: --repeats, at most 3)")
     p.add_argument("--workloads", nargs="+", choices=ALL, default=list(ALL))
@@ -390,9 +411,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[kind] = {}
     if run_kinds:
         run_engines = [e for e in w.ADAPTERS if not engines or e in engines]
-        for engine in run_engines:
-            _merge(out, measure_engine_apart(engine, run_kinds, sizes, a.repeats, budget,
-                                             a.workers))
+        for _ in range(a.rounds):
+            for engine in run_engines:
+                _merge(out, measure_engine_apart(engine, run_kinds, sizes, a.repeats, budget,
+                                                 a.workers))
         if len(run_engines) > 1:  # the machine may have changed while the peers ran
             out["drift"] = measure_engine_apart("rhapsody", run_kinds, sizes, a.repeats,
                                                 budget, a.workers)["results"]
@@ -401,9 +423,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["startup"] = {e: v["first_value_s"] for e, v in st.items()}
         extra["startup"] = st
 
+    rounds = f" x {a.rounds} rounds" if a.rounds > 1 and run_kinds else ""
     print(f"\nrhapsody_graph benchmarks: {platform.python_implementation()} "
           f"{platform.python_version()}, {os.cpu_count()} CPUs, {a.workers} workers, "
-          f"median of {a.repeats} (build/order: {graph_repeats}), {budget:g} s budget per "
+          f"median of {a.repeats}{rounds} (build/order: {graph_repeats}), {budget:g} s budget per "
           f"engine and workload\n{w.describe()}\n")
     print(table(results, units, out["notes"]))
     if out["linearity"]:
@@ -428,13 +451,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\nchild processes left at exit: " + ("; ".join(alive) if alive else "none"))
     if a.chart:
         chart(results, units, a.chart, f"{os.cpu_count()} CPUs, {a.workers} workers, "
-                                       f"median of {a.repeats}")
+                                       f"median of {a.repeats}{rounds}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"results": results, "startup": extra.get("startup"), "units": units,
                        "notes": out["notes"], "start_s": out["start_s"],
                        "linearity": out["linearity"], "drift": out.get("drift"),
-                       "repeats": a.repeats,
+                       "repeats": a.repeats, "rounds": a.rounds,
                        "graph_repeats": graph_repeats, "budget_s": budget}, f, indent=1)
     return 0
 
