@@ -190,19 +190,26 @@ def _merge(out: dict, part: dict) -> None:
     for kind, per_engine in part["results"].items():
         into = out["results"].setdefault(kind, {})
         for engine, samples in per_engine.items():
-            earlier = into.get(engine)
-            into[engine] = (earlier + samples if isinstance(earlier, list)
-                            and isinstance(samples, list) else
-                            earlier if isinstance(earlier, str) else samples)
+            into[engine] = _pool(into.get(engine), samples)
     for kind, per_engine in part["notes"].items():
         out["notes"].setdefault(kind, {}).update(per_engine)
     for engine, (quarter, full, used) in part["linearity"].items():
         earlier = out["linearity"].get(engine)
-        if earlier is not None and earlier[2] == used and isinstance(quarter, list):
-            quarter, full = earlier[0] + quarter, earlier[1] + full
+        if earlier is not None and earlier[2] == used:
+            quarter, full = _pool(earlier[0], quarter), _pool(earlier[1], full)
         out["linearity"][engine] = (quarter, full, used)
     for engine, seconds in part["start_s"].items():
         out["start_s"].setdefault(engine, seconds)
+
+
+def _pool(earlier: Optional[Samples], samples: Samples) -> Samples:
+    """The samples of one more round added to the earlier rounds'; a failure's reason,
+    once given, is kept."""
+    if isinstance(earlier, str):
+        return earlier
+    if earlier is None or isinstance(samples, str):
+        return samples
+    return earlier + samples
 
 
 def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, List[float]]]:
