@@ -89,6 +89,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import CancelledError
 from contextlib import closing
 from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Optional,
                     Sequence, Set, Tuple)
@@ -551,6 +552,7 @@ class Scheduler:
     def _take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
         tasks = self.tasks
         reused: List[Task] = []  # came with their values: done once all of new is taken
+        unrun: List[Tuple[Task, Task]] = []  # on an ended input without a value: likewise
         for t in new:
             tasks.setdefault(t.node, t)
             group.live += 1
@@ -572,13 +574,16 @@ class Scheduler:
                 waiting += 1
             t.waiting = waiting
             if upstream_failed is not None:
-                self._end_unrun(t, upstream_failed)
+                unrun.append((t, upstream_failed))
             elif t.payload is not None:
                 reused.append(t)
             elif not waiting:
                 self._push(t)
             elif waiting == 1 and t.leased and t.lane.forwards:
                 self._forward_behind(t)  # a future's dependent, submitted while it runs
+        for t, upstream in unrun:  # (a group ended before all of it is counted ends early)
+            if t.state not in ENDED:  # (not ended already, downstream of another)
+                self._end_unrun(t, upstream)
         for t in reused:
             self._done(t, t.payload, 0.0, None)
         for t, fut in attach:
@@ -598,11 +603,16 @@ class Scheduler:
             self.ended.append(group)
 
     def _end_unrun(self, t: Task, upstream: Task) -> None:
-        """``t`` depends on an ended record that has no value: end it the same way."""
-        if upstream.state == CANCELLED:
-            self._cancel_one(t, set())
-        else:
+        """``t`` depends on an ended record that has no value: end it the same way; in a
+        ``compute()`` (whose outputs must each hold a value or an error) a cancelled
+        input is ``t``'s error, a ``CancelledError`` that names both."""
+        if upstream.state == FAILED:
             self._fail(t, upstream.error, final=True)
+        elif t.group.errors is not None:
+            self._fail(t, CancelledError(f"node {t.node.key!r} did not run: its input "
+                                         f"{upstream.node.key!r} was cancelled"), final=True)
+        else:
+            self._cancel_one(t, set())
 
     def _push(self, t: Task) -> None:
         t.state = READY

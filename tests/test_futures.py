@@ -204,6 +204,34 @@ def test_one_node_on_futures_running_done_or_beside_a_new_upstream_node_gets_eve
     assert [f.result(timeout=60) for f in futures] == [12, 8, 13, 14]
 
 
+def test_compute_on_a_cancelled_future_raises_cancelled_error_naming_the_node_and_its_input(
+        session):
+    cancelled = session.submit(rhapsody.task(nap)(60))
+    assert cancelled.cancel() and cancelled.cancelled()
+    dependent = rhapsody.task(inc)(cancelled)
+    with pytest.raises(cf.CancelledError, match=rf"node {dependent.key!r} did not run: its "
+                                                rf"input {cancelled.key!r} was cancelled"):
+        session.compute(dependent, on_error="raise")
+    # a future of it is cancelled, as concurrent.futures does with work that never ran
+    later = session.submit(rhapsody.task(inc)(cancelled))
+    assert cf.wait([later], timeout=60).done and later.cancelled()
+
+
+@pytest.mark.parametrize("input_ends", ["cancelled", "failed"])
+def test_compute_continue_on_an_ended_future_still_runs_the_outputs_that_do_not_need_it(
+        session, input_ends):
+    if input_ends == "cancelled":
+        ended = session.submit(rhapsody.task(nap)(60))
+        ended.cancel()
+    else:
+        ended = session.submit(rhapsody.task(inc)("text"))
+        assert isinstance(ended.exception(timeout=60), TypeError)
+    with pytest.warns(RuntimeWarning, match="1 node"):
+        lost, value = session.compute(rhapsody.task(inc)(ended), rhapsody.task(inc)(2),
+                                      on_error="continue")
+    assert isinstance(lost, cf.CancelledError if input_ends == "cancelled" else TypeError)
+    assert value == 3  # before: the group ended as its first record did, this never ran
+
 def test_the_graph_grows_while_it_runs_as_results_arrive(session):
     sims = session.submit(*[rhapsody.task(nap)(0.01 * i, i) for i in range(8)])
     refined = []
