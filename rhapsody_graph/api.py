@@ -3,7 +3,8 @@ the registry of backend names.
 
 ``compute()`` and ``submit()`` run on, in this order: the ``session=`` given, the
 session of a ``backend=`` instance (one is made for it on first use and closed
-when the backend shuts down), the session of the innermost ``with Session(...)``
+when the backend shuts down: make a backend once, or use it in a ``with`` block;
+more than :data:`MANY_OPEN` open at once get a ``RuntimeWarning``), the session of the innermost ``with Session(...)``
 block, or the default session (one :class:`~rhapsody_graph.LocalBackend`, made on
 first use, closed at exit). ``backend="local"`` / ``"dragon"`` name the default
 backend of that kind.
@@ -22,6 +23,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .errors import warn
 from .graph import Graph
 from .session import Session, current_session
 
@@ -44,6 +46,9 @@ BACKENDS: Dict[str, Callable[[], Any]] = {"local": _local, "dragon": _dragon}
 BACKEND_ENV = "RHAPSODY_GRAPH_BACKEND"
 _defaults: Dict[str, Any] = {}  # by name, made on first use
 _sessions: Dict[int, Session] = {}  # id(backend) -> the session made for it
+#: open sessions made for backend instances beyond which compute() warns (each has a
+#: thread and workers: a backend made per call and never shut down is a leak)
+MANY_OPEN = 16
 _lock = threading.Lock()
 
 
@@ -74,7 +79,15 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
     with _lock:
         s = _sessions.get(id(b))
         if s is None or s._closed:
+            for key in [k for k, open_ in _sessions.items() if open_._closed]:
+                del _sessions[key]  # their backends were shut down
             s = _sessions[id(b)] = Session([b], _owns=False)
+            if len(_sessions) == MANY_OPEN + 1:
+                warn(
+                    f"{len(_sessions)} backends given to compute()/submit() are open at once; "
+                    "each keeps a scheduler thread and its worker processes until its "
+                    "shutdown(). Make a backend once and reuse it, or use `with "
+                    "LocalBackend(...) as backend:`")
         return s
 
 

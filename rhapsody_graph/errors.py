@@ -6,8 +6,11 @@ note names the node. The classes below cover what is not the node's own doing.
 """
 from __future__ import annotations
 
+import os
 import reprlib
 import subprocess
+import sys
+import warnings
 from typing import Any
 
 __all__ = [
@@ -93,3 +96,13 @@ def brief(value: Any) -> str:
     ("'xxxxxxxxxxx", True)
     """
     return _BRIEF.repr(value)
+
+
+def warn(message: str, category: type = RuntimeWarning) -> None:
+    """``warnings.warn``, shown at the caller's line outside this package (the user's
+    ``compute()``, however deep inside it the warning is made)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

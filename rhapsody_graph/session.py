@@ -23,13 +23,12 @@ import concurrent.futures as cf
 import os
 import signal
 import threading
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
-from .errors import NoBackendError, add_note, brief
+from .errors import NoBackendError, add_note, brief, warn
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
@@ -483,8 +482,8 @@ def _warn_failed(group: Group) -> None:
     """Summarise the failures of an ``on_error="continue"`` run as a warning."""
     lines = [f"{t.node.key}: {type(exc).__name__}: {exc}" for t, exc in group.errors[:10]]
     more = f" (and {len(group.errors) - 10} more)" if len(group.errors) > 10 else ""
-    warnings.warn(f"{len(group.errors)} node(s) failed{more}; their outputs hold their "
-                  "exceptions:\n  " + "\n  ".join(lines), RuntimeWarning, stacklevel=3)
+    warn(f"{len(group.errors)} node(s) failed{more}; their outputs hold their exceptions:"
+         "\n  " + "\n  ".join(lines))
 
 
 def _has_value(handle: Any) -> bool:

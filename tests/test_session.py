@@ -1,6 +1,7 @@
 """Sessions with several named backends: explicit and implicit routing, edges across
 backends, and the errors that come before anything runs (real worker processes)."""
 import os
+import warnings
 
 import pytest
 
@@ -94,3 +95,28 @@ def test_compute_inside_a_with_block_runs_on_that_session():
         assert rhapsody.submit(rhapsody.task(add)(1, 1)).result(timeout=60) == 2
     with pytest.raises(RuntimeError, match="closed"):
         s.submit(rhapsody.task(add)(1, 1))
+
+
+def test_backends_made_per_call_and_never_shut_down_get_a_warning_at_the_users_line(
+        monkeypatch):
+    from rhapsody_graph import api
+    monkeypatch.setattr(api, "_sessions", {})  # only this test's backends count
+    monkeypatch.setattr(api, "MANY_OPEN", 2)
+    backends = [rhapsody.LocalBackend(cpus=1) for _ in range(3)]
+    try:
+        assert [rhapsody.task(add)(i, 1).compute(backend=b)
+                for i, b in enumerate(backends[:2])] == [1, 2]
+        with pytest.warns(RuntimeWarning, match=r"3 backends given to compute\(\)/submit\(\) "
+                          r"are open at once(?s:.*)reuse it, or use `with") as seen:
+            assert rhapsody.task(add)(2, 1).compute(backend=backends[2]) == 3
+        assert seen[0].filename == __file__  # the user's call, not a line of the package
+        backends[0].shutdown()  # shut-down backends' sessions no longer count
+        backends[1].shutdown()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with rhapsody.LocalBackend(cpus=1) as fourth:
+                assert rhapsody.task(add)(3, 1).compute(backend=fourth) == 4
+        assert len(api._sessions) == 2
+    finally:
+        for b in backends:
+            b.shutdown()

@@ -9,6 +9,7 @@ Every launch runs under tests/reaper.py, which knows the launch's processes by a
 (a child subreaper): what is left behind is found by pid and reported whatever its name,
 and another job's Dragon runtime on the same machine is never counted nor touched.
 """
+import glob
 import os
 import re
 import shutil
@@ -32,8 +33,22 @@ GRACE = 5.0
 
 
 def dragon_alive() -> bool:
-    """Whether any Dragon runtime runs on this machine (this test's or another's)."""
-    return subprocess.run(["pgrep", "-f", "dragon"], capture_output=True).returncode == 0
+    """Whether any Dragon runtime runs on this machine (this test's or another's); not
+    this pytest itself, whose command line may name this file."""
+    out = subprocess.run(["pgrep", "-f", "dragon"], capture_output=True, text=True).stdout
+    return bool({int(pid) for pid in out.split()} - {os.getpid()})
+
+
+@pytest.fixture(autouse=True)
+def no_orchestrator_file_left():
+    """After each test, once its processes are gone: remove the ``ddict_orc_<id>`` files
+    it left in the working directory (the checkout). Batch's results dictionary writes
+    one there and removes it only when it is closed, so a run killed on purpose leaves
+    it (docs/dragon.md)."""
+    before = set(glob.glob(os.path.join(ROOT, "ddict_orc_*")))
+    yield
+    for path in set(glob.glob(os.path.join(ROOT, "ddict_orc_*"))) - before:
+        os.unlink(path)
 
 
 @pytest.mark.timeout(900)
