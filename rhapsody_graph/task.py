@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -159,12 +160,19 @@ def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
         raise TypeError(f"{who}: option {name!r} does not take {', '.join(repr(b) for b in bad)}; "
                         f"it passes {', '.join(TEMPLATE_KEYS)} to Dragon's ProcessTemplate "
                         "(target and args come from the node)")
-    env = value.get("env")
-    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError(f"{who}: {name} env must map str to str, got {brief(env)}")
+    _cwd_env(who, value.get("cwd"), value.get("env"), f"{name} ")
     if value.get("policy") is not None:
         _policy(who, f"{name} policy", value["policy"])
     return dict(value)
+
+
+def _cwd_env(who: str, cwd: Any, env: Any, what: str = "") -> None:
+    """Refuse a ``cwd`` that is not a path and an ``env`` that does not map str to str."""
+    if cwd is not None and not isinstance(cwd, (str, bytes, os.PathLike)):
+        raise TypeError(f"{who}: {what}cwd must be a path (str or os.PathLike), got {brief(cwd)}")
+    if env is not None and not (isinstance(env, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise TypeError(f"{who}: {what}env must map str to str, got {brief(env)}")
 
 
 def _templates(who: str, name: str, value: Any) -> List[Tuple[int, Dict[str, Any]]]:
@@ -467,8 +475,7 @@ def executable(argv: Sequence[Any], *, cwd: Optional[str] = None,
         raise TypeError(f"executable() needs a non-empty list of arguments, got {brief(argv)}")
     prog = str(argv[0]) if not isinstance(argv[0], Node) else "executable"
     who = f"executable {prog!r}"
-    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError(f"{who}: env must map str to str, got {brief(env)}")
+    _cwd_env(who, cwd, env)
     values = validate(who, options)
     opts = Options(values, prog.rsplit("/", 1)[-1], f"executable:{prog}")
     spec = ExecSpec(list(argv), cwd, dict(env) if env else None)

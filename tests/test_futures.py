@@ -217,6 +217,12 @@ def test_compute_on_a_cancelled_future_raises_cancelled_error_naming_the_node_an
     assert cf.wait([later], timeout=60).done and later.cancelled()
 
 
+def test_a_future_in_an_executables_argv_is_its_value_as_text(session):
+    word = session.submit(rhapsody.task(str.upper)("hi"))
+    echoed = session.submit(rhapsody.executable(["echo", word, 3]))
+    assert echoed.result(timeout=60).stdout == "HI 3\n"
+
+
 @pytest.mark.parametrize("input_ends", ["cancelled", "failed"])
 def test_compute_continue_on_an_ended_future_still_runs_the_outputs_that_do_not_need_it(
         session, input_ends):

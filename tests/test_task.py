@@ -102,6 +102,13 @@ def test_executable_validates_its_arguments():
         rhapsody.executable("echo hi")
     with pytest.raises(TypeError, match="env must map str to str"):
         rhapsody.executable(["echo"], env={"A": 1})
+    with pytest.raises(TypeError, match=r"executable 'echo': env must map str to str, got \["):
+        rhapsody.executable(["echo"], env=["A=1"])
+    with pytest.raises(TypeError, match=r"executable 'echo': cwd must be a path "
+                                        r"\(str or os.PathLike\), got 5"):
+        rhapsody.executable(["echo"], cwd=5)
+    with pytest.raises(TypeError, match=r"inc: process_template cwd must be a path"):
+        rhapsody.task(process_template={"cwd": 5})(inc)
     with pytest.raises(ValueError, match="'cpus' must be >= 0"):
         rhapsody.executable(["echo"], cpus=-1)
 

@@ -57,7 +57,7 @@ from . import wire
 from .base import (DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease,
                    close_session, refuse_second_session)
 from ..errors import WorkerDiedError, brief
-from ..graph import EXECUTABLE, FUNCTION, Node
+from ..graph import EXECUTABLE, FUNCTION, Node, Ref
 from ..resources import Inventory, Placement
 
 try:
@@ -515,9 +515,9 @@ def max_workers(workers: Optional[int], inventory: Inventory, who: str) -> int:
 def check_argv(node: Any) -> None:
     """Refuse an executable node whose argv holds what cannot become text."""
     for arg in node.fn.argv:
-        if not isinstance(arg, (str, bytes, int, float, os.PathLike)) and not isinstance(arg, Node):
+        if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node, Ref)):
             raise TypeError(f"node {node.key!r}: executable arguments must be text, "
-                            f"numbers, paths or nodes; got {brief(arg)}")
+                            f"numbers, paths, nodes or futures; got {brief(arg)}")
 
 
 def encode_program(node: Any) -> wire.Args:
