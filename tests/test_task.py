@@ -1,4 +1,6 @@
 """@task, .options, executable and map: validation at decoration and call time."""
+import asyncio
+
 import pytest
 
 import rhapsody_graph as rhapsody
@@ -111,6 +113,16 @@ def test_executable_validates_its_arguments():
         rhapsody.task(process_template={"cwd": 5})(inc)
     with pytest.raises(ValueError, match="'cpus' must be >= 0"):
         rhapsody.executable(["echo"], cpus=-1)
+
+
+async def double_later(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def test_an_async_def_task_is_awaited_in_its_worker_and_gives_its_value():
+    assert rhapsody.compute(rhapsody.task(double_later)(21),
+                            rhapsody.map(double_later, [1, 2])) == (42, [2, 4])
 
 
 def test_map_makes_one_node_per_item_for_plain_and_decorated_functions():

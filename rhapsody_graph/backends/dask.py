@@ -79,7 +79,7 @@ def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str,
         try:
             fn, a, kw = wire.load_call(func, args, inputs)
             start = time.perf_counter()  # not the import of fn's module, on its first call
-            result = ("ok", wire.dump_result(fn(*a, **kw)))
+            result = ("ok", wire.dump_result(wire.returned(fn(*a, **kw))))
         except BaseException as exc:  # the driver raises it, with this traceback
             result = ("error", wire.dump_error(exc))
         finally:

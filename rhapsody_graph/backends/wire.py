@@ -36,6 +36,7 @@ import os
 import pickle
 import struct
 import sys
+from types import CoroutineType
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RemoteError, RemoteTraceback, add_note, brief
@@ -66,6 +67,15 @@ def dump_value(obj: Any) -> bytes:
     except Exception:
         pass
     return _cloudpickle().dumps(obj, PROTOCOL)
+
+
+def returned(value: Any) -> Any:
+    """What a call returned; an ``async def`` function's coroutine run to its end first
+    (in an event loop of its own, as ``asyncio.run`` makes one)."""
+    if type(value) is CoroutineType:
+        import asyncio
+        return asyncio.run(value)
+    return value
 
 
 def dump_result(value: Any) -> bytes:

@@ -141,7 +141,7 @@ class Worker:
                 fn = self.funcs[fid] = loaded
                 del self.unloaded[fid]
                 start = time.perf_counter()  # leases are sized by run time (_by_time)
-            payload, status = wire.dump_result(fn(*a, **kw)), wire.OK
+            payload, status = wire.dump_result(wire.returned(fn(*a, **kw))), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
         self.ended = time.perf_counter()

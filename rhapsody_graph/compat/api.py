@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -144,11 +143,7 @@ class ComputeTask(BaseTask):
     def _build(self) -> Node:
         if self.executable is not None:
             return executable([self.executable, *self.arguments], **self.options)
-        fn = self.function
-        if inspect.iscoroutinefunction(fn):
-            return task(_run_coroutine_function).options(**self.options)(
-                fn, *self.args, **self.kwargs)
-        return task(fn).options(**self.options)(*self.args, **self.kwargs)
+        return task(self.function).options(**self.options)(*self.args, **self.kwargs)
 
     def node(self) -> Node:
         return self._node
@@ -160,11 +155,6 @@ class ComputeTask(BaseTask):
         ranks = value if isinstance(value, list) else [value]
         self.stdout = "".join(r.stdout for r in ranks)
         self.stderr = "".join(r.stderr for r in ranks)  # return_value stays None
-
-
-def _run_coroutine_function(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run an ``async def`` task body to its end in the worker."""
-    return asyncio.run(fn(*args, **kwargs))
 
 
 class AITask(BaseTask):

@@ -4,6 +4,7 @@ failures with their tracebacks, edges across a Dask and a local backend, routing
 the kinds Dask does not run, many tiny calls under leases, a killed Dask worker,
 cancelling and timing out running calls (their processes are gone after), workers
 that join and leave, and errors before anything runs."""
+import asyncio
 import os
 import signal
 import time
@@ -47,6 +48,11 @@ def boom(x):
     raise KeyError(f"no {x}")
 
 
+async def double_later(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
 def test_inventory_is_the_clusters_workers_with_their_threads_and_gpus(session, cluster):
     dask = session.backends["dask"]
     workers = dask.client.scheduler_info(n_workers=-1)["workers"]
@@ -74,6 +80,10 @@ def test_executables_values_failures_and_edges_across_backends(session):
         session.compute(rhapsody.task(backend="dask")(boom)("thing"))
     assert isinstance(info.value.__cause__, rhapsody.RemoteTraceback)
     assert "in boom" in info.value.__cause__.tb
+
+
+def test_an_async_def_task_is_awaited_on_the_dask_worker(session):
+    assert session.compute(rhapsody.task(backend="dask")(double_later)(21)) == (42,)
 
 
 def test_a_value_the_dask_worker_cannot_pickle_fails_naming_the_node_and_the_values_type(
