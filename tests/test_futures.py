@@ -171,7 +171,9 @@ def test_a_failed_node_raises_its_own_error_with_the_remote_traceback_from_resul
     with pytest.raises(KeyError) as info:
         fut.result(timeout=60)
     assert isinstance(fut.exception(), KeyError)
-    assert "broken" in str(info.value.__cause__)
+    tb = str(info.value.__cause__)
+    assert "broken" in tb
+    assert f'File "{__file__}"' in tb and "return {}[x]" in tb  # its file and source line
     # a dependent submitted later fails with the same error, and never runs
     dependent = session.submit(rhapsody.task(inc)(fut))
     with pytest.raises(KeyError):

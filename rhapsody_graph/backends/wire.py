@@ -36,7 +36,7 @@ import os
 import pickle
 import struct
 import sys
-from types import CoroutineType
+from types import CodeType, CoroutineType
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RemoteError, RemoteTraceback, add_note, brief
@@ -55,6 +55,8 @@ PROTOCOL = 5
 READ = 1 << 16
 Args = Union[bytes, tuple]  # a call's arguments as dump_args gives them
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
+DYNAMIC_CODE = "<dynamic-code>"  # the file cloudpickle 3.1 gives code it sends by value
+_CLOUD: List[type] = []  # cloudpickle's pickler, made on first need (_cloud_pickler)
 
 
 def dump_value(obj: Any) -> bytes:
@@ -66,7 +68,7 @@ def dump_value(obj: Any) -> bytes:
             return data
     except Exception:
         pass
-    return _cloudpickle().dumps(obj, PROTOCOL)
+    return _cloud_dumps(obj)
 
 
 def returned(value: Any) -> Any:
@@ -89,12 +91,31 @@ def dump_result(value: Any) -> bytes:
                         "instead") from exc
 
 
-def _cloudpickle() -> Any:
-    """cloudpickle, imported on first need: a worker whose calls pickle plainly (an
-    importable function, plain values) starts without it (pickle imports it to load
-    what it wrote)."""
-    import cloudpickle
-    return cloudpickle
+def _cloud_pickler() -> type:
+    """cloudpickle's pickler, imported on first need (a worker whose calls pickle plainly,
+    an importable function and plain values, starts without it: pickle imports it to
+    load what it wrote), keeping the source file of the code it sends by value:
+    cloudpickle 3.1 writes ``<dynamic-code>`` there, so a remote traceback through a
+    script's function would show neither its file nor its lines."""
+    if not _CLOUD:
+        import cloudpickle
+        reduce_code = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+        class FileKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
+            def reducer_override(self, obj: Any) -> Any:
+                if type(obj) is CodeType and reduce_code is not None:
+                    make, args = reduce_code(obj)
+                    return make, tuple(obj.co_filename if type(a) is str and a == DYNAMIC_CODE
+                                       else a for a in args)
+                return super().reducer_override(obj)
+        _CLOUD.append(FileKeepingPickler)
+    return _CLOUD[0]
+
+
+def _cloud_dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _cloud_pickler()(buf, PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 class _TaskFunctionRef:
@@ -125,7 +146,7 @@ def dump_callable(fn: Any) -> bytes:
                 return pickle.dumps(_TaskFunctionRef(module, qualname), PROTOCOL)
         except Exception:
             pass
-    return _cloudpickle().dumps(fn, PROTOCOL)
+    return _cloud_dumps(fn)
 
 
 def _pickler_for(base: type) -> type:
@@ -143,15 +164,15 @@ def _pickler_for(base: type) -> type:
 
 
 _PLAIN = _pickler_for(pickle.Pickler)
-_CLOUD: List[type] = []  # cloudpickle's, made on first need
+_CLOUD_ARGS: List[type] = []  # cloudpickle's argument pickler, made on first need
 
 
 def _picklers() -> Iterator[type]:
     """Plain pickle's argument pickler, then (if it cannot) cloudpickle's."""
     yield _PLAIN
-    if not _CLOUD:
-        _CLOUD.append(_pickler_for(_cloudpickle().Pickler))
-    yield _CLOUD[0]
+    if not _CLOUD_ARGS:
+        _CLOUD_ARGS.append(_pickler_for(_cloud_pickler()))
+    yield _CLOUD_ARGS[0]
 
 
 def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:

@@ -86,3 +86,18 @@ def test_a_worker_gives_one_upstream_value_read_twice_as_one_object():
         assert _pair(up, up).compute(backend=backend) == (True, [0, 1, 2])
     finally:
         backend.shutdown()
+
+
+def test_code_sent_by_value_keeps_its_source_file_for_the_remote_traceback():
+    offset = 3
+
+    def shifted(x):
+        return helper_in_a_closure(x) + offset
+
+    def helper_in_a_closure(x):
+        return x
+    fn = pickle.loads(wire.dump_callable(shifted))
+    assert fn(1) == 4
+    assert fn.__code__.co_filename == __file__  # cloudpickle 3.1 alone: "<dynamic-code>"
+    args = pickle.loads(wire.dump_value((lambda: 1,)))  # arguments by value too
+    assert args[0].__code__.co_filename == __file__
