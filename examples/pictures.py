@@ -1,5 +1,5 @@
 """Pictures of a workflow: a 20,000-simulation fan-out, a GPU training step per result,
-a reduction, a 4-rank job, an executable and an AI summary, drawn as seven boxes.
+a reduction, a 4-rank job, an executable and an AI summary, drawn as six boxes.
 
     pip install ".[viz]" && python examples/pictures.py [flow.svg]
 

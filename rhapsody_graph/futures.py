@@ -41,6 +41,7 @@ from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHE
                                       RUNNING, _AcquireFutures)
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
+from .errors import brief
 from .graph import Ref
 
 __all__ = ["Future", "Where", "as_completed", "wait", "ALL_COMPLETED", "FIRST_COMPLETED",
@@ -261,7 +262,11 @@ def as_completed(futures: Iterable[cf.Future], timeout: Optional[float] = None) 
         TimeoutError: if not all have finished ``timeout`` seconds after the call.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    return _as_completed(set(futures), deadline)
+    pending = set(futures)
+    for f in pending:
+        if not isinstance(f, cf.Future):
+            raise TypeError(f"as_completed() takes futures, got {brief(f)}")
+    return _as_completed(pending, deadline)
 
 
 def _as_completed(pending: set, deadline: Optional[float]) -> Iterator[cf.Future]:

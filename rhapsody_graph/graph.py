@@ -233,6 +233,11 @@ class Graph:
             raise ValueError("Graph() needs at least one output node")
         self.outputs = outputs
         self.roots = find_nodes(outputs)
+        for r in self.roots:
+            if isinstance(r, Ref):
+                raise TypeError(f"Graph() takes nodes, got {r!r}: a future's node was "
+                                "submitted already; compute() takes futures, or use "
+                                "future.result()")
         self._order, self._index = _post_order(self.roots)
         self._dependents: Optional[List[List[int]]] = None
         self._by_key: Optional[Dict[str, Node]] = None

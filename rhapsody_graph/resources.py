@@ -182,6 +182,8 @@ class Host:
 
     def __init__(self, name: str, cpus: "int | Sequence[int]", gpus: "int | Sequence[int]" = 0,
                  memory: Optional[int] = None, id: Optional[int] = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a host's name must be a non-empty str, got {brief(name)}")
         self.name = name
         self.id = id  # the runtime's host id (Dragon's h_uid); its inventory index if None
         self.cpus = _ids(name, "cpus", cpus)
@@ -254,7 +256,7 @@ def detect_host(cpus: "int | Sequence[int] | None" = None,
         core_ids: Sequence[int] = real
     elif isinstance(cpus, int) and not isinstance(cpus, bool):
         extra = range(max(real) + 1, max(real) + 1 + max(0, cpus - len(real)))
-        core_ids = (real + list(extra))[:cpus] if cpus > 0 else []
+        core_ids = (real + list(extra))[:cpus] if cpus > 0 else cpus  # (Host refuses it)
     else:
         core_ids = cpus
     gpu_ids = detect_gpus() if gpus is None else gpus
@@ -269,6 +271,10 @@ class Inventory:
         self.hosts: List[Host] = list(hosts)
         if not self.hosts:
             raise ValueError("an inventory needs at least one host")
+        for h in self.hosts:
+            if not isinstance(h, Host):
+                raise TypeError(f"hosts must be Host(name, cpus=..., gpus=...) objects, got "
+                                f"{brief(h)}")
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"host names must be unique, got {names}")

@@ -72,9 +72,7 @@ class Session:
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
-        backends = list(backends)
-        if not backends:
-            raise ValueError("Session(backends=[...]) needs at least one backend")
+        backends = _backend_list(backends)
         self.backends: Dict[str, Any] = {}
         for b in backends:
             if b.name in self.backends:
@@ -464,6 +462,24 @@ def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
         raise ValueError(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, "
                          f"got {brief(on_error)}")
     return on_error
+
+
+def _backend_list(backends: Any) -> List[Any]:
+    """``Session(backends=...)``, checked: a non-empty list of backend instances."""
+    what = ("Session(backends=[...]) takes backend instances (LocalBackend(), "
+            "DragonBackend(), DaskBackend(...), InferenceBackend(...))")
+    if isinstance(backends, (str, bytes)) or not hasattr(backends, "__iter__"):
+        raise TypeError(f"{what}, got {brief(backends)}")
+    backends = list(backends)
+    if not backends:
+        raise ValueError("Session(backends=[...]) needs at least one backend")
+    for b in backends:
+        if not (isinstance(getattr(b, "name", None), str) and hasattr(b, "attach")
+                and hasattr(b, "kinds")):
+            name = (f"; rhapsody_graph.get_backend({b!r}) is the default one of that name"
+                    if isinstance(b, str) else "")
+            raise TypeError(f"{what}, got {brief(b)}{name}")
+    return backends
 
 
 def _outcome(handle: Any) -> Any:

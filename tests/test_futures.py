@@ -125,6 +125,15 @@ def test_wait_first_completed_returns_the_finished_future_only(session):
     assert slow.cancel() and slow.cancelled()
 
 
+def test_what_is_not_a_future_is_refused_by_as_completed_and_a_future_by_graph(session):
+    with pytest.raises(TypeError, match="as_completed\\(\\) takes futures, got 1"):
+        rhapsody.as_completed([1])
+    fut = session.submit(rhapsody.task(inc)(1))
+    with pytest.raises(TypeError, match="Graph\\(\\) takes nodes, got <Future inc-.*compute"
+                                        "\\(\\) takes futures"):
+        rhapsody.Graph(fut)
+    assert fut.result(timeout=60) == 2
+
 def test_futures_work_with_the_standard_library_wait(session):
     futures = session.submit(*[rhapsody.task(inc)(i) for i in range(5)])
     done, not_done = cf.wait(futures, timeout=60)

@@ -419,3 +419,14 @@ def test_inventory_totals_follow_hosts_that_join_and_leave():
     inv.remove("no such host")
     assert (inv.total_cpus, inv.total_gpus) == (10, 4)
     assert inv.total_cpus == sum(len(h.cpus) for h in inv.hosts)
+
+
+def test_bad_hosts_and_core_counts_are_refused_naming_what_was_given():
+    with pytest.raises(TypeError, match="a host's name must be a non-empty str, got 5"):
+        Host(5, cpus=1)
+    with pytest.raises(TypeError, match=r"hosts must be Host\(name, cpus=\.\.\., gpus=\.\.\.\) "
+                                        r"objects, got 'a'"):
+        Inventory(["a"])
+    with pytest.raises(ValueError, match=r"cpus must be a count >= 0 or a list of ids >= 0, "
+                                         r"got -1"):
+        detect_host(cpus=-1)  # LocalBackend(cpus=-1): the -1 it was given, not "[]"

@@ -120,3 +120,14 @@ def test_backends_made_per_call_and_never_shut_down_get_a_warning_at_the_users_l
     finally:
         for b in backends:
             b.shutdown()
+
+
+@pytest.mark.parametrize("backends, shown", [
+    (["local"], r"got 'local'; rhapsody_graph.get_backend\('local'\) is the default one"),
+    (5, "got 5"),
+    ("local", "got 'local'"),
+])
+def test_a_session_of_what_is_not_a_backend_is_refused_saying_what_it_takes(backends, shown):
+    with pytest.raises(TypeError, match=r"Session\(backends=\[\.\.\.\]\) takes backend "
+                                        r"instances \(LocalBackend\(\), (?s:.*)" + shown):
+        rhapsody.Session(backends=backends)
