@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import CoroutineType
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import wire
@@ -79,7 +80,10 @@ def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str,
         try:
             fn, a, kw = wire.load_call(func, args, inputs)
             start = time.perf_counter()  # not the import of fn's module, on its first call
-            result = ("ok", wire.dump_result(wire.returned(fn(*a, **kw))))
+            value = fn(*a, **kw)
+            if type(value) is CoroutineType:  # an async def function's call
+                value = wire.await_coroutine(value)
+            result = ("ok", wire.dump_result(value))
         except BaseException as exc:  # the driver raises it, with this traceback
             result = ("error", wire.dump_error(exc))
         finally:

@@ -36,7 +36,7 @@ import os
 import pickle
 import struct
 import sys
-from types import CodeType, CoroutineType
+from types import CodeType
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RemoteError, RemoteTraceback, add_note, brief
@@ -71,13 +71,12 @@ def dump_value(obj: Any) -> bytes:
     return _cloud_dumps(obj)
 
 
-def returned(value: Any) -> Any:
-    """What a call returned; an ``async def`` function's coroutine run to its end first
-    (in an event loop of its own, as ``asyncio.run`` makes one)."""
-    if type(value) is CoroutineType:
-        import asyncio
-        return asyncio.run(value)
-    return value
+def await_coroutine(value: Any) -> Any:
+    """The value of an ``async def`` function's call: its coroutine ``value`` run to its
+    end, in an event loop of its own (``asyncio.run``). Executors call it when a call
+    returns a coroutine (``type(value) is CoroutineType``: one test per call)."""
+    import asyncio
+    return asyncio.run(value)
 
 
 def dump_result(value: Any) -> bytes:

@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections import deque
+from types import CoroutineType
 from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import capture, wire
@@ -141,7 +142,10 @@ class Worker:
                 fn = self.funcs[fid] = loaded
                 del self.unloaded[fid]
                 start = time.perf_counter()  # leases are sized by run time (_by_time)
-            payload, status = wire.dump_result(wire.returned(fn(*a, **kw))), wire.OK
+            value = fn(*a, **kw)
+            if type(value) is CoroutineType:  # an async def function's call
+                value = wire.await_coroutine(value)
+            payload, status = wire.dump_result(value), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
         self.ended = time.perf_counter()
