@@ -7,14 +7,18 @@ rest. Failures and cancelled nodes are never kept.
 
 What decides reuse (a node's *journal key*, a hash of):
 
-* its function: the byte code, constants and names of its code object, and of every
-  function of the same module it calls by a global name, recursively (a changed
-  helper is a change; comments, blank lines and moved code are not), or the
-  program's argument vector for an executable, the prompt for an AI node;
+* its function: the byte code, constants, names and default argument values of its
+  code object, the values of the module's numbers and strings it reads by a global
+  name (``SCALE = 2``), and the same of every function of the same module it calls by
+  a global name, recursively (a changed helper is a change; comments, blank lines and
+  moved code are not), or the program's argument vector for an executable, the prompt
+  for an AI node;
 * its options (resources, timeout, retries...) and its ``version=`` if given
-  (``@task(version="2")``: bump it when what the code reads changes but not the code);
-* its arguments: plain values by their pickled bytes, upstream nodes by *their*
-  journal keys (so a change upstream is a change downstream).
+  (``@task(version="2")``: bump it when what the code reads changes but not the code,
+  a data file or a module-level table);
+* its arguments: plain values by their pickled bytes (a set's items in one order,
+  whatever the process's hash seed), upstream nodes by *their* journal keys (so a
+  change upstream is a change downstream).
 
 An entry is one file ``<key[:2]>/<key>``: a header (magic, length, a BLAKE2b digest
 of the payload) and the value's pickled bytes, written to a temporary file and renamed
@@ -47,7 +51,7 @@ import types
 from typing import Any, Dict, List, Optional, Tuple
 
 from .backends import wire
-from .graph import Node
+from .graph import SCALARS, Node
 
 __all__ = ["Journal", "explain"]
 
@@ -76,6 +80,9 @@ def _code_hash(fn: Any, seen: Dict[int, str]) -> str:
         return text
     h = hashlib.blake2b(digest_size=16)
     _hash_code(code, h)
+    for defaults in (getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)):
+        if defaults:
+            h.update(_stable_bytes(defaults))
     module = getattr(fn, "__module__", None)
     globals_ = getattr(fn, "__globals__", {})
     for name in sorted(_global_names(code)):
@@ -84,6 +91,8 @@ def _code_hash(fn: Any, seen: Dict[int, str]) -> str:
             h.update(name.encode() + _code_hash(called, seen).encode())
         elif hasattr(called, "func") and getattr(called.func, "__module__", None) == module:
             h.update(name.encode() + _code_hash(called.func, seen).encode())  # a task
+        elif type(called) in SCALARS:  # a constant of the module: SCALE = 2
+            h.update(name.encode() + repr(called).encode())
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             h.update(_stable_bytes(cell.cell_contents))
@@ -109,6 +118,22 @@ def _global_names(code: types.CodeType) -> set:
         if isinstance(const, types.CodeType):
             names |= _global_names(const)
     return names
+
+
+_SET = "\x00set"  # marks a set's items in _ordered
+
+
+def _ordered(obj: Any) -> Any:
+    """``obj`` with every set (in lists, tuples and dicts) as its items in one order:
+    a set of strings iterates in an order that changes with each process's hash seed."""
+    t = type(obj)
+    if t in (list, tuple):
+        return t(_ordered(o) for o in obj)
+    if t is dict:
+        return {_ordered(k): _ordered(v) for k, v in obj.items()}
+    if t in (set, frozenset):
+        return (_SET, t.__name__, tuple(sorted((_ordered(o) for o in obj), key=_stable_bytes)))
+    return obj
 
 
 def _stable_bytes(obj: Any) -> bytes:
@@ -158,8 +183,8 @@ class Journal:
         """What ``node``'s key is made of (its upstream nodes' keys must be known)."""
         deps = _nodes_of(node)
         try:  # upstream nodes and futures as their slots: their keys come in "inputs"
-            args = hashlib.blake2b(wire.dump_plain((node.args, node.kwargs), node.deps),
-                                   digest_size=16).hexdigest()
+            args = hashlib.blake2b(wire.dump_plain(_ordered((node.args, node.kwargs)),
+                                                   node.deps), digest_size=16).hexdigest()
         except Exception:
             args = hashlib.blake2b(repr((node.args, node.kwargs)).encode(),
                                    digest_size=16).hexdigest()
