@@ -104,7 +104,7 @@ class LocalBackend(PoolBackend):
         self.max_workers = max_workers(workers, self.inventory, "LocalBackend")
         self.ledger = Ledger(self.inventory)  # kept across runs: GPUs go round-robin throughout
         self.pool = WorkerPool(self.max_workers)
-        self._real = sorted(os.sched_getaffinity(0))
+        self._pins = _pins(self.inventory, sorted(os.sched_getaffinity(0)))
         self._launches: Dict[int, Launch] = {}
 
     # -- joining a session (see PoolBackend for the rest) ------------------------------
@@ -144,9 +144,9 @@ class LocalBackend(PoolBackend):
             super().kill(tid)
 
     def pin(self, cpus: Sequence[int]) -> Tuple[int, ...]:
-        """Real core ids for logical ones (declared cores beyond the machine wrap around)."""
-        real = self._real
-        return tuple(sorted({c if c in real else real[c % len(real)] for c in cpus}))
+        """Real core ids for logical ones (see :func:`_pins`)."""
+        pins = self._pins
+        return tuple(sorted({pins[c] for c in cpus}))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -239,6 +239,18 @@ class LocalBackend(PoolBackend):
         if launch is None:
             return  # aborted: already reported
         out.append((tid, KILLED, None, 0.0) if launch.killed else completion)
+
+
+def _pins(inventory: Inventory, real: Sequence[int]) -> Dict[int, int]:
+    """The real core each declared core id runs on: itself where this process may run
+    on it, else the real cores in turn, in the order of those other ids (declared
+    cores 5 and 7 of a 2-core machine run on cores 0 and 1, not both on 1)."""
+    declared = sorted({c for host in inventory.hosts for c in host.cpus})
+    mine = set(real)
+    pins = {c: c for c in declared if c in mine}
+    pins.update((c, real[i % len(real)]) for i, c in enumerate(c for c in declared
+                                                                 if c not in mine))
+    return pins
 
 
 def _refuse_dragon_options(node: Node, backend: str) -> None:

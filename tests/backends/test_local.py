@@ -300,3 +300,13 @@ def test_each_rank_of_a_python_job_keeps_its_own_output(gpu_backend):
     job = rhapsody.submit(rhapsody.task(ranks=2)(hello)(), backend=gpu_backend)
     assert job.result() == [0, 1]
     assert job.where.outputs == (("rank 0\n", ""), ("rank 1\n", ""))
+
+
+def test_declared_cores_beyond_the_machine_go_onto_its_real_cores_in_turn():
+    real = sorted(os.sched_getaffinity(0))
+    beyond = [max(real) + 5, max(real) + 7, max(real) + 9]  # one parity: % would stack them
+    with rhapsody.LocalBackend(cpus=beyond + real[:1]) as backend:
+        assert [backend.pin([c]) for c in beyond] == [(real[i % len(real)],) for i in range(3)]
+        assert backend.pin(real[:1]) == (real[0],)  # a real core is itself
+        where = rhapsody.task(lambda: sorted(os.sched_getaffinity(0)), cpus=1)
+        assert where().compute(backend=backend)[0] in real  # a worker pinned by it runs
