@@ -58,7 +58,7 @@ class BaseTask:
         if self._ended is None:
             raise RuntimeError(f"task {self.uid!r} was not submitted: "
                                "await session.submit_tasks([...]) first")
-        return self._ended.__await__()
+        return asyncio.shield(self._ended).__await__()  # a waiter's timeout leaves it be
 
     def __getitem__(self, name: str) -> Any:  # RHAPSODY tasks are also read as dicts
         return getattr(self, name)

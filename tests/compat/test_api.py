@@ -45,6 +45,22 @@ def test_tasks_report_state_value_output_exit_code_and_backend():
     assert (exit3.state, exit3.exit_code, exit3.stderr) == ("FAILED", 3, "no\n")
 
 
+
+def test_a_wait_that_times_out_leaves_the_task_to_be_awaited_again():
+    async def main():
+        cpu = await ConcurrentExecutionBackend(name="cpu")
+        async with Session(backends=[cpu]) as session:
+            slow = ComputeTask(executable="/bin/sh", arguments=["-c", "sleep 0.5; echo done"])
+            await session.submit_tasks([slow])
+            with pytest.raises(asyncio.TimeoutError):
+                await session.wait_tasks([slow], timeout=0.01)
+            assert await slow is slow  # before: CancelledError, its awaitable cancelled
+            await session.wait_tasks([slow])
+            return slow
+
+    slow = asyncio.run(main())
+    assert (slow.state, slow.stdout) == (TaskState.DONE, "done\n")
+
 def test_tasks_go_to_the_backend_they_name_else_to_the_first_one():
     async def main():
         a, b = ConcurrentExecutionBackend(name="a"), ConcurrentExecutionBackend(name="b")
