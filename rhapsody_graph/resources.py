@@ -20,8 +20,11 @@ State and policy:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
-from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
+import threading
+from typing import (Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 from .errors import UnsatisfiableError, brief
 
@@ -155,12 +158,29 @@ class Placement:
         return f"Placement(host={self.host!r}, cpus={list(self.cpus)}, gpus={list(self.gpus)}{rank})"
 
 
+#: the placement variables of the call this thread runs, where several calls run at
+#: once in one process (a Dask worker's threads): os.environ holds only one of them
+_this_thread = threading.local()
+
+
+@contextlib.contextmanager
+def placed(env: Dict[str, str]) -> Iterator[None]:
+    """Inside the block, this thread's :func:`current_placement` is the one of the
+    placement variables ``env`` (:meth:`Placement.env`), whatever another thread set."""
+    before = getattr(_this_thread, "env", None)
+    _this_thread.env = env
+    try:
+        yield
+    finally:
+        _this_thread.env = before
+
+
 def current_placement() -> Optional[Placement]:
     """Inside a running node: where it was placed (``None`` outside of one).
 
     The cores are the ledger's ids; ``os.sched_getaffinity(0)`` shows the real ones.
     """
-    env = os.environ
+    env = getattr(_this_thread, "env", None) or os.environ
     if "RHAPSODY_HOST" not in env:
         return None
 

@@ -51,9 +51,9 @@ from .base import (DIED, ERROR, KILLED, OK, Call, Completion, Completions, OwnCa
                    close_session, environ)
 from .pool import encode_arguments, encode_function, encode_program
 from .programs import kill_program_of, run_program
-from ..errors import WorkerDiedError, brief
+from ..errors import WorkerDiedError, brief, warn
 from ..graph import EXECUTABLE, FUNCTION
-from ..resources import Host, Inventory, Ledger
+from ..resources import Host, Inventory, Ledger, placed
 
 __all__ = ["DaskBackend"]
 
@@ -73,10 +73,12 @@ _calls: Dict[str, int] = {}  # on a worker: the key of each call running there -
 def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
     """On a Dask worker: run one call in the environment of its placement (GPU masks,
     ``current_placement()``), then put the worker's back; never raises. Returns
-    ``(status, payload, seconds the body ran)``."""
+    ``(status, payload, seconds the body ran)``. Calls that run at once on one worker
+    (its threads) each see their own ``current_placement()``, but share one process
+    environment: its GPU masks are the last call's (docs/dask.md)."""
     _calls[key] = threading.get_ident()
     start = time.perf_counter()
-    with environ(env):
+    with environ(env), placed(env):
         try:
             fn, a, kw = wire.load_call(func, args, inputs)
             start = time.perf_counter()  # not the import of fn's module, on its first call
@@ -163,7 +165,16 @@ class DaskBackend(OwnCalls):
         if not workers:
             raise RuntimeError(f"DaskBackend {self.name!r}: the cluster has no worker yet; "
                                "start its workers first (cluster.scale(n), or wait_for_workers)")
-        return [_host(address, w) for address, w in sorted(workers.items())]
+        hosts = [_host(address, w) for address, w in sorted(workers.items())]
+        shared = [h for h in hosts if h.gpus and len(h.cpus) > 1]
+        if shared:
+            warn(f"DaskBackend {self.name!r}: worker {shared[0].name} runs "
+                 f"{len(shared[0].cpus)} threads and has {len(shared[0].gpus)} GPUs: calls "
+                 "running at once there share one process environment, so a call's "
+                 "CUDA_VISIBLE_DEVICES may be another's (its current_placement() is its own); "
+                 "give GPU workers one thread (threads_per_worker=1, or dask-cuda's worker "
+                 "per GPU)")
+        return hosts
 
     # -- the backend protocol (see .base) ------------------------------------------------
 

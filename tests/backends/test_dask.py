@@ -7,6 +7,7 @@ that join and leave, and errors before anything runs."""
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -46,6 +47,15 @@ def double(x):
 
 def boom(x):
     raise KeyError(f"no {x}")
+
+
+both_running = threading.Barrier(2)  # on a worker: two calls of one process meet here
+
+
+def my_placement_while_another_runs(_):
+    both_running.wait(timeout=60)
+    p = rhapsody.current_placement()
+    return p.host, p.cpus, p.gpus
 
 
 async def double_later(x):
@@ -184,3 +194,15 @@ def test_workers_that_join_and_leave_change_the_inventory(session, cluster):
     assert wait_until(lambda: len(dask.inventory.hosts) == 2, 60)
     assert {h.name for h in dask.inventory.hosts} == \
         set(dask.client.scheduler_info(n_workers=-1)["workers"])
+
+
+def test_calls_running_at_once_on_one_worker_each_see_their_own_placement_and_a_warning():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                  resources={"GPU": 2}, dashboard_address=None) as cluster:
+        with pytest.warns(RuntimeWarning, match=r"runs 2 threads and has 2 GPUs(?s:.*)"
+                                                r"threads_per_worker=1"):
+            dask = rhapsody.DaskBackend(cluster=cluster, name="threads")
+        with rhapsody.Session(backends=[dask]) as s:
+            meet = rhapsody.task(gpus=1)(my_placement_while_another_runs)
+            (a, b), = s.compute([meet(0), meet(1)])
+    assert a[0] == b[0] and a[1] != b[1] and sorted(a[2] + b[2]) == [0, 1]  # before: one None
