@@ -173,6 +173,7 @@ def _script(path: str) -> str:
 # -- visualize ----------------------------------------------------------------------------
 
 def _visualize(args: argparse.Namespace) -> int:
+    from .errors import brief
     from .graph import Graph, Node
     script, sep, name = args.target.rpartition(":")
     if not sep or not script or not name:
@@ -187,6 +188,9 @@ def _visualize(args: argparse.Namespace) -> int:
     if callable(obj) and not isinstance(obj, (Graph, Node)):
         obj = obj()
     graph = obj if isinstance(obj, Graph) else Graph(obj)
+    if not len(graph):
+        raise UsageError(f"{script}:{name} holds no node: {brief(obj)}; give a Graph, a node, "
+                         "a list of nodes, or a function returning one")
     path = graph.visualize(args.out, max_boxes=args.max_boxes)
     print(f"{len(graph):,} nodes drawn into {path}")
     return 0

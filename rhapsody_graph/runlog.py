@@ -73,14 +73,27 @@ class RunLog:
         self._file.close()
 
 
+#: what every record has (a run journal's, not any JSON lines)
+FIELDS = ("node", "name", "start", "end", "outcome")
+
+
 def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
     """The records of a run journal, in the order they were written (a torn last line,
-    from a driver killed while writing it, is skipped)."""
-    records = []
+    from a driver killed while writing it, is skipped); raise ``ValueError`` naming the
+    line of what is not a run journal's record."""
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # torn
+            record = None
+        missing = [k for k in FIELDS if k not in record] if isinstance(record, dict) else FIELDS
+        if missing:
+            raise ValueError(f"{os.fspath(path)}, line {number}: not a record of a run journal "
+                             f"(Session(run_log=...)): no {', '.join(map(repr, missing))}")
+        records.append(record)
     return records

@@ -68,6 +68,10 @@ def test_visualize_draws_a_scripts_graph_and_names_what_is_wrong(tmp_path):
     assert wrong.returncode == 2 and "examples/pictures.py has no 'nothing'" in wrong.stderr
     shape = cli("visualize", "examples/pictures.py", str(out_file))
     assert shape.returncode == 2 and "give SCRIPT:NAME" in shape.stderr
+    script = tmp_path / "flow.py"
+    script.write_text("width = 5\n")
+    no_node = cli("visualize", f"{script}:width", str(out_file))
+    assert no_node.returncode == 2 and "flow.py:width holds no node: 5" in no_node.stderr
 
 
 def test_report_writes_the_page_of_a_run_journal(tmp_path):
@@ -81,6 +85,12 @@ def test_report_writes_the_page_of_a_run_journal(tmp_path):
     assert missing.returncode == 2 and "no such run journal" in missing.stderr
     bad = cli("report", str(journal), str(tmp_path / "x.txt"))
     assert bad.returncode == 1 and "unknown report type" in bad.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"node": "a"}\n')
+    wrong = cli("report", str(other), str(tmp_path / "y.html"))
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1  # one line, no traceback
+    assert "other.jsonl, line 1: not a record of a run journal" in wrong.stderr
+    assert not (tmp_path / "y.html").exists()
 
 
 @pytest.mark.timeout(300)

@@ -57,6 +57,16 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert [r["name"] for r in read(path)] == ["abs"]
 
 
+def test_what_is_not_a_run_journal_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("garbage\nmore garbage\n")  # an unparsable line that is not the last
+    with pytest.raises(ValueError, match=r"notes.txt, line 1: not a record of a run journal"):
+        read(path)
+    path.write_text('{"node": "a", "name": "a"}\n')
+    with pytest.raises(ValueError, match=r"line 1: .*no 'start', 'end', 'outcome'"):
+        read(path)
+
+
 def nap_after(upstream, seconds):
     time.sleep(seconds)
     return upstream
