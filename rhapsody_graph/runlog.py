@@ -16,7 +16,8 @@
 ``outcome``    ``done``, ``failed``, ``died`` (its process died), ``killed``
                (timeout, cancel) or ``dropped`` (never started)
 ``bytes``      the size of its encoded value (``done`` only, else 0)
-``error``      the exception's type and message (``failed``, ``died``)
+``error``      the exception's type and message (``failed``, ``died``; ``killed``
+               by its timeout: ``NodeTimeoutError: ...``; absent for a cancel)
 =============  ==========================================================
 
 This is not the resume journal (``Session(journal=...)``, :mod:`.journal`): it keeps

@@ -362,7 +362,7 @@ class Shared:
 
 
 class Attempt:
-    __slots__ = ("task", "lease", "placements", "start", "end", "after", "outputs")
+    __slots__ = ("task", "lease", "placements", "start", "end", "after", "outputs", "why")
 
     def __init__(self, task: Task, lease: Optional[Lease], placements: Sequence[Any],
                  timed: Any) -> None:
@@ -371,6 +371,7 @@ class Attempt:
         self.end = 0.0
         self.after: Optional[Callable[[], None]] = None  # once killed: what then
         self.outputs: Optional[Tuple[Any, ...]] = None  # per rank: (stdout, stderr) or None
+        self.why = ""  # why it was killed, if the scheduler killed it (a timeout)
 
     def ended(self, seconds: float) -> None:
         """It ended now, after running ``seconds`` by its executor's clock (0: not
@@ -947,7 +948,7 @@ class Scheduler:
         """Write the ended attempt to the run journal (:mod:`.runlog`)."""
         if killed is not None or (attempt is not None and status == KILLED):
             attempt = killed or attempt
-            self.runlog.write(attempt.task, attempt, "killed", 0)
+            self.runlog.write(attempt.task, attempt, "killed", 0, attempt.why)
         elif attempt is None:
             return
         elif status == OK:
@@ -1140,6 +1141,7 @@ class Scheduler:
             t = attempt.task
             t.lane.stopped += 1
             error = NodeTimeoutError.of(t.node.key, t.node.opts.timeout)
+            attempt.why = f"{type(error).__name__}: {error}"
 
             def after(t: Task = t, error: BaseException = error) -> None:
                 if t.state == RUNNING:

@@ -46,6 +46,18 @@ def test_every_attempt_is_a_line_with_its_placement_outcome_and_bytes(tmp_path):
     assert by_name["flaky"][0]["error"] == "ValueError: bad input 7"
     assert by_name["echo"][0]["kind"] == "executable" and by_name["echo"][0]["outcome"] == "done"
     assert [r["outcome"] for r in by_name["nap"]] == ["killed"]
+    assert "error" not in by_name["nap"][0]  # cancelled: no error of its own
+
+
+def test_a_timeout_is_logged_as_a_kill_that_says_it_was_the_timeout(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+        late = s.submit(rhapsody.task(nap, timeout=0.2)(60))
+        with pytest.raises(rhapsody.NodeTimeoutError):
+            late.result(timeout=60)
+    (record,) = read(path)
+    assert record["outcome"] == "killed"
+    assert record["error"].startswith("NodeTimeoutError: node 'nap-") and "0.2 s" in record["error"]
 
 
 def test_a_torn_last_line_is_skipped(tmp_path):
