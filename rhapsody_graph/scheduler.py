@@ -478,6 +478,8 @@ class Scheduler:
             if lane.ready_own.count and lane.backend.release_idle():
                 return True  # an idle inference service held what a ready node needs
         for lane in lanes:
+            if getattr(lane.backend, "waits_for_hosts", False):
+                continue  # its hosts are gone for now (restarting): its nodes wait for them
             for t in lane.ready.records() + lane.ready_own.records():
                 if t.state == READY:
                     self._fail(t, RuntimeError(

@@ -33,6 +33,8 @@ except ``accepts`` and ``prepare``, which the session calls):
   ``DROPPED`` if that call returned no value.
 * ``lease_budget`` (optional): seconds of measured work the scheduler queues on one
   shared lease at most (default 2 ms; more where each round trip costs more).
+* ``waits_for_hosts`` (optional): True while it has no host now but expects some (a
+  Dask cluster whose workers restart): its ready nodes wait, not fail as stalled.
 * ``drop_queued()``: calls queued behind a running one come back ``DROPPED``.
 * ``kill(tid)``: stop one call now; it reports one ``KILLED`` completion once its
   processes are gone (and nothing else).

@@ -289,6 +289,12 @@ class DaskBackend(OwnCalls):
     def __repr__(self) -> str:
         return f"<DaskBackend {self.name!r}: {len(self.inventory.hosts)} workers>"
 
+    @property
+    def waits_for_hosts(self) -> bool:
+        """Every worker left (a nanny restarts them; a cluster scales up again): nodes
+        wait for the next one to join, as Dask's own tasks do."""
+        return not self.inventory.hosts
+
     # -- internals -------------------------------------------------------------------------
 
     def _event(self, event: Any) -> None:

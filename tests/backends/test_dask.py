@@ -206,3 +206,17 @@ def test_calls_running_at_once_on_one_worker_each_see_their_own_placement_and_a_
             meet = rhapsody.task(gpus=1)(my_placement_while_another_runs)
             (a, b), = s.compute([meet(0), meet(1)])
     assert a[0] == b[0] and a[1] != b[1] and sorted(a[2] + b[2]) == [0, 1]  # before: one None
+
+
+def exit_now():
+    os._exit(3)
+
+
+def test_nodes_wait_for_a_worker_while_every_worker_of_the_cluster_restarts():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with rhapsody.Session(backends=[rhapsody.DaskBackend(cluster=cluster)]) as s:
+            with pytest.raises(rhapsody.WorkerDiedError):  # it kills the only worker, twice
+                s.compute(rhapsody.task(exit_now)())
+            # the nanny restarts the worker: before, this failed as "the scheduler stalled"
+            assert s.compute(rhapsody.task(double)(21)) == (42,)
