@@ -124,7 +124,8 @@ def _html(records: Sequence[Dict[str, Any]]) -> str:
     t0, t1 = _span(records)
     span = t1 - t0
     by_row = rows(records)
-    nodes = {r["node"] for r in records}
+    nodes = {(r.get("run"), r["node"]) for r in records}  # a key is a node in each run
+    runs = len({r.get("run") for r in records})
     failed = [r for r in records if r["outcome"] in ("failed", "died")]
     counts: Dict[str, int] = defaultdict(int)
     for r in records:
@@ -164,7 +165,7 @@ def _html(records: Sequence[Dict[str, Any]]) -> str:
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}code{{white-space:pre-wrap}}</style>
 </head><body>
 <h1>Run report</h1>
-<p>{_count(len(nodes), "node")}, {_count(len(records), "attempt")} ({totals}) on {", ".join(map(html.escape, backends))};
+<p>{_count(runs, "run") + ": " if runs > 1 else ""}{_count(len(nodes), "node")}, {_count(len(records), "attempt")} ({totals}) on {", ".join(map(html.escape, backends))};
 {span:.3f} s from the first start to the last end; {len(by_row)} timeline rows.</p>
 <h2>Timeline</h2>
 <p>A row per core and per GPU of each host, with its utilisation on the right. {legend}</p>

@@ -3,6 +3,8 @@
 ``Session(run_log="run.jsonl")`` appends, as each attempt ends, a line with:
 
 =============  ==========================================================
+``run``        the session that wrote it (its start, ``YYYYmmdd-HHMMSS``, the
+               driver's pid, a count): a log appended by several runs keeps them apart
 ``node``       the node's key; ``name``: its task's name
 ``kind``       ``function``, ``executable``, ``job`` (several ranks) or ``ai``
 ``backend``    the backend's name
@@ -34,14 +36,17 @@ draws it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import time
 from typing import Any, Dict, List
 
 from .backends.base import kind_name
 
 __all__ = ["RunLog", "read"]
 
+_logs = itertools.count(1)  # the run logs this process opened
 OUTCOMES = ("done", "failed", "died", "killed", "dropped")
 
 
@@ -51,6 +56,7 @@ class RunLog:
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
         self._file = open(self.path, "a", buffering=1)
+        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_logs)}"
 
     def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,
               error: str = "") -> None:
@@ -58,7 +64,7 @@ class RunLog:
         has ended with ``outcome``."""
         placements = attempt.placements or ()
         record: Dict[str, Any] = {
-            "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
+            "run": self.run, "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
             "backend": task.backend.name,
             "host": placements[0].host if placements else "",
             "hosts": [p.host for p in placements],

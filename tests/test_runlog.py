@@ -97,3 +97,16 @@ def test_a_call_queued_behind_another_is_journaled_from_when_it_ran(tmp_path):
     assert [r["outcome"] for r in records] == ["done"] * 3
     for r in records:
         assert 0.3 <= r["end"] - r["start"] < 0.55, r  # queued: it would be ~0.6 s
+
+
+def test_runs_appended_to_one_log_are_told_apart_in_its_report(tmp_path):
+    path = tmp_path / "run.jsonl"
+    node = rhapsody.task(abs)(-1)
+    for _ in range(2):  # as the same program run twice: the same node key
+        with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+            s.submit(node).result(timeout=60)
+    first, second = read(path)
+    assert first["node"] == second["node"] and first["run"] != second["run"]
+    page = tmp_path / "run.html"
+    rhapsody.report(path, page)
+    assert "2 runs: 2 nodes, 2 attempts (2 done)" in page.read_text()  # not "1 node"
