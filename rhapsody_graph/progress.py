@@ -10,8 +10,9 @@ Modes (:func:`mode`): ``"live"``, a `rich <https://rich.readthedocs.io>`_ displa
 redrawn in place (an interactive terminal; ``pip install "rhapsody-graph[progress]"``,
 else plain lines); ``"lines"``, a plain line per backend every
 :data:`LINE_INTERVAL` seconds and one at the end, for runs that long (batch job logs,
-where stdout is not a terminal); ``None``, nothing. ``progress=None`` (the default) chooses: nothing when
-``$CI`` is set, live in a terminal, lines otherwise.
+where stderr is not a terminal); ``None``, nothing. ``progress=None`` (the default) chooses: nothing when
+``$CI`` is set, live in a terminal, lines otherwise. The display goes to stderr, so a
+program's own output on stdout (a CSV, a pipe) stays its own.
 
 >>> mode(False), mode(None, tty=True, environ={}), mode(None, tty=False, environ={})
 (None, 'live', 'lines')
@@ -47,7 +48,7 @@ def mode(progress: Optional[bool], tty: Optional[bool] = None,
     if chosen in ("live", "lines"):
         return chosen
     if tty is None:
-        tty = sys.stdout.isatty()
+        tty = sys.stderr.isatty()
     if progress is None and environ.get("CI", "").lower() not in ("", "0", "false"):
         return None
     return "live" if tty else "lines"
@@ -75,14 +76,14 @@ class Progress:
     def __init__(self, lanes: Sequence[Any], how: str, out: Optional[TextIO] = None,
                  interval: Optional[float] = None) -> None:
         self.lanes = list(lanes)
-        self._out = out  # None: sys.stdout as it is at each draw
+        self._out = out  # None: sys.stderr as it is at each draw
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._live: Any = None
         self._printed = False  # a plain line was written
         self._base: Dict[int, int] = {}  # id(lane) -> records ended when it got busy
         if how == "live":
-            self._live = _rich_display(out or sys.stdout)
+            self._live = _rich_display(out or sys.stderr)
             how = "live" if self._live is not None else "lines"
         self.how = how
         self.interval = interval or (LIVE_INTERVAL if how == "live" else LINE_INTERVAL)
@@ -142,11 +143,11 @@ class Progress:
             return  # a run shorter than LINE_INTERVAL prints nothing
         lines = self.lines()
         if lines:
-            out = self._out or sys.stdout
+            out = self._out or sys.stderr
             try:
                 out.write("\n".join(lines) + "\n")
                 out.flush()
-            except (ValueError, OSError):  # stdout closed or gone: the run goes on
+            except (ValueError, OSError):  # stderr closed or gone: the run goes on
                 return
             self._printed = True
 

@@ -73,6 +73,19 @@ def test_a_short_run_in_plain_lines_prints_nothing():
     assert out.getvalue() == ""
 
 
+def test_plain_lines_go_to_stderr_and_leave_stdout_to_the_programs_own_output(capsys):
+    with rhapsody.Session(progress=False) as s:
+        shown = Progress(lanes(s), "lines", interval=0.01)  # no out=: where a user's goes
+        s.compute(rhapsody.task(work)(1))
+        for _ in range(6000):  # until a line was drawn (the run may end before the first)
+            if shown._printed:
+                break
+            threading.Event().wait(0.01)
+        shown.stop()
+    seen = capsys.readouterr()
+    assert seen.out == "" and re.search(r"\[local\] 1/1 done", seen.err), seen
+
+
 def test_the_live_display_is_drawn_by_rich_with_a_bar_per_backend():
     pytest.importorskip("rich")
     out = io.StringIO()
