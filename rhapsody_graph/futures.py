@@ -178,6 +178,11 @@ class Future(cf.Future, Ref):
         """Wait (a waiter of its own, as ``concurrent.futures.wait``) until finished;
         return its exception, or raise ``CancelledError``/``TimeoutError``."""
         if self._state not in _ENDED:
+            if threading.current_thread() is self._session._thread:
+                raise RuntimeError(
+                    f"node {self.key!r}: waiting for a future in a done-callback, which "
+                    "runs on the session's scheduler thread, would wait for ever; submit "
+                    "the follow-up work instead (submit() returns at once)")
             cf.wait((self,), timeout)
         state = self._state
         if state == FINISHED:
@@ -213,6 +218,16 @@ class Future(cf.Future, Ref):
 
     # -- called by the scheduler (its thread) ----------------------------------------------
 
+    def add_done_callback(self, fn: Any) -> None:
+        """Call ``fn(future)`` once it ends (now, if it has): as ``concurrent.futures``,
+        and also when nobody keeps the future (the session does until then)."""
+        with self._condition:
+            if self._state not in _ENDED:
+                self._done_callbacks.append(fn)
+                self._session._kept.add(self)
+                return
+        super().add_done_callback(fn)  # ended: it runs it now
+
     def _start(self) -> None:
         if self._state == PENDING:  # no lock: only this thread moves it; no waiter wakes
             self._state = RUNNING
@@ -242,6 +257,7 @@ class Future(cf.Future, Ref):
                     getattr(waiter, tell)(self)
         if self._cbs:
             self._invoke_callbacks()
+            self._session._kept.discard(self)
 
 
 class _Arrivals:

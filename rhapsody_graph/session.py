@@ -97,6 +97,7 @@ class Session:
         self._lock = threading.Lock()
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
+        self._kept: "set[Future]" = set()  # futures with a done-callback, until they end
         self._futures.journal = _journal(journal)
         self._completions = Completions()
         self._completions.closer = self.close
@@ -169,6 +170,10 @@ class Session:
 
     def _compute(self, outputs: Sequence[Any], roots: Sequence[Any], policy: str,
                  journal: "str | os.PathLike[str] | None") -> Tuple[Any, ...]:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("compute() in a done-callback, which runs on the session's "
+                               "scheduler thread, would wait for ever; submit() the work "
+                               "instead (it returns at once)")
         group = Group(policy, waited=True)
         group.journal = _journal(journal) if journal is not None else self._futures.journal
         handles = self._submit(roots, group)
@@ -177,6 +182,8 @@ class Session:
             if group.errors and policy != CONTINUE:
                 raise _first_error(group, roots, handles)
             values = {id(r): _outcome(h) for r, h in zip(roots, handles)}
+            if policy != CONTINUE:  # an output without a value, yet no error of this call:
+                _raise_lost(roots, handles, values)  # cancelled, or a future's own failure
             if group.errors:
                 _warn_failed(group)
         except BaseException:
@@ -492,6 +499,19 @@ def _outcome(handle: Any) -> Any:
             f"node {handle.node.key!r} did not run: an upstream node failed")
     exc = handle.exception()
     return handle.result() if exc is None else exc
+
+
+def _raise_lost(roots: Sequence[Any], handles: Sequence[Any], values: Dict[int, Any]) -> None:
+    """Raise for the first output of ``roots`` that has no value: a failed future's own
+    exception, else a ``CancelledError`` (another thread's ``cancel()`` or ``close()``)."""
+    for r, h in zip(roots, handles):
+        if not _has_value(h):
+            exc = values[id(r)]
+            if isinstance(h, Task) and h.error is None or isinstance(exc, cf.CancelledError):
+                raise cf.CancelledError(
+                    f"node {r.key!r} was cancelled before it could give its value "
+                    "(Session.cancel() or close(), from another thread)")
+            raise exc
 
 
 def _warn_failed(group: Group) -> None:

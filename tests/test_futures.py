@@ -3,6 +3,7 @@ futures as inputs, a graph that grows while it runs, cancellation that really st
 work (checked by pid), and the driver's memory under a long futures loop."""
 import asyncio
 import concurrent.futures as cf
+import gc
 import os
 import resource
 import threading
@@ -188,6 +189,50 @@ def test_a_failed_node_raises_its_own_error_with_the_remote_traceback_from_resul
     with pytest.raises(KeyError):
         dependent.result(timeout=60)
 
+
+
+def test_done_callbacks_run_on_futures_nobody_keeps(session):
+    seen, all_seen = [], threading.Event()
+
+    def note(fut):
+        seen.append(fut.result())
+        if len(seen) == 5:
+            all_seen.set()
+    for i in range(5):
+        session.submit(rhapsody.task(inc)(i)).add_done_callback(note)  # not kept
+    gc.collect()  # before: the futures went, and their callbacks with them
+    assert all_seen.wait(60) and sorted(seen) == [1, 2, 3, 4, 5]
+    assert not session._kept  # the session let them go once they ended
+
+
+def test_waiting_in_a_done_callback_raises_instead_of_hanging_the_session(session):
+    errors, called = [], threading.Event()
+
+    def follow_up(fut):
+        for wait in (lambda: session.compute(rhapsody.task(inc)(fut.result())),
+                     lambda: session.submit(rhapsody.task(nap)(30)).result()):
+            try:
+                wait()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        called.set()
+    session.submit(rhapsody.task(inc)(1)).add_done_callback(follow_up)
+    assert called.wait(60)
+    assert "compute() in a done-callback" in errors[0] and "would wait for ever" in errors[1]
+    assert session.submit(rhapsody.task(inc)(5)).result(timeout=60) == 6  # it goes on
+    session.cancel()  # the nap the callback submitted
+
+
+def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
+    path = tmp_path / "pid"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
+        def cancel_once_it_runs():
+            wait_for_files([path], 60)
+            s.cancel()
+        threading.Thread(target=cancel_once_it_runs).start()
+        with pytest.raises(cf.CancelledError, match="was cancelled before it could give its "
+                                                    "value"):
+            s.compute(rhapsody.task(hold)(str(path)))  # before: returned the error as a value
 
 # -- futures as inputs, a growing graph ----------------------------------------------------
 
