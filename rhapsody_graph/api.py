@@ -59,7 +59,8 @@ def get_backend(backend: Any = None) -> Any:
     if not isinstance(name, str):
         return backend
     if name not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available in this build; use one of "
+        given = f"backend {name!r}" + (f" (${BACKEND_ENV})" if backend is None else "")
+        raise ValueError(f"{given} is not available in this build; use one of "
                          f"{', '.join(map(repr, BACKENDS))}, or pass a backend instance")
     with _lock:
         if name not in _defaults:

@@ -124,7 +124,7 @@ def substitute(obj: Any, values: Dict[int, Any]) -> Any:
             return dict(items)
         out = copy.copy(obj)  # keeps a subclass's state (defaultdict's factory, ...)
         out.clear()
-        out.update(items)
+        out.update(dict(items))  # a mapping: Counter.update would count a list's pairs
         return out
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [substitute(o, values) for o in obj]

@@ -396,7 +396,8 @@ class Task:
         if isinstance(func, Task):
             options = _merge(func.opts.values, options)
             func = func.func
-        functools.update_wrapper(self, func)
+        functools.update_wrapper(self, func, updated=())  # not a class's attributes:
+        # Model.options would hide Task.options
         self.func = func
         name = getattr(func, "__name__", type(func).__name__)
         qualname = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', name)}"

@@ -101,6 +101,9 @@ def test_compute_keeps_dict_subclasses_of_its_outputs():
     out = rhapsody.compute(defaultdict(list, {"x": inc(1)}), OrderedDict(y=inc(2)))
     assert out[0] == {"x": 2} and out[0].default_factory is list
     assert type(out[1]) is OrderedDict and out[1] == {"y": 3}
+    from collections import Counter
+    counted, = rhapsody.compute(Counter(a=inc(1), b=inc(2)))
+    assert type(counted) is Counter and counted == {"a": 2, "b": 3}  # not {("a", 2): 1}
 
 
 def test_a_built_node_cannot_be_edited_into_a_cycle():

@@ -4,6 +4,7 @@ import asyncio
 import pytest
 
 import rhapsody_graph as rhapsody
+from rhapsody_graph.api import get_backend
 from rhapsody_graph.graph import Node
 
 
@@ -70,6 +71,28 @@ def test_a_backend_instance_given_as_the_backend_option_is_refused_saying_where_
         with pytest.raises(TypeError, match=r"^inc: option 'backend' names a backend .*got the "
                                             r"backend .*pass it to compute\(\.\.\., backend=it\)"):
             rhapsody.map(inc, [1], backend=backend)
+
+
+class Model:
+    def __init__(self, x):
+        self.x = x
+
+    def options(self):  # a name Task has too
+        return {}
+
+
+def test_a_class_with_attributes_of_tasks_names_is_a_task_whose_own_methods_work():
+    made = rhapsody.task(Model)
+    assert made.options.__self__ is made  # before: Model.options, copied onto the task
+    (model,) = rhapsody.compute(rhapsody.map(Model, [7], cpus=1))
+    assert type(model[0]).__name__ == "Model" and model[0].x == 7
+
+
+def test_an_unknown_default_backend_names_the_value_and_its_variable(monkeypatch):
+    monkeypatch.setenv("RHAPSODY_GRAPH_BACKEND", "Local")
+    with pytest.raises(ValueError, match=r"backend 'Local' \(\$RHAPSODY_GRAPH_BACKEND\) is not "
+                                         r"available in this build; use one of 'local'"):
+        get_backend()
 
 
 def test_bad_options_name_the_function_in_options_call():
