@@ -172,7 +172,13 @@ class Future(cf.Future, Ref):
             concurrent.futures.CancelledError: if it was cancelled.
             TimeoutError: after ``timeout``.
         """
-        return self._ended(timeout)
+        exc = self._ended(timeout)
+        if exc is None and self._result is _UNDECODED:  # a value the driver cannot load is
+            try:                                        # the error result() raises
+                self.result()
+            except Exception as failed:
+                return failed
+        return exc
 
     def _ended(self, timeout: Optional[float]) -> Optional[BaseException]:
         """Wait (a waiter of its own, as ``concurrent.futures.wait``) until finished;

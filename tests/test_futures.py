@@ -48,6 +48,15 @@ def mark(path, *_):
     return path
 
 
+def _rebuild_fails():
+    raise RuntimeError("cannot rebuild here")
+
+
+class Unloadable:
+    def __reduce__(self):  # pickles in the worker; loading it in the driver raises
+        return (_rebuild_fails, ())
+
+
 @pytest.fixture
 def session():
     backend = rhapsody.LocalBackend(cpus=2)
@@ -233,6 +242,14 @@ def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
         with pytest.raises(cf.CancelledError, match="was cancelled before it could give its "
                                                     "value"):
             s.compute(rhapsody.task(hold)(str(path)))  # before: returned the error as a value
+
+
+def test_exception_gives_the_error_result_raises_for_a_value_the_driver_cannot_load(session):
+    fut = session.submit(rhapsody.task(Unloadable)())
+    exc = fut.exception(timeout=60)  # before: None, and then result() raised
+    assert isinstance(exc, RuntimeError) and "cannot be unpickled in the driver" in str(exc)
+    with pytest.raises(RuntimeError, match="cannot rebuild here"):
+        fut.result()
 
 # -- futures as inputs, a growing graph ----------------------------------------------------
 
