@@ -4,10 +4,10 @@ the registry of backend names.
 ``compute()`` and ``submit()`` run on, in this order: the ``session=`` given, the
 session of a ``backend=`` instance (one is made for it on first use and closed
 when the backend shuts down: make a backend once, or use it in a ``with`` block;
-more than :data:`MANY_OPEN` open at once get a ``RuntimeWarning``), the session of the innermost ``with Session(...)``
-block, or the default session (one :class:`~rhapsody_graph.LocalBackend`, made on
-first use, closed at exit). ``backend="local"`` / ``"dragon"`` name the default
-backend of that kind.
+more than :data:`MANY_OPEN` open at once get a ``RuntimeWarning``), the session of
+the innermost ``with Session(...)`` block, or the default session (one
+:class:`~rhapsody_graph.LocalBackend`, made on first use, closed at exit).
+``backend="local"`` / ``"dragon"`` name the default backend of that kind.
 
 >>> import rhapsody_graph as rhapsody
 >>> @rhapsody.task

@@ -10,9 +10,9 @@ Modes (:func:`mode`): ``"live"``, a `rich <https://rich.readthedocs.io>`_ displa
 redrawn in place (an interactive terminal; ``pip install "rhapsody-graph[progress]"``,
 else plain lines); ``"lines"``, a plain line per backend every
 :data:`LINE_INTERVAL` seconds and one at the end, for runs that long (batch job logs,
-where stderr is not a terminal); ``None``, nothing. ``progress=None`` (the default) chooses: nothing when
-``$CI`` is set, live in a terminal, lines otherwise. The display goes to stderr, so a
-program's own output on stdout (a CSV, a pipe) stays its own.
+where stderr is not a terminal); ``None``, nothing. ``progress=None`` (the default)
+chooses: nothing when ``$CI`` is set, live in a terminal, lines otherwise. The display
+goes to stderr, so a program's own output on stdout (a CSV, a pipe) stays its own.
 
 >>> mode(False), mode(None, tty=True, environ={}), mode(None, tty=False, environ={})
 (None, 'live', 'lines')

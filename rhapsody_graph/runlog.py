@@ -64,8 +64,8 @@ class RunLog:
         has ended with ``outcome``."""
         placements = attempt.placements or ()
         record: Dict[str, Any] = {
-            "run": self.run, "node": task.node.key, "name": task.node.name, "kind": kind_name(task.node),
-            "backend": task.backend.name,
+            "run": self.run, "node": task.node.key, "name": task.node.name,
+            "kind": kind_name(task.node), "backend": task.backend.name,
             "host": placements[0].host if placements else "",
             "hosts": [p.host for p in placements],
             "cpus": [list(p.cpus) for p in placements],

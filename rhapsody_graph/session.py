@@ -507,7 +507,7 @@ def _raise_lost(roots: Sequence[Any], handles: Sequence[Any], values: Dict[int, 
     for r, h in zip(roots, handles):
         if not _has_value(h):
             exc = values[id(r)]
-            if isinstance(h, Task) and h.error is None or isinstance(exc, cf.CancelledError):
+            if (isinstance(h, Task) and h.error is None) or isinstance(exc, cf.CancelledError):
                 raise cf.CancelledError(
                     f"node {r.key!r} was cancelled before it could give its value "
                     "(Session.cancel() or close(), from another thread)")
