@@ -198,7 +198,7 @@ def test_workers_that_join_and_leave_change_the_inventory(session, cluster):
 
 def test_calls_running_at_once_on_one_worker_each_see_their_own_placement_and_a_warning():
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                  resources={"GPU": 2}, dashboard_address=None) as cluster:
+                                  resources={"GPU": 2}, dashboard_address=":0") as cluster:
         with pytest.warns(RuntimeWarning, match=r"runs 2 threads and has 2 GPUs(?s:.*)"
                                                 r"threads_per_worker=1"):
             dask = rhapsody.DaskBackend(cluster=cluster, name="threads")
@@ -214,7 +214,7 @@ def exit_now():
 
 def test_nodes_wait_for_a_worker_while_every_worker_of_the_cluster_restarts():
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster:
+                                  dashboard_address=":0") as cluster:
         with rhapsody.Session(backends=[rhapsody.DaskBackend(cluster=cluster)]) as s:
             with pytest.raises(rhapsody.WorkerDiedError):  # it kills the only worker, twice
                 s.compute(rhapsody.task(exit_now)())
