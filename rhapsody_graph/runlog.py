@@ -85,22 +85,25 @@ FIELDS = ("node", "name", "start", "end", "outcome")
 
 
 def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
-    """The records of a run journal, in the order they were written (a torn last line,
-    from a driver killed while writing it, is skipped); raise ``ValueError`` naming the
-    line of what is not a run journal's record."""
+    """The records of a run journal, in the order they were written. A line that is not
+    JSON is skipped: a driver killed while writing it tore it (and the next run's first
+    line, appended to it). Raise ``ValueError`` for a JSON line that is not a record
+    (naming it), and for a file with no record at all."""
     with open(path) as f:
         lines = f.read().splitlines()
-    records = []
+    records, torn = [], 0
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines):
-                break  # torn
-            record = None
+            torn = torn or number
+            continue
         missing = [k for k in FIELDS if k not in record] if isinstance(record, dict) else FIELDS
         if missing:
             raise ValueError(f"{os.fspath(path)}, line {number}: not a record of a run journal "
                              f"(Session(run_log=...)): no {', '.join(map(repr, missing))}")
         records.append(record)
+    if torn and not records:
+        raise ValueError(f"{os.fspath(path)}: not a run journal (Session(run_log=...)): no "
+                         f"line is a record (line {torn} is not JSON)")
     return records

@@ -69,10 +69,23 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert [r["name"] for r in read(path)] == ["abs"]
 
 
+def test_a_line_torn_by_a_killed_run_and_appended_to_by_the_next_is_skipped(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+        s.submit(rhapsody.task(abs)(-1)).result(timeout=60)
+    with open(path, "a") as f:
+        f.write('{"node": "cut of')  # the first run was killed here
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
+        s.submit(rhapsody.task(abs)(-2)).result(timeout=60)  # its first line joins the torn
+        s.submit(rhapsody.task(abs)(-3)).result(timeout=60)
+    assert [r["name"] for r in read(path)] == ["abs", "abs"]  # the first run's, the last
+
+
 def test_what_is_not_a_run_journal_is_refused_naming_its_line(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("garbage\nmore garbage\n")  # an unparsable line that is not the last
-    with pytest.raises(ValueError, match=r"notes.txt, line 1: not a record of a run journal"):
+    path.write_text("garbage\nmore garbage\n")
+    with pytest.raises(ValueError, match=r"notes.txt: not a run journal .*: no line is a "
+                                         r"record \(line 1 is not JSON\)"):
         read(path)
     path.write_text('{"node": "a", "name": "a"}\n')
     with pytest.raises(ValueError, match=r"line 1: .*no 'start', 'end', 'outcome'"):
