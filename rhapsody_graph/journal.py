@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import tempfile
 import types
@@ -137,11 +138,15 @@ def _ordered(obj: Any) -> Any:
 
 
 def _stable_bytes(obj: Any) -> bytes:
-    """Bytes that stand for ``obj`` across runs (its pickle, else its repr)."""
+    """Bytes that stand for ``obj`` across runs: its pickle, else its repr without the
+    memory addresses that change from run to run (``<function <lambda> at 0x7f...>``)."""
     try:
         return pickle.dumps(obj, 4)
     except Exception:
-        return repr(obj).encode()
+        return _ADDRESS.sub("", repr(obj)).encode()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class Journal:
