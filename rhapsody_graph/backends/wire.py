@@ -56,7 +56,6 @@ READ = 1 << 16
 Args = Union[bytes, tuple]  # a call's arguments as dump_args gives them
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
 DYNAMIC_CODE = "<dynamic-code>"  # the file cloudpickle 3.1 gives code it sends by value
-_CLOUD: List[type] = []  # cloudpickle's pickler, made on first need (_cloud_pickler)
 
 
 def dump_value(obj: Any) -> bytes:
@@ -90,25 +89,24 @@ def dump_result(value: Any) -> bytes:
                         "instead") from exc
 
 
+@functools.lru_cache(maxsize=None)
 def _cloud_pickler() -> type:
     """cloudpickle's pickler, imported on first need (a worker whose calls pickle plainly,
     an importable function and plain values, starts without it: pickle imports it to
     load what it wrote), keeping the source file of the code it sends by value:
     cloudpickle 3.1 writes ``<dynamic-code>`` there, so a remote traceback through a
     script's function would show neither its file nor its lines."""
-    if not _CLOUD:
-        import cloudpickle
-        reduce_code = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+    import cloudpickle
+    reduce_code = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
-        class FileKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
-            def reducer_override(self, obj: Any) -> Any:
-                if type(obj) is CodeType and reduce_code is not None:
-                    make, args = reduce_code(obj)
-                    return make, tuple(obj.co_filename if type(a) is str and a == DYNAMIC_CODE
-                                       else a for a in args)
-                return super().reducer_override(obj)
-        _CLOUD.append(FileKeepingPickler)
-    return _CLOUD[0]
+    class FileKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc, valid-type]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is CodeType and reduce_code is not None:
+                make, args = reduce_code(obj)
+                return make, tuple(obj.co_filename if type(a) is str and a == DYNAMIC_CODE
+                                   else a for a in args)
+            return super().reducer_override(obj)
+    return FileKeepingPickler
 
 
 def _cloud_dumps(obj: Any) -> bytes:
@@ -163,15 +161,18 @@ def _pickler_for(base: type) -> type:
 
 
 _PLAIN = _pickler_for(pickle.Pickler)
-_CLOUD_ARGS: List[type] = []  # cloudpickle's argument pickler, made on first need
+
+
+@functools.lru_cache(maxsize=None)
+def _cloud_args_pickler() -> type:
+    """cloudpickle's argument pickler, made on first need."""
+    return _pickler_for(_cloud_pickler())
 
 
 def _picklers() -> Iterator[type]:
     """Plain pickle's argument pickler, then (if it cannot) cloudpickle's."""
     yield _PLAIN
-    if not _CLOUD_ARGS:
-        _CLOUD_ARGS.append(_pickler_for(_cloud_pickler()))
-    yield _CLOUD_ARGS[0]
+    yield _cloud_args_pickler()
 
 
 def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
