@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import re
+import types
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import brief
@@ -393,8 +394,12 @@ class Task:
     def __init__(self, func: Callable[..., Any], options: Mapping[str, Any]) -> None:
         if not callable(func):
             raise TypeError(f"@task needs a callable, got {brief(func)}")
+        #: the shapes of call checked to fit the function: a positional count, or
+        #: (count, *keyword names); shared by the copies options() makes
+        self._fits: set = set()
         if isinstance(func, Task):
             options = _merge(func.opts.values, options)
+            self._fits = func._fits
             func = func.func
         functools.update_wrapper(self, func, updated=())  # not a class's attributes:
         # Model.options would hide Task.options
@@ -404,14 +409,55 @@ class Task:
         self.opts = Options(validate(name, options), name, qualname)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Node:
+        shape = (len(args), *kwargs) if kwargs else len(args)
+        if shape not in self._fits:
+            self._check_call(shape, args, kwargs)
         return Node(self.func, args, kwargs, self.opts)
+
+    def _check_call(self, shape: Any, args: tuple, kwargs: dict) -> None:
+        """Refuse now a call the function cannot take, as its own call would, instead of
+        failing in a worker after everything upstream ran (as Ray's ``.remote`` does)."""
+        span = None if kwargs else _positional_span(self.func)
+        if span is None or not span[0] <= shape <= span[1]:
+            import inspect  # 3 ms: only for keywords, a call that does not fit, or an
+            try:  # object other than a function or method
+                sig = inspect.signature(self.func, follow_wrapped=False)
+            except (TypeError, ValueError):  # no signature to read: the call will tell
+                sig = None
+            if sig is not None:
+                try:
+                    sig.bind(*args, **kwargs)
+                except TypeError as e:
+                    raise TypeError(f"{self.opts.name}{sig}: {e}") from None
+        if len(self._fits) < 64:
+            self._fits.add(shape)
 
     def options(self, **options: Any) -> "Task":
         """A copy of this task with some options replaced; validated now."""
-        return Task(self.func, _merge(self.opts.values, options))
+        return Task(self, options)
 
     def __repr__(self) -> str:
         return f"<Task {self.opts.name} {self.opts.values}>"
+
+
+def _positional_span(func: Any) -> Optional[Tuple[int, float]]:
+    """The least and most positional arguments a plain function or method takes without
+    keywords, read from its code; ``None`` for other callables, or one with a required
+    keyword-only parameter."""
+    bound = 0
+    if type(func) is types.MethodType:
+        func, bound = func.__func__, 1
+    if type(func) is not types.FunctionType:
+        return None
+    code = func.__code__
+    if code.co_kwonlyargcount > len(func.__kwdefaults__ or ()):
+        return None
+    most = code.co_argcount - bound
+    least = max(0, most - len(func.__defaults__ or ()))
+    return least, (math.inf if code.co_flags & _CO_VARARGS else most)
+
+
+_CO_VARARGS = 0x04  # inspect.CO_VARARGS, without importing inspect
 
 
 def task(func: Optional[Callable[..., Any]] = None, **options: Any) -> Any:

@@ -34,6 +34,13 @@ def test_importing_the_package_loads_no_scheduler_backend_or_pickler():
         assert heavy not in loaded, heavy
 
 
+def test_building_nodes_by_positional_calls_loads_neither_inspect_nor_dataclasses():
+    loaded = _loaded_after("import rhapsody_graph as r\n"
+                           "n = r.task(lambda x, y=1: x)(r.task(lambda: 7)(), [{3}, (4,)])")
+    for heavy in ("inspect", "dataclasses"):
+        assert heavy not in loaded, heavy
+
+
 def test_a_worker_process_loads_no_scheduler_session_backend_or_cloudpickle():
     loaded = _loaded_after("import rhapsody_graph.backends.worker")
     for heavy in ("rhapsody_graph.scheduler", "rhapsody_graph.session", "rhapsody_graph.task",

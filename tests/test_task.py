@@ -148,6 +148,29 @@ def test_an_async_def_task_is_awaited_in_its_worker_and_gives_its_value():
                             rhapsody.map(double_later, [1, 2])) == (42, [2, 4])
 
 
+def test_a_call_the_function_cannot_take_is_refused_when_the_node_is_built():
+    @rhapsody.task(cpus=1)
+    def scale(x, factor=2, *, offset=0):
+        return x * factor + offset
+
+    upstream = scale(1)
+    for args, kwargs, text in [((), {}, "missing a required argument: 'x'"),
+                               ((1, 2, 3), {}, "too many positional arguments"),
+                               ((upstream,), {"ofset": 1},
+                                "got an unexpected keyword argument 'ofset'"),
+                               ((1,), {"x": 1}, "multiple values for argument 'x'")]:
+        with pytest.raises(TypeError, match="scale\\(x, factor=2, \\*, offset=0\\): " + text):
+            scale(*args, **kwargs)
+        with pytest.raises(TypeError, match=text):  # the copies options() makes, and map
+            scale.options(cpus=2)(*args, **kwargs)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        rhapsody.map(scale, [1], [2], [3])
+    method = rhapsody.task(Node.compute)  # a bound method's self is not counted, *args is
+    assert rhapsody.task(upstream.compute)() is not None
+    assert method is not None and rhapsody.task(print)(1, 2, 3, sep="") is not None
+    assert rhapsody.compute(scale(1, offset=1), scale(x=2, factor=3)) == (3, 6)
+
+
 def test_map_makes_one_node_per_item_for_plain_and_decorated_functions():
     nodes = rhapsody.map(inc, range(5))
     assert len(nodes) == 5 and all(isinstance(n, Node) for n in nodes)
