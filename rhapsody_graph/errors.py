@@ -100,9 +100,12 @@ def brief(value: Any) -> str:
 
 def warn(message: str, category: type = RuntimeWarning) -> None:
     """``warnings.warn``, shown at the caller's line outside this package (the user's
-    ``compute()``, however deep inside it the warning is made)."""
+    ``compute()``, however deep inside it the warning is made; the caller's own line
+    on the session's thread)."""
     here = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(here):
         frame, level = frame.f_back, level + 1
+    if frame is None or frame.f_globals.get("__name__") == "threading":
+        level = 2  # made on the session's own thread: no user's line, so the caller's
     warnings.warn(message, category, stacklevel=level)

@@ -95,7 +95,7 @@ from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Opti
                     Sequence, Set, Tuple)
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
-from .errors import ExecutableError, NodeTimeoutError, add_note
+from .errors import ExecutableError, NodeTimeoutError, add_note, warn
 from .futures import Where
 
 __all__ = ["Scheduler", "Task", "Group"]
@@ -401,6 +401,7 @@ class Scheduler:
         self.closed = threading.Event()
         self.intake: Deque[Tuple[Sequence[Task], Sequence[Tuple[Task, Any]], Group]] = deque()
         self.runlog: Any = None  # a RunLog: each ended attempt is written there
+        self.unsaved: set = set()  # journals that failed a write (warned once each)
         self.rest_due = False  # a timer will end the run if the session stays idle
 
     # -- asked from any thread (each runs later on the scheduler thread) ------------------
@@ -474,9 +475,9 @@ class Scheduler:
         can never start, or let backends drop per-run state when nothing is left."""
         lanes = [lane for lane in self.lanes.values()
                  if lane.ready.count or lane.ready_own.count]
-        for lane in lanes:
-            if lane.ready_own.count and lane.backend.release_idle():
-                return True  # an idle inference service held what a ready node needs
+        if lanes and any([lane.backend.release_idle() for lane in self.lanes.values()]):
+            return True  # an idle inference service held what a ready node needs (its own
+            # lane's, or a node of the backend whose ledger it is placed on)
         for lane in lanes:
             if getattr(lane.backend, "waits_for_hosts", False):
                 continue  # its hosts are gone for now (restarting): its nodes wait for them
@@ -910,7 +911,12 @@ class Scheduler:
         if timed is not None and timed.start:  # for a future's `where` and the run log
             timed.ended(seconds)
         if self.runlog is not None:
-            self._log(attempt, killed, status, payload)
+            try:
+                self._log(attempt, killed, status, payload)
+            except OSError as e:  # a full or read-only file system: the run goes on
+                warn(f"the run log {self.runlog.path} cannot be written ({e}); this "
+                     "session writes no more of it, and its nodes go on")
+                self.runlog = None
         if attempt is None:
             attempt = self.killing.pop(tid, None)
             if attempt is not None:  # a killed call has ended: now its placements are free
@@ -996,8 +1002,7 @@ class Scheduler:
         t.payload = payload
         if attempt is not None:
             if t.saved is not None:
-                journal, key = t.saved
-                journal.put(key, t.node, payload)
+                self._save(t, payload)
             fid = id(t.node.fn)
             last = self.seconds.get(fid)
             self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
@@ -1020,6 +1025,19 @@ class Scheduler:
                 if fut is not None:
                     fut._finish(where)
         self._ended(t)
+
+    def _save(self, t: Task, payload: bytes) -> None:
+        """Put ``t``'s value in its journal. One that cannot be written (a full or
+        read-only file system) costs a rerun on resume, not this run: a warning, once."""
+        journal, key = t.saved
+        try:
+            journal.put(key, t.node, payload)
+        except OSError as e:
+            if journal not in self.unsaved:
+                self.unsaved.add(journal)
+                warn(f"the journal {journal.path} cannot be written ({e}): the values "
+                     f"of node {t.node.key!r} and of nodes after it are not saved, so a "
+                     "resumed run runs them again; this run goes on")
 
     def _ended(self, t: Task) -> None:
         """``t`` has ended: free what it held upstream; forget it unless a dependent

@@ -410,8 +410,8 @@ class Session:
             if self._owns or b in self._implicit:
                 b.shutdown()
         self._completions.close()
-        if self._runlog is not None:
-            self._runlog.close()
+        if self._runlog is not None and self._scheduler.runlog is not None:
+            self._runlog.close()  # (one that failed a write was warned of, and is left)
 
     def __enter__(self) -> "Session":
         _current.append(self)

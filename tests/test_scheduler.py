@@ -1092,3 +1092,30 @@ def test_random_graphs_of_many_shapes_all_run_in_dependency_order_without_double
     for n in nodes:
         assert all(span[d.key][1] <= span[n.key][0] for d in n.deps), n.key
     assert sim.double_bookings() == [] and sim.ledger.idle()
+
+
+def test_a_journal_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path):
+    """A full or read-only file system under the journal used to leave the node's future
+    unfinished for ever (its save raised on the scheduler thread after it was DONE)."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    for i in range(256):  # every entry directory's name is taken: each save fails
+        (journal / f"{i:02x}").write_text("")
+    inc = rhapsody.task(lambda x: x + 1)
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=journal,
+                          progress=False) as s:
+        with pytest.warns(RuntimeWarning, match="journal .* cannot be written") as caught:
+            assert s.submit(inc(1)).result(timeout=60) == 2
+            assert s.compute(inc(inc(5))) == (7,)
+    assert len([w for w in caught if "journal" in str(w.message)]) == 1
+
+
+def test_a_run_log_that_cannot_be_written_warns_and_the_nodes_keep_their_values():
+    """/dev/full fails every write: the nodes used to fail with its OSError, and the
+    session's exit raised it again."""
+    inc = rhapsody.task(lambda x: x + 1)
+    with pytest.warns(RuntimeWarning, match="run log /dev/full cannot be written"):
+        with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log="/dev/full",
+                              progress=False) as s:
+            assert s.submit(inc(1)).result(timeout=60) == 2
+            assert s.compute(inc(2), on_error="raise") == (3,)

@@ -225,6 +225,17 @@ def test_an_idle_service_gives_its_cores_to_a_service_a_ready_node_waits_for(bac
     assert all(isinstance(a, str) and a for a in answers)
 
 
+def test_an_idle_service_gives_its_cores_to_a_plain_node_after_its_ai_node():
+    """The ready node is the compute backend's own, not the inference backend's: the
+    run used to fail as a stall with the service holding the only core."""
+    rhapsody.model("one_core", engine="llama_cpp", path=rhapsody.smollm2_path(), cpus=1)
+    answer = rhapsody.ai("Say hi", model="one_core", max_tokens=4, temperature=0)
+    with rhapsody.LocalBackend(cpus=1) as b:
+        text, = rhapsody.compute(rhapsody.task(cpus=1)(str.upper)(answer), backend=b)
+        assert text and text == text.upper()
+        assert b.ledger.idle()
+
+
 def test_a_timed_out_ai_node_stops_waiting_for_its_request(backend):
     story = rhapsody.ai("Write a very long story about a dragon.", model="smollm2",
                         max_tokens=2048, timeout=2, name="story")
