@@ -108,8 +108,25 @@ def gpu_masks(gpus: Sequence[int]) -> Dict[str, str]:
     >>> gpu_masks([2, 3])["CUDA_VISIBLE_DEVICES"]
     '2,3'
     """
-    ids = ",".join(map(str, gpus))
+    names = _gpu_names()
+    ids = ",".join([names.get(g) or str(g) for g in gpus] if names else map(str, gpus))
     return {"CUDA_VISIBLE_DEVICES": ids, "ROCR_VISIBLE_DEVICES": ids, "ZE_AFFINITY_MASK": ids}
+
+
+_NAMES: Optional[Dict[int, str]] = None
+
+
+def _gpu_names() -> Dict[int, str]:
+    """GPU id -> its entry of ``CUDA_VISIBLE_DEVICES`` when that names GPUs by UUID (as
+    Slurm and MIG do: ``GPU-8f1c…,MIG-1a2b…``), where ids are the entries' positions;
+    ``{}`` for numbers. Read once per process, before a placement sets the variable (a
+    worker starts with its driver's)."""
+    global _NAMES
+    if _NAMES is None:
+        entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                   if e.strip()]
+        _NAMES = {} if all(e.isdigit() for e in entries) else dict(enumerate(entries))
+    return _NAMES
 
 
 class Placement:
@@ -246,9 +263,13 @@ def _total_memory() -> int:
 
 
 def detect_gpus() -> Tuple[int, ...]:
-    """GPU ids visible here: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi``."""
+    """GPU ids visible here: ``CUDA_VISIBLE_DEVICES`` if set (UUIDs are numbered by
+    their position, and placed processes see the UUIDs), else ``nvidia-smi``."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
+        names = _gpu_names()
+        if names:
+            return tuple(names)
         return tuple(int(g) for g in visible.split(",") if g.strip().isdigit())
     import shutil
     import subprocess

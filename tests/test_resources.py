@@ -1,4 +1,8 @@
 """Resources, Inventory and Ledger: allocation, release, round-robin GPUs, ranks."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from rhapsody_graph.errors import UnsatisfiableError
@@ -98,6 +102,29 @@ def test_detect_host_reads_affinity_and_honours_declared_counts():
 def test_detect_gpus_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert detect_host().gpus == (2, 3)
+
+
+def test_gpus_named_by_uuid_are_numbered_and_placed_processes_see_their_uuid():
+    """Slurm and MIG set CUDA_VISIBLE_DEVICES to UUIDs: they used to be dropped (0 GPUs,
+    every GPU node unsatisfiable). A real run in a fresh process, where the variable is
+    read before anything sets it."""
+    uuids = "GPU-8f1c2d3e-aaaa-bbbb-cccc-1234567890ab,MIG-1a2b3c4d-0000-1111-2222-3333444455"
+    program = """
+import os, rhapsody_graph as r
+if __name__ == "__main__":
+    with r.LocalBackend(cpus=2) as b:
+        print(b.inventory.hosts[0].gpus)
+        seen = r.task(gpus=1)(lambda: (os.environ["CUDA_VISIBLE_DEVICES"],
+                                       r.current_placement().gpus))
+        run = r.executable(["sh", "-c", "echo $CUDA_VISIBLE_DEVICES"], gpus=2)
+        function, program = r.compute(seen(), run, backend=b)
+        print(function[0] == uuids.split(",")[function[1][0]], program.stdout.strip())
+"""
+    out = subprocess.run([sys.executable, "-c", f"uuids = {uuids!r}\n" + program],
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": uuids},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["(0, 1)", f"True {uuids}"]
 
 
 def test_local_rank_counts_ranks_per_host():
