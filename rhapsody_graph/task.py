@@ -394,6 +394,9 @@ class Task:
     def __init__(self, func: Callable[..., Any], options: Mapping[str, Any]) -> None:
         if not callable(func):
             raise TypeError(f"@task needs a callable, got {brief(func)}")
+        if getattr(func, "makes_ai_nodes", False):
+            raise TypeError(f"{func.__name__} is a @prompt function: calling it builds an AI "
+                            "node already; it cannot also be a @task")
         #: the shapes of call checked to fit the function: a positional count, or
         #: (count, *keyword names); shared by the copies options() makes
         self._fits: set = set()
@@ -542,6 +545,11 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
     """
     if not iterables:
         raise TypeError("map() needs at least one iterable of items")
+    if getattr(func, "makes_ai_nodes", False):  # a @prompt function: its options are its own
+        if options or gpus is not None:
+            raise TypeError(f"map({func.__name__}, ...): a @prompt function's options are "
+                            f"set by @prompt, got {sorted(options) or ['gpus']}")
+        return [func(*items) for items in builtins.zip(*iterables)]
     if gpus is None and options.get("gpu") == "all":
         gpus = options.pop("gpu")
     if gpus == "all":

@@ -14,6 +14,7 @@ plain completion, with the node's own sampling (``temperature``, ``max_tokens``,
 from __future__ import annotations
 
 import functools
+import string
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ..errors import brief
@@ -67,6 +68,30 @@ def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[st
                   {k: v for k, v in sampling.items() if v is not None}, parse)
 
 
+def _check_template(who: str, template: str, inputs: int) -> None:
+    """Refuse, where the node is built, a template ``str.format(*values)`` cannot fill
+    from ``inputs`` values: a named placeholder, or one past the last input."""
+    auto = 0
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # "Single '}' encountered in format string"
+        raise ValueError(f"{who}: template {template!r} is not a format string: {e} "
+                         "(write {{ and }} for literal braces)") from None
+    for field in fields:
+        head = field.split(".", 1)[0].split("[", 1)[0]
+        if not head:
+            index, auto = auto, auto + 1
+        elif head.isdigit():
+            index = int(head)
+        else:
+            raise ValueError(f"{who}: template {template!r} names {{{head}}}, but a template "
+                             f"is filled by position from the node's inputs ({inputs} "
+                             "given): write {} or {0}, or build the text with @prompt")
+        if index >= inputs:
+            raise ValueError(f"{who}: template {template!r} has a placeholder for input "
+                             f"{index}, but {inputs} input(s) were given")
+
+
 def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
        system: Optional[str] = None, chat: Optional[bool] = None,
        parse: Optional[Callable[[str], Any]] = None, name: Optional[str] = None,
@@ -83,7 +108,10 @@ def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
             isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt)):
         raise TypeError(f"{who}: prompt must be a template string or a non-empty list of them, "
                         f"got {brief(prompt)}")
-    spec = _spec(who, model, prompt if isinstance(prompt, str) else list(prompt), None, system,
+    templates = [prompt] if isinstance(prompt, str) else list(prompt)
+    for template in templates:
+        _check_template(who, template, len(inputs))
+    spec = _spec(who, model, prompt if isinstance(prompt, str) else templates, None, system,
                  chat, parse, sampling)
     opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
                           **({"name": name} if name else {})})
@@ -110,6 +138,7 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
         @functools.wraps(fn)
         def make(*inputs: Any) -> Node:
             return Node(spec, inputs, {}, opts, kind=AI)
+        make.makes_ai_nodes = True  # type: ignore[attr-defined]  # map() calls it as it is
         return make
     return decorate
 

@@ -70,6 +70,12 @@ def test_prompt_decorator_builds_the_prompt_from_values_and_parse_shapes_the_val
         return f"What is the capital of {name}? Answer in one word."
 
     assert "Paris" in capital(country()).compute(backend=backend)
+    nodes = rhapsody.map(capital, ["Italy"])  # used to make function nodes that failed
+    assert [n.kind for n in nodes] == ["ai"] and "Rome" in rhapsody.compute(nodes)[0][0]
+    with pytest.raises(TypeError, match="@prompt function"):
+        rhapsody.task(capital)
+    with pytest.raises(TypeError, match="options are set by @prompt"):
+        rhapsody.map(capital, ["Italy"], gpus="all")
 
 
 def test_unknown_model_fails_before_anything_runs(backend, tmp_path):
@@ -166,6 +172,13 @@ def test_bad_ai_node_arguments_are_refused_where_written():
         rhapsody.ai(42, model="smollm2")
     with pytest.raises(ValueError, match="system= needs a chat request"):
         rhapsody.ai("hi", model="smollm2", system="be brief", chat=False)
+    for template, text in [("Capital of {country}?", "names {country}"),
+                           ("{} and {}", "placeholder for input 1, but 1 input"),
+                           (["{0}", "{1[0]}"], "placeholder for input 1"),
+                           ("a } b", "is not a format string")]:
+        with pytest.raises(ValueError, match=text):  # not at run time, after upstream ran
+            rhapsody.ai(template, country(), model="smollm2")
+    assert rhapsody.ai("{0} {0!r:>9} {0[0]} {{literal}}", "x", model="smollm2").kind == "ai"
 
 
 def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
