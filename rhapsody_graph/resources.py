@@ -402,6 +402,11 @@ class Inventory:
                               for h in self.hosts[:8])
             raise UnsatisfiableError(f"{who} asks for {where}, but no host matches: "
                                      f"the inventory has {hosts}")
+        if req.cpu_ids is not None or req.gpu_ids is not None:  # one rank per host
+            raise UnsatisfiableError(
+                f"{who} asks for {req.ranks} ranks on {where}, but ranks pinned to the same "
+                f"ids take one host each, and only {len(eligible)} host(s) have them. Ask "
+                "for fewer ranks, or drop the affinity so that the ledger picks the ids")
         big = self.largest(eligible)
         per = "per rank " if req.ranks > 1 else ""
         raise UnsatisfiableError(

@@ -192,6 +192,14 @@ def test_explicit_affinity_reserves_exactly_those_ids():
     assert lg.allocate(Resources(cpus=1, gpus=1, cpu_ids=(3,), gpu_ids=(2,))).gpus == (2,)
 
 
+def test_more_pinned_ranks_than_hosts_with_those_ids_are_refused_saying_so():
+    inv = Inventory([Host("n0", cpus=2), Host("n1", cpus=2)])
+    inv.check(Resources(cpus=1, ranks=2, cpu_ids=(0,)), "node 'job'")  # one per host
+    with pytest.raises(UnsatisfiableError, match=r"3 ranks on cpu_affinity=\[0\], but ranks "
+                       "pinned to the same ids take one host each, and only 2 host"):
+        inv.check(Resources(cpus=1, ranks=3, cpu_ids=(0,)), "node 'job'")  # said "2 cpus"
+
+
 def test_impossible_host_or_ids_are_refused_naming_the_node_and_the_hosts():
     inv = Inventory([Host("n0", cpus=2, gpus=1)])
     for req in (Resources(host="n9"), Resources(host_id=3), Resources(cpu_ids=(5,)),
