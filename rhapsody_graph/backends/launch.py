@@ -39,10 +39,7 @@ def worker_command(task_fd: int, result_fd: int) -> List[str]:
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with its own session, its group, and what it started
     outside the group (by the marker :func:`.watchdog.guard` gave it)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    kill_group(proc)
     watchdog.kill_marked(proc)
 
 
@@ -112,7 +109,9 @@ class Launch:
                         for key, _ in sel.select():
                             sel.unregister(key.fd)
                             os.close(key.fd)
-                            if started[key.data][0].wait() != 0 and failed is None:
+                            proc = started[key.data][0]
+                            kill_group(proc)
+                            if proc.wait() != 0 and failed is None:
                                 failed = key.data
                 finally:
                     _close_registered(sel)
@@ -200,6 +199,16 @@ def _close_registered(sel: selectors.BaseSelector) -> None:
     for key in list(sel.get_map().values()):
         sel.unregister(key.fd)
         os.close(key.fd)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads. Once it has exited (not yet reaped, so
+    its id is not reused): what it left running there (``cmd &``), as a batch system
+    ends a job step."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _stop(procs: List[subprocess.Popen]) -> None:

@@ -123,6 +123,15 @@ def test_executable_ranks_each_get_a_rank(gpu_backend):
     assert [r.stdout for r in rs] == ["0/2\n", "1/2\n"]
 
 
+def test_what_an_executable_left_running_in_its_group_ends_with_it(gpu_backend):
+    """`cmd &` in a successful program used to live on until the driver exited."""
+    from ..test_scheduler import still_alive
+    ranks = rhapsody.executable(["sh", "-c", "sleep 300 & echo $!"], ranks=2).compute(
+        backend=gpu_backend)
+    left = [int(r.stdout) for r in ranks]
+    assert still_alive(left, seconds=10) == []
+
+
 def test_unsatisfiable_request_fails_before_anything_runs(gpu_backend, tmp_path):
     marker = tmp_path / "ran"
     early = rhapsody.executable(["touch", str(marker)])
