@@ -3,8 +3,12 @@
 Fan-out policy: a list of prompts goes to ``/v1/completions`` as one request when
 the server takes lists (vLLM); otherwise (llama.cpp answers HTTP 500 to a list) as
 single requests, at most ``concurrency`` at a time. Chat conversations always go one
-request each, bounded the same way. A request that fails to connect or gets a 5xx
-is retried ``retries`` times; the last error is raised with the server's answer.
+request each, bounded the same way.
+
+Retries: a request that could not connect, or got a 5xx, is sent again up to
+``retries`` times. One that was sent and got no answer within ``timeout`` (or whose
+connection dropped) is not: the server may still be working on it. A 200 answer that
+is not what was asked for (not JSON, no ``choices``, no text) is a :class:`ServerError`.
 A ``deadline`` (the node's timeout, as a ``time.monotonic()`` value) bounds every
 request and retry: the client gives up when it passes, so a timed-out node does not
 keep a request (and the server) busy.
@@ -13,15 +17,19 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import httpx
 
 __all__ = ["Client", "ServerError", "DeadlinePassed", "Unreachable"]
 
+T = TypeVar("T")
+
 
 class ServerError(RuntimeError):
-    """The inference server answered with an error, or could not be reached."""
+    """A request failed: an error answer, an answer that is not what was asked for, no
+    answer in time, or no connection."""
 
 
 class DeadlinePassed(ServerError):
@@ -29,7 +37,7 @@ class DeadlinePassed(ServerError):
 
 
 class Unreachable(ServerError):
-    """The server could not be reached (connection refused or dropped, timed out)."""
+    """The server could not be reached (connection refused or dropped)."""
 
 
 class Client:
@@ -50,65 +58,115 @@ class Client:
                                  verify=True if tls else False)
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
 
-    def models(self) -> List[str]:
+    def models(self, deadline: Optional[float] = None) -> List[str]:
         """Ids of the models the server serves."""
-        return [m["id"] for m in self._get("/models")["data"]]
+        return self._request("GET", "/models", None, deadline, "a model list", _model_ids)
 
     def complete(self, prompts: Sequence[str], takes_lists: bool = False,
                  deadline: Optional[float] = None, **sampling: Any) -> List[str]:
         """One completion text per prompt, in order."""
         if takes_lists and len(prompts) > 1:
-            choices = self._post("/completions", {"prompt": list(prompts), **sampling},
-                                 deadline)["choices"]
-            return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+            return self._post("/completions", {"prompt": list(prompts), **sampling}, deadline,
+                              partial(_texts, chat=False, count=len(prompts)))
+        one = partial(_texts, chat=False, count=1)
         return self._fan_out(lambda p: self._post("/completions", {"prompt": p, **sampling},
-                                                  deadline)["choices"][0]["text"], prompts)
+                                                  deadline, one)[0], prompts)
 
     def chat(self, conversations: Sequence[List[Dict[str, str]]],
              deadline: Optional[float] = None, **sampling: Any) -> List[str]:
         """One assistant reply per conversation (a list of ``{"role", "content"}``)."""
+        one = partial(_texts, chat=True, count=1)
         return self._fan_out(lambda m: self._post("/chat/completions", {"messages": m, **sampling},
-                                                  deadline)["choices"][0]["message"]["content"],
-                             conversations)
+                                                  deadline, one)[0], conversations)
 
     def close(self) -> None:
         self.http.close()
 
-    def _fan_out(self, one: Any, items: Sequence[Any]) -> List[str]:
+    def _fan_out(self, one: Callable[[Any], str], items: Sequence[Any]) -> List[str]:
         if len(items) == 1:
             return [one(items[0])]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(one, items))
 
-    def _get(self, path: str) -> Dict[str, Any]:
-        return self._request("GET", path, None)
-
-    def _post(self, path: str, body: Dict[str, Any],
-              deadline: Optional[float] = None) -> Dict[str, Any]:
+    def _post(self, path: str, body: Dict[str, Any], deadline: Optional[float],
+              read: Callable[[Any], T]) -> T:
         body = {"model": self.model, **body}
         return self._request("POST", path, {k: v for k, v in body.items() if v is not None},
-                             deadline)
+                             deadline, "a completion", read)
 
     def _request(self, method: str, path: str, body: Optional[Dict[str, Any]],
-                 deadline: Optional[float] = None) -> Dict[str, Any]:
-        error: Exception = ServerError("no attempt made")
+                 deadline: Optional[float], expected: str, read: Callable[[Any], T]) -> T:
+        """Send the request (again, if it could not connect or got a 5xx) and return what
+        ``read`` makes of its JSON answer, ``expected`` (for messages).
+
+        Raises:
+            ServerError: an error answer, one ``read`` cannot read, or no answer in time.
+            Unreachable: no connection (after the retries), or a dropped one.
+            DeadlinePassed: ``deadline`` passed first.
+        """
+        where = f"{method} {self.base_url}{path}"
+        error: Optional[ServerError] = None
         for _ in range(self.retries + 1):
             timeout = self.timeout
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
-                    raise DeadlinePassed(f"{method} {self.base_url}{path}: the deadline "
-                                         f"passed ({error})")
+                    raise DeadlinePassed(f"{where}: the deadline passed"
+                                         + (f" ({error})" if error else ""))
             try:
                 r = self.http.request(method, path, json=body, timeout=timeout)
-            except httpx.TransportError as exc:
-                error = Unreachable(f"{method} {self.base_url}{path} failed: {exc!r}")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not sent: send again
+                error = Unreachable(f"{where} failed: {exc!r}")
                 continue
-            if r.status_code < 500:
-                if r.status_code >= 400:
-                    raise ServerError(f"{method} {self.base_url}{path} -> HTTP {r.status_code}: "
-                                      f"{r.text[:500]}")
-                return r.json()
-            error = ServerError(f"{method} {self.base_url}{path} -> HTTP {r.status_code}: "
-                                f"{r.text[:500]}")
+            except httpx.TimeoutException:
+                if timeout < self.timeout:
+                    raise DeadlinePassed(f"{where}: no answer before the deadline "
+                                         f"({timeout:.3g} s)") from None
+                raise ServerError(f"{where} timed out after {timeout:g} s waiting for the "
+                                  "answer (not sent again: the server may still be working "
+                                  "on it)") from None
+            except httpx.TransportError as exc:
+                raise Unreachable(f"{where} failed: {exc!r}") from None
+            if r.status_code >= 500:
+                error = ServerError(_failure(where, r))
+                continue
+            if r.status_code >= 400:
+                raise ServerError(_failure(where, r))
+            try:
+                return read(r.json())
+            except (ValueError, LookupError, TypeError, AttributeError):
+                raise ServerError(_failure(where, r, f", not {expected}")) from None
+        assert error is not None  # retries >= 0: at least one attempt
         raise error
+
+
+def _model_ids(answer: Any) -> List[str]:
+    """The model ids of a ``/v1/models`` answer."""
+    return [m["id"] for m in answer["data"]]
+
+
+def _texts(answer: Any, chat: bool, count: int) -> List[str]:
+    """The ``count`` texts of a completion answer, in the order of their ``index``.
+
+    Raises:
+        LookupError, TypeError, AttributeError: the answer has no such texts.
+    """
+    choices = answer["choices"]
+    if count > 1:
+        choices = sorted(choices, key=lambda c: c["index"])
+    texts = [c["message"]["content"] if chat else c["text"] for c in choices]
+    if len(texts) != count or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"not {count} text(s)")
+    return texts
+
+
+def _failure(where: str, r: httpx.Response, what: str = "") -> str:
+    """The message for answer ``r`` to ``where``: its status, ``what`` is wrong with it, the
+    server's error message if it gives one, and the first 500 characters of the body."""
+    try:
+        said = r.json()["error"]
+        said = said.get("message", said) if isinstance(said, dict) else said
+    except (ValueError, LookupError, TypeError):
+        said = None
+    told = "" if said is None else f" (the server says: {said})"
+    return f"{where} -> HTTP {r.status_code}{what}{told}: {r.text[:500]}"

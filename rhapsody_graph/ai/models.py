@@ -53,7 +53,8 @@ class Model:
         return self.lists
 
     def check(self, who: str) -> None:
-        """Raise if this model cannot be served here: engine missing, weights missing."""
+        """Raise if this model cannot be served here: engine missing, weights missing, a
+        directory where llama.cpp needs a file."""
         if importlib.util.find_spec("httpx") is None:
             raise RuntimeError(f"{who}: AI nodes need the ai extra: "
                                'pip install "rhapsody-graph[ai]"')
@@ -72,6 +73,9 @@ class Model:
             raise FileNotFoundError(f"{who}: the weights of model {self.name!r} are not at "
                                     f"{self.path!r}; declare the right path= (nothing is "
                                     f"downloaded at run time){hint}")
+        if self.engine == "llama_cpp" and os.path.isdir(self.path):
+            raise IsADirectoryError(f"{who}: model {self.name!r} (engine 'llama_cpp') needs a "
+                                    f"GGUF file as path=, but {self.path!r} is a directory")
 
     def __repr__(self) -> str:
         where = self.url or self.path
@@ -98,7 +102,8 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
             driver's.
         api_key: sent as a bearer token (and required by the servers we start).
         args: extra command-line arguments for the server.
-        timeout: seconds the client waits for one request.
+        timeout: seconds the client waits to connect and for the answer of one request
+            (one that gets no answer is not sent again).
         retries: how often a request that cannot connect or gets a 5xx is retried.
         concurrency: most requests in flight at once for a fan-out (engines that take
             no list of prompts).

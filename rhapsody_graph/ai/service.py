@@ -176,20 +176,20 @@ class Service:
         url = server.start(self._argv(), env)
         client = Client(url, m.api_key, m.timeout, 0, m.concurrency, m.name)
         deadline = time.monotonic() + m.ready_timeout
-        while True:
+        error: Optional[ServerError] = None
+        while time.monotonic() < deadline:
             if server.returncode() is not None:
                 raise RuntimeError(self.failure("exited before it was ready"))
             try:
-                client.models()
-                break
-            except ServerError:
-                if time.monotonic() > deadline:
-                    message = self.failure(f"was not ready after {m.ready_timeout:g} s")
-                    self.stop()
-                    raise RuntimeError(message)
-                time.sleep(0.1)
-        client.retries = m.retries
-        return client
+                client.models(deadline)  # each poll waits no longer than the time left
+                client.retries = m.retries
+                return client
+            except ServerError as exc:
+                error = exc
+            time.sleep(0.1)
+        message = self.failure(f"was not ready after {m.ready_timeout:g} s ({error})")
+        self.stop()
+        raise RuntimeError(message)
 
     def _argv(self) -> List[str]:
         m = self.model
