@@ -9,9 +9,9 @@ Retries: a request that could not connect, or got a 5xx, is sent again up to
 ``retries`` times. One that was sent and got no answer within ``timeout`` (or whose
 connection dropped) is not: the server may still be working on it. A 200 answer that
 is not what was asked for (not JSON, no ``choices``, no text) is a :class:`ServerError`.
-A ``deadline`` (the node's timeout, as a ``time.monotonic()`` value) bounds every
-request and retry: the client gives up when it passes, so a timed-out node does not
-keep a request (and the server) busy.
+A :class:`Deadline` (the node's timeout, and whether it was cancelled) bounds every
+request and retry: the client gives up when it passes, and sends no further request
+once it is cancelled, so a timed-out or cancelled node does not keep the server busy.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import httpx
 
-__all__ = ["Client", "ServerError", "DeadlinePassed", "Unreachable"]
+__all__ = ["Client", "Deadline", "ServerError", "DeadlinePassed", "Unreachable"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,29 @@ class DeadlinePassed(ServerError):
 
 class Unreachable(ServerError):
     """The server could not be reached (connection refused or dropped)."""
+
+
+class Deadline:
+    """When the requests of one node must stop: at ``at`` (a ``time.monotonic()``
+    value; ``None``: never), or at once after :meth:`cancel` (from any thread)."""
+
+    __slots__ = ("at", "cancelled")
+
+    def __init__(self, at: Optional[float] = None) -> None:
+        self.at, self.cancelled = at, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def left(self, where: str) -> Optional[float]:
+        """Seconds left (``None``: no limit).
+
+        Raises:
+            DeadlinePassed: it was cancelled.
+        """
+        if self.cancelled:
+            raise DeadlinePassed(f"{where}: not sent, its node was cancelled")
+        return None if self.at is None else self.at - time.monotonic()
 
 
 class Client:
@@ -58,12 +81,12 @@ class Client:
                                  verify=True if tls else False)
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
 
-    def models(self, deadline: Optional[float] = None) -> List[str]:
+    def models(self, deadline: Optional[Deadline] = None) -> List[str]:
         """Ids of the models the server serves."""
         return self._request("GET", "/models", None, deadline, "a model list", _model_ids)
 
     def complete(self, prompts: Sequence[str], takes_lists: bool = False,
-                 deadline: Optional[float] = None, **sampling: Any) -> List[str]:
+                 deadline: Optional[Deadline] = None, **sampling: Any) -> List[str]:
         """One completion text per prompt, in order."""
         if takes_lists and len(prompts) > 1:
             return self._post("/completions", {"prompt": list(prompts), **sampling}, deadline,
@@ -73,7 +96,7 @@ class Client:
                                                   deadline, one)[0], prompts)
 
     def chat(self, conversations: Sequence[List[Dict[str, str]]],
-             deadline: Optional[float] = None, **sampling: Any) -> List[str]:
+             deadline: Optional[Deadline] = None, **sampling: Any) -> List[str]:
         """One assistant reply per conversation (a list of ``{"role", "content"}``)."""
         one = partial(_texts, chat=True, count=1)
         return self._fan_out(lambda m: self._post("/chat/completions", {"messages": m, **sampling},
@@ -88,14 +111,14 @@ class Client:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(one, items))
 
-    def _post(self, path: str, body: Dict[str, Any], deadline: Optional[float],
+    def _post(self, path: str, body: Dict[str, Any], deadline: Optional[Deadline],
               read: Callable[[Any], T]) -> T:
         body = {"model": self.model, **body}
         return self._request("POST", path, {k: v for k, v in body.items() if v is not None},
                              deadline, "a completion", read)
 
     def _request(self, method: str, path: str, body: Optional[Dict[str, Any]],
-                 deadline: Optional[float], expected: str, read: Callable[[Any], T]) -> T:
+                 deadline: Optional[Deadline], expected: str, read: Callable[[Any], T]) -> T:
         """Send the request (again, if it could not connect or got a 5xx) and return what
         ``read`` makes of its JSON answer, ``expected`` (for messages).
 
@@ -108,8 +131,9 @@ class Client:
         error: Optional[ServerError] = None
         for _ in range(self.retries + 1):
             timeout = self.timeout
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
+            left = None if deadline is None else deadline.left(where)
+            if left is not None:
+                timeout = min(timeout, left)
                 if timeout <= 0:
                     raise DeadlinePassed(f"{where}: the deadline passed"
                                          + (f" ({error})" if error else ""))

@@ -144,9 +144,9 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
 
 
 def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any],
-        deadline: Optional[float] = None) -> Any:
+        deadline: Any = None) -> Any:
     """Build the prompts from ``values``, ask the server (giving up at ``deadline``, a
-    ``time.monotonic()`` value), return text(s) or parsed value(s)."""
+    :class:`~rhapsody_graph.ai.client.Deadline`), return text(s) or parsed value(s)."""
     built = spec.prompts(values)
     texts = [built] if isinstance(built, str) else built
     if not isinstance(texts, (list, tuple)) or not texts or not all(

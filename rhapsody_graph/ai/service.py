@@ -164,7 +164,7 @@ class Service:
             return self.client
 
     def _start(self) -> Any:
-        from .client import Client, ServerError  # httpx: only with the `ai` extra
+        from .client import Client, Deadline, ServerError  # httpx: only with the `ai` extra
         m = self.model
         if m.engine == "remote":
             return Client(m.url, m.api_key, m.timeout, m.retries, m.concurrency, m.name)
@@ -175,9 +175,9 @@ class Service:
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self._gpu_env()}
         url = server.start(self._argv(), env)
         client = Client(url, m.api_key, m.timeout, 0, m.concurrency, m.name)
-        deadline = time.monotonic() + m.ready_timeout
+        deadline = Deadline(time.monotonic() + m.ready_timeout)
         error: Optional[ServerError] = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline.at:
             if server.returncode() is not None:
                 raise RuntimeError(self.failure("exited before it was ready"))
             try:

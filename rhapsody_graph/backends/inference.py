@@ -58,12 +58,19 @@ class _Prompt:
 
 
 class _Request:
-    """One AI node's request, answered in its own thread; ``abandoned`` once killed."""
+    """One AI node's request, answered in its own thread; ``abandoned`` once killed
+    (then its ``deadline``, cancelled, lets no further prompt of it be sent)."""
 
-    __slots__ = ("tid", "key", "abandoned")
+    __slots__ = ("tid", "key", "abandoned", "deadline")
 
     def __init__(self, tid: int, key: str) -> None:
         self.tid, self.key, self.abandoned = tid, key, False
+        self.deadline: Any = None  # its client.Deadline, once its thread made it
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.deadline is not None:
+            self.deadline.cancel()
 
 
 class InferenceBackend(OwnCalls):
@@ -168,7 +175,7 @@ class InferenceBackend(OwnCalls):
     def kill(self, tid: int) -> None:
         request = self._requests.pop(tid, None)
         if request is not None:
-            request.abandoned = True
+            request.abandon()
         self.services.end(tid)
         self.hub.post((tid, KILLED, None, 0.0))
 
@@ -197,16 +204,20 @@ class InferenceBackend(OwnCalls):
 
     def _abandon_all(self) -> None:
         for request in self._requests.values():
-            request.abandoned = True
+            request.abandon()
         self._requests.clear()
 
     def _answer(self, request: _Request, spec: Any, service: Service, inputs: List[Any],
                 timeout: Optional[float]) -> None:
         """In the request's thread: ask the service (started on first use), giving up
         once the node's ``timeout`` has passed; post the completion."""
-        from ..ai.client import DeadlinePassed, Unreachable  # httpx: only with the `ai` extra
+        from ..ai.client import Deadline, DeadlinePassed, Unreachable  # httpx: `ai` extra
         # the scheduler's own deadline fails the node; this later one only stops requests
-        deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
+        deadline = Deadline(None if timeout is None
+                            else time.monotonic() + timeout + TIMEOUT_GRACE)
+        request.deadline = deadline
+        if request.abandoned:  # killed before its deadline was there to cancel
+            return
         try:
             client = service.start()
             try:

@@ -203,3 +203,25 @@ def test_a_llama_cpp_model_whose_path_is_a_directory_is_refused_before_anything_
             f"'{tmp_path}' is a directory")):
         node.compute(backend=backend)
     assert not marker.exists()
+
+
+def test_a_cancelled_fan_out_sends_none_of_its_remaining_prompts(serve):
+    """One prompt at a time (concurrency=1): cancel() used to let the other four go out."""
+    first = threading.Event()
+
+    def answer(n, path):
+        first.set()
+        return HANG if n == 1 else completion()  # the first holds the node until the end
+
+    server = serve(answer)
+    rhapsody.model("fan", url=server.url, concurrency=1)
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+        fut = s.submit(rhapsody.ai([f"prompt {i}" for i in range(5)], model="fan"))
+        assert first.wait(30)
+        assert fut.cancel()
+        server.done.set()  # the first request ends now; the next one would be sent here
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                t.name.startswith("rhapsody-ai-") for t in threading.enumerate()):
+            time.sleep(0.05)
+    assert len(server.paths) == 1, server.paths
