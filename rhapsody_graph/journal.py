@@ -7,26 +7,30 @@ rest. Failures and cancelled nodes are never kept.
 
 What decides reuse (a node's *journal key*, a hash of):
 
-* its function: the byte code, constants, names and default argument values of its
-  code object, the values of the module's numbers and strings it reads by a global
-  name (``SCALE = 2``), and the same of every function of the same module it calls by
-  a global name, recursively (a changed helper is a change; comments, blank lines and
-  moved code are not), or the program's argument vector for an executable, the prompt
-  for an AI node;
+* what it runs: for a function, the byte code, constants, names and default argument
+  values of its code object, the values of the module's numbers and strings it reads
+  by a global name (``SCALE = 2``), and the same of every function of the same module
+  it reads by a global name, and of every method of the same module's classes it reads
+  so (``Model().score(x)``), recursively (a changed helper or method is a change;
+  comments, blank lines and moved code are not); a ``functools.partial``'s bound
+  arguments too (nested ones as well), a callable object's class and pickled state, a
+  bound method's object; for an executable its whole spec (argument vector, ``env=``,
+  ``cwd=``), for an AI node its prompt;
 * its options (resources, timeout, retries...) and its ``version=`` if given
   (``@task(version="2")``: bump it when what the code reads changes but not the code,
   a data file or a module-level table);
-* its arguments: plain values by their pickled bytes (a set's items in one order,
-  whatever the process's hash seed), upstream nodes by *their* journal keys (so a
-  change upstream is a change downstream).
+* its arguments: plain values by their pickled bytes, upstream nodes by *their*
+  journal keys (so a change upstream is a change downstream). Every set, at any depth
+  (in a list, a dataclass, a namedtuple, an executable's spec, a default value), is
+  written as its items in one order, whatever the process's hash seed; what plain
+  pickle cannot take counts by its repr, less memory addresses.
 
 An entry is one file ``<key[:2]>/<key>``: a header (magic, length, a BLAKE2b digest
 of the payload) and the value's pickled bytes, written to a temporary file and renamed
 into place (the entry last), so a killed writer leaves no entry, only a stray
-temporary file. An entry
-whose length or digest does not match (a truncated or corrupt file) is ignored and
-the node runs again. Beside each entry, ``<key>.why`` records the parts of its key
-(JSON), which :func:`explain` compares with a node's to say what changed.
+temporary file. An entry whose length or digest does not match (a truncated or corrupt
+file) is ignored and the node runs again. Beside each entry, ``<key>.why`` records the
+parts of its key (JSON), which :func:`explain` compares with a node's to say what changed.
 
 >>> import tempfile, rhapsody_graph as rhapsody
 >>> @rhapsody.task
@@ -41,18 +45,20 @@ b'payload'
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
-import pickle
 import re
 import struct
 import tempfile
 import types
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .backends import wire
 from .graph import SCALARS, Node
+from .task import Task
 
 __all__ = ["Journal", "explain"]
 
@@ -65,52 +71,87 @@ def _digest(data: bytes) -> bytes:
 
 
 def code_hash(fn: Any) -> str:
-    """A hash of ``fn``'s code and the code of the same-module functions it calls."""
-    seen: Dict[int, str] = {}
-    return _code_hash(getattr(fn, "func", fn), seen)
+    """A hash of what calling ``fn`` runs (see the module docstring)."""
+    return _code_hash(fn, {})
 
 
 def _code_hash(fn: Any, seen: Dict[int, str]) -> str:
+    """The hash of ``fn``: a function, a class, a partial, a task, a bound method or a
+    callable object; ``seen`` holds the ones hashed (each once, a cycle once)."""
     if id(fn) in seen:
         return seen[id(fn)] or "cycle"
     seen[id(fn)] = ""
-    code = getattr(fn, "__code__", None)
-    if code is None:  # a builtin, a class, a callable object: its qualified name
-        text = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-        seen[id(fn)] = text
-        return text
     h = hashlib.blake2b(digest_size=16)
-    _hash_code(code, h)
-    for defaults in (getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)):
+    if isinstance(fn, Task):
+        h.update(_code_hash(fn.func, seen).encode())
+    elif isinstance(fn, functools.partial):  # its function and its bound arguments
+        h.update(_code_hash(fn.func, seen).encode() + _stable_bytes((fn.args, fn.keywords)))
+    elif isinstance(fn, types.MethodType):  # its function and the object it is bound to
+        h.update(_code_hash(fn.__func__, seen).encode() + _stable_bytes(fn.__self__))
+    elif isinstance(fn, type):
+        _hash_class(fn, h, seen)
+    elif isinstance(fn, types.FunctionType):
+        _hash_function(fn, h, seen)
+    elif callable(fn) and not isinstance(fn, types.BuiltinFunctionType):  # an object
+        h.update(_code_hash(type(fn), seen).encode() + _stable_bytes(fn))
+    else:  # a builtin: its qualified name
+        h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
+    seen[id(fn)] = h.hexdigest()
+    return seen[id(fn)]
+
+
+def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None:
+    _hash_code(fn.__code__, h)
+    for defaults in (fn.__defaults__, fn.__kwdefaults__):
         if defaults:
             h.update(_stable_bytes(defaults))
-    module = getattr(fn, "__module__", None)
-    globals_ = getattr(fn, "__globals__", {})
-    for name in sorted(_global_names(code)):
-        called = globals_.get(name)
-        if isinstance(called, types.FunctionType) and called.__module__ == module:
-            h.update(name.encode() + _code_hash(called, seen).encode())
-        elif hasattr(called, "func") and getattr(called.func, "__module__", None) == module:
-            h.update(name.encode() + _code_hash(called.func, seen).encode())  # a task
-        elif type(called) in SCALARS:  # a constant of the module: SCALE = 2
-            h.update(name.encode() + repr(called).encode())
-    for cell in getattr(fn, "__closure__", None) or ():
+    module = fn.__module__
+    for name in sorted(_global_names(fn.__code__)):
+        value = fn.__globals__.get(name)
+        if type(value) in SCALARS:  # a constant of the module: SCALE = 2
+            h.update(name.encode() + repr(value).encode())
+        elif isinstance(value, _CODE) and _module(value) == module:  # a helper, a class
+            h.update(name.encode() + _code_hash(value, seen).encode())
+    for cell in fn.__closure__ or ():
         try:
             h.update(_stable_bytes(cell.cell_contents))
         except ValueError:  # an empty cell
             pass
-    seen[id(fn)] = h.hexdigest()
-    return seen[id(fn)]
+
+
+_CODE = (types.FunctionType, type, functools.partial, Task)  # what _hash_function follows
+
+
+def _module(obj: Any) -> Optional[str]:
+    """The module that defines ``obj`` (a task's or a partial's: its function's)."""
+    return getattr(obj.func if isinstance(obj, (Task, functools.partial)) else obj,
+                   "__module__", None)
+
+
+def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
+    """The code of ``cls``'s methods (and properties), its constants, and the same of its
+    base classes of its module."""
+    for name, attr in sorted(vars(cls).items()):
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        functions = (attr.fget, attr.fset, attr.fdel) if isinstance(attr, property) else (attr,)
+        for f in functions:
+            if isinstance(f, types.FunctionType):
+                h.update(name.encode() + _code_hash(f, seen).encode())
+        if type(attr) in SCALARS and not name.startswith("__"):
+            h.update(name.encode() + repr(attr).encode())
+    for base in cls.__bases__:
+        if base.__module__ == cls.__module__:
+            h.update(_code_hash(base, seen).encode())
 
 
 def _hash_code(code: types.CodeType, h: Any) -> None:
     h.update(code.co_code)
     h.update(repr(code.co_names).encode())
+    h.update(_stable_bytes(tuple(c for c in code.co_consts if not isinstance(c, types.CodeType))))
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _hash_code(const, h)
-        else:
-            h.update(repr(const).encode())
 
 
 def _global_names(code: types.CodeType) -> set:
@@ -121,27 +162,30 @@ def _global_names(code: types.CodeType) -> set:
     return names
 
 
-_SET = "\x00set"  # marks a set's items in _ordered
+class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
+    """wire's argument pickler (an upstream node as its slot) that writes a set as its
+    items' pickles in order: a set of strings iterates in an order that changes with
+    each process's hash seed. Sets at any depth (in a dataclass, a namedtuple) come
+    here: pickle asks ``persistent_id`` of every object, ``reducer_override`` not of sets."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is set or type(obj) is frozenset:
+            return type(obj).__name__, tuple(sorted(_pickled(o, self.slots) for o in obj))
+        return super().persistent_id(obj)
 
 
-def _ordered(obj: Any) -> Any:
-    """``obj`` with every set (in lists, tuples and dicts) as its items in one order:
-    a set of strings iterates in an order that changes with each process's hash seed."""
-    t = type(obj)
-    if t in (list, tuple):
-        return t(_ordered(o) for o in obj)
-    if t is dict:
-        return {_ordered(k): _ordered(v) for k, v in obj.items()}
-    if t in (set, frozenset):
-        return (_SET, t.__name__, tuple(sorted((_ordered(o) for o in obj), key=_stable_bytes)))
-    return obj
+def _pickled(obj: Any, slots: Dict[int, int]) -> bytes:
+    buf = io.BytesIO()
+    _KeyPickler(buf, slots).dump(obj)
+    return buf.getvalue()
 
 
-def _stable_bytes(obj: Any) -> bytes:
-    """Bytes that stand for ``obj`` across runs: its pickle, else its repr without the
-    memory addresses that change from run to run (``<function <lambda> at 0x7f...>``)."""
+def _stable_bytes(obj: Any, deps: Sequence[Any] = ()) -> bytes:
+    """Bytes that stand for ``obj`` across runs: its plain pickle (sets in one order, each
+    of ``deps`` as its slot), else its repr without the memory addresses that change from
+    run to run (``<function <lambda> at 0x7f...>``)."""
     try:
-        return pickle.dumps(obj, 4)
+        return _pickled(obj, {id(d): i for i, d in enumerate(deps)})
     except Exception:
         return _ADDRESS.sub("", repr(obj)).encode()
 
@@ -187,12 +231,7 @@ class Journal:
     def parts(self, node: Any) -> Dict[str, Any]:
         """What ``node``'s key is made of (its upstream nodes' keys must be known)."""
         deps = _nodes_of(node)
-        try:  # upstream nodes and futures as their slots: their keys come in "inputs"
-            args = hashlib.blake2b(wire.dump_plain(_ordered((node.args, node.kwargs)),
-                                                   node.deps), digest_size=16).hexdigest()
-        except Exception:
-            args = hashlib.blake2b(repr((node.args, node.kwargs)).encode(),
-                                   digest_size=16).hexdigest()
+        args = _hash((node.args, node.kwargs), node.deps)  # upstream nodes: in "inputs"
         opts = node.opts
         options = {k: repr(v) for k, v in sorted(opts.values.items())
                    if k not in ("name", "backend")}  # where it runs is no part of its value
@@ -273,7 +312,8 @@ class Journal:
         if best is None:
             return (f"node {node.key!r} runs: no entry of a node named {mine['name']!r} is in "
                     f"{self.path}")
-        what = {"code": "its function's code (or a function it calls) changed",
+        what = {"code": "its function's code (or a function or class it uses; an "
+                        "executable's command, env or cwd) changed",
                 "options": "its options changed",
                 "args": "its arguments changed",
                 "inputs": "an upstream node changed"}
@@ -286,9 +326,15 @@ def _nodes_of(node: Any) -> List[Any]:
 
 
 def _fn_hash(node: Any) -> str:
+    """A function's code hash; an executable's or AI node's whole spec (argv, env and cwd;
+    the prompt), upstream nodes in it as their slots."""
     if node.kind == "function":
         return code_hash(node.fn)
-    return hashlib.blake2b(_stable_bytes(node.fn), digest_size=16).hexdigest()
+    return _hash(node.fn, node.deps)
+
+
+def _hash(obj: Any, deps: Sequence[Any]) -> str:
+    return hashlib.blake2b(_stable_bytes(obj, deps), digest_size=16).hexdigest()
 
 
 def explain(node: Any, journal: "str | os.PathLike[str]") -> str:

@@ -34,19 +34,35 @@ def test_a_changed_module_constant_the_function_reads_is_a_changed_node(tmp_path
 
 
 KEY_OF = """
-import sys
+import collections, dataclasses, sys
 import rhapsody_graph as rhapsody
 from rhapsody_graph.journal import Journal
 
+COLOURS = {"red", "green", "blue", "cyan", "teal"}
+
+
+@dataclasses.dataclass
+class Palette:
+    colours: set
+
+
+Pair = collections.namedtuple("Pair", "name colours")
+
+
 @rhapsody.task
-def count(colours, key=lambda c: c):  # a default that pickle cannot take: its repr
+def count(colours, palette, pair, key=lambda c: c):  # a default pickle cannot take: its repr
+    assert isinstance(palette, Palette) and "red" in {"red", "green", "blue", "cyan"}
     return len(colours)
 
-print(Journal(sys.argv[1]).key(count({"red", "green", "blue", "cyan", "teal"})))
+
+print(Journal(sys.argv[1]).key(count(COLOURS, Palette(COLOURS), Pair("p", [COLOURS]))))
 """
 
 
-def test_a_set_argument_and_a_lambda_default_have_one_key_in_every_process(tmp_path):
+def test_sets_at_any_depth_set_constants_and_a_lambda_default_have_one_key_in_every_process(
+        tmp_path):
+    """A set in an argument, in a dataclass or a namedtuple in one, a set constant in the
+    code and a dataclass the function reads: none depends on the process's hash seed."""
     keys = set()
     for seed in ("1", "2", "3", "4"):  # the set's strings iterate in another order in each
         out = subprocess.run([sys.executable, "-c", KEY_OF, str(tmp_path)],
@@ -55,3 +71,90 @@ def test_a_set_argument_and_a_lambda_default_have_one_key_in_every_process(tmp_p
         assert out.returncode == 0, out.stderr
         keys.add(out.stdout.strip())
     assert len(keys) == 1, keys  # (the lambda's address differs from process to process)
+
+
+def run_program(tmp_path, source, *args):
+    """Run ``source`` as a script with the journal ``tmp_path/journal`` and ``args``; return
+    its output's words."""
+    script = tmp_path / "program.py"
+    script.write_text(source)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "journal"), *args],
+                         env={**os.environ, "PYTHONPATH": HERE}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+RESUME = """
+import sys
+import rhapsody_graph as rhapsody
+
+def compute(*nodes):  # print each node's value (an executable's output) and attempts
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=sys.argv[1],
+                          progress=False) as s:
+        for fut in s.submit(list(nodes)):
+            value = fut.result(timeout=60)
+            print(getattr(value, "stdout", value), fut.where.attempts)  # 0: reused
+"""
+
+EXECUTABLE = RESUME + """
+flag, cwd = sys.argv[2:]
+up = rhapsody.task(str.upper, name="up")("v")
+compute(rhapsody.executable(["sh", "-c", 'echo $0-$FLAG-$(pwd)', up], env={"FLAG": flag},
+                            cwd=cwd))
+"""
+
+
+def test_an_executable_with_an_upstream_node_in_its_argv_runs_again_when_env_or_cwd_change(
+        tmp_path):
+    def run(flag, cwd):
+        return run_program(tmp_path, EXECUTABLE, flag, cwd)
+    assert run("one", "/") == ["V-one-/", "1"]
+    assert run("two", "/") == ["V-two-/", "1"]  # was the first run's value, reused
+    assert run("two", str(tmp_path)) == [f"V-two-{tmp_path}", "1"]
+    assert run("two", str(tmp_path)) == [f"V-two-{tmp_path}", "0"]  # unchanged: reused
+
+
+BOUND = RESUME + """
+import functools
+
+def scaled(x, factor):
+    return x * factor
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, x):
+        return x * self.factor
+
+factor = int(sys.argv[2])
+inner = functools.partial(scaled, factor=factor)
+compute(rhapsody.task(functools.partial(scaled, factor=factor), name="partial")(10),
+        rhapsody.task(functools.partial(inner), name="nested")(10),
+        rhapsody.task(Scaler(factor), name="callable")(10))
+"""
+
+
+def test_a_partials_bound_arguments_and_a_callable_objects_state_are_in_its_key(tmp_path):
+    assert run_program(tmp_path, BOUND, "2") == ["20", "1"] * 3
+    assert run_program(tmp_path, BOUND, "3") == ["30", "1"] * 3  # the partials gave 20
+    assert run_program(tmp_path, BOUND, "3") == ["30", "0"] * 3  # the object ran every time
+
+
+METHOD = RESUME + """
+class Model:
+    def score(self, x):
+        return x * FACTOR
+
+def evaluate(x):
+    return Model().score(x)
+
+compute(rhapsody.task(evaluate)(1))
+"""
+
+
+def test_a_changed_method_of_a_class_the_function_uses_runs_the_node_again(tmp_path):
+    assert run_program(tmp_path, METHOD.replace("FACTOR", "10")) == ["10", "1"]
+    assert run_program(tmp_path, METHOD.replace("FACTOR", "100")) == ["100", "1"]  # was 10
+    assert run_program(tmp_path, METHOD.replace("FACTOR", "100")) == ["100", "0"]

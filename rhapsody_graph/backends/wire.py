@@ -160,7 +160,9 @@ def _pickler_for(base: type) -> type:
     return ArgPickler
 
 
-_PLAIN = _pickler_for(pickle.Pickler)
+#: plain pickle's argument pickler: ``PlainArgPickler(file, {id(dep): slot}).dump(obj)``
+#: writes each upstream node in ``obj`` as its slot (the journal's keys build on it)
+PlainArgPickler = _pickler_for(pickle.Pickler)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,16 +173,9 @@ def _cloud_args_pickler() -> type:
 
 def _picklers() -> Iterator[type]:
     """Plain pickle's argument pickler, then (if it cannot) cloudpickle's."""
-    yield _PLAIN
+    yield PlainArgPickler
     yield _cloud_args_pickler()
 
-
-def dump_plain(obj: Any, deps: Sequence[Any]) -> bytes:
-    """``obj`` by plain pickle only, each of ``deps`` in it as a reference to its slot
-    (bytes that stay the same across runs for the same values; raises if it cannot)."""
-    buf = io.BytesIO()
-    _PLAIN(buf, {id(d): i for i, d in enumerate(deps)}).dump(obj)
-    return buf.getvalue()
 
 
 def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> Args:
@@ -210,10 +205,10 @@ def dump_args(args: tuple, kwargs: dict, deps: Sequence[Any]) -> Args:
         try:
             pickler(buf, slots).dump((args, kwargs))
             data = buf.getvalue()
-            if pickler is not _PLAIN or MAIN not in data:
+            if pickler is not PlainArgPickler or MAIN not in data:
                 return data
         except Exception:
-            if pickler is not _PLAIN:
+            if pickler is not PlainArgPickler:
                 raise
     raise AssertionError("unreachable")
 
