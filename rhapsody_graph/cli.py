@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                          "Graph, a node, a list of nodes, or a function returning one.")
     vis.add_argument("target", metavar="SCRIPT:NAME", help="e.g. flow.py:graph")
     vis.add_argument("out", help="the picture to write: .svg, .png, .pdf or .dot")
-    vis.add_argument("--max-boxes", type=int, default=200,
+    vis.add_argument("--max-boxes", type=_positive, default=200,
                      help="past this many boxes a task is one box (default: 200)")
     vis.set_defaults(command=_visualize, name="visualize")
 
@@ -148,8 +148,11 @@ def _run(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
         runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SystemExit as exc:  # as python does: sys.exit("fatal: ...") prints it, exits 1
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
     except Exception:
         traceback.print_exc()
         return 1
@@ -172,9 +175,24 @@ def _script(path: str) -> str:
 
 # -- visualize ----------------------------------------------------------------------------
 
+GIVE = "give a Graph, a node, a list of nodes, or a function returning one"
+
+
+def _positive(text: str) -> int:
+    """``--max-boxes``: a whole number above 0 (argparse's usage error otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, got {text!r}")
+    return n
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from .errors import brief
     from .graph import Graph, Node
+    from .task import Task
     script, sep, name = args.target.rpartition(":")
     if not sep or not script or not name:
         raise UsageError(f"give SCRIPT:NAME (e.g. flow.py:graph), got {args.target!r}")
@@ -185,12 +203,14 @@ def _visualize(args: argparse.Namespace) -> int:
         raise UsageError(f"{script} has no {name!r}; graphs and nodes there: "
                          f"{', '.join(graphs) or 'none'}")
     obj = namespace[name]
+    if isinstance(obj, Task):
+        raise UsageError(f"{script}:{name} is a task (calling it makes a node): NAME must "
+                         f"hold nodes; {GIVE}")
     if callable(obj) and not isinstance(obj, (Graph, Node)):
         obj = obj()
     graph = obj if isinstance(obj, Graph) else Graph(obj)
     if not len(graph):
-        raise UsageError(f"{script}:{name} holds no node: {brief(obj)}; give a Graph, a node, "
-                         "a list of nodes, or a function returning one")
+        raise UsageError(f"{script}:{name} holds no node: {brief(obj)}; {GIVE}")
     path = graph.visualize(args.out, max_boxes=args.max_boxes)
     print(f"{len(graph):,} nodes drawn into {path}")
     return 0

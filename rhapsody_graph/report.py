@@ -6,6 +6,9 @@
   it opens from a cluster file system, offline): the run's totals, a timeline with a
   row per core and per GPU of every host (each attempt a bar, coloured by outcome,
   its node named on hover), each row's utilisation, the slowest nodes and the failures;
+  a log that several runs appended (a resumed program's) is drawn run after run, the
+  time between them left out of the timeline (a dashed line marks where) and of the
+  utilisation (a row's busy time over the time the runs ran);
 * ``.png`` (or ``.svg``/``.pdf`` by matplotlib): the same timeline as a picture
   (``pip install "rhapsody-graph[report]"``);
 * ``.json``: a Chrome trace (``chrome://tracing``, https://ui.perfetto.dev): a process
@@ -21,7 +24,9 @@
 """
 from __future__ import annotations
 
+import bisect
 import html
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -102,12 +107,36 @@ def chrome_trace(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def _span(records: Sequence[Dict[str, Any]]) -> Tuple[float, float]:
-    if not records:
-        return 0.0, 1.0
-    t0 = min(r["start"] for r in records)
-    t1 = max(r["end"] for r in records)
-    return t0, max(t1, t0 + 1e-6)
+class _Axis:
+    """Seconds of running: wall-clock time with the gaps between runs left out. A run
+    spans its first start to its last end (runs that overlap in time, one span); a log
+    that several runs appended is drawn as their spans side by side."""
+
+    def __init__(self, records: Sequence[Dict[str, Any]]) -> None:
+        runs: Dict[Any, List[float]] = {}
+        for r in records:
+            span = runs.setdefault(r.get("run"), [r["start"], r["end"]])
+            span[0], span[1] = min(span[0], r["start"]), max(span[1], r["end"])
+        spans: List[List[float]] = []
+        for start, end in sorted(runs.values()):
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        self.starts = [s for s, _ in spans]
+        self.offsets = list(itertools.accumulate((e - s for s, e in spans), initial=0.0))
+        running = self.offsets.pop()
+        self.length = max(running, 1e-6)  # seconds of running in all
+        self.gaps = spans[-1][1] - spans[0][0] - running if spans else 0.0  # left out
+
+    def __call__(self, t: float) -> float:
+        """``t`` (wall-clock seconds in a span) as seconds of running since the first start."""
+        i = bisect.bisect_right(self.starts, t) - 1
+        return self.offsets[i] + t - self.starts[i]
+
+    def breaks(self) -> List[float]:
+        """Where one span ends and the next begins, in seconds of running."""
+        return self.offsets[1:]
 
 
 def _busy(attempts: Sequence[Dict[str, Any]]) -> float:
@@ -121,8 +150,8 @@ def _busy(attempts: Sequence[Dict[str, Any]]) -> float:
 
 
 def _html(records: Sequence[Dict[str, Any]]) -> str:
-    t0, t1 = _span(records)
-    span = t1 - t0
+    axis = _Axis(records)
+    span = axis.length
     by_row = rows(records)
     nodes = {(r.get("run"), r["node"]) for r in records}  # a key is a node in each run
     runs = len({r.get("run") for r in records})
@@ -139,13 +168,17 @@ def _html(records: Sequence[Dict[str, Any]]) -> str:
         bars.append(f'<text x="0" y="{y + 12}">{html.escape(host)} {lane}</text>'
                     f'<text x="{label_w + width + 8}" y="{y + 12}">{use:.0%}</text>')
         for r in attempts:
-            x = label_w + (r["start"] - t0) / span * width
+            x = label_w + axis(r["start"]) / span * width
             w = max(0.5, (r["end"] - r["start"]) / span * width)
             tip = html.escape(f'{r["name"]} ({r["node"]}) on {r["backend"]}: {r["outcome"]}, '
                               f'attempt {r["attempt"]}, {r["end"] - r["start"]:.3f} s')
             bars.append(f'<rect x="{x:.2f}" y="{y + 2}" width="{w:.2f}" height="{row_h - 4}" '
                         f'fill="{COLOURS.get(r["outcome"], "#555")}"><title>{tip}</title></rect>')
     height = max(1, len(by_row)) * row_h
+    for b in axis.breaks():  # where the gap between two runs is left out
+        x = label_w + b / span * width
+        bars.append(f'<line x1="{x:.2f}" y1="0" x2="{x:.2f}" y2="{height}" stroke="#333" '
+                    'stroke-dasharray="4 3"/>')
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 60}" '
            f'height="{height}" font-size="11" font-family="sans-serif">{"".join(bars)}</svg>')
     slow = sorted(records, key=lambda r: r["end"] - r["start"], reverse=True)[:SLOWEST]
@@ -166,9 +199,10 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}code{{white-space:
 </head><body>
 <h1>Run report</h1>
 <p>{_count(runs, "run") + ": " if runs > 1 else ""}{_count(len(nodes), "node")}, {_count(len(records), "attempt")} ({totals}) on {", ".join(map(html.escape, backends))};
-{span:.3f} s from the first start to the last end; {len(by_row)} timeline rows.</p>
+{_duration(axis)}; {len(by_row)} timeline rows.</p>
 <h2>Timeline</h2>
-<p>A row per core and per GPU of each host, with its utilisation on the right. {legend}</p>
+<p>A row per core and per GPU of each host, with its utilisation (the time it was busy over
+the time the runs ran) on the right. {legend}</p>
 {svg}
 <h2>Slowest nodes</h2>
 <table><tr><th>task</th><th>node</th><th>backend</th><th>host</th><th>seconds</th><th>outcome</th></tr>
@@ -177,6 +211,13 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}code{{white-space:
 {"<table><tr><th>task</th><th>node</th><th>attempt</th><th>host</th><th>error</th></tr>" + fail_rows + "</table>" if failed else "<p>None.</p>"}
 </body></html>
 """
+
+
+def _duration(axis: _Axis) -> str:
+    if not axis.breaks():
+        return f"{axis.length:.3f} s from the first start to the last end"
+    return (f"{axis.length:.3f} s of running; the {axis.gaps:.3f} s between runs are left out "
+            "of the timeline (a dashed line marks where) and of the utilisation")
 
 
 def _count(n: int, word: str) -> str:
@@ -191,16 +232,19 @@ def _picture(records: Sequence[Dict[str, Any]], out: str) -> None:
     except ImportError:
         raise ImportError('a timeline picture needs matplotlib: '
                           'pip install "rhapsody-graph[report]"') from None
-    t0, _ = _span(records)
+    axis = _Axis(records)
     by_row = rows(records)
     fig, ax = plt.subplots(figsize=(10, 1 + 0.3 * max(1, len(by_row))))
     for i, attempts in enumerate(by_row.values()):
-        ax.broken_barh([(r["start"] - t0, max(r["end"] - r["start"], 1e-6)) for r in attempts],
+        ax.broken_barh([(axis(r["start"]), max(r["end"] - r["start"], 1e-6)) for r in attempts],
                        (i - 0.4, 0.8), facecolors=[COLOURS.get(r["outcome"], "#555")
                                                    for r in attempts])
     ax.set_yticks(range(len(by_row)), [f"{h} {lane}" for h, lane in by_row])
     ax.invert_yaxis()
-    ax.set_xlabel("seconds since the first start")
+    for b in axis.breaks():
+        ax.axvline(b, color="#333", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("seconds of running since the first start"
+                  + (" (dashed: the gap between two runs, left out)" if axis.breaks() else ""))
     ax.set_title("rhapsody_graph run timeline")
     fig.tight_layout()
     fig.savefig(out)

@@ -80,15 +80,16 @@ class RunLog:
         self._file.close()
 
 
-#: what every record has (a run journal's, not any JSON lines)
-FIELDS = ("node", "name", "start", "end", "outcome")
+#: what every record has (a run journal's, not any JSON lines), and reports read
+FIELDS = ("node", "name", "start", "end", "outcome", "backend", "host", "attempt")
 
 
 def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
     """The records of a run journal, in the order they were written. A line that is not
     JSON is skipped: a driver killed while writing it tore it (and the next run's first
     line, appended to it). Raise ``ValueError`` for a JSON line that is not a record
-    (naming it), and for a file with no record at all."""
+    (one without a field of :data:`FIELDS`, naming it), and for a file with no record at
+    all (an empty one too)."""
     with open(path) as f:
         lines = f.read().splitlines()
     records, torn = [], 0
@@ -103,7 +104,7 @@ def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
             raise ValueError(f"{os.fspath(path)}, line {number}: not a record of a run journal "
                              f"(Session(run_log=...)): no {', '.join(map(repr, missing))}")
         records.append(record)
-    if torn and not records:
-        raise ValueError(f"{os.fspath(path)}: not a run journal (Session(run_log=...)): no "
-                         f"line is a record (line {torn} is not JSON)")
+    if not records:
+        why = f"no line is a record (line {torn} is not JSON)" if torn else "it is empty"
+        raise ValueError(f"{os.fspath(path)}: not a run journal (Session(run_log=...)): {why}")
     return records

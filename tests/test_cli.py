@@ -59,6 +59,16 @@ def test_run_of_a_script_that_raises_prints_its_traceback_and_exits_1(tmp_path):
     assert missing.returncode == 2 and "no such script" in missing.stderr
 
 
+def test_run_of_a_script_that_exits_with_a_message_prints_it_and_exits_1(tmp_path):
+    script = tmp_path / "fatal.py"
+    script.write_text("import sys\nsys.exit('fatal: input missing')\n")
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           timeout=60)
+    out = cli("run", str(script))
+    assert (out.returncode, out.stderr) == (plain.returncode, plain.stderr) == (
+        1, "fatal: input missing\n")
+
+
 def test_visualize_draws_a_scripts_graph_and_names_what_is_wrong(tmp_path):
     out_file = tmp_path / ("flow.svg" if shutil.which("dot") else "flow.dot")
     out = cli("visualize", "examples/pictures.py:workflow", str(out_file))
@@ -72,6 +82,19 @@ def test_visualize_draws_a_scripts_graph_and_names_what_is_wrong(tmp_path):
     script.write_text("width = 5\n")
     no_node = cli("visualize", f"{script}:width", str(out_file))
     assert no_node.returncode == 2 and "flow.py:width holds no node: 5" in no_node.stderr
+
+
+def test_visualize_refuses_a_task_for_name_and_a_max_boxes_below_one_as_usage_errors(tmp_path):
+    script = tmp_path / "flow.py"
+    script.write_text("import rhapsody_graph as rhapsody\n\n@rhapsody.task\n"
+                      "def inc(x):\n    return x + 1\n\nnode = inc(1)\n")
+    task = cli("visualize", f"{script}:inc", str(tmp_path / "flow.dot"))
+    assert task.returncode == 2 and task.stderr.count("\n") == 1, task.stderr  # no traceback
+    assert "flow.py:inc is a task (calling it makes a node): NAME must hold nodes" in task.stderr
+    for boxes in ("0", "-1"):
+        out = cli("visualize", f"{script}:node", str(tmp_path / "flow.dot"), "--max-boxes", boxes)
+        assert out.returncode == 2 and "--max-boxes: must be a whole number above 0" in out.stderr
+    assert not (tmp_path / "flow.dot").exists()
 
 
 def test_report_writes_the_page_of_a_run_journal(tmp_path):
@@ -91,6 +114,19 @@ def test_report_writes_the_page_of_a_run_journal(tmp_path):
     assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1  # one line, no traceback
     assert "other.jsonl, line 1: not a record of a run journal" in wrong.stderr
     assert not (tmp_path / "y.html").exists()
+
+
+def test_report_refuses_an_empty_log_and_a_sparse_record_in_one_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    sparse = tmp_path / "sparse.jsonl"  # what read() took, and report's KeyError followed
+    sparse.write_text('{"node": "n", "name": "x", "start": 1, "end": 2, "outcome": "done"}\n')
+    for log, why in ((empty, "empty.jsonl: not a run journal (Session(run_log=...)): it is empty"),
+                     (sparse, "sparse.jsonl, line 1: not a record of a run journal "
+                              "(Session(run_log=...)): no 'backend', 'host', 'attempt'")):
+        out = cli("report", str(log), str(tmp_path / "x.html"))
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and why in out.stderr, out
+    assert not (tmp_path / "x.html").exists()
 
 
 @pytest.mark.timeout(300)

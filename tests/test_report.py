@@ -2,6 +2,7 @@
 all from a real run's journal."""
 import json
 import re
+import time
 
 import pytest
 
@@ -75,3 +76,24 @@ def test_the_run_report_example_writes_page_trace_and_picture(tmp_path):
     for name in ("run.html", "trace.json", "timeline.png"):
         assert f"wrote {tmp_path / name}" in run.stdout and (tmp_path / name).stat().st_size
     assert "ValueError: simulation 13 diverged" in (tmp_path / "run.html").read_text()
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_runs_appended_to_one_log_leave_the_gap_between_them_out_of_timeline_and_utilisation(
+        tmp_path):
+    log = tmp_path / "run.jsonl"
+    for run in range(2):  # each keeps both cores busy; the second starts 2 s after the first
+        if run:
+            time.sleep(2)
+        with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], run_log=log,
+                              progress=False) as s:
+            s.compute([rhapsody.task(nap)(0.4) for _ in range(4)])
+    page = open(rhapsody.report(log, tmp_path / "run.html")).read()
+    uses = [int(u) for u in re.findall(r">(\d+)%</text>", page)]
+    assert len(uses) == 2 and min(uses) >= 70, uses  # the gap counted: about 40 %
+    assert re.search(r"[\d.]+ s of running; the 2\.\d+ s between runs are left out", page)
+    assert page.count('stroke-dasharray="4 3"') == 1  # where the gap is left out

@@ -88,7 +88,11 @@ def test_what_is_not_a_run_journal_is_refused_naming_its_line(tmp_path):
                                          r"record \(line 1 is not JSON\)"):
         read(path)
     path.write_text('{"node": "a", "name": "a"}\n')
-    with pytest.raises(ValueError, match=r"line 1: .*no 'start', 'end', 'outcome'"):
+    with pytest.raises(ValueError, match=r"line 1: .*no 'start', 'end', 'outcome', 'backend', "
+                                         r"'host', 'attempt'$"):
+        read(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"notes.txt: not a run journal .*: it is empty"):
         read(path)
 
 
