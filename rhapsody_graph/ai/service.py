@@ -150,11 +150,12 @@ class Service:
         """Start the server if it is not running yet (thread-safe); return its client.
 
         Raises:
-            RuntimeError: it could not start (the same error for every later caller).
+            RuntimeError: it could not start (the same message for every later caller, in
+                an exception of its own: each caller's node adds its own note).
         """
         with self.lock:
             if self.failed is not None:
-                raise self.failed
+                raise RuntimeError(str(self.failed)) from self.failed.__cause__
             if self.client is None:
                 try:
                     self.client = self._start()

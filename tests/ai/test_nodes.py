@@ -339,6 +339,11 @@ def test_a_server_that_cannot_start_fails_its_nodes_with_its_log(backend):
     with pytest.raises(RuntimeError, match="(?s)'broken' exited before it was ready.*no-such-flag"):
         rhapsody.compute(*nodes, backend=backend, fail_fast=False)
     assert time.monotonic() - start < 30
+    with pytest.warns(RuntimeWarning, match="3 node"):
+        errors = rhapsody.compute(*nodes, backend=backend, on_error="continue")
+    notes = [e.__notes__ for e in errors]  # each its own, naming its node (one object had all)
+    assert len({id(e) for e in errors}) == 3
+    assert all(len(n) == 1 and node.key in n[0] for n, node in zip(notes, nodes)), notes
 
 
 def test_cancelling_an_ai_node_abandons_its_request_and_its_dependents(backend):
