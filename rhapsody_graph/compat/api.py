@@ -1,102 +1,158 @@
 """RHAPSODY's ``Session``, ``ComputeTask`` and ``AITask``, as nodes of a rhapsody_graph session.
 
->>> t = ComputeTask(function=abs, args=(-3,), uid="t1")
->>> (t.uid, t.state, t.return_value)
-('t1', 'NEW', None)
+Tasks are dicts whose keys are also attributes, as RHAPSODY's are, and are checked as
+RHAPSODY checks them when made:
+
+>>> t = ComputeTask(function=abs, args=(-3,), uid="t1", tag="mine")
+>>> (t.uid, t["state"], t.get("tag"), t.return_value)
+('t1', None, 'mine', None)
+>>> try:
+...     ComputeTask(executable="/bin/echo", arguments="hi", uid="t2")
+... except TaskValidationError as e:
+...     print(e)
+Task 't2' validation failed: arguments must be a list, got str 'hi'
 """
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import itertools
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+import os
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence
 
 from ..ai.nodes import ai
 from ..errors import ExecutableError, brief
 from ..futures import Future
 from ..graph import Node
+from ..resources import Placement
 from ..session import Session as _Session
 from ..task import executable, task
+from .errors import (BackendError, ResourceError, RhapsodyError, SessionError,
+                     TaskExecutionError, TaskValidationError)
 
-__all__ = ["Session", "ComputeTask", "AITask", "BaseTask", "TaskState"]
+__all__ = ["Session", "ComputeTask", "AITask", "BaseTask", "TaskState", "RhapsodyError",
+           "BackendError", "TaskValidationError", "TaskExecutionError", "SessionError",
+           "ResourceError"]
 
 
 class TaskState:
-    """A task's states, as RHAPSODY names them."""
-    NEW, SUBMITTED, DONE, FAILED, CANCELED = "NEW", "SUBMITTED", "DONE", "FAILED", "CANCELED"
+    """A task's states, as RHAPSODY names them (``state`` is ``None`` until submitted)."""
+    RUNNING, DONE, FAILED, CANCELED = "RUNNING", "DONE", "FAILED", "CANCELED"
 
 
 _uids = itertools.count(1)
-#: task_backend_specific_kwargs that map onto node options
-BACKEND_KWARGS = ("process_template", "process_templates")
+#: task_backend_specific_kwargs that are node options, and those of executables only
+OPTION_KWARGS = ("gpus", "process_template", "process_templates")
+EXEC_KWARGS = ("cwd", "env", "shell")
+#: variables rhapsody_graph sets in every placed process (with those named RHAPSODY_*)
+_OWN_ENV = frozenset(Placement("", ()).env())
 
 
-class BaseTask:
-    """What every task carries. Awaiting a task waits for it to end and returns the task;
-    a failure is on ``state``/``exception`` (it does not raise), as RHAPSODY reports it.
+class BaseTask(dict):
+    """What every task carries, as fields (``t.uid`` is ``t["uid"]``): ``uid``, ``backend``
+    (the name asked, then the name it ran on), ``state`` (:class:`TaskState`),
+    ``return_value``, ``stdout``, ``stderr``, ``exit_code``, ``exception``, ``future`` (the
+    :class:`rhapsody_graph.Future`, with ``where``), and any extra field given. A task
+    equals only itself.
 
-    Attributes: ``uid``, ``state`` (:class:`TaskState`), ``backend`` (the name asked,
-    then the name it ran on), ``return_value``, ``stdout``, ``stderr``, ``exit_code``,
-    ``exception``, and ``future`` (the :class:`rhapsody_graph.Future`, with ``where``).
+    Awaiting a task waits for it to end and returns the task; a failure is on
+    ``state``/``exception`` (it does not raise).
     """
 
-    def __init__(self, backend: Optional[str] = None, uid: Optional[str] = None) -> None:
-        self.uid = uid if uid is not None else f"task.{next(_uids):06d}"
-        self.backend = backend
-        self.state = TaskState.NEW
-        self.return_value: Any = None
-        self.stdout: Optional[str] = None
-        self.stderr: Optional[str] = None
-        self.exit_code: Optional[int] = None
-        self.exception: Optional[BaseException] = None
-        self.future: Optional[Future] = None
-        self._ended: Optional[asyncio.Future] = None
+    __eq__, __ne__, __hash__ = object.__eq__, object.__ne__, object.__hash__
 
-    def node(self) -> Node:  # pragma: no cover - every task kind defines it
+    def __init__(self, uid: Optional[str] = None, backend: Optional[str] = None,
+                 **fields: Any) -> None:
+        super().__init__(uid=f"task.{next(_uids):06d}" if uid is None else uid,
+                         backend=backend, state=None, stdout=None, stderr=None, exit_code=None,
+                         return_value=None, response=None, exception=None, future=None,
+                         **fields)
+        self._ended: Optional[asyncio.Future] = None
+        self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_") and name in self:
+            return self[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            self[name] = value
+
+    def validate(self) -> None:
+        """Check the fields as RHAPSODY does; raises :class:`TaskValidationError`."""
+        self._check()
+
+    def _check(self) -> None:
+        uid = self.get("uid")
+        if not isinstance(uid, str) or not uid:
+            raise TaskValidationError(None, f"uid must be a non-empty string, got {brief(uid)}")
+
+    def _invalid(self, message: str) -> NoReturn:
+        raise TaskValidationError(self.uid, message)
+
+    def _need(self, field: str, value: Any, kind: Any, what: str) -> None:
+        if not isinstance(value, kind):
+            self._invalid(f"{field} must be {what}, got {type(value).__name__} {brief(value)}")
+
+    def node(self) -> Node:
+        """The task as a node, checked first."""
+        self._check()
+        return self._build()
+
+    def _build(self) -> Node:  # pragma: no cover - every task kind defines it
         raise NotImplementedError
 
     def __await__(self):
+        return asyncio.shield(self._waiter()).__await__()  # a waiter's timeout leaves it be
+
+    def _waiter(self) -> asyncio.Future:
         if self._ended is None:
             raise RuntimeError(f"task {self.uid!r} was not submitted: "
                                "await session.submit_tasks([...]) first")
-        return asyncio.shield(self._ended).__await__()  # a waiter's timeout leaves it be
-
-    def __getitem__(self, name: str) -> Any:  # RHAPSODY tasks are also read as dicts
-        return getattr(self, name)
+        return self._ended
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uid} {self.state}>"
 
-    def _submitted(self, fut: Future, loop: asyncio.AbstractEventLoop) -> None:
-        self.future, self.state = fut, TaskState.SUBMITTED
+    def _submitted(self, fut: Future, loop: asyncio.AbstractEventLoop, folder: str) -> None:
+        """Handed to the backend: ``RUNNING`` from now, as RHAPSODY's backends report it."""
+        self.future, self.state = fut, TaskState.RUNNING
         self._ended = loop.create_future()
 
         def ended(f: Future) -> None:  # on the scheduler's thread
             try:
-                loop.call_soon_threadsafe(self._record, f)
+                loop.call_soon_threadsafe(self._record, f, folder)
             except RuntimeError:  # the event loop has closed: nobody awaits it
                 pass
         fut.add_done_callback(ended)
 
-    def _record(self, f: Future) -> None:
+    def _record(self, f: Future, folder: str) -> None:
         """Fill the task's fields from its future (on the event loop)."""
         if f.cancelled():
             self.state = TaskState.CANCELED
         else:
-            where = f.where
-            if where is not None:
-                self.backend = where.backend
-                self.stdout, self.stderr = where.stdout, where.stderr
-            exc = f.exception()
-            if exc is None:
-                self.state, self.exit_code = TaskState.DONE, 0
-                self._value(f.result())
-            else:
-                self.state, self.exception = TaskState.FAILED, exc
-                self.exit_code = exc.returncode if isinstance(exc, ExecutableError) else 1
-                if isinstance(exc, ExecutableError):
-                    self.stdout, self.stderr = exc.stdout, exc.stderr
+            self._ran(f, folder)
         if not self._ended.done():
             self._ended.set_result(self)
+
+    def _ran(self, f: Future, folder: str) -> None:
+        where = f.where
+        if where is not None:
+            self.backend = where.backend
+            self.stdout, self.stderr = where.stdout, where.stderr
+        exc = f.exception()
+        if exc is None:
+            self.state, self.exit_code = TaskState.DONE, 0
+            self._value(f.result())
+        elif isinstance(exc, ExecutableError):
+            self.state, self.exception, self.exit_code = TaskState.FAILED, exc, exc.returncode
+            self.stdout, self.stderr = exc.stdout, exc.stderr
+        else:  # stderr ends with str(exc), as RHAPSODY's is str(exc)
+            self.state, self.exception, self.exit_code = TaskState.FAILED, exc, 1
+            self.stderr = "\n".join(s for s in ((self.stderr or "").rstrip("\n"), str(exc)) if s)
 
     def _value(self, value: Any) -> None:
         self.return_value = value
@@ -113,40 +169,97 @@ class ComputeTask(BaseTask):
     its ``stdout``/``stderr`` are what it printed. An executable's output is on
     ``stdout``/``stderr`` and its ``return_value`` is ``None``, as in RHAPSODY (its
     :class:`~rhapsody_graph.ExecResult` per rank is ``task.future.result()``).
+
+    ``task_backend_specific_kwargs`` takes ``gpus`` (a GPU count, as the node option),
+    ``process_template(s)``, and for executables ``shell`` (``/bin/sh -c`` runs the
+    executable and arguments joined by spaces), ``cwd`` and ``env`` (the environment it
+    gets, instead of the driver's: RHAPSODY's). ``capture_stdio=True`` writes an
+    executable's output to ``<work_dir>/<session uid>/<uid>.stdout`` (and ``.stderr``),
+    whose paths ``stdout``/``stderr`` then hold. ``input_files``, ``output_files`` and
+    extra keyword arguments are kept as fields.
     """
 
-    def __init__(self, function: Optional[Callable[..., Any]] = None,
-                 executable: Optional[str] = None, args: Sequence[Any] = (),
-                 kwargs: Optional[Mapping[str, Any]] = None,
-                 arguments: Sequence[Any] = (),
-                 task_backend_specific_kwargs: Optional[Mapping[str, Any]] = None,
-                 backend: Optional[str] = None, uid: Optional[str] = None) -> None:
-        super().__init__(backend, uid)
-        if (function is None) == (executable is None):
-            raise TypeError(f"ComputeTask {self.uid!r}: give function= or executable=, "
-                            "exactly one")
-        if function is not None and not callable(function):
-            raise TypeError(f"ComputeTask {self.uid!r}: function= must be callable, "
-                            f"got {brief(function)}")
-        extra = dict(task_backend_specific_kwargs or {})
-        bad = sorted(set(extra) - set(BACKEND_KWARGS))
+    def __init__(self, executable: Optional[str] = None,
+                 function: Optional[Callable[..., Any]] = None,
+                 arguments: Optional[List[Any]] = None, args: Optional[Sequence[Any]] = None,
+                 kwargs: Optional[Dict[str, Any]] = None, uid: Optional[str] = None,
+                 input_files: Optional[List[str]] = None,
+                 output_files: Optional[List[str]] = None, capture_stdio: bool = False,
+                 task_backend_specific_kwargs: Optional[Dict[str, Any]] = None,
+                 backend: Optional[str] = None, **extra: Any) -> None:
+        super().__init__(
+            uid, backend, executable=executable, function=function,
+            arguments=[] if arguments is None else arguments, args=() if args is None else args,
+            kwargs={} if kwargs is None else kwargs, input_files=input_files,
+            output_files=output_files, capture_stdio=capture_stdio,
+            task_backend_specific_kwargs={} if task_backend_specific_kwargs is None
+            else task_backend_specific_kwargs, **extra)
+
+    def validate(self) -> None:
+        """Check the fields as RHAPSODY does and that the node can be built: raises
+        :class:`TaskValidationError` (a node option's own error for a bad option value)."""
+        self.node()
+
+    def _check(self) -> None:
+        super()._check()
+        exe, function = self.executable, self.function
+        if exe is None and function is None:
+            self._invalid("ComputeTask requires either 'executable' or 'function' to be specified")
+        if exe is not None and function is not None:
+            self._invalid("ComputeTask cannot have both 'executable' and 'function' specified")
+        if exe is not None:
+            self._need("executable", exe, str, "a string")
+            self._need("arguments", self.arguments, list, "a list")
+        else:
+            self._need("function", function, collections.abc.Callable, "callable")
+            self._need("args", self.args, (tuple, list), "a tuple or list")
+            self._need("kwargs", self.kwargs, dict, "a dict")
+        extra = self.task_backend_specific_kwargs
+        self._need("task_backend_specific_kwargs", extra, dict, "a dict")
+        takes = OPTION_KWARGS + (EXEC_KWARGS if exe is not None else ())
+        bad = [k for k in extra if k not in takes]
         if bad:
-            raise TypeError(f"ComputeTask {self.uid!r}: task_backend_specific_kwargs takes "
-                            f"{', '.join(BACKEND_KWARGS)}; got {', '.join(map(repr, bad))}")
-        self.function, self.executable = function, executable
-        self.args, self.kwargs, self.arguments = tuple(args), dict(kwargs or {}), list(arguments)
-        self.options: Dict[str, Any] = {**extra, "name": self.uid}
-        if backend is not None:
-            self.options["backend"] = backend
-        self._node = self._build()  # bad options fail here, before anything runs
+            only = ("; cwd, env and shell are for executable tasks only"
+                    if set(bad) & set(EXEC_KWARGS) else "")
+            self._invalid(f"task_backend_specific_kwargs takes {', '.join(sorted(takes))}; "
+                          f"got {', '.join(map(repr, bad))}{only}")
+        if extra.get("env") is not None:
+            self._need("env", extra["env"], dict, "a dict")
 
     def _build(self) -> Node:
-        if self.executable is not None:
-            return executable([self.executable, *self.arguments], **self.options)
-        return task(self.function).options(**self.options)(*self.args, **self.kwargs)
+        extra = self.task_backend_specific_kwargs
+        options = {k: extra[k] for k in OPTION_KWARGS if k in extra}
+        options["name"] = self.uid
+        if self.backend is not None:
+            options["backend"] = self.backend
+        if self.function is not None:
+            return task(self.function).options(**options)(*self.args, **self.kwargs)
+        argv = [self.executable, *self.arguments]
+        if extra.get("shell"):
+            argv = ["/bin/sh", "-c", " ".join(map(str, argv))]
+        env = extra.get("env")
+        if env is not None:
+            argv = ["/usr/bin/env", *_unsetting(env), *argv]
+        return executable(argv, cwd=extra.get("cwd"), env=env, **options)
 
-    def node(self) -> Node:
-        return self._node
+    def _ran(self, f: Future, folder: str) -> None:
+        super()._ran(f, folder)
+        if self.capture_stdio and self.executable is not None and \
+                isinstance(self.exception, (type(None), ExecutableError)):
+            try:
+                self._to_files(folder)
+            except OSError as exc:
+                self.state, self.exception = TaskState.FAILED, exc
+
+    def _to_files(self, folder: str) -> None:
+        """Write ``stdout``/``stderr`` to ``<folder>/<uid>.stdout|.stderr``, the fields
+        becoming the paths (RHAPSODY's ``capture_stdio``)."""
+        os.makedirs(folder, exist_ok=True)
+        for field in ("stdout", "stderr"):
+            path = os.path.join(folder, f"{self.uid}.{field}")
+            with open(path, "w") as out:
+                out.write(self[field] or "")
+            self[field] = path
 
     def _value(self, value: Any) -> None:
         if self.executable is None:
@@ -157,6 +270,13 @@ class ComputeTask(BaseTask):
         self.stderr = "".join(r.stderr for r in ranks)  # return_value stays None
 
 
+def _unsetting(env: Mapping[str, str]) -> List[str]:
+    """``env -u`` arguments that drop the driver's variables ``env`` does not set, so that
+    ``env`` replaces the environment as in RHAPSODY (rhapsody_graph's own stay)."""
+    return [arg for name in sorted(os.environ) if name not in env and name not in _OWN_ENV
+            and not name.startswith("RHAPSODY_") for arg in ("-u", name)]
+
+
 class AITask(BaseTask):
     """A prompt to an inference backend; its answer is ``response`` (and ``return_value``).
 
@@ -164,20 +284,21 @@ class AITask(BaseTask):
     ``backend=``, else the session's first one).
     """
 
-    def __init__(self, prompt: str, backend: Optional[str] = None, model: Optional[str] = None,
+    def __init__(self, prompt: str, model: Optional[str] = None, *,
                  system_prompt: Optional[str] = None, uid: Optional[str] = None,
-                 **sampling: Any) -> None:
-        super().__init__(backend, uid)
-        if not isinstance(prompt, str):
-            raise TypeError(f"AITask {self.uid!r}: prompt must be a string, got {brief(prompt)}")
-        self.prompt, self.model, self.system_prompt = prompt, model, system_prompt
-        self.sampling = sampling
-        self.response: Optional[str] = None
+                 backend: Optional[str] = None, **sampling: Any) -> None:
+        self._sampling = tuple(sampling)
+        super().__init__(uid, backend, prompt=prompt, model=model, system_prompt=system_prompt,
+                         **sampling)
 
-    def node(self, model: Optional[str] = None) -> Node:
+    def _check(self) -> None:
+        super()._check()
+        self._need("prompt", self.prompt, str, "a string")
+
+    def _build(self) -> Node:
         literal = self.prompt.replace("{", "{{").replace("}", "}}")  # not a template
-        return ai(literal, model=self.model or model, system=self.system_prompt,
-                      name=self.uid, backend=self.backend, **self.sampling)
+        return ai(literal, model=self.model, system=self.system_prompt, name=self.uid,
+                  backend=self.backend, **{k: self[k] for k in self._sampling})
 
     def _value(self, value: Any) -> None:
         self.response = self.return_value = value
@@ -187,14 +308,17 @@ class Session:
     """RHAPSODY's session: an async context manager over named backends.
 
     Tasks go to their ``backend=`` by name, else to the first backend that can run
-    them (AI tasks: the first inference backend).
+    them (AI tasks: the first inference backend). ``work_dir`` (default: the current
+    directory) holds ``<uid>/``, where ``capture_stdio`` files go.
     """
 
-    def __init__(self, backends: Sequence[Any], uid: Optional[str] = None) -> None:
+    def __init__(self, backends: Sequence[Any], uid: Optional[str] = None,
+                 work_dir: Optional[str] = None) -> None:
         if not backends:
             raise ValueError("Session needs at least one backend")
         self.backends = list(backends)
-        self.uid = uid or "session"
+        self.uid = uid or f"rhapsody.session.{os.urandom(4).hex()}"
+        self.work_dir = work_dir or os.getcwd()
         self.tasks: List[BaseTask] = []
         self._session: Optional[_Session] = None
 
@@ -221,10 +345,13 @@ class Session:
         """Start ``tasks``; returns them (each is awaitable) at once."""
         tasks = list(tasks)
         session, loop = await self._open(), asyncio.get_running_loop()
-        nodes = [t.node(self._model_for(t)) if isinstance(t, AITask) else t.node()
-                 for t in tasks]  # every task checked before any starts
+        for t in tasks:
+            if isinstance(t, AITask) and t.model is None:
+                t.model = self._model_for(t)
+        nodes = [t.node() for t in tasks]  # every task checked before any starts
+        folder = os.path.join(self.work_dir, self.uid)
         for t, fut in zip(tasks, await loop.run_in_executor(None, session.submit, nodes)):
-            t._submitted(fut, loop)
+            t._submitted(fut, loop, folder)
         self.tasks += tasks
         return tasks
 
@@ -235,9 +362,16 @@ class Session:
 
     async def wait_tasks(self, tasks: Optional[Iterable[BaseTask]] = None,
                          timeout: Optional[float] = None) -> List[BaseTask]:
-        """Wait until ``tasks`` (default: every task submitted) have ended."""
+        """Wait until ``tasks`` (default: every task submitted) have ended; past
+        ``timeout`` seconds raise ``asyncio.TimeoutError`` saying how many have."""
         tasks = list(self.tasks if tasks is None else tasks)
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+        waiters = [asyncio.shield(t._waiter()) for t in tasks]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+        except asyncio.TimeoutError:
+            ended = sum(t._ended.done() for t in tasks)
+            raise asyncio.TimeoutError(
+                f"Timeout after {timeout}s: {ended}/{len(tasks)} tasks completed") from None
         return tasks
 
     async def close(self) -> None:

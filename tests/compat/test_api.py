@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rhapsody_graph.compat.api import ComputeTask, Session, TaskState
+from rhapsody_graph.compat.api import ComputeTask, Session, TaskState, TaskValidationError
 from rhapsody_graph.compat.backends import ConcurrentExecutionBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ def _fail():
     raise KeyError("missing input")
 
 
-def test_tasks_report_state_value_output_exit_code_and_backend():
+def test_tasks_report_state_value_output_exit_code_backend_and_a_failures_error_on_stderr():
     async def main():
         cpu = await ConcurrentExecutionBackend(name="cpu")
         async with Session(backends=[cpu]) as session:
@@ -30,36 +30,133 @@ def test_tasks_report_state_value_output_exit_code_and_backend():
             bad = ComputeTask(function=_fail)
             exe = ComputeTask(executable="/bin/sh", arguments=["-c", "echo out; echo err >&2"])
             exit3 = ComputeTask(executable="/bin/sh", arguments=["-c", "echo no >&2; exit 3"])
-            submitted = await session.submit_tasks([ok, bad, exe, exit3])
-            assert submitted == [ok, bad, exe, exit3]
+            missing = ComputeTask(executable="/no/such/program")
+            submitted = await session.submit_tasks([ok, bad, exe, exit3, missing])
+            assert submitted == [ok, bad, exe, exit3, missing]
             assert await ok is ok  # awaiting a task returns it
             await session.wait_tasks()
-            return ok, bad, exe, exit3
+            return ok, bad, exe, exit3, missing
 
-    ok, bad, exe, exit3 = asyncio.run(main())
+    ok, bad, exe, exit3, missing = asyncio.run(main())
     assert (ok.uid, ok.state, ok.return_value, ok.stdout, ok.exit_code, ok.backend) == \
         ("double", TaskState.DONE, 42, "doubling 21\n", 0, "cpu")
     assert bad.state == TaskState.FAILED and isinstance(bad.exception, KeyError)
-    assert bad.exit_code == 1 and bad["state"] == "FAILED"
+    assert (bad.exit_code, bad["state"], bad.stderr) == (1, "FAILED", "'missing input'")
     assert (exe.state, exe.return_value, exe.stdout, exe.stderr) == ("DONE", None, "out\n", "err\n")
     assert (exit3.state, exit3.exit_code, exit3.stderr) == ("FAILED", 3, "no\n")
+    assert (missing.state, missing.exit_code, missing.stderr) == \
+        ("FAILED", 1, "[Errno 2] No such file or directory: '/no/such/program'")
 
 
+def _visible_gpus():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
-def test_a_wait_that_times_out_leaves_the_task_to_be_awaited_again():
+
+def test_executables_take_rhapsodys_shell_cwd_and_env_which_replaces_the_environment(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("DRIVER_ONLY", "1")
+    show = 'echo "$FOO/${DRIVER_ONLY-unset}"'
+
+    def run(**kwargs):
+        return ComputeTask(executable=kwargs.pop("executable", "/bin/sh"),
+                           task_backend_specific_kwargs=kwargs.pop("extra"), **kwargs)
+
+    async def main():
+        async with Session(backends=[await ConcurrentExecutionBackend()]) as session:
+            tasks = [run(executable="echo $((6*7)) | tr 4 X", extra={"shell": True}),
+                     run(executable="echo", arguments=["$FOO", "|", "tr", "b", "c"],
+                         extra={"shell": True, "env": {"FOO": "bar", "PATH": "/bin"}}),
+                     run(executable="/bin/pwd", extra={"cwd": str(tmp_path)}),
+                     run(arguments=["-c", show], extra={"env": {"FOO": "bar"}}),
+                     run(arguments=["-c", show], extra={})]
+            await session.submit_tasks(tasks)
+            await session.wait_tasks(tasks)
+            return [t.stdout for t in tasks]
+
+    assert asyncio.run(main()) == ["X2\n", "car\n", f"{tmp_path}\n", "bar/unset\n", "/1\n"]
+
+
+def test_compute_task_keeps_rhapsodys_fields_and_capture_stdio_writes_output_to_files(tmp_path):
+    async def main():
+        async with Session(backends=[await ConcurrentExecutionBackend()], uid="s",
+                           work_dir=str(tmp_path)) as session:
+            t = ComputeTask(executable="/bin/sh", arguments=["-c", "echo out; echo err >&2"],
+                            uid="cap", capture_stdio=True, input_files=["in.txt"],
+                            output_files=["out.txt"], tag="mine")
+            await session.submit_tasks([t])
+            return await t
+
+    t = asyncio.run(main())
+    assert (t.input_files, t.output_files, t["tag"], t.state) == (["in.txt"], ["out.txt"],
+                                                                 "mine", "DONE")
+    assert (t.stdout, t.stderr) == (str(tmp_path / "s" / "cap.stdout"),
+                                    str(tmp_path / "s" / "cap.stderr"))
+    assert (open(t.stdout).read(), open(t.stderr).read()) == ("out\n", "err\n")
+
+
+def test_the_gpus_backend_kwarg_gives_a_task_gpus_and_a_task_without_sees_none(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the backend's GPUs are these two
+
+    async def main():
+        async with Session(backends=[await ConcurrentExecutionBackend()]) as session:
+            tasks = [ComputeTask(function=_visible_gpus,
+                                 task_backend_specific_kwargs={"gpus": 1}),
+                     ComputeTask(function=_visible_gpus),
+                     ComputeTask(executable="/bin/sh",
+                                 arguments=["-c", "echo $CUDA_VISIBLE_DEVICES"],
+                                 task_backend_specific_kwargs={"gpus": 2})]
+            await session.submit_tasks(tasks)
+            await session.wait_tasks(tasks)
+            return tasks
+
+    one, none, two = asyncio.run(main())
+    assert one.return_value in ("0", "1") and none.return_value == ""
+    assert two.stdout == "0,1\n"
+
+
+def test_tasks_are_dicts_and_rhapsodys_public_names_are_there():
+    import rhapsody_graph.compat as rhapsody
+    from rhapsody_graph.compat.backends import StateMapper, TasksMainStates
+
+    t = ComputeTask(function=abs, args=(-1,), uid="d")
+    t.update(note="n")
+    t.state = "RUNNING"
+    assert (t["uid"], t.get("state"), t.note, dict(t.items())["args"]) == ("d", "RUNNING", "n",
+                                                                          (-1,))
+    assert {"uid", "state", "function", "task_backend_specific_kwargs"} <= set(t.keys())
+    assert rhapsody.__version__ == "0.6.0"
+    for name in ("BackendError", "TaskValidationError", "TaskExecutionError", "SessionError",
+                 "ResourceError"):
+        assert issubclass(getattr(rhapsody, name), rhapsody.RhapsodyError), name
+    assert str(rhapsody.TaskExecutionError("t", "boom", 2)) == \
+        "Task 't' failed with exit code 2: boom"
+    mapper = ConcurrentExecutionBackend().get_task_states_map()
+    assert isinstance(mapper, StateMapper) and mapper.terminal_states == ("DONE", "FAILED",
+                                                                          "CANCELED")
+    assert [s.value for s in TasksMainStates] == ["DONE", "FAILED", "CANCELED", "RUNNING"]
+
+
+def test_a_task_is_running_until_it_ends_and_a_timed_out_wait_says_how_many_completed():
     async def main():
         cpu = await ConcurrentExecutionBackend(name="cpu")
         async with Session(backends=[cpu]) as session:
-            slow = ComputeTask(executable="/bin/sh", arguments=["-c", "sleep 0.5; echo done"])
-            await session.submit_tasks([slow])
-            with pytest.raises(asyncio.TimeoutError):
-                await session.wait_tasks([slow], timeout=0.01)
-            assert await slow is slow  # before: CancelledError, its awaitable cancelled
+            quick = ComputeTask(executable="/bin/true")
+            slow = ComputeTask(executable="/bin/sh", arguments=["-c", "sleep 1; echo done"])
+            assert slow.state is None and slow.get("state") is None  # RHAPSODY's: not yet
+            await session.submit_tasks([quick, slow])
+            assert slow.state == TaskState.RUNNING
+            await quick
+            with pytest.raises(asyncio.TimeoutError,
+                               match=r"^Timeout after 0.2s: 1/2 tasks completed$"):
+                await session.wait_tasks([quick, slow], timeout=0.2)
+            assert slow["state"] == "RUNNING"
+            assert await slow is slow  # the wait's timeout left it to be awaited again
             await session.wait_tasks([slow])
             return slow
 
     slow = asyncio.run(main())
     assert (slow.state, slow.stdout) == (TaskState.DONE, "done\n")
+
 
 def test_tasks_go_to_the_backend_they_name_else_to_the_first_one():
     async def main():
@@ -76,12 +173,52 @@ def test_tasks_go_to_the_backend_they_name_else_to_the_first_one():
 
 
 def test_bad_tasks_are_refused_when_made_naming_the_task():
-    with pytest.raises(TypeError, match="ComputeTask 'x': give function= or executable="):
+    with pytest.raises(TaskValidationError, match="^Task 'x' validation failed: ComputeTask "
+                                                  "requires either 'executable' or 'function'"):
         ComputeTask(uid="x")
-    with pytest.raises(TypeError, match="'x': task_backend_specific_kwargs takes .*'bogus'"):
-        ComputeTask(function=abs, uid="x", task_backend_specific_kwargs={"bogus": 1})
+    with pytest.raises(TaskValidationError, match="'x' .*cannot have both"):
+        ComputeTask(function=abs, executable="/bin/true", uid="x")
+    with pytest.raises(TaskValidationError, match="'x' .*function must be callable, got int 3"):
+        ComputeTask(function=3, uid="x")
     with pytest.raises(RuntimeError, match="was not submitted"):
         asyncio.run(_await(ComputeTask(function=abs, args=(1,))))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(executable="/bin/echo", arguments="hello"), "arguments must be a list, got str 'hello'"),
+    (dict(executable="/bin/echo", arguments=("a",)), "arguments must be a list, got tuple"),
+    (dict(executable=["/bin/echo", "x"]), "executable must be a string, got list"),
+    (dict(function=abs, args="abc"), "args must be a tuple or list, got str 'abc'"),
+    (dict(function=abs, args=5), "args must be a tuple or list, got int 5"),
+    (dict(function=abs, kwargs=[1]), r"kwargs must be a dict, got list \[1\]"),
+])
+def test_wrong_field_types_raise_task_validation_error_and_strings_are_never_split(
+        fields, message):
+    with pytest.raises(TaskValidationError, match=f"^Task 'bad' validation failed: {message}"):
+        ComputeTask(uid="bad", **fields)
+
+
+@pytest.mark.parametrize("uid", ["", 5])
+def test_a_bad_uid_is_reported_as_the_uid_not_as_a_node_option(uid):
+    for fields in (dict(function=abs), dict(executable="/bin/true")):
+        with pytest.raises(TaskValidationError, match="^Task validation failed: uid must be a "
+                                                      f"non-empty string, got {uid!r}$"):
+            ComputeTask(uid=uid, **fields)
+
+
+def test_unknown_or_misplaced_backend_kwargs_are_refused_naming_the_task_the_key_and_the_choice():
+    with pytest.raises(TaskValidationError,
+                       match="^Task 'x' validation failed: task_backend_specific_kwargs takes "
+                             "cwd, env, gpus, process_template, process_templates, shell; "
+                             "got 'bogus'$"):
+        ComputeTask(executable="/bin/true", uid="x", task_backend_specific_kwargs={"bogus": 1})
+    with pytest.raises(TaskValidationError,
+                       match="'f' .* takes gpus, process_template, process_templates; got 'cwd'; "
+                             "cwd, env and shell are for executable tasks only"):
+        ComputeTask(function=abs, uid="f", task_backend_specific_kwargs={"cwd": "/tmp"})
+    with pytest.raises(TaskValidationError, match="'e' .*env must be a dict, got list"):
+        ComputeTask(executable="/bin/true", uid="e",
+                    task_backend_specific_kwargs={"env": ["A=1"]})
 
 
 async def _await(task):

@@ -12,7 +12,8 @@ RHAPSODY                                           runs on
 =================================================  =========================================
 
 Each is awaitable (``backend = await ConcurrentExecutionBackend()``): awaiting starts
-its workers off the event loop. ``.backend`` is the rhapsody_graph backend.
+its workers off the event loop. ``.backend`` is the rhapsody_graph backend. RHAPSODY's
+``TasksMainStates``, ``StateMapper`` and ``Session`` are importable from here too.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ from ...ai.models import lookup, model
 from ...backends.inference import InferenceBackend
 from ...backends.local import LocalBackend
 from ...errors import brief
+from ..api import Session
+from .constants import StateMapper, TasksMainStates
 
 __all__ = ["ConcurrentExecutionBackend", "DragonExecutionBackendV3", "DragonExecutionBackend",
-           "DaskExecutionBackend", "DragonVllmInferenceBackend"]
+           "DaskExecutionBackend", "DragonVllmInferenceBackend", "Session", "StateMapper",
+           "TasksMainStates"]
 
 
 class _Backend:
@@ -45,6 +49,10 @@ class _Backend:
         if start is not None:
             await asyncio.get_running_loop().run_in_executor(None, start)
         return self
+
+    def get_task_states_map(self) -> StateMapper:
+        """Its task states: RHAPSODY's main ones."""
+        return StateMapper(self)
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.backend.shutdown)
