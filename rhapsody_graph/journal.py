@@ -16,7 +16,9 @@ What decides reuse (a node's *journal key*, a hash of):
   arguments too (nested ones as well), a callable object's class and pickled state, a
   bound method's object; for an executable its whole spec (argument vector, ``env=``,
   ``cwd=``), for an AI node its prompt;
-* its options (resources, timeout, retries...) and its ``version=`` if given
+* its options (resources, ranks, placement...), but not those that cannot change its
+  value (:data:`UNKEYED`: where it runs by name, and its timeout and retry policy, so
+  a resume with a longer ``timeout=`` reuses what ran), and its ``version=`` if given
   (``@task(version="2")``: bump it when what the code reads changes but not the code,
   a data file or a module-level table);
 * its arguments: plain values by their pickled bytes, upstream nodes by *their*
@@ -60,7 +62,11 @@ from .backends import wire
 from .graph import SCALARS, Node
 from .task import Task
 
-__all__ = ["Journal", "explain"]
+__all__ = ["Journal", "explain", "UNKEYED"]
+
+#: options no part of a node's key: they choose where and under which policy it runs,
+#: never what it computes
+UNKEYED = frozenset(("name", "backend", "timeout", "retries", "retry_on", "backoff"))
 
 MAGIC = b"RGJ1"
 HEADER = struct.Struct("<4sQ32s")  # magic, payload length, BLAKE2b-256 of the payload
@@ -234,7 +240,7 @@ class Journal:
         args = _hash((node.args, node.kwargs), node.deps)  # upstream nodes: in "inputs"
         opts = node.opts
         options = {k: repr(v) for k, v in sorted(opts.values.items())
-                   if k not in ("name", "backend")}  # where it runs is no part of its value
+                   if k not in UNKEYED}
         return {"name": node.name, "kind": node.kind, "code": self._fn_hash(node),
                 "options": options, "args": args,
                 "inputs": [self._keys[id(d)] for d in deps]}

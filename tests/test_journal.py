@@ -33,6 +33,17 @@ def test_a_changed_module_constant_the_function_reads_is_a_changed_node(tmp_path
     assert Journal(tmp_path).key(rhapsody.task(scaled)(10)) != before
 
 
+def test_timeout_and_retry_policy_are_no_part_of_the_key_and_resources_are(tmp_path):
+    """A resume with a longer timeout (the usual fix after a walltime) reran everything."""
+    journal = Journal(tmp_path)
+    before = journal.key(rhapsody.task(scaled, timeout=60)(10))
+    policy = rhapsody.task(scaled, timeout=600, retries=2, backoff=1.0, retry_on=OSError,
+                           backend="local")
+    assert Journal(tmp_path).key(policy(10)) == before
+    assert Journal(tmp_path).key(rhapsody.task(scaled, cpus=2)(10)) != before
+    assert Journal(tmp_path).key(rhapsody.task(scaled, ranks=2)(10)) != before
+
+
 KEY_OF = """
 import collections, dataclasses, sys
 import rhapsody_graph as rhapsody
