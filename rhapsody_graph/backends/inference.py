@@ -106,7 +106,8 @@ class InferenceBackend(OwnCalls):
                             "(cpus=/gpus=/hosts=), not both")
         self.name = name
         self.on = on
-        self._models = None if models is None else {m.name: m for m in models}
+        # by name: a model declared again (rhapsody.model) replaces the one given here
+        self._models = None if models is None else {m.name: None for m in models}
         self._inventory = None if on is not None else Inventory(
             hosts if hosts is not None else [detect_host(cpus, gpus, None)])
         self._ledger = None if self._inventory is None else Ledger(self._inventory)
@@ -139,7 +140,7 @@ class InferenceBackend(OwnCalls):
         if self._models is not None and name not in self._models:
             raise ValueError(f"{who}: backend {self.name!r} does not serve model {name!r} "
                              f"(it serves: {', '.join(sorted(self._models)) or 'none'})")
-        model = self._models[name] if self._models is not None else lookup(name, who)
+        model = lookup(name, who)
         model.check(who)
         request = _request(model)
         if request is not None:

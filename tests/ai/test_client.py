@@ -225,3 +225,14 @@ def test_a_cancelled_fan_out_sends_none_of_its_remaining_prompts(serve):
                 t.name.startswith("rhapsody-ai-") for t in threading.enumerate()):
             time.sleep(0.05)
     assert len(server.paths) == 1, server.paths
+
+
+def test_a_model_declared_again_replaces_the_one_an_inference_backend_was_given(serve):
+    first, second = serve(lambda n, path: completion("one")), serve(lambda n, p: completion("two"))
+    model = rhapsody.model("again", url=first.url)
+    cpu = rhapsody.LocalBackend(cpus=1, name="cpu")
+    llm = rhapsody.InferenceBackend(name="llm", models=[model], on=cpu)
+    with rhapsody.Session(backends=[cpu, llm], progress=False) as s:
+        assert s.submit(rhapsody.ai("hi", model="again")).result(timeout=30) == "one"
+        rhapsody.model("again", url=second.url)  # the backend kept the first one
+        assert s.submit(rhapsody.ai("hi", model="again")).result(timeout=30) == "two"
