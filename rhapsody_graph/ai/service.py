@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .models import Model
 from ..resources import Ledger, Placement, Resources, gpu_masks
@@ -249,13 +249,20 @@ class Services:
         self.spawn = spawn  # where the backend runs servers
         self.running: Dict[str, Service] = {}  # model name -> Service
         self.users: Dict[int, Service] = {}  # tid of a running AI node -> its service
+        #: services of a model declared anew while they served nodes: stopped (and their
+        #: placement given back to the ledger) when their last node ends
+        self.retired: List[Tuple[Service, Ledger]] = []
 
     def admit(self, model: Model, ledger: Ledger, request: Optional[Resources]) -> bool:
         """Make sure ``model`` has a service (not started yet if new), placed by
         ``request`` (None: no placement) from ``ledger``; False if that does not fit now."""
         service = self.running.get(model.name)
         if service is not None and service.model is not model:  # declared anew since
-            self._stop(service, ledger)
+            del self.running[model.name]
+            if service in self.users.values():  # its nodes finish on it
+                self.retired.append((service, ledger))
+            else:
+                self._halt(service, ledger)
             service = None
         if service is not None:
             return True
@@ -273,8 +280,14 @@ class Services:
         return service
 
     def end(self, tid: int) -> None:
-        """AI node ``tid`` is done with its service."""
-        self.users.pop(tid, None)
+        """AI node ``tid`` is done with its service (a retired one stops with its last)."""
+        service = self.users.pop(tid, None)
+        if self.retired and service is not None and service not in self.users.values():
+            for i, (old, ledger) in enumerate(self.retired):
+                if old is service:
+                    del self.retired[i]
+                    self._halt(service, ledger)
+                    break
 
     def release_idle(self, ledger: Ledger) -> bool:
         """Stop the services that hold cores or GPUs and serve no running node, so a
@@ -287,14 +300,21 @@ class Services:
         return bool(idle)
 
     def _stop(self, service: Service, ledger: Optional[Ledger]) -> None:
+        self._halt(service, ledger)
+        del self.running[service.model.name]
+
+    @staticmethod
+    def _halt(service: Service, ledger: Optional[Ledger]) -> None:
         service.stop()
         if ledger is not None and service.placement is not None:
             ledger.release(service.placement)
-        del self.running[service.model.name]
 
     def stop_all(self, ledger: Optional[Ledger], keep_remote: bool = False) -> None:
         """Stop every service (remote clients too, unless ``keep_remote``)."""
         for service in list(self.running.values()):
             if not (keep_remote and service.model.engine == "remote"):
                 self._stop(service, ledger)
+        for service, _ in self.retired:
+            self._halt(service, ledger)
+        self.retired.clear()
         self.users.clear()

@@ -236,3 +236,23 @@ def test_a_model_declared_again_replaces_the_one_an_inference_backend_was_given(
         assert s.submit(rhapsody.ai("hi", model="again")).result(timeout=30) == "one"
         rhapsody.model("again", url=second.url)  # the backend kept the first one
         assert s.submit(rhapsody.ai("hi", model="again")).result(timeout=30) == "two"
+
+
+def test_a_model_declared_again_lets_the_nodes_in_flight_finish_on_its_old_server(serve):
+    """The old server (and its client) were closed under the running node."""
+    asked, release = threading.Event(), threading.Event()
+
+    def slow(n, path):
+        asked.set()
+        release.wait(30)
+        return completion("old")
+
+    old, new = serve(slow), serve(lambda n, path: completion("new"))
+    rhapsody.model("moving", url=old.url)
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+        first = s.submit(rhapsody.ai("hi", model="moving"))
+        assert asked.wait(30)
+        rhapsody.model("moving", url=new.url)
+        assert s.submit(rhapsody.ai("hi", model="moving")).result(timeout=30) == "new"
+        release.set()
+        assert first.result(timeout=30) == "old"
