@@ -91,15 +91,16 @@ def _code_hash(fn: Any, seen: Dict[int, str]) -> str:
     if isinstance(fn, Task):
         h.update(_code_hash(fn.func, seen).encode())
     elif isinstance(fn, functools.partial):  # its function and its bound arguments
-        h.update(_code_hash(fn.func, seen).encode() + _stable_bytes((fn.args, fn.keywords)))
+        h.update(_code_hash(fn.func, seen).encode()
+                 + _stable_bytes((fn.args, fn.keywords), (), seen))
     elif isinstance(fn, types.MethodType):  # its function and the object it is bound to
-        h.update(_code_hash(fn.__func__, seen).encode() + _stable_bytes(fn.__self__))
+        h.update(_code_hash(fn.__func__, seen).encode() + _stable_bytes(fn.__self__, (), seen))
     elif isinstance(fn, type):
         _hash_class(fn, h, seen)
     elif isinstance(fn, types.FunctionType):
         _hash_function(fn, h, seen)
     elif callable(fn) and not isinstance(fn, types.BuiltinFunctionType):  # an object
-        h.update(_code_hash(type(fn), seen).encode() + _stable_bytes(fn))
+        h.update(_code_hash(type(fn), seen).encode() + _stable_bytes(fn, (), seen))
     else:  # a builtin: its qualified name
         h.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
     seen[id(fn)] = h.hexdigest()
@@ -110,7 +111,7 @@ def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None
     _hash_code(fn.__code__, h)
     for defaults in (fn.__defaults__, fn.__kwdefaults__):
         if defaults:
-            h.update(_stable_bytes(defaults))
+            h.update(_stable_bytes(defaults, (), seen))
     module = fn.__module__
     for name in sorted(_global_names(fn.__code__)):
         value = fn.__globals__.get(name)
@@ -120,7 +121,7 @@ def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None
             h.update(name.encode() + _code_hash(value, seen).encode())
     for cell in fn.__closure__ or ():
         try:
-            h.update(_stable_bytes(cell.cell_contents))
+            h.update(_stable_bytes(cell.cell_contents, (), seen))
         except ValueError:  # an empty cell
             pass
 
@@ -170,28 +171,38 @@ def _global_names(code: types.CodeType) -> set:
 
 class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
     """wire's argument pickler (an upstream node as its slot) that writes a set as its
-    items' pickles in order: a set of strings iterates in an order that changes with
-    each process's hash seed. Sets at any depth (in a dataclass, a namedtuple) come
-    here: pickle asks ``persistent_id`` of every object, ``reducer_override`` not of sets."""
+    items' pickles in order (a set of strings iterates in an order that changes with
+    each process's hash seed), and a function as its code hash (its name would hide an
+    edit; a lambda has none). Sets and functions at any depth (in a dataclass, an AI
+    node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
+    ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
+
+    def __init__(self, file: io.BytesIO, slots: Dict[int, int], seen: Dict[int, str]) -> None:
+        super().__init__(file, slots)
+        self.seen = seen
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is set or type(obj) is frozenset:
-            return type(obj).__name__, tuple(sorted(_pickled(o, self.slots) for o in obj))
+        t = type(obj)
+        if t is set or t is frozenset:
+            return t.__name__, tuple(sorted(_pickled(o, self.slots, self.seen) for o in obj))
+        if t is types.FunctionType:
+            return "code", _code_hash(obj, self.seen)
         return super().persistent_id(obj)
 
 
-def _pickled(obj: Any, slots: Dict[int, int]) -> bytes:
+def _pickled(obj: Any, slots: Dict[int, int], seen: Dict[int, str]) -> bytes:
     buf = io.BytesIO()
-    _KeyPickler(buf, slots).dump(obj)
+    _KeyPickler(buf, slots, seen).dump(obj)
     return buf.getvalue()
 
 
-def _stable_bytes(obj: Any, deps: Sequence[Any] = ()) -> bytes:
-    """Bytes that stand for ``obj`` across runs: its plain pickle (sets in one order, each
-    of ``deps`` as its slot), else its repr without the memory addresses that change from
-    run to run (``<function <lambda> at 0x7f...>``)."""
+def _stable_bytes(obj: Any, deps: Sequence[Any] = (),
+                  seen: Optional[Dict[int, str]] = None) -> bytes:
+    """Bytes that stand for ``obj`` across runs: its plain pickle (sets in one order,
+    functions by their code, each of ``deps`` as its slot), else its repr without the
+    memory addresses that change from run to run; ``seen`` as :func:`_code_hash`'s."""
     try:
-        return _pickled(obj, {id(d): i for i, d in enumerate(deps)})
+        return _pickled(obj, {id(d): i for i, d in enumerate(deps)}, {} if seen is None else seen)
     except Exception:
         return _ADDRESS.sub("", repr(obj)).encode()
 

@@ -44,6 +44,24 @@ def test_timeout_and_retry_policy_are_no_part_of_the_key_and_resources_are(tmp_p
     assert Journal(tmp_path).key(rhapsody.task(scaled, ranks=2)(10)) != before
 
 
+def test_a_function_given_as_an_argument_and_an_ai_nodes_lambda_count_by_their_code(tmp_path):
+    """Both used to count by a repr that no edit changes: a stale value on resume."""
+    apply = rhapsody.task(lambda f, x: f(x), name="apply")
+
+    def edited(before):
+        def double(x):
+            return x * 2 if before else x * 20
+        return double
+    keys = [Journal(tmp_path).key(apply(edited(flag), 1)) for flag in (True, True, False)]
+    assert keys[0] == keys[1] != keys[2]
+
+    def capital(template):
+        return rhapsody.ai(template, "France", model="m", parse=lambda s: s.strip())
+    keys = [Journal(tmp_path).key(capital(t)) for t in ("Capital of {}?", "Capital of {}?",
+                                                         "Largest city of {}?")]
+    assert keys[0] == keys[1] != keys[2]
+
+
 KEY_OF = """
 import collections, dataclasses, sys
 import rhapsody_graph as rhapsody
