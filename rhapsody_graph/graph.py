@@ -1,8 +1,8 @@
 """The lazy graph: :class:`Node` (one call that has not run) and :class:`Graph`.
 
 A node records a callable, its arguments and the options it runs with. Any node
-found in the arguments, at any depth of lists, tuples, dicts, sets, frozensets,
-deques and dataclass instances, is an edge: the upstream node runs first and its *value* takes its
+found in the arguments, at any depth of lists, tuples, dicts, sets and
+frozensets, is an edge: the upstream node runs first and its *value* takes its
 place. Nodes are immutable once built, so a graph can never hold a cycle.
 
 A :class:`Graph` is the set of nodes its outputs need, gathered in one pass,
@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import sys
-from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
@@ -56,31 +54,6 @@ class Ref:
     node: "Node"
 
 
-def _holder(kind: type) -> bool:
-    """Whether objects of type ``kind`` are searched for nodes though they are not one of
-    :data:`_CONTAINERS`: deques and dataclass instances (as Dask's ``delayed`` does).
-    The test is ``dataclasses.is_dataclass``'s, without importing that module (3 ms)."""
-    known = _HOLDERS.get(kind)
-    if known is None:
-        known = _HOLDERS[kind] = issubclass(kind, deque) or hasattr(kind, "__dataclass_fields__")
-    return known
-
-
-_HOLDERS: Dict[type, bool] = {}  # type -> _holder(type), as types are few
-
-
-def _parts(obj: Any) -> List[Any]:
-    """The items of a deque, or the field values of a dataclass instance."""
-    if isinstance(obj, deque):
-        return list(obj)
-    return [getattr(obj, f.name) for f in _fields(obj) if hasattr(obj, f.name)]
-
-
-def _fields(obj: Any) -> Any:
-    """``dataclasses.fields(obj)`` (that module is loaded: ``obj`` is a dataclass instance)."""
-    return sys.modules["dataclasses"].fields(obj)
-
-
 def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
     """Return the distinct nodes and :class:`Ref` s inside ``objs`` (nested containers
     included), in order."""
@@ -99,8 +72,6 @@ def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
             else:
                 items = list(obj)
             stack.extend(reversed(items))
-        elif kind not in SCALARS and _holder(kind):
-            stack.extend(reversed(_parts(obj)))
     return tuple(found.values())
 
 
@@ -158,15 +129,7 @@ def substitute(obj: Any, values: Dict[int, Any]) -> Any:
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [substitute(o, values) for o in obj]
         return kind(*items) if hasattr(obj, "_fields") else kind(items)
-    if kind in SCALARS or not _holder(kind):
-        return obj
-    if isinstance(obj, deque):
-        return kind([substitute(o, values) for o in obj], obj.maxlen)
-    out = copy.copy(obj)  # a dataclass: every field set again, init=False and frozen too
-    for f in _fields(obj):
-        if hasattr(obj, f.name):
-            object.__setattr__(out, f.name, substitute(getattr(obj, f.name), values))
-    return out
+    return obj
 
 
 class _Fields:
@@ -213,8 +176,7 @@ class Node(_Fields):
                 continue
             elif isinstance(a, Ref):  # a future: an edge, as a node is
                 deps.setdefault(id(a), a)
-            elif (t in _CONTAINERS or isinstance(a, _CONTAINERS) or _foreign(t)
-                  or _holder(t)):
+            elif t in _CONTAINERS or isinstance(a, _CONTAINERS) or _foreign(t):
                 deep = True
                 break
         if deep or kwargs:
