@@ -419,19 +419,18 @@ class Task:
 
     def _check_call(self, shape: Any, args: tuple, kwargs: dict) -> None:
         """Refuse now a call the function cannot take, as its own call would, instead of
-        failing in a worker after everything upstream ran (as Ray's ``.remote`` does)."""
-        span = None if kwargs else _positional_span(self.func)
-        if span is None or not span[0] <= shape <= span[1]:
-            import inspect  # 3 ms: only for keywords, a call that does not fit, or an
-            try:  # object other than a function or method
-                sig = inspect.signature(self.func, follow_wrapped=False)
-            except (TypeError, ValueError):  # no signature to read: the call will tell
-                sig = None
-            if sig is not None:
-                try:
-                    sig.bind(*args, **kwargs)
-                except TypeError as e:
-                    raise TypeError(f"{self.opts.name}{sig}: {e}") from None
+        failing in a worker after everything upstream ran (as Ray's ``.remote`` does).
+        Only a plain function or method is checked, from its own code: a class, a
+        builtin or a ``__signature__`` may describe less than it takes (pydantic models
+        take unknown keywords and aliases)."""
+        code = _own_code(self.func)
+        if code is not None and (kwargs or not _fits(code, shape)):
+            import inspect  # 3 ms: only for keywords or a call that does not fit
+            sig = inspect.signature(self.func, follow_wrapped=False)
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{self.opts.name}{sig}: {e}") from None
         if len(self._fits) < 64:
             self._fits.add(shape)
 
@@ -443,21 +442,26 @@ class Task:
         return f"<Task {self.opts.name} {self.opts.values}>"
 
 
-def _positional_span(func: Any) -> Optional[Tuple[int, float]]:
-    """The least and most positional arguments a plain function or method takes without
-    keywords, read from its code; ``None`` for other callables, or one with a required
-    keyword-only parameter."""
+def _own_code(func: Any) -> Optional[Tuple[types.FunctionType, int]]:
+    """A plain function (or a method's, with 1 bound argument) whose signature is its
+    code's: no ``__signature__`` set on it; else ``None``."""
     bound = 0
     if type(func) is types.MethodType:
         func, bound = func.__func__, 1
-    if type(func) is not types.FunctionType:
+    if type(func) is not types.FunctionType or "__signature__" in func.__dict__:
         return None
-    code = func.__code__
-    if code.co_kwonlyargcount > len(func.__kwdefaults__ or ()):
-        return None
-    most = code.co_argcount - bound
+    return func, bound
+
+
+def _fits(code: Tuple[types.FunctionType, int], count: int) -> bool:
+    """Whether the function takes ``count`` positional arguments and no keyword."""
+    func, bound = code
+    c = func.__code__
+    if c.co_kwonlyargcount > len(func.__kwdefaults__ or ()):
+        return False  # a keyword-only argument has no default
+    most = c.co_argcount - bound
     least = max(0, most - len(func.__defaults__ or ()))
-    return least, (math.inf if code.co_flags & _CO_VARARGS else most)
+    return least <= count and (count <= most or bool(c.co_flags & _CO_VARARGS))
 
 
 _CO_VARARGS = 0x04  # inspect.CO_VARARGS, without importing inspect

@@ -171,6 +171,35 @@ def test_a_call_the_function_cannot_take_is_refused_when_the_node_is_built():
     assert rhapsody.compute(scale(1, offset=1), scale(x=2, factor=3)) == (3, 6)
 
 
+def test_only_a_plain_functions_own_signature_is_checked_never_a_declared_one():
+    """A class, a builtin or a __signature__ may describe less than the callable takes:
+    a pydantic model takes unknown keywords and aliases; a decorator may set the
+    signature of what it wraps and take more. Such calls are never refused."""
+    import functools
+    import inspect
+
+    def strict(a):
+        return a
+
+    def lenient(*args, **kwargs):
+        return args, kwargs
+    lenient.__signature__ = inspect.signature(strict)  # says less than it takes
+
+    class Model:
+        __signature__ = inspect.signature(strict)
+
+        def __init__(self, **fields):
+            self.fields = fields
+
+    @functools.wraps(strict)
+    def wrapper(*args, **kwargs):  # wraps: a __wrapped__ with a stricter signature
+        return strict(*args[:1])
+    for call in (lambda: rhapsody.task(lenient)(1, extra=2),
+                 lambda: rhapsody.task(Model)(a=1, comment="kept"),
+                 lambda: rhapsody.task(wrapper)(1, 2, z=3), lambda: rhapsody.task(max)(3, 4)):
+        assert isinstance(call(), Node)
+
+
 def test_map_makes_one_node_per_item_for_plain_and_decorated_functions():
     nodes = rhapsody.map(inc, range(5))
     assert len(nodes) == 5 and all(isinstance(n, Node) for n in nodes)
