@@ -23,13 +23,13 @@ import bisect
 import contextlib
 import os
 import threading
-from typing import (Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence,
-                    Tuple)
+from typing import (Any, Collection, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 from .errors import UnsatisfiableError, brief
 
 __all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host", "gpu_masks",
-           "current_placement"]
+           "gpu_names", "current_placement"]
 
 DISTRIBUTIONS = ("block", "round_robin")
 #: How a backend places a node (the seed's vocabulary): ``default`` and ``anywhere`` let
@@ -102,31 +102,50 @@ class Resources:
         return ", ".join(said)
 
 
-def gpu_masks(gpus: Sequence[int]) -> Dict[str, str]:
+def gpu_masks(gpus: Sequence[int], names: Mapping[int, str] = {}) -> Dict[str, str]:
     """The variables that show a process only ``gpus`` (NVIDIA, AMD, Intel); empty: none.
+    ``names``: the UUID of each id on this host (:func:`gpu_names`), if it has them.
 
-    >>> gpu_masks([2, 3])["CUDA_VISIBLE_DEVICES"]
-    '2,3'
+    >>> gpu_masks([2, 3])["CUDA_VISIBLE_DEVICES"], gpu_masks([1], {1: "GPU-b"})["ZE_AFFINITY_MASK"]
+    ('2,3', 'GPU-b')
     """
-    names = _gpu_names()
     ids = ",".join([names.get(g) or str(g) for g in gpus] if names else map(str, gpus))
     return {"CUDA_VISIBLE_DEVICES": ids, "ROCR_VISIBLE_DEVICES": ids, "ZE_AFFINITY_MASK": ids}
 
 
-_NAMES: Optional[Dict[int, str]] = None
+#: what a worker is started with to know its host's GPU UUIDs (its own
+#: CUDA_VISIBLE_DEVICES is its placement's): the entries, comma-separated
+GPU_NAMES = "RHAPSODY_GPU_NAMES"
 
 
-def _gpu_names() -> Dict[int, str]:
-    """GPU id -> its entry of ``CUDA_VISIBLE_DEVICES`` when that names GPUs by UUID (as
-    Slurm and MIG do: ``GPU-8f1c…,MIG-1a2b…``), where ids are the entries' positions;
-    ``{}`` for numbers. Read once per process, before a placement sets the variable (a
-    worker starts with its driver's)."""
-    global _NAMES
-    if _NAMES is None:
-        entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-                   if e.strip()]
-        _NAMES = {} if all(e.isdigit() for e in entries) else dict(enumerate(entries))
-    return _NAMES
+def gpu_names(visible: Optional[str] = None) -> Dict[int, str]:
+    """GPU id -> UUID when ``visible`` (default: this process's ``CUDA_VISIBLE_DEVICES``)
+    names GPUs by UUID, as Slurm and MIG do (``GPU-8f1c…,MIG-1a2b…``): ids are the
+    entries' positions; ``{}`` when it lists numbers or is unset. As CUDA reads it, the
+    list ends at the first entry that is neither (``-1``, ``NoDevFiles``).
+
+    >>> gpu_names("GPU-a,MIG-b,-1,GPU-c"), gpu_names("0,1"), gpu_names("-1")
+    ({0: 'GPU-a', 1: 'MIG-b'}, {}, {})
+    """
+    entries = _visible(os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None
+                       else visible)
+    return {} if all(e.isdigit() for e in entries) else dict(enumerate(entries))
+
+
+def names_env(names: Mapping[int, str]) -> Dict[str, str]:
+    """What a worker started on this host needs to know its GPUs' UUIDs (:data:`GPU_NAMES`)."""
+    return {GPU_NAMES: ",".join(names[i] for i in sorted(names))} if names else {}
+
+
+def _visible(value: str) -> List[str]:
+    """The entries of a ``CUDA_VISIBLE_DEVICES`` value up to the first invalid one."""
+    entries = []
+    for e in value.split(","):
+        e = e.strip()
+        if not (e.isdigit() or e.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(e)
+    return entries
 
 
 class Placement:
@@ -145,11 +164,12 @@ class Placement:
         self.world_size = world_size
         self.local_rank = rank if local_rank is None else local_rank  # rank among its host's
 
-    def env(self) -> Dict[str, str]:
-        """The environment a process placed here sees (GPU masks, rank, placement)."""
+    def env(self, names: Mapping[int, str] = {}) -> Dict[str, str]:
+        """The environment a process placed here sees (GPU masks, rank, placement);
+        ``names``: its host's GPU UUIDs by id, where a process of that host applies it."""
         gpu_ids = ",".join(map(str, self.gpus))
         return {
-            **gpu_masks(self.gpus),
+            **gpu_masks(self.gpus, names),
             "RHAPSODY_HOST": self.host,
             "RHAPSODY_CPUS": ",".join(map(str, self.cpus)),
             "RHAPSODY_GPUS": gpu_ids,
@@ -267,10 +287,8 @@ def detect_gpus() -> Tuple[int, ...]:
     their position, and placed processes see the UUIDs), else ``nvidia-smi``."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        names = _gpu_names()
-        if names:
-            return tuple(names)
-        return tuple(int(g) for g in visible.split(",") if g.strip().isdigit())
+        names = gpu_names(visible)
+        return tuple(names) if names else tuple(int(g) for g in _visible(visible))
     import shutil
     import subprocess
     smi = shutil.which("nvidia-smi")

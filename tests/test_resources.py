@@ -102,6 +102,13 @@ def test_detect_host_reads_affinity_and_honours_declared_counts():
 def test_detect_gpus_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert detect_host().gpus == (2, 3)
+    for hidden in ("-1", "NoDevFiles", ""):  # "no GPU": -1 used to be one GPU named "-1"
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert detect_host().gpus == ()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")  # CUDA stops at an invalid entry
+    assert detect_host().gpus == (0,)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")  # read when asked, not once
+    assert detect_host().gpus == (0, 1)
 
 
 def test_gpus_named_by_uuid_are_numbered_and_placed_processes_see_their_uuid():

@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .models import Model
-from ..resources import Ledger, Placement, Resources, gpu_masks
+from ..resources import Ledger, Placement, Resources, gpu_masks, gpu_names
 
 __all__ = ["Service", "Services", "LocalServer", "local_server", "fill", "free_port"]
 
@@ -205,7 +205,8 @@ class Service:
         return argv + key + list(m.args)
 
     def _gpu_env(self) -> Dict[str, str]:
-        return gpu_masks(self.placement.gpus if self.placement else ())
+        names = gpu_names() if self.spawn is local_server else {}  # on this host: its UUIDs
+        return gpu_masks(self.placement.gpus if self.placement else (), names)
 
     def died(self, grace: float = 0.0) -> bool:
         """Whether the server has exited (waiting up to ``grace`` seconds to see it)."""

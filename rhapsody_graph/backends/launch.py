@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Sequence
 from . import watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
 from ..errors import ExecutableError, WorkerDiedError, add_note
-from ..resources import Placement
+from ..resources import Placement, gpu_names, names_env
 from ..task import ExecResult
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,7 +71,9 @@ class Launch:
 
     def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
         os.sched_setaffinity(0, self.pin(placement.cpus) or self.home)
-        env = watchdog.marked({**os.environ, **(kw.pop("env", None) or {}), **placement.env()})
+        names = gpu_names()  # this host's GPU UUIDs, if it names GPUs so
+        env = watchdog.marked({**os.environ, **(kw.pop("env", None) or {}),
+                               **placement.env(names), **names_env(names)})
         with self.lock:
             if self.killed:
                 raise _Killed()

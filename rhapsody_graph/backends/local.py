@@ -31,7 +31,7 @@ from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
 from ..ai.service import Spawn, local_server
 from ..errors import brief
 from ..graph import EXECUTABLE, FUNCTION, Node
-from ..resources import Host, Inventory, Ledger, detect_host
+from ..resources import Host, Inventory, Ledger, detect_host, gpu_names, names_env
 
 __all__ = ["LocalBackend"]
 
@@ -188,7 +188,7 @@ class LocalBackend(PoolBackend):
                 "computes the graph under `if __name__ == \"__main__\":`.")
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
-        env = watchdog.marked(dict(os.environ))
+        env = watchdog.marked({**os.environ, **names_env(gpu_names())})
         proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         watchdog.guard(proc, env)

@@ -31,7 +31,7 @@ from types import CoroutineType
 from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import capture, wire
-from ..resources import Placement
+from ..resources import GPU_NAMES, Placement, gpu_names
 
 #: between two queued tasks, look for new messages again once this many seconds have
 #: passed since the last look: a poll per task would be a third of a no-op's cost here
@@ -49,6 +49,7 @@ class Worker:
         self.unloaded: Dict[int, bytes] = {}  # functions sent, not unpickled yet
         self.place: Optional[tuple] = None
         self.home = os.sched_getaffinity(0)
+        self.gpu_names = gpu_names(os.environ.get(GPU_NAMES, ""))  # this host's UUIDs
         self.open = True
         self.gpu_flag = 0  # wire.GPU_RUNTIME once a GPU runtime is mapped in this process
         self.out, self.err = capture.install()  # what each call prints, kept for its result
@@ -173,7 +174,7 @@ class Worker:
             return
         host, cpus, pinned, gpus, rank, world = place
         os.sched_setaffinity(0, pinned or self.home)
-        os.environ.update(Placement(host, cpus, gpus, 0, rank, world).env())
+        os.environ.update(Placement(host, cpus, gpus, 0, rank, world).env(self.gpu_names))
 
 
 def _gpu_runtime_loaded() -> bool:
