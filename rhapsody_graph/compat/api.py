@@ -233,7 +233,11 @@ class ComputeTask(BaseTask):
         if self.backend is not None:
             options["backend"] = self.backend
         if self.function is not None:
-            return task(self.function).options(**options)(*self.args, **self.kwargs)
+            made = task(self.function).options(**options)  # a bad option: its own error
+            try:
+                return made(*self.args, **self.kwargs)
+            except TypeError as e:  # args the function cannot take
+                self._invalid(str(e))
         argv = [self.executable, *self.arguments]
         if extra.get("shell"):
             argv = ["/bin/sh", "-c", " ".join(map(str, argv))]

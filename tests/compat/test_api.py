@@ -221,6 +221,13 @@ def test_unknown_or_misplaced_backend_kwargs_are_refused_naming_the_task_the_key
                     task_backend_specific_kwargs={"env": ["A=1"]})
 
 
+def test_args_the_function_cannot_take_raise_task_validation_error_naming_the_task():
+    def step(x, scale=1):
+        return x * scale
+    with pytest.raises(TaskValidationError, match="^Task 's' validation failed: .*'scal'"):
+        ComputeTask(function=step, args=(1,), kwargs={"scal": 2}, uid="s")
+
+
 async def _await(task):
     return await task
 
