@@ -177,32 +177,48 @@ class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
     node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
     ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
 
-    def __init__(self, file: io.BytesIO, slots: Dict[int, int], seen: Dict[int, str]) -> None:
+    def __init__(self, file: io.BytesIO, slots: Dict[int, int], seen: Dict[int, str],
+                 codes: Dict[int, Tuple[Any, str]]) -> None:
         super().__init__(file, slots)
-        self.seen = seen
+        self.seen, self.codes = seen, codes
 
     def persistent_id(self, obj: Any) -> Any:
         t = type(obj)
-        if t is set or t is frozenset:
-            return t.__name__, tuple(sorted(_pickled(o, self.slots, self.seen) for o in obj))
+        if t in SCALARS:  # most objects: no slot, no set (pickle asks of each)
+            return None
         if t is types.FunctionType:
-            return "code", _code_hash(obj, self.seen)
-        return super().persistent_id(obj)
+            known = self.codes.get(id(obj))
+            if known is None or known[0] is not obj:
+                known = self.codes[id(obj)] = (obj, _code_hash(obj, self.seen))
+            return "code", known[1]
+        if not isinstance(obj, (set, frozenset)):
+            return self.slots.get(id(obj))  # an upstream node: its slot
+        kinds = {type(o) for o in obj}
+        if len(kinds) == 1 and kinds <= _SORTABLE:  # as they are: no pickle per item
+            return t.__qualname__, tuple(sorted(obj))
+        return t.__qualname__, tuple(sorted(_pickled(o, self.slots, self.seen, self.codes)
+                                            for o in obj))
 
 
-def _pickled(obj: Any, slots: Dict[int, int], seen: Dict[int, str]) -> bytes:
+_SORTABLE = {str, int, bytes}  # items of one of these types sort the same in any process
+
+
+def _pickled(obj: Any, slots: Dict[int, int], seen: Dict[int, str],
+             codes: Dict[int, Tuple[Any, str]]) -> bytes:
     buf = io.BytesIO()
-    _KeyPickler(buf, slots, seen).dump(obj)
+    _KeyPickler(buf, slots, seen, codes).dump(obj)
     return buf.getvalue()
 
 
-def _stable_bytes(obj: Any, deps: Sequence[Any] = (),
-                  seen: Optional[Dict[int, str]] = None) -> bytes:
+def _stable_bytes(obj: Any, deps: Sequence[Any] = (), seen: Optional[Dict[int, str]] = None,
+                  codes: Optional[Dict[int, Tuple[Any, str]]] = None) -> bytes:
     """Bytes that stand for ``obj`` across runs: its plain pickle (sets in one order,
     functions by their code, each of ``deps`` as its slot), else its repr without the
-    memory addresses that change from run to run; ``seen`` as :func:`_code_hash`'s."""
+    memory addresses that change from run to run; ``seen`` as :func:`_code_hash`'s,
+    ``codes`` the functions' hashes known (a journal's, kept across its keys)."""
     try:
-        return _pickled(obj, {id(d): i for i, d in enumerate(deps)}, {} if seen is None else seen)
+        return _pickled(obj, {id(d): i for i, d in enumerate(deps)},
+                        {} if seen is None else seen, {} if codes is None else codes)
     except Exception:
         return _ADDRESS.sub("", repr(obj)).encode()
 
@@ -248,7 +264,7 @@ class Journal:
     def parts(self, node: Any) -> Dict[str, Any]:
         """What ``node``'s key is made of (its upstream nodes' keys must be known)."""
         deps = _nodes_of(node)
-        args = _hash((node.args, node.kwargs), node.deps)  # upstream nodes: in "inputs"
+        args = _hash((node.args, node.kwargs), node.deps, self._code)  # upstream: "inputs"
         opts = node.opts
         options = {k: repr(v) for k, v in sorted(opts.values.items())
                    if k not in UNKEYED}
@@ -260,7 +276,7 @@ class Journal:
         """The hash of what ``node`` runs, once per function (many nodes share one)."""
         known = self._code.get(id(node.fn))
         if known is None or known[0] is not node.fn:
-            known = self._code[id(node.fn)] = (node.fn, _fn_hash(node))
+            known = self._code[id(node.fn)] = (node.fn, _fn_hash(node, self._code))
         return known[1]
 
     # -- entries -----------------------------------------------------------------------
@@ -342,16 +358,16 @@ def _nodes_of(node: Any) -> List[Any]:
     return [getattr(d, "node", d) for d in node.deps]
 
 
-def _fn_hash(node: Any) -> str:
+def _fn_hash(node: Any, codes: Dict[int, Tuple[Any, str]]) -> str:
     """A function's code hash; an executable's or AI node's whole spec (argv, env and cwd;
-    the prompt), upstream nodes in it as their slots."""
+    the prompt), upstream nodes in it as their slots; ``codes``: as :func:`_stable_bytes`'s."""
     if node.kind == "function":
         return code_hash(node.fn)
-    return _hash(node.fn, node.deps)
+    return _hash(node.fn, node.deps, codes)
 
 
-def _hash(obj: Any, deps: Sequence[Any]) -> str:
-    return hashlib.blake2b(_stable_bytes(obj, deps), digest_size=16).hexdigest()
+def _hash(obj: Any, deps: Sequence[Any], codes: Dict[int, Tuple[Any, str]]) -> str:
+    return hashlib.blake2b(_stable_bytes(obj, deps, None, codes), digest_size=16).hexdigest()
 
 
 def explain(node: Any, journal: "str | os.PathLike[str]") -> str:

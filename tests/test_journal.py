@@ -78,13 +78,19 @@ class Palette:
 Pair = collections.namedtuple("Pair", "name colours")
 
 
+class Tags(frozenset):  # a set's subclass is ordered too
+    pass
+
+
 @rhapsody.task
 def count(colours, palette, pair, key=lambda c: c):  # a default pickle cannot take: its repr
     assert isinstance(palette, Palette) and "red" in {"red", "green", "blue", "cyan"}
     return len(colours)
 
 
-print(Journal(sys.argv[1]).key(count(COLOURS, Palette(COLOURS), Pair("p", [COLOURS]))))
+mixed = {1, "one", (2, "two"), frozenset({"x", "y"})}  # items of several types
+print(Journal(sys.argv[1]).key(count(COLOURS, Palette(COLOURS), Pair("p", [COLOURS, mixed,
+                                                                          Tags(COLOURS)]))))
 """
 
 
