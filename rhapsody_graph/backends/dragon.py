@@ -138,6 +138,7 @@ class _BatchProc:
         self.rank = 0
         self.killed = False
         self.reason = ""  # why the driver gave up on it, for the error
+        self.mark: Optional[str] = None  # its watchdog group marker (a process worker's)
 
     def kill(self) -> None:
         """Stop the worker's process tree (process workers only: a function worker is
@@ -151,6 +152,7 @@ class _BatchProc:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            watchdog.kill_marked(self)  # what it started: a program, its children
         elif self.handle is not None:
             try:
                 self.handle.cancel()
@@ -395,7 +397,7 @@ class DragonBackend(PoolBackend):
         args = (self._address, self._token, w.proc.wid, as_process)
         batch = self._options(call.timeout)
         if as_process:
-            w.proc.handle = batch.process(self._template(lowering, p, args))
+            w.proc.handle = batch.process(self._template(lowering, p, args, w.proc))
         else:
             w.proc.handle = batch.function(serve, *args)
         return self.pool.bind(lease, w, lowering.pinned(p))
@@ -415,7 +417,7 @@ class DragonBackend(PoolBackend):
             w.outbox += wire.frame(("run", [task]))
             w.queue.append(call.tid)
             args = (self._address, self._token, w.proc.wid, True)
-            templates.append((1, self._template(lowering, p, args)))
+            templates.append((1, self._template(lowering, p, args, w.proc)))
         batch = self._options(call.timeout)
         handle = batch.process(templates[0][1]) if len(templates) == 1 else batch.job(templates)
         for w in job.workers:
@@ -459,13 +461,16 @@ class DragonBackend(PoolBackend):
             return Policy(placement=Policy.Placement.HOST_ID, host_id=host.id, **pinned)
         return Policy(placement=Policy.Placement.HOST_NAME, host_name=p.host, **pinned)
 
-    def _template(self, lowering: "_Lowering", p: Placement, args: tuple) -> Any:
+    def _template(self, lowering: "_Lowering", p: Placement, args: tuple,
+                  proc: _BatchProc) -> Any:
         """The ``ProcessTemplate`` of one rank: our worker, the user's template arguments."""
         from dragon.native.process import ProcessTemplate
         extra = dict(lowering.template_arguments(p.rank))
         extra.pop("policy", None)  # the rank's policy comes from _policy
-        # the run marker: the driver's watchdog ends the process if the driver dies
+        # the run marker: the driver's watchdog ends the process if the driver dies; its
+        # group marker: killing the node kills what the process started too
         env = watchdog.marked({**(extra.pop("env", None) or {}), **p.env()})
+        proc.mark = env[watchdog.GROUP]
         return ProcessTemplate(target=serve, args=args, env=env,
                                policy=self._policy(lowering, p), **extra)
 

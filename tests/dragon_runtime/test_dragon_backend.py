@@ -129,6 +129,21 @@ def test_timeout_kills_the_process_and_the_backend_goes_on(dragon_backend, tmp_p
     assert not dragon_backend._stopped, "the killed call is still kept after it ended"
 
 
+def test_a_timed_out_executable_takes_what_its_program_started_along(dragon_backend, tmp_path):
+    """Only the worker was killed: `cmd &` of the program lived until the driver exited."""
+    pidfile = tmp_path / "pid"
+    program = rhapsody.executable(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; sleep 300"],
+                                  timeout=10)
+    with pytest.raises(rhapsody.NodeTimeoutError, match="timeout of 10 s"):
+        rhapsody.compute(program, backend=dragon_backend)
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if _zombie(pid):
+            break
+        time.sleep(0.1)
+    assert _zombie(pid), f"the program's child {pid} outlived its node"
+
+
 def test_map_gpus_all_spreads_one_node_per_gpu(dragon_backend):
     def gpu(i):
         return os.environ["CUDA_VISIBLE_DEVICES"]
