@@ -123,6 +123,21 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
     return hosts
 
 
+KILL_WAIT = 2.0  # seconds a kill waits for a SIGKILLed local process to be gone
+
+
+def _wait_gone(pid: int, seconds: float) -> None:
+    """Wait until process ``pid`` (Dragon's, not a child of ours) has ended, at most
+    ``seconds``: its pidfd is readable then."""
+    fd = os.pidfd_open(pid)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            sel.select(seconds)
+    finally:
+        os.close(fd)
+
+
 class _BatchProc:
     """A worker's Batch call, as the pool kills and describes it (a
     :class:`~.pool.WorkerProcess`), and which job rank it runs, if any."""
@@ -150,6 +165,7 @@ class _BatchProc:
         if self.local and self.pid:
             try:
                 os.kill(self.pid, signal.SIGKILL)
+                _wait_gone(self.pid, KILL_WAIT)  # a cancel returns once it is gone
             except ProcessLookupError:
                 pass
             watchdog.kill_marked(self)  # what it started: a program, its children

@@ -18,6 +18,7 @@ then no longer reap the process, and ``Batch.join`` would wait for it forever.)
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 from typing import Tuple
@@ -31,6 +32,11 @@ TOKEN_BYTES = 32
 def serve(address: Tuple[str, int], token: bytes, wid: int, own_process: bool) -> int:
     """Connect to the driver at ``address`` and run tasks until it closes the socket."""
     env, home = dict(os.environ), os.sched_getaffinity(0)
+    if own_process:  # as a local worker: a SIGINT (Dragon's ProcessGroup stop sends one to
+        try:  # a killed job's ranks) must not become the node's KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave it
+            pass
     sock = socket.create_connection(address)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -3,6 +3,7 @@
 Run by tests/backends/test_dragon.py as ``dragon python -m pytest tests/dragon_runtime``.
 """
 import os
+import signal
 import time
 
 import pytest
@@ -142,6 +143,38 @@ def test_a_timed_out_executable_takes_what_its_program_started_along(dragon_back
             break
         time.sleep(0.1)
     assert _zombie(pid), f"the program's child {pid} outlived its node"
+
+
+def test_cancel_of_a_running_placed_node_returns_once_its_process_is_gone(dragon_backend,
+                                                                          tmp_path):
+    """As api.md says of cancel(): it returned at once, the process gone ~0.4 s later."""
+    pidfile = tmp_path / "pid"
+
+    @rhapsody.task(cpus=1)
+    def hang(path):
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
+
+    fut = rhapsody.api.get_session(dragon_backend).submit(hang(str(pidfile)))
+    deadline = time.monotonic() + 120
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the node never started"
+        time.sleep(0.1)
+    assert fut.cancel()
+    assert _zombie(int(pidfile.read_text()))
+
+
+def test_a_sigint_to_a_rank_is_no_keyboard_interrupt_of_its_node(dragon_backend):
+    """Dragon's ProcessGroup stop sends SIGINT to a killed job's ranks: a rank that got it
+    first raised KeyboardInterrupt as the node's error, not NodeTimeoutError (1 run in 4)."""
+    @rhapsody.task(ranks=2, cpus=1)
+    def poked():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        return "went on"
+
+    assert rhapsody.compute(poked(), backend=dragon_backend) == (["went on", "went on"],)
 
 
 def test_map_gpus_all_spreads_one_node_per_gpu(dragon_backend):
