@@ -187,17 +187,24 @@ class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
         if t in SCALARS:  # most objects: no slot, no set (pickle asks of each)
             return None
         if t is types.FunctionType:
+            if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
+                return "code", _code_hash(obj, self.seen)
             known = self.codes.get(id(obj))
-            if known is None or known[0] is not obj:
-                known = self.codes[id(obj)] = (obj, _code_hash(obj, self.seen))
+            if known is None or known[0] is not obj:  # a whole hash, of its own
+                known = self.codes[id(obj)] = (obj, _code_hash(obj, {}))
             return "code", known[1]
         if not isinstance(obj, (set, frozenset)):
             return self.slots.get(id(obj))  # an upstream node: its slot
         kinds = {type(o) for o in obj}
         if len(kinds) == 1 and kinds <= _SORTABLE:  # as they are: no pickle per item
-            return t.__qualname__, tuple(sorted(obj))
-        return t.__qualname__, tuple(sorted(_pickled(o, self.slots, self.seen, self.codes)
-                                            for o in obj))
+            items: tuple = tuple(sorted(obj))
+        else:
+            items = tuple(sorted(_pickled(o, self.slots, self.seen, self.codes) for o in obj))
+        if t is set or t is frozenset:
+            return t.__name__, items
+        state = getattr(obj, "__dict__", None)  # a subclass: its type and attributes too
+        return f"{t.__module__}.{t.__qualname__}", items, _pickled(
+            state, self.slots, self.seen, self.codes) if state else b""
 
 
 _SORTABLE = {str, int, bytes}  # items of one of these types sort the same in any process
