@@ -133,8 +133,9 @@ def gpu_names(visible: Optional[str] = None) -> Dict[int, str]:
 
 
 def names_env(names: Mapping[int, str]) -> Dict[str, str]:
-    """What a worker started on this host needs to know its GPUs' UUIDs (:data:`GPU_NAMES`)."""
-    return {GPU_NAMES: ",".join(names[i] for i in sorted(names))} if names else {}
+    """What a worker started on this host needs to know its GPUs' UUIDs (:data:`GPU_NAMES`;
+    empty when it has none, so that an outer run's never reaches a nested one's)."""
+    return {GPU_NAMES: ",".join(names[i] for i in sorted(names))}
 
 
 def _visible(value: str) -> List[str]:

@@ -127,11 +127,17 @@ if __name__ == "__main__":
         function, program = r.compute(seen(), run, backend=b)
         print(function[0] == uuids.split(",")[function[1][0]], program.stdout.strip())
 """
+    program += """
+        os.environ["CUDA_VISIBLE_DEVICES"] = "GPU-other"  # changed mid-run: b keeps its own
+        both = r.compute(r.map(lambda i: os.environ["CUDA_VISIBLE_DEVICES"], range(2),
+                               gpus="all"), backend=b)[0]
+        print(sorted(both) == sorted(uuids.split(",")))
+"""
     out = subprocess.run([sys.executable, "-c", f"uuids = {uuids!r}\n" + program],
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": uuids},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["(0, 1)", f"True {uuids}"]
+    assert out.stdout.split("\n")[:3] == ["(0, 1)", f"True {uuids}", "True"]
 
 
 def test_local_rank_counts_ranks_per_host():

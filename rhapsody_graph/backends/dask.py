@@ -53,7 +53,7 @@ from .pool import encode_arguments, encode_function, encode_program
 from .programs import kill_program_of, run_program
 from ..errors import WorkerDiedError, brief, warn
 from ..graph import EXECUTABLE, FUNCTION
-from ..resources import Host, Inventory, Ledger, placed
+from ..resources import Host, Inventory, Ledger, gpu_masks, gpu_names, placed
 
 __all__ = ["DaskBackend"]
 
@@ -70,6 +70,11 @@ class _DaskCall:
 _calls: Dict[str, int] = {}  # on a worker: the key of each call running there -> its thread
 
 
+#: on a Dask worker, its host's GPU UUIDs by id, read when this module loads there (before
+#: any call sets the masks): a placement's GPU ids are shown to its call as those UUIDs
+_HOST_GPUS = gpu_names()
+
+
 def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
     """On a Dask worker: run one call in the environment of its placement (GPU masks,
     ``current_placement()``), then put the worker's back; never raises. Returns
@@ -78,6 +83,9 @@ def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str,
     environment: its GPU masks are the last call's (docs/dask.md)."""
     _calls[key] = threading.get_ident()
     start = time.perf_counter()
+    if _HOST_GPUS and env.get("RHAPSODY_GPUS"):
+        env = {**env, **gpu_masks([int(g) for g in env["RHAPSODY_GPUS"].split(",")],
+                                  _HOST_GPUS)}
     with environ(env), placed(env):
         try:
             fn, a, kw = wire.load_call(func, args, inputs)

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Mapping, Sequence
 
 from . import watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
 from ..errors import ExecutableError, WorkerDiedError, add_note
-from ..resources import Placement, gpu_names, names_env
+from ..resources import Placement, names_env
 from ..task import ExecResult
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,8 +56,9 @@ class Launch:
     """One node's processes; ``kill()`` stops them all, from any thread."""
 
     def __init__(self, tid: int, key: str, pin: Callable[[Sequence[int]], Sequence[int]],
-                 post: Callable[[Completion], None]) -> None:
+                 post: Callable[[Completion], None], gpu_names: Mapping[int, str]) -> None:
         self.tid, self.key, self.pin, self.post = tid, key, pin, post
+        self.gpu_names = gpu_names  # its backend's GPU UUIDs by id
         self.procs: List[subprocess.Popen] = []
         self.killed = False
         self.lock = threading.Lock()
@@ -71,7 +72,7 @@ class Launch:
 
     def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
         os.sched_setaffinity(0, self.pin(placement.cpus) or self.home)
-        names = gpu_names()  # this host's GPU UUIDs, if it names GPUs so
+        names = self.gpu_names
         env = watchdog.marked({**os.environ, **(kw.pop("env", None) or {}),
                                **placement.env(names), **names_env(names)})
         with self.lock:

@@ -101,6 +101,7 @@ class LocalBackend(PoolBackend):
             raise TypeError("LocalBackend: give either hosts=[Host(...), ...] or "
                             "cpus=/gpus=/memory=, not both (declare memory on each Host)")
         self.inventory = Inventory(hosts if hosts is not None else [detect_host(cpus, gpus, memory)])
+        self.gpu_names = gpu_names()  # its GPU ids' UUIDs, read with its inventory
         self.max_workers = max_workers(workers, self.inventory, "LocalBackend")
         self.ledger = Ledger(self.inventory)  # kept across runs: GPUs go round-robin throughout
         self.pool = WorkerPool(self.max_workers)
@@ -188,7 +189,7 @@ class LocalBackend(PoolBackend):
                 "computes the graph under `if __name__ == \"__main__\":`.")
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
-        env = watchdog.marked({**os.environ, **names_env(gpu_names())})
+        env = watchdog.marked({**os.environ, **names_env(self.gpu_names)})
         proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         watchdog.guard(proc, env)
@@ -219,7 +220,8 @@ class LocalBackend(PoolBackend):
     def launch(self, call: Call) -> None:
         """An executable or a multi-rank node: its own processes, started by a thread."""
         p = call.prepared
-        launch = self._launches[call.tid] = Launch(call.tid, call.key, self.pin, self._post)
+        launch = self._launches[call.tid] = Launch(call.tid, call.key, self.pin, self._post,
+                                                   self.gpu_names)
         if p.kind == FUNCTION:
             task = (call.tid, p.fid, p.func, p.args, call.inputs, None)
             launch.run_in_thread(launch.ranks, task, call.placements)

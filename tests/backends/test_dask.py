@@ -220,3 +220,16 @@ def test_nodes_wait_for_a_worker_while_every_worker_of_the_cluster_restarts():
                 s.compute(rhapsody.task(exit_now)())
             # the nanny restarts the worker: before, this failed as "the scheduler stalled"
             assert s.compute(rhapsody.task(double)(21)) == (42,)
+
+
+def test_a_worker_whose_gpus_are_named_by_uuid_shows_each_call_its_gpus_uuid(monkeypatch):
+    """The worker's own CUDA_VISIBLE_DEVICES names its GPUs by UUID (Slurm, MIG): a call
+    got the bare id ('0'), which CUDA reads as the machine's GPU 0, maybe not the worker's."""
+    uuids = ["GPU-11111111-aaaa", "GPU-22222222-bbbb"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(uuids))  # the workers inherit it
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  resources={"GPU": 2}, dashboard_address=":0") as cluster:
+        with rhapsody.Session(backends=[rhapsody.DaskBackend(cluster=cluster, name="ids")]) as s:
+            futures = [s.submit(rhapsody.task(gpus=1)(where_am_i)(i)) for i in range(2)]
+            for fut in futures:
+                assert fut.result(timeout=120)[1] == uuids[fut.where.gpus[0]]
