@@ -411,7 +411,7 @@ class Task:
         qualname = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', name)}"
         self.opts = Options(validate(name, options), name, qualname)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Node:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Node:
         shape = (len(args), *kwargs) if kwargs else len(args)
         if shape not in self._fits:
             self._check_call(shape, args, kwargs)

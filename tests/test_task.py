@@ -194,6 +194,9 @@ def test_only_a_plain_functions_own_signature_is_checked_never_a_declared_one():
     @functools.wraps(strict)
     def wrapper(*args, **kwargs):  # wraps: a __wrapped__ with a stricter signature
         return strict(*args[:1])
+    def method_like(self, x=1):
+        return self, x
+    assert isinstance(rhapsody.task(method_like)(self=3), Node)  # Task.__call__'s own self
     for call in (lambda: rhapsody.task(lenient)(1, extra=2),
                  lambda: rhapsody.task(Model)(a=1, comment="kept"),
                  lambda: rhapsody.task(wrapper)(1, 2, z=3), lambda: rhapsody.task(max)(3, 4)):
