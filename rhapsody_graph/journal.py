@@ -246,6 +246,14 @@ class Journal:
 
     # -- keys ------------------------------------------------------------------------
 
+    def new_run(self) -> None:
+        """Forget the code hashes and keys made so far: a session's next ``compute()`` or
+        ``submit()`` may follow an edit made meanwhile (a notebook's cell, a module
+        constant changed), which they would hide."""
+        self._keys.clear()
+        self._nodes.clear()
+        self._code.clear()
+
     def key(self, node: Any) -> str:
         """The journal key of ``node`` (upstream nodes' keys computed first)."""
         known = self._keys.get(id(node))

@@ -176,6 +176,8 @@ class Session:
                                "instead (it returns at once)")
         group = Group(policy, waited=True)
         group.journal = _journal(journal) if journal is not None else self._futures.journal
+        if journal is None and group.journal is not None:
+            group.journal.new_run()  # the session's: code may have changed since its last run
         handles = self._submit(roots, group)
         try:
             group.ended.wait()

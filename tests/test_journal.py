@@ -170,6 +170,31 @@ compute(rhapsody.executable(["sh", "-c", 'echo $0-$FLAG-$(pwd)', up], env={"FLAG
 """
 
 
+NOTEBOOK = """
+import sys
+import rhapsody_graph as rhapsody
+
+SCALE = 2
+
+
+def scaled(x):
+    return x * SCALE
+
+
+if __name__ == "__main__":  # one session, two cells: a constant changed between them
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=sys.argv[1],
+                          progress=False) as s:
+        print(*s.compute(rhapsody.task(scaled)(5)))
+        SCALE = 4
+        print(*s.compute(rhapsody.task(scaled)(5)))
+"""
+
+
+def test_a_sessions_next_compute_sees_a_constant_changed_since_its_last(tmp_path):
+    """The session's journal kept the function's hash for its lifetime: 10 for 20."""
+    assert run_program(tmp_path, NOTEBOOK) == ["10", "20"]
+
+
 def test_an_executable_with_an_upstream_node_in_its_argv_runs_again_when_env_or_cwd_change(
         tmp_path):
     def run(flag, cwd):
