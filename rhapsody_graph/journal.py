@@ -249,35 +249,37 @@ class Journal:
     def new_run(self) -> None:
         """Forget the code hashes and keys made so far: a session's next ``compute()`` or
         ``submit()`` may follow an edit made meanwhile (a notebook's cell, a module
-        constant changed), which they would hide."""
-        self._keys.clear()
-        self._nodes.clear()
-        self._code.clear()
+        constant changed), which they would hide. New tables, not cleared ones: a key
+        being made in another thread finishes with the tables it began with."""
+        self._keys, self._nodes, self._code = {}, [], {}
 
     def key(self, node: Any) -> str:
         """The journal key of ``node`` (upstream nodes' keys computed first)."""
-        known = self._keys.get(id(node))
+        keys, nodes = self._keys, self._nodes
+        known = keys.get(id(node))
         if known is not None:
             return known
         stack = [node]
         while stack:
             n = stack[-1]
-            todo = [d for d in _nodes_of(n) if id(d) not in self._keys]
+            todo = [d for d in _nodes_of(n) if id(d) not in keys]
             if todo:
                 stack.extend(todo)
                 continue
             stack.pop()
-            if id(n) not in self._keys:
-                parts = self.parts(n)
+            if id(n) not in keys:
+                parts = self.parts(n, keys)
                 key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(),
                                       digest_size=20).hexdigest()
-                self._keys[id(n)] = key
-                self._nodes.append(n)
+                keys[id(n)] = key
+                nodes.append(n)
                 self._parts[key] = parts
-        return self._keys[id(node)]
+        return keys[id(node)]
 
-    def parts(self, node: Any) -> Dict[str, Any]:
-        """What ``node``'s key is made of (its upstream nodes' keys must be known)."""
+    def parts(self, node: Any, keys: Optional[Dict[int, str]] = None) -> Dict[str, Any]:
+        """What ``node``'s key is made of (its upstream nodes' keys must be in ``keys``,
+        by default the journal's)."""
+        keys = self._keys if keys is None else keys
         deps = _nodes_of(node)
         args = _hash((node.args, node.kwargs), node.deps, self._code)  # upstream: "inputs"
         opts = node.opts
@@ -285,7 +287,7 @@ class Journal:
                    if k not in UNKEYED}
         return {"name": node.name, "kind": node.kind, "code": self._fn_hash(node),
                 "options": options, "args": args,
-                "inputs": [self._keys[id(d)] for d in deps]}
+                "inputs": [keys[id(d)] for d in deps]}
 
     def _fn_hash(self, node: Any) -> str:
         """The hash of what ``node`` runs, once per function (many nodes share one)."""
