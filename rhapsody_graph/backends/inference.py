@@ -107,7 +107,7 @@ class InferenceBackend(OwnCalls):
         self.name = name
         self.on = on
         # by name: a model declared again (rhapsody.model) replaces the one given here
-        self._models = None if models is None else {m.name: None for m in models}
+        self._models = None if models is None else tuple(dict.fromkeys(m.name for m in models))
         self._inventory = None if on is not None else Inventory(
             hosts if hosts is not None else [detect_host(cpus, gpus, None)])
         self._ledger = None if self._inventory is None else Ledger(self._inventory)
