@@ -191,6 +191,17 @@ class Node(_Fields):
         self.__class__ = Node
         return self
 
+    @classmethod
+    def standing_for(cls, node: "Node", fn: Any, args: tuple, deps: Tuple[Any, ...]) -> "Node":
+        """A node with ``node``'s key, name, options and kind that calls ``fn(*args)``,
+        whose upstream nodes are ``deps`` (given: ``args`` are not walked). The
+        scheduler runs it in ``node``'s place (see :mod:`rhapsody_graph.fusion`)."""
+        self = object.__new__(_Open)
+        self.key, self.name, self.opts, self.kind = node.key, node.name, node.opts, node.kind
+        self.fn, self.args, self.kwargs, self.deps = fn, args, {}, deps
+        self.__class__ = cls
+        return self
+
     def __setattr__(self, name: str, value: Any) -> None:
         """Refused: an edited node could close a cycle or disagree with its key."""
         raise AttributeError(f"node {self.key!r} cannot be changed ({name!r}); build a new "

@@ -96,6 +96,7 @@ from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Opti
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import ExecutableError, NodeTimeoutError, add_note, warn
+from .fusion import Fused
 from .futures import Where
 
 __all__ = ["Scheduler", "Task", "Group"]
@@ -118,6 +119,7 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: per-run state (pickled functions, measured run times, idle inference servers):
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
+TIMED_KEPT = 4_096  # functions whose run time is kept between runs, then forgotten
 FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
 SCAN = 8  # up to this many open shared leases of one request are scanned, more keep a heap
 
@@ -148,7 +150,7 @@ class Task:
 
     __slots__ = ("node", "prio", "lane", "backend", "prepared", "leased", "group", "state",
                  "deps", "dependents", "waiting", "needed", "payload", "futures", "failures",
-                 "tid", "where", "error", "saved", "avoid", "__weakref__")
+                 "tid", "where", "error", "saved", "avoid", "fused", "weight", "__weakref__")
 
     def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
                  deps: Sequence["Task"]) -> None:
@@ -171,6 +173,8 @@ class Task:
         self.saved: Optional[Tuple[Any, str]] = None  # (journal, key) to keep its value in
         # hosts where its process died: a retry goes elsewhere while another host can take it
         self.avoid: Optional[frozenset] = None
+        self.fused: Optional[Fused] = None  # the nodes run inside its call (see .fusion)
+        self.weight = 1  # nodes it stands for: 1 + the fused ones (what progress counts)
 
     def value(self) -> Any:
         """A done record's value, decoded in this process.
@@ -204,6 +208,7 @@ class Lane:
         self.slots = max(1, backend.slots_free())
         self.used = False  # ran something since the session was last idle
         self.forwards = getattr(backend, "forwards", False)  # see _forward
+        self.fuses = getattr(backend, "fuses", False)  # see rhapsody_graph.fusion
         self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _by_time
         self.unflushed = False  # calls were submitted since its backend's last flush
         self.flushed = 0  # every call with a tid up to this one went out at a flush
@@ -394,6 +399,7 @@ class Scheduler:
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
         self.deadlines: List[Tuple[float, int]] = []
         self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
+        self.timed: Dict[int, Any] = {}  # id(fn) -> fn: kept, so that its id stays its own
         self.live = 0
         self.ended: List[Group] = []  # groups whose events are set at the end of the pass
         self.idle_waiters: List[threading.Event] = []  # set once nothing is left
@@ -509,7 +515,9 @@ class Scheduler:
                 lane.used = False
                 self._end_drained(lane)
                 lane.backend.end_run()
-        self.seconds.clear()
+        if len(self.timed) > TIMED_KEPT:  # run times stay known from run to run
+            self.seconds.clear()
+            self.timed.clear()
 
     def _crash(self, exc: BaseException) -> None:
         """An error in the loop itself: fail everything, kill every process, go on."""
@@ -561,7 +569,7 @@ class Scheduler:
             tasks.setdefault(t.node, t)
             group.live += 1
             self.live += 1
-            t.lane.submitted += 1
+            t.lane.submitted += t.weight
             waiting = 0
             upstream_failed = None
             for d in t.deps:
@@ -1003,9 +1011,16 @@ class Scheduler:
         if attempt is not None:
             if t.saved is not None:
                 self._save(t, payload)
-            fid = id(t.node.fn)
-            last = self.seconds.get(fid)
-            self.seconds[fid] = seconds if last is None else 0.8 * last + 0.2 * seconds
+            if t.fused is None:
+                fid = id(t.node.fn)
+                last = self.seconds.get(fid)
+                if last is None:
+                    self.timed[fid] = t.node.fn
+                    self.seconds[fid] = seconds
+                else:
+                    self.seconds[fid] = 0.8 * last + 0.2 * seconds
+            else:
+                self._refit(t.fused, seconds)
         for j in t.dependents:
             j.waiting -= 1
             if j.state == PENDING:
@@ -1025,6 +1040,16 @@ class Scheduler:
                 if fut is not None:
                     fut._finish(where)
         self._ended(t)
+
+    def _refit(self, fused: Fused, seconds: float) -> None:
+        """A fused call took ``seconds``: scale the estimates of the functions it ran
+        by how far their sum was off, so a function that grew slow stops being fused."""
+        ratio = seconds / fused.predicted
+        estimates = self.seconds
+        for fid in fused.functions:
+            last = estimates.get(fid)
+            if last is not None:
+                estimates[fid] = last * (0.8 + 0.2 * ratio)
 
     def _save(self, t: Task, payload: bytes) -> None:
         """Put ``t``'s value in its journal. One that cannot be written (a full or
@@ -1055,11 +1080,11 @@ class Scheduler:
             del tasks[t.node]
         lane = t.lane
         if t.state == DONE:
-            lane.done += 1
+            lane.done += t.weight
         elif t.state == FAILED:
-            lane.failed += 1
+            lane.failed += t.weight
         else:
-            lane.cancelled += 1
+            lane.cancelled += t.weight
         self.live -= 1
         group = t.group
         group.live -= 1

@@ -24,10 +24,12 @@ import os
 import signal
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
+from .backends.wire import dump_value
 from .errors import NoBackendError, add_note, brief, warn
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
@@ -57,6 +59,8 @@ class Session:
         progress: show nodes done / running / failed / waiting per backend while the
             session runs (``None``: in a terminal, or as a line every 10 s in a long
             batch run, unless ``$CI`` is set; see :mod:`rhapsody_graph.progress`).
+        fuse: let a short node whose value one node reads run inside that node's
+            call, once its function's run time is known (see :mod:`rhapsody_graph.fusion`).
 
     A node with ``backend="name"`` runs there; any other goes to the first backend
     that runs its kind (function, executable, multi-rank, AI) and can hold it. When
@@ -68,7 +72,8 @@ class Session:
     def __init__(self, backends: Optional[Sequence[Any]] = None, *,
                  journal: "str | os.PathLike[str] | None" = None,
                  run_log: "str | os.PathLike[str] | None" = None,
-                 progress: Optional[bool] = None, _owns: bool = True) -> None:
+                 progress: Optional[bool] = None, fuse: bool = True,
+                 _owns: bool = True) -> None:
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -92,6 +97,7 @@ class Session:
             self._implicit.append(inference)
             backends.append(inference)
         self._owns = _owns
+        self._fuse = fuse
         self._checked: Dict[Tuple[int, tuple], None] = {}
         self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
         self._lock = threading.Lock()
@@ -275,13 +281,14 @@ class Session:
             return t is not None
 
         journal = group.journal
+        order: List[Node] = []  # the nodes without a record, in post-order
         for root in roots:
             if isinstance(root, Ref) or record_of(root) is not None or (
                     journal is not None and reused(root)):
                 continue
             if not root.deps:  # a leaf: no walk
-                t = records[root] = self._record(root, group, ())
-                new.append(t)
+                records[root] = _WALKED
+                order.append(root)
                 continue
             stack = [(root, iter(root.deps))]
             while stack:
@@ -293,10 +300,25 @@ class Session:
                 else:
                     stack.pop()
                     if node not in records:
-                        t = self._record(node, group, [records[d] for d in node.deps]
-                                         if node.deps else ())
-                        records[node] = t
-                        new.append(t)
+                        records[node] = _WALKED
+                        order.append(node)
+        fused: Dict[int, List[Node]] = {}
+        if self._fuse and journal is None and self._runlog is None and len(order) > 1:
+            fused = fusion.plan(order, roots, self._scheduler.seconds, self._fusable)
+        inner = {id(n) for nodes in fused.values() for n in nodes[:-1]} if fused else ()
+        for node in order:
+            if id(node) in inner:
+                continue
+            nodes = fused.get(id(node))
+            if nodes is not None:
+                t = self._fused_record(nodes, group, records, new)
+                if t is not None:
+                    records[node] = t
+                    new.append(t)
+                    continue
+            records[node] = t = self._record(node, group, [records[d] for d in node.deps]
+                                             if node.deps else ())
+            new.append(t)
         return records
 
     def _record(self, node: Node, group: Group, deps: Sequence[Task]) -> Task:
@@ -305,6 +327,39 @@ class Session:
         t = Task(node, lane, lane.backend.prepare(node), group, deps)
         if group.journal is not None:
             t.saved = (group.journal, group.journal.key(node))
+        return t
+
+    def _fusable(self, node: Node) -> bool:
+        """Whether ``node``'s options and backend let it run inside another node's
+        call (see :mod:`.fusion`)."""
+        if not node.opts.fusable:
+            return False
+        try:
+            return self._lane(node).fuses
+        except Exception:  # no backend takes it: its own record says so
+            return False
+
+    def _fused_record(self, nodes: List[Node], group: Group, records: Dict[Any, Any],
+                      new: List[Task]) -> Optional[Task]:
+        """The record of one call that runs ``nodes`` (the last is the node it stands
+        for); ``None`` after making their own records instead when that call cannot be
+        encoded (so that the node whose argument cannot be sent is the one named)."""
+        head = nodes[-1]
+        steps, inputs, fused = fusion.steps(nodes, self._scheduler.seconds)
+        lane = self._lane(head)
+        try:
+            stand_in = Node.standing_for(head, fusion.run_fused,
+                                         (dump_value(steps),) + inputs, inputs)
+            prepared = lane.backend.prepare(stand_in)
+        except Exception:
+            for node in nodes[:-1]:
+                records[node] = t = self._record(node, group, [records[d] for d in node.deps]
+                                                 if node.deps else ())
+                new.append(t)
+            return None
+        t = Task(stand_in, lane, prepared, group, [records[d] for d in inputs])
+        t.fused = fused
+        t.weight = fused.count
         return t
 
     def _reused(self, node: Node, group: Group) -> Optional[Task]:
@@ -435,6 +490,9 @@ class Session:
 
 
 _current: List[Session] = []  # sessions of open `with` blocks, innermost last
+
+
+_WALKED = object()  # in _records: a node seen by the walk, its record not made yet
 
 
 def current_session() -> Optional[Session]:

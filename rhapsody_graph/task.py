@@ -261,7 +261,7 @@ class Options:
 
     __slots__ = ("values", "resources", "timeout", "retries", "retry_on", "backoff", "name",
                  "backend", "qualname",
-                 "policy", "template", "templates", "custom_process")
+                 "policy", "template", "templates", "custom_process", "fusable")
 
     def __init__(self, values: Dict[str, Any], name: str, qualname: str) -> None:
         policy = _node_policy(name, values)
@@ -287,6 +287,8 @@ class Options:
         self.backend: Optional[str] = merged["backend"]
         self.name: str = values.get("name", name)
         self.qualname = qualname
+        # one core, no limits, no routing: may run inside another node's call (fusion)
+        self.fusable = values.keys() <= {"name", "version"}
 
     def __repr__(self) -> str:
         return f"Options({self.values})"

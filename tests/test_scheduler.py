@@ -823,7 +823,7 @@ def test_a_reduction_runs_its_pairs_where_their_leaves_ran(monkeypatch, tmp_path
     level = [rhapsody.task(inc)(i) for i in range(256)]
     while len(level) > 1:
         level = [rhapsody.task(plus)(level[k], level[k + 1]) for k in range(0, len(level), 2)]
-    with rhapsody.Session(backends=[backend]) as s:
+    with rhapsody.Session(backends=[backend], fuse=False) as s:
         warm_up = [rhapsody.task(inc)(-i) for i in range(8)]
         assert s.submit(rhapsody.task(plus)(warm_up[0], warm_up[1])).result() == 1
         assert [f.result() for f in s.submit(warm_up)] == [1, 0, -1, -2, -3, -4, -5, -6]

@@ -31,6 +31,8 @@ except ``accepts`` and ``prepare``, which the session calls):
   (an int) of an earlier call on the same lease: the executor fills it with that
   call's value where it ran (no round trip through the driver), or reports the call
   ``DROPPED`` if that call returned no value.
+* ``fuses`` (optional): True if short function nodes may run inside the call of the
+  node that reads them (see :mod:`rhapsody_graph.fusion`); default False.
 * ``lease_budget`` (optional): seconds of measured work the scheduler queues on one
   shared lease at most (default 2 ms; more where each round trip costs more).
 * ``waits_for_hosts`` (optional): True while it has no host now but expects some (a

@@ -88,6 +88,7 @@ class LocalBackend(PoolBackend):
     """
 
     kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND))
+    fuses = True  # see rhapsody_graph.fusion
 
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,

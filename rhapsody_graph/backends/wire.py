@@ -261,6 +261,17 @@ def load_call(func_bytes: bytes, args: Args, deps: Sequence[bytes]) -> Tuple[Any
         IMPORTING = False
 
 
+def load_importing(data: bytes) -> Any:
+    """In a worker: unpickle ``data`` that may import the modules of functions (the
+    steps of a fused call), marked as importing, as :func:`load_call` does."""
+    global IMPORTING
+    IMPORTING = True
+    try:
+        return pickle.loads(data)
+    finally:
+        IMPORTING = False
+
+
 def load_args(data: Args, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
     """Unpickle ``(args, kwargs)``, filling references with upstream values."""
     if not deps:
@@ -304,6 +315,9 @@ def attach(exc: BaseException, tb: str, key: str) -> BaseException:
     """Set ``exc.__cause__`` to the remote traceback and note which node raised it."""
     if tb:
         exc.__cause__ = RemoteTraceback(tb)
+    inside = f"inside the call of node {key!r}"
+    if any(isinstance(n, str) and inside in n for n in getattr(exc, "__notes__", ())):
+        return exc  # a node fused into this one's call raised it, and says so
     return add_note(exc, f"raised by node {key!r}")
 
 

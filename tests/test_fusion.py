@@ -1,0 +1,239 @@
+"""Fusion: short nodes read by one node run inside its call, on real worker processes
+(the planning itself is checked as pure logic, on nodes that never run)."""
+import asyncio
+import os
+import pickle
+import threading
+import time
+
+import pytest
+
+import rhapsody_graph as rhapsody
+from rhapsody_graph import fusion
+from rhapsody_graph.errors import RemoteTraceback
+
+
+def leaf(i):
+    return i
+
+
+def plus(a, b):
+    return a + b
+
+
+def check(x):
+    if x == 13:
+        raise ValueError("thirteen")
+    return x
+
+
+def record(path, x):
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+def slow_if(path, x):
+    if os.path.exists(path):
+        time.sleep(0.005)
+    return x
+
+
+async def later(x):
+    await asyncio.sleep(0)
+    return x + 1
+
+
+def tree(leaves, make_leaf=lambda i: rhapsody.task(leaf)(i)):
+    level = [make_leaf(i) for i in range(leaves)]
+    while len(level) > 1:
+        level = [rhapsody.task(plus)(level[k], level[k + 1]) for k in range(0, len(level), 2)]
+    return level[0]
+
+
+def lines(path):
+    with open(path) as f:
+        return f.read().split()
+
+
+def calls_and_nodes(session):
+    """(calls started, nodes done) on the session's one compute backend."""
+    lane = next(lane for lane in session._scheduler.lanes.values()
+                if lane.backend.name == "local")
+    return lane.started, lane.done
+
+
+@pytest.fixture
+def session():
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], progress=False) as s:
+        yield s
+
+
+def test_a_reduction_runs_in_fewer_calls_once_its_functions_are_timed(session):
+    assert session.compute(tree(64)) == (2016,)
+    assert calls_and_nodes(session) == (127, 127)  # first: one call per node, timed
+    assert session.compute(tree(64)) == (2016,)
+    calls, nodes = calls_and_nodes(session)
+    assert nodes == 254  # progress counts every node, fused ones too
+    assert calls - 127 < 16  # the tree ran in a few calls
+
+
+def test_fuse_false_runs_every_node_in_its_own_call():
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], progress=False,
+                          fuse=False) as s:
+        for _ in range(2):
+            assert s.compute(tree(16)) == (120,)
+        assert calls_and_nodes(s) == (62, 62)
+
+
+def test_a_run_log_turns_fusion_off(tmp_path):
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], progress=False,
+                          run_log=str(tmp_path / "runs.jsonl")) as s:
+        for _ in range(2):
+            assert s.compute(tree(16)) == (120,)
+        assert calls_and_nodes(s) == (62, 62)  # every node has its own line in the log
+
+
+def test_a_journal_turns_fusion_off(session, tmp_path):
+    assert session.compute(tree(16)) == (120,)
+    assert session.compute(tree(16), journal=str(tmp_path / "j")) == (120,)
+    assert calls_and_nodes(session) == (62, 62)
+
+
+def test_a_function_slower_than_the_call_limit_is_never_fused(session, tmp_path):
+    flag = str(tmp_path / "slow")
+    open(flag, "w").close()
+    for _ in range(2):
+        assert session.compute(tree(8, lambda i: rhapsody.task(slow_if)(flag, i))) == (28,)
+    calls, _ = calls_and_nodes(session)
+    assert calls >= 15 + 8  # the 8 slow leaves ran alone, both times
+
+
+def test_a_function_that_grew_slow_inside_fused_calls_stops_being_fused(session, tmp_path):
+    flag = str(tmp_path / "slow")
+    make = lambda i: rhapsody.task(slow_if)(flag, i)  # noqa: E731
+    assert session.compute(tree(64, make)) == (2016,)  # timed: fast
+    assert session.compute(tree(64, make)) == (2016,)
+    assert calls_and_nodes(session)[0] - 127 < 32  # fused
+    open(flag, "w").close()  # from now on each call takes 5 ms
+    assert session.compute(tree(64, make)) == (2016,)  # fused, far slower than foretold
+    before = calls_and_nodes(session)[0]
+    assert session.compute(tree(64, make)) == (2016,)
+    assert calls_and_nodes(session)[0] - before >= 64  # the slow leaves run alone again
+
+
+def test_a_fused_node_that_raises_fails_the_compute_with_its_exception_naming_it(session):
+    assert session.compute(rhapsody.task(plus)(rhapsody.task(check)(1),
+                                               rhapsody.task(check)(2))) == (3,)
+    bad = rhapsody.task(check)(13)
+    with pytest.raises(ValueError, match="thirteen") as info:
+        session.compute(rhapsody.task(plus)(bad, rhapsody.task(check)(2)))
+    notes = [n for n in info.value.__notes__ if n.startswith("raised by node")]
+    assert len(notes) == 1 and notes[0].startswith(f"raised by node {bad.key!r}")
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "in check" in str(info.value.__cause__)  # the remote traceback of the raise
+
+
+def test_the_part_of_a_fused_call_that_does_not_read_a_failed_node_still_runs(session,
+                                                                              tmp_path):
+    path = str(tmp_path / "ran")
+    warm = rhapsody.task(plus)(rhapsody.task(check)(1), rhapsody.task(record)(path, 0))
+    assert session.compute(warm) == (1,)
+    out = rhapsody.task(plus)(rhapsody.task(check)(13), rhapsody.task(record)(path, 5))
+    with pytest.warns(RuntimeWarning, match="thirteen"):
+        (value,) = session.compute(out, on_error="continue")
+    assert isinstance(value, ValueError)
+    assert lines(path) == ["0", "5"]
+
+
+def test_a_node_read_by_two_nodes_runs_once(session, tmp_path):
+    for name in ("warm", "once"):
+        path = str(tmp_path / name)
+        shared = rhapsody.task(record)(path, 1)
+        both = rhapsody.task(plus)(rhapsody.task(plus)(shared, 1), rhapsody.task(plus)(shared, 2))
+        assert session.compute(both) == (5,)
+        assert lines(path) == ["1"]
+
+
+def test_an_output_is_never_fused_into_the_node_that_reads_it(session):
+    for _ in range(2):
+        x = rhapsody.task(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
+        assert session.compute(x, rhapsody.task(plus)(x, 10)) == (3, 13)
+
+
+def test_an_argument_that_cannot_be_pickled_is_named_on_the_node_that_takes_it(session):
+    assert session.compute(rhapsody.task(plus)(rhapsody.task(leaf)(1),
+                                               rhapsody.task(leaf)(2))) == (3,)
+    unsendable = rhapsody.task(leaf)(threading.Lock())
+    with pytest.raises(TypeError, match=f"node {unsendable.key!r}: argument 0"):
+        session.compute(rhapsody.task(plus)(unsendable, rhapsody.task(leaf)(2)))
+
+
+def fused_call(outputs, seconds):
+    """The steps of the one fused call ``plan`` makes for ``outputs``, pickled, and its
+    inputs' values (none here): what a worker gets."""
+    (nodes,) = planned(outputs, seconds).values()
+    steps, inputs, _ = fusion.steps(nodes, seconds)
+    assert inputs == ()
+    return pickle.dumps(steps)
+
+
+def test_a_fused_call_awaits_an_async_function():
+    x = rhapsody.task(later)(rhapsody.task(later)(0))
+    assert fusion.run_fused(fused_call([x], {id(later): 1e-6})) == 2
+
+
+def test_a_fused_call_runs_what_does_not_read_a_failed_step_then_raises_its_error():
+    bad = rhapsody.task(check)(13)
+    fine = rhapsody.task(plus)(rhapsody.task(leaf)(1), 1)
+    top = rhapsody.task(plus)(rhapsody.task(plus)(bad, 1), fine)
+    seconds = {id(check): 1e-6, id(plus): 1e-6, id(leaf): 1e-6}
+    with pytest.raises(ValueError, match="thirteen") as info:
+        fusion.run_fused(fused_call([top], seconds))
+    assert info.value.__notes__ == [f"raised by node {bad.key!r}, which ran inside the call "
+                                    f"of node {top.key!r} (fused: see rhapsody_graph.fusion)"]
+
+
+# -- planning (pure logic: nodes that never run) ----------------------------------------
+
+def planned(outputs, seconds, fusable=lambda n: True):
+    order = list(rhapsody.Graph(*outputs))
+    return fusion.plan(order, outputs, seconds, fusable)
+
+
+def test_planning_fuses_a_chain_in_calls_of_at_most_the_budget_of_measured_work():
+    x = rhapsody.task(leaf)(0)
+    for _ in range(39):
+        x = rhapsody.task(plus)(x, 1)
+    groups = planned([x], {id(leaf): 45e-6, id(plus): 45e-6})
+    sizes = [len(nodes) for nodes in groups.values()]
+    assert sum(sizes) == 40 and len(sizes) >= 2
+    assert max(sizes) * 45e-6 <= fusion.BUDGET
+    assert x in list(groups.values())[-1]  # the output's call is the last
+
+
+def test_planning_leaves_untimed_and_slow_functions_and_refused_options_alone():
+    x = rhapsody.task(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
+    assert planned([x], {}) == {}  # nothing timed yet
+    assert planned([x], {id(leaf): 1e-3, id(plus): 1e-6}) == {}  # the leaves are slow
+    assert planned([x], {id(leaf): 1e-6, id(plus): 1e-6}, lambda n: False) == {}
+    y = rhapsody.task(timeout=5)(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
+    assert not y.opts.fusable and x.opts.fusable
+    (nodes,) = planned([x], {id(leaf): 1e-6, id(plus): 1e-6}).values()
+    assert nodes[-1] is x and len(nodes) == 3
+
+
+def test_planning_never_fuses_an_output_or_a_node_read_twice_or_inside_a_container():
+    seconds = {id(leaf): 1e-6, id(plus): 1e-6, id(sum): 1e-6}
+    a = rhapsody.task(leaf)(1)
+    twice = rhapsody.task(plus)(a, a)  # read twice by one node: one reader, fusable
+    (nodes,) = planned([twice], seconds).values()
+    assert nodes == [a, twice]
+    b = rhapsody.task(leaf)(2)
+    two_readers = [rhapsody.task(plus)(b, 1), rhapsody.task(plus)(b, 2)]
+    assert all(b not in nodes for nodes in planned(two_readers, seconds).values())
+    c = rhapsody.task(leaf)(3)
+    top = rhapsody.task(plus)(c, 1)
+    assert planned([c, top], seconds) == {}  # c is an output
+    listed = rhapsody.task(sum)([rhapsody.task(leaf)(4), rhapsody.task(leaf)(5)])
+    assert planned([listed], seconds) == {}  # its inputs sit in a list
