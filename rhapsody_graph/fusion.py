@@ -51,6 +51,8 @@ CALL = 50e-6
 BUDGET = 1e-3
 #: the least a call counts for, however fast it was measured
 FLOOR = 0.5e-6
+#: inputs that no longer fit after which a reader stops looking at the rest
+MISSES = 8
 
 # one step of a fused call: (function, arguments with None where an upstream value
 # goes, ((position, source), ...), keyword arguments or None, the node's key); a
@@ -84,45 +86,64 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         by ``id`` of each node whose call runs others (a *head*): the nodes its call
         runs, in post-order, itself last. A node in none of them runs on its own.
     """
-    readers: Dict[Any, int] = dict.fromkeys(outputs, 2)  # nodes hash by identity
+    readers: Dict[Any, int] = dict.fromkeys(order, 0)  # new nodes (hash by identity)
     for n in order:
         for d in n.deps:
-            readers[d] = readers.get(d, 0) + 1
+            r = readers.get(d)
+            if r is not None:
+                readers[d] = r + 1
+    for o in outputs:
+        if o in readers:
+            readers[o] = 2  # asked for: its value must come back
     allowed: Dict[int, bool] = {}  # by id of the options
-    cost: Dict[Node, float] = {}  # a fusable node's: its own and what it has taken
-    reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
-    heads: Dict[Node, None] = {}
-    for n in order:
+
+    def own(n: Node) -> Optional[float]:
+        """The measured run time ``n`` counts for, if it may be fused at all."""
         s = seconds.get(id(n.fn))
         if s is None or s > CALL or n.kind != FUNCTION:
-            continue
+            return None
         ok = allowed.get(id(n.opts))
         if ok is None:
             ok = allowed[id(n.opts)] = fusable(n)
-        if not ok or not _positional(n):
+        return max(s, FLOOR) if ok and _positional(n) else None
+
+    cost: Dict[Node, float] = {}  # a reader's: its own and what it has taken
+    reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
+    for n in order:
+        if not n.deps:
+            continue  # takes nothing; its reader looks at it
+        s = own(n)
+        if s is None:
             continue
-        if s < FLOOR:
-            s = FLOOR
+        misses = 0
         for d in n.deps:
+            if readers.get(d) != 1:
+                continue
             c = cost.get(d)
-            if c is not None and readers[d] == 1 and s + c <= BUDGET:
+            if c is None and (d.deps or (c := own(d)) is None):
+                continue
+            if s + c <= BUDGET:
                 s += c
                 reader[d] = n
-                heads[n] = None
+            else:
+                misses += 1
+                if misses > MISSES:
+                    break  # (nearly) full: a join's other inputs run on their own
         cost[n] = s
-    if not heads:
-        return {}
-    owner: Dict[Node, Node] = {}  # a fused node's head
-    for n in reversed(order):  # a reader comes after what it reads
-        r = reader.get(n)
-        if r is not None:
-            owner[n] = owner.get(r, r)
-            heads.pop(n, None)  # fused itself: not a head
-    members: Dict[int, List[Node]] = {id(h): [] for h in heads}
-    for n in order:
-        nodes = members.get(id(owner.get(n, n)))
-        if nodes is not None:
-            nodes.append(n)
+    # a node is fused after those it took (they were taken as it was looked at), so
+    # from the last taken back, a reader's head is known before what it took
+    owner: Dict[Node, Node] = {}
+    for d, r in reversed(reader.items()):
+        owner[d] = owner.get(r, r)
+    members: Dict[int, List[Node]] = {}
+    for d in reader:  # in the order they were taken: each after what it took
+        h = owner[d]
+        nodes = members.get(id(h))
+        if nodes is None:
+            nodes = members[id(h)] = []
+        nodes.append(d)
+    for nodes in members.values():
+        nodes.append(owner[nodes[0]])
     return members
 
 

@@ -288,7 +288,8 @@ class Options:
         self.name: str = values.get("name", name)
         self.qualname = qualname
         # one core, no limits, no routing: may run inside another node's call (fusion)
-        self.fusable = values.keys() <= {"name", "version"}
+        self.fusable = all(k in ("name", "version") or (k in DEFAULTS and v == DEFAULTS[k])
+                           for k, v in values.items())
 
     def __repr__(self) -> str:
         return f"Options({self.values})"

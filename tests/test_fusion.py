@@ -219,6 +219,8 @@ def test_planning_leaves_untimed_and_slow_functions_and_refused_options_alone():
     assert planned([x], {id(leaf): 1e-6, id(plus): 1e-6}, lambda n: False) == {}
     y = rhapsody.task(timeout=5)(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
     assert not y.opts.fusable and x.opts.fusable
+    assert rhapsody.task(cpus=1, gpus=0, retries=0, name="p")(plus)(1, 2).opts.fusable
+    assert not rhapsody.task(cpus=2)(plus)(1, 2).opts.fusable  # the defaults, spelt out
     (nodes,) = planned([x], {id(leaf): 1e-6, id(plus): 1e-6}).values()
     assert nodes[-1] is x and len(nodes) == 3
 
