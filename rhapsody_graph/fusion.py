@@ -2,7 +2,7 @@
 
 Each node a scheduler starts costs the driver about 10 us (its record, its dispatch,
 its completion), more than a call of a small function costs in a worker. So when a
-graph is submitted, a node whose calls are known to be short (their measured run
+``compute()`` starts, a node whose calls are known to be short (their measured run
 time, :data:`CALL` at most) and whose value only one node reads is *fused* into
 that node: the reader's call runs it first, in the same worker, and its value never
 leaves that process. Fusing stops where a call would hold more than :data:`BUDGET`
@@ -10,19 +10,24 @@ of measured work, so a fused call stays short and the graph keeps its parallelis
 
 What is fused, and what it changes:
 
-* only nodes of plain options (one core, no ``timeout``/``retries``/``backend``/
-  placement: ``Options.fusable``), function nodes on a backend that fuses
-  (``backend.fuses``: the local backend), and whose upstream nodes are all plain
-  positional arguments; never an output of the ``compute()`` or ``submit()``, never a
-  node read by two nodes; never when the call keeps a journal or the session a run
-  log (each needs every node's own record);
+* only function nodes of plain options (one core, no ``timeout``/``retries``/
+  ``backend``/placement: ``Options.fusable``) on a backend that fuses
+  (``backend.fuses``: the local backend), whose upstream nodes are all plain
+  positional arguments, and whose function pickles small (by reference, or by value
+  in :data:`SENT` bytes at most); never an output of the ``compute()``, never a node
+  read by two nodes, never in ``submit()`` (a later submission may read any node),
+  never when the call keeps a journal or the session a run log (each needs every
+  node's own record);
 * a function's first calls in a session are never fused: its run time is not known
-  until one has run alone;
-* a fused node has no record of its own: progress counts it, but it has no start
-  and end of its own, and its value never leaves the worker (so it need not be
-  picklable). If it raises, the fused call's node fails with its exception, noted
-  ``raised by node '<its key>'``; the rest of the fused call that does not depend on
-  it still runs, as it would have unfused.
+  until one has run alone. The measure is refitted from the fused calls' own times,
+  so a function that grew slow stops being fused;
+* a fused node has no record of its own: progress counts it with its reader (done or
+  failed with it), it has no start and end of its own, what it prints is its
+  reader's output, and its value never leaves the worker (so it need not be
+  picklable). If it raises, its reader's node fails with its exception, noted
+  ``raised by node '<its key>', which ran inside the call of node '<reader>'``, and
+  the part of the call that does not read it still runs, as it would have unfused.
+  If the worker dies, the whole call runs again (with its nodes that had ended).
 
 ``Session(fuse=False)`` turns it off.
 
@@ -37,13 +42,15 @@ What is fused, and what it changes:
 """
 from __future__ import annotations
 
+import pickle
+import weakref
 from types import CoroutineType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import add_note
 from .graph import FUNCTION, SCALARS, Node, find_nodes
 
-__all__ = ["CALL", "BUDGET", "Fused", "plan", "steps", "run_fused"]
+__all__ = ["CALL", "BUDGET", "SENT", "Fused", "Functions", "plan", "steps", "run_fused"]
 
 #: a function whose calls take longer than this (seconds, measured) is never fused
 CALL = 50e-6
@@ -51,13 +58,22 @@ CALL = 50e-6
 BUDGET = 1e-3
 #: the least a call counts for, however fast it was measured
 FLOOR = 0.5e-6
+#: what a fused call spends per step beyond the calls (seconds): unpickling, filling
+STEP = 0.3e-6
 #: inputs that no longer fit after which a reader stops looking at the rest
 MISSES = 8
+#: the most bytes a function pickled by value (a script's, a lambda) may take to be
+#: fused: a fused call carries its functions each time
+SENT = 4096
+#: functions whose pickles are kept, then forgotten
+KEPT = 4096
 
-# one step of a fused call: (function, arguments with None where an upstream value
-# goes, ((position, source), ...), keyword arguments or None, the node's key); a
-# source >= 0 is an earlier step's value, ~source the fused call's input
-Step = Tuple[Any, tuple, Tuple[Tuple[int, int], ...], Optional[dict], str]
+# one step of a fused call: (index of its function, its arguments with None where an
+# upstream value goes (or those pickled on their own, bytes, when they are not all
+# scalars: each step gets its own copy, as a call of its own would), ((position,
+# source), ...), keyword arguments or None, the node's key); a source >= 0 is an
+# earlier step's value, ~source the fused call's input
+Step = Tuple[int, Any, Tuple[Tuple[int, int], ...], Any, str]
 
 
 class Fused:
@@ -72,8 +88,46 @@ class Fused:
         self.functions = functions  # ids of the functions it calls
 
 
+class Functions:
+    """Functions pickled for fused calls (:func:`~.backends.wire.dump_callable`: by
+    reference where importable, a ``@task``'s too, else by value), kept while the
+    function lives. ``get(fn)`` is ``None`` for one that cannot be pickled."""
+
+    def __init__(self) -> None:
+        self.by_id: Dict[int, Tuple[Callable[[], Any], Optional[bytes]]] = {}
+
+    def get(self, fn: Any) -> Optional[bytes]:
+        hit = self.by_id.get(id(fn))
+        if hit is not None and hit[0]() is fn:
+            return hit[1]
+        from .backends.wire import dump_callable
+        try:
+            data: Optional[bytes] = dump_callable(fn)
+        except Exception:
+            data = None
+        key, by_id = id(fn), self.by_id
+        try:
+            ref: Callable[[], Any] = weakref.ref(fn, lambda _: by_id.pop(key, None))
+        except TypeError:  # a builtin: it lives as long as its module
+            ref = _Strong(fn)
+        if len(by_id) >= KEPT:
+            by_id.clear()
+        by_id[key] = (ref, data)
+        return data
+
+
+class _Strong:
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
 def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, float],
-         fusable: Callable[[Node], bool]) -> Dict[int, List[Node]]:
+         fusable: Callable[[Node], bool], functions: Functions) -> Dict[int, List[Node]]:
     """Which of the new nodes ``order`` (in post-order) run inside another's call.
 
     Args:
@@ -82,9 +136,11 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         seconds: the measured run time of a call, by ``id`` of its function.
         fusable: whether a node's options and backend allow fusing it (asked once
             per task options).
+        functions: the pickles of the functions (a big one is not fused).
     Returns:
         by ``id`` of each node whose call runs others (a *head*): the nodes its call
-        runs, in post-order, itself last. A node in none of them runs on its own.
+        runs, in an order where each comes after those it reads, itself last. A node
+        in none of them runs on its own.
     """
     readers: Dict[Any, int] = dict.fromkeys(order, 0)  # new nodes (hash by identity)
     for n in order:
@@ -96,6 +152,7 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         if o in readers:
             readers[o] = 2  # asked for: its value must come back
     allowed: Dict[int, bool] = {}  # by id of the options
+    small: Dict[int, bool] = {}  # by id of the function
 
     def own(n: Node) -> Optional[float]:
         """The measured run time ``n`` counts for, if it may be fused at all."""
@@ -105,9 +162,14 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         ok = allowed.get(id(n.opts))
         if ok is None:
             ok = allowed[id(n.opts)] = fusable(n)
-        return max(s, FLOOR) if ok and _positional(n) else None
+        sent = small.get(id(n.fn))
+        if sent is None:
+            data = functions.get(n.fn)
+            sent = small[id(n.fn)] = data is not None and len(data) <= SENT
+        return max(s, FLOOR) if ok and sent and _positional(n) else None
 
     cost: Dict[Node, float] = {}  # a reader's: its own and what it has taken
+    inputs: Dict[Node, frozenset] = {}  # a reader's that took any: the nodes its call reads
     reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
     for n in order:
         if not n.deps:
@@ -115,6 +177,7 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         s = own(n)
         if s is None:
             continue
+        reads: Optional[Set[Any]] = None  # what the call reads so far, once it takes any
         misses = 0
         for d in n.deps:
             if readers.get(d) != 1:
@@ -122,14 +185,22 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
             c = cost.get(d)
             if c is None and (d.deps or (c := own(d)) is None):
                 continue
-            if s + c <= BUDGET:
-                s += c
-                reader[d] = n
-            else:
+            if s + c > BUDGET:
                 misses += 1
                 if misses > MISSES:
                     break  # (nearly) full: a join's other inputs run on their own
+                continue
+            theirs = inputs.get(d, d.deps)  # (a reader that took nothing reads its deps)
+            if reads is None:
+                reads = set(n.deps)
+            if theirs and not reads.isdisjoint(theirs):
+                continue  # two steps would share one copy of an input
+            reads.update(theirs)
+            s += c
+            reader[d] = n
         cost[n] = s
+        if reads is not None:
+            inputs[n] = frozenset(r for r in reads if r not in reader)
     # a node is fused after those it took (they were taken as it was looked at), so
     # from the last taken back, a reader's head is known before what it took
     owner: Dict[Node, Node] = {}
@@ -164,39 +235,62 @@ def _positional(n: Node) -> bool:
     return not ((others or n.kwargs) and find_nodes((others, n.kwargs)))
 
 
-def steps(nodes: Sequence[Node], seconds: Mapping[int, float]
-          ) -> Tuple[Tuple[Step, ...], Tuple[Any, ...], Fused]:
-    """The fused call of ``nodes`` (a head's, from :func:`plan`): its steps, its
-    inputs (the upstream nodes outside it, in the order the steps first read them),
-    and its :class:`Fused` record."""
+def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functions
+          ) -> Tuple[bytes, Tuple[Any, ...], Fused]:
+    """The fused call of ``nodes`` (a head's, from :func:`plan`): its pickled
+    ``(functions, steps)`` for :func:`run_fused`, its inputs (the upstream nodes
+    outside it, in the order the steps first read them), and its :class:`Fused`
+    record. Raises what pickling an argument raises."""
+    from .backends.wire import dump_value
     out: List[Step] = []
     inputs: List[Any] = []
     index: Dict[int, int] = {}
     predicted = 0.0
-    functions: Dict[int, None] = {}
+    fns: Dict[int, int] = {}  # id(fn) -> its index in codes
+    codes: List[bytes] = []
     for node in nodes:
-        args = node.args
+        fid = id(node.fn)
+        fi = fns.get(fid)
+        if fi is None:
+            fi = fns[fid] = len(codes)
+            codes.append(functions.get(node.fn))
+            predicted += STEP
+        args: Any = node.args
+        places: Tuple[Tuple[int, int], ...] = ()
         if node.deps:
             template = list(args)
-            places = []
+            found = []
             for pos, a in enumerate(args):
                 if type(a) is Node:
                     src = index.get(id(a))
                     if src is None:
                         src = index[id(a)] = ~len(inputs)
                         inputs.append(a)
-                    places.append((pos, src))
+                    found.append((pos, src))
                     template[pos] = None
-            args = tuple(template)
-            step = (node.fn, args, tuple(places), node.kwargs or None, node.key)
-        else:
-            step = (node.fn, args, (), node.kwargs or None, node.key)
+            args, places = tuple(template), tuple(found)
+        kwargs = node.kwargs or None
+        if kwargs is not None or any(type(a) not in SCALARS for a in args):
+            args, kwargs = dump_value(args), dump_value(kwargs)  # a copy of its own
         index[id(node)] = len(out)
-        out.append(step)
-        fid = id(node.fn)
-        predicted += max(seconds.get(fid, FLOOR), FLOOR)
-        functions[fid] = None
-    return tuple(out), tuple(inputs), Fused(len(out), predicted, tuple(functions))
+        out.append((fi, args, places, kwargs, node.key))
+        predicted += max(seconds.get(fid, FLOOR), FLOOR) + STEP
+    return (pickle.dumps((tuple(codes), tuple(out)), 5), tuple(inputs),
+            Fused(len(out), predicted, tuple(fns)))
+
+
+#: in a worker: the functions fused calls brought, by their pickles, for the run (the
+#: worker empties it when the driver says the run ended, as it forgets the functions
+#: of its own calls), so a function loaded once keeps its state from call to call
+_LOADED: Dict[bytes, Any] = {}
+
+
+def _load(code: bytes) -> Any:
+    from .backends import wire
+    if not any(cache is _LOADED for cache in wire.PER_RUN):
+        wire.PER_RUN.append(_LOADED)
+    fn = _LOADED[code] = wire.load_importing(code)
+    return fn
 
 
 class _Skipped:
@@ -209,17 +303,19 @@ _SKIPPED = _Skipped()
 
 
 def run_fused(pickled: bytes, *inputs: Any) -> Any:
-    """In a worker: run the steps of a fused call (pickled: see :func:`steps`) in
-    order; return the last one's value.
+    """In a worker: run the steps of a fused call (see :func:`steps`) in order; return
+    the last one's value.
 
     A step that raises is noted with its node's key; the steps that do not read its
     value still run, then its exception is raised (the first, if several raise).
     """
-    from .backends.wire import load_importing
-    steps: Sequence[Step] = load_importing(pickled)
+    codes, steps = pickle.loads(pickled)
+    fns = [_LOADED.get(code) or _load(code) for code in codes]
     values: List[Any] = []
     error: Optional[BaseException] = None
-    for fn, args, places, kwargs, key in steps:
+    for fi, args, places, kwargs, key in steps:
+        if type(args) is bytes:
+            args, kwargs = pickle.loads(args), pickle.loads(kwargs)
         if places:
             args = list(args)
             for pos, src in places:
@@ -228,15 +324,17 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
                 values.append(_SKIPPED)
                 continue
         try:
-            value = fn(*args, **kwargs) if kwargs else fn(*args)
+            value = fns[fi](*args, **kwargs) if kwargs else fns[fi](*args)
             if type(value) is CoroutineType:
                 from .backends.wire import await_coroutine
                 value = await_coroutine(value)
-        except Exception as exc:
+        except BaseException as exc:  # as a worker reports any exception of a call
             if error is None:
-                error = add_note(exc, f"raised by node {key!r}, which ran inside the call "
-                                      f"of node {steps[-1][4]!r} (fused: see "
-                                      "rhapsody_graph.fusion)")
+                error = exc
+                head = steps[-1][4]
+                if key != head:
+                    add_note(exc, f"raised by node {key!r}, which ran inside the call of "
+                                  f"node {head!r} (fused: see rhapsody_graph.fusion)")
             values.append(_SKIPPED)
             continue
         values.append(value)

@@ -120,6 +120,7 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
 TIMED_KEPT = 4_096  # functions whose run time is kept between runs, then forgotten
+REFIT = 2.0  # a fused call this many times slower than foretold refits its functions
 FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
 SCAN = 8  # up to this many open shared leases of one request are scanned, more keep a heap
 
@@ -399,7 +400,7 @@ class Scheduler:
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
         self.deadlines: List[Tuple[float, int]] = []
         self.seconds: Dict[int, float] = {}  # id(fn) -> moving average of run time
-        self.timed: Dict[int, Any] = {}  # id(fn) -> fn: kept, so that its id stays its own
+        self.timed: Dict[int, Any] = {}  # id(fn) -> a weak reference to fn (see _time)
         self.live = 0
         self.ended: List[Group] = []  # groups whose events are set at the end of the pass
         self.idle_waiters: List[threading.Event] = []  # set once nothing is left
@@ -726,9 +727,9 @@ class Scheduler:
                         heapq.heappop(heap)
                         ready.count -= 1
                         continue
-                    if not exclusive and t.node.fn is not last_fn:
-                        last_fn = t.node.fn
-                        by_time = self._by_time(lane, last_fn)
+                    if not exclusive and (t.fused or t.node.fn) is not last_fn:
+                        last_fn = t.fused or t.node.fn
+                        by_time = self._by_time(t)
                         lease = None
                     if lease is None or lease.outstanding >= depth:
                         # a shared lease holds the backend's lease budget of work,
@@ -780,8 +781,8 @@ class Scheduler:
             j = self._chained(t, lease)
             if j is None:
                 return
-            if j.node.fn is not fn:
-                fn, depth = j.node.fn, self._forward_depth(j)
+            if (j.fused or j.node.fn) is not fn:
+                fn, depth = j.fused or j.node.fn, self._forward_depth(j)
             if lease.outstanding >= depth:
                 return
             lease.outstanding += 1
@@ -825,7 +826,7 @@ class Scheduler:
     def _forward_depth(self, t: Task) -> int:
         """Most calls a lease holds while a chain is forwarded on it: ~2 ms of work,
         at least 2 (the next hop waits on the worker, not on a round trip)."""
-        return max(FORWARD_DEPTH, self._by_time(t.lane, t.node.fn))
+        return max(FORWARD_DEPTH, self._by_time(t))
 
     def _forward_behind(self, j: Task) -> None:
         """``j`` now waits for one running input: forward it behind that input's call
@@ -876,13 +877,15 @@ class Scheduler:
         return any(l.outstanding < l.depth and (l in filling or l.outstanding <= l.depth // 2)
                    for shared in lane.open_leases.values() for l in shared.leases)
 
-    def _by_time(self, lane: Lane, fn: Any) -> int:
-        """How many calls of ``fn`` one shared lease may queue by their measured run
-        time: the backend's lease budget of work (~2 ms: :data:`LEASE_BUDGET`)."""
-        seconds = self.seconds.get(id(fn))
+    def _by_time(self, t: Task) -> int:
+        """How many calls like ``t`` one shared lease may queue by their measured run
+        time (a fused call's: what its nodes' times foretell): the backend's lease
+        budget of work (~2 ms: :data:`LEASE_BUDGET`)."""
+        seconds = (t.fused.predicted if t.fused is not None
+                   else self.seconds.get(id(t.node.fn)))
         if seconds is None:
             return UNKNOWN_DEPTH
-        return min(MAX_DEPTH, int(lane.budget / max(seconds, 1e-6)))
+        return min(MAX_DEPTH, int(t.lane.budget / max(seconds, 1e-6)))
 
     def _start(self, t: Task, lease: Optional[Lease], placements: Sequence[Any]) -> None:
         tid = next(_tids)
@@ -1011,16 +1014,15 @@ class Scheduler:
         if attempt is not None:
             if t.saved is not None:
                 self._save(t, payload)
-            if t.fused is None:
+            if t.fused is not None:
+                self._refit(t.fused, seconds)
+            elif t.leased:  # a pool call: its function's run time sizes leases and fusion
                 fid = id(t.node.fn)
                 last = self.seconds.get(fid)
                 if last is None:
-                    self.timed[fid] = t.node.fn
-                    self.seconds[fid] = seconds
+                    self._time(t.node.fn, seconds)
                 else:
                     self.seconds[fid] = 0.8 * last + 0.2 * seconds
-            else:
-                self._refit(t.fused, seconds)
         for j in t.dependents:
             j.waiting -= 1
             if j.state == PENDING:
@@ -1041,10 +1043,28 @@ class Scheduler:
                     fut._finish(where)
         self._ended(t)
 
+    def _time(self, fn: Any, seconds: float) -> None:
+        """Keep the run time of ``fn``'s first call, and ``fn`` weakly: its entry goes
+        when it does (an id is only unique among live objects)."""
+        fid, estimates, timed = id(fn), self.seconds, self.timed
+
+        def gone(_: Any) -> None:
+            estimates.pop(fid, None)
+            timed.pop(fid, None)
+        try:
+            timed[fid] = weakref.ref(fn, gone)
+        except TypeError:  # a builtin: it lives as long as its module
+            timed[fid] = fn
+        estimates[fid] = seconds
+
     def _refit(self, fused: Fused, seconds: float) -> None:
-        """A fused call took ``seconds``: scale the estimates of the functions it ran
-        by how far their sum was off, so a function that grew slow stops being fused."""
+        """A fused call took ``seconds``: when that is well over what its functions'
+        times foretold, scale those up by how far it was off, so that a function that
+        grew slow stops being fused (the fast ones beside it are measured again
+        alone, and come back)."""
         ratio = seconds / fused.predicted
+        if ratio <= REFIT:
+            return
         estimates = self.seconds
         for fid in fused.functions:
             last = estimates.get(fid)
@@ -1097,6 +1117,10 @@ class Scheduler:
         if not final:
             t.failures += 1
             opts = node.opts
+            if infrastructure and t.fused is not None:
+                add_note(exc, f"the call of node {node.key!r} ran {t.fused.count - 1} nodes "
+                              "fused into it (see rhapsody_graph.fusion), any of which may "
+                              "have ended its process; a retry runs them all again")
             if infrastructure:  # its process died or was killed: retried by default,
                 allowed = max(opts.retries, INFRASTRUCTURE_RETRIES)  # on another host
                 if hosts and opts.resources.per_rank is None:

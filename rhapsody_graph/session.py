@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
-from .backends.wire import dump_value
 from .errors import NoBackendError, add_note, brief, warn
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
@@ -98,6 +97,7 @@ class Session:
             backends.append(inference)
         self._owns = _owns
         self._fuse = fuse
+        self._functions = fusion.Functions()  # pickled for fused calls
         self._checked: Dict[Tuple[int, tuple], None] = {}
         self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
         self._lock = threading.Lock()
@@ -303,8 +303,10 @@ class Session:
                         records[node] = _WALKED
                         order.append(node)
         fused: Dict[int, List[Node]] = {}
-        if self._fuse and journal is None and self._runlog is None and len(order) > 1:
-            fused = fusion.plan(order, roots, self._scheduler.seconds, self._fusable)
+        if (self._fuse and group.ended is not None and journal is None
+                and self._runlog is None and len(order) > 1):  # a compute(): see .fusion
+            fused = fusion.plan(order, roots, self._scheduler.seconds, self._fusable,
+                                self._functions)
         inner = {id(n) for nodes in fused.values() for n in nodes[:-1]} if fused else ()
         for node in order:
             if id(node) in inner:
@@ -345,11 +347,11 @@ class Session:
         for); ``None`` after making their own records instead when that call cannot be
         encoded (so that the node whose argument cannot be sent is the one named)."""
         head = nodes[-1]
-        steps, inputs, fused = fusion.steps(nodes, self._scheduler.seconds)
         lane = self._lane(head)
         try:
-            stand_in = Node.standing_for(head, fusion.run_fused,
-                                         (dump_value(steps),) + inputs, inputs)
+            steps, inputs, fused = fusion.steps(nodes, self._scheduler.seconds,
+                                                self._functions)
+            stand_in = Node.standing_for(head, fusion.run_fused, (steps,) + inputs, inputs)
             prepared = lane.backend.prepare(stand_in)
         except Exception:
             for node in nodes[:-1]:
@@ -357,7 +359,9 @@ class Session:
                                                  if node.deps else ())
                 new.append(t)
             return None
-        t = Task(stand_in, lane, prepared, group, [records[d] for d in inputs])
+        # the record is the head's (known by its node, named by its key) with the call
+        # that runs them all, which reads the inputs of them all
+        t = Task(head, lane, prepared, group, [records[d] for d in inputs])
         t.fused = fused
         t.weight = fused.count
         return t

@@ -1,10 +1,11 @@
 """Fusion: short nodes read by one node run inside its call, on real worker processes
 (the planning itself is checked as pure logic, on nodes that never run)."""
 import asyncio
+import gc
 import os
-import pickle
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -36,6 +37,39 @@ def record(path, x):
 def slow_if(path, x):
     if os.path.exists(path):
         time.sleep(0.005)
+    return x
+
+
+def make_list(n):
+    return list(range(n))
+
+
+def append_len(xs):
+    xs.append(0)
+    return len(xs)
+
+
+def length(xs):
+    return len(xs)
+
+
+def interrupt(x):
+    if x == 13:
+        raise KeyboardInterrupt
+    return x
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not this one")
+
+
+def raise_unpicklable(x):
+    raise Unpicklable(x)
+
+
+@rhapsody.task
+def decorated(x):
     return x
 
 
@@ -146,6 +180,54 @@ def test_the_part_of_a_fused_call_that_does_not_read_a_failed_node_still_runs(se
     assert lines(path) == ["0", "5"]
 
 
+def test_a_fused_head_that_raises_is_named_once_and_is_not_called_lost(session):
+    assert session.compute(rhapsody.task(check)(rhapsody.task(leaf)(1))) == (1,)
+    head = rhapsody.task(check)(rhapsody.task(leaf)(13))
+    with pytest.raises(ValueError) as info:
+        session.compute(head)
+    assert info.value.__notes__ == [f"raised by node {head.key!r}"]
+
+
+def test_steps_of_one_call_never_share_one_copy_of_a_value(session):
+    # unfused, each call unpickles its own copy of its inputs and arguments: a step
+    # that changes its input in place must not change what another step reads
+    shared_list = [0, 1, 2]
+    for _ in range(3):
+        made = rhapsody.task(make_list)(3)
+        from_node = rhapsody.task(plus)(rhapsody.task(append_len)(made),
+                                        rhapsody.task(length)(made))
+        from_constant = rhapsody.task(plus)(rhapsody.task(append_len)(shared_list),
+                                            rhapsody.task(length)(shared_list))
+        assert session.compute(from_node, from_constant) == (7, 7)
+    assert shared_list == [0, 1, 2]
+
+
+def test_a_task_function_of_a_module_travels_by_reference():
+    assert decorated.func is not decorated  # the module's name holds the Task
+    assert len(fusion.Functions().get(decorated.func)) < 200
+
+
+def test_run_times_keep_no_function_alive(session):
+    class Big:
+        pass
+    big = Big()
+    alive = weakref.ref(big)
+    fn = (lambda held: lambda x: x)(big)  # a closure over a large object
+    for _ in range(2):
+        assert session.compute(rhapsody.task(plus)(rhapsody.task(fn)(1), 2)) == (3,)
+    session.wait()
+    del big, fn
+    gc.collect()
+    assert alive() is None
+
+
+def test_executables_are_not_timed(session):
+    before = len(session._scheduler.seconds)
+    for _ in range(3):
+        session.compute(rhapsody.executable(["true"]))
+    assert len(session._scheduler.seconds) == before
+
+
 def test_a_node_read_by_two_nodes_runs_once(session, tmp_path):
     for name in ("warm", "once"):
         path = str(tmp_path / name)
@@ -173,9 +255,9 @@ def fused_call(outputs, seconds):
     """The steps of the one fused call ``plan`` makes for ``outputs``, pickled, and its
     inputs' values (none here): what a worker gets."""
     (nodes,) = planned(outputs, seconds).values()
-    steps, inputs, _ = fusion.steps(nodes, seconds)
+    pickled, inputs, _ = fusion.steps(nodes, seconds, fusion.Functions())
     assert inputs == ()
-    return pickle.dumps(steps)
+    return pickled
 
 
 def test_a_fused_call_awaits_an_async_function():
@@ -194,11 +276,33 @@ def test_a_fused_call_runs_what_does_not_read_a_failed_step_then_raises_its_erro
                                     f"of node {top.key!r} (fused: see rhapsody_graph.fusion)"]
 
 
+def test_a_fused_step_interrupted_is_named_as_any_other_failure():
+    bad = rhapsody.task(interrupt)(13)
+    top = rhapsody.task(plus)(bad, rhapsody.task(leaf)(1))
+    with pytest.raises(KeyboardInterrupt) as info:
+        fusion.run_fused(fused_call([top], {id(interrupt): 1e-6, id(plus): 1e-6,
+                                            id(leaf): 1e-6}))
+    assert info.value.__notes__[0].startswith(f"raised by node {bad.key!r}")
+
+
+def test_an_exception_that_cannot_be_pickled_keeps_the_fused_nodes_name():
+    from rhapsody_graph.backends import wire
+    bad = rhapsody.task(raise_unpicklable)(1)
+    top = rhapsody.task(plus)(bad, rhapsody.task(leaf)(1))
+    try:
+        fusion.run_fused(fused_call([top], {id(raise_unpicklable): 1e-6, id(plus): 1e-6,
+                                            id(leaf): 1e-6}))
+    except Unpicklable as exc:
+        back = wire.load_error(wire.dump_error(exc), top.key)
+    assert isinstance(back, rhapsody.RemoteError)
+    assert [n.split(",")[0] for n in back.__notes__] == [f"raised by node {bad.key!r}"]
+
+
 # -- planning (pure logic: nodes that never run) ----------------------------------------
 
 def planned(outputs, seconds, fusable=lambda n: True):
     order = list(rhapsody.Graph(*outputs))
-    return fusion.plan(order, outputs, seconds, fusable)
+    return fusion.plan(order, outputs, seconds, fusable, fusion.Functions())
 
 
 def test_planning_fuses_a_chain_in_calls_of_at_most_the_budget_of_measured_work():

@@ -55,6 +55,9 @@ PROTOCOL = 5
 READ = 1 << 16
 Args = Union[bytes, tuple]  # a call's arguments as dump_args gives them
 MAIN = b"__main__"  # in a plain pickle: a reference to the driver's script (by value instead)
+#: in a worker: caches of calls' code kept for a run, emptied when the driver says the
+#: run ended (``("forget",)``), as the worker's own function cache is
+PER_RUN: List[Dict[Any, Any]] = []
 DYNAMIC_CODE = "<dynamic-code>"  # the file cloudpickle 3.1 gives code it sends by value
 
 
@@ -299,15 +302,18 @@ def dump_error(exc: BaseException) -> bytes:
         data = dump_value((exc, summary, tb))
         pickle.loads(data)  # an exception whose __init__ rejects its args fails here
         return data
-    except Exception:
-        return dump_value((None, summary, tb))
+    except Exception:  # its notes (a fused node's name among them) still come back
+        notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
+        return dump_value((None, summary, tb, notes))
 
 
 def load_error(data: bytes, key: str) -> BaseException:
     """The original exception, its remote traceback as ``__cause__``, a note naming the node."""
-    exc, summary, tb = pickle.loads(data)
+    exc, summary, tb, *notes = pickle.loads(data)
     if exc is None:
         exc = RemoteError(summary)
+        for note in notes[0] if notes else ():
+            add_note(exc, note)
     return attach(exc, tb, key)
 
 

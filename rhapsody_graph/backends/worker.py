@@ -101,6 +101,8 @@ class Worker:
         elif verb == "forget":
             self.funcs.clear()
             self.unloaded.clear()
+            for cache in wire.PER_RUN:
+                cache.clear()
             self.forget_values()
         elif verb == "path":
             sys.path[:0] = [p for p in message[1] if p not in sys.path]
