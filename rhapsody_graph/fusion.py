@@ -67,6 +67,7 @@ MISSES = 8
 SENT = 4096
 #: functions whose pickles are kept, then forgotten
 KEPT = 4096
+_NOTHING: frozenset = frozenset()
 
 # one step of a fused call: (index of its function, its arguments with None where an
 # upstream value goes (or those pickled on their own, bytes, when they are not all
@@ -127,7 +128,8 @@ class _Strong:
 
 
 def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, float],
-         fusable: Callable[[Node], bool], functions: Functions) -> Dict[int, List[Node]]:
+         fusable: Callable[[Node], bool], functions: Functions
+         ) -> Tuple[Dict[int, List[Node]], Mapping[Node, Node]]:
     """Which of the new nodes ``order`` (in post-order) run inside another's call.
 
     Args:
@@ -138,9 +140,10 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
             per task options).
         functions: the pickles of the functions (a big one is not fused).
     Returns:
-        by ``id`` of each node whose call runs others (a *head*): the nodes its call
-        runs, in an order where each comes after those it reads, itself last. A node
-        in none of them runs on its own.
+        ``(calls, fused)``: by ``id`` of each node whose call runs others (a *head*),
+        the nodes its call runs, in an order where each comes after those it reads,
+        itself last; and the fused nodes (each mapped to the node that reads it). A
+        node in neither runs on its own.
     """
     readers: Dict[Any, int] = dict.fromkeys(order, 0)  # new nodes (hash by identity)
     for n in order:
@@ -151,22 +154,24 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
     for o in outputs:
         if o in readers:
             readers[o] = 2  # asked for: its value must come back
-    allowed: Dict[int, bool] = {}  # by id of the options
-    small: Dict[int, bool] = {}  # by id of the function
+    allowed: Dict[int, bool] = {}  # by id of the options (a task's nodes share its kind)
+    timed: Dict[int, Optional[float]] = {}  # by id of the function
 
     def own(n: Node) -> Optional[float]:
         """The measured run time ``n`` counts for, if it may be fused at all."""
-        s = seconds.get(id(n.fn))
-        if s is None or s > CALL or n.kind != FUNCTION:
+        s = timed.get(id(n.fn), -1.0)
+        if s == -1.0:
+            s = seconds.get(id(n.fn))
+            if s is not None:
+                data = functions.get(n.fn) if s <= CALL else None
+                s = max(s, FLOOR) if data is not None and len(data) <= SENT else None
+            timed[id(n.fn)] = s
+        if s is None:
             return None
         ok = allowed.get(id(n.opts))
         if ok is None:
-            ok = allowed[id(n.opts)] = fusable(n)
-        sent = small.get(id(n.fn))
-        if sent is None:
-            data = functions.get(n.fn)
-            sent = small[id(n.fn)] = data is not None and len(data) <= SENT
-        return max(s, FLOOR) if ok and sent and _positional(n) else None
+            ok = allowed[id(n.opts)] = n.kind == FUNCTION and fusable(n)
+        return s if ok and _positional(n) else None
 
     cost: Dict[Node, float] = {}  # a reader's: its own and what it has taken
     inputs: Dict[Node, frozenset] = {}  # a reader's that took any: the nodes its call reads
@@ -177,8 +182,8 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         s = own(n)
         if s is None:
             continue
-        reads: Optional[Set[Any]] = None  # what the call reads so far, once it takes any
-        misses = 0
+        reads: Optional[Set[Any]] = None  # what the call reads, once a taken one reads any
+        took = misses = 0
         for d in n.deps:
             if readers.get(d) != 1:
                 continue
@@ -191,16 +196,19 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
                     break  # (nearly) full: a join's other inputs run on their own
                 continue
             theirs = inputs.get(d, d.deps)  # (a reader that took nothing reads its deps)
-            if reads is None:
-                reads = set(n.deps)
-            if theirs and not reads.isdisjoint(theirs):
-                continue  # two steps would share one copy of an input
-            reads.update(theirs)
+            if theirs:
+                if reads is None:
+                    reads = set(n.deps)
+                if not reads.isdisjoint(theirs):
+                    continue  # two steps would share one copy of an input
+                reads.update(theirs)
             s += c
             reader[d] = n
+            took += 1
         cost[n] = s
-        if reads is not None:
-            inputs[n] = frozenset(r for r in reads if r not in reader)
+        if took:
+            inputs[n] = (_NOTHING if reads is None and took == len(n.deps) else
+                         frozenset(r for r in (reads or n.deps) if r not in reader))
     # a node is fused after those it took (they were taken as it was looked at), so
     # from the last taken back, a reader's head is known before what it took
     owner: Dict[Node, Node] = {}
@@ -215,7 +223,7 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         nodes.append(d)
     for nodes in members.values():
         nodes.append(owner[nodes[0]])
-    return members
+    return members, reader
 
 
 def _positional(n: Node) -> bool:
@@ -270,7 +278,7 @@ def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functi
                     template[pos] = None
             args, places = tuple(template), tuple(found)
         kwargs = node.kwargs or None
-        if kwargs is not None or any(type(a) not in SCALARS for a in args):
+        if kwargs is not None or not SCALARS.issuperset(map(type, args)):
             args, kwargs = dump_value(args), dump_value(kwargs)  # a copy of its own
         index[id(node)] = len(out)
         out.append((fi, args, places, kwargs, node.key))

@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import fusion
 from .ai.nodes import AI
@@ -303,13 +303,13 @@ class Session:
                         records[node] = _WALKED
                         order.append(node)
         fused: Dict[int, List[Node]] = {}
+        inner: Any = ()
         if (self._fuse and group.ended is not None and journal is None
                 and self._runlog is None and len(order) > 1):  # a compute(): see .fusion
-            fused = fusion.plan(order, roots, self._scheduler.seconds, self._fusable,
-                                self._functions)
-        inner = {id(n) for nodes in fused.values() for n in nodes[:-1]} if fused else ()
+            fused, inner = fusion.plan(order, roots, self._scheduler.seconds,
+                                       self._fusable, self._functions)
         for node in order:
-            if id(node) in inner:
+            if node in inner:
                 continue
             nodes = fused.get(id(node))
             if nodes is not None:

@@ -302,7 +302,7 @@ def test_an_exception_that_cannot_be_pickled_keeps_the_fused_nodes_name():
 
 def planned(outputs, seconds, fusable=lambda n: True):
     order = list(rhapsody.Graph(*outputs))
-    return fusion.plan(order, outputs, seconds, fusable, fusion.Functions())
+    return fusion.plan(order, outputs, seconds, fusable, fusion.Functions())[0]
 
 
 def test_planning_fuses_a_chain_in_calls_of_at_most_the_budget_of_measured_work():
