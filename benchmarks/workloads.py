@@ -9,6 +9,8 @@ with 2 workers, started and warmed before any timing):
 
 * ``rhapsody``: :class:`rhapsody_graph.LocalBackend` with ``cpus=2`` (two persistent
   worker processes), one ``compute()`` of the whole graph;
+* ``rhapsody-unfused``: the same with fusion off (``Session(fuse=False)``: one call
+  per node; see :mod:`rhapsody_graph.fusion`);
 * ``rhapsody-futures``: the same backend in a :class:`rhapsody_graph.Session`, one
   ``submit`` per task as it is made, a future the input of the tasks that read it
   (the futures path);
@@ -185,6 +187,24 @@ class Rhapsody(Adapter):
 
     def close(self) -> None:
         self.backend.shutdown()
+
+
+class RhapsodyUnfused(Adapter):
+    """rhapsody_graph with fusion off (``Session(fuse=False)``): one call per node,
+    the whole graph in one ``compute()``, as ``rhapsody`` otherwise."""
+
+    def start(self, workers: int) -> None:
+        backend = rg.LocalBackend(cpus=workers).start()
+        self.session = rg.Session(backends=[backend], progress=False, fuse=False)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return r_call(fn, *args)
+
+    def run(self, build: Build) -> List[Any]:
+        return self.session.compute(build(self.call))[0]
+
+    def close(self) -> None:
+        self.session.close()
 
 
 class RhapsodyFutures(Adapter):
@@ -421,6 +441,7 @@ def _async_twin(fn: Callable[..., Any]) -> Callable[..., Any]:
 ADAPTERS: Dict[str, Callable[[], Adapter]] = {
     "rhapsody": Rhapsody,
     "rhapsody-futures": RhapsodyFutures,
+    "rhapsody-unfused": RhapsodyUnfused,
     "processpool": lambda: Pool(ProcessPoolExecutor),
     "dask-threads": lambda: DaskDelayed("threads"),
     "threadpool": lambda: Pool(ThreadPoolExecutor),
