@@ -21,10 +21,15 @@ What is fused, and what it changes:
 * a function's first calls in a session are never fused: its run time is not known
   until one has run alone. The measure is refitted from the fused calls' own times,
   so a function that grew slow stops being fused;
+* a node takes all its inputs into its call or none (a call that still waited for an
+  input of its own would run what it took only after that);
 * a fused node has no record of its own: progress counts it with its reader (done or
-  failed with it), it has no start and end of its own, what it prints is its
-  reader's output, and its value never leaves the worker (so it need not be
-  picklable). If it raises, its reader's node fails with its exception, noted
+  failed with it), it has no start and end of its own, and what it prints is its
+  reader's output. Its reader gets a copy of its value (pickled, as if it had been
+  sent), and each step gets its own copy of its arguments, as a call of its own
+  would. A ``compute()`` in another thread that reads it meanwhile runs it again
+  (as it would once this one has ended). If it raises, its reader's node fails with
+  its exception, noted
   ``raised by node '<its key>', which ran inside the call of node '<reader>'``, and
   the part of the call that does not read it still runs, as it would have unfused.
   If the worker dies, the whole call runs again (with its nodes that had ended).
@@ -60,8 +65,6 @@ BUDGET = 1e-3
 FLOOR = 0.5e-6
 #: what a fused call spends per step beyond the calls (seconds): unpickling, filling
 STEP = 0.3e-6
-#: inputs that no longer fit after which a reader stops looking at the rest
-MISSES = 8
 #: the most bytes a function pickled by value (a script's, a lambda) may take to be
 #: fused: a fused call carries its functions each time
 SENT = 4096
@@ -70,29 +73,33 @@ KEPT = 4096
 _NOTHING: frozenset = frozenset()
 
 # one step of a fused call: (index of its function, its arguments with None where an
-# upstream value goes (or those pickled on their own, bytes, when they are not all
-# scalars: each step gets its own copy, as a call of its own would), ((position,
-# source), ...), keyword arguments or None, the node's key); a source >= 0 is an
-# earlier step's value, ~source the fused call's input
+# upstream value goes (or those and its keyword arguments pickled on their own, bytes,
+# when they are not all scalars: each step gets its own copy, as a call of its own
+# would), ((position, source), ...), keyword arguments or None, the node's key); a
+# source >= 0 is an earlier step's value, ~source the fused call's input
 Step = Tuple[int, Any, Tuple[Tuple[int, int], ...], Any, str]
 
 
 class Fused:
     """What the scheduler keeps of a fused call: how many nodes it runs, the run time
-    their estimates predicted, and their functions (to refit those estimates)."""
+    their estimates predicted, and its functions with the estimate each had then (to
+    refit them)."""
 
     __slots__ = ("count", "predicted", "functions")
 
-    def __init__(self, count: int, predicted: float, functions: Tuple[int, ...]) -> None:
+    def __init__(self, count: int, predicted: float,
+                 functions: Tuple[Tuple[int, float], ...]) -> None:
         self.count = count
         self.predicted = predicted
-        self.functions = functions  # ids of the functions it calls
+        self.functions = functions  # (id of a function it calls, its estimate), ...
 
 
 class Functions:
-    """Functions pickled for fused calls (:func:`~.backends.wire.dump_callable`: by
-    reference where importable, a ``@task``'s too, else by value), kept while the
-    function lives. ``get(fn)`` is ``None`` for one that cannot be pickled."""
+    """Functions pickled for the fused calls of one ``compute()`` (as
+    :func:`~.backends.wire.dump_callable` sends a call's: by reference where
+    importable, a ``@task``'s too, else by value, with the values of its globals as
+    they are now), each while it lives. ``get(fn)`` is ``None`` for one that cannot be
+    pickled."""
 
     def __init__(self) -> None:
         self.by_id: Dict[int, Tuple[Callable[[], Any], Optional[bytes]]] = {}
@@ -158,13 +165,15 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
     timed: Dict[int, Optional[float]] = {}  # by id of the function
 
     def own(n: Node) -> Optional[float]:
-        """The measured run time ``n`` counts for, if it may be fused at all."""
+        """What ``n`` counts for in a fused call (its measured run time, at least
+        :data:`FLOOR`, and :data:`STEP`), if it may be fused at all."""
         s = timed.get(id(n.fn), -1.0)
         if s == -1.0:
             s = seconds.get(id(n.fn))
             if s is not None:
                 data = functions.get(n.fn) if s <= CALL else None
-                s = max(s, FLOOR) if data is not None and len(data) <= SENT else None
+                s = (max(s, FLOOR) + STEP if data is not None and len(data) <= SENT
+                     else None)
             timed[id(n.fn)] = s
         if s is None:
             return None
@@ -173,42 +182,43 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
             ok = allowed[id(n.opts)] = n.kind == FUNCTION and fusable(n)
         return s if ok and _positional(n) else None
 
-    cost: Dict[Node, float] = {}  # a reader's: its own and what it has taken
+    cost: Dict[Node, float] = {}  # a fusable reader's: its own and what it has taken
     inputs: Dict[Node, frozenset] = {}  # a reader's that took any: the nodes its call reads
     reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
     for n in order:
         if not n.deps:
             continue  # takes nothing; its reader looks at it
-        s = own(n)
-        if s is None:
+        mine = own(n)
+        if mine is None:
             continue
-        reads: Optional[Set[Any]] = None  # what the call reads, once a taken one reads any
-        took = misses = 0
+        cost[n] = mine
+        if len(n.deps) * (FLOOR + STEP) + mine > BUDGET:
+            continue  # a join of too many to take them all
+        # n takes all its inputs or none: a call that still waits for an input of its
+        # own would run what it took after that input, not beside it
+        s = mine
+        reads: Optional[Set[Any]] = None  # what the taken ones read
         for d in n.deps:
             if readers.get(d) != 1:
-                continue
+                break
             c = cost.get(d)
             if c is None and (d.deps or (c := own(d)) is None):
-                continue
-            if s + c > BUDGET:
-                misses += 1
-                if misses > MISSES:
-                    break  # (nearly) full: a join's other inputs run on their own
-                continue
+                break
+            s += c
+            if s > BUDGET:
+                break
             theirs = inputs.get(d, d.deps)  # (a reader that took nothing reads its deps)
             if theirs:
                 if reads is None:
-                    reads = set(n.deps)
-                if not reads.isdisjoint(theirs):
-                    continue  # two steps would share one copy of an input
+                    reads = set()
+                elif not reads.isdisjoint(theirs):
+                    break  # two steps would share one copy of an input
                 reads.update(theirs)
-            s += c
-            reader[d] = n
-            took += 1
-        cost[n] = s
-        if took:
-            inputs[n] = (_NOTHING if reads is None and took == len(n.deps) else
-                         frozenset(r for r in (reads or n.deps) if r not in reader))
+        else:
+            for d in n.deps:
+                reader[d] = n
+            cost[n] = s
+            inputs[n] = frozenset(reads) if reads else _NOTHING
     # a node is fused after those it took (they were taken as it was looked at), so
     # from the last taken back, a reader's head is known before what it took
     owner: Dict[Node, Node] = {}
@@ -255,13 +265,16 @@ def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functi
     index: Dict[int, int] = {}
     predicted = 0.0
     fns: Dict[int, int] = {}  # id(fn) -> its index in codes
-    codes: List[bytes] = []
+    codes: List[Tuple[int, Optional[bytes]]] = []
+    estimates: List[Tuple[int, float]] = []
     for node in nodes:
         fid = id(node.fn)
         fi = fns.get(fid)
+        estimate = max(seconds.get(fid, FLOOR), FLOOR)
         if fi is None:
             fi = fns[fid] = len(codes)
-            codes.append(functions.get(node.fn))
+            codes.append((fid, functions.get(node.fn)))
+            estimates.append((fid, estimate))
             predicted += STEP
         args: Any = node.args
         places: Tuple[Tuple[int, int], ...] = ()
@@ -277,27 +290,28 @@ def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functi
                     found.append((pos, src))
                     template[pos] = None
             args, places = tuple(template), tuple(found)
-        kwargs = node.kwargs or None
+        kwargs: Any = node.kwargs or None
         if kwargs is not None or not SCALARS.issuperset(map(type, args)):
-            args, kwargs = dump_value(args), dump_value(kwargs)  # a copy of its own
+            args, kwargs = dump_value((args, kwargs)), None  # a copy of its own
         index[id(node)] = len(out)
         out.append((fi, args, places, kwargs, node.key))
-        predicted += max(seconds.get(fid, FLOOR), FLOOR) + STEP
+        predicted += estimate + STEP
     return (pickle.dumps((tuple(codes), tuple(out)), 5), tuple(inputs),
-            Fused(len(out), predicted, tuple(fns)))
+            Fused(len(out), predicted, tuple(estimates)))
 
 
-#: in a worker: the functions fused calls brought, by their pickles, for the run (the
-#: worker empties it when the driver says the run ended, as it forgets the functions
-#: of its own calls), so a function loaded once keeps its state from call to call
-_LOADED: Dict[bytes, Any] = {}
+#: in a worker: the functions fused calls brought, by the driver's id of each and its
+#: pickle, for the run (the worker empties it when the driver says the run ended, as
+#: it forgets the functions of its own calls): a function loaded once keeps its state
+#: from call to call, and two functions never share one
+_LOADED: Dict[Tuple[int, bytes], Any] = {}
 
 
-def _load(code: bytes) -> Any:
+def _load(code: Tuple[int, bytes]) -> Any:
     from .backends import wire
     if not any(cache is _LOADED for cache in wire.PER_RUN):
         wire.PER_RUN.append(_LOADED)
-    fn = _LOADED[code] = wire.load_importing(code)
+    fn = _LOADED[code] = wire.load_importing(code[1])
     return fn
 
 
@@ -317,13 +331,15 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
     A step that raises is noted with its node's key; the steps that do not read its
     value still run, then its exception is raised (the first, if several raise).
     """
+    from .backends.wire import dump_result
     codes, steps = pickle.loads(pickled)
     fns = [_LOADED.get(code) or _load(code) for code in codes]
     values: List[Any] = []
     error: Optional[BaseException] = None
+    head = steps[-1][4]
     for fi, args, places, kwargs, key in steps:
         if type(args) is bytes:
-            args, kwargs = pickle.loads(args), pickle.loads(kwargs)
+            args, kwargs = pickle.loads(args)
         if places:
             args = list(args)
             for pos, src in places:
@@ -336,10 +352,11 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
             if type(value) is CoroutineType:
                 from .backends.wire import await_coroutine
                 value = await_coroutine(value)
+            if type(value) not in SCALARS and key != head:  # its reader gets a copy, as
+                value = pickle.loads(dump_result(value))  # if it had been sent to it
         except BaseException as exc:  # as a worker reports any exception of a call
             if error is None:
                 error = exc
-                head = steps[-1][4]
                 if key != head:
                     add_note(exc, f"raised by node {key!r}, which ran inside the call of "
                                   f"node {head!r} (fused: see rhapsody_graph.fusion)")

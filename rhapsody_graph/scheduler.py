@@ -1066,10 +1066,10 @@ class Scheduler:
         if ratio <= REFIT:
             return
         estimates = self.seconds
-        for fid in fused.functions:
+        for fid, was in fused.functions:  # toward what this call says each one takes
             last = estimates.get(fid)
             if last is not None:
-                estimates[fid] = last * (0.8 + 0.2 * ratio)
+                estimates[fid] = 0.8 * last + 0.2 * was * ratio
 
     def _save(self, t: Task, payload: bytes) -> None:
         """Put ``t``'s value in its journal. One that cannot be written (a full or

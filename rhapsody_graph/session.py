@@ -97,7 +97,6 @@ class Session:
             backends.append(inference)
         self._owns = _owns
         self._fuse = fuse
-        self._functions = fusion.Functions()  # pickled for fused calls
         self._checked: Dict[Tuple[int, tuple], None] = {}
         self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
         self._lock = threading.Lock()
@@ -306,14 +305,15 @@ class Session:
         inner: Any = ()
         if (self._fuse and group.ended is not None and journal is None
                 and self._runlog is None and len(order) > 1):  # a compute(): see .fusion
+            functions = fusion.Functions()  # pickled now: globals as they are now
             fused, inner = fusion.plan(order, roots, self._scheduler.seconds,
-                                       self._fusable, self._functions)
+                                       self._fusable, functions)
         for node in order:
             if node in inner:
                 continue
             nodes = fused.get(id(node))
             if nodes is not None:
-                t = self._fused_record(nodes, group, records, new)
+                t = self._fused_record(nodes, group, records, new, functions)
                 if t is not None:
                     records[node] = t
                     new.append(t)
@@ -342,15 +342,14 @@ class Session:
             return False
 
     def _fused_record(self, nodes: List[Node], group: Group, records: Dict[Any, Any],
-                      new: List[Task]) -> Optional[Task]:
+                      new: List[Task], functions: fusion.Functions) -> Optional[Task]:
         """The record of one call that runs ``nodes`` (the last is the node it stands
         for); ``None`` after making their own records instead when that call cannot be
         encoded (so that the node whose argument cannot be sent is the one named)."""
         head = nodes[-1]
         lane = self._lane(head)
         try:
-            steps, inputs, fused = fusion.steps(nodes, self._scheduler.seconds,
-                                                self._functions)
+            steps, inputs, fused = fusion.steps(nodes, self._scheduler.seconds, functions)
             stand_in = Node.standing_for(head, fusion.run_fused, (steps,) + inputs, inputs)
             prepared = lane.backend.prepare(stand_in)
         except Exception:

@@ -68,6 +68,27 @@ def raise_unpicklable(x):
     raise Unpicklable(x)
 
 
+KEPT = [0, 1, 2]  # a worker's own object, that a function hands out
+
+
+def kept(x):
+    return KEPT
+
+
+def both(xs, extra=None):
+    xs.append(0)
+    return [len(xs), len(extra), xs is extra]
+
+
+def make_counter():
+    calls = [0]
+
+    def count(x):
+        calls[0] += 1
+        return calls[0]
+    return count
+
+
 @rhapsody.task
 def decorated(x):
     return x
@@ -200,6 +221,49 @@ def test_steps_of_one_call_never_share_one_copy_of_a_value(session):
                                             rhapsody.task(length)(shared_list))
         assert session.compute(from_node, from_constant) == (7, 7)
     assert shared_list == [0, 1, 2]
+
+
+def test_a_reader_changing_a_fused_value_in_place_changes_no_worker_state(session):
+    for _ in range(4):  # each reader gets a copy, as if the value had been sent
+        assert session.compute(rhapsody.task(append_len)(rhapsody.task(kept)(0))) == (4,)
+    calls, nodes = calls_and_nodes(session)
+    assert nodes == 8 and calls < 8
+
+
+def test_an_object_passed_as_an_argument_and_a_keyword_stays_one_object(session):
+    shared = [1]
+    for _ in range(3):
+        node = rhapsody.task(both)(shared, extra=shared)
+        assert session.compute(rhapsody.task(plus)(node, [])) == ([2, 2, True],)
+
+
+def test_a_function_of_the_script_fused_sees_its_globals_as_they_are_now(session):
+    scope = {"K": 1}
+    exec("def scale(x):\n    return x * K\n", scope)  # noqa: S102 (a notebook's cell)
+    scale = scope["scale"]
+    for k, expected in ((1, 3), (1, 3), (100, 300)):
+        scope["K"] = k
+        node = rhapsody.task(plus)(rhapsody.task(scale)(1), rhapsody.task(scale)(2))
+        assert session.compute(node) == (expected,)
+
+
+def test_two_closures_that_pickle_alike_keep_their_own_state(session):
+    first, second = make_counter(), make_counter()
+    for _ in range(2):
+        node = rhapsody.task(plus)(rhapsody.task(first)(0), rhapsody.task(second)(0))
+        (value,) = session.compute(node)
+    assert value == 2  # each counted its own calls: one each, in each run
+
+
+def test_estimates_refit_toward_what_the_fused_calls_took_not_past_it(session):
+    scheduler = session._scheduler
+    scheduler._time(leaf, 10e-6)
+    for _ in range(60):  # one plan's calls, each 2.5 times slower than foretold
+        fused = fusion.Fused(31, 31 * 10e-6, ((id(leaf), 10e-6),))
+        scheduler._refit(fused, 2.5 * fused.predicted)
+    assert 20e-6 < scheduler.seconds[id(leaf)] <= 25e-6
+    scheduler._refit(fusion.Fused(31, 31 * 10e-6, ((id(leaf), 10e-6),)), 31 * 10e-6)
+    assert scheduler.seconds[id(leaf)] > 20e-6  # as foretold: left alone
 
 
 def test_a_task_function_of_a_module_travels_by_reference():
