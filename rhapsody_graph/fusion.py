@@ -21,13 +21,15 @@ What is fused, and what it changes:
 * a function's first calls in a session are never fused: its run time is not known
   until one has run alone. The measure is refitted from the fused calls' own times,
   so a function that grew slow stops being fused;
-* a node takes all its inputs into its call or none (a call that still waited for an
-  input of its own would run what it took only after that);
+* a node takes every input it could take (fusable and read by it alone) into its
+  call, or none when they would not all fit in :data:`BUDGET` (what it took would
+  run only after the inputs it could not take, not beside them); a call runs
+  :data:`SMALLEST` nodes at least;
 * a fused node has no record of its own: progress counts it with its reader (done or
   failed with it), it has no start and end of its own, and what it prints is its
   reader's output. Its reader gets a copy of its value (pickled, as if it had been
-  sent), and each step gets its own copy of its arguments, as a call of its own
-  would. A ``compute()`` in another thread that reads it meanwhile runs it again
+  sent), and each step gets its own copy of its arguments and of an input other
+  steps read too, as a call of its own would. A ``compute()`` in another thread that reads it meanwhile runs it again
   (as it would once this one has ended). If it raises, its reader's node fails with
   its exception, noted
   ``raised by node '<its key>', which ran inside the call of node '<reader>'``, and
@@ -70,7 +72,8 @@ STEP = 0.3e-6
 SENT = 4096
 #: functions whose pickles are kept, then forgotten
 KEPT = 4096
-_NOTHING: frozenset = frozenset()
+#: the fewest nodes a fused call runs: one of two saves less than making it costs
+SMALLEST = 3
 
 # one step of a fused call: (index of its function, its arguments with None where an
 # upstream value goes (or those and its keyword arguments pickled on their own, bytes,
@@ -183,42 +186,30 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         return s if ok and _positional(n) else None
 
     cost: Dict[Node, float] = {}  # a fusable reader's: its own and what it has taken
-    inputs: Dict[Node, frozenset] = {}  # a reader's that took any: the nodes its call reads
     reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
     for n in order:
         if not n.deps:
             continue  # takes nothing; its reader looks at it
-        mine = own(n)
-        if mine is None:
+        s = own(n)
+        if s is None:
             continue
-        cost[n] = mine
-        if len(n.deps) * (FLOOR + STEP) + mine > BUDGET:
-            continue  # a join of too many to take them all
-        # n takes all its inputs or none: a call that still waits for an input of its
-        # own would run what it took after that input, not beside it
-        s = mine
-        reads: Optional[Set[Any]] = None  # what the taken ones read
+        mine = s
+        took = []
         for d in n.deps:
             if readers.get(d) != 1:
-                break
+                continue  # read by others too, asked for, or not new: an input
             c = cost.get(d)
             if c is None and (d.deps or (c := own(d)) is None):
-                break
+                continue
             s += c
-            if s > BUDGET:
+            if s > BUDGET:  # all it could take or none: what it took would run only
+                took = []   # after the ones it could not, not beside them
+                s = mine
                 break
-            theirs = inputs.get(d, d.deps)  # (a reader that took nothing reads its deps)
-            if theirs:
-                if reads is None:
-                    reads = set()
-                elif not reads.isdisjoint(theirs):
-                    break  # two steps would share one copy of an input
-                reads.update(theirs)
-        else:
-            for d in n.deps:
-                reader[d] = n
-            cost[n] = s
-            inputs[n] = frozenset(reads) if reads else _NOTHING
+            took.append(d)
+        for d in took:
+            reader[d] = n
+        cost[n] = s
     # a node is fused after those it took (they were taken as it was looked at), so
     # from the last taken back, a reader's head is known before what it took
     owner: Dict[Node, Node] = {}
@@ -231,8 +222,13 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         if nodes is None:
             nodes = members[id(h)] = []
         nodes.append(d)
-    for nodes in members.values():
-        nodes.append(owner[nodes[0]])
+    for h, nodes in list(members.items()):
+        if len(nodes) + 1 < SMALLEST:  # saves less than making its call costs
+            del members[h]
+            for d in nodes:
+                del reader[d]
+        else:
+            nodes.append(owner[nodes[0]])
     return members, reader
 
 
@@ -267,6 +263,7 @@ def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functi
     fns: Dict[int, int] = {}  # id(fn) -> its index in codes
     codes: List[Tuple[int, Optional[bytes]]] = []
     estimates: List[Tuple[int, float]] = []
+    readers: Dict[int, int] = {}  # steps that read each input
     for node in nodes:
         fid = id(node.fn)
         fi = fns.get(fid)
@@ -290,13 +287,16 @@ def steps(nodes: Sequence[Node], seconds: Mapping[int, float], functions: Functi
                     found.append((pos, src))
                     template[pos] = None
             args, places = tuple(template), tuple(found)
+            for src in {src for _, src in found if src < 0}:
+                readers[~src] = readers.get(~src, 0) + 1
         kwargs: Any = node.kwargs or None
         if kwargs is not None or not SCALARS.issuperset(map(type, args)):
             args, kwargs = dump_value((args, kwargs)), None  # a copy of its own
         index[id(node)] = len(out)
         out.append((fi, args, places, kwargs, node.key))
         predicted += estimate + STEP
-    return (pickle.dumps((tuple(codes), tuple(out)), 5), tuple(inputs),
+    shared = tuple(i for i, count in readers.items() if count > 1)
+    return (pickle.dumps((tuple(codes), tuple(out), shared), 5), tuple(inputs),
             Fused(len(out), predicted, tuple(estimates)))
 
 
@@ -311,6 +311,8 @@ def _load(code: Tuple[int, bytes]) -> Any:
     from .backends import wire
     if not any(cache is _LOADED for cache in wire.PER_RUN):
         wire.PER_RUN.append(_LOADED)
+    if len(_LOADED) >= KEPT:  # a run that never ends, of ever new functions
+        _LOADED.clear()
     fn = _LOADED[code] = wire.load_importing(code[1])
     return fn
 
@@ -332,8 +334,12 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
     value still run, then its exception is raised (the first, if several raise).
     """
     from .backends.wire import dump_result
-    codes, steps = pickle.loads(pickled)
-    fns = [_LOADED.get(code) or _load(code) for code in codes]
+    codes, steps, shared = pickle.loads(pickled)
+    fns = [_LOADED[code] if code in _LOADED else _load(code) for code in codes]
+    # an input several steps read: each after the first gets a copy of it as it came
+    pristine = {i: dump_result(inputs[i]) for i in shared
+                if type(inputs[i]) not in SCALARS}
+    seen: Set[int] = set()
     values: List[Any] = []
     error: Optional[BaseException] = None
     head = steps[-1][4]
@@ -342,8 +348,22 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
             args, kwargs = pickle.loads(args)
         if places:
             args = list(args)
+            here: Optional[Dict[int, Any]] = None  # this step's copies (f(x, x): one)
             for pos, src in places:
-                args[pos] = values[src] if src >= 0 else inputs[~src]
+                if src >= 0:
+                    args[pos] = values[src]
+                elif ~src not in pristine:
+                    args[pos] = inputs[~src]
+                else:
+                    if here is None:
+                        here = {}
+                    value = here.get(~src, _SKIPPED)
+                    if value is _SKIPPED:
+                        value = (pickle.loads(pristine[~src]) if ~src in seen
+                                 else inputs[~src])
+                        here[~src] = value
+                        seen.add(~src)
+                    args[pos] = value
             if error is not None and any(a is _SKIPPED for a in args):
                 values.append(_SKIPPED)
                 continue

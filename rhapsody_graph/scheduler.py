@@ -120,7 +120,6 @@ UNKNOWN_DEPTH = 1  # before a function's run time has been measured: strict prio
 #: a stream of submissions that keeps catching up keeps its warm state
 IDLE_GRACE = 5.0
 TIMED_KEPT = 4_096  # functions whose run time is kept between runs, then forgotten
-REFIT = 2.0  # a fused call this many times slower than foretold refits its functions
 FORWARD_DEPTH = 2  # a forwarded chain keeps at least its next hop queued on the worker
 SCAN = 8  # up to this many open shared leases of one request are scanned, more keep a heap
 
@@ -1058,13 +1057,11 @@ class Scheduler:
         estimates[fid] = seconds
 
     def _refit(self, fused: Fused, seconds: float) -> None:
-        """A fused call took ``seconds``: when that is well over what its functions'
-        times foretold, scale those up by how far it was off, so that a function that
+        """A fused call took ``seconds``: move each estimate it was planned with
+        toward that estimate times how far the call was off, so that a function that
         grew slow stops being fused (the fast ones beside it are measured again
-        alone, and come back)."""
+        alone, and come back) and a rare slow call is forgotten by the next ones."""
         ratio = seconds / fused.predicted
-        if ratio <= REFIT:
-            return
         estimates = self.seconds
         for fid, was in fused.functions:  # toward what this call says each one takes
             last = estimates.get(fid)

@@ -53,6 +53,10 @@ def length(xs):
     return len(xs)
 
 
+def identical(a, b):
+    return a is b
+
+
 def interrupt(x):
     if x == 13:
         raise KeyboardInterrupt
@@ -209,6 +213,24 @@ def test_a_fused_head_that_raises_is_named_once_and_is_not_called_lost(session):
     assert info.value.__notes__ == [f"raised by node {head.key!r}"]
 
 
+def test_a_step_gets_its_own_copy_of_an_input_other_steps_read_too():
+    made = rhapsody.task(make_list)(3)  # an input of the call: computed elsewhere
+    top = rhapsody.task(plus)(rhapsody.task(append_len)(made), rhapsody.task(length)(made))
+    (nodes,) = fusion.plan([top.deps[0], top.deps[1], top], [top],
+                           {id(append_len): 1e-6, id(length): 1e-6, id(plus): 1e-6},
+                           lambda n: True, fusion.Functions())[0].values()
+    pickled, inputs, _ = fusion.steps(nodes, {}, fusion.Functions())
+    assert inputs == (made,)
+    assert fusion.run_fused(pickled, [0, 1, 2]) == 7  # 4 + 3: length saw it unchanged
+    same = rhapsody.task(identical)(made, made)
+    top = rhapsody.task(plus)(same, rhapsody.task(length)(made))
+    (nodes,) = fusion.plan([same, top.deps[1], top], [top],
+                           {id(identical): 1e-6, id(length): 1e-6, id(plus): 1e-6},
+                           lambda n: True, fusion.Functions())[0].values()
+    pickled, inputs, _ = fusion.steps(nodes, {}, fusion.Functions())
+    assert fusion.run_fused(pickled, [7]) == 2  # f(x, x) got one object twice: True + 1
+
+
 def test_steps_of_one_call_never_share_one_copy_of_a_value(session):
     # unfused, each call unpickles its own copy of its inputs and arguments: a step
     # that changes its input in place must not change what another step reads
@@ -225,9 +247,10 @@ def test_steps_of_one_call_never_share_one_copy_of_a_value(session):
 
 def test_a_reader_changing_a_fused_value_in_place_changes_no_worker_state(session):
     for _ in range(4):  # each reader gets a copy, as if the value had been sent
-        assert session.compute(rhapsody.task(append_len)(rhapsody.task(kept)(0))) == (4,)
+        changed = rhapsody.task(append_len)(rhapsody.task(kept)(0))
+        assert session.compute(rhapsody.task(plus)(changed, rhapsody.task(leaf)(0))) == (4,)
     calls, nodes = calls_and_nodes(session)
-    assert nodes == 8 and calls < 8
+    assert nodes == 16 and calls < 16
 
 
 def test_an_object_passed_as_an_argument_and_a_keyword_stays_one_object(session):
@@ -325,8 +348,8 @@ def fused_call(outputs, seconds):
 
 
 def test_a_fused_call_awaits_an_async_function():
-    x = rhapsody.task(later)(rhapsody.task(later)(0))
-    assert fusion.run_fused(fused_call([x], {id(later): 1e-6})) == 2
+    x = rhapsody.task(later)(rhapsody.task(later)(rhapsody.task(later)(0)))
+    assert fusion.run_fused(fused_call([x], {id(later): 1e-6})) == 3
 
 
 def test_a_fused_call_runs_what_does_not_read_a_failed_step_then_raises_its_error():
@@ -397,8 +420,9 @@ def test_planning_never_fuses_an_output_or_a_node_read_twice_or_inside_a_contain
     seconds = {id(leaf): 1e-6, id(plus): 1e-6, id(sum): 1e-6}
     a = rhapsody.task(leaf)(1)
     twice = rhapsody.task(plus)(a, a)  # read twice by one node: one reader, fusable
-    (nodes,) = planned([twice], seconds).values()
-    assert nodes == [a, twice]
+    top = rhapsody.task(plus)(twice, rhapsody.task(leaf)(0))
+    (nodes,) = planned([top], seconds).values()
+    assert nodes.index(a) < nodes.index(twice) < nodes.index(top) == len(nodes) - 1
     b = rhapsody.task(leaf)(2)
     two_readers = [rhapsody.task(plus)(b, 1), rhapsody.task(plus)(b, 2)]
     assert all(b not in nodes for nodes in planned(two_readers, seconds).values())
