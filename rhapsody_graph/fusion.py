@@ -11,8 +11,8 @@ of measured work, so a fused call stays short and the graph keeps its parallelis
 What is fused, and what it changes:
 
 * only function nodes of plain options (one core, no ``timeout``/``retries``/
-  ``backend``/placement: ``Options.fusable``) on a backend that fuses
-  (``backend.fuses``: the local backend), whose upstream nodes are all plain
+  placement: ``Options.fusable``), into a reader on the same backend, one that fuses
+  (``backend.fuses``: the local and Dask backends), whose upstream nodes are all plain
   positional arguments, and whose function pickles small (by reference, or by value
   in :data:`SENT` bytes at most); never an output of the ``compute()``, never a node
   read by two nodes, never in ``submit()`` (a later submission may read any node),
@@ -138,7 +138,7 @@ class _Strong:
 
 
 def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, float],
-         fusable: Callable[[Node], bool], functions: Functions
+         fusable: Callable[[Node], Any], functions: Functions
          ) -> Tuple[Dict[int, List[Node]], Mapping[Node, Node]]:
     """Which of the new nodes ``order`` (in post-order) run inside another's call.
 
@@ -146,8 +146,9 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
         order: the nodes being submitted, each after its upstream nodes.
         outputs: the nodes asked for (never fused into another).
         seconds: the measured run time of a call, by ``id`` of its function.
-        fusable: whether a node's options and backend allow fusing it (asked once
-            per task options).
+        fusable: where a node runs (its backend's lane), or ``None`` when its
+            options or backend do not let it be fused (asked once per task options):
+            a node is fused only into a reader that runs where it does.
         functions: the pickles of the functions (a big one is not fused).
     Returns:
         ``(calls, fused)``: by ``id`` of each node whose call runs others (a *head*),
@@ -164,7 +165,7 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
     for o in outputs:
         if o in readers:
             readers[o] = 2  # asked for: its value must come back
-    allowed: Dict[int, bool] = {}  # by id of the options (a task's nodes share its kind)
+    allowed: Dict[int, Any] = {}  # where, by id of the options (a task's nodes share its kind)
     timed: Dict[int, Optional[float]] = {}  # by id of the function
 
     def own(n: Node) -> Optional[float]:
@@ -180,10 +181,10 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
             timed[id(n.fn)] = s
         if s is None:
             return None
-        ok = allowed.get(id(n.opts))
-        if ok is None:
-            ok = allowed[id(n.opts)] = n.kind == FUNCTION and fusable(n)
-        return s if ok and _positional(n) else None
+        where = allowed.get(id(n.opts), allowed)
+        if where is allowed:
+            where = allowed[id(n.opts)] = fusable(n) if n.kind == FUNCTION else None
+        return s if where is not None and _positional(n) else None
 
     cost: Dict[Node, float] = {}  # a fusable reader's: its own and what it has taken
     reader: Dict[Node, Node] = {}  # a fused node's: the node whose call runs it
@@ -201,6 +202,8 @@ def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, fl
             c = cost.get(d)
             if c is None and (d.deps or (c := own(d)) is None):
                 continue
+            if allowed[id(d.opts)] is not allowed[id(n.opts)]:
+                continue  # runs on another backend
             s += c
             if s > BUDGET:  # all it could take or none: what it took would run only
                 took = []   # after the ones it could not, not beside them

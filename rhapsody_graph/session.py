@@ -331,15 +331,16 @@ class Session:
             t.saved = (group.journal, group.journal.key(node))
         return t
 
-    def _fusable(self, node: Node) -> bool:
-        """Whether ``node``'s options and backend let it run inside another node's
-        call (see :mod:`.fusion`)."""
+    def _fusable(self, node: Node) -> Optional[Lane]:
+        """The lane of ``node`` if its options and backend let it run inside another
+        node's call there (see :mod:`.fusion`), else ``None``."""
         if not node.opts.fusable:
-            return False
+            return None
         try:
-            return self._lane(node).fuses
+            lane = self._lane(node)
         except Exception:  # no backend takes it: its own record says so
-            return False
+            return None
+        return lane if lane.fuses else None
 
     def _fused_record(self, nodes: List[Node], group: Group, records: Dict[Any, Any],
                       new: List[Task], functions: fusion.Functions) -> Optional[Task]:

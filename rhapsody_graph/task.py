@@ -287,9 +287,9 @@ class Options:
         self.backend: Optional[str] = merged["backend"]
         self.name: str = values.get("name", name)
         self.qualname = qualname
-        # one core, no limits, no routing: may run inside another node's call (fusion)
-        self.fusable = all(k in ("name", "version") or (k in DEFAULTS and v == DEFAULTS[k])
-                           for k, v in values.items())
+        # one core, no limits: may run inside another node's call on its backend (fusion)
+        self.fusable = all(k in ("name", "version", "backend")
+                           or (k in DEFAULTS and v == DEFAULTS[k]) for k, v in values.items())
 
     def __repr__(self) -> str:
         return f"Options({self.values})"

@@ -407,7 +407,9 @@ def test_planning_leaves_untimed_and_slow_functions_and_refused_options_alone():
     x = rhapsody.task(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
     assert planned([x], {}) == {}  # nothing timed yet
     assert planned([x], {id(leaf): 1e-3, id(plus): 1e-6}) == {}  # the leaves are slow
-    assert planned([x], {id(leaf): 1e-6, id(plus): 1e-6}, lambda n: False) == {}
+    assert planned([x], {id(leaf): 1e-6, id(plus): 1e-6}, lambda n: None) == {}
+    # a node is fused only into a reader on its own backend
+    assert planned([x], {id(leaf): 1e-6, id(plus): 1e-6}, lambda n: n.name) == {}
     y = rhapsody.task(timeout=5)(plus)(rhapsody.task(leaf)(1), rhapsody.task(leaf)(2))
     assert not y.opts.fusable and x.opts.fusable
     assert rhapsody.task(cpus=1, gpus=0, retries=0, name="p")(plus)(1, 2).opts.fusable

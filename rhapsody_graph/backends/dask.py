@@ -128,6 +128,7 @@ class DaskBackend(OwnCalls):
     """
 
     kinds = frozenset((FUNCTION, EXECUTABLE))
+    fuses = True  # see rhapsody_graph.fusion
     #: a Dask round trip costs milliseconds: a lease queues up to 50 ms of measured work
     lease_budget = 0.05
 

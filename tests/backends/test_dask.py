@@ -145,6 +145,26 @@ def test_many_tiny_calls_queue_on_leases_and_all_come_back(session):
     assert dask.ledger.idle()
 
 
+def plus(a, b):
+    return a + b
+
+
+def test_a_reduction_of_short_nodes_runs_fused_on_the_dask_workers(session):
+    lane = next(l for l in session._scheduler.lanes.values() if l.backend.name == "dask")
+
+    def tree():
+        level = [rhapsody.task(backend="dask")(double)(i) for i in range(32)]
+        while len(level) > 1:
+            level = [rhapsody.task(backend="dask")(plus)(level[k], level[k + 1])
+                     for k in range(0, len(level), 2)]
+        return level[0]
+    assert session.compute(tree()) == (992,)  # timed: each node a call of its own
+    before = lane.started, lane.done
+    assert session.compute(tree()) == (992,)
+    assert lane.done - before[1] == 63  # every node, counted
+    assert lane.started - before[0] < 63  # in fewer calls
+
+
 def write_pid_and_sleep(path):
     with open(path, "w") as f:
         f.write(str(os.getpid()))

@@ -64,10 +64,18 @@ def driver(tmp_path, hang: bool, fail: bool = False) -> subprocess.Popen:
 
 
 
+def journal_entries(tmp_path) -> list:
+    return sorted(p for p in (tmp_path / "journal").rglob("*")
+                  if p.is_file() and not p.name.endswith(".why") and not p.name.startswith("."))
+
+
 def killed_at_step_four(tmp_path) -> None:
     first = driver(tmp_path, hang=True)
     try:
-        assert wait_until(lambda: 4 in ran(tmp_path / "log"), 120), first.stderr.read()
+        # step 4 hangs; steps 0-3 are in the journal once the driver has taken their
+        # values (step 4 may start on its worker before the driver took step 3's)
+        assert wait_until(lambda: 4 in ran(tmp_path / "log")
+                          and len(journal_entries(tmp_path)) == 4, 120), first.stderr.read()
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:
@@ -86,8 +94,7 @@ def test_a_run_killed_mid_way_resumes_from_what_finished(tmp_path):
 
 def test_a_damaged_entry_is_recomputed_never_returned(tmp_path):
     killed_at_step_four(tmp_path)
-    entries = sorted(p for p in (tmp_path / "journal").rglob("*")
-                     if p.is_file() and not p.name.endswith(".why") and not p.name.startswith("."))
+    entries = journal_entries(tmp_path)
     assert len(entries) == 4
     # every entry damaged (two truncated, two with a flipped byte): which entry belongs to
     # which step follows from hashes, and an intact step 3 would rightly spare 0-2
