@@ -376,7 +376,7 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
                 from .backends.wire import await_coroutine
                 value = await_coroutine(value)
             if type(value) not in SCALARS and key != head:  # its reader gets a copy, as
-                value = pickle.loads(dump_result(value))  # if it had been sent to it
+                value = pickle.loads(dump_result(value, "to the node that reads it"))
         except BaseException as exc:  # as a worker reports any exception of a call
             if error is None:
                 error = exc

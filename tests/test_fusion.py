@@ -289,6 +289,15 @@ def test_estimates_refit_toward_what_the_fused_calls_took_not_past_it(session):
     assert scheduler.seconds[id(leaf)] > 20e-6  # as foretold: left alone
 
 
+def test_a_fused_value_that_cannot_be_pickled_fails_its_node_saying_where_it_went():
+    made = rhapsody.task(threading.Lock)()
+    top = rhapsody.task(plus)(rhapsody.task(identical)(made, made), rhapsody.task(leaf)(1))
+    seconds = {id(threading.Lock): 1e-6, id(identical): 1e-6, id(plus): 1e-6, id(leaf): 1e-6}
+    with pytest.raises(TypeError, match="to go to the node that reads it") as info:
+        fusion.run_fused(fused_call([top], seconds))
+    assert info.value.__notes__[0].startswith(f"raised by node {made.key!r}")
+
+
 def test_a_task_function_of_a_module_travels_by_reference():
     assert decorated.func is not decorated  # the module's name holds the Task
     assert len(fusion.Functions().get(decorated.func)) < 200

@@ -81,15 +81,14 @@ def await_coroutine(value: Any) -> Any:
     return asyncio.run(value)
 
 
-def dump_result(value: Any) -> bytes:
-    """A call's return value pickled to go back to the driver; raise ``TypeError``
+def dump_result(value: Any, to: str = "back to the driver") -> bytes:
+    """A call's return value pickled to go ``to`` where it is read; raise ``TypeError``
     naming its type when it cannot be (a lock, an open file, a generator)."""
     try:
         return dump_value(value)
     except Exception as exc:
         raise TypeError(f"the value it returned, {type(value).__name__} {brief(value)}, cannot "
-                        f"be pickled to go back to the driver: {exc}; return plain data "
-                        "instead") from exc
+                        f"be pickled to go {to}: {exc}; return plain data instead") from exc
 
 
 @functools.lru_cache(maxsize=None)
