@@ -50,7 +50,6 @@ What is fused, and what it changes:
 from __future__ import annotations
 
 import pickle
-import weakref
 from types import CoroutineType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -70,7 +69,7 @@ STEP = 0.3e-6
 #: the most bytes a function pickled by value (a script's, a lambda) may take to be
 #: fused: a fused call carries its functions each time
 SENT = 4096
-#: functions whose pickles are kept, then forgotten
+#: the most functions a worker keeps for fused calls (see _LOADED)
 KEPT = 4096
 #: the fewest nodes a fused call runs: one of two saves less than making it costs
 SMALLEST = 3
@@ -101,40 +100,22 @@ class Functions:
     """Functions pickled for the fused calls of one ``compute()`` (as
     :func:`~.backends.wire.dump_callable` sends a call's: by reference where
     importable, a ``@task``'s too, else by value, with the values of its globals as
-    they are now), each while it lives. ``get(fn)`` is ``None`` for one that cannot be
-    pickled."""
+    they are now). ``get(fn)`` is ``None`` for one that cannot be pickled."""
 
     def __init__(self) -> None:
-        self.by_id: Dict[int, Tuple[Callable[[], Any], Optional[bytes]]] = {}
+        # id(fn) -> (fn, its pickle): fn kept, so that its id stays its own meanwhile
+        self.by_id: Dict[int, Tuple[Any, Optional[bytes]]] = {}
 
     def get(self, fn: Any) -> Optional[bytes]:
         hit = self.by_id.get(id(fn))
-        if hit is not None and hit[0]() is fn:
-            return hit[1]
-        from .backends.wire import dump_callable
-        try:
-            data: Optional[bytes] = dump_callable(fn)
-        except Exception:
-            data = None
-        key, by_id = id(fn), self.by_id
-        try:
-            ref: Callable[[], Any] = weakref.ref(fn, lambda _: by_id.pop(key, None))
-        except TypeError:  # a builtin: it lives as long as its module
-            ref = _Strong(fn)
-        if len(by_id) >= KEPT:
-            by_id.clear()
-        by_id[key] = (ref, data)
-        return data
-
-
-class _Strong:
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __call__(self) -> Any:
-        return self.obj
+        if hit is None:
+            from .backends.wire import dump_callable
+            try:
+                data: Optional[bytes] = dump_callable(fn)
+            except Exception:
+                data = None
+            hit = self.by_id[id(fn)] = (fn, data)
+        return hit[1]
 
 
 def plan(order: Sequence[Node], outputs: Sequence[Any], seconds: Mapping[int, float],

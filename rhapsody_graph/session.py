@@ -312,15 +312,17 @@ class Session:
             if node in inner:
                 continue
             nodes = fused.get(id(node))
-            if nodes is not None:
-                t = self._fused_record(nodes, group, records, new, functions)
-                if t is not None:
-                    records[node] = t
-                    new.append(t)
-                    continue
-            records[node] = t = self._record(node, group, [records[d] for d in node.deps]
-                                             if node.deps else ())
-            new.append(t)
+            t = None if nodes is None else self._fused_record(nodes, group, records, functions)
+            if t is not None:
+                records[node] = t
+                new.append(t)
+                continue
+            # alone, or in a call that cannot be encoded: each its own record (so the
+            # node whose argument cannot be sent is the one named)
+            for n in nodes or (node,):
+                records[n] = t = self._record(n, group, [records[d] for d in n.deps]
+                                              if n.deps else ())
+                new.append(t)
         return records
 
     def _record(self, node: Node, group: Group, deps: Sequence[Task]) -> Task:
@@ -343,10 +345,9 @@ class Session:
         return lane if lane.fuses else None
 
     def _fused_record(self, nodes: List[Node], group: Group, records: Dict[Any, Any],
-                      new: List[Task], functions: fusion.Functions) -> Optional[Task]:
+                      functions: fusion.Functions) -> Optional[Task]:
         """The record of one call that runs ``nodes`` (the last is the node it stands
-        for); ``None`` after making their own records instead when that call cannot be
-        encoded (so that the node whose argument cannot be sent is the one named)."""
+        for); ``None`` when that call cannot be encoded."""
         head = nodes[-1]
         lane = self._lane(head)
         try:
@@ -354,10 +355,6 @@ class Session:
             stand_in = Node.standing_for(head, fusion.run_fused, (steps,) + inputs, inputs)
             prepared = lane.backend.prepare(stand_in)
         except Exception:
-            for node in nodes[:-1]:
-                records[node] = t = self._record(node, group, [records[d] for d in node.deps]
-                                                 if node.deps else ())
-                new.append(t)
             return None
         # the record is the head's (known by its node, named by its key) with the call
         # that runs them all, which reads the inputs of them all
