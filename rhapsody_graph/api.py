@@ -152,3 +152,15 @@ def _shut_down_at_exit() -> None:
 
 
 threading._register_atexit(_shut_down_at_exit)  # the hook concurrent.futures uses too
+
+
+def _forget_defaults() -> None:
+    """In a forked child: the parent's default backends and their sessions are not
+    this process's (their workers are the parent's); it makes its own on first use."""
+    global _lock
+    _lock = threading.Lock()
+    _defaults.clear()
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_forget_defaults)

@@ -46,9 +46,9 @@ class Session:
     """Backends by name and the scheduler that runs nodes on them.
 
     Args:
-        backends: the backends, each with a distinct ``name`` (default: one
-            :class:`~rhapsody_graph.LocalBackend`). The session shuts them down
-            when it closes.
+        backends: the backends, each with a distinct ``name``, or one backend
+            (default: one :class:`~rhapsody_graph.LocalBackend`). The session shuts
+            them down when it closes.
         journal: a directory that keeps every finished node's value, so that a run
             of the same program after a crash reuses what finished (see
             :mod:`rhapsody_graph.journal`).
@@ -68,7 +68,7 @@ class Session:
     first backend (its servers take cores and GPUs from that backend's ledger).
     """
 
-    def __init__(self, backends: Optional[Sequence[Any]] = None, *,
+    def __init__(self, backends: Any = None, *,
                  journal: "str | os.PathLike[str] | None" = None,
                  run_log: "str | os.PathLike[str] | None" = None,
                  progress: Optional[bool] = None, fuse: bool = True,
@@ -533,9 +533,12 @@ def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
 
 
 def _backend_list(backends: Any) -> List[Any]:
-    """``Session(backends=...)``, checked: a non-empty list of backend instances."""
+    """``Session(backends=...)``, checked: a non-empty list of backend instances (one
+    backend alone stands for a list of it)."""
     what = ("Session(backends=[...]) takes backend instances (LocalBackend(), "
             "DragonBackend(), DaskBackend(...), InferenceBackend(...))")
+    if hasattr(backends, "attach") and not hasattr(backends, "__iter__"):
+        backends = [backends]
     if isinstance(backends, (str, bytes)) or not hasattr(backends, "__iter__"):
         raise TypeError(f"{what}, got {brief(backends)}")
     backends = list(backends)
@@ -620,3 +623,13 @@ def close_all() -> None:
     """Close every open session (at interpreter exit)."""
     for s in list(_sessions):
         s.close()
+
+
+def _forget_sessions() -> None:
+    """In a forked child: the parent's sessions are not this process's to use or close
+    (their threads and workers stayed with the parent)."""
+    _current.clear()
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_forget_sessions)

@@ -122,6 +122,13 @@ def test_backends_made_per_call_and_never_shut_down_get_a_warning_at_the_users_l
             b.shutdown()
 
 
+def test_a_session_of_one_backend_given_alone_runs_on_it():
+    backend = rhapsody.LocalBackend(cpus=1, name="alone")
+    with rhapsody.Session(backend) as session:
+        assert list(session.backends)[0] == "alone"
+        assert rhapsody.task(abs)(-3).compute() == 3
+
+
 @pytest.mark.parametrize("backends, shown", [
     (["local"], r"got 'local'; rhapsody_graph.get_backend\('local'\) is the default one"),
     (5, "got 5"),

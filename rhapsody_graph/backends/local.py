@@ -26,14 +26,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog, wire
 from .base import KILLED, RANKS_KIND, Call, Completion
+from .forks import Forked, Forker, unsafe
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
 from ..ai.service import Spawn, local_server
-from ..errors import brief
+from ..errors import brief, warn
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, detect_host, gpu_names, names_env
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "START_METHODS"]
+
+#: how a worker can start (``LocalBackend(start_method=)``)
+START_METHODS = ("spawn", "fork")
 
 
 class _Process:
@@ -81,6 +85,12 @@ class LocalBackend(PoolBackend):
         hosts: several declared :class:`~rhapsody_graph.resources.Host` s instead,
             to exercise multi-host placement on one machine.
         workers: most worker processes at once (default: the number of cores).
+        start_method: how a worker starts. ``"spawn"`` (default): a fresh interpreter
+            that imports what its calls need. ``"fork"``: a copy of the driver, made by
+            a template process forked while the driver runs one thread (see
+            :mod:`.forks` for what a copy inherits); the first value comes several
+            times sooner. Where the driver cannot be forked (it runs other threads, or
+            has loaded a GPU runtime) workers are spawned, with a warning that says why.
 
     >>> with LocalBackend(cpus=2, gpus=4) as backend:
     ...     backend.inventory.total_gpus
@@ -93,11 +103,17 @@ class LocalBackend(PoolBackend):
     def __init__(self, cpus: "int | Sequence[int] | None" = None,
                  gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
-                 memory: Optional[int] = None, name: str = "local") -> None:
+                 memory: Optional[int] = None, name: str = "local",
+                 start_method: str = "spawn") -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{type(self).__name__}: name must be a non-empty string, "
                             f"got {brief(name)}")
+        if start_method not in START_METHODS:
+            raise ValueError(f"{type(self).__name__}: start_method must be one of "
+                             f"{', '.join(map(repr, START_METHODS))}, got {brief(start_method)}")
         self.name = name
+        self.start_method = start_method
+        self._forker: Optional[Forker] = None  # the template workers are forked from
         if hosts is not None and (cpus is not None or gpus is not None or memory is not None):
             raise TypeError("LocalBackend: give either hosts=[Host(...), ...] or "
                             "cpus=/gpus=/memory=, not both (declare memory on each Host)")
@@ -170,6 +186,9 @@ class LocalBackend(PoolBackend):
         self.close_session()
         self._kill_launches()
         self.pool.close(grace=2.0)
+        if self._forker is not None:
+            self._forker.close()
+            self._forker = None
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
@@ -191,14 +210,48 @@ class LocalBackend(PoolBackend):
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         env = watchdog.marked({**os.environ, **names_env(self.gpu_names)})
-        proc = subprocess.Popen(worker_command(task_r, result_w), pass_fds=(task_r, result_w),
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        watchdog.guard(proc, env)
-        os.close(task_r)
-        os.close(result_w)
+        try:
+            proc: Any = self._fork(task_r, result_w, env)
+            if proc is None:
+                popen = subprocess.Popen(worker_command(task_r, result_w),
+                                         pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env=env)
+                watchdog.guard(popen, env)
+                proc = _Process(popen)
+            else:
+                watchdog.guard(proc, env)
+        except BaseException:
+            os.close(task_w)
+            os.close(result_r)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(result_w)
         os.set_blocking(task_w, False)
         os.set_blocking(result_r, False)
-        return self.pool.add(Worker(_Process(proc), task_w, result_r))
+        return self.pool.add(Worker(proc, task_w, result_r))
+
+    def _fork(self, task_r: int, result_w: int, env: Dict[str, str]) -> Optional[Forked]:
+        """A worker forked from this backend's template, made on first use; ``None``
+        where workers are spawned (by choice, or because the driver cannot be forked)."""
+        if self.start_method != "fork":
+            return None
+        if self._forker is None:
+            why = unsafe()
+            if why is not None:
+                self.start_method = "spawn"
+                warn(f"LocalBackend(start_method='fork'): its workers are spawned instead, "
+                     f"because {why}. Make the backend and start it (`backend.start()`) "
+                     "before starting threads or loading a GPU runtime.")
+                return None
+            self._forker = Forker()
+            watchdog.guard(self._forker, {})
+        forked = self._forker.fork((task_r, result_w), env)
+        if forked is None:
+            self.start_method = "spawn"
+            warn("LocalBackend(start_method='fork'): its template process is gone; its "
+                 "workers are spawned from now on")
+        return forked
 
     def bind_worker(self, call: Call) -> Worker:
         """An idle worker for the call's lease, GPU-sticky (CUDA reads its GPU ids once),

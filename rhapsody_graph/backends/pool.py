@@ -161,7 +161,7 @@ class WorkerPool:
         self._dirty: List[Worker] = []
         self._funcs: Dict[int, Tuple[Any, int, bytes]] = {}  # id(fn) -> (fn, fid, bytes)
         self._fids = itertools.count(1)  # encode() may run in several submitting threads
-        self._finalizer = weakref.finalize(self, _kill_all, self.workers)
+        self._finalizer = weakref.finalize(self, _kill_all, self.workers, os.getpid())
         atexit.register(self._finalizer)
 
     # -- joining a session ----------------------------------------------------------
@@ -570,8 +570,11 @@ def _close(fd: int) -> None:
             pass
 
 
-def _kill_all(workers: List[Worker]) -> None:
-    """At exit, or when the pool is collected: kill every worker still there."""
+def _kill_all(workers: List[Worker], pid: int) -> None:
+    """At exit, or when the pool is collected: kill every worker still there (in the
+    driver ``pid`` only: a forked child's copy of the pool is not its own)."""
+    if os.getpid() != pid:
+        return
     for w in list(workers):
         w.proc.kill()
         w.proc.wait(timeout=5)

@@ -162,7 +162,7 @@ class Worker:
         out, err = self.out.take(), self.err.take()
         if out or err or sys.stdout is not self.out or sys.stderr is not self.err:
             _flush_std()  # it printed, or replaced a stream: what it wrote goes out now
-        if place and place[3] and not self.gpu_flag and _gpu_runtime_loaded():
+        if place and place[3] and not self.gpu_flag and gpu_runtime_loaded():
             self.gpu_flag = wire.GPU_RUNTIME
         status, payload = wire.with_output(status, payload, out, err)
         wire.write_all(self.result_fd,
@@ -179,7 +179,7 @@ class Worker:
         os.environ.update(Placement(host, cpus, gpus, 0, rank, world).env(self.gpu_names))
 
 
-def _gpu_runtime_loaded() -> bool:
+def gpu_runtime_loaded() -> bool:
     """True once CUDA, ROCm or Level Zero is mapped: it has read the GPU mask for good."""
     try:
         with open("/proc/self/maps") as maps:
