@@ -71,7 +71,7 @@ NAP_S = 0.020                       # each chain20ms hop's own sleep
 RUN_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool")
 BUILD_ENGINES = ("rhapsody", "dask", "dict")
 ORDER_ENGINES = ("rhapsody", "dask", "graphlib")
-STARTUP_ENGINES = ("rhapsody", "processpool", "dask-threads", "threadpool",
+STARTUP_ENGINES = ("rhapsody", "rhapsody-fork", "processpool", "dask-threads", "threadpool",
                    "processpool-forkserver", "processpool-spawn")
 MEMORY_ENGINES = ("rhapsody", "dask", "ray", "dict")
 
@@ -749,6 +749,17 @@ t1 = time.perf_counter()
 def f(x):
     return x + 1
 assert f(1).compute() == 2
+print(t1 - t0, time.perf_counter() - t0)
+""",
+    "rhapsody-fork": """
+import time
+t0 = time.perf_counter()
+import rhapsody_graph as r
+t1 = time.perf_counter()
+@r.task
+def f(x):
+    return x + 1
+assert f(1).compute(backend=r.LocalBackend(start_method="fork")) == 2
 print(t1 - t0, time.perf_counter() - t0)
 """,
     "processpool": _executor_startup("ProcessPoolExecutor"),

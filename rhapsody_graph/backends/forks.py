@@ -37,6 +37,7 @@ with ``exec`` is: it gets the worker's ``os.environ``).
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import pickle
 import select
@@ -236,8 +237,8 @@ def _worker(fds: List[int], changed: Dict[str, str], removed: List[str]) -> None
 def _prefetch() -> None:
     """Import what every worker needs (the driver may not have yet): once here, not once
     per worker."""
-    from . import worker  # noqa: F401
-    import cloudpickle  # noqa: F401  (unpickles the functions of a script)
+    for name in ("rhapsody_graph.backends.worker", "cloudpickle"):  # cloudpickle: a
+        importlib.import_module(name)  # script's functions come pickled by value
 
 
 def _clean_signals() -> None:
