@@ -126,6 +126,7 @@ class Session:
         self._progress = Progress(self._scheduler.lanes.values(), how) if how else None
         self._thread = threading.Thread(target=self._scheduler.run, name="rhapsody-scheduler",
                                         daemon=True)
+        self._completions.owner = self._thread
         self._thread.start()
         _sessions.add(self)
         _stop_on_sigterm()

@@ -59,6 +59,7 @@ import itertools
 import os
 import pickle
 import selectors
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -112,6 +113,7 @@ class Completions:
         self._seq = itertools.count()
         self._asleep = False
         self.closer: Optional[Callable[[], None]] = None  # closes the session that owns it
+        self.owner: Optional[threading.Thread] = None  # the scheduler thread that drains it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -219,6 +221,17 @@ class Call:
                  timeout: Optional[float]) -> None:
         self.tid, self.key, self.prepared = tid, key, prepared
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
+
+
+def refuse_foreign_abort(backend: Any, hub: Optional[Completions]) -> None:
+    """Raise if ``backend.abort()`` is called from a thread other than the scheduler of
+    an open session that runs it: that scheduler owns its calls and workers."""
+    owner = hub.owner if hub is not None else None
+    if owner is not None and owner.is_alive() and threading.current_thread() is not owner:
+        raise RuntimeError(
+            f"{type(backend).__name__}.abort(): backend {backend.name!r} is in an open "
+            "session, whose scheduler owns its calls; cancel them with session.cancel(), or "
+            "close the session (backend.shutdown() closes it and stops the workers)")
 
 
 def refuse_second_session(name: str, current: Optional[Completions],

@@ -10,18 +10,22 @@ single-threaded and forks every worker of its backend on request. Every worker i
 then a copy of the driver as it was at that moment, however late it starts (a
 replacement for a worker that timed out or died included).
 
-State: the template (:class:`Forker`) holds one socket to the driver and nothing
-else (it closed every other file descriptor it inherited). The driver sends it a
-request and waits for the answer, one at a time under a lock:
+State: the template (:class:`Forker`) holds one socket to the driver (every other
+descriptor it inherited but regular files points at ``/dev/null``). The driver
+sends it a request and waits for the answer, one at a time under a lock, each a
+length-prefixed message:
 
-* ``F`` + the environment changes since the template was taken, with the worker's
-  two pipe ends as ancillary data: fork a worker, answer ``P<pid>`` (or
-  ``E<why>``);
-* ``R<pid>``: reap that worker, which has ended, answer ``C<exit code>``. The
-  template reaps only when asked, as the driver reaps a child it started itself,
-  so a worker's process id is never reused while the driver may still signal it.
+* ``F`` + the environment changes since the template was taken and the driver's
+  umask, with the worker's two pipe ends and the driver's working directory as
+  ancillary data: fork a worker, answer ``P<pid>`` (or ``E<why>``);
+* ``R<pid>``: reap that worker, which has ended, answer ``C<exit code>`` (``X``:
+  unknown). The template reaps only when asked, as the driver reaps a child it
+  started itself, so a worker's process id is not reused while the driver may
+  still signal its group.
 
-EOF on the socket (the driver closed it, or died) ends the template. Each worker
+A request interrupted before its answer came (a Ctrl-C caught by the program), or
+a template that does not answer, is lost for good: its backend spawns from then
+on. EOF on the socket (the driver closed it, or died) ends the template. Each worker
 is a session of its own, as a spawned worker is, registered with the watchdog by
 the driver; the template is too.
 
@@ -29,10 +33,16 @@ What a forked worker differs in: it starts with what the driver had imported and
 defined when the template was taken, and with the state of its modules then
 (this package's own sessions and default backends are forgotten at every fork;
 ``random`` is reseeded by Python; other generators, such as NumPy's global one,
-are not). The files and sockets the driver had open are closed in it. Its
-``/proc/<pid>/environ`` is the driver's, so a process it forks without ``exec``
-and moves out of its group is not found by the watchdog's marker (one it starts
-with ``exec`` is: it gets the worker's ``os.environ``).
+are not; nor are thread pools sized at import, such as OpenBLAS's, which keep the
+driver's size whatever cores the worker is pinned to). The regular files the driver
+had open stay shared with it, as in any fork; its pipes, sockets and other
+descriptors read nothing and write nowhere there (``/dev/null``). Its standard
+streams are the process's descriptors 0 – 2 (input reads nothing), whatever the
+driver had pointed ``sys.stdout`` at. Its working directory, umask and environment
+are the driver's when it is forked. Its ``/proc/<pid>/environ`` is the driver's, so
+a process it forks without ``exec`` and moves out of its group is not found by the
+watchdog's marker (one it starts with ``exec`` is: it gets the worker's
+``os.environ``).
 """
 from __future__ import annotations
 
@@ -43,9 +53,13 @@ import pickle
 import select
 import signal
 import socket
+import stat
+import struct
 import sys
 import threading
 import traceback
+import types
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog
@@ -53,14 +67,17 @@ from .launch import describe_exit, kill_group
 
 __all__ = ["Forker", "Forked", "unsafe"]
 
+_SIZE = struct.Struct("!I")  # a message's length, before it
+
 
 def unsafe() -> Optional[str]:
     """Why the driver cannot be forked now (``None``: it can)."""
     from .worker import gpu_runtime_loaded
-    threads = threading.active_count()
-    if threads > 1:
-        return (f"the driver runs {threads} Python threads, and a fork can inherit a lock "
-                "another thread holds")
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        return (f"the driver runs {len(others)} other Python thread(s) ({', '.join(others)}), "
+                "and a fork can inherit a lock one of them holds (a session's own thread is "
+                "named rhapsody-scheduler)")
     if gpu_runtime_loaded():
         return "the driver has loaded a GPU runtime, which a forked process cannot use"
     return None
@@ -70,29 +87,46 @@ class Forker:
     """The template process of one backend: a fork of the driver that forks workers.
 
     Made while the driver runs one thread (see :func:`unsafe`). Thread-safe.
+    ``alive``: it answers requests; ``failure``: why it stopped, or why the last
+    worker could not be forked.
     """
 
     def __init__(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.environ = dict(os.environ)  # the template's, to send only what changed
         _flush_std()
-        pid = os.fork()
-        if pid == 0:  # the template: never returns
-            mine.close()
-            _template(theirs)
+        # no signal handler may run in the template before it has set its own
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:  # the template: never returns
+                mine.close()
+                _template(theirs, blocked)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         self.pid, self.sock = pid, mine
         self.mark: Optional[str] = None  # set by watchdog.guard
         self.lock = threading.Lock()
         self.alive = True
+        self.failure = ""
+        self._end = weakref.finalize(self, _end_template, pid, mine, os.getpid())
 
     def fork(self, fds: Tuple[int, int], env: Dict[str, str]) -> Optional["Forked"]:
         """A worker reading tasks on ``fds[0]`` and writing results on ``fds[1]``, with
-        environment ``env``; ``None`` when the template cannot make one (it is gone)."""
+        environment ``env`` and the driver's working directory and umask; ``None``
+        when the template could not make one (``failure`` says why)."""
         changed = {k: v for k, v in env.items() if self.environ.get(k) != v}
         removed = [k for k in self.environ if k not in env]
-        reply = self._ask(b"F" + pickle.dumps((changed, removed)), fds)
-        if reply is None or not reply.startswith(b"P"):
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            reply = self._ask(b"F" + pickle.dumps((changed, removed, _umask())), (*fds, cwd))
+        finally:
+            os.close(cwd)
+        if reply is None:
+            return None
+        if not reply.startswith(b"P"):
+            self.failure = reply[1:].decode(errors="replace")
             return None
         return Forked(int(reply[1:]), self)
 
@@ -102,33 +136,48 @@ class Forker:
         return int(reply[1:]) if reply is not None and reply.startswith(b"C") else None
 
     def _ask(self, request: bytes, fds: Sequence[int] = ()) -> Optional[bytes]:
+        """Send one request and take its answer; ``None`` once the template is lost."""
         with self.lock:
             if not self.alive:
                 return None
             try:
-                socket.send_fds(self.sock, [request], list(fds))
-                reply = self.sock.recv(4096)
-            except OSError:
-                reply = b""
-            if not reply:  # it died, or the request was too big for one message
-                self.alive = False
-                return None
+                _send(self.sock, request, fds)
+                reply, _ = _receive(self.sock)
+            except OSError as exc:
+                reply, why = None, f"its template process could not be reached ({exc})"
+            except BaseException:  # its answer would be read as the next request's
+                self._lose("a request to its template process was interrupted")
+                raise
+            else:
+                why = "its template process ended"
+            if reply is None:
+                self._lose(why)
             return reply
 
+    def _lose(self, why: str) -> None:
+        """Stop asking the template (it ends at EOF); what it forked is reaped by init."""
+        self.alive = False
+        self.failure = why
+        self.sock.close()
+
     def close(self) -> None:
-        """End the template (its workers must have been reaped) and reap it."""
+        """End the template (its workers should have been reaped) and reap it."""
         with self.lock:
-            if self.pid <= 0:
-                return
             self.alive = False
-            self.sock.close()
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(self.pid, 0)
-            watchdog.release(self)
-            self.pid = 0
+            self._end()
+
+
+def _end_template(pid: int, sock: socket.socket, driver: int) -> None:
+    """Close the template's socket, kill it and reap it (in the driver that made it)."""
+    if os.getpid() != driver:
+        return
+    sock.close()
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    watchdog.release(types.SimpleNamespace(pid=pid))
 
 
 class Forked:
@@ -147,12 +196,13 @@ class Forked:
         return self.pidfd
 
     def kill(self) -> None:
-        if not self.reaped:  # its id is not reused before then
-            kill_group(self)
-            try:  # also before it has made its session
-                os.kill(self.pid, signal.SIGKILL)
+        if self.pidfd >= 0:  # the pidfd names this process, even once its id is reused
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if not self.reaped and self.forker.alive:  # its id is not reused before then
+            kill_group(self)
         watchdog.kill_marked(self)
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
@@ -168,7 +218,9 @@ class Forked:
 
     def exit_reason(self, died: bool) -> str:
         code = self.wait()
-        return describe_exit(code) if code is not None else "its exit status was lost"
+        if code is None:
+            return f"its exit status was lost: {self.forker.failure}"
+        return describe_exit(code)
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -176,62 +228,112 @@ class Forked:
             self.pidfd = -1
 
 
-def _template(sock: socket.socket) -> None:
+def _send(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    data = _SIZE.pack(len(payload)) + payload
+    sent = socket.send_fds(sock, [data], list(fds))  # the descriptors go with its first byte
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _receive(sock: socket.socket) -> Tuple[Optional[bytes], List[int]]:
+    """One message and the descriptors that came with it; ``None`` at EOF."""
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
+    while data and len(data) < _SIZE.size + (_SIZE.unpack_from(data)[0]
+                                             if len(data) >= _SIZE.size else 0):
+        more = sock.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    if len(data) < _SIZE.size or len(data) < _SIZE.size + _SIZE.unpack_from(data)[0]:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return bytes(data[_SIZE.size:]), fds
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (another thread may create files)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _template(sock: socket.socket, blocked: "set[int]") -> None:
     """The template's life: fork a worker or reap one per request, until EOF."""
     code = 0
     try:
         os.setsid()
         gc.freeze()  # the driver's objects are never collected here: no finalizer runs
         _clean_signals()
-        _keep_only(sock.fileno())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C sent before its setsid
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _own_streams()
+        _blank_inherited(sock.fileno())
         _prefetch()
         while True:
-            request, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
-            if not request:
+            request, fds = _receive(sock)
+            if request is None:
                 break
             if request[:1] == b"R":
                 try:
                     _, status = os.waitpid(int(request[1:]), 0)
                 except ChildProcessError:
-                    sock.send(b"X")  # reaped already: its status is not known here
+                    _send(sock, b"X")  # reaped already: its status is not known here
                 else:
-                    sock.send(b"C%d" % os.waitstatus_to_exitcode(status))
+                    _send(sock, b"C%d" % os.waitstatus_to_exitcode(status))
                 continue
-            changed, removed = pickle.loads(request[1:])
+            changed, removed, umask = pickle.loads(request[1:])
             try:
                 pid = os.fork()
             except OSError as exc:
-                sock.send(b"E" + str(exc).encode()[:4000])
+                _send(sock, b"E" + str(exc).encode())
             else:
                 if pid == 0:
                     sock.close()
-                    _worker(fds, changed, removed)
-                sock.send(b"P%d" % pid)
+                    _worker(fds, changed, removed, umask)
+                _send(sock, b"P%d" % pid)
             for fd in fds:
                 os.close(fd)
+    except OSError:
+        pass  # the driver went away
     except BaseException:
-        traceback.print_exc()
+        _report("the template that forks workers")
         code = 1
     finally:
         os._exit(code)
 
 
-def _worker(fds: List[int], changed: Dict[str, str], removed: List[str]) -> None:
-    """A forked worker's life: its own session and environment, then serve tasks."""
+def _worker(fds: List[int], changed: Dict[str, str], removed: List[str], umask: int) -> None:
+    """A forked worker's life: its own session, the driver's working directory, umask
+    and environment, then serve tasks."""
     code = 0
     try:
         os.setsid()
+        task_r, result_w, cwd = fds
+        os.fchdir(cwd)
+        os.close(cwd)
+        os.umask(umask)
         os.environ.update(changed)
         for k in removed:
             os.environ.pop(k, None)
         from .worker import main
-        main(["", str(fds[0]), str(fds[1])])
+        main(["", str(task_r), str(result_w)])
     except BaseException:
-        traceback.print_exc()
+        _report("a forked worker")
         code = 1
     finally:
         _flush_std()
         os._exit(code)
+
+
+def _report(what: str) -> None:
+    try:
+        sys.stderr.write(f"rhapsody_graph: {what} failed:\n")
+        traceback.print_exc()
+    except Exception:
+        pass
 
 
 def _prefetch() -> None:
@@ -251,23 +353,40 @@ def _clean_signals() -> None:
             pass
 
 
-def _keep_only(fd: int) -> None:
-    """Close every file descriptor but ``fd`` and the three standard ones; standard
-    input reads nothing, as a spawned worker's does."""
+def _own_streams() -> None:
+    """Standard streams on descriptors 0 – 2, as a fresh interpreter has them (the
+    driver may have pointed ``sys.stdout`` at a file of its own); input reads nothing."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    for name in ("stdin", "stdout", "stderr"):
+        original = getattr(sys, f"__{name}__")
+        if original is not None:
+            setattr(sys, name, original)
+
+
+def _blank_inherited(keep: int) -> None:
+    """Point every inherited descriptor above 2 but ``keep`` and regular files at
+    ``/dev/null``: the driver's pipes, sockets and the like, copied here, read nothing
+    and write nowhere (a worker holding another one's pipe would keep it from seeing
+    EOF), and no descriptor opened here later takes a number one of them holds. A
+    regular file stays shared with the driver, as in any fork (a log file the driver
+    opened at import, which a spawned worker would open again)."""
+    null = os.open(os.devnull, os.O_RDWR)
     for name in os.listdir("/proc/self/fd"):
         n = int(name)
-        if n > 2 and n != fd:
-            try:
-                os.close(n)
-            except OSError:
-                pass
+        if n <= 2 or n in (keep, null):
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(n).st_mode):
+                os.dup2(null, n, inheritable=False)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
         except Exception:

@@ -25,7 +25,7 @@ import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog, wire
-from .base import KILLED, RANKS_KIND, Call, Completion
+from .base import KILLED, RANKS_KIND, Call, Completion, refuse_foreign_abort
 from .forks import Forked, Forker, unsafe
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
@@ -176,6 +176,7 @@ class LocalBackend(PoolBackend):
 
     def abort(self) -> None:
         """Kill every worker and every launched process now."""
+        refuse_foreign_abort(self, self.pool.hub)
         self._kill_launches()
         self.pool.abort()
         self.ledger = Ledger(self.inventory)
@@ -210,17 +211,21 @@ class LocalBackend(PoolBackend):
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         env = watchdog.marked({**os.environ, **names_env(self.gpu_names)})
+        proc: Any = None
         try:
-            proc: Any = self._fork(task_r, result_w, env)
+            proc = self._fork(task_r, result_w, env)
             if proc is None:
-                popen = subprocess.Popen(worker_command(task_r, result_w),
-                                         pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=env)
-                watchdog.guard(popen, env)
-                proc = _Process(popen)
+                proc = _Process(subprocess.Popen(
+                    worker_command(task_r, result_w), pass_fds=(task_r, result_w),
+                    stdin=subprocess.DEVNULL, start_new_session=True, env=env))
+                watchdog.guard(proc.popen, env)
             else:
                 watchdog.guard(proc, env)
-        except BaseException:
+        except BaseException:  # a Ctrl-C included: the worker started is not left
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+                proc.close()
             os.close(task_w)
             os.close(result_r)
             raise
@@ -238,19 +243,28 @@ class LocalBackend(PoolBackend):
             return None
         if self._forker is None:
             why = unsafe()
+            if why is None:
+                try:
+                    self._forker = Forker()
+                except OSError as exc:
+                    why = f"the driver could not be forked ({exc})"
             if why is not None:
                 self.start_method = "spawn"
                 warn(f"LocalBackend(start_method='fork'): its workers are spawned instead, "
                      f"because {why}. Make the backend and start it (`backend.start()`) "
-                     "before starting threads or loading a GPU runtime.")
+                     "before any thread or other session starts, and before a GPU runtime "
+                     "is loaded.")
                 return None
-            self._forker = Forker()
             watchdog.guard(self._forker, {})
         forked = self._forker.fork((task_r, result_w), env)
         if forked is None:
-            self.start_method = "spawn"
-            warn("LocalBackend(start_method='fork'): its template process is gone; its "
-                 "workers are spawned from now on")
+            if self._forker.alive:
+                warn(f"LocalBackend(start_method='fork'): a worker could not be forked "
+                     f"({self._forker.failure}); this one is spawned")
+            else:
+                self.start_method = "spawn"
+                warn(f"LocalBackend(start_method='fork'): {self._forker.failure}; its "
+                     "workers are spawned from now on")
         return forked
 
     def bind_worker(self, call: Call) -> Worker:

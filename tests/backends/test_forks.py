@@ -19,8 +19,6 @@ from ..faults.test_driver_death import alive, marked
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def run_driver(tmp_path, body: str, *args: str) -> str:
     """Run ``body`` as a driver script under the reaper; its output, once it exited 0
@@ -29,7 +27,7 @@ def run_driver(tmp_path, body: str, *args: str) -> str:
     script.write_text("import os, sys, time, threading, warnings\n"
                       "import rhapsody_graph as rhapsody\n" + textwrap.dedent(body))
     code, out = reaper.run([sys.executable, str(script), *args], grace=10, timeout=90,
-                           cwd=ROOT, stdin=subprocess.DEVNULL)
+                           cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert code == 0, out
     assert reaper.left_behind(out) == reaper.NONE_LEFT, out
     return out
@@ -80,7 +78,7 @@ def test_a_driver_that_runs_threads_spawns_its_workers_and_says_why(tmp_path):
             print("warned:", *[str(w.message) for w in caught])
     """)
     assert "warned: LocalBackend(start_method='fork'): its workers are spawned instead, " \
-           "because the driver runs 2 Python threads" in out, out
+           "because the driver runs 1 other Python thread(s) (Thread-1 (wait))" in out, out
 
 
 def test_forked_workers_that_time_out_or_die_are_replaced_by_forks(tmp_path):
@@ -132,6 +130,99 @@ def test_a_graph_computed_inside_a_forked_worker_gets_its_own_backend(tmp_path):
     assert "ok" in out, out
 
 
+def test_a_worker_forked_after_the_driver_moved_gets_its_directory_umask_and_environment(
+        tmp_path):
+    out = run_driver(tmp_path, """
+        @rhapsody.task
+        def seen():
+            mask = os.umask(0)
+            return os.getcwd(), oct(mask), len(os.environ.get("BIG", "")), "GONE" in os.environ
+
+        if __name__ == "__main__":
+            os.environ["GONE"] = "1"
+            backend = rhapsody.LocalBackend(cpus=1, start_method="fork").start(1)
+            os.makedirs("moved", exist_ok=True)
+            os.chdir("moved")
+            os.umask(0o077)
+            os.environ["BIG"] = "x" * 300_000  # more than one exec could take
+            del os.environ["GONE"]
+            backend.abort()  # its worker goes: the next one is forked from now on
+            print("seen", seen().compute(backend=backend))
+            backend.shutdown()
+    """)
+    assert f"seen ('{tmp_path}/moved', '0o77', 300000, False)" in out, out
+
+
+def test_a_forked_worker_shares_the_drivers_files_and_holds_none_of_its_pipes(tmp_path):
+    (tmp_path / "drvlib.py").write_text(textwrap.dedent("""
+        import logging, os
+        LOG = open("driver.log", "a")  # opened at import: by the driver, and a spawn
+        HELD = os.pipe()  # a pipe the driver holds (the lowest free descriptors)
+
+        def use(i):
+            logging.getLogger("t").warning("logged by %d", i)
+            LOG.write(f"written by {i}\\n")
+            LOG.flush()
+            return os.readlink(f"/proc/self/fd/{HELD[0]}")
+    """))
+    out = run_driver(tmp_path, """
+        import logging
+        import drvlib
+
+        if __name__ == "__main__":
+            logging.basicConfig(filename="handler.log")
+            with rhapsody.LocalBackend(cpus=2, start_method="fork") as backend:
+                held = rhapsody.compute([rhapsody.task(drvlib.use)(i) for i in range(6)],
+                                        backend=backend)[0]
+            print("held", set(held))
+            print("written", sorted(open("driver.log").read().split("\\n")))
+            print("logged", len(open("handler.log").read().splitlines()))
+    """)
+    assert "held {'/dev/null'}" in out, out
+    assert "written ['', " + ", ".join(f"'written by {i}'" for i in range(6)) + "]" in out, out
+    assert "logged 6" in out, out
+
+
+def test_a_backend_dropped_without_shutdown_leaves_no_template(tmp_path):
+    out = run_driver(tmp_path, """
+        import gc
+        if __name__ == "__main__":
+            templates = []
+            for _ in range(3):
+                backend = rhapsody.LocalBackend(cpus=1, start_method="fork").start(1)
+                templates.append(backend._forker.pid)
+                del backend
+                gc.collect()
+            print("left", [p for p in templates if os.path.exists(f"/proc/{p}")])
+    """)
+    assert "left []" in out, out
+
+
+def test_a_lost_template_says_so_and_its_backend_spawns_from_then_on(tmp_path):
+    out = run_driver(tmp_path, """
+        import json, signal
+
+        @rhapsody.task
+        def die_where_forked(driver):
+            if os.getppid() != driver:  # forked: its template is gone
+                os._exit(7)
+            return "rerun on a spawned worker"
+
+        if __name__ == "__main__":
+            warnings.simplefilter("always")
+            backend = rhapsody.LocalBackend(cpus=1, start_method="fork")
+            with rhapsody.Session(backend, run_log="run.jsonl"):
+                os.kill(backend.start(1)._forker.pid, signal.SIGKILL)
+                print(die_where_forked(os.getpid()).compute(), backend.start_method)
+            backend.shutdown()
+            for line in open("run.jsonl"):
+                print("attempt", json.loads(line)["outcome"], json.loads(line).get("error"))
+    """)
+    assert "rerun on a spawned worker spawn" in out, out
+    assert "its workers are spawned from now on" in out, out
+    assert "attempt died WorkerDiedError" in out and "its exit status was lost: its template" in out, out
+
+
 def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children(tmp_path):
     mark = f"3600.{os.getpid()}"
     script = tmp_path / "driver.py"
@@ -151,7 +242,7 @@ def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children
             hold(sys.argv[1], sys.argv[2]).compute(backend=backend)
     """))
     pids_file = tmp_path / "pids"
-    driver = subprocess.Popen([sys.executable, str(script), mark, str(pids_file)], cwd=ROOT,
+    driver = subprocess.Popen([sys.executable, str(script), mark, str(pids_file)], cwd=tmp_path,
                               stdin=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: pids_file.exists() and pids_file.read_text().strip(), 60)

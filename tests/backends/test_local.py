@@ -319,3 +319,14 @@ def test_declared_cores_beyond_the_machine_go_onto_its_real_cores_in_turn():
         assert backend.pin(real[:1]) == (real[0],)  # a real core is itself
         where = rhapsody.task(lambda: sorted(os.sched_getaffinity(0)), cpus=1)
         assert where().compute(backend=backend)[0] in real  # a worker pinned by it runs
+
+
+def test_abort_from_another_thread_while_a_session_runs_the_backend_says_what_to_do():
+    backend = rhapsody.LocalBackend(cpus=1, name="busy")
+    with rhapsody.Session(backend):
+        assert rhapsody.task(abs)(-1).compute() == 1
+        with pytest.raises(RuntimeError, match=r"LocalBackend.abort\(\): backend 'busy' is in an "
+                                               r"open session, .* session.cancel\(\)"):
+            backend.abort()
+        assert rhapsody.task(abs)(-2).compute() == 2  # the session still runs it
+    backend.abort()  # once the session is closed, it may
