@@ -739,29 +739,22 @@ def _executor_startup(executor: str, method: str = "") -> str:
         call="abs, -2")
 
 
+_RHAPSODY_STARTUP = """
+import time
+t0 = time.perf_counter()
+import rhapsody_graph as r
+t1 = time.perf_counter()
+@r.task
+def f(x):
+    return x + 1
+assert f(1).compute({backend}) == 2
+print(t1 - t0, time.perf_counter() - t0)
+"""
+
 _STARTUP = {
-    "rhapsody": """
-import time
-t0 = time.perf_counter()
-import rhapsody_graph as r
-t1 = time.perf_counter()
-@r.task
-def f(x):
-    return x + 1
-assert f(1).compute() == 2
-print(t1 - t0, time.perf_counter() - t0)
-""",
-    "rhapsody-fork": """
-import time
-t0 = time.perf_counter()
-import rhapsody_graph as r
-t1 = time.perf_counter()
-@r.task
-def f(x):
-    return x + 1
-assert f(1).compute(backend=r.LocalBackend(start_method="fork")) == 2
-print(t1 - t0, time.perf_counter() - t0)
-""",
+    "rhapsody": _RHAPSODY_STARTUP.format(backend=""),
+    "rhapsody-fork": _RHAPSODY_STARTUP.format(
+        backend='backend=r.LocalBackend(start_method="fork")'),
     "processpool": _executor_startup("ProcessPoolExecutor"),
     "dask-threads": """
 import time
