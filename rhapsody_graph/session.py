@@ -548,7 +548,7 @@ def _backend_list(backends: Any) -> List[Any]:
     for b in backends:
         if not (isinstance(getattr(b, "name", None), str) and hasattr(b, "attach")
                 and hasattr(b, "kinds")):
-            name = (f"; rhapsody_graph.get_backend({b!r}) is the default one of that name"
+            name = (f"; rhapsody_graph.api.get_backend({b!r}) is the default one of that name"
                     if isinstance(b, str) else "")
             raise TypeError(f"{what}, got {brief(b)}{name}")
     return backends

@@ -130,7 +130,7 @@ def test_a_session_of_one_backend_given_alone_runs_on_it():
 
 
 @pytest.mark.parametrize("backends, shown", [
-    (["local"], r"got 'local'; rhapsody_graph.get_backend\('local'\) is the default one"),
+    (["local"], r"got 'local'; rhapsody_graph.api.get_backend\('local'\) is the default one"),
     (5, "got 5"),
     ("local", "got 'local'"),
 ])

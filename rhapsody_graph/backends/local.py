@@ -34,10 +34,12 @@ from ..errors import brief, warn
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, detect_host, gpu_names, names_env
 
-__all__ = ["LocalBackend", "START_METHODS"]
+__all__ = ["LocalBackend", "START_METHODS", "START_METHOD_ENV"]
 
 #: how a worker can start (``LocalBackend(start_method=)``)
 START_METHODS = ("spawn", "fork")
+#: the start method of a ``LocalBackend`` made without ``start_method=``
+START_METHOD_ENV = "RHAPSODY_GRAPH_START_METHOD"
 
 
 class _Process:
@@ -85,7 +87,9 @@ class LocalBackend(PoolBackend):
         hosts: several declared :class:`~rhapsody_graph.resources.Host` s instead,
             to exercise multi-host placement on one machine.
         workers: most worker processes at once (default: the number of cores).
-        start_method: how a worker starts. ``"spawn"`` (default): a fresh interpreter
+        start_method: how a worker starts (default: ``$RHAPSODY_GRAPH_START_METHOD``,
+            else ``"spawn"``, so a program's default backend can fork without a change
+            to the program). ``"spawn"``: a fresh interpreter
             that imports what its calls need. ``"fork"``: a copy of the driver, made by
             a template process forked while the driver runs one thread (see
             :mod:`.forks` for what a copy inherits); the first value comes several
@@ -104,13 +108,18 @@ class LocalBackend(PoolBackend):
                  gpus: "int | Sequence[int] | None" = None, *,
                  hosts: Optional[Sequence[Host]] = None, workers: Optional[int] = None,
                  memory: Optional[int] = None, name: str = "local",
-                 start_method: str = "spawn") -> None:
+                 start_method: Optional[str] = None) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{type(self).__name__}: name must be a non-empty string, "
                             f"got {brief(name)}")
+        given = ""
+        if start_method is None:
+            start_method, given = os.environ.get(START_METHOD_ENV) or "spawn", \
+                f" (${START_METHOD_ENV})"
         if start_method not in START_METHODS:
             raise ValueError(f"{type(self).__name__}: start_method must be one of "
-                             f"{', '.join(map(repr, START_METHODS))}, got {brief(start_method)}")
+                             f"{', '.join(map(repr, START_METHODS))}, got "
+                             f"{brief(start_method)}{given}")
         self.name = name
         self.start_method = start_method
         self._forker: Optional[Forker] = None  # the template workers are forked from

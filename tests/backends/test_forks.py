@@ -20,14 +20,14 @@ from ..faults.test_driver_death import alive, marked
 pytestmark = pytest.mark.timeout(120)
 
 
-def run_driver(tmp_path, body: str, *args: str) -> str:
-    """Run ``body`` as a driver script under the reaper; its output, once it exited 0
-    and left nothing behind."""
+def run_driver(tmp_path, body: str, *args: str, **env: str) -> str:
+    """Run ``body`` as a driver script under the reaper, with ``env`` added to its
+    environment; its output, once it exited 0 and left nothing behind."""
     script = tmp_path / "driver.py"
     script.write_text("import os, sys, time, threading, warnings\n"
                       "import rhapsody_graph as rhapsody\n" + textwrap.dedent(body))
     code, out = reaper.run([sys.executable, str(script), *args], grace=10, timeout=90,
-                           cwd=tmp_path, stdin=subprocess.DEVNULL)
+                           cwd=tmp_path, stdin=subprocess.DEVNULL, env={**os.environ, **env})
     assert code == 0, out
     assert reaper.left_behind(out) == reaper.NONE_LEFT, out
     return out
@@ -257,7 +257,23 @@ def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children
         f"left behind: {sorted(alive(pids) | marked(mark))}"
 
 
-def test_a_start_method_it_does_not_know_is_refused_naming_it():
+def test_the_default_backend_forks_when_the_environment_says_so(tmp_path):
+    out = run_driver(tmp_path, """
+        @rhapsody.task
+        def parent():
+            return os.getppid()
+
+        if __name__ == "__main__":
+            backend = rhapsody.api.get_backend()
+            print("forked", parent().compute() == backend._forker.pid, backend.start_method)
+    """, RHAPSODY_GRAPH_START_METHOD="fork")
+    assert "forked True fork" in out, out
+
+
+def test_a_start_method_it_does_not_know_is_refused_naming_it(monkeypatch):
     with pytest.raises(ValueError, match=r"start_method must be one of 'spawn', 'fork', "
-                                         r"got 'forkserver'"):
+                                         r"got 'forkserver'$"):
         rhapsody.LocalBackend(start_method="forkserver")
+    monkeypatch.setenv("RHAPSODY_GRAPH_START_METHOD", "vfork")
+    with pytest.raises(ValueError, match=r"got 'vfork' \(\$RHAPSODY_GRAPH_START_METHOD\)"):
+        rhapsody.LocalBackend()
