@@ -118,7 +118,7 @@ class Forker:
         when the template could not make one (``failure`` says why)."""
         changed = {k: v for k, v in env.items() if self.environ.get(k) != v}
         removed = [k for k in self.environ if k not in env]
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)  # no read right needed
         try:
             reply = self._ask(b"F" + pickle.dumps((changed, removed, _umask())), (*fds, cwd))
         finally:
