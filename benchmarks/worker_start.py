@@ -6,7 +6,8 @@ on a ``LocalBackend`` whose workers start one way or the other. Timed: from befo
 ``compute()`` to its values, so the driver's own import is left out; a spawned
 worker imports the module itself, a forked one has it already. Median of
 ``--repeats`` runs per (module, method), after one untimed run per module (it
-writes the bytecode caches).
+writes the bytecode caches). ``OPENBLAS_NUM_THREADS=1`` and ``OMP_NUM_THREADS=1``
+for both: a driver running a native thread pool is not forked.
 
     python benchmarks/worker_start.py                     # json and pandas, 2 workers
     python benchmarks/worker_start.py --modules numpy --workers 4
@@ -46,6 +47,7 @@ METHODS = ("spawn", "fork")
 def once(module: str, method: str, workers: int) -> float:
     """Seconds from compute() to the values of one node per worker, in a fresh driver."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # no pool: the driver can fork
     out = subprocess.run([sys.executable, "-c", SCRIPT.format(module=module), str(workers),
                           method], capture_output=True, text=True, timeout=300, env=env)
     if out.returncode != 0:

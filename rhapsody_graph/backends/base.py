@@ -223,15 +223,18 @@ class Call:
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
 
 
-def refuse_foreign_abort(backend: Any, hub: Optional[Completions]) -> None:
-    """Raise if ``backend.abort()`` is called from a thread other than the scheduler of
-    an open session that runs it: that scheduler owns its calls and workers."""
+def refuse_foreign_call(backend: Any, hub: Optional[Completions], method: str) -> None:
+    """Raise if ``backend.<method>()`` (``abort``, ``start``) is called from a thread other
+    than the scheduler of an open session that runs it: that scheduler owns its calls
+    and workers."""
     owner = hub.owner if hub is not None else None
     if owner is not None and owner.is_alive() and threading.current_thread() is not owner:
-        raise RuntimeError(
-            f"{type(backend).__name__}.abort(): backend {backend.name!r} is in an open "
-            "session, whose scheduler owns its calls; cancel them with session.cancel(), or "
-            "close the session (backend.shutdown() closes it and stops the workers)")
+        do = {"abort": "cancel its calls with session.cancel(), or close the session "
+                       "(backend.shutdown() closes it and stops the workers)",
+              "start": "it starts workers as its calls need them; start them before the "
+                       "session opens"}[method]
+        raise RuntimeError(f"{type(backend).__name__}.{method}(): backend {backend.name!r} is "
+                           f"in an open session, whose scheduler owns its workers; {do}")
 
 
 def refuse_second_session(name: str, current: Optional[Completions],

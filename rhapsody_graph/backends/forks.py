@@ -2,8 +2,9 @@
 
 A fresh worker interpreter takes tens of milliseconds to start and import; a fork
 of a process that has already imported everything takes one. Forking the driver
-itself is only safe while it runs one thread (a lock another thread holds at the
-fork stays locked for good in the child), and a session starts its scheduler
+itself is only safe while it runs one thread, counted by the kernel (a lock another
+thread holds at the fork stays locked for good in the child: OpenMP's pool hangs
+a forked child that uses it), and a session starts its scheduler
 thread right after its backends start their first worker. So the first fork makes
 a *template*: a copy of the driver, taken while it runs one thread, that stays
 single-threaded and forks every worker of its backend on request. Every worker is
@@ -33,8 +34,7 @@ What a forked worker differs in: it starts with what the driver had imported and
 defined when the template was taken, and with the state of its modules then
 (this package's own sessions and default backends are forgotten at every fork;
 ``random`` is reseeded by Python; other generators, such as NumPy's global one,
-are not; nor are thread pools sized at import, such as OpenBLAS's, which keep the
-driver's size whatever cores the worker is pinned to). The regular files the driver
+are not). The regular files the driver
 had open stay shared with it, as in any fork; its pipes, sockets and other
 descriptors read nothing and write nowhere there (``/dev/null``). Its standard
 streams are the process's descriptors 0 – 2 (input reads nothing), whatever the
@@ -42,10 +42,16 @@ driver had pointed ``sys.stdout`` at. Its working directory, umask and environme
 are the driver's when it is forked. Its ``/proc/<pid>/environ`` is the driver's, so
 a process it forks without ``exec`` and moves out of its group is not found by the
 watchdog's marker (one it starts with ``exec`` is: it gets the worker's
-``os.environ``).
+``os.environ``). It ends as ``multiprocessing``'s forked children do: it waits for
+its non-daemon threads and runs the exit handlers registered in it (and
+``logging``'s), never the driver's, and does not tear its modules down, so what a
+task left buffered in a file it did not close or flush is lost. A ``logging``
+handler the driver made on a stream writes to that stream, not to the worker's
+captured output.
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import os
@@ -68,19 +74,37 @@ from .launch import describe_exit, kill_group
 __all__ = ["Forker", "Forked", "unsafe"]
 
 _SIZE = struct.Struct("!I")  # a message's length, before it
+#: native threads (by kernel name) that are safe across a fork, and not counted: their
+#: library stops them before and restarts them after (jemalloc, which pyarrow and so
+#: pandas load, runs one to purge memory)
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 
 
 def unsafe() -> Optional[str]:
     """Why the driver cannot be forked now (``None``: it can)."""
     from .worker import gpu_runtime_loaded
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    if others:
-        return (f"the driver runs {len(others)} other Python thread(s) ({', '.join(others)}), "
-                "and a fork can inherit a lock one of them holds (a session's own thread is "
-                "named rhapsody-scheduler)")
+    native = sum(_thread_name(t) not in FORK_SAFE_THREADS
+                 for t in os.listdir("/proc/self/task")) - 1 - len(others)
+    if others or native > 0:
+        told = [f"{len(others)} other Python thread(s) ({', '.join(others)}; a session's "
+                "own are named rhapsody-*)"] if others else []
+        told += [f"{native} thread(s) the threading module does not know (a native "
+                 "library's pool, as OpenMP's, OpenBLAS's or MKL's: set OMP_NUM_THREADS=1 "
+                 "or OPENBLAS_NUM_THREADS=1 before it loads)"] if native > 0 else []
+        return (f"the driver runs {' and '.join(told)}, and a fork can inherit a lock one of "
+                "them holds")
     if gpu_runtime_loaded():
         return "the driver has loaded a GPU runtime, which a forked process cannot use"
     return None
+
+
+def _thread_name(tid: str) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""  # ended since it was listed
 
 
 class Forker:
@@ -208,8 +232,9 @@ class Forked:
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         if not self.reaped:
             if self.pidfd >= 0:
-                ready, _, _ = select.select([self.pidfd], [], [], timeout)
-                if not ready:
+                ended = select.poll()  # any descriptor number (select() stops at 1024)
+                ended.register(self.pidfd, select.POLLIN)
+                if not ended.poll(None if timeout is None else timeout * 1e3):
                     return None
             self.code = self.forker.reap(self.pid)
             self.reaped = True
@@ -271,6 +296,7 @@ def _template(sock: socket.socket, blocked: "set[int]") -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _own_streams()
         _blank_inherited(sock.fileno())
+        _forget_exit_handlers()
         _prefetch()
         while True:
             request, fds = _receive(sock)
@@ -320,6 +346,8 @@ def _worker(fds: List[int], changed: Dict[str, str], removed: List[str], umask: 
             os.environ.pop(k, None)
         from .worker import main
         main(["", str(task_r), str(result_w)])
+        threading._shutdown()  # type: ignore[attr-defined]  # as an interpreter's exit:
+        atexit._run_exitfuncs()  # waits for non-daemon threads, runs its own handlers
     except BaseException:
         _report("a forked worker")
         code = 1
@@ -351,6 +379,25 @@ def _clean_signals() -> None:
                 signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
             pass
+
+
+def _forget_exit_handlers() -> None:
+    """The driver's exit handlers and finalizers are its own (one may delete a directory
+    it made): none runs when a worker ends, which runs those made in it. Two of the
+    driver's modules are made this process's own again: ``logging`` flushes its
+    handlers at exit, and ``multiprocessing`` starts a resource tracker of its own
+    (the driver's pipe to its tracker reads nothing here)."""
+    atexit._clear()
+    weakref.finalize._registry.clear()  # type: ignore[attr-defined]
+    weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        atexit.register(logging.shutdown)
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker is not None:
+        tracker._resource_tracker = tracker.ResourceTracker()
+        for name in ("ensure_running", "register", "unregister", "getfd"):
+            setattr(tracker, name, getattr(tracker._resource_tracker, name))
 
 
 def _own_streams() -> None:

@@ -25,7 +25,7 @@ import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog, wire
-from .base import KILLED, RANKS_KIND, Call, Completion, refuse_foreign_abort
+from .base import KILLED, RANKS_KIND, Call, Completion, refuse_foreign_call
 from .forks import Forked, Forker, unsafe
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
@@ -142,7 +142,11 @@ class LocalBackend(PoolBackend):
         calls, instead of after them."""
         super().attach(completions)
         if completions is not None and not wire.IMPORTING:
-            self.start(1)
+            try:
+                self.start(1)
+            except BaseException:  # a Ctrl-C, a warning made an error: it stays free
+                super().attach(None)
+                raise
 
     def accepts(self, node: Node) -> bool:
         """True unless ``node`` has Dragon pass-through options this backend cannot honour."""
@@ -178,14 +182,18 @@ class LocalBackend(PoolBackend):
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, n: Optional[int] = None) -> "LocalBackend":
-        """Start ``n`` workers now (default: all), rather than on first use."""
-        for _ in range(max(0, (n or self.max_workers) - len(self.pool.workers))):
+        """Start ``n`` workers now (default: all), rather than on first use (before a
+        session runs the backend: its scheduler then starts them on demand)."""
+        missing = max(0, (n or self.max_workers) - len(self.pool.workers))
+        if missing:
+            refuse_foreign_call(self, self.pool.hub, "start")
+        for _ in range(missing):
             self._spawn()
         return self
 
     def abort(self) -> None:
         """Kill every worker and every launched process now."""
-        refuse_foreign_abort(self, self.pool.hub)
+        refuse_foreign_call(self, self.pool.hub, "abort")
         self._kill_launches()
         self.pool.abort()
         self.ledger = Ledger(self.inventory)

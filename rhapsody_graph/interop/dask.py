@@ -190,5 +190,6 @@ def _pool(num_workers: int) -> Any:
     from ..backends.local import LocalBackend
     with _lock:
         if num_workers not in _pools:
-            _pools[num_workers] = LocalBackend(workers=num_workers, name=f"dask-{num_workers}")
+            _pools[num_workers] = LocalBackend(workers=num_workers, name=f"dask-{num_workers}",
+                                               start_method="spawn")  # made as threads run
         return _pools[num_workers]

@@ -78,7 +78,8 @@ def test_a_driver_that_runs_threads_spawns_its_workers_and_says_why(tmp_path):
             print("warned:", *[str(w.message) for w in caught])
     """)
     assert "warned: LocalBackend(start_method='fork'): its workers are spawned instead, " \
-           "because the driver runs 1 other Python thread(s) (Thread-1 (wait))" in out, out
+           "because the driver runs 1 other Python thread(s) (Thread-1 (wait); a session's " \
+           "own are named rhapsody-*)" in out, out
 
 
 def test_forked_workers_that_time_out_or_die_are_replaced_by_forks(tmp_path):
@@ -221,6 +222,108 @@ def test_a_lost_template_says_so_and_its_backend_spawns_from_then_on(tmp_path):
     assert "rerun on a spawned worker spawn" in out, out
     assert "its workers are spawned from now on" in out, out
     assert "attempt died WorkerDiedError" in out and "its exit status was lost: its template" in out, out
+
+
+def test_a_driver_running_threads_the_threading_module_does_not_know_is_not_forked(tmp_path):
+    out = run_driver(tmp_path, """
+        import _thread
+
+        @rhapsody.task
+        def parent():
+            return os.getppid()
+
+        if __name__ == "__main__":
+            _thread.start_new_thread(time.sleep, (60,))  # as OpenMP's pool: not a threading.Thread
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
+                    print("spawned", parent().compute(backend=backend) == os.getpid())
+            print("warned:", *[str(w.message) for w in caught])
+    """)
+    assert "spawned True" in out and "the driver runs 1 thread(s) the threading module " \
+                                      "does not know" in out, out
+
+
+def test_a_refused_fork_raised_as_an_error_leaves_the_backend_free_to_run(tmp_path):
+    out = run_driver(tmp_path, """
+        @rhapsody.task
+        def parent():
+            return os.getppid()
+
+        if __name__ == "__main__":
+            warnings.simplefilter("error")  # as under pytest's filterwarnings = error
+            stop = threading.Event()
+            threading.Thread(target=stop.wait).start()
+            backend = rhapsody.LocalBackend(cpus=1, start_method="fork")
+            try:
+                parent().compute(backend=backend)
+            except RuntimeWarning as warning:
+                print("raised:", str(warning)[:60])
+            print("then spawned", parent().compute(backend=backend) == os.getpid())
+            backend.shutdown()
+            stop.set()
+    """)
+    assert "raised: LocalBackend(start_method='fork'): its workers are spawned" in out, out
+    assert "then spawned True" in out, out
+
+
+def test_a_forked_worker_has_its_own_tracker_and_ends_with_its_threads_and_handlers(
+        tmp_path):
+    out = run_driver(tmp_path, """
+        import atexit, multiprocessing
+        from multiprocessing import shared_memory
+
+        @rhapsody.task
+        def leave_things(log):
+            def later():
+                time.sleep(0.2)
+                with open(log, "a") as f:
+                    f.write("non-daemon thread ended\\n")
+            threading.Thread(target=later).start()
+            atexit.register(lambda: open(log, "a").write("handler of the worker ran\\n"))
+            segment = shared_memory.SharedMemory(create=True, size=4096)  # tracked
+            segment.close()
+            segment.unlink()
+            with open(f"/proc/self/task/{threading.get_native_id()}/children") as f:
+                kids = [open(f"/proc/{k}/cmdline").read() for k in f.read().split()]
+            return any("resource_tracker" in k for k in kids)  # its own tracker
+
+        if __name__ == "__main__":
+            with multiprocessing.get_context("spawn").Pool(1) as pool:  # the driver's tracker
+                pool.map(abs, [-1])
+            atexit.register(lambda: print("the driver's handler ran in", os.getpid()))
+            with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
+                own = leave_things(os.path.abspath("exits.log")).compute(backend=backend)
+            print("a tracker of its own", own)
+            print("log", sorted(open("exits.log").read().splitlines()))
+    """)
+    assert "a tracker of its own True" in out, out
+    assert "log ['handler of the worker ran', 'non-daemon thread ended']" in out, out
+    assert out.count("the driver's handler ran in") == 1, out  # in the driver only
+
+
+def test_a_forked_worker_is_timed_out_and_reaped_with_the_driver_holding_1100_files(tmp_path):
+    out = run_driver(tmp_path, """
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            print("skip: at most", hard, "files"); sys.exit(0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+
+        @rhapsody.task(timeout=0.5)
+        def slow():
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            held = [open(__file__) for _ in range(1100)]  # descriptors past select()'s 1024
+            with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
+                try:
+                    slow().compute(backend=backend)
+                except rhapsody.NodeTimeoutError:
+                    print("timed out")
+                print("then", rhapsody.task(abs)(-3).compute(backend=backend))
+    """)
+    assert ("timed out" in out and "then 3" in out) or "skip:" in out, out
 
 
 def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children(tmp_path):
