@@ -223,18 +223,44 @@ class Call:
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
 
 
-def refuse_foreign_call(backend: Any, hub: Optional[Completions], method: str) -> None:
-    """Raise if ``backend.<method>()`` (``abort``, ``start``) is called from a thread other
-    than the scheduler of an open session that runs it: that scheduler owns its calls
-    and workers."""
+def refuse_foreign_abort(backend: Any, hub: Optional[Completions]) -> None:
+    """Raise if ``backend.abort()`` is called from a thread other than the scheduler of
+    an open session that runs it: that scheduler owns its calls and workers."""
     owner = hub.owner if hub is not None else None
     if owner is not None and owner.is_alive() and threading.current_thread() is not owner:
-        do = {"abort": "cancel its calls with session.cancel(), or close the session "
-                       "(backend.shutdown() closes it and stops the workers)",
-              "start": "it starts workers as its calls need them; start them before the "
-                       "session opens"}[method]
-        raise RuntimeError(f"{type(backend).__name__}.{method}(): backend {backend.name!r} is "
-                           f"in an open session, whose scheduler owns its workers; {do}")
+        raise RuntimeError(
+            f"{type(backend).__name__}.abort(): backend {backend.name!r} is in an open "
+            "session (compute() with backend= opens one that stays open), whose scheduler "
+            "owns its calls and workers; call backend.shutdown() instead (it closes that "
+            "session and stops the workers, and the backend can be used again), or cancel "
+            "the calls with session.cancel()")
+
+
+def on_scheduler(hub: Optional[Completions], fn: Callable[[], None]) -> bool:
+    """Run ``fn`` on the scheduler thread of the open session that drains ``hub``, and
+    wait for it (its exception is raised here). ``False`` where there is none, or this
+    is that thread: the caller runs ``fn`` itself."""
+    owner = hub.owner if hub is not None else None
+    if owner is None or not owner.is_alive() or threading.current_thread() is owner:
+        return False
+    done = threading.Event()
+    failed: List[BaseException] = []
+
+    def run(out: List[Completion]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # raised in the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    hub.post(run)
+    while not done.wait(0.1):  # woken by the event; the timeout only checks for a
+        if not owner.is_alive() and not done.is_set():  # session closed meanwhile
+            return False
+    if failed:
+        raise failed[0]
+    return True
 
 
 def refuse_second_session(name: str, current: Optional[Completions],

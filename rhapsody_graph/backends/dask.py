@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import wire
 from .base import (DIED, ERROR, KILLED, OK, Call, Completion, Completions, OwnCalls,
-                   close_session, environ, refuse_foreign_call)
+                   close_session, environ, refuse_foreign_abort)
 from .pool import encode_arguments, encode_function, encode_program
 from .programs import kill_program_of, run_program
 from ..errors import WorkerDiedError, brief, warn
@@ -268,7 +268,7 @@ class DaskBackend(OwnCalls):
 
     def abort(self) -> None:
         """Cancel every call; the ledger starts afresh."""
-        refuse_foreign_call(self, self.hub, "abort")
+        refuse_foreign_abort(self, self.hub)
         for future in self._running.values():
             future.cancel()
         self._running.clear()

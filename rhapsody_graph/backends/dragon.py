@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import dragon_runtime, watchdog, wire
 from .base import (DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease,
-                   refuse_foreign_call)
+                   refuse_foreign_abort)
 from .dragon_worker import HELLO, TOKEN_BYTES, serve
 from .programs import run_program
 from .dragon_service import DragonServer
@@ -639,7 +639,7 @@ class DragonBackend(PoolBackend):
 
     def abort(self) -> None:
         """Kill every process worker and end every Batch call now."""
-        refuse_foreign_call(self, self.pool.hub, "abort")
+        refuse_foreign_abort(self, self.pool.hub)
         self._end_jobs()
         self.pool.abort()
         self.ledger = Ledger(self.inventory)

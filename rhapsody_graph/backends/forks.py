@@ -236,6 +236,8 @@ class Forked:
                 ended.register(self.pidfd, select.POLLIN)
                 if not ended.poll(None if timeout is None else timeout * 1e3):
                     return None
+            if self.forker.alive:  # what it left in its group goes with it, as a spawned
+                kill_group(self)   # worker's does; unreaped, its group id is not reused
             self.code = self.forker.reap(self.pid)
             self.reaped = True
             watchdog.release(self)
@@ -385,14 +387,22 @@ def _forget_exit_handlers() -> None:
     """The driver's exit handlers and finalizers are its own (one may delete a directory
     it made): none runs when a worker ends, which runs those made in it. Two of the
     driver's modules are made this process's own again: ``logging`` flushes its
-    handlers at exit, and ``multiprocessing`` starts a resource tracker of its own
-    (the driver's pipe to its tracker reads nothing here)."""
+    handlers at exit, and ``multiprocessing`` ends the children made here at exit and
+    starts a resource tracker of its own (the driver's pipe to its tracker reads
+    nothing here)."""
     atexit._clear()
     weakref.finalize._registry.clear()  # type: ignore[attr-defined]
     weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
     logging = sys.modules.get("logging")
     if logging is not None:
         atexit.register(logging.shutdown)
+    process, util = (sys.modules.get(f"multiprocessing.{m}") for m in ("process", "util"))
+    if process is not None:  # as multiprocessing sets up a child it forks itself
+        process._children = set()  # the driver's children are not this process's
+    if util is not None:
+        util._finalizer_registry.clear()
+        util._run_after_forkers()
+        atexit.register(util._exit_function)  # ends the children a task left
     tracker = sys.modules.get("multiprocessing.resource_tracker")
     if tracker is not None:
         tracker._resource_tracker = tracker.ResourceTracker()

@@ -25,7 +25,7 @@ import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog, wire
-from .base import KILLED, RANKS_KIND, Call, Completion, refuse_foreign_call
+from .base import KILLED, RANKS_KIND, Call, Completion, on_scheduler, refuse_foreign_abort
 from .forks import Forked, Forker, unsafe
 from .launch import Launch, describe_exit, kill_tree, worker_command
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers
@@ -182,18 +182,19 @@ class LocalBackend(PoolBackend):
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, n: Optional[int] = None) -> "LocalBackend":
-        """Start ``n`` workers now (default: all), rather than on first use (before a
-        session runs the backend: its scheduler then starts them on demand)."""
-        missing = max(0, (n or self.max_workers) - len(self.pool.workers))
-        if missing:
-            refuse_foreign_call(self, self.pool.hub, "start")
-        for _ in range(missing):
-            self._spawn()
+        """Start ``n`` workers now (default: all), rather than on first use (on the
+        scheduler thread of an open session that runs the backend, which owns them)."""
+        if not on_scheduler(self.pool.hub, lambda: self._start_workers(n)):
+            self._start_workers(n)
         return self
+
+    def _start_workers(self, n: Optional[int]) -> None:
+        for _ in range(max(0, (n or self.max_workers) - len(self.pool.workers))):
+            self._spawn()
 
     def abort(self) -> None:
         """Kill every worker and every launched process now."""
-        refuse_foreign_call(self, self.pool.hub, "abort")
+        refuse_foreign_abort(self, self.pool.hub)
         self._kill_launches()
         self.pool.abort()
         self.ledger = Ledger(self.inventory)

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
     Tuple, Union
 
 from .base import DROPPED, KILLED, OK, RANKS_KIND, Call, Completion, close_session, \
-    refuse_foreign_call, refuse_second_session
+    refuse_foreign_abort, refuse_second_session
 from ..errors import brief
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger, Placement
@@ -209,7 +209,7 @@ class SimulatedBackend:
 
     def abort(self) -> None:
         """Forget every call not yet ended; the ledger starts afresh."""
-        refuse_foreign_call(self, self.hub, "abort")
+        refuse_foreign_abort(self, self.hub)
         self._running.clear()
         self._due.clear()
         self._quiet()

@@ -326,6 +326,28 @@ def test_a_forked_worker_is_timed_out_and_reaped_with_the_driver_holding_1100_fi
     assert ("timed out" in out and "then 3" in out) or "skip:" in out, out
 
 
+def test_what_a_forked_worker_left_in_its_group_ends_with_it_at_shutdown(tmp_path):
+    out = run_driver(tmp_path, """
+        @rhapsody.task
+        def leave_a_helper():
+            pid = os.fork()  # no exec, no session of its own: in the worker's group
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            return pid
+
+        if __name__ == "__main__":
+            with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
+                helper = leave_a_helper().compute(backend=backend)
+            try:  # killed: at most a zombie until its new parent reaps it
+                state = open(f"/proc/{helper}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            print("helper left", state not in ("Z", "gone"))
+    """)
+    assert "helper left False" in out, out  # and the reaper found nothing left
+
+
 def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children(tmp_path):
     mark = f"3600.{os.getpid()}"
     script = tmp_path / "driver.py"

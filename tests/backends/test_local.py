@@ -321,16 +321,25 @@ def test_declared_cores_beyond_the_machine_go_onto_its_real_cores_in_turn():
         assert where().compute(backend=backend)[0] in real  # a worker pinned by it runs
 
 
-def test_abort_or_start_from_another_thread_while_a_session_runs_the_backend_says_what_to_do():
+def test_abort_from_another_thread_while_a_session_runs_the_backend_says_what_to_do():
     backend = rhapsody.LocalBackend(cpus=2, name="busy")
+    rhapsody.task(abs)(-1).compute(backend=backend)  # a session that stays open
+    with pytest.raises(RuntimeError, match=r"LocalBackend.abort\(\): backend 'busy' is in an "
+                                           r"open session .* call backend.shutdown\(\) instead"):
+        backend.abort()
+    assert rhapsody.task(abs)(-2).compute(backend=backend) == 2  # the session still runs it
+    backend.shutdown()
+    backend.abort()  # once the session is closed, it may
+
+
+def test_start_while_a_session_runs_the_backend_starts_its_workers_on_the_scheduler_thread():
+    backend = rhapsody.LocalBackend(cpus=2, name="warm")
     with rhapsody.Session(backend):
         assert rhapsody.task(abs)(-1).compute() == 1
-        with pytest.raises(RuntimeError, match=r"LocalBackend.abort\(\): backend 'busy' is in an "
-                                               r"open session, .* session.cancel\(\)"):
-            backend.abort()
-        with pytest.raises(RuntimeError, match=r"LocalBackend.start\(\): .* start them before "
-                                               r"the session opens"):
-            backend.start()  # all its workers: more than run now
-        assert backend.start(1) is backend  # one runs already: nothing to start
-        assert rhapsody.task(abs)(-2).compute() == 2  # the session still runs it
-    backend.abort()  # once the session is closed, it may
+        assert backend.start() is backend
+        assert len(backend.pool.workers) == 2  # all of them, and no more
+        pids = {w.proc.popen.pid for w in backend.pool.workers}
+        assert pids <= child_pids()
+        assert set(rhapsody.compute([rhapsody.task(abs)(-i) for i in range(50)])[0]) == \
+            set(range(50))
+    backend.shutdown()
