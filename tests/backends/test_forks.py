@@ -20,12 +20,21 @@ from ..faults.test_driver_death import alive, marked
 pytestmark = pytest.mark.timeout(120)
 
 
+PREAMBLE = """import os, sys, time, threading, warnings
+import rhapsody_graph as rhapsody
+
+
+@rhapsody.task
+def parent():
+    return os.getppid()
+"""
+
+
 def run_driver(tmp_path, body: str, *args: str, **env: str) -> str:
     """Run ``body`` as a driver script under the reaper, with ``env`` added to its
     environment; its output, once it exited 0 and left nothing behind."""
     script = tmp_path / "driver.py"
-    script.write_text("import os, sys, time, threading, warnings\n"
-                      "import rhapsody_graph as rhapsody\n" + textwrap.dedent(body))
+    script.write_text(PREAMBLE + textwrap.dedent(body))
     code, out = reaper.run([sys.executable, str(script), *args], grace=10, timeout=90,
                            cwd=tmp_path, stdin=subprocess.DEVNULL, env={**os.environ, **env})
     assert code == 0, out
@@ -62,10 +71,6 @@ def test_forked_workers_are_copies_of_the_driver_made_by_one_template(tmp_path):
 
 def test_a_driver_that_runs_threads_spawns_its_workers_and_says_why(tmp_path):
     out = run_driver(tmp_path, """
-        @rhapsody.task
-        def parent():
-            return os.getppid()
-
         if __name__ == "__main__":
             stop = threading.Event()
             threading.Thread(target=stop.wait).start()
@@ -91,10 +96,6 @@ def test_forked_workers_that_time_out_or_die_are_replaced_by_forks(tmp_path):
         @rhapsody.task
         def die():
             os._exit(3)
-
-        @rhapsody.task
-        def parent():
-            return os.getppid()
 
         if __name__ == "__main__":
             with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
@@ -228,10 +229,6 @@ def test_a_driver_running_threads_the_threading_module_does_not_know_is_not_fork
     out = run_driver(tmp_path, """
         import _thread
 
-        @rhapsody.task
-        def parent():
-            return os.getppid()
-
         if __name__ == "__main__":
             _thread.start_new_thread(time.sleep, (60,))  # as OpenMP's pool: not a threading.Thread
             with warnings.catch_warnings(record=True) as caught:
@@ -246,10 +243,6 @@ def test_a_driver_running_threads_the_threading_module_does_not_know_is_not_fork
 
 def test_a_refused_fork_raised_as_an_error_leaves_the_backend_free_to_run(tmp_path):
     out = run_driver(tmp_path, """
-        @rhapsody.task
-        def parent():
-            return os.getppid()
-
         if __name__ == "__main__":
             warnings.simplefilter("error")  # as under pytest's filterwarnings = error
             stop = threading.Event()
@@ -384,10 +377,6 @@ def test_a_sigkilled_driver_takes_its_template_forked_workers_and_their_children
 
 def test_the_default_backend_forks_when_the_environment_says_so(tmp_path):
     out = run_driver(tmp_path, """
-        @rhapsody.task
-        def parent():
-            return os.getppid()
-
         if __name__ == "__main__":
             backend = rhapsody.api.get_backend()
             print("forked", parent().compute() == backend._forker.pid, backend.start_method)
