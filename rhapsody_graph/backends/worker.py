@@ -41,6 +41,7 @@ LOOK = 50e-6
 class Worker:
     def __init__(self, task_fd: int, result_fd: int) -> None:
         self.task_fd, self.result_fd = task_fd, result_fd
+        self.pid = os.getpid()
         self.poller = select.poll()  # between two tasks: has the driver sent more?
         self.poller.register(task_fd, select.POLLIN)
         self.inbox = bytearray()
@@ -151,6 +152,12 @@ class Worker:
             payload, status = wire.dump_result(value), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
+            if os.getpid() != self.pid:
+                code = exc.code if isinstance(exc, SystemExit) else 1
+                os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+        if os.getpid() != self.pid:  # a process the call forked came back here: it ends,
+            _flush_std()             # and never answers for the call on the worker's pipe
+            os._exit(0)
         self.ended = time.perf_counter()
         seconds = self.ended - start
         if status == wire.OK:

@@ -343,3 +343,22 @@ def test_start_while_a_session_runs_the_backend_starts_its_workers_on_the_schedu
         assert set(rhapsody.compute([rhapsody.task(abs)(-i) for i in range(50)])[0]) == \
             set(range(50))
     backend.shutdown()
+
+
+def _fork_and_fall_through(how):
+    """In the child: return, or raise SystemExit(3), into the worker's loop."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "exit":
+            sys.exit(3)
+        return "the child's value"
+    _, status = os.waitpid(pid, 0)
+    return "the parent's value", os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("how, code", [("return", 0), ("exit", 3)])
+def test_a_process_a_call_forked_that_falls_into_the_workers_loop_ends_there(how, code):
+    with rhapsody.LocalBackend(cpus=1) as backend:
+        node = rhapsody.task(_fork_and_fall_through)(how)
+        assert node.compute(backend=backend) == ("the parent's value", code)
+        assert rhapsody.task(abs)(-4).compute(backend=backend) == 4  # the worker answers on
