@@ -3,9 +3,9 @@
 A fresh worker interpreter takes tens of milliseconds to start and import; a fork
 of a process that has already imported everything takes one. Forking the driver
 itself is only safe while it runs one thread, counted by the kernel (a lock another
-thread holds at the fork stays locked for good in the child: OpenMP's pool hangs
-a forked child that uses it), and a session starts its scheduler
-thread right after its backends start their first worker. So the first fork makes
+thread holds at the fork stays locked for good in the child: OpenMP's pool hangs a
+forked child that uses it), and a session starts its scheduler thread right after
+its backends start their first worker. So the first fork makes
 a *template*: a copy of the driver, taken while it runs one thread, that stays
 single-threaded and forks every worker of its backend on request. Every worker is
 then a copy of the driver as it was at that moment, however late it starts (a
@@ -34,9 +34,9 @@ What a forked worker differs in: it starts with what the driver had imported and
 defined when the template was taken, and with the state of its modules then
 (this package's own sessions and default backends are forgotten at every fork;
 ``random`` is reseeded by Python; other generators, such as NumPy's global one,
-are not). The regular files the driver
-had open stay shared with it, as in any fork; its pipes, sockets and other
-descriptors read nothing and write nowhere there (``/dev/null``). Its standard
+are not). The regular files the driver had open stay shared with it, as in any
+fork; its pipes, sockets and other descriptors read nothing and write nowhere there
+(``/dev/null``). Its standard
 streams are the process's descriptors 0 – 2 (input reads nothing), whatever the
 driver had pointed ``sys.stdout`` at. Its working directory, umask and environment
 are the driver's when it is forked. Its ``/proc/<pid>/environ`` is the driver's, so
@@ -70,6 +70,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog
 from .launch import describe_exit, kill_group
+from .worker import flush_std, gpu_runtime_loaded
 
 __all__ = ["Forker", "Forked", "unsafe"]
 
@@ -82,7 +83,6 @@ FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 
 def unsafe() -> Optional[str]:
     """Why the driver cannot be forked now (``None``: it can)."""
-    from .worker import gpu_runtime_loaded
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     native = sum(_thread_name(t) not in FORK_SAFE_THREADS
                  for t in os.listdir("/proc/self/task")) - 1 - len(others)
@@ -118,7 +118,7 @@ class Forker:
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.environ = dict(os.environ)  # the template's, to send only what changed
-        _flush_std()
+        flush_std()
         # no signal handler may run in the template before it has set its own
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
@@ -354,7 +354,7 @@ def _worker(fds: List[int], changed: Dict[str, str], removed: List[str], umask: 
         _report("a forked worker")
         code = 1
     finally:
-        _flush_std()
+        flush_std()
         os._exit(code)
 
 
@@ -440,11 +440,3 @@ def _blank_inherited(keep: int) -> None:
         except OSError:
             pass
     os.close(null)
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except Exception:
-            pass

@@ -33,6 +33,10 @@ from typing import Any, Deque, Dict, Optional, Tuple
 from . import capture, wire
 from ..resources import GPU_NAMES, Placement, gpu_names
 
+#: set in every process ``os.fork`` makes from this one (a flag, not a getpid per call)
+_FORKED = [False]
+os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
+
 #: between two queued tasks, look for new messages again once this many seconds have
 #: passed since the last look: a poll per task would be a third of a no-op's cost here
 LOOK = 50e-6
@@ -41,7 +45,7 @@ LOOK = 50e-6
 class Worker:
     def __init__(self, task_fd: int, result_fd: int) -> None:
         self.task_fd, self.result_fd = task_fd, result_fd
-        self.pid = os.getpid()
+        _FORKED[0] = False  # this process is the worker (a forked one included)
         self.poller = select.poll()  # between two tasks: has the driver sent more?
         self.poller.register(task_fd, select.POLLIN)
         self.inbox = bytearray()
@@ -152,11 +156,11 @@ class Worker:
             payload, status = wire.dump_result(value), wire.OK
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
-            if os.getpid() != self.pid:
+            if _FORKED[0]:
                 code = exc.code if isinstance(exc, SystemExit) else 1
                 os._exit(code if isinstance(code, int) else 0 if code is None else 1)
-        if os.getpid() != self.pid:  # a process the call forked came back here: it ends,
-            _flush_std()             # and never answers for the call on the worker's pipe
+        if _FORKED[0]:  # a process the call forked came back here: it ends, and never
+            flush_std()  # answers for the call on the worker's pipe
             os._exit(0)
         self.ended = time.perf_counter()
         seconds = self.ended - start
@@ -168,7 +172,7 @@ class Worker:
             self.last = None
         out, err = self.out.take(), self.err.take()
         if out or err or sys.stdout is not self.out or sys.stderr is not self.err:
-            _flush_std()  # it printed, or replaced a stream: what it wrote goes out now
+            flush_std()  # it printed, or replaced a stream: what it wrote goes out now
         if place and place[3] and not self.gpu_flag and gpu_runtime_loaded():
             self.gpu_flag = wire.GPU_RUNTIME
         status, payload = wire.with_output(status, payload, out, err)
@@ -196,8 +200,9 @@ def gpu_runtime_loaded() -> bool:
     return any(lib in text for lib in ("libcuda.so", "libamdhip64", "libze_loader"))
 
 
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
+def flush_std() -> None:
+    """Flush the standard streams, and the originals behind them where they were replaced."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
         except Exception:
