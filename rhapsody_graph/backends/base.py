@@ -223,11 +223,19 @@ class Call:
         self.inputs, self.placements, self.lease, self.timeout = inputs, placements, lease, timeout
 
 
+def _scheduler_elsewhere(hub: Optional[Completions]) -> Optional[threading.Thread]:
+    """The scheduler thread of the open session that drains ``hub``, if this thread is
+    another one."""
+    owner = hub.owner if hub is not None else None
+    if owner is not None and owner.is_alive() and threading.current_thread() is not owner:
+        return owner
+    return None
+
+
 def refuse_foreign_abort(backend: Any, hub: Optional[Completions]) -> None:
     """Raise if ``backend.abort()`` is called from a thread other than the scheduler of
     an open session that runs it: that scheduler owns its calls and workers."""
-    owner = hub.owner if hub is not None else None
-    if owner is not None and owner.is_alive() and threading.current_thread() is not owner:
+    if _scheduler_elsewhere(hub) is not None:
         raise RuntimeError(
             f"{type(backend).__name__}.abort(): backend {backend.name!r} is in an open "
             "session (compute() with backend= opens one that stays open), whose scheduler "
@@ -240,8 +248,8 @@ def on_scheduler(hub: Optional[Completions], fn: Callable[[], None]) -> bool:
     """Run ``fn`` on the scheduler thread of the open session that drains ``hub``, and
     wait for it (its exception is raised here). ``False`` where there is none, or this
     is that thread: the caller runs ``fn`` itself."""
-    owner = hub.owner if hub is not None else None
-    if owner is None or not owner.is_alive() or threading.current_thread() is owner:
+    owner = _scheduler_elsewhere(hub)
+    if owner is None or hub is None:
         return False
     done = threading.Event()
     failed: List[BaseException] = []

@@ -157,11 +157,9 @@ class Worker:
         except BaseException as exc:  # the node's failure, whatever it is, goes back
             payload, status = wire.dump_error(exc), wire.ERROR
             if _FORKED[0]:
-                code = exc.code if isinstance(exc, SystemExit) else 1
-                os._exit(code if isinstance(code, int) else 0 if code is None else 1)
-        if _FORKED[0]:  # a process the call forked came back here: it ends, and never
-            flush_std()  # answers for the call on the worker's pipe
-            os._exit(0)
+                _leave(exc)
+        if _FORKED[0]:
+            _leave(None)
         self.ended = time.perf_counter()
         seconds = self.ended - start
         if status == wire.OK:
@@ -188,6 +186,15 @@ class Worker:
         host, cpus, pinned, gpus, rank, world = place
         os.sched_setaffinity(0, pinned or self.home)
         os.environ.update(Placement(host, cpus, gpus, 0, rank, world).env(self.gpu_names))
+
+
+def _leave(exc: Optional[BaseException]) -> None:
+    """End a process the call forked that came back into the worker's loop (it never
+    answers for the call on the worker's pipe): its ``SystemExit`` code, else 0, or 1
+    for another exception."""
+    flush_std()
+    code = exc.code if isinstance(exc, SystemExit) else 0 if exc is None else 1
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def gpu_runtime_loaded() -> bool:
