@@ -183,11 +183,12 @@ def _launch_until_started(cmd: list, grace: float, pidfile, count: int,
     """Start ``cmd`` under the reaper and wait until its nodes have written ``count``
     pids to ``pidfile``: the launch and those pids.
 
-    A launch that ends first fails the test with its output. A launch whose nodes have
-    not started after ``seconds`` (the Dragon runtime's start-up hung: seen once in CI
-    on a busy machine, never here in a loop of ten) is killed, by pid, and started once
-    more, with a warning that carries its output; a second hang fails the test with both
-    outputs."""
+    A launch that ends first fails the test with its output. Now and then Batch loses
+    a call (a Dragon bug, docs/dragon.md), which the backend's ``start_timeout`` (120 s)
+    then retries: ``seconds`` waits past that. A launch whose nodes have still not
+    started (seen once in CI, with a wait of 120 s) is killed, by pid, and started once
+    more, with a warning that carries its output; a second hang fails the test with
+    both outputs."""
     hung = []
     for _ in range(2):
         proc = _start(cmd, grace, preexec)
