@@ -116,6 +116,7 @@ class Forker:
     """
 
     def __init__(self) -> None:
+        _prefetch()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.environ = dict(os.environ)  # the template's, to send only what changed
         flush_std()
@@ -299,7 +300,6 @@ def _template(sock: socket.socket, blocked: "set[int]") -> None:
         _own_streams()
         _blank_inherited(sock.fileno())
         _forget_exit_handlers()
-        _prefetch()
         while True:
             request, fds = _receive(sock)
             if request is None:
@@ -367,10 +367,11 @@ def _report(what: str) -> None:
 
 
 def _prefetch() -> None:
-    """Import what every worker needs (the driver may not have yet): once here, not once
-    per worker."""
-    for name in ("rhapsody_graph.backends.worker", "cloudpickle"):  # cloudpickle: a
-        importlib.import_module(name)  # script's functions come pickled by value
+    """Import in the driver, before the template is taken, what every worker needs:
+    once, not once per worker, and not in the template while the driver waits for its
+    first worker (the driver imports cloudpickle anyway to send a script's functions,
+    which go pickled by value; the worker's module is this one's import)."""
+    importlib.import_module("cloudpickle")
 
 
 def _clean_signals() -> None:
