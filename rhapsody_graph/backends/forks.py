@@ -70,7 +70,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import watchdog
 from .launch import describe_exit, kill_group
-from .worker import flush_std, gpu_runtime_loaded
+from .worker import end_resource_tracker, flush_std, gpu_runtime_loaded
 
 __all__ = ["Forker", "Forked", "unsafe"]
 
@@ -390,8 +390,10 @@ def _forget_exit_handlers() -> None:
     driver's modules are made this process's own again: ``logging`` flushes its
     handlers at exit, and ``multiprocessing`` ends the children made here at exit and
     starts a resource tracker of its own (the driver's pipe to its tracker reads
-    nothing here)."""
+    nothing here), which :func:`.worker.end_resource_tracker`, the first handler
+    registered here, ends and waits for last."""
     atexit._clear()
+    atexit.register(end_resource_tracker)  # the first registered runs last
     weakref.finalize._registry.clear()  # type: ignore[attr-defined]
     weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
     logging = sys.modules.get("logging")

@@ -27,8 +27,9 @@ from ..resources import Placement, names_env
 from ..task import ExecResult
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER_BOOT = ("import sys; sys.path.insert(0, {!r}); "
-               "from rhapsody_graph.backends.worker import main; main(sys.argv)").format(PACKAGE_ROOT)
+WORKER_BOOT = ("import atexit, sys; sys.path.insert(0, {!r}); "
+               "from rhapsody_graph.backends.worker import end_resource_tracker, main; "
+               "atexit.register(end_resource_tracker); main(sys.argv)").format(PACKAGE_ROOT)
 
 
 def worker_command(task_fd: int, result_fd: int) -> List[str]:

@@ -216,6 +216,24 @@ def flush_std() -> None:
             pass
 
 
+def end_resource_tracker() -> None:
+    """Stop the ``multiprocessing`` resource tracker a task started in this worker, and
+    wait for it: registered as the worker's first exit handler, so it runs last.
+
+    Ended, the tracker unlinks what a task left registered with it (a shared-memory
+    segment or a semaphore it did not unlink) and warns, as at any Python program's
+    exit; left running, it would be killed with the rest of the worker's group as soon
+    as the worker has ended, before it has cleaned up. Uses the tracker's private
+    ``_pid`` and ``_stop()`` (CPython 3.8 – 3.14); without them it does nothing."""
+    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker",
+                      None)
+    if getattr(tracker, "_pid", None) is not None and hasattr(tracker, "_stop"):
+        try:
+            tracker._stop()  # closes its pipe (its end of input), waits for it
+        except Exception:  # reaped already, or not this process's child
+            pass
+
+
 def main(argv: list) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     Worker(int(argv[1]), int(argv[2])).serve()

@@ -295,6 +295,23 @@ def test_a_forked_worker_has_its_own_tracker_and_ends_with_its_threads_and_handl
     assert out.count("the driver's handler ran in") == 1, out  # in the driver only
 
 
+def test_a_segment_a_task_did_not_unlink_is_unlinked_by_the_forked_workers_tracker(tmp_path):
+    out = run_driver(tmp_path, """
+        @rhapsody.task
+        def leave_segment():
+            from multiprocessing import shared_memory
+            return shared_memory.SharedMemory(create=True, size=4096).name  # not unlinked
+
+        if __name__ == "__main__":
+            with rhapsody.LocalBackend(cpus=1, start_method="fork") as backend:
+                name = leave_segment().compute(backend=backend)
+                print("while running", os.path.exists(f"/dev/shm/{name}"))
+            print("after shutdown", os.path.exists(f"/dev/shm/{name}"))
+    """)
+    assert "while running True" in out and "after shutdown False" in out, out
+    assert "leaked shared_memory objects to clean up" in out, out
+
+
 def test_a_forked_worker_is_timed_out_and_reaped_with_the_driver_holding_1100_files(tmp_path):
     out = run_driver(tmp_path, """
         import resource

@@ -150,6 +150,22 @@ def test_backend_shutdown_leaves_no_child_process():
     assert not child_pids() - before
 
 
+def leave_segment() -> str:
+    """A shared-memory segment that is never unlinked: the worker's tracker holds it."""
+    from multiprocessing import shared_memory
+    return shared_memory.SharedMemory(create=True, size=4096).name
+
+
+def test_a_segment_a_task_did_not_unlink_is_unlinked_by_its_workers_tracker_at_shutdown(capfd):
+    """The worker's group used to be killed with its resource tracker still in it: the
+    segment stayed in /dev/shm."""
+    with rhapsody.LocalBackend(cpus=1) as backend:
+        name = rhapsody.task(leave_segment)().compute(backend=backend)
+        assert os.path.exists(f"/dev/shm/{name}")
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert "leaked shared_memory objects to clean up" in capfd.readouterr().err
+
+
 def test_a_backend_joining_a_session_starts_one_worker_at_once_which_runs_the_first_call():
     backend = rhapsody.LocalBackend(cpus=2)
     with rhapsody.Session(backends=[backend]) as session:
