@@ -224,7 +224,8 @@ def end_resource_tracker() -> None:
     segment or a semaphore it did not unlink) and warns, as at any Python program's
     exit; left running, it would be killed with the rest of the worker's group as soon
     as the worker has ended, before it has cleaned up. Uses the tracker's private
-    ``_pid`` and ``_stop()`` (CPython 3.8 – 3.14); without them it does nothing."""
+    ``_pid`` and ``_stop()`` (CPython 3.11's, kept by later versions); without them it
+    does nothing."""
     tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker",
                       None)
     if getattr(tracker, "_pid", None) is not None and hasattr(tracker, "_stop"):
