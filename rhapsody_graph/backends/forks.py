@@ -17,8 +17,9 @@ sends it a request and waits for the answer, one at a time under a lock, each a
 length-prefixed message:
 
 * ``F`` + the environment changes since the template was taken and the driver's
-  umask, with the worker's two pipe ends and the driver's working directory as
-  ancillary data: fork a worker, answer ``P<pid>`` (or ``E<why>``);
+  umask, with the worker's two pipe ends, the driver's resource tracker's pipe and
+  the driver's working directory as ancillary data: fork a worker, answer
+  ``P<pid>`` (or ``E<why>``);
 * ``R<pid>``: reap that worker, which has ended, answer ``C<exit code>`` (``X``:
   unknown). The template reaps only when asked, as the driver reaps a child it
   started itself, so a worker's process id is not reused while the driver may
@@ -68,9 +69,9 @@ import types
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import watchdog
+from . import tracker, watchdog
 from .launch import describe_exit, kill_group
-from .worker import end_resource_tracker, flush_std, gpu_runtime_loaded
+from .worker import flush_std, gpu_runtime_loaded
 
 __all__ = ["Forker", "Forked", "unsafe"]
 
@@ -83,9 +84,10 @@ FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 
 def unsafe() -> Optional[str]:
     """Why the driver cannot be forked now (``None``: it can)."""
-    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    python = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    others = [name for name in python if name != tracker.WATCHER]  # it waits in poll()
     native = sum(_thread_name(t) not in FORK_SAFE_THREADS
-                 for t in os.listdir("/proc/self/task")) - 1 - len(others)
+                 for t in os.listdir("/proc/self/task")) - 1 - len(python)
     if others or native > 0:
         told = [f"{len(others)} other Python thread(s) ({', '.join(others)}; a session's "
                 "own are named rhapsody-*)"] if others else []
@@ -123,7 +125,8 @@ class Forker:
         # no signal handler may run in the template before it has set its own
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            pid = os.fork()
+            with tracker.FORK_LOCK:
+                pid = os.fork()
             if pid == 0:  # the template: never returns
                 mine.close()
                 _template(theirs, blocked)
@@ -137,8 +140,9 @@ class Forker:
         self.failure = ""
         self._end = weakref.finalize(self, _end_template, pid, mine, os.getpid())
 
-    def fork(self, fds: Tuple[int, int], env: Dict[str, str]) -> Optional["Forked"]:
-        """A worker reading tasks on ``fds[0]`` and writing results on ``fds[1]``, with
+    def fork(self, fds: Tuple[int, int, int], env: Dict[str, str]) -> Optional["Forked"]:
+        """A worker reading tasks on ``fds[0]``, writing results on ``fds[1]`` and
+        sharing the driver's resource tracker on ``fds[2]`` (see :func:`.worker.main`), with
         environment ``env`` and the driver's working directory and umask; ``None``
         when the template could not make one (``failure`` says why)."""
         changed = {k: v for k, v in env.items() if self.environ.get(k) != v}
@@ -339,7 +343,7 @@ def _worker(fds: List[int], changed: Dict[str, str], removed: List[str], umask: 
     code = 0
     try:
         os.setsid()
-        task_r, result_w, cwd = fds
+        *pipes, cwd = fds
         os.fchdir(cwd)
         os.close(cwd)
         os.umask(umask)
@@ -347,7 +351,7 @@ def _worker(fds: List[int], changed: Dict[str, str], removed: List[str], umask: 
         for k in removed:
             os.environ.pop(k, None)
         from .worker import main
-        main(["", str(task_r), str(result_w)])
+        main(["", *map(str, pipes)])
         threading._shutdown()  # type: ignore[attr-defined]  # as an interpreter's exit:
         atexit._run_exitfuncs()  # waits for non-daemon threads, runs its own handlers
     except BaseException:
@@ -389,11 +393,9 @@ def _forget_exit_handlers() -> None:
     it made): none runs when a worker ends, which runs those made in it. Two of the
     driver's modules are made this process's own again: ``logging`` flushes its
     handlers at exit, and ``multiprocessing`` ends the children made here at exit and
-    starts a resource tracker of its own (the driver's pipe to its tracker reads
-    nothing here), which :func:`.worker.end_resource_tracker`, the first handler
-    registered here, ends and waits for last."""
+    has a resource tracker of its own (the driver's pipe to its tracker points at
+    ``/dev/null`` here; a worker is given the driver's to share)."""
     atexit._clear()
-    atexit.register(end_resource_tracker)  # the first registered runs last
     weakref.finalize._registry.clear()  # type: ignore[attr-defined]
     weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
     logging = sys.modules.get("logging")

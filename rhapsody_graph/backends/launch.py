@@ -20,21 +20,20 @@ import tempfile
 import threading
 from typing import Any, Callable, List, Mapping, Sequence
 
-from . import watchdog, wire
+from . import tracker, watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
 from ..errors import ExecutableError, WorkerDiedError, add_note
 from ..resources import Placement, names_env
 from ..task import ExecResult
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER_BOOT = ("import atexit, sys; sys.path.insert(0, {!r}); "
-               "from rhapsody_graph.backends.worker import end_resource_tracker, main; "
-               "atexit.register(end_resource_tracker); main(sys.argv)").format(PACKAGE_ROOT)
+WORKER_BOOT = ("import sys; sys.path.insert(0, {!r}); "
+               "from rhapsody_graph.backends.worker import main; main(sys.argv)").format(PACKAGE_ROOT)
 
 
-def worker_command(task_fd: int, result_fd: int) -> List[str]:
-    """argv of a worker process reading tasks on ``task_fd``."""
-    return [sys.executable, "-c", WORKER_BOOT, str(task_fd), str(result_fd)]
+def worker_command(task_fd: int, result_fd: int, tracker_fd: int) -> List[str]:
+    """argv of a worker process reading tasks on ``task_fd`` (see :func:`.worker.main`)."""
+    return [sys.executable, "-c", WORKER_BOOT, str(task_fd), str(result_fd), str(tracker_fd)]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -153,8 +152,9 @@ class Launch:
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         try:
-            procs.append(self._start(p, worker_command(task_r, result_w),
-                                     pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL))
+            pipes = (task_r, result_w, tracker.worker_end())
+            procs.append(self._start(p, worker_command(*pipes), pass_fds=pipes,
+                                     stdin=subprocess.DEVNULL))
             sel.register(result_r, selectors.EVENT_READ, (rank, bytearray()))
         except BaseException:
             os.close(result_r)

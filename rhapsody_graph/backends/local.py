@@ -24,7 +24,7 @@ import os
 import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import watchdog, wire
+from . import tracker, watchdog, wire
 from .base import KILLED, RANKS_KIND, Call, Completion, on_scheduler, refuse_foreign_abort
 from .forks import Forked, Forker, unsafe
 from .launch import Launch, describe_exit, kill_tree, worker_command
@@ -231,10 +231,11 @@ class LocalBackend(PoolBackend):
         env = watchdog.marked({**os.environ, **names_env(self.gpu_names)})
         proc: Any = None
         try:
-            proc = self._fork(task_r, result_w, env)
+            pipes = (task_r, result_w, tracker.worker_end())
+            proc = self._fork(pipes, env)
             if proc is None:
                 proc = _Process(subprocess.Popen(
-                    worker_command(task_r, result_w), pass_fds=(task_r, result_w),
+                    worker_command(*pipes), pass_fds=pipes,
                     stdin=subprocess.DEVNULL, start_new_session=True, env=env))
                 watchdog.guard(proc.popen, env)
             else:
@@ -254,7 +255,7 @@ class LocalBackend(PoolBackend):
         os.set_blocking(result_r, False)
         return self.pool.add(Worker(proc, task_w, result_r))
 
-    def _fork(self, task_r: int, result_w: int, env: Dict[str, str]) -> Optional[Forked]:
+    def _fork(self, pipes: Tuple[int, int, int], env: Dict[str, str]) -> Optional[Forked]:
         """A worker forked from this backend's template, made on first use; ``None``
         where workers are spawned (by choice, or because the driver cannot be forked)."""
         if self.start_method != "fork":
@@ -274,7 +275,7 @@ class LocalBackend(PoolBackend):
                      "is loaded.")
                 return None
             watchdog.guard(self._forker, {})
-        forked = self._forker.fork((task_r, result_w), env)
+        forked = self._forker.fork(pipes, env)
         if forked is None:
             if self._forker.alive:
                 warn(f"LocalBackend(start_method='fork'): a worker could not be forked "

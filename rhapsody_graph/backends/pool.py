@@ -49,6 +49,7 @@ import itertools
 import os
 import pickle
 import selectors
+import time
 import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
@@ -384,11 +385,13 @@ class WorkerPool:
         self.reset()
 
     def close(self, grace: float) -> None:
-        """Stop every worker: EOF on its channel, then killed after ``grace`` s."""
+        """Stop every worker: EOF on its channel; what has not ended ``grace`` s later
+        (one deadline for all) is killed."""
         for w in self.workers:
             _close(w.task_w)
+        deadline = time.monotonic() + grace
         for w in list(self.workers):
-            w.proc.wait(timeout=grace)
+            w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             self.retire(w, None)
         self.reset()
 

@@ -216,27 +216,21 @@ def flush_std() -> None:
             pass
 
 
-def end_resource_tracker() -> None:
-    """Stop the ``multiprocessing`` resource tracker a task started in this worker, and
-    wait for it: registered as the worker's first exit handler, so it runs last.
-
-    Ended, the tracker unlinks what a task left registered with it (a shared-memory
-    segment or a semaphore it did not unlink) and warns, as at any Python program's
-    exit; left running, it would be killed with the rest of the worker's group as soon
-    as the worker has ended, before it has cleaned up. Uses the tracker's private
-    ``_pid`` and ``_stop()`` (CPython 3.11's, kept by later versions); without them it
-    does nothing."""
-    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"), "_resource_tracker",
-                      None)
-    if getattr(tracker, "_pid", None) is not None and hasattr(tracker, "_stop"):
-        try:
-            tracker._stop()  # closes its pipe (its end of input), waits for it
-        except Exception:  # reaped already, or not this process's child
-            pass
+def share_resource_tracker(fd: int) -> None:
+    """Register what this worker's tasks make (a ``SharedMemory`` segment, a named
+    semaphore) with the driver's ``multiprocessing`` resource tracker, on pipe ``fd``,
+    as a ``multiprocessing`` child does, instead of a tracker of the worker's own
+    (see :mod:`.tracker`)."""
+    from multiprocessing import resource_tracker
+    resource_tracker._resource_tracker._fd = fd  # what multiprocessing.spawn sets, too
 
 
 def main(argv: list) -> None:
+    """Serve tasks: ``argv[1:]`` are the task and result pipes and, where the driver
+    shares its resource tracker, that tracker's pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if len(argv) > 3:
+        share_resource_tracker(int(argv[3]))
     Worker(int(argv[1]), int(argv[2])).serve()
 
 

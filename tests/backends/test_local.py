@@ -8,6 +8,7 @@ import rhapsody_graph as rhapsody
 from rhapsody_graph.errors import ExecutableError, UnsatisfiableError
 
 from ..conftest import child_pids
+from .test_forks import run_driver
 
 
 def seen():
@@ -150,20 +151,58 @@ def test_backend_shutdown_leaves_no_child_process():
     assert not child_pids() - before
 
 
-def leave_segment() -> str:
-    """A shared-memory segment that is never unlinked: the worker's tracker holds it."""
-    from multiprocessing import shared_memory
-    return shared_memory.SharedMemory(create=True, size=4096).name
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_shared_memory_a_task_leaves_lives_with_the_driver_and_is_unlinked_when_it_exits(
+        tmp_path, start_method):
+    """A worker used to have a resource tracker of its own, killed with the worker's
+    group: what a task left stayed in /dev/shm for good. Workers now share the driver's,
+    as multiprocessing's children do: a segment outlives the worker that made it (the
+    driver can read it), and what is still there when the driver exits is unlinked,
+    a killed worker's included."""
+    out = run_driver(tmp_path, """
+        from multiprocessing import shared_memory
+
+        @rhapsody.task
+        def make(i):
+            segment = shared_memory.SharedMemory(create=True, size=4096)
+            segment.buf[:5] = b"hello"
+            return segment.name  # not unlinked
+
+        @rhapsody.task(timeout=1)
+        def make_and_hang(log):
+            with open(log, "w") as f:
+                f.write(shared_memory.SharedMemory(create=True, size=4096).name)
+            time.sleep(300)
+
+        if __name__ == "__main__":
+            with rhapsody.LocalBackend(cpus=2, start_method=sys.argv[1]) as backend:
+                handed, kept = rhapsody.compute(make(1), make(2), backend=backend)
+                try:
+                    make_and_hang(os.path.abspath("name")).compute(backend=backend)
+                except TimeoutError as exc:
+                    print("failed:", type(exc).__name__)
+            print("segments", handed, kept, open("name").read())
+            seen = shared_memory.SharedMemory(name=handed)  # its worker has ended
+            print("read after shutdown", bytes(seen.buf[:5]))
+            seen.close()
+            seen.unlink()
+    """, start_method)
+    assert "failed: NodeTimeoutError" in out and "read after shutdown b'hello'" in out, out
+    names = out.split("segments ")[1].split()[:3]
+    assert [os.path.exists(f"/dev/shm/{n}") for n in names] == [False] * 3, out
+    assert "There appear to be 2 leaked shared_memory objects" in out, out  # kept, killed's
 
 
-def test_a_segment_a_task_did_not_unlink_is_unlinked_by_its_workers_tracker_at_shutdown(capfd):
-    """The worker's group used to be killed with its resource tracker still in it: the
-    segment stayed in /dev/shm."""
-    with rhapsody.LocalBackend(cpus=1) as backend:
-        name = rhapsody.task(leave_segment)().compute(backend=backend)
-        assert os.path.exists(f"/dev/shm/{name}")
-    assert not os.path.exists(f"/dev/shm/{name}")
-    assert "leaked shared_memory objects to clean up" in capfd.readouterr().err
+def test_a_run_whose_tasks_register_nothing_starts_no_resource_tracker(tmp_path):
+    out = run_driver(tmp_path, """
+        from rhapsody_graph.backends.tracker import tracker_pid
+
+        if __name__ == "__main__":
+            with rhapsody.LocalBackend(cpus=2) as backend:
+                rhapsody.compute(parent(), backend=backend)
+            print("tracker", tracker_pid())
+    """)
+    assert "tracker None" in out, out
 
 
 def test_a_backend_joining_a_session_starts_one_worker_at_once_which_runs_the_first_call():
