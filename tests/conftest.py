@@ -9,13 +9,13 @@ from tests.reaper import descendants
 
 
 def child_pids(pid: int = None) -> set:
-    """Live descendants of ``pid`` (default: this process, less its watchdog and the
-    resource tracker its workers share: one each per driver, for the driver's life),
-    from /proc."""
+    """Live descendants of ``pid`` (default: this process, less its watchdog and what
+    the watchdog started, the resource tracker its workers share: one each per
+    driver, for the driver's life), from /proc."""
     if pid is None:
-        from rhapsody_graph.backends.tracker import tracker_pid
         from rhapsody_graph.backends.watchdog import watchdog_pid
-        return descendants(os.getpid()) - {watchdog_pid(), tracker_pid()}
+        guard = watchdog_pid()
+        return descendants(os.getpid()) - ({guard} | descendants(guard) if guard else set())
     return descendants(pid)
 
 

@@ -69,7 +69,7 @@ import types
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import tracker, watchdog
+from . import watchdog
 from .launch import describe_exit, kill_group
 from .worker import flush_std, gpu_runtime_loaded
 
@@ -84,10 +84,9 @@ FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 
 def unsafe() -> Optional[str]:
     """Why the driver cannot be forked now (``None``: it can)."""
-    python = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    others = [name for name in python if name != tracker.WATCHER]  # it waits in poll()
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     native = sum(_thread_name(t) not in FORK_SAFE_THREADS
-                 for t in os.listdir("/proc/self/task")) - 1 - len(python)
+                 for t in os.listdir("/proc/self/task")) - 1 - len(others)
     if others or native > 0:
         told = [f"{len(others)} other Python thread(s) ({', '.join(others)}; a session's "
                 "own are named rhapsody-*)"] if others else []
@@ -125,8 +124,7 @@ class Forker:
         # no signal handler may run in the template before it has set its own
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            with tracker.FORK_LOCK:
-                pid = os.fork()
+            pid = os.fork()
             if pid == 0:  # the template: never returns
                 mine.close()
                 _template(theirs, blocked)
@@ -375,7 +373,10 @@ def _prefetch() -> None:
     once, not once per worker, and not in the template while the driver waits for its
     first worker (the driver imports cloudpickle anyway to send a script's functions,
     which go pickled by value; the worker's module is this one's import)."""
-    importlib.import_module("cloudpickle")
+    try:
+        importlib.import_module("cloudpickle")
+    except ImportError:  # then a call that needs it says so
+        pass
 
 
 def _clean_signals() -> None:

@@ -5,8 +5,8 @@ own (their own process group), so one ``killpg`` reaches a process and whatever 
 forked inside its group. Those kills come from the driver; when the driver itself is
 killed (SIGKILL from a batch system or the OOM killer) nothing of it runs any more.
 So the first process a driver starts is a watchdog: one small process per driver
-(``python -S``, no imports beyond ``os``), in a session of its own so that a Ctrl-C
-to the terminal's group does not stop it first.
+(``python -S``, no imports beyond ``os`` and ``select``), in a session of its own so
+that a Ctrl-C to the terminal's group does not stop it first.
 
 State, in the watchdog: the groups the driver started and has not reaped, each with
 its leader's start time. The driver tells it ``+ pgid start`` after starting a group
@@ -19,6 +19,13 @@ left its group with ``setsid`` is found too), and exits.
 
 A group id is not reused while its group has members, and a leader alive with
 another start time is a reused pid: that group is skipped.
+
+It also holds the read end of a second pipe, the resource tracker's that
+:mod:`.tracker` gives the workers where the driver has none: once something is
+written to it, the watchdog starts ``multiprocessing``'s resource tracker on it, in
+a session of its own and without the markers (it ends by itself at EOF, after it
+has unlinked what is still registered), and at the driver's end it does so for what
+was written just before.
 
 Each process the driver starts also carries a marker of its own (``RHAPSODY_GROUP``),
 so that killing it (a timeout, a cancel) reaches what it started outside its group:
@@ -41,22 +48,38 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "watchdog_pid"]
+__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "tracker_end",
+           "watchdog_pid"]
 
 MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
 GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
 
 WATCHDOG = r"""
-import os, signal, sys
+import os, select, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-fd, mark = int(sys.argv[1]), sys.argv[2].encode()
+fd, mark, tracker = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3])
+def start_tracker():
+    try:  # in a session of its own, without the markers: it ends by itself at EOF
+        os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", "from multiprocessing."
+                       f"resource_tracker import main; main({tracker})"], os.environ,
+                       file_actions=[(os.POSIX_SPAWN_CLOSE, fd)], setsid=True)
+    except OSError:
+        pass  # a worker's next write fails, and it starts a tracker of its own
+    os.close(tracker)
 groups, buf = {}, b""
+ready = select.poll()
+ready.register(fd, select.POLLIN)
+ready.register(tracker, select.POLLIN)
 while True:
-    try:
-        data = os.read(fd, 65536)
-    except InterruptedError:
+    woken = dict(ready.poll())
+    if tracker in woken:
+        ready.unregister(tracker)
+        start_tracker()
+        tracker = -1
+    if fd not in woken:
         continue
+    data = os.read(fd, 65536)
     if not data:
         break
     buf += data
@@ -99,11 +122,14 @@ for _ in range(3):
                 pass
     if not found:
         break
+if tracker >= 0 and select.select([tracker], [], [], 0)[0]:
+    start_tracker()  # written to just before the driver died
 """
 
 _lock = threading.Lock()
 _groups = itertools.count(1)
-_state: Dict[str, object] = {}  # "pid": the driver that started it, "fd", "token", "child"
+_state: Dict[str, object] = {}  # "pid": the driver that started it, "fd", "token", "child",
+#                                "tracker" (the write end of the pipe of tracker_end)
 
 
 def _token() -> str:
@@ -112,18 +138,30 @@ def _token() -> str:
         if _state.get("pid") != os.getpid():
             token = os.urandom(8).hex()  # a marker, not a secret (no secrets/hmac import)
             read, write = os.pipe()
+            tracker_read, tracker_write = os.pipe()
             os.set_inheritable(read, True)
+            os.set_inheritable(tracker_read, True)
             try:  # posix_spawn, not Popen: nothing to reap or warn about while we live
                 child = os.posix_spawn(sys.executable,
-                               [sys.executable, "-S", "-c", WATCHDOG, str(read), f"{MARKER}={token}"],
+                               [sys.executable, "-S", "-c", WATCHDOG, str(read), f"{MARKER}={token}",
+                                str(tracker_read)],
                                {k: v for k, v in os.environ.items() if k not in (MARKER, GROUP)},
                                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                                setsid=True)
             finally:
                 os.close(read)
-            os.set_inheritable(write, False)
-            _state.update(pid=os.getpid(), fd=write, token=token, child=child)
+                os.close(tracker_read)
+            _state.update(pid=os.getpid(), fd=write, token=token, child=child,
+                          tracker=tracker_write)
         return _state["token"]  # type: ignore[return-value]
+
+
+def tracker_end() -> int:
+    """The write end of a resource tracker's pipe, whose tracker the watchdog starts
+    once something is written to it (see :mod:`.tracker`); starts the watchdog on
+    first use."""
+    _token()
+    return _state["tracker"]  # type: ignore[return-value]
 
 
 def watchdog_pid() -> Optional[int]:

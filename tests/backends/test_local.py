@@ -168,7 +168,7 @@ def test_shared_memory_a_task_leaves_lives_with_the_driver_and_is_unlinked_when_
             segment.buf[:5] = b"hello"
             return segment.name  # not unlinked
 
-        @rhapsody.task(timeout=1)
+        @rhapsody.task(timeout=3)
         def make_and_hang(log):
             with open(log, "w") as f:
                 f.write(shared_memory.SharedMemory(create=True, size=4096).name)
@@ -194,15 +194,18 @@ def test_shared_memory_a_task_leaves_lives_with_the_driver_and_is_unlinked_when_
 
 
 def test_a_run_whose_tasks_register_nothing_starts_no_resource_tracker(tmp_path):
+    """The watchdog starts the tracker the workers share only once one writes to its
+    pipe (the tests above show it started and cleaning up)."""
     out = run_driver(tmp_path, """
-        from rhapsody_graph.backends.tracker import tracker_pid
+        from rhapsody_graph.backends.watchdog import watchdog_pid
 
         if __name__ == "__main__":
             with rhapsody.LocalBackend(cpus=2) as backend:
                 rhapsody.compute(parent(), backend=backend)
-            print("tracker", tracker_pid())
+                guard = watchdog_pid()
+                print("started by the watchdog", open(f"/proc/{guard}/task/{guard}/children").read().split())
     """)
-    assert "tracker None" in out, out
+    assert "started by the watchdog []" in out, out
 
 
 def test_a_backend_joining_a_session_starts_one_worker_at_once_which_runs_the_first_call():
