@@ -73,9 +73,12 @@ ready.register(fd, select.POLLIN)
 ready.register(tracker, select.POLLIN)
 while True:
     woken = dict(ready.poll())
-    if tracker in woken:
+    if tracker in woken:  # written to (POLLIN), or every writer has ended (POLLHUP alone)
         ready.unregister(tracker)
-        start_tracker()
+        if woken[tracker] & select.POLLIN:
+            start_tracker()
+        else:
+            os.close(tracker)
         tracker = -1
     if fd not in woken:
         continue
@@ -122,8 +125,11 @@ for _ in range(3):
                 pass
     if not found:
         break
-if tracker >= 0 and select.select([tracker], [], [], 0)[0]:
-    start_tracker()  # written to just before the driver died
+if tracker >= 0:
+    ready = select.poll()
+    ready.register(tracker, select.POLLIN)
+    if any(event & select.POLLIN for _, event in ready.poll(0)):
+        start_tracker()  # written to just before the driver died
 """
 
 _lock = threading.Lock()
