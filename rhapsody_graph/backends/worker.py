@@ -1,8 +1,9 @@
 """A worker process: runs the tasks the driver sends, one after the other.
 
 Started as ``python -m rhapsody_graph.backends.worker TASK_FD RESULT_FD [TRACKER_FD]``
-with two private pipes (and the driver's resource tracker's, to share it). It keeps a queue of tasks; between two tasks it takes any new
-messages without blocking, at most once every :data:`LOOK` seconds while tasks
+with two private pipes (and the driver's resource tracker's, to share it). It keeps a
+queue of tasks; between two tasks it takes any new messages without blocking, at
+most once every :data:`LOOK` seconds while tasks
 run back to back (a ``drop`` is seen before the next task that starts after that),
 and blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
