@@ -3,9 +3,8 @@
 Started as ``python -m rhapsody_graph.backends.worker TASK_FD RESULT_FD [TRACKER_FD]``
 with two private pipes (and the driver's resource tracker's, to share it). It keeps a
 queue of tasks; between two tasks it takes any new messages without blocking, at
-most once every :data:`LOOK` seconds while tasks
-run back to back (a ``drop`` is seen before the next task that starts after that),
-and blocks on the pipe only when the queue is empty. Every result is written as soon
+most once every :data:`LOOK` seconds while tasks run back to back (a ``drop`` is
+seen before the next task that starts after that), and blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
 one running. An input may be the tid of an earlier call instead of bytes (a chain
 forwarded by the scheduler): the worker keeps the value of a call that queued
