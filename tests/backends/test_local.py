@@ -1,11 +1,16 @@
 """The local backend for real: worker processes, placement seen by the task, executables, ranks."""
 import os
+import signal
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
 import rhapsody_graph as rhapsody
 from rhapsody_graph.errors import ExecutableError, UnsatisfiableError
+
+from tests import reaper
 
 from ..conftest import child_pids
 from .test_forks import run_driver
@@ -191,6 +196,33 @@ def test_shared_memory_a_task_leaves_lives_with_the_driver_and_is_unlinked_when_
     names = out.split("segments ")[1].split()[:3]
     assert [os.path.exists(f"/dev/shm/{n}") for n in names] == [False] * 3, out
     assert "There appear to be 2 leaked shared_memory objects" in out, out  # kept, killed's
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_a_segment_a_task_made_is_unlinked_when_its_driver_is_sigkilled_right_after(
+        tmp_path, start_method):
+    """The registration is in the tracker's pipe, whose tracker may not have started:
+    the watchdog starts it at the driver's death."""
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import rhapsody_graph as rhapsody
+
+        @rhapsody.task
+        def make():
+            from multiprocessing import shared_memory
+            return shared_memory.SharedMemory(create=True, size=4096).name
+
+        if __name__ == "__main__":
+            with rhapsody.LocalBackend(cpus=1, start_method=sys.argv[1]) as backend:
+                print("segment", make().compute(backend=backend), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, say
+    """))
+    code, out = reaper.run([sys.executable, str(script), start_method], grace=10, timeout=90,
+                           cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert code == 128 + signal.SIGKILL and reaper.left_behind(out) == reaper.NONE_LEFT, out
+    name = out.split("segment ")[1].split()[0]
+    assert not os.path.exists(f"/dev/shm/{name}"), out
 
 
 def test_a_run_whose_tasks_register_nothing_starts_no_resource_tracker(tmp_path):
