@@ -36,7 +36,25 @@ class RemoteTraceback(Exception):
 
 
 class RemoteError(RuntimeError):
-    """A remote exception that could not be sent back as itself (unpicklable)."""
+    """Stands for a node's exception that cannot be itself in the driver: it cannot be
+    pickled in the worker or unpickled in the driver (a class only the worker imports),
+    or it would end or interrupt the driver (``SystemExit``, ``KeyboardInterrupt``).
+
+    Its message is ``"<Type>: <message>"``; ``remote_types`` holds the qualified names of
+    that exception's class and of the classes it derives from, its own first, which
+    ``retry_on=`` matches as it would the class itself.
+
+    >>> RemoteError("Odd: 1/2", ("app.Odd", "builtins.Exception")).remote_types[0]
+    'app.Odd'
+    """
+
+    def __init__(self, message: str, remote_types: "tuple[str, ...]" = ()) -> None:
+        super().__init__(message)
+        self.remote_types = tuple(remote_types)
+
+    def is_a(self, types: "tuple[type, ...]") -> bool:
+        """Whether the exception it stands for is an instance of one of ``types``."""
+        return any(f"{t.__module__}.{t.__qualname__}" in self.remote_types for t in types)
 
 
 class NodeTimeoutError(TimeoutError):
@@ -74,6 +92,16 @@ class NoBackendError(ValueError):
     def __init__(self, message: str, node: str, tried: "list[str]") -> None:
         super().__init__(message)
         self.node, self.tried = node, tried
+
+
+def unreadable_value(key: str, exc: Exception, what: str = "its value") -> RuntimeError:
+    """The error for node ``key`` whose value (``what``) came back, but cannot be
+    unpickled in the driver, ``exc`` being why."""
+    err = RuntimeError(f"node {key!r} finished, but {what} cannot be unpickled in the "
+                       f"driver: {type(exc).__name__}: {exc}; return a value of a type the "
+                       "driver can import")
+    err.__cause__ = exc
+    return err
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:

@@ -95,7 +95,8 @@ from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Opti
                     Sequence, Set, Tuple)
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
-from .errors import ExecutableError, NodeTimeoutError, add_note, warn
+from .errors import (ExecutableError, NodeTimeoutError, RemoteError, add_note,
+                     unreadable_value, warn)
 from .fusion import Fused
 from .futures import Where
 
@@ -186,9 +187,7 @@ class Task:
         try:
             return self.backend.decode(self.payload)
         except Exception as exc:
-            raise RuntimeError(f"node {self.node.key!r} finished, but its value cannot be "
-                               f"unpickled in the driver: {type(exc).__name__}: {exc}; return "
-                               "a value of a type the driver can import") from exc
+            raise unreadable_value(self.node.key, exc) from exc
 
     def __repr__(self) -> str:
         return f"<Task {self.node.key} {STATE_NAMES[self.state]}>"
@@ -1124,7 +1123,8 @@ class Scheduler:
                     avoid = (t.avoid or frozenset()) | hosts
                     if t.backend.inventory.fits_elsewhere(opts.resources, avoid):
                         t.avoid = avoid
-            elif opts.retry_on is None or isinstance(exc, opts.retry_on):
+            elif opts.retry_on is None or isinstance(exc, opts.retry_on) or (
+                    isinstance(exc, RemoteError) and exc.is_a(opts.retry_on)):
                 allowed = opts.retries
             else:
                 allowed = 0

@@ -584,6 +584,109 @@ def test_a_value_the_driver_cannot_unpickle_fails_naming_the_node(backend):
         node.compute(backend=backend)
 
 
+ONLY_HERE = """
+class OnlyHere(ValueError):
+    pass
+
+def fail(message):
+    raise OnlyHere(message)
+
+def make(n):
+    return OnlyHere(n)
+"""
+
+
+def worker_only_module(tmp_path) -> str:
+    """A folder holding the module ``only_here``, which the driver never imports."""
+    (tmp_path / "only_here.py").write_text(ONLY_HERE)
+    return str(tmp_path)
+
+
+def call_worker_only_module(folder, name, *args):
+    sys.path.insert(0, folder)
+    import only_here
+    return getattr(only_here, name)(*args)
+
+
+def test_an_exception_only_the_worker_can_unpickle_fails_its_node_alone_as_a_remote_error(
+        backend, tmp_path):
+    bad = rhapsody.task(call_worker_only_module)(worker_only_module(tmp_path), "fail", "bad input")
+    with pytest.warns(RuntimeWarning, match="1 node\\(s\\) failed"):
+        good, err = rhapsody.compute(rhapsody.task(add)(1, 2), bad, backend=backend,
+                                     on_error="continue")
+    assert good == 3  # the session went on: only the node that raised failed
+    assert isinstance(err, rhapsody.RemoteError) and str(err) == "OnlyHere: bad input"
+    assert err.remote_types[:2] == ("only_here.OnlyHere", "builtins.ValueError")
+    notes = "\n".join(err.__notes__)
+    assert "stands for the node's only_here.OnlyHere: it cannot be unpickled in the driver " \
+           "(ModuleNotFoundError: No module named 'only_here')" in notes
+    assert f"raised by node {bad.key!r}" in notes
+    assert "raise OnlyHere(message)" in err.__cause__.tb  # the remote traceback
+
+
+def test_a_rank_value_only_the_worker_can_unpickle_fails_naming_the_node_and_rank(
+        backend, tmp_path):
+    node = rhapsody.task(ranks=2)(call_worker_only_module)(worker_only_module(tmp_path), "make", 1)
+    with pytest.raises(RuntimeError, match=f"node {node.key!r} finished, but the value of rank "
+                                           "[01] of 2 cannot be unpickled in the driver: "
+                                           "ModuleNotFoundError"):
+        node.compute(backend=backend)
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be rebuilt from its args: it comes back as a RemoteError."""
+
+    def __init__(self, code, where):
+        super().__init__(f"{code} at {where}")
+
+
+def fail_two_args(path):
+    count_attempt(path)
+    raise TwoArgError(503, "server")
+
+
+def test_retry_on_matches_the_type_a_remote_error_stands_for(backend, tmp_path):
+    retried = rhapsody.task(retries=2, retry_on=TwoArgError)(fail_two_args)(str(tmp_path / "a"))
+    with pytest.raises(rhapsody.RemoteError, match="TwoArgError: 503 at server"):
+        retried.compute(backend=backend)
+    assert len(lines(tmp_path / "a")) == 3
+    not_retried = rhapsody.task(retries=2, retry_on=KeyError)(fail_two_args)(str(tmp_path / "b"))
+    with pytest.raises(rhapsody.RemoteError):
+        not_retried.compute(backend=backend)
+    assert len(lines(tmp_path / "b")) == 1
+
+
+def exit_with(code):
+    sys.exit(code)
+
+
+def test_a_node_calling_sys_exit_fails_as_a_remote_error_instead_of_ending_the_driver(backend):
+    node = rhapsody.task(exit_with)("bad input")
+    with pytest.raises(rhapsody.RemoteError, match="SystemExit: bad input") as info:
+        node.compute(backend=backend)
+    assert info.value.remote_types[0] == "builtins.SystemExit"
+    assert "it would end or interrupt the driver" in "\n".join(info.value.__notes__)
+    assert "sys.exit(code)" in info.value.__cause__.tb
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no str")
+
+
+def raise_unprintable(path):
+    count_attempt(path)
+    raise UnprintableError()
+
+
+def test_an_exception_whose_str_raises_comes_back_as_itself_and_runs_once(backend, tmp_path):
+    node = rhapsody.task(raise_unprintable)(str(tmp_path / "n"))
+    with pytest.raises(UnprintableError) as info:
+        node.compute(backend=backend)
+    assert "raise UnprintableError()" in info.value.__cause__.tb
+    assert len(lines(tmp_path / "n")) == 1  # not taken for a dead worker and run again
+
+
 def make_lock():
     return threading.Lock()
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Mapping, Sequence
 
 from . import tracker, watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
-from ..errors import ExecutableError, WorkerDiedError, add_note
+from ..errors import ExecutableError, WorkerDiedError, add_note, unreadable_value
 from ..resources import Placement, names_env
 from ..task import ExecResult
 
@@ -194,7 +194,12 @@ class Launch:
                     exc = wire.load_error(payload, self.key)
                     add_note(exc, f"in rank {rank} of {len(procs)}")
                     return (self.tid, ERROR, exc, 0.0, tuple(outputs))
-                values[rank] = pickle.loads(payload)
+                try:
+                    values[rank] = pickle.loads(payload)
+                except Exception as exc:  # a class only the rank imports
+                    err = unreadable_value(self.key, exc, f"the value of rank {rank} of "
+                                                          f"{len(procs)}")
+                    return (self.tid, ERROR, err, 0.0, tuple(outputs))
         return (self.tid, OK, wire.dump_value(values), 0.0, tuple(outputs))
 
 

@@ -293,26 +293,50 @@ def load_args(data: Args, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
 
 
 def dump_error(exc: BaseException) -> bytes:
-    """Pickle an exception with its formatted traceback; its summary if unpicklable."""
+    """Pickle an exception for :func:`load_error`: itself (where it survives a pickle
+    round trip), its summary, formatted traceback, notes and class names."""
     import traceback  # only on this path: a worker starts without it
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    summary = f"{type(exc).__qualname__}: {exc}"
     try:
-        data = dump_value((exc, summary, tb))
-        pickle.loads(data)  # an exception whose __init__ rejects its args fails here
-        return data
-    except Exception:  # its notes (a fused node's name among them) still come back
-        notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
-        return dump_value((None, summary, tb, notes))
+        text = str(exc)
+    except Exception:  # as traceback words it
+        text = "<exception str() failed>"
+    notes = getattr(exc, "__notes__", ())  # a fused node's name among them
+    notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
+    names = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
+    try:
+        itself: Optional[bytes] = dump_value(exc)
+        pickle.loads(itself)  # an exception whose __init__ rejects its args fails here
+    except Exception:
+        itself = None
+    return dump_value((itself, f"{type(exc).__qualname__}: {text}", tb, notes, names))
+
+
+# a node's exceptions of these types would end or interrupt the driver where it re-raises them
+_CONTROL = (SystemExit, KeyboardInterrupt, GeneratorExit)
 
 
 def load_error(data: bytes, key: str) -> BaseException:
-    """The original exception, its remote traceback as ``__cause__``, a note naming the node."""
-    exc, summary, tb, *notes = pickle.loads(data)
+    """The node's exception, its remote traceback as ``__cause__``, a note naming the
+    node; a :class:`.RemoteError` with the same message where it cannot be itself here,
+    with a note that says why."""
+    itself, summary, tb, notes, names = pickle.loads(data)
+    exc: Optional[BaseException] = None
+    why = "pickling it, or rebuilding it from its pickle, failed in the worker"
+    if itself is not None:
+        try:
+            exc = pickle.loads(itself)
+        except Exception as failed:  # a class only the worker imports, a broken __reduce__
+            why = (f"it cannot be unpickled in the driver ({type(failed).__name__}: "
+                   f"{str(failed)[:200]})")
+    if isinstance(exc, _CONTROL):
+        exc, why = None, "raised as itself, it would end or interrupt the driver"
     if exc is None:
-        exc = RemoteError(summary)
-        for note in notes[0] if notes else ():
+        exc = RemoteError(summary, names)
+        for note in notes:
             add_note(exc, note)
+        name = names[0].removeprefix("builtins.")
+        add_note(exc, f"RemoteError stands for the node's {name}: {why}")
     return attach(exc, tb, key)
 
 
