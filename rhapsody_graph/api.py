@@ -23,7 +23,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .errors import warn
+from .errors import brief, warn
 from .graph import Graph
 from .session import Session, current_session
 
@@ -71,6 +71,8 @@ def get_backend(backend: Any = None) -> Any:
 def get_session(backend: Any = None, session: Optional[Session] = None) -> Session:
     """The session ``compute``/``submit`` use for these arguments (see the module docstring)."""
     if session is not None:
+        if not isinstance(session, Session):
+            raise TypeError(f"session= takes a Session, got {brief(session)}")
         if backend is not None:
             raise TypeError("give backend= or session=, not both (a session has its backends)")
         return session

@@ -11,7 +11,7 @@ import reprlib
 import subprocess
 import sys
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 __all__ = [
     "RemoteTraceback",
@@ -92,6 +92,22 @@ class NoBackendError(ValueError):
     def __init__(self, message: str, node: str, tried: "list[str]") -> None:
         super().__init__(message)
         self.node, self.tried = node, tried
+
+
+def exception_text(exc: BaseException, limit: Optional[int] = None) -> str:
+    """``str(exc)`` for a message, never raising (as :mod:`traceback` words a failed
+    ``__str__``), cut to ``limit`` characters if given.
+
+    >>> exception_text(ValueError("x" * 500), limit=10)
+    'xxxxxxxxxx... (500 characters)'
+    """
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text
 
 
 def unreadable_value(key: str, exc: Exception, what: str = "its value") -> RuntimeError:

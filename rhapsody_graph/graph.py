@@ -221,7 +221,9 @@ class Node(_Fields):
     def __reduce__(self):
         raise TypeError(
             f"node {self.key!r} cannot be pickled: pass it as an argument of another task "
-            "(it becomes an edge) instead of capturing it in a closure or a global")
+            "(it becomes an edge), as itself or inside a list, tuple, dict, set or frozenset; "
+            "inside any other object (a closure, a global, a deque, a dataclass) it is not "
+            "found")
 
 
 class Graph:

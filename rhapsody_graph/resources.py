@@ -436,7 +436,8 @@ class Inventory:
             + f", but no host can hold it: the largest {'such ' if where else ''}host {big.name!r} has "
             f"{len(big.cpus)} cpus, {len(big.gpus)} gpus and {_size(big.memory)} of memory "
             f"({len(self.hosts)} host(s) in all). Ask for less, or declare a larger "
-            f"inventory: cpus=/gpus= of the backend (LocalBackend, DragonBackend).")
+            f"inventory: cpus=/gpus=/memory= of the backend, or its hosts=[Host(...)] "
+            "(LocalBackend, DragonBackend).")
 
     def _check_per_rank(self, ranks: "Sequence[Resources]", who: str) -> None:
         """Ranks with requests of their own: placed one by one on an empty ledger; the

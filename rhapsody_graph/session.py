@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
-from .errors import NoBackendError, add_note, brief, warn
+from .errors import NoBackendError, add_note, brief, exception_text, warn
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
+from .task import Task as TaskFunction
 
 __all__ = ["Session"]
 
@@ -163,7 +164,10 @@ class Session:
                 progress: Optional[bool] = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
         policy = _on_error(on_error, fail_fast)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
         roots = find_nodes(outputs)
+        _refuse_uncalled(outputs)
         if not roots:
             return tuple(outputs)
         how = mode(progress) if progress and self._progress is None else None
@@ -517,12 +521,24 @@ def _journal(path: "str | os.PathLike[str] | None") -> Any:
     """The journal kept at ``path`` (:mod:`.journal`, imported when one is asked for)."""
     if path is None:
         return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"journal= takes a directory's path, got {brief(path)}")
     from .journal import Journal
     return Journal(path)
 
 
+def _refuse_uncalled(outputs: Sequence[Any]) -> None:
+    """Refuse a decorated function given as an output: ``compute(f)`` for ``compute(f(x))``."""
+    for i, out in enumerate(outputs):
+        if isinstance(out, TaskFunction):
+            raise TypeError(f"output {i} of compute() is the task {out.opts.name!r} itself, "
+                            f"not a node: call it ({out.opts.name}(...)) to make one")
+
+
 def _on_error(on_error: Optional[str], fail_fast: Optional[bool]) -> str:
     """The failure policy of a ``compute()``: ``on_error``, or the older ``fail_fast``."""
+    if fail_fast is not None and not isinstance(fail_fast, bool):
+        raise TypeError(f"fail_fast must be True, False or None, got {brief(fail_fast)}")
     if on_error is None:
         return FINISH if fail_fast is False else WAIT
     if fail_fast is not None:
@@ -581,7 +597,8 @@ def _raise_lost(roots: Sequence[Any], handles: Sequence[Any], values: Dict[int, 
 
 def _warn_failed(group: Group) -> None:
     """Summarise the failures of an ``on_error="continue"`` run as a warning."""
-    lines = [f"{t.node.key}: {type(exc).__name__}: {exc}" for t, exc in group.errors[:10]]
+    lines = [f"{t.node.key}: {type(exc).__name__}: {exception_text(exc, limit=300)}"
+             for t, exc in group.errors[:10]]
     more = f" (and {len(group.errors) - 10} more)" if len(group.errors) > 10 else ""
     warn(f"{len(group.errors)} node(s) failed{more}; their outputs hold their exceptions:"
          "\n  " + "\n  ".join(lines))

@@ -97,6 +97,13 @@ def _text(who: str, name: str, value: Any) -> str:
     return value
 
 
+def _or_none(check: Callable[[str, str, Any], Any]) -> Callable[[str, str, Any], Any]:
+    """``check``, where ``None`` also means "not given" (see :func:`validate`)."""
+    def checked(who: str, name: str, value: Any) -> Any:
+        return None if value is None else check(who, name, value)
+    return checked
+
+
 def _backend(who: str, name: str, value: Any) -> Optional[str]:
     """A backend's name; which names exist is the session's to say, before anything runs."""
     if value is not None and not isinstance(value, str) and hasattr(value, "submit"):
@@ -205,19 +212,20 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "backend": _backend,
     "distribution": _distribution,
     "placement": _placement,  # default | anywhere | host_name | host_id
-    "host": _text,
-    "host_id": _count(0),
+    "host": _or_none(_text),
+    "host_id": _or_none(_count(0)),
     "cpu_affinity": _ids,  # exactly these core ids
     "gpu_affinity": _ids,  # exactly these GPU ids
     "policy": _policy,  # a raw Dragon Policy (the Dragon backend only)
     "process_template": _template,  # Dragon ProcessTemplate arguments for every rank
     "process_templates": _templates,  # [(ranks, arguments), ...]: a job of groups
-    "version": _text,  # part of the journal key (see rhapsody_graph.journal)
+    "version": _or_none(_text),  # part of the journal key (see rhapsody_graph.journal)
 }
 DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
                             "retries": 0, "retry_on": None, "backoff": 0.0, "backend": None, "distribution": "block",
                             "host": None, "host_id": None, "policy": None,
                             "process_template": None, "process_templates": None}
+UNSET_BY_NONE = ("host", "host_id", "version")
 PINNING = ("cpus", "gpus", "host", "host_id", "cpu_affinity", "gpu_affinity", "policy",
            "process_template", "process_templates")
 
@@ -239,6 +247,8 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
             raise TypeError(f"{who}: unknown option {name!r}{hint}; valid options: "
                             f"{', '.join(sorted(OPTIONS))}")
         out[name] = check(who, name, value)
+        if out[name] is None and name in UNSET_BY_NONE:
+            del out[name]  # as if left out: options(host=None) undoes the task's host
     if "gpu" in out:
         if "gpus" in out:
             raise ValueError(f"{who}: give 'gpus' or its alias 'gpu', not both "
@@ -410,7 +420,8 @@ class Task:
         functools.update_wrapper(self, func, updated=())  # not a class's attributes:
         # Model.options would hide Task.options
         self.func = func
-        name = getattr(func, "__name__", type(func).__name__)
+        inner = func.func if isinstance(func, functools.partial) else func  # its name
+        name = getattr(inner, "__name__", type(inner).__name__)
         qualname = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', name)}"
         self.opts = Options(validate(name, options), name, qualname)
 
@@ -419,6 +430,11 @@ class Task:
         if shape not in self._fits:
             self._check_call(shape, args, kwargs)
         return Node(self.func, args, kwargs, self.opts)
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
+        """A task in a class body binds as a method does: ``obj.method(x)`` builds the
+        node of ``method(obj, x)`` (``obj`` is pickled to its worker with the call)."""
+        return self if instance is None else types.MethodType(self, instance)
 
     def _check_call(self, shape: Any, args: tuple, kwargs: dict) -> None:
         """Refuse now a call the function cannot take, as its own call would, instead of
@@ -552,6 +568,11 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
     """
     if not iterables:
         raise TypeError("map() needs at least one iterable of items")
+    for i, items in enumerate(iterables):
+        if not hasattr(items, "__iter__"):
+            name = getattr(func, "__name__", type(func).__name__)
+            raise TypeError(f"map({name}, ...): argument {i + 1} must be an iterable of "
+                            f"items, got {brief(items)}")
     if getattr(func, "makes_ai_nodes", False):  # a @prompt function: its options are its own
         if options or gpus is not None:
             raise TypeError(f"map({func.__name__}, ...): a @prompt function's options are "

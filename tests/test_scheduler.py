@@ -751,9 +751,46 @@ def test_on_error_continue_returns_what_succeeded_and_the_exceptions_in_place(ba
     assert good == 3 and isinstance(failed, ValueError) and isinstance(downstream, ValueError)
 
 
+def fail_at_length(n):
+    raise ValueError("x" * n)
+
+
+def test_the_on_error_continue_warning_cuts_each_failure_message_short(backend):
+    with pytest.warns(RuntimeWarning) as warned:
+        rhapsody.compute(*[rhapsody.task(fail_at_length)(10**6 + i) for i in range(3)],
+                         backend=backend, on_error="continue")
+    message = str(warned[0].message)
+    assert len(message) < 2000 and "(1000001 characters)" in message
+
+
 def test_a_bad_on_error_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="on_error must be one of 'raise', 'wait', 'continue'"):
         rhapsody.compute(rhapsody.task(add)(1, 2), on_error="ignore")
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"session": "s"}, "session= takes a Session, got 's'"),
+    ({"journal": 3}, "journal= takes a directory's path, got 3"),
+    ({"fail_fast": "no"}, "fail_fast must be True, False or None, got 'no'"),
+    ({"progress": "yes"}, "progress must be True, False or None, got 'yes'"),
+])
+def test_bad_compute_arguments_are_refused_naming_the_argument(kwargs, text, tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(TypeError, match=re.escape(text)):
+        rhapsody.compute(rhapsody.task(write_marker)(str(marker)), **kwargs)
+    assert not marker.exists()
+
+
+def test_a_task_given_to_compute_uncalled_is_refused_saying_to_call_it():
+    with pytest.raises(TypeError, match=r"output 0 of compute\(\) is the task 'add' itself, "
+                                        r"not a node: call it \(add\(...\)\)"):
+        rhapsody.compute(rhapsody.task(add))
+
+
+def test_map_over_something_not_iterable_is_refused_naming_map_and_the_value():
+    with pytest.raises(TypeError, match=r"map\(add, ...\): argument 2 must be an iterable "
+                                        "of items, got 5"):
+        rhapsody.map(add, [1], 5)
 
 
 def fail_with(path, kind):

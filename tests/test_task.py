@@ -41,6 +41,16 @@ def test_options_overrides_per_call_and_keeps_the_rest():
     assert t.opts.resources.cpus == 1
 
 
+def test_host_host_id_and_version_none_undo_the_tasks_own_as_if_left_out():
+    pinned = rhapsody.task(host="n0", version="2")(inc)
+    assert (pinned.opts.resources.host, pinned.opts.resources.placement) == ("n0", "host_name")
+    freed = pinned.options(host=None, version=None)
+    assert freed.opts.values == {} and freed.opts.resources.placement == "default"
+    assert freed.opts.resources.host is None
+    assert rhapsody.task(host_id=3)(inc).options(host_id=None).opts.resources.host_id is None
+    assert rhapsody.task(host=None, host_id=None, version=None)(inc).opts.values == {}
+
+
 def test_gpu_is_an_alias_of_gpus_and_both_at_once_is_an_error():
     assert rhapsody.task(gpu=2)(inc).opts.resources.gpus == 2
     with pytest.raises(ValueError, match="not both"):
@@ -93,6 +103,28 @@ def test_an_unknown_default_backend_names_the_value_and_its_variable(monkeypatch
     with pytest.raises(ValueError, match=r"backend 'Local' \(\$RHAPSODY_GRAPH_BACKEND\) is not "
                                          r"available in this build; use one of 'local'"):
         get_backend()
+
+
+class Scaler:
+    def __init__(self, scale):
+        self.scale = scale
+
+    @rhapsody.task(cpus=1)
+    def times(self, x):
+        return self.scale * x
+
+
+def test_a_task_in_a_class_body_binds_to_its_instance_as_a_method_does():
+    s = Scaler(2)
+    node = s.times(3)
+    assert node.args[0] is s and node.compute() == 6
+    assert Scaler.times(s, 4).compute() == 8  # through the class: the instance passed
+
+
+def test_a_partial_task_is_named_after_the_function_it_wraps():
+    import functools
+    node = rhapsody.task(functools.partial(inc, 1))()
+    assert node.name == "inc" and node.key.startswith("inc-")
 
 
 def test_bad_options_name_the_function_in_options_call():

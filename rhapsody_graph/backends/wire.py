@@ -39,7 +39,7 @@ import sys
 from types import CodeType
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..errors import RemoteError, RemoteTraceback, add_note, brief
+from ..errors import RemoteError, RemoteTraceback, add_note, brief, exception_text
 from ..graph import SCALARS
 
 OK, ERROR, DROPPED = 0, 1, 2
@@ -297,10 +297,7 @@ def dump_error(exc: BaseException) -> bytes:
     round trip), its summary, formatted traceback, notes and class names."""
     import traceback  # only on this path: a worker starts without it
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        text = str(exc)
-    except Exception:  # as traceback words it
-        text = "<exception str() failed>"
+    text = exception_text(exc)
     notes = getattr(exc, "__notes__", ())  # a fused node's name among them
     notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
     names = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
