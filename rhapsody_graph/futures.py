@@ -17,8 +17,10 @@ Only the scheduler thread moves a future's state, and nothing waits on its lock:
 ``concurrent.futures`` takes) is a plain ``RLock``, not a ``Condition``.
 
 States, as ``concurrent.futures`` names them: ``PENDING`` (submitted, waiting for
-inputs or resources), ``RUNNING`` (its call started), ``FINISHED`` (a value or an
-exception), ``CANCELLED_AND_NOTIFIED`` (cancelled: by :meth:`Future.cancel`, by
+inputs or resources), ``RUNNING`` (its call was handed to a worker or process; on a
+busy worker it may still wait there behind the call before it, as a
+``ProcessPoolExecutor``'s queued calls do), ``FINISHED`` (a value or an exception),
+``CANCELLED_AND_NOTIFIED`` (cancelled: by :meth:`Future.cancel`, by
 ``Session.cancel()``, or because a fail-fast run stopped before it started).
 
 >>> import rhapsody_graph as rhapsody
@@ -37,8 +39,8 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING,
-                                      RUNNING, _AcquireFutures)
+from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
+                                      PENDING, RUNNING, _AcquireFutures)
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import brief
@@ -184,11 +186,7 @@ class Future(cf.Future, Ref):
         """Wait (a waiter of its own, as ``concurrent.futures.wait``) until finished;
         return its exception, or raise ``CancelledError``/``TimeoutError``."""
         if self._state not in _ENDED:
-            if threading.current_thread() is self._session._thread:
-                raise RuntimeError(
-                    f"node {self.key!r}: waiting for a future in a done-callback, which "
-                    "runs on the session's scheduler thread, would wait for ever; submit "
-                    "the follow-up work instead (submit() returns at once)")
+            _refuse_on_scheduler((self,))
             cf.wait((self,), timeout)
         state = self._state
         if state == FINISHED:
@@ -262,8 +260,24 @@ class Future(cf.Future, Ref):
                 for waiter in self._w:
                     getattr(waiter, tell)(self)
         if self._cbs:
-            self._invoke_callbacks()
+            for callback in self._cbs:
+                try:
+                    callback(self)
+                except BaseException:  # a sys.exit() there must not stop the scheduler
+                    LOGGER.exception("exception calling callback for %r", self)
             self._session._kept.discard(self)
+
+
+def _refuse_on_scheduler(futures: Iterable[Any]) -> None:
+    """Refuse to wait, on a session's scheduler thread (in a done-callback), for a
+    future of that session: only that thread could end it."""
+    here = threading.current_thread()
+    for f in futures:
+        if isinstance(f, Future) and f._state not in _ENDED and here is f._session._thread:
+            raise RuntimeError(
+                f"node {f.key!r}: waiting for a future in a done-callback, which runs on "
+                "the session's scheduler thread, would wait for ever; submit the follow-up "
+                "work instead (submit() returns at once)")
 
 
 class _Arrivals:
@@ -288,6 +302,7 @@ def as_completed(futures: Iterable[cf.Future], timeout: Optional[float] = None) 
     for f in pending:
         if not isinstance(f, cf.Future):
             raise TypeError(f"as_completed() takes futures, got {brief(f)}")
+    _refuse_on_scheduler(pending)
     return _as_completed(pending, deadline)
 
 
@@ -325,4 +340,6 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
     ``return_when``: :data:`ALL_COMPLETED` (default), :data:`FIRST_COMPLETED` or
     :data:`FIRST_EXCEPTION`.
     """
+    futures = list(futures)
+    _refuse_on_scheduler(futures)
     return cf.wait(futures, timeout, return_when)

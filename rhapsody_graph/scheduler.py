@@ -1209,8 +1209,11 @@ class Scheduler:
             error = NodeTimeoutError.of(t.node.key, t.node.opts.timeout)
             attempt.why = f"{type(error).__name__}: {error}"
 
-            def after(t: Task = t, error: BaseException = error) -> None:
+            def after(t: Task = t, error: BaseException = error,
+                      attempt: Attempt = attempt) -> None:
                 if t.state == RUNNING:
+                    if t.futures:
+                        t.where = self._where(t, attempt)
                     self._fail(t, error)
             self._kill(tid, attempt, after)
 

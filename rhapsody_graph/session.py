@@ -451,13 +451,23 @@ class Session:
         self._scheduler.cancel(tasks).wait(CANCEL_TIMEOUT)
 
     def wait(self) -> None:
-        """Wait until everything submitted so far has ended."""
+        """Wait until the session is idle: everything submitted has ended, including
+        what other threads and done-callbacks submit meanwhile."""
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._scheduler.when_idle().wait()
 
     def close(self) -> None:
         """Cancel what still runs, stop the scheduler, and shut the backends down
-        (a session made for one backend only lets go of it)."""
+        (a session made for one backend only lets go of it).
+
+        Raises:
+            RuntimeError: in a done-callback (the scheduler's own thread, which close()
+                stops): ``cancel()`` there, or close from another thread.
+        """
+        if threading.current_thread() is self._thread and not self._closed:
+            raise RuntimeError("close() (or a backend's shutdown()) in a done-callback, "
+                               "which runs on the session's scheduler thread, cannot stop "
+                               "that thread; cancel() there, or close from another thread")
         with self._lock:
             if self._closed:
                 return

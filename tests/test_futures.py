@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import gc
 import os
 import resource
+import sys
 import threading
 import time
 
@@ -214,12 +215,16 @@ def test_done_callbacks_run_on_futures_nobody_keeps(session):
     assert not session._kept  # the session let them go once they ended
 
 
-def test_waiting_in_a_done_callback_raises_instead_of_hanging_the_session(session):
+def test_waiting_or_closing_in_a_done_callback_raises_instead_of_hanging_the_session(session):
     errors, called = [], threading.Event()
+    other = session.submit(rhapsody.task(nap)(30))
 
     def follow_up(fut):
         for wait in (lambda: session.compute(rhapsody.task(inc)(fut.result())),
-                     lambda: session.submit(rhapsody.task(nap)(30)).result()):
+                     lambda: session.submit(rhapsody.task(nap)(30)).result(),
+                     lambda: rhapsody.wait([other]),
+                     lambda: list(rhapsody.as_completed([other])),
+                     session.close):
             try:
                 wait()
             except RuntimeError as exc:
@@ -227,9 +232,23 @@ def test_waiting_in_a_done_callback_raises_instead_of_hanging_the_session(sessio
         called.set()
     session.submit(rhapsody.task(inc)(1)).add_done_callback(follow_up)
     assert called.wait(60)
-    assert "compute() in a done-callback" in errors[0] and "would wait for ever" in errors[1]
+    assert "compute() in a done-callback" in errors[0]
+    assert all("would wait for ever" in e for e in errors[1:4]), errors
+    assert "close() (or a backend's shutdown()) in a done-callback" in errors[4]
+    session.cancel()  # the naps: they hold both cores
     assert session.submit(rhapsody.task(inc)(5)).result(timeout=60) == 6  # it goes on
-    session.cancel()  # the nap the callback submitted
+
+
+def test_a_done_callback_raising_system_exit_is_logged_and_the_session_goes_on(session, caplog):
+    fut = session.submit(rhapsody.task(inc)(1))
+    fut.add_done_callback(lambda f: sys.exit(3))
+    assert fut.result(timeout=60) == 2
+    waited = threading.Thread(target=session.wait, daemon=True)
+    waited.start()
+    waited.join(60)
+    assert not waited.is_alive(), "Session.wait() hung on the node whose callback raised"
+    assert session.submit(rhapsody.task(inc)(5)).result(timeout=60) == 6
+    assert "exception calling callback" in caplog.text and "SystemExit: 3" in caplog.text
 
 
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
@@ -333,6 +352,12 @@ def test_two_threads_computing_on_one_backend_both_get_their_values():
         for t in threads:
             t.join(60)
         assert results == {k: [i + k + 1 for i in range(20)] for k in (0, 100)}
+
+
+def test_a_node_past_its_timeout_still_says_where_it_ran_and_how_often(session):
+    fut = session.submit(rhapsody.task(nap, timeout=0.5, retries=1)(30))
+    assert isinstance(fut.exception(timeout=60), rhapsody.NodeTimeoutError)
+    assert fut.where is not None and fut.where.attempts == 2 and fut.where.cpus
 
 
 def test_where_records_the_backend_host_cores_and_attempts(session):
