@@ -393,6 +393,8 @@ class Scheduler:
         self.completions = completions
         self.lanes = {id(b): Lane(b) for b in backends}
         self.tasks: Dict[Any, Task] = {}  # read (only) by submitting threads too
+        # records handed over by submitting threads and not taken yet (see Session._hand)
+        self.handed: Dict[Any, Task] = {}
         self.inflight: Dict[int, Attempt] = {}
         self.killing: Dict[int, Attempt] = {}
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
@@ -561,11 +563,13 @@ class Scheduler:
             self._take(*intake.popleft())
 
     def _take(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]], group: Group) -> None:
-        tasks = self.tasks
+        tasks, handed = self.tasks, self.handed
         reused: List[Task] = []  # came with their values: done once all of new is taken
         unrun: List[Tuple[Task, Task]] = []  # on an ended input without a value: likewise
         for t in new:
             tasks.setdefault(t.node, t)
+            if handed.get(t.node) is t:  # known as taken from now on (in that order)
+                del handed[t.node]
             group.live += 1
             self.live += 1
             t.lane.submitted += t.weight

@@ -100,7 +100,7 @@ class Session:
         self._fuse = fuse
         self._checked: Dict[Tuple[int, tuple], None] = {}
         self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # submitting (see _hand) and closing
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
         self._kept: "set[Future]" = set()  # futures with a done-callback, until they end
@@ -146,7 +146,7 @@ class Session:
         """
         if len(nodes) == 1:
             node = nodes[0]
-            if type(node) is Node and node not in self._scheduler.tasks:
+            if type(node) is Node and self._known(node) is None:
                 fut = self._submit_one(node)
                 if fut is not None:
                     return fut
@@ -209,52 +209,74 @@ class Session:
     def _submit_one(self, node: Node) -> Optional[Future]:
         """``submit(node)`` of a new node whose inputs are all known here (futures of
         this session, nodes it runs, or none: a stream of submissions): its record and
-        future, handed over without a graph walk. ``None`` if an input is new."""
-        self._check_open()
-        t = self._reused(node, self._futures)
-        if t is None:
-            known = self._scheduler.tasks
-            deps = []
-            for d in node.deps:
-                record = self._own(d)._task if isinstance(d, Ref) else known.get(d)
-                if record is None:
-                    return None  # it needs the walk
-                deps.append(record)
-            t = self._record(node, self._futures, deps or ())
-        fut = Future(node, t, self)
-        t.futures = [weakref.ref(fut)]
-        self._scheduler.take((t,), (), self._futures)
+        future, handed over without a graph walk. ``None`` if the node is known already
+        or an input is new."""
+        with self._lock:  # see _hand
+            self._check_open()
+            if self._known(node) is not None:
+                return None  # submitted meanwhile: its record gets this future too
+            t = self._reused(node, self._futures)
+            if t is None:
+                deps = []
+                for d in node.deps:
+                    record = self._own(d)._task if isinstance(d, Ref) else self._known(d)
+                    if record is None:
+                        return None  # it needs the walk
+                    deps.append(record)
+                t = self._record(node, self._futures, deps or ())
+            fut = Future(node, t, self)
+            t.futures = [weakref.ref(fut)]
+            self._hand((t,), (), self._futures)
         return fut
 
     def _submit(self, roots: Sequence[Any], computing: Optional[Group] = None) -> List[Any]:
         """Hand ``roots`` to the scheduler; one future per root (for ``compute``'s group
         ``computing``: the record itself for a root this call added: it needs no handle)."""
-        self._check_open()
         futures = computing is None
         group = self._futures if futures else computing
-        new: List[Task] = []
-        records = self._records(roots, group, new)
-        added = set(new)  # records no other thread sees yet (they hash by identity)
-        handles, attach = [], []
-        for root in roots:
-            if isinstance(root, Ref):
-                handles.append(self._own(root))
-                continue
-            t = records[root]
-            new_here = t in added
-            if new_here and not futures:
-                handles.append(t)
-                continue
-            fut = Future(root, t, self)
-            handles.append(fut)
-            if new_here:
-                if t.futures is None:
-                    t.futures = []
-                t.futures.append(weakref.ref(fut))
-            else:
-                attach.append((t, fut))
-        self._scheduler.take(new, attach, group)
+        with self._lock:  # see _hand
+            self._check_open()
+            new: List[Task] = []
+            records = self._records(roots, group, new)
+            added = set(new)  # records no other thread sees yet (they hash by identity)
+            handles, attach = [], []
+            for root in roots:
+                if isinstance(root, Ref):
+                    handles.append(self._own(root))
+                    continue
+                t = records[root]
+                new_here = t in added
+                if new_here and not futures:
+                    handles.append(t)
+                    continue
+                fut = Future(root, t, self)
+                handles.append(fut)
+                if new_here:
+                    if t.futures is None:
+                        t.futures = []
+                    t.futures.append(weakref.ref(fut))
+                else:
+                    attach.append((t, fut))
+            self._hand(new, attach, group)
         return handles
+
+    def _hand(self, new: Sequence[Task], attach: Sequence[Tuple[Task, Any]],
+              group: Group) -> None:
+        """Give ``new`` records and ``attach`` futures to the scheduler. Called under the
+        session's lock, from the look-up of known records (:meth:`_known`) on: the new
+        records are known at once (a node submitted again before the scheduler thread
+        took it gets its record, not a second run), and close() (which takes the lock)
+        comes after."""
+        handed = self._scheduler.handed
+        for t in new:
+            handed[t.node] = t
+        self._scheduler.take(new, attach, group)
+
+    def _known(self, node: Any) -> Optional[Task]:
+        """The record of ``node`` in this session, if it has one: handed over (and maybe
+        not taken yet), then taken (the scheduler moves it in that order)."""
+        t = self._scheduler.handed.get(node)
+        return t if t is not None else self._scheduler.tasks.get(node)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -262,7 +284,6 @@ class Session:
 
     def _records(self, roots: Sequence[Any], group: Group, new: List[Task]) -> Dict[Any, Task]:
         """Records for ``roots`` and what they need, made (in post-order) where unknown."""
-        known = self._scheduler.tasks
         records: Dict[Any, Task] = {}  # by node or future (both hash by identity)
 
         def record_of(dep: Any) -> Optional[Task]:
@@ -271,7 +292,7 @@ class Session:
                 if isinstance(dep, Ref):
                     t = self._own(dep)._task
                 else:
-                    t = known.get(dep)
+                    t = self._known(dep)
                 if t is not None:
                     records[dep] = t
             return t

@@ -251,6 +251,54 @@ def test_a_done_callback_raising_system_exit_is_logged_and_the_session_goes_on(s
     assert "exception calling callback" in caplog.text and "SystemExit: 3" in caplog.text
 
 
+def count_run(path, seconds=0.0):
+    with open(path, "a") as f:
+        f.write("x")
+    time.sleep(seconds)
+    return path
+
+
+def use(x, k):
+    return k
+
+
+def test_a_node_submitted_twice_before_the_scheduler_took_it_runs_once(session, tmp_path):
+    for i in range(10):
+        node = rhapsody.task(count_run)(str(tmp_path / f"twice{i}"))
+        a, b = session.submit(node), session.submit(node)  # back to back: one record
+        assert a.result(timeout=60) == b.result(timeout=60)
+        shared = rhapsody.task(count_run)(str(tmp_path / f"shared{i}"), 0.01)
+        one = session.submit(rhapsody.task(use)(shared, 1))
+        two = session.submit(rhapsody.task(use)(shared, 2))
+        assert (one.result(timeout=60), two.result(timeout=60)) == (1, 2)
+    runs = [len((tmp_path / f"{kind}{i}").read_text()) for kind in ("twice", "shared")
+            for i in range(10)]
+    assert runs == [1] * 20
+
+
+def test_submitting_while_another_thread_closes_gives_futures_that_all_end():
+    for _ in range(5):
+        s = rhapsody.Session(rhapsody.LocalBackend(cpus=1), progress=False)
+        got, first, refused = [], threading.Event(), threading.Event()
+
+        def submitter():
+            while True:
+                try:
+                    got.extend(s.submit([rhapsody.task(inc)(i) for i in range(500)]))
+                except RuntimeError:  # "this session is closed"
+                    refused.set()
+                    return
+                first.set()
+        th = threading.Thread(target=submitter)
+        th.start()
+        assert first.wait(60)
+        s.close()
+        th.join(60)
+        assert refused.is_set()
+        _, not_done = cf.wait(got, timeout=60)
+        assert not not_done, f"{len(not_done)} of {len(got)} futures never ended"
+
+
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
     path = tmp_path / "pid"
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
