@@ -146,7 +146,7 @@ class Session:
         """
         if len(nodes) == 1:
             node = nodes[0]
-            if type(node) is Node and self._known(node) is None:
+            if type(node) is Node:
                 fut = self._submit_one(node)
                 if fut is not None:
                     return fut
