@@ -395,6 +395,8 @@ class Scheduler:
         self.tasks: Dict[Any, Task] = {}  # read (only) by submitting threads too
         # records handed over by submitting threads and not taken yet (see Session._hand)
         self.handed: Dict[Any, Task] = {}
+        # records of a stopped compute() that a future of another call waits for (_stop)
+        self.adopted = Group(FINISH, waited=False)
         self.inflight: Dict[int, Attempt] = {}
         self.killing: Dict[int, Attempt] = {}
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
@@ -1196,10 +1198,17 @@ class Scheduler:
         group.stopping = True
         for lane in self.lanes.values():
             lane.backend.drop_queued()
+        members = [t for t in self.tasks.values() if t.group is group and t.state not in ENDED]
+        for t in _wanted(members):  # a future of another call waits for it: it goes on,
+            group.live -= 1  # outside this call
+            t.group = self.adopted
+            self.adopted.live += 1
         stop = (PENDING, READY, RUNNING) if group.on_error == RAISE else (PENDING, READY)
-        for t in list(self.tasks.values()):
+        for t in members:
             if t.group is group and t.state in stop:
                 self._cancel_one(t, set())
+        if not group.live and group.ended is not None and group not in self.ended:
+            self.ended.append(group)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -1280,6 +1289,20 @@ def _sharing_key(opts: Any) -> tuple:
     exclusive (a lease of its own): GPUs, a timeout, or a process of its own."""
     res = opts.resources
     return (res.key, res.gpus > 0 or opts.timeout is not None or opts.custom_process)
+
+
+def _wanted(records: Sequence[Task]) -> Set[Task]:
+    """Those of ``records`` (one group's, not ended) that a live future waits for, and
+    what they need among them."""
+    group = records[0].group if records else None
+    wanted: Set[Task] = set()
+    stack = [t for t in records if _live(t.futures)]
+    while stack:
+        t = stack.pop()
+        if t not in wanted and t.group is group and t.state not in ENDED:
+            wanted.add(t)
+            stack.extend(t.deps)
+    return wanted
 
 
 def _live(refs: Optional[List[Any]]) -> List[Any]:

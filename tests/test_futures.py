@@ -14,7 +14,7 @@ import pytest
 
 import rhapsody_graph as rhapsody
 
-from .test_scheduler import alive, still_alive, wait_for_files
+from .test_scheduler import alive, fail_now, still_alive, wait_for_files
 
 
 # -- task bodies (module level: sent by reference) ---------------------------------------
@@ -297,6 +297,28 @@ def test_submitting_while_another_thread_closes_gives_futures_that_all_end():
         assert refused.is_set()
         _, not_done = cf.wait(got, timeout=60)
         assert not not_done, f"{len(not_done)} of {len(got)} futures never ended"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "wait"])
+def test_a_future_on_a_node_of_a_failing_compute_still_gets_its_value(tmp_path, on_error):
+    started, go = tmp_path / "started", tmp_path / "go"
+    slow = rhapsody.task(hold)(str(started), 1)
+    raised = []
+
+    def computing():
+        try:
+            s.compute(rhapsody.task(fail_now)(str(go)), slow, on_error=on_error)
+        except ValueError as exc:
+            raised.append(exc)
+    with rhapsody.Session(rhapsody.LocalBackend(cpus=2), progress=False) as s:
+        th = threading.Thread(target=computing)
+        th.start()
+        wait_for_files([started], 60)
+        fut = s.submit(slow)  # the compute's running node: this future waits for it too
+        go.write_text("")  # now the compute's other node fails
+        th.join(60)
+        assert raised and "failed at once" in str(raised[0])
+        assert fut.result(timeout=60) == "finished"  # not cancelled with the compute's nodes
 
 
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
