@@ -397,6 +397,7 @@ class Scheduler:
         self.handed: Dict[Any, Task] = {}
         # records of a stopped compute() that a future of another call waits for (_stop)
         self.adopted = Group(FINISH, waited=False)
+        self.after: Optional[Callable[[], None]] = None  # run once the loop has ended
         self.inflight: Dict[int, Attempt] = {}
         self.killing: Dict[int, Attempt] = {}
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
@@ -477,6 +478,8 @@ class Scheduler:
                 self._crash(exc)
         self.live = 0
         self._notify()
+        if self.after is not None:  # a session dropped unclosed lets go of the rest
+            self.after()
         self.closed.set()
 
     def _when_nothing_runs(self) -> bool:

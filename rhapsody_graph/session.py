@@ -106,7 +106,8 @@ class Session:
         self._kept: "set[Future]" = set()  # futures with a done-callback, until they end
         self._futures.journal = _journal(journal)
         self._completions = Completions()
-        self._completions.closer = self.close
+        # weakly: the queue (its backends, the scheduler's thread) keeps no session alive
+        self._completions.closer = weakref.WeakMethod(self.close)
         joined: List[Any] = []
         try:
             for b in backends:
@@ -129,6 +130,10 @@ class Session:
                                         daemon=True)
         self._completions.owner = self._thread
         self._thread.start()
+        # dropped unclosed (nothing refers to it, its futures included): closed then
+        self._finalizer = weakref.finalize(self, _abandoned, self._scheduler, self._thread,
+                                           self._parts())
+        self._finalizer.atexit = False  # close_all() closes it at exit
         _sessions.add(self)
         _stop_on_sigterm()
 
@@ -493,19 +498,17 @@ class Session:
             if self._closed:
                 return
             self._closed = True
+        self._finalizer.detach()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._scheduler.close()
             self._scheduler.closed.wait(CANCEL_TIMEOUT)
-        if self._progress is not None:
-            self._progress.stop()
-        # backends placed on another go first: their servers may need it to stop
-        for b in sorted(self.backends.values(), key=lambda b: getattr(b, "on", None) is None):
-            b.attach(None)
-            if self._owns or b in self._implicit:
-                b.shutdown()
-        self._completions.close()
-        if self._runlog is not None and self._scheduler.runlog is not None:
-            self._runlog.close()  # (one that failed a write was warned of, and is left)
+        _release(*self._parts())
+
+    def _parts(self) -> Tuple[Any, ...]:
+        """What :func:`_release` lets go of, once the scheduler has stopped."""
+        return (self._progress, list(self.backends.values()),
+                [b for b in self.backends.values() if self._owns or b in self._implicit],
+                self._completions, self._runlog, self._scheduler)
 
     def __enter__(self) -> "Session":
         _current.append(self)
@@ -663,6 +666,36 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminated)
 
 
+def _release(progress: Any, backends: List[Any], owned: List[Any], completions: Any,
+             runlog: Any, scheduler: Scheduler) -> None:
+    """A closed session's last steps: stop its display, detach its backends and shut
+    down those it owns, close its queue and its run log."""
+    if progress is not None:
+        progress.stop()
+    # backends placed on another go first: their servers may need it to stop
+    for b in sorted(backends, key=lambda b: getattr(b, "on", None) is None):
+        b.attach(None)
+        if b in owned:
+            b.shutdown()
+    completions.close()
+    if runlog is not None and scheduler.runlog is not None:
+        runlog.close()  # (one that failed a write was warned of, and is left)
+
+
+def _abandoned(scheduler: Scheduler, thread: threading.Thread, parts: Tuple[Any, ...]) -> None:
+    """A session dropped unclosed is closed: its scheduler cancels what runs and stops,
+    then the rest is let go of, here (as close() does), or on the scheduler's thread
+    once it stops, where that thread dropped it (in a done-callback)."""
+    if threading.current_thread() is thread:
+        scheduler.after = lambda: _release(*parts)
+        scheduler.close()
+        return
+    if thread.is_alive():
+        scheduler.close()
+        scheduler.closed.wait(CANCEL_TIMEOUT)
+    _release(*parts)
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -677,6 +710,8 @@ def close_all() -> None:
 def _forget_sessions() -> None:
     """In a forked child: the parent's sessions are not this process's to use or close
     (their threads and workers stayed with the parent)."""
+    for s in list(_sessions):
+        s._finalizer.detach()
     _current.clear()
     _sessions.clear()
 

@@ -138,3 +138,37 @@ def test_a_session_of_what_is_not_a_backend_is_refused_saying_what_it_takes(back
     with pytest.raises(TypeError, match=r"Session\(backends=\[\.\.\.\]\) takes backend "
                                         r"instances \(LocalBackend\(\), (?s:.*)" + shown):
         rhapsody.Session(backends=backends)
+
+
+def inc(x):
+    return x + 1
+
+
+def hold(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    import time
+    time.sleep(60)
+
+
+def test_a_session_dropped_unclosed_is_closed_its_work_cancelled_and_its_workers_ended(
+        tmp_path):
+    import gc
+
+    from .conftest import child_pids, wait_until
+    before = child_pids()
+
+    def use_and_drop():
+        s = rhapsody.Session(rhapsody.LocalBackend(cpus=2), progress=False)
+        assert s.submit(rhapsody.task(inc)(1)).result(timeout=60) == 2
+        running = s.submit(rhapsody.task(hold)(str(tmp_path / "pid")))
+        assert wait_until(lambda: (tmp_path / "pid").exists(), 60)
+        return s._thread, running  # the session itself is dropped here (its future kept)
+
+    thread, running = use_and_drop()
+    assert not running.done()  # its future keeps the session open
+    del running
+    gc.collect()
+    thread.join(60)
+    assert not thread.is_alive(), "the dropped session's scheduler thread still runs"
+    assert wait_until(lambda: child_pids() <= before, 60), child_pids() - before

@@ -112,7 +112,8 @@ class Completions:
         self._timers: List[Tuple[float, int, Callable[[List[Completion]], None]]] = []
         self._seq = itertools.count()
         self._asleep = False
-        self.closer: Optional[Callable[[], None]] = None  # closes the session that owns it
+        # a weak reference to what closes the session that owns it
+        self.closer: Optional[Callable[[], Optional[Callable[[], None]]]] = None
         self.owner: Optional[threading.Thread] = None  # the scheduler thread that drains it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -303,8 +304,9 @@ def environ(env: Dict[str, str]) -> Iterator[None]:
 
 def close_session(hub: Optional[Completions]) -> None:
     """Close the session whose queue is ``hub``, if any (it detaches its backends)."""
-    if hub is not None and hub.closer is not None:
-        hub.closer()
+    close = hub.closer() if hub is not None and hub.closer is not None else None
+    if close is not None:
+        close()
 
 
 class OwnCalls:
