@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import copy
 import os
 import signal
 import threading
@@ -645,8 +646,18 @@ def _has_value(handle: Any) -> bool:
 
 
 def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> BaseException:
-    """The first failure of ``group``, noting the others and the outputs not computed."""
+    """The first failure of ``group``, noting the others and the outputs not computed
+    (on a copy, where an earlier call raised it already: a future's error, or its
+    dependents', is shared by every call that needs it)."""
     t, exc = group.errors[0]
+    before = getattr(exc, _NOTES_BEFORE, None)
+    if before is not None:
+        exc = _with_notes(exc, before)
+    else:
+        try:
+            setattr(exc, _NOTES_BEFORE, len(getattr(exc, "__notes__", ())))
+        except Exception:  # a frozen exception class: its notes pile up
+            pass
     if len(group.errors) > 1:
         others = ", ".join(o.node.key for o, _ in group.errors[1:6])
         add_note(exc, f"{len(group.errors) - 1} other node(s) failed too: {others}")
@@ -655,6 +666,25 @@ def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> 
     if unfinished and isinstance(exc, Exception):
         add_note(exc, "outputs not computed: " + ", ".join(unfinished[:5]))
     return exc
+
+
+#: on an exception a compute() raised: how many notes it had before that call's own
+_NOTES_BEFORE = "_rhapsody_graph_notes_before"
+
+
+def _with_notes(exc: BaseException, keep: int) -> BaseException:
+    """A copy of ``exc`` with its first ``keep`` notes, its cause and traceback (``exc``
+    itself where it cannot be copied)."""
+    try:
+        dup = copy.copy(exc)
+    except Exception:
+        return exc
+    if hasattr(exc, "__notes__"):
+        dup.__notes__ = list(exc.__notes__[:keep])
+    vars(dup).pop(_NOTES_BEFORE, None)
+    dup.__cause__, dup.__context__ = exc.__cause__, exc.__context__
+    dup.__suppress_context__ = exc.__suppress_context__
+    return dup.with_traceback(exc.__traceback__)
 
 
 def _stop_on_sigterm() -> None:

@@ -321,6 +321,17 @@ def test_a_future_on_a_node_of_a_failing_compute_still_gets_its_value(tmp_path, 
         assert fut.result(timeout=60) == "finished"  # not cancelled with the compute's nodes
 
 
+def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed(session):
+    failed = session.submit(rhapsody.task(fail_now)())
+    failed.exception(timeout=60)
+    for i in range(3):
+        own = rhapsody.task(inc)(100 + i)
+        with pytest.raises(ValueError, match="failed at once") as info:
+            session.compute(rhapsody.task(inc)(failed), own)
+        not_computed = [n for n in info.value.__notes__ if n.startswith("outputs not computed")]
+        assert not_computed == [f"outputs not computed: {own.key}"], info.value.__notes__
+
+
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
     path = tmp_path / "pid"
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
