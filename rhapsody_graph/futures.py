@@ -214,7 +214,8 @@ class Future(cf.Future, Ref):
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:
-        return f"<Future {self.key} {self._state.lower()}>"
+        state = "cancelled" if self._state == CANCELLED_AND_NOTIFIED else self._state.lower()
+        return f"<Future {self.key} {state}>"
 
     def __reduce__(self):
         raise TypeError(f"future {self.key!r} cannot be pickled: pass it as an argument of "

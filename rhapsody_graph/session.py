@@ -160,7 +160,12 @@ class Session:
         flat = list(nodes[0]) if one_list else nodes
         for n in flat:
             if not isinstance(n, (Node, Ref)):
-                raise TypeError(f"submit() takes nodes (or futures), got {brief(n)}")
+                hint = ""
+                if callable(n):
+                    name = getattr(n, "__name__", "f")
+                    hint = (f"; a node is a task's call: submit({name}(...)) of a @task "
+                            f"function, or submit(rhapsody_graph.task({name})(...))")
+                raise TypeError(f"submit() takes nodes (or futures), got {brief(n)}{hint}")
         futures = self._submit(flat)
         return futures[0] if len(nodes) == 1 and not one_list else futures
 

@@ -332,6 +332,12 @@ def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed
         assert not_computed == [f"outputs not computed: {own.key}"], info.value.__notes__
 
 
+def test_submit_of_a_plain_function_says_how_to_make_a_node(session):
+    with pytest.raises(TypeError, match=r"submit\(\) takes nodes \(or futures\), got <function "
+                                        r"inc .*>; a node is a task's call: submit\(inc\(...\)\)"):
+        session.submit(inc, 1)
+
+
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
     path = tmp_path / "pid"
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:
