@@ -198,6 +198,9 @@ class Lane:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        # the backend whose ledger admits its nodes: itself, or another local backend
+        # of the same machine (Session._share_machines)
+        self.ledger_of = backend
         self.ready = Ready()  # pool nodes, under leases, by the shape of their lease
         self.last_opts: Any = None  # the options of the record pushed last, and its shape
         self.last_shape: tuple = ()
@@ -701,8 +704,8 @@ class Scheduler:
                         ready.count -= 1
                         unadmitted.append(t)  # its service does not fit now; others may
                         continue
-                    placements = backend.ledger.allocate_ranks(t.node.opts.resources,
-                                                               avoid=t.avoid or ())
+                    placements = lane.ledger_of.ledger.allocate_ranks(
+                        t.node.opts.resources, avoid=t.avoid or ())
                     if placements is None:
                         ready.wait(shape)
                         break
@@ -746,9 +749,9 @@ class Scheduler:
                         lease = (None if exclusive
                                  else self._lease_with_room(lane, shape, depth, filling))
                         if lease is None:
-                            placement = (b.ledger.allocate(t.node.opts.resources,
-                                                           avoid=t.avoid or ())
-                                         if b.slots_free() > 0 else None)
+                            placement = (lane.ledger_of.ledger.allocate(
+                                t.node.opts.resources, avoid=t.avoid or ())
+                                if b.slots_free() > 0 else None)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
@@ -995,7 +998,7 @@ class Scheduler:
         lease = attempt.lease
         if lease is None:
             for p in attempt.placements:
-                lane.backend.ledger.release(p)
+                lane.ledger_of.ledger.release(p)
             return
         lease.outstanding -= 1
         shared = lane.open_leases.get(lease.key) if lease.key is not None else None
@@ -1009,7 +1012,7 @@ class Scheduler:
 
     @staticmethod
     def _end_lease(lane: Lane, lease: Lease) -> None:
-        lane.backend.ledger.release(lease.placement)
+        lane.ledger_of.ledger.release(lease.placement)
         lane.backend.end_lease(lease)
         if lease.key is not None:
             del lane.open_leases[lease.key].leases[lease]

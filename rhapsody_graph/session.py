@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
-import copy
 import os
 import signal
 import threading
@@ -120,6 +119,7 @@ class Session:
             self._completions.close()
             raise
         self._scheduler = Scheduler(backends, self._completions)
+        _share_machines(backends, self._scheduler.lanes)
         self._runlog: Any = None
         if run_log is not None:
             from .runlog import RunLog  # json only for a session that writes one
@@ -678,10 +678,13 @@ _NOTES_BEFORE = "_rhapsody_graph_notes_before"
 
 
 def _with_notes(exc: BaseException, keep: int) -> BaseException:
-    """A copy of ``exc`` with its first ``keep`` notes, its cause and traceback (``exc``
-    itself where it cannot be copied)."""
+    """A copy of ``exc`` (made as unpickling makes one: its args and attributes, no
+    ``__init__``) with its first ``keep`` notes, its cause and traceback; ``exc`` itself
+    where it cannot be copied so."""
+    cls = type(exc)
     try:
-        dup = copy.copy(exc)
+        dup = cls.__new__(cls, *exc.args)
+        vars(dup).update(vars(exc))
     except Exception:
         return exc
     if hasattr(exc, "__notes__"):
@@ -699,6 +702,27 @@ def _stop_on_sigterm() -> None:
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _terminated)
+
+
+def _share_machines(backends: Sequence[Any], lanes: Dict[int, Lane]) -> None:
+    """Local backends of one machine with equal inventories (see ``LocalBackend.machine``)
+    admit their nodes against one ledger, the first one's: no core or GPU of the
+    machine goes to two nodes at once. Those that share cores or GPUs otherwise are
+    warned of: each places its nodes from its own ledger."""
+    local = [b for b in backends if getattr(b, "machine", None) is not None]
+    for i, b in enumerate(local):
+        for a in local[:i]:
+            if a.machine == b.machine:
+                lanes[id(b)].ledger_of = lanes[id(a)].ledger_of
+                break
+            cores, gpus = a.machine[0] & b.machine[0], a.machine[1] & b.machine[1]
+            if cores or gpus:
+                shared = " and ".join(f"{what} {sorted(ids)}" for what, ids in
+                                      (("cores", cores), ("GPUs", gpus)) if ids)
+                warn(f"Session: backends {a.name!r} and {b.name!r} both place nodes on "
+                     f"{shared} of this machine, each from its own ledger, so their nodes "
+                     "may share them; give each its own (cpus=[...], gpus=[...]), or make "
+                     "them alike (the same cpus=/gpus=): then they share one ledger")
 
 
 def _release(progress: Any, backends: List[Any], owned: List[Any], completions: Any,

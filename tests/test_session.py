@@ -24,9 +24,9 @@ def mark(path, *_):
 
 @pytest.fixture(scope="module")
 def two():
-    """Backend "cpu": 1 core, no GPU; backend "gpu": 2 cores and 2 declared GPUs."""
-    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="cpu"),
-                                    rhapsody.LocalBackend(cpus=2, gpus=2, name="gpu")]) as s:
+    """Backend "cpu": core 0, no GPU; backend "gpu": core 1 and 2 declared GPUs."""
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=[0], name="cpu"),
+                                    rhapsody.LocalBackend(cpus=[1], gpus=2, name="gpu")]) as s:
         yield s
 
 
@@ -172,3 +172,29 @@ def test_a_session_dropped_unclosed_is_closed_its_work_cancelled_and_its_workers
     thread.join(60)
     assert not thread.is_alive(), "the dropped session's scheduler thread still runs"
     assert wait_until(lambda: child_pids() <= before, 60), child_pids() - before
+
+
+def on_gpu_for(seconds):
+    import time
+    start = time.time()
+    time.sleep(seconds)
+    return os.environ["CUDA_VISIBLE_DEVICES"], start, time.time()
+
+
+def test_two_alike_local_backends_of_a_session_never_place_two_nodes_on_one_gpu():
+    a = rhapsody.LocalBackend(cpus=2, gpus=1, name="a")
+    b = rhapsody.LocalBackend(cpus=2, gpus=1, name="b")
+    with rhapsody.Session([a, b], progress=False) as s:
+        task = rhapsody.task(gpus=1)(on_gpu_for)
+        first, second = s.submit(task.options(backend="a")(0.3), task.options(backend="b")(0.3))
+        (gpu_a, start_a, end_a), (gpu_b, start_b, end_b) = first.result(60), second.result(60)
+    assert gpu_a == gpu_b == "0"
+    assert end_a <= start_b or end_b <= start_a, "both held GPU 0 at once"
+
+
+def test_local_backends_of_a_session_that_overlap_otherwise_are_warned_of():
+    with pytest.warns(RuntimeWarning, match=r"backends 'cpu' and 'gpu' both place nodes on "
+                                            r"cores \[\d+\] of this machine"):
+        s = rhapsody.Session([rhapsody.LocalBackend(cpus=1, name="cpu"),
+                              rhapsody.LocalBackend(cpus=1, gpus=2, name="gpu")], progress=False)
+    s.close()

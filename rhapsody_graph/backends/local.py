@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from . import tracker, watchdog, wire
 from .base import KILLED, RANKS_KIND, Call, Completion, on_scheduler, refuse_foreign_abort
@@ -151,6 +151,16 @@ class LocalBackend(PoolBackend):
     def accepts(self, node: Node) -> bool:
         """True unless ``node`` has Dragon pass-through options this backend cannot honour."""
         return not node.opts.custom_process
+
+    @property
+    def machine(self) -> Tuple[FrozenSet[int], FrozenSet[int], tuple]:
+        """What its nodes run on, of this machine: the real core ids it pins them to,
+        the GPU ids it hands out, and its inventory's shape (hosts' names, core ids,
+        GPU ids, memory). A session holding two local backends of equal ``machine``
+        admits both's nodes against one ledger (see :class:`~rhapsody_graph.Session`)."""
+        shape = tuple((h.name, h.cpus, h.gpus, h.memory) for h in self.inventory.hosts)
+        gpus = frozenset(g for h in self.inventory.hosts for g in h.gpus)
+        return frozenset(self._pins.values()), gpus, shape
 
     # -- encoding -----------------------------------------------------------------
 
