@@ -197,6 +197,11 @@ class Future(cf.Future, Ref):
                               f"({'running' if state == RUNNING else 'not started yet'}); "
                               "it goes on: wait again, or cancel() it")
 
+    @property
+    def backend(self) -> str:
+        """The name of the backend the session routed its node to."""
+        return self._task.lane.backend.name
+
     def cancel(self) -> bool:
         """Stop the node: dequeue it, or kill its process(es) if it runs; cancel what
         depends on it. Returns once its processes are gone (and their cores and

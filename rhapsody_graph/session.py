@@ -445,7 +445,7 @@ class Session:
                        f"backend {name!r} does not run {kind} nodes with these options"
                        + _refusal(b, node))
                 raise NoBackendError(f"{who} asks for backend {name!r}, but {why}; the "
-                                     f"session's backends: {', '.join(self.backends)}",
+                                     f"session's backends: {self._names()}",
                                      node.key, list(self.backends))
             self._check(b, res, who)
             return b
@@ -460,8 +460,13 @@ class Session:
             if kind in b.kinds:
                 b.prepare(node)  # raises, naming the options it cannot honour
         raise NoBackendError(f"{who} is a {kind} node and no backend of this session runs it "
-                             f"with these options; tried: {', '.join(self.backends)}",
+                             f"with these options; tried: {self._names()}",
                              node.key, list(self.backends))
+
+    def _names(self) -> str:
+        """Its backends' names, saying which the session added itself."""
+        return ", ".join(f"{n} (added for AI nodes)" if b in self._implicit else n
+                         for n, b in self.backends.items())
 
     def _check(self, backend: Any, res: Any, who: str) -> None:
         if (id(backend), res.key) not in self._checked:

@@ -155,7 +155,7 @@ def lookup(name: str, who: str) -> Model:
     except KeyError:
         known = ", ".join(sorted(_MODELS)) or "none"
         raise ValueError(f"{who}: unknown model {name!r} (declared: {known}); declare it "
-                         "with rhapsody.model(name, engine=..., path=...) or url=...") from None
+                         "with rhapsody_graph.model(name, engine=..., path=...) or url=...") from None
 
 
 def smollm2_path() -> str:

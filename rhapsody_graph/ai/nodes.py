@@ -24,7 +24,7 @@ from ..task import Options, validate
 __all__ = ["ai", "prompt", "AISpec", "AI", "run"]
 
 AI = "ai"
-SAMPLING = ("temperature", "max_tokens", "top_p", "stop", "seed")
+SAMPLING = ("temperature", "max_tokens", "top_p", "top_k", "stop", "seed")
 
 
 class AISpec:

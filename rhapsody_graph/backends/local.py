@@ -359,4 +359,4 @@ def _refuse_dragon_options(node: Node, backend: str) -> None:
                         ("process_templates", opts.templates)):
         if value is not None:
             raise ValueError(f"node {node.key!r}: option {name!r} is passed to Dragon and only "
-                             f"the Dragon backend takes it; compute() runs on {backend!r}")
+                             f"the Dragon backend takes it; it was routed to {backend!r}")

@@ -42,7 +42,7 @@ class TaskState:
 
 _uids = itertools.count(1)
 #: task_backend_specific_kwargs that are node options, and those of executables only
-OPTION_KWARGS = ("gpus", "process_template", "process_templates")
+OPTION_KWARGS = ("cpus", "gpus", "process_template", "process_templates")
 EXEC_KWARGS = ("cwd", "env", "shell")
 #: variables rhapsody_graph sets in every placed process (with those named RHAPSODY_*)
 _OWN_ENV = frozenset(Placement("", ()).env())
@@ -120,6 +120,8 @@ class BaseTask(dict):
     def _submitted(self, fut: Future, loop: asyncio.AbstractEventLoop, folder: str) -> None:
         """Handed to the backend: ``RUNNING`` from now, as RHAPSODY's backends report it."""
         self.future, self.state = fut, TaskState.RUNNING
+        if self.backend is None:
+            self.backend = fut.backend  # where the session routed it
         self._ended = loop.create_future()
 
         def ended(f: Future) -> None:  # on the scheduler's thread
@@ -147,8 +149,8 @@ class BaseTask(dict):
         if exc is None:
             self.state, self.exit_code = TaskState.DONE, 0
             self._value(f.result())
-        elif isinstance(exc, ExecutableError):
-            self.state, self.exception, self.exit_code = TaskState.FAILED, exc, exc.returncode
+        elif isinstance(exc, ExecutableError):  # as RHAPSODY's: an exit code, no exception
+            self.state, self.exit_code = TaskState.FAILED, exc.returncode
             self.stdout, self.stderr = exc.stdout, exc.stderr
         else:  # stderr ends with str(exc), as RHAPSODY's is str(exc)
             self.state, self.exception, self.exit_code = TaskState.FAILED, exc, 1
@@ -197,7 +199,7 @@ class ComputeTask(BaseTask):
 
     def validate(self) -> None:
         """Check the fields as RHAPSODY does and that the node can be built: raises
-        :class:`TaskValidationError` (a node option's own error for a bad option value)."""
+        :class:`TaskValidationError`, naming the task (a bad option value included)."""
         self.node()
 
     def _check(self) -> None:
@@ -232,19 +234,18 @@ class ComputeTask(BaseTask):
         options["name"] = self.uid
         if self.backend is not None:
             options["backend"] = self.backend
-        if self.function is not None:
-            made = task(self.function).options(**options)  # a bad option: its own error
-            try:
-                return made(*self.args, **self.kwargs)
-            except TypeError as e:  # args the function cannot take
-                self._invalid(str(e))
-        argv = [self.executable, *self.arguments]
-        if extra.get("shell"):
-            argv = ["/bin/sh", "-c", " ".join(map(str, argv))]
-        env = extra.get("env")
-        if env is not None:
-            argv = ["/usr/bin/env", *_unsetting(env), *argv]
-        return executable(argv, cwd=extra.get("cwd"), env=env, **options)
+        try:  # a bad option value, or args the function cannot take
+            if self.function is not None:
+                return task(self.function).options(**options)(*self.args, **self.kwargs)
+            argv = [self.executable, *self.arguments]
+            if extra.get("shell"):
+                argv = ["/bin/sh", "-c", " ".join(map(str, argv))]
+            env = extra.get("env")
+            if env is not None:
+                argv = ["/usr/bin/env", *_unsetting(env), *argv]
+            return executable(argv, cwd=extra.get("cwd"), env=env, **options)
+        except (TypeError, ValueError) as e:
+            self._invalid(str(e))
 
     def _ran(self, f: Future, folder: str) -> None:
         super()._ran(f, folder)
@@ -284,28 +285,65 @@ def _unsetting(env: Mapping[str, str]) -> List[str]:
 class AITask(BaseTask):
     """A prompt to an inference backend; its answer is ``response`` (and ``return_value``).
 
-    ``model`` defaults to the model of the inference backend it is routed to (by
-    ``backend=``, else the session's first one).
+    RHAPSODY's fields, each ``None`` unless given: ``model`` (default: the model of the
+    inference backend it is routed to, by ``backend=``, else the session's first one),
+    ``system_prompt``, ``temperature``, ``max_tokens``, ``top_p``, ``top_k`` and
+    ``stop_sequences`` (sent as the server's ``stop``), checked when made as RHAPSODY
+    checks them. Other keyword arguments are kept as fields.
     """
 
-    def __init__(self, prompt: str, model: Optional[str] = None, *,
-                 system_prompt: Optional[str] = None, uid: Optional[str] = None,
-                 backend: Optional[str] = None, **sampling: Any) -> None:
-        self._sampling = tuple(sampling)
-        super().__init__(uid, backend, prompt=prompt, model=model, system_prompt=system_prompt,
-                         **sampling)
+    def __init__(self, prompt: str, model: Optional[str] = None,
+                 inference_endpoint: Optional[str] = None, system_prompt: Optional[str] = None,
+                 temperature: Optional[float] = None, max_tokens: Optional[int] = None,
+                 top_p: Optional[float] = None, top_k: Optional[int] = None,
+                 stop_sequences: Optional[List[str]] = None, uid: Optional[str] = None,
+                 backend: Optional[str] = None, **extra: Any) -> None:
+        super().__init__(uid, backend, prompt=prompt, model=model,
+                         inference_endpoint=inference_endpoint, system_prompt=system_prompt,
+                         temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                         top_k=top_k, stop_sequences=stop_sequences, **extra)
 
     def _check(self) -> None:
         super()._check()
         self._need("prompt", self.prompt, str, "a string")
+        if not self.prompt:
+            self._invalid("prompt is required")
+        if self.inference_endpoint is not None:
+            self._invalid("inference_endpoint is not provided: declare the server's model "
+                          "with a DragonVllmInferenceBackend and route to it by backend=")
+        if not (self.model or self.backend):
+            self._invalid("AITask requires either 'model' or 'backend' to be specified")
+        if self.model is not None:
+            self._need("model", self.model, str, "a string")
+        for field, ok, what in (
+                ("temperature", lambda v: _number(v) and v >= 0, "a non-negative number"),
+                ("max_tokens", lambda v: _integer(v) and v >= 1, "a positive integer"),
+                ("top_p", lambda v: _number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+                ("top_k", lambda v: _integer(v) and v >= 1, "a positive integer"),
+                ("stop_sequences", lambda v: isinstance(v, list), "a list")):
+            value = self[field]
+            if value is not None and not ok(value):
+                self._invalid(f"{field} must be {what}, got {brief(value)}")
 
     def _build(self) -> Node:
         literal = self.prompt.replace("{", "{{").replace("}", "}}")  # not a template
+        sampling = {k: self[k] for k in ("temperature", "max_tokens", "top_p", "top_k")
+                    if self[k] is not None}
+        if self.stop_sequences is not None:
+            sampling["stop"] = self.stop_sequences
         return ai(literal, model=self.model, system=self.system_prompt, name=self.uid,
-                  backend=self.backend, **{k: self[k] for k in self._sampling})
+                  backend=self.backend, **sampling)
 
     def _value(self, value: Any) -> None:
         self.response = self.return_value = value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Session:
@@ -320,7 +358,10 @@ class Session:
                  work_dir: Optional[str] = None) -> None:
         if not backends:
             raise ValueError("Session needs at least one backend")
-        self.backends = list(backends)
+        self.backends: Dict[str, Any] = {b.name: b for b in backends}  # by name, as RHAPSODY's
+        if len(self.backends) < len(backends):
+            raise ValueError("Session: backends need distinct names, got "
+                             f"{[b.name for b in backends]}; give each its own name=")
         self.uid = uid or f"rhapsody.session.{os.urandom(4).hex()}"
         self.work_dir = work_dir or os.getcwd()
         self.tasks: List[BaseTask] = []
@@ -330,7 +371,7 @@ class Session:
         """The session, made on first use. Off the event loop, as is every call that may
         wait on a backend: an asynchronous Dask cluster is served by this very loop."""
         if self._session is None:
-            backends = [b.backend for b in self.backends]
+            backends = [b.backend for b in self.backends.values()]
             made = await asyncio.get_running_loop().run_in_executor(None, _Session, backends)
             if self._session is None:
                 self._session = made
@@ -345,8 +386,10 @@ class Session:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def submit_tasks(self, tasks: Iterable[BaseTask]) -> List[BaseTask]:
-        """Start ``tasks``; returns them (each is awaitable) at once."""
+    async def submit_tasks(self, tasks: Iterable[BaseTask]) -> List[asyncio.Future]:
+        """Start ``tasks``; returns at once one ``asyncio`` future per task, as RHAPSODY
+        does, which resolves to the task once it has ended (a failure does not raise:
+        it is on the task's ``state`` and ``exception``)."""
         tasks = list(tasks)
         session, loop = await self._open(), asyncio.get_running_loop()
         for t in tasks:
@@ -357,10 +400,10 @@ class Session:
         for t, fut in zip(tasks, await loop.run_in_executor(None, session.submit, nodes)):
             t._submitted(fut, loop, folder)
         self.tasks += tasks
-        return tasks
+        return [t._waiter() for t in tasks]
 
     def _model_for(self, t: AITask) -> Optional[str]:
-        models = [b.model_name for b in self.backends if getattr(b, "model_name", None)
+        models = [b.model_name for b in self.backends.values() if getattr(b, "model_name", None)
                   and (t.backend is None or b.name == t.backend)]
         return models[0] if models else None
 

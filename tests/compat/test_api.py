@@ -32,8 +32,11 @@ def test_tasks_report_state_value_output_exit_code_backend_and_a_failures_error_
             exit3 = ComputeTask(executable="/bin/sh", arguments=["-c", "echo no >&2; exit 3"])
             missing = ComputeTask(executable="/no/such/program")
             submitted = await session.submit_tasks([ok, bad, exe, exit3, missing])
-            assert submitted == [ok, bad, exe, exit3, missing]
+            assert all(isinstance(f, asyncio.Future) for f in submitted)  # as RHAPSODY's
             assert await ok is ok  # awaiting a task returns it
+            done, pending = await asyncio.wait(submitted, timeout=60)
+            assert not pending and [f.result() for f in submitted] == [ok, bad, exe, exit3,
+                                                                      missing]
             await session.wait_tasks()
             return ok, bad, exe, exit3, missing
 
@@ -44,6 +47,7 @@ def test_tasks_report_state_value_output_exit_code_backend_and_a_failures_error_
     assert (bad.exit_code, bad["state"], bad.stderr) == (1, "FAILED", "'missing input'")
     assert (exe.state, exe.return_value, exe.stdout, exe.stderr) == ("DONE", None, "out\n", "err\n")
     assert (exit3.state, exit3.exit_code, exit3.stderr) == ("FAILED", 3, "no\n")
+    assert exit3.exception is None  # as RHAPSODY's: an exit code is not an exception
     assert (missing.state, missing.exit_code, missing.stderr) == \
         ("FAILED", 1, "[Errno 2] No such file or directory: '/no/such/program'")
 
@@ -209,11 +213,12 @@ def test_a_bad_uid_is_reported_as_the_uid_not_as_a_node_option(uid):
 def test_unknown_or_misplaced_backend_kwargs_are_refused_naming_the_task_the_key_and_the_choice():
     with pytest.raises(TaskValidationError,
                        match="^Task 'x' validation failed: task_backend_specific_kwargs takes "
-                             "cwd, env, gpus, process_template, process_templates, shell; "
+                             "cpus, cwd, env, gpus, process_template, process_templates, shell; "
                              "got 'bogus'$"):
         ComputeTask(executable="/bin/true", uid="x", task_backend_specific_kwargs={"bogus": 1})
     with pytest.raises(TaskValidationError,
-                       match="'f' .* takes gpus, process_template, process_templates; got 'cwd'; "
+                       match="'f' .* takes cpus, gpus, process_template, process_templates; got "
+                             "'cwd'; "
                              "cwd, env and shell are for executable tasks only"):
         ComputeTask(function=abs, uid="f", task_backend_specific_kwargs={"cwd": "/tmp"})
     with pytest.raises(TaskValidationError, match="'e' .*env must be a dict, got list"):
@@ -259,3 +264,63 @@ def test_converted_seed_example_runs(example, shows):
     for text in shows:
         assert text in done.stdout, done.stdout
     assert "CRITICAL" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+CORES = min(2, len(os.sched_getaffinity(0)))
+
+
+def _cores():
+    return sorted(os.sched_getaffinity(0))
+
+
+def test_an_implicitly_routed_task_names_its_backend_from_submission_and_cpus_are_taken():
+    async def main():
+        async with ConcurrentExecutionBackend(name="cpu") as cpu:
+            async with Session(backends=[cpu]) as session:
+                assert session.backends["cpu"] is cpu  # by name, as RHAPSODY's
+                one = ComputeTask(function=_cores)
+                two = ComputeTask(function=_cores, task_backend_specific_kwargs={"cpus": CORES})
+                await session.submit_tasks([one, two])
+                assert one.backend == two.backend == "cpu"  # known while they run
+                await session.wait_tasks()
+                return one.return_value, two.return_value
+    one, two = asyncio.run(main())
+    assert len(one) == 1 and len(two) == CORES
+
+
+def test_a_concurrent_backend_refuses_what_is_not_an_executor():
+    with pytest.raises(TypeError, match="Executor must be ThreadPoolExecutor or "
+                                        "ProcessPoolExecutor, got 5"):
+        ConcurrentExecutionBackend(executor=5)
+
+
+@pytest.mark.parametrize("fields, text", [
+    (dict(prompt=""), "prompt is required"),
+    (dict(prompt="hi"), "AITask requires either 'model' or 'backend'"),
+    (dict(prompt="hi", model=3), "model must be a string, got int 3"),
+    (dict(prompt="hi", model="m", temperature=-1), "temperature must be a non-negative number"),
+    (dict(prompt="hi", model="m", max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(prompt="hi", model="m", top_p=2), "top_p must be a number between 0 and 1"),
+    (dict(prompt="hi", model="m", top_k=0), "top_k must be a positive integer"),
+    (dict(prompt="hi", model="m", stop_sequences="."), "stop_sequences must be a list"),
+])
+def test_ai_tasks_are_checked_as_rhapsody_checks_them(fields, text):
+    from rhapsody_graph.compat.api import AITask
+    with pytest.raises(TaskValidationError, match=text):
+        AITask(uid="a", **fields)
+
+
+def test_an_ai_task_has_rhapsodys_fields_and_sends_stop_sequences_as_stop():
+    from rhapsody_graph.compat.api import AITask
+    t = AITask(prompt="hi", model="m", stop_sequences=["."], top_k=5, tag="mine")
+    assert (t.temperature, t.max_tokens, t.top_p, t.inference_endpoint, t.tag) == \
+        (None, None, None, None, "mine")
+    assert t.node().fn.sampling == {"top_k": 5, "stop": ["."]}  # the node's AISpec
+
+
+def test_a_bad_option_value_raises_task_validation_error_naming_the_task():
+    with pytest.raises(TaskValidationError, match="^Task 'g' validation failed: .*option 'gpus' "
+                                                  "must be an integer >= 0, got 0.5"):
+        ComputeTask(function=abs, uid="g", task_backend_specific_kwargs={"gpus": 0.5})
+    with pytest.raises(TaskValidationError, match="^Task 'c' validation failed: .*'cpus'"):
+        ComputeTask(executable="/bin/true", uid="c", task_backend_specific_kwargs={"cpus": -1})

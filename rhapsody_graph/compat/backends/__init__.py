@@ -18,6 +18,7 @@ its workers off the event loop. ``.backend`` is the rhapsody_graph backend. RHAP
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from typing import Any, Optional
@@ -57,6 +58,12 @@ class _Backend:
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.backend.shutdown)
 
+    async def __aenter__(self) -> "_Backend":
+        return await self._started()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -66,6 +73,9 @@ class ConcurrentExecutionBackend(_Backend):
     ``concurrent.futures`` executor is read for its size only), else one per core."""
 
     def __init__(self, executor: Any = None, name: str = "concurrent") -> None:
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise TypeError("Executor must be ThreadPoolExecutor or ProcessPoolExecutor, "
+                            f"got {brief(executor)}")
         workers = getattr(executor, "_max_workers", None)
         super().__init__(LocalBackend(cpus=workers, name=name))
 
