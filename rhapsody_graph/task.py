@@ -34,8 +34,10 @@ __all__ = ["task", "Task", "Options", "executable", "map", "ExecResult", "OPTION
 def _count(minimum: int) -> Callable[[str, str, Any], int]:
     def check(who: str, name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
+            ids = (f"; exact ids go in {name[:-1]}_affinity=[...]"
+                   if name in ("cpus", "gpus") and isinstance(value, (list, tuple)) else "")
             raise TypeError(f"{who}: option {name!r} must be an integer >= {minimum}, "
-                            f"got {brief(value)} ({type(value).__name__})")
+                            f"got {brief(value)} ({type(value).__name__}){ids}")
         if value < minimum:
             raise ValueError(f"{who}: option {name!r} must be >= {minimum}, got {brief(value)}")
         return value
@@ -181,6 +183,10 @@ def _cwd_env(who: str, cwd: Any, env: Any, what: str = "") -> None:
     if env is not None and not (isinstance(env, Mapping) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
         raise TypeError(f"{who}: {what}env must map str to str, got {brief(env)}")
+    for k, v in (env or {}).items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ValueError(f"{who}: {what}env {k!r}: a variable's name must be non-empty "
+                             "without '=' or a null byte, and its value without a null byte")
 
 
 def _templates(who: str, name: str, value: Any) -> List[Tuple[int, Dict[str, Any]]]:
@@ -548,6 +554,10 @@ def executable(argv: Sequence[Any], *, cwd: Optional[str] = None,
         raise TypeError(f"executable() needs a non-empty list of arguments, got {brief(argv)}")
     prog = str(argv[0]) if not isinstance(argv[0], Node) else "executable"
     who = f"executable {prog!r}"
+    for i, arg in enumerate(argv):
+        if isinstance(arg, str) and "\0" in arg or isinstance(arg, bytes) and b"\0" in arg:
+            raise ValueError(f"{who}: argument {i} {brief(arg)} holds a null byte, which no "
+                             "program can be given")
     _cwd_env(who, cwd, env)
     values = validate(who, options)
     opts = Options(values, prog.rsplit("/", 1)[-1], f"executable:{prog}")

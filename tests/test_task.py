@@ -1,5 +1,6 @@
 """@task, .options, executable and map: validation at decoration and call time."""
 import asyncio
+import re
 
 import pytest
 
@@ -173,6 +174,17 @@ def test_executable_validates_its_arguments():
 async def double_later(x):
     await asyncio.sleep(0)
     return 2 * x
+
+
+@pytest.mark.parametrize("argv, env, text", [
+    (["echo", "a\0b"], None, "argument 1 'a\\x00b' holds a null byte"),
+    (["echo"], {"A": "a\0b"}, "env 'A': a variable's name must be non-empty"),
+    (["echo"], {"A=B": "x"}, "env 'A=B': a variable's name must be non-empty without '='"),
+    (["echo"], {"": "x"}, "env '': a variable's name must be non-empty"),
+])
+def test_an_argument_or_variable_no_program_can_take_is_refused_where_written(argv, env, text):
+    with pytest.raises(ValueError, match=re.escape(f"executable 'echo': {text}")):
+        rhapsody.executable(argv, env=env)
 
 
 def test_an_async_def_task_is_awaited_in_its_worker_and_gives_its_value():
