@@ -103,7 +103,7 @@ def exception_text(exc: BaseException, limit: Optional[int] = None) -> str:
     """
     try:
         text = str(exc)
-    except Exception:
+    except BaseException:
         text = "<exception str() failed>"
     if limit is not None and len(text) > limit:
         text = f"{text[:limit]}... ({len(text)} characters)"
@@ -121,9 +121,13 @@ def unreadable_value(key: str, exc: Exception, what: str = "its value") -> Runti
 
 
 def add_note(exc: BaseException, note: str) -> BaseException:
-    """``exc.add_note(note)`` once (a no-op before Python 3.11)."""
-    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
+    """``exc.add_note(note)`` once (a no-op before Python 3.11, and for an exception
+    that refuses notes: its ``__notes__`` not a list, a class that blocks attributes)."""
+    try:
+        if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+    except Exception:
+        pass
     return exc
 
 

@@ -771,6 +771,11 @@ class Ledger:
             _flip(self._gpus_ge, st.bit, before, len(st.free_gpus))
         st.free_memory += placement.memory
 
+    def reset(self) -> None:
+        """Free everything at once (its backend's processes were all killed)."""
+        self._hosts = {}
+        self._index(self.inventory.hosts)
+
     def idle(self) -> bool:
         """True when nothing is allocated (every core and GPU is free)."""
         return all(len(st.free_cpus) == len(st.host.cpus) and len(st.free_gpus) == len(st.host.gpus)

@@ -198,9 +198,6 @@ class Lane:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
-        # the backend whose ledger admits its nodes: itself, or another local backend
-        # of the same machine (Session._share_machines)
-        self.ledger_of = backend
         self.ready = Ready()  # pool nodes, under leases, by the shape of their lease
         self.last_opts: Any = None  # the options of the record pushed last, and its shape
         self.last_shape: tuple = ()
@@ -401,6 +398,9 @@ class Scheduler:
         # records of a stopped compute() that a future of another call waits for (_stop)
         self.adopted = Group(FINISH, waited=False)
         self.after: Optional[Callable[[], None]] = None  # run once the loop has ended
+        # futures with a done-callback, until they end: kept (their session with them)
+        # as long as this loop runs, so that nobody keeping them does not cancel them
+        self.kept: Set[Any] = set()
         self.inflight: Dict[int, Attempt] = {}
         self.killing: Dict[int, Attempt] = {}
         self.kill_waits: List[Tuple[Set[int], threading.Event]] = []
@@ -704,8 +704,8 @@ class Scheduler:
                         ready.count -= 1
                         unadmitted.append(t)  # its service does not fit now; others may
                         continue
-                    placements = lane.ledger_of.ledger.allocate_ranks(
-                        t.node.opts.resources, avoid=t.avoid or ())
+                    placements = backend.ledger.allocate_ranks(t.node.opts.resources,
+                                                               avoid=t.avoid or ())
                     if placements is None:
                         ready.wait(shape)
                         break
@@ -749,9 +749,9 @@ class Scheduler:
                         lease = (None if exclusive
                                  else self._lease_with_room(lane, shape, depth, filling))
                         if lease is None:
-                            placement = (lane.ledger_of.ledger.allocate(
-                                t.node.opts.resources, avoid=t.avoid or ())
-                                if b.slots_free() > 0 else None)
+                            placement = (b.ledger.allocate(t.node.opts.resources,
+                                                           avoid=t.avoid or ())
+                                         if b.slots_free() > 0 else None)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
@@ -998,7 +998,7 @@ class Scheduler:
         lease = attempt.lease
         if lease is None:
             for p in attempt.placements:
-                lane.ledger_of.ledger.release(p)
+                lane.backend.ledger.release(p)
             return
         lease.outstanding -= 1
         shared = lane.open_leases.get(lease.key) if lease.key is not None else None
@@ -1012,7 +1012,7 @@ class Scheduler:
 
     @staticmethod
     def _end_lease(lane: Lane, lease: Lease) -> None:
-        lane.ledger_of.ledger.release(lease.placement)
+        lane.backend.ledger.release(lease.placement)
         lane.backend.end_lease(lease)
         if lease.key is not None:
             del lane.open_leases[lease.key].leases[lease]
@@ -1298,11 +1298,12 @@ def _sharing_key(opts: Any) -> tuple:
 
 
 def _wanted(records: Sequence[Task]) -> Set[Task]:
-    """Those of ``records`` (one group's, not ended) that a live future waits for, and
-    what they need among them."""
+    """Those of ``records`` (one group's, not ended) that a live future or a record of
+    another call waits for, and what they need among them."""
     group = records[0].group if records else None
     wanted: Set[Task] = set()
-    stack = [t for t in records if _live(t.futures)]
+    stack = [t for t in records if _live(t.futures) or any(
+        d.group is not group and d.state not in ENDED for d in t.dependents)]
     while stack:
         t = stack.pop()
         if t not in wanted and t.group is group and t.state not in ENDED:

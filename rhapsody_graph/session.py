@@ -33,6 +33,7 @@ from .errors import NoBackendError, add_note, brief, exception_text, warn
 from .futures import Future
 from .graph import Node, Ref, find_nodes, substitute
 from .progress import Progress, mode
+from .resources import Ledger
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
 from .task import Task as TaskFunction
 
@@ -103,7 +104,6 @@ class Session:
         self._lock = threading.RLock()  # submitting (see _hand) and closing
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
-        self._kept: "set[Future]" = set()  # futures with a done-callback, until they end
         self._futures.journal = _journal(journal)
         self._completions = Completions()
         # weakly: the queue (its backends, the scheduler's thread) keeps no session alive
@@ -119,7 +119,8 @@ class Session:
             self._completions.close()
             raise
         self._scheduler = Scheduler(backends, self._completions)
-        _share_machines(backends, self._scheduler.lanes)
+        self._kept = self._scheduler.kept  # futures with a done-callback, until they end
+        self._sharing = _share_machines(backends)  # given their own ledgers back at close
         self._runlog: Any = None
         if run_log is not None:
             from .runlog import RunLog  # json only for a session that writes one
@@ -519,7 +520,7 @@ class Session:
         """What :func:`_release` lets go of, once the scheduler has stopped."""
         return (self._progress, list(self.backends.values()),
                 [b for b in self.backends.values() if self._owns or b in self._implicit],
-                self._completions, self._runlog, self._scheduler)
+                self._sharing, self._completions, self._runlog, self._scheduler)
 
     def __enter__(self) -> "Session":
         _current.append(self)
@@ -689,7 +690,14 @@ def _with_notes(exc: BaseException, keep: int) -> BaseException:
     cls = type(exc)
     try:
         dup = cls.__new__(cls, *exc.args)
+        if dup is exc or type(dup) is not cls:  # a __new__ that interns its instances
+            return exc
         vars(dup).update(vars(exc))
+        for klass in cls.__mro__:  # attributes in __slots__ too
+            slots = klass.__dict__.get("__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
+                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                    setattr(dup, name, getattr(exc, name))
     except Exception:
         return exc
     if hasattr(exc, "__notes__"):
@@ -709,16 +717,19 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminated)
 
 
-def _share_machines(backends: Sequence[Any], lanes: Dict[int, Lane]) -> None:
+def _share_machines(backends: Sequence[Any]) -> List[Any]:
     """Local backends of one machine with equal inventories (see ``LocalBackend.machine``)
-    admit their nodes against one ledger, the first one's: no core or GPU of the
-    machine goes to two nodes at once. Those that share cores or GPUs otherwise are
-    warned of: each places its nodes from its own ledger."""
+    place their nodes (and services placed on them) from one ledger, the first one's:
+    no core or GPU of the machine goes to two at once. Those that share cores or GPUs
+    otherwise are warned of: each places its nodes from its own ledger. Returns the
+    backends now using another's ledger."""
     local = [b for b in backends if getattr(b, "machine", None) is not None]
+    sharing = []
     for i, b in enumerate(local):
         for a in local[:i]:
             if a.machine == b.machine:
-                lanes[id(b)].ledger_of = lanes[id(a)].ledger_of
+                b.ledger = a.ledger
+                sharing.append(b)
                 break
             cores, gpus = a.machine[0] & b.machine[0], a.machine[1] & b.machine[1]
             if cores or gpus:
@@ -728,14 +739,18 @@ def _share_machines(backends: Sequence[Any], lanes: Dict[int, Lane]) -> None:
                      f"{shared} of this machine, each from its own ledger, so their nodes "
                      "may share them; give each its own (cpus=[...], gpus=[...]), or make "
                      "them alike (the same cpus=/gpus=): then they share one ledger")
+    return sharing
 
 
-def _release(progress: Any, backends: List[Any], owned: List[Any], completions: Any,
-             runlog: Any, scheduler: Scheduler) -> None:
-    """A closed session's last steps: stop its display, detach its backends and shut
-    down those it owns, close its queue and its run log."""
+def _release(progress: Any, backends: List[Any], owned: List[Any], sharing: List[Any],
+             completions: Any, runlog: Any, scheduler: Scheduler) -> None:
+    """A closed session's last steps: stop its display, give backends that shared a
+    ledger their own, detach its backends and shut down those it owns, close its queue
+    and its run log."""
     if progress is not None:
         progress.stop()
+    for b in sharing:
+        b.ledger = Ledger(b.inventory)
     # backends placed on another go first: their servers may need it to stop
     for b in sorted(backends, key=lambda b: getattr(b, "on", None) is None):
         b.attach(None)

@@ -340,6 +340,20 @@ def test_submit_of_a_plain_function_says_how_to_make_a_node(session):
         session.submit(inc, 1)
 
 
+def test_a_failing_compute_does_not_cancel_what_another_calls_nodes_wait_for(tmp_path):
+    started, go = tmp_path / "started", tmp_path / "go"
+    shared = rhapsody.task(use)(rhapsody.task(hold)(str(started), 1), 7)
+    with rhapsody.Session(rhapsody.LocalBackend(cpus=2), progress=False) as s:
+        th = threading.Thread(target=lambda: pytest.raises(
+            ValueError, s.compute, rhapsody.task(use)(shared, 3), rhapsody.task(fail_now)(str(go))))
+        th.start()
+        wait_for_files([started], 60)
+        fut = s.submit(rhapsody.task(use)(shared, 4))  # waits for the compute's `shared`
+        go.write_text("")
+        th.join(60)
+        assert fut.result(timeout=60) == 4
+
+
 def test_compute_cancelled_by_another_thread_raises_cancelled_error(tmp_path):
     path = tmp_path / "pid"
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)]) as s:

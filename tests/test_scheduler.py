@@ -669,6 +669,38 @@ def test_a_node_calling_sys_exit_fails_as_a_remote_error_instead_of_ending_the_d
     assert "sys.exit(code)" in info.value.__cause__.tb
 
 
+class TupleNotesError(Exception):
+    pass
+
+
+def raise_with_tuple_notes():
+    exc = TupleNotesError("odd notes")
+    exc.__notes__ = ("a tuple",)  # add_note() refuses such an exception
+    raise exc
+
+
+class ExitOnRebuild(Exception):
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+
+def raise_exit_on_rebuild(path):
+    count_attempt(path)
+    raise ExitOnRebuild("x")
+
+
+def test_exceptions_that_refuse_notes_or_exit_when_rebuilt_fail_their_node_alone_once(
+        backend, tmp_path):
+    odd = rhapsody.task(raise_with_tuple_notes)()
+    exits = rhapsody.task(raise_exit_on_rebuild)(str(tmp_path / "n"))
+    with pytest.warns(RuntimeWarning):
+        good, first, second = rhapsody.compute(rhapsody.task(add)(1, 2), odd, exits,
+                                               backend=backend, on_error="continue")
+    assert good == 3 and isinstance(first, TupleNotesError) and first.__notes__ == ("a tuple",)
+    assert isinstance(second, rhapsody.RemoteError) and str(second) == "ExitOnRebuild: x"
+    assert len(lines(tmp_path / "n")) == 1  # the worker reported it: not died, not run again
+
+
 class UnprintableError(Exception):
     def __str__(self):
         raise RuntimeError("no str")

@@ -186,8 +186,10 @@ def test_two_alike_local_backends_of_a_session_never_place_two_nodes_on_one_gpu(
     b = rhapsody.LocalBackend(cpus=2, gpus=1, name="b")
     with rhapsody.Session([a, b], progress=False) as s:
         task = rhapsody.task(gpus=1)(on_gpu_for)
+        assert b.ledger is a.ledger  # what is placed on b (an inference service) shares it too
         first, second = s.submit(task.options(backend="a")(0.3), task.options(backend="b")(0.3))
         (gpu_a, start_a, end_a), (gpu_b, start_b, end_b) = first.result(60), second.result(60)
+    assert b.ledger is not a.ledger  # its own again once the session closed
     assert gpu_a == gpu_b == "0"
     assert end_a <= start_b or end_b <= start_a, "both held GPU 0 at once"
 
@@ -198,3 +200,22 @@ def test_local_backends_of_a_session_that_overlap_otherwise_are_warned_of():
         s = rhapsody.Session([rhapsody.LocalBackend(cpus=1, name="cpu"),
                               rhapsody.LocalBackend(cpus=1, gpus=2, name="gpu")], progress=False)
     s.close()
+
+
+def test_done_callbacks_of_a_dropped_session_still_run_once_its_work_ends():
+    import gc
+    import threading
+    got, both = [], threading.Event()
+
+    def done(f):
+        got.append(f.result())
+        if len(got) == 2:
+            both.set()
+
+    def submit_and_drop():
+        s = rhapsody.Session(rhapsody.LocalBackend(cpus=2), progress=False)
+        for i in range(2):
+            s.submit(rhapsody.task(inc)(i)).add_done_callback(done)
+    submit_and_drop()
+    gc.collect()  # the session and its futures are unreachable but for their callbacks
+    assert both.wait(60) and sorted(got) == [1, 2]

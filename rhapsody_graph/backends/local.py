@@ -157,7 +157,7 @@ class LocalBackend(PoolBackend):
         """What its nodes run on, of this machine: the real core ids it pins them to,
         the GPU ids it hands out, and its inventory's shape (hosts' names, core ids,
         GPU ids, memory). A session holding two local backends of equal ``machine``
-        admits both's nodes against one ledger (see :class:`~rhapsody_graph.Session`)."""
+        places both's nodes from one ledger (see :class:`~rhapsody_graph.Session`)."""
         shape = tuple((h.name, h.cpus, h.gpus, h.memory) for h in self.inventory.hosts)
         gpus = frozenset(g for h in self.inventory.hosts for g in h.gpus)
         return frozenset(self._pins.values()), gpus, shape
@@ -207,7 +207,7 @@ class LocalBackend(PoolBackend):
         refuse_foreign_abort(self, self.pool.hub)
         self._kill_launches()
         self.pool.abort()
-        self.ledger = Ledger(self.inventory)
+        self.ledger.reset()  # in place: a session may share it (Session._share_machines)
 
     def shutdown(self) -> None:
         """Close the session using it, then stop the workers (EOF, then SIGKILL after

@@ -294,19 +294,27 @@ def load_args(data: Args, deps: Sequence[bytes]) -> Tuple[tuple, dict]:
 
 def dump_error(exc: BaseException) -> bytes:
     """Pickle an exception for :func:`load_error`: itself (where it survives a pickle
-    round trip), its summary, formatted traceback, notes and class names."""
+    round trip), its summary, formatted traceback, notes and class names. Never
+    raises for what the exception does (a ``__str__``, ``__getattr__`` or
+    ``__reduce__`` that raises, even ``SystemExit``): the worker reports it and goes on."""
     import traceback  # only on this path: a worker starts without it
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    text = exception_text(exc)
-    notes = getattr(exc, "__notes__", ())  # a fused node's name among them
-    notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
     names = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        tb = f"{names[0]} (its traceback could not be formatted)\n"
+    try:
+        notes = exc.__dict__.get("__notes__", ())  # a fused node's name among them
+        notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, list) else []
+    except BaseException:
+        notes = []
     try:
         itself: Optional[bytes] = dump_value(exc)
         pickle.loads(itself)  # an exception whose __init__ rejects its args fails here
-    except Exception:
+    except BaseException:
         itself = None
-    return dump_value((itself, f"{type(exc).__qualname__}: {text}", tb, notes, names))
+    return dump_value((itself, f"{type(exc).__qualname__}: {exception_text(exc)}", tb,
+                       notes, names))
 
 
 # a node's exceptions of these types would end or interrupt the driver where it re-raises them
@@ -323,7 +331,8 @@ def load_error(data: bytes, key: str) -> BaseException:
     if itself is not None:
         try:
             exc = pickle.loads(itself)
-        except Exception as failed:  # a class only the worker imports, a broken __reduce__
+        except BaseException as failed:  # a class only the worker imports, a __reduce__
+            # that raises (SystemExit included: this is the scheduler's thread)
             why = (f"it cannot be unpickled in the driver ({type(failed).__name__}: "
                    f"{str(failed)[:200]})")
     if isinstance(exc, _CONTROL):
