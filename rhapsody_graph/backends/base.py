@@ -280,9 +280,17 @@ def refuse_second_session(name: str, current: Optional[Completions],
                            "that session first, or make another backend")
 
 
+_environ_lock = threading.Lock()
+_environ_before: Dict[str, Optional[str]] = {}  # a variable's value before the blocks open
+_environ_open: Dict[str, int] = {}  # how many open blocks (any thread's) set it
+
+
 @contextlib.contextmanager
 def environ(env: Dict[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``env`` inside the block, as it was after it.
+    """``os.environ`` updated with ``env`` inside the block, as it was after it. Blocks
+    of several threads may overlap (calls on one Dask worker's threads): a variable
+    holds the latest block's value while they do, and goes back to what it was before
+    the first once the last has ended.
 
     >>> with environ({"RHAPSODY_DOCTEST": "1"}):
     ...     os.environ["RHAPSODY_DOCTEST"]
@@ -290,16 +298,25 @@ def environ(env: Dict[str, str]) -> Iterator[None]:
     >>> "RHAPSODY_DOCTEST" in os.environ
     False
     """
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    with _environ_lock:
+        for k in env:
+            if k not in _environ_open:
+                _environ_before[k] = os.environ.get(k)
+            _environ_open[k] = _environ_open.get(k, 0) + 1
+        os.environ.update(env)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with _environ_lock:
+            for k in env:
+                _environ_open[k] -= 1
+                if not _environ_open[k]:
+                    del _environ_open[k]
+                    v = _environ_before.pop(k)
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 def close_session(hub: Optional[Completions]) -> None:

@@ -41,6 +41,7 @@ True
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from types import CoroutineType
@@ -154,7 +155,14 @@ class DaskBackend(OwnCalls):
                 raise RuntimeError(f"DaskBackend {name!r}: cannot reach the Dask scheduler at "
                                    f"{where} within {timeout:g} s: {exc}") from exc
         self.client = client
-        self.inventory = Inventory(self._hosts())
+        try:
+            self.inventory = Inventory(self._hosts())
+        except BaseException:  # a client it made is not left connected
+            if self._own:
+                client.close()
+            raise
+        # in every Dask key: another driver's calls on the same scheduler are other keys
+        self._token = os.urandom(6).hex()
         self.ledger = Ledger(self.inventory)
         self._program = wire.dump_callable(run_program)
         self._running: Dict[int, Any] = {}  # tid -> its Dask future
@@ -175,15 +183,19 @@ class DaskBackend(OwnCalls):
             raise RuntimeError(f"DaskBackend {self.name!r}: the cluster has no worker yet; "
                                "start its workers first (cluster.scale(n), or wait_for_workers)")
         hosts = [_host(address, w) for address, w in sorted(workers.items())]
-        shared = [h for h in hosts if h.gpus and len(h.cpus) > 1]
-        if shared:
-            warn(f"DaskBackend {self.name!r}: worker {shared[0].name} runs "
-                 f"{len(shared[0].cpus)} threads and has {len(shared[0].gpus)} GPUs: calls "
+        for h in hosts:
+            self._warn_shared(h)
+        return hosts
+
+    def _warn_shared(self, host: Host) -> None:
+        """Warn of a worker of several threads with GPUs (at the start, or once it joins)."""
+        if host.gpus and len(host.cpus) > 1:
+            warn(f"DaskBackend {self.name!r}: worker {host.name} runs "
+                 f"{len(host.cpus)} threads and has {len(host.gpus)} GPUs: calls "
                  "running at once there share one process environment, so a call's "
                  "CUDA_VISIBLE_DEVICES may be another's (its current_placement() is its own); "
                  "give GPU workers one thread (threads_per_worker=1, or dask-cuda's worker "
                  "per GPU)")
-        return hosts
 
     # -- the backend protocol (see .base) ------------------------------------------------
 
@@ -197,7 +209,12 @@ class DaskBackend(OwnCalls):
         pass  # its calls are Dask tasks: nothing is held on the worker
 
     def prepare(self, node: Any) -> _DaskCall:
-        """The node's call, pickled now; raise ``TypeError`` naming what cannot be sent."""
+        """The node's call, pickled now; raise ``TypeError`` naming what cannot be sent,
+        ``RuntimeError`` once its client is closed (its cluster or scheduler is gone)."""
+        if self.client.status in ("closing", "closed"):
+            raise RuntimeError(f"node {node.key!r}: the Dask client of backend {self.name!r} "
+                               f"is {self.client.status} (its cluster or scheduler is gone); "
+                               "make a new DaskBackend for a running cluster")
         if node.kind == EXECUTABLE:
             return _DaskCall(node.key, node.kind, self._program, encode_program(node))
         return _DaskCall(node.key, node.kind, encode_function(node), encode_arguments(node))
@@ -217,7 +234,7 @@ class DaskBackend(OwnCalls):
         if call.lease is not None:
             call.lease.executor = p.host  # the worker its calls queue on
         here = p.host in self._live  # else its worker left: Dask picks another
-        key = f"{call.key}-{tid}"
+        key = f"{call.key}-{tid}-{self._token}"
         future = self.client.submit(
             _run, key, prepared.func, prepared.args, list(call.inputs), p.env(),
             key=key, workers=[p.host] if here else None, pure=False,
@@ -336,7 +353,9 @@ class DaskBackend(OwnCalls):
     def _worker_joined(self, worker: str, info: Dict[str, Any]) -> None:
         """Its threads and GPUs join the inventory, unless it left meanwhile."""
         if worker in self._live and all(h.name != worker for h in self.inventory.hosts):
-            self.ledger.add_host(_host(worker, info))
+            host = _host(worker, info)
+            self._warn_shared(host)
+            self.ledger.add_host(host)
 
     def _worker_left(self, worker: str, out: List[Completion]) -> None:
         """It leaves the inventory; its calls fail ``DIED`` (the scheduler retries them)."""
@@ -346,7 +365,7 @@ class DaskBackend(OwnCalls):
             future = self._running.pop(tid)
             del self._where[tid]
             future.cancel()
-            key = future.key.rsplit("-", 1)[0]
+            key = _node_key(future.key)
             exc = WorkerDiedError(f"the Dask worker {worker} running node {key!r} left the "
                                   "cluster")
             out.append((tid, DIED, wire.attach(exc, "", key), 0.0))
@@ -371,7 +390,8 @@ class DaskBackend(OwnCalls):
             values = self._gather([f for _, f in batch if f.status == "finished"])
             hub = self.hub
             if hub is not None:
-                hub.post(lambda out, batch=batch: self._take(batch, values, out))
+                hub.post(lambda out, b=batch, v=values: self._take(b, v, out))
+            batch = values = None  # no Dask future kept here: its result leaves the worker
 
     def _gather(self, futures: List[Any]) -> Dict[str, tuple]:
         """The results of finished futures by key (one lost meanwhile is left out)."""
@@ -396,7 +416,7 @@ class DaskBackend(OwnCalls):
                 continue
             del self._running[tid]
             del self._where[tid]
-            key = future.key.rsplit("-", 1)[0]
+            key = _node_key(future.key)
             value = values.get(future.key)
             if value is not None:
                 status, payload, seconds = value
@@ -411,6 +431,11 @@ class DaskBackend(OwnCalls):
                 reason = repr(exc)
             exc = WorkerDiedError(f"the Dask worker running node {key!r} was lost ({reason})")
             out.append((tid, DIED, wire.attach(exc, "", key), 0.0))
+
+
+def _node_key(dask_key: str) -> str:
+    """The node's key in a Dask key ``<node key>-<tid>-<token>``."""
+    return dask_key.rsplit("-", 2)[0]
 
 
 def _host(address: str, info: Dict[str, Any]) -> Host:

@@ -253,3 +253,39 @@ def test_a_worker_whose_gpus_are_named_by_uuid_shows_each_call_its_gpus_uuid(mon
             futures = [s.submit(rhapsody.task(gpus=1)(where_am_i)(i)) for i in range(2)]
             for fut in futures:
                 assert fut.result(timeout=120)[1] == uuids[fut.where.gpus[0]]
+
+
+DRIVER = """
+import os, sys, time
+import rhapsody_graph as rhapsody
+
+@rhapsody.task
+def mine(x):
+    time.sleep(1)
+    return x
+
+if __name__ == "__main__":
+    with rhapsody.Session(backends=[rhapsody.DaskBackend(address=sys.argv[1])]) as s:
+        print(s.compute(mine(int(sys.argv[2])))[0])
+"""
+
+
+def test_two_drivers_on_one_scheduler_each_get_their_own_values(cluster, tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    drivers = [subprocess.Popen([sys.executable, str(script), cluster.scheduler_address, str(x)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for x in (1, 2)]  # the same node and call keys in both processes
+    outs = [d.communicate(timeout=150) for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.split()[-1] for out, _ in outs] == ["1", "2"]
+
+
+def test_a_failed_start_closes_the_client_it_made():
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+        with pytest.raises(RuntimeError, match="the cluster has no worker yet"):
+            rhapsody.DaskBackend(cluster=empty)
+        assert wait_until(lambda: set(empty.scheduler.clients) <= {"fire-and-forget"}, 30), \
+            empty.scheduler.clients  # (the scheduler's own)
