@@ -111,9 +111,18 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         lists: whether the server's ``/v1/completions`` takes a list of prompts in one
             request (default: True for vLLM, False otherwise; say True for a url= vLLM).
     Raises:
-        ValueError: an engine without a path, a path and a url, or an unknown engine.
+        ValueError: an engine without a path, a path and a url, an unknown engine, a url
+            that is not http(s), args= that is not a list of strings, or a bad value.
     """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model: name must be a non-empty string, got {brief(name)}")
+    if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
+        raise ValueError(f"model {name!r}: args= must be a list of strings (one per "
+                         f"command-line argument), got {brief(args)}")
     if url is not None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"model {name!r}: url= must be an http:// or https:// address "
+                             f"of an OpenAI-compatible endpoint, got {brief(url)}")
         if path is not None or engine is not None:
             raise ValueError(f"model {name!r}: give url= for a running endpoint, or "
                              "engine= and path= for one to start, not both")

@@ -159,6 +159,11 @@ def test_only_vllm_or_a_url_model_declared_with_lists_gets_one_list_request():
     ({"url": "http://127.0.0.1:1/v1", "host": "n1"}, "host= must be a host name.*not with url="),
     ({"engine": "llama_cpp", "path": "x", "host": 3}, "host= must be a host name"),
     ({"url": "http://127.0.0.1:1/v1", "lists": "yes"}, "lists= must be True or False"),
+    ({"engine": "llama_cpp", "path": "x", "args": "--verbose"},
+     "args= must be a list of strings .*got '--verbose'"),
+    ({"url": ""}, "url= must be an http:// or https:// address"),
+    ({"url": "ftp://x/v1"}, "url= must be an http:// or https:// address"),
+    ({"url": 5}, "url= must be an http:// or https:// address"),
 ])
 def test_bad_model_declarations_are_refused(kwargs, text):
     with pytest.raises(ValueError, match=text):
