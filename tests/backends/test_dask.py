@@ -284,7 +284,7 @@ def test_two_drivers_on_one_scheduler_each_get_their_own_values(cluster, tmp_pat
 
 
 def test_a_failed_start_closes_the_client_it_made():
-    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
         with pytest.raises(RuntimeError, match="the cluster has no worker yet"):
             rhapsody.DaskBackend(cluster=empty)
         assert wait_until(lambda: set(empty.scheduler.clients) <= {"fire-and-forget"}, 30), \
