@@ -178,8 +178,8 @@ class Session:
         policy = _on_error(on_error, fail_fast)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
-        roots = find_nodes(outputs)
         _refuse_uncalled(outputs)
+        roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
         how = mode(progress) if progress and self._progress is None else None
@@ -723,15 +723,15 @@ def _share_machines(backends: Sequence[Any]) -> List[Any]:
     no core or GPU of the machine goes to two at once. Those that share cores or GPUs
     otherwise are warned of: each places its nodes from its own ledger. Returns the
     backends now using another's ledger."""
-    local = [b for b in backends if getattr(b, "machine", None) is not None]
+    local = [(b, b.machine) for b in backends if getattr(b, "machine", None) is not None]
     sharing = []
-    for i, b in enumerate(local):
-        for a in local[:i]:
-            if a.machine == b.machine:
+    for i, (b, mb) in enumerate(local):
+        for a, ma in local[:i]:
+            if ma == mb:
                 b.ledger = a.ledger
                 sharing.append(b)
                 break
-            cores, gpus = a.machine[0] & b.machine[0], a.machine[1] & b.machine[1]
+            cores, gpus = ma[0] & mb[0], ma[1] & mb[1]
             if cores or gpus:
                 shared = " and ".join(f"{what} {sorted(ids)}" for what, ids in
                                       (("cores", cores), ("GPUs", gpus)) if ids)
