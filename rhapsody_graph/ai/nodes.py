@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..errors import brief
 from ..graph import Node
@@ -70,10 +70,11 @@ def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[st
 
 def _check_template(who: str, template: str, inputs: int) -> None:
     """Refuse, where the node is built, a template ``str.format(*values)`` cannot fill
-    from ``inputs`` values: a named placeholder, or one past the last input."""
-    auto = 0
+    from ``inputs`` values: a named placeholder, one past the last input (fields nested
+    in a format spec included), or ``{}`` and ``{0}`` mixed."""
+    auto, numbered = 0, False
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = list(_fields(template))
     except ValueError as e:  # "Single '}' encountered in format string"
         raise ValueError(f"{who}: template {template!r} is not a format string: {e} "
                          "(write {{ and }} for literal braces)") from None
@@ -82,7 +83,7 @@ def _check_template(who: str, template: str, inputs: int) -> None:
         if not head:
             index, auto = auto, auto + 1
         elif head.isdigit():
-            index = int(head)
+            index, numbered = int(head), True
         else:
             raise ValueError(f"{who}: template {template!r} names {{{head}}}, but a template "
                              f"is filled by position from the node's inputs ({inputs} "
@@ -90,6 +91,18 @@ def _check_template(who: str, template: str, inputs: int) -> None:
         if index >= inputs:
             raise ValueError(f"{who}: template {template!r} has a placeholder for input "
                              f"{index}, but {inputs} input(s) were given")
+        if auto and numbered:
+            raise ValueError(f"{who}: template {template!r} mixes {{}} and numbered "
+                             "placeholders ({0}); use one kind")
+
+
+def _fields(template: str) -> Iterator[str]:
+    """The replacement fields of ``template``, those nested in a format spec too."""
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            yield field
+            if spec and "{" in spec:
+                yield from _fields(spec)
 
 
 def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,

@@ -180,10 +180,14 @@ def test_bad_ai_node_arguments_are_refused_where_written():
     for template, text in [("Capital of {country}?", "names {country}"),
                            ("{} and {}", "placeholder for input 1, but 1 input"),
                            (["{0}", "{1[0]}"], "placeholder for input 1"),
-                           ("a } b", "is not a format string")]:
+                           ("a } b", "is not a format string"),
+                           ("{} and {0}", "mixes {} and numbered placeholders"),
+                           ("{:{}}", "placeholder for input 1, but 1 input"),
+                           ("{0:>{1}}", "placeholder for input 1, but 1 input")]:
         with pytest.raises(ValueError, match=text):  # not at run time, after upstream ran
             rhapsody.ai(template, country(), model="smollm2")
     assert rhapsody.ai("{0} {0!r:>9} {0[0]} {{literal}}", "x", model="smollm2").kind == "ai"
+    assert rhapsody.ai("{0:>{1}}", "x", 9, model="smollm2").kind == "ai"  # a nested width
 
 
 def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
