@@ -395,11 +395,11 @@ class Scheduler:
         self.tasks: Dict[Any, Task] = {}  # read (only) by submitting threads too
         # records handed over by submitting threads and not taken yet (see Session._hand)
         self.handed: Dict[Any, Task] = {}
-        # records of a stopped compute() that a future of another call waits for (_stop)
+        # records of a stopped compute() that another call waits for (see _stop)
         self.adopted = Group(FINISH, waited=False)
         self.after: Optional[Callable[[], None]] = None  # run once the loop has ended
-        # futures with a done-callback, until they end: kept (their session with them)
-        # as long as this loop runs, so that nobody keeping them does not cancel them
+        # futures with a done-callback, until they end: this loop keeps them (and their
+        # session) alive, so a session nobody else refers to is not closed before they run
         self.kept: Set[Any] = set()
         self.inflight: Dict[int, Attempt] = {}
         self.killing: Dict[int, Attempt] = {}
@@ -1205,8 +1205,8 @@ class Scheduler:
         for lane in self.lanes.values():
             lane.backend.drop_queued()
         members = [t for t in self.tasks.values() if t.group is group and t.state not in ENDED]
-        for t in _wanted(members):  # a future of another call waits for it: it goes on,
-            group.live -= 1  # outside this call
+        for t in _wanted(members):  # another call waits for it: it goes on, outside
+            group.live -= 1  # this call
             t.group = self.adopted
             self.adopted.live += 1
         stop = (PENDING, READY, RUNNING) if group.on_error == RAISE else (PENDING, READY)

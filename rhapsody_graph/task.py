@@ -99,13 +99,6 @@ def _text(who: str, name: str, value: Any) -> str:
     return value
 
 
-def _or_none(check: Callable[[str, str, Any], Any]) -> Callable[[str, str, Any], Any]:
-    """``check``, where ``None`` also means "not given" (see :func:`validate`)."""
-    def checked(who: str, name: str, value: Any) -> Any:
-        return None if value is None else check(who, name, value)
-    return checked
-
-
 def _backend(who: str, name: str, value: Any) -> Optional[str]:
     """A backend's name; which names exist is the session's to say, before anything runs."""
     if value is not None and not isinstance(value, str) and hasattr(value, "submit"):
@@ -218,20 +211,20 @@ OPTIONS: Dict[str, Callable[[str, str, Any], Any]] = {
     "backend": _backend,
     "distribution": _distribution,
     "placement": _placement,  # default | anywhere | host_name | host_id
-    "host": _or_none(_text),
-    "host_id": _or_none(_count(0)),
+    "host": _text,
+    "host_id": _count(0),
     "cpu_affinity": _ids,  # exactly these core ids
     "gpu_affinity": _ids,  # exactly these GPU ids
     "policy": _policy,  # a raw Dragon Policy (the Dragon backend only)
     "process_template": _template,  # Dragon ProcessTemplate arguments for every rank
     "process_templates": _templates,  # [(ranks, arguments), ...]: a job of groups
-    "version": _or_none(_text),  # part of the journal key (see rhapsody_graph.journal)
+    "version": _text,  # part of the journal key (see rhapsody_graph.journal)
 }
 DEFAULTS: Dict[str, Any] = {"cpus": 1, "gpus": 0, "ranks": 1, "memory": 0, "timeout": None,
                             "retries": 0, "retry_on": None, "backoff": 0.0, "backend": None, "distribution": "block",
                             "host": None, "host_id": None, "policy": None,
                             "process_template": None, "process_templates": None}
-UNSET_BY_NONE = ("host", "host_id", "version")
+UNSET_BY_NONE = ("host", "host_id", "version")  # None: as if left out (see validate)
 PINNING = ("cpus", "gpus", "host", "host_id", "cpu_affinity", "gpu_affinity", "policy",
            "process_template", "process_templates")
 
@@ -245,6 +238,8 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     """
     out: Dict[str, Any] = {}
     for name, value in options.items():
+        if value is None and name in UNSET_BY_NONE:
+            continue  # as if left out: options(host=None) undoes the task's host
         check = OPTIONS.get(name)
         if check is None:
             import difflib  # only for this message
@@ -253,8 +248,6 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
             raise TypeError(f"{who}: unknown option {name!r}{hint}; valid options: "
                             f"{', '.join(sorted(OPTIONS))}")
         out[name] = check(who, name, value)
-        if out[name] is None and name in UNSET_BY_NONE:
-            del out[name]  # as if left out: options(host=None) undoes the task's host
     if "gpu" in out:
         if "gpus" in out:
             raise ValueError(f"{who}: give 'gpus' or its alias 'gpu', not both "
