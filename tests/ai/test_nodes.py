@@ -1,5 +1,6 @@
 """AI nodes against a real llama.cpp server with the packaged SmolLM2 model (no fakes)."""
 import os
+import re
 import threading
 import time
 
@@ -9,6 +10,15 @@ import rhapsody_graph as rhapsody
 
 from ..conftest import child_pids
 from ..test_scheduler import still_alive
+
+
+def remove_kept_logs(error: BaseException) -> None:
+    """The server logs a failure message points at exist (they are kept for the user to
+    read); a test removes them once checked, so runs leave nothing in the temp folder."""
+    logs = set(re.findall(r"last lines of (\S+):", str(error)))
+    assert logs and all(os.path.isfile(log) for log in logs), (logs, str(error))
+    for log in logs:
+        os.unlink(log)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -137,9 +147,10 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
     singles = [rhapsody.ai(f"Write a long story about knight number {i}.", model="smollm2",
                            temperature=0, max_tokens=256) for i in range(8)]
     thread = killer(backend, "smollm2")
-    with pytest.raises(RuntimeError, match="smollm2.*died.*last lines of"):
+    with pytest.raises(RuntimeError, match="smollm2.*died.*last lines of") as info:
         rhapsody.compute(fan_out, *singles, backend=backend)
     thread.join()
+    remove_kept_logs(info.value)
     assert not child_pids() - before
 
 
@@ -345,11 +356,14 @@ def test_a_server_that_cannot_start_fails_its_nodes_with_its_log(backend):
                    args=["--no-such-flag"], ready_timeout=60)
     nodes = [rhapsody.ai("hi {}", i, model="broken") for i in range(3)]
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="(?s)'broken' exited before it was ready.*no-such-flag"):
+    with pytest.raises(RuntimeError,
+                       match="(?s)'broken' exited before it was ready.*no-such-flag") as info:
         rhapsody.compute(*nodes, backend=backend, fail_fast=False)
     assert time.monotonic() - start < 30
+    remove_kept_logs(info.value)
     with pytest.warns(RuntimeWarning, match="3 node"):
         errors = rhapsody.compute(*nodes, backend=backend, on_error="continue")
+    remove_kept_logs(errors[0])
     notes = [e.__notes__ for e in errors]  # each its own, naming its node (one object had all)
     assert len({id(e) for e in errors}) == 3
     assert all(len(n) == 1 and node.key in n[0] for n, node in zip(notes, nodes)), notes
