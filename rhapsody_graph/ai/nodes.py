@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import brief
 from ..graph import Node
 from ..task import Options, validate
 
-__all__ = ["ai", "prompt", "AISpec", "AI", "run"]
+__all__ = ["ai", "prompt", "AISpec", "AI", "build", "run"]
 
 AI = "ai"
 SAMPLING = ("temperature", "max_tokens", "top_p", "top_k", "stop", "seed")
@@ -156,16 +156,24 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
     return decorate
 
 
-def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any],
-        deadline: Any = None) -> Any:
-    """Build the prompts from ``values``, ask the server (giving up at ``deadline``, a
-    :class:`~rhapsody_graph.ai.client.Deadline`), return text(s) or parsed value(s)."""
+def build(spec: AISpec, values: Sequence[Any]) -> Tuple[List[str], bool]:
+    """The prompt texts for ``values`` and whether the node asked one (its answer is then
+    one text, not a list). A builder that raises or returns no strings fails here, before
+    any server is started or asked."""
     built = spec.prompts(values)
     texts = [built] if isinstance(built, str) else built
     if not isinstance(texts, (list, tuple)) or not texts or not all(
             isinstance(t, str) for t in texts):
         raise TypeError(f"the prompt must be a string or a non-empty list of strings, "
                         f"got {brief(built)}")
+    return list(texts), isinstance(built, str)
+
+
+def run(spec: AISpec, client: Any, takes_lists: bool, prompts: Tuple[List[str], bool],
+        deadline: Any = None) -> Any:
+    """Ask the server for ``prompts`` (from :func:`build`), giving up at ``deadline`` (a
+    :class:`~rhapsody_graph.ai.client.Deadline`); return text(s) or parsed value(s)."""
+    texts, single = prompts
     if spec.chat:
         system = [{"role": "system", "content": spec.system}] if spec.system else []
         answers = client.chat([system + [{"role": "user", "content": t}] for t in texts],
@@ -174,4 +182,4 @@ def run(spec: AISpec, client: Any, takes_lists: bool, values: Sequence[Any],
         answers = client.complete(texts, takes_lists, deadline, **spec.sampling)
     if spec.parse is not None:
         answers = [spec.parse(a) for a in answers]
-    return answers[0] if isinstance(built, str) else answers
+    return answers[0] if single else answers

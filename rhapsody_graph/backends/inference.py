@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import wire
 from .base import ERROR, KILLED, OK, Call, Completion, OwnCalls, close_session
 from ..ai.models import Model, lookup
-from ..ai.nodes import AI, run
+from ..ai.nodes import AI, build, run
 from ..ai.service import Service, Services
 from ..errors import NodeTimeoutError, brief
 from ..resources import Host, Inventory, Ledger, Resources, detect_host
@@ -220,9 +220,10 @@ class InferenceBackend(OwnCalls):
         if request.abandoned:  # killed before its deadline was there to cancel
             return
         try:
+            prompts = build(spec, inputs)  # a builder's own error: before any server starts
             client = service.start()
             try:
-                value = run(spec, client, service.model.takes_lists, inputs, deadline)
+                value = run(spec, client, service.model.takes_lists, prompts, deadline)
             except DeadlinePassed:
                 raise NodeTimeoutError.of(request.key, timeout) from None
             except Exception as exc:

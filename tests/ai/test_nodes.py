@@ -3,6 +3,7 @@ import os
 import re
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -308,13 +309,25 @@ def test_ai_example_mixes_cpu_gpu_and_ai_nodes():
     assert "train ran on GPU 0" in out and "advice:" in out and "labels: [" in out
 
 
-def test_prompt_function_returning_no_text_fails_with_a_clear_error(backend):
-    @rhapsody.prompt(model="smollm2", max_tokens=4)
+def test_prompt_function_returning_no_text_or_raising_fails_before_its_server_starts(backend):
+    # a server that cannot start: were it started first, its failure would be reported
+    # (after its start-up; minutes with vLLM) instead of the prompt function's own error
+    rhapsody.model("unstartable", engine="llama_cpp", path=rhapsody.smollm2_path(),
+                   args=["--no-such-flag"])
+
+    @rhapsody.prompt(model="unstartable", max_tokens=4)
     def empty(x):
         return []
 
+    @rhapsody.prompt(model="unstartable", max_tokens=4)
+    def buggy(x):
+        return {}[x]
+
     with pytest.raises(TypeError, match="non-empty list of strings, got \\[\\]"):
         empty(1).compute(backend=backend)
+    with pytest.raises(KeyError, match="'word'") as info:
+        buggy("word").compute(backend=backend)
+    assert "return {}[x]" in "".join(traceback.format_exception(info.value))
 
 
 def test_ctrl_c_during_an_ai_node_kills_its_inference_server(tmp_path):
