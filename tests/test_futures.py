@@ -616,3 +616,35 @@ def test_adaptive_sampling_example_refines_the_promising_seeds_and_leaves_no_pro
     assert "6 of 16 seeds refined; best estimate 0.8" in out  # seeds 4-6 and 11-13
     assert "best ran on cpu, host" in out
     assert not child_pids() - before
+
+
+def gate(started, release):
+    """Note this worker's pid in ``started``, then wait (up to a minute) for ``release``."""
+    with open(started, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return 1
+
+
+def test_cancelling_a_call_queued_behind_a_running_one_leaves_the_running_one_alone(tmp_path):
+    started, release = tmp_path / "started", tmp_path / "release"
+    backend = rhapsody.LocalBackend(cpus=1)
+    with rhapsody.Session(backends=[backend], progress=False) as s:
+        head = s.submit(rhapsody.task(gate)(str(started), str(release)))
+        wait_for_files([str(started)], 30)
+        queued = s.submit(rhapsody.task(inc)(head))  # forwarded: queued behind head there
+        deadline = time.monotonic() + 30
+        while not queued.running():
+            assert time.monotonic() < deadline, "the dependent was never queued behind its input"
+            time.sleep(0.01)
+        assert queued.cancel() and queued.cancelled()  # at once: head still runs
+        assert head.running()
+        release.write_text("go")
+        assert head.result(timeout=60) == 1
+        assert len(started.read_text().split()) == 1, "the running call was killed and run again"
+        assert head.where.attempts == 1
+        assert s.submit(rhapsody.task(inc)(head)).result(timeout=60) == 2  # the session goes on
+        s.wait()
+        assert backend.ledger.idle()

@@ -10,7 +10,8 @@ State (touched only on the scheduler thread):
 * ``workers``: every live :class:`Worker`; each has its channel, its ``outbox``
   (bytes not written yet) and ``inbox`` (bytes not parsed yet), ``pending`` (calls
   of this round, not framed yet), ``queue`` (the tids it was sent and has not
-  answered, in order: the head is the one running), the lease it is bound to (or
+  answered, in order: the head is the one running; ``skipped``: those of them it
+  was told to skip, see :meth:`WorkerPool.kill`), the lease it is bound to (or
   ``None``), the GPU ids it first loaded a GPU runtime with, and the functions it
   already holds (``funcs``).
 * ``bound``: how many leases hold a worker (at most ``size``).
@@ -115,7 +116,7 @@ class Worker:
     """The driver's view of one worker (see the module docstring for the fields)."""
 
     __slots__ = ("proc", "task_w", "result_r", "inbox", "outbox", "pending", "queue", "lease",
-                 "place", "gpus", "funcs", "writing", "wid")
+                 "place", "gpus", "funcs", "writing", "wid", "skipped")
 
     def __init__(self, proc: WorkerProcess, task_w: int = -1, result_r: int = -1,
                  wid: int = 0) -> None:
@@ -131,6 +132,7 @@ class Worker:
         self.gpus: Optional[Tuple[int, ...]] = None
         self.funcs: Set[int] = set()
         self.writing = False  # its task channel is watched for room
+        self.skipped: Set[int] = set()  # queued calls it was told to skip, not answered yet
 
 
 def place(p: Placement, pinned: Tuple[int, ...]) -> tuple:
@@ -256,12 +258,21 @@ class WorkerPool:
                 self.send(w)
 
     def kill(self, tid: int) -> None:
-        """Stop call ``tid`` now (its worker is killed, the calls behind it ``DROPPED``),
-        then report it ``KILLED``."""
+        """Stop call ``tid`` and report it ``KILLED``: one queued behind its worker's
+        running call is taken off that worker's queue (``skip``; the call ahead goes on,
+        and the worker's answer for it is ignored); a running one is stopped now (its
+        worker is killed, the calls behind it ``DROPPED``). A skip reaches the worker
+        before its next call starts unless that starts within :data:`.worker.LOOK` of
+        the one before; such a call runs, unheeded."""
         w = self.owner.pop(tid, None)
         self.keys.pop(tid, None)
-        if w is not None:
-            w.queue.remove(tid)
+        if w is not None and w.queue[0] != tid:
+            self.flush()  # the worker has the call before it is told to skip it
+            w.skipped.add(tid)
+            w.outbox += wire.frame(("skip", tid))
+            self.send(w)
+        elif w is not None:
+            w.queue.popleft()
             self.retire(w, DROPPED)  # reaped before it returns
         self.hub.post((tid, KILLED, None, 0.0))
 
@@ -331,7 +342,13 @@ class WorkerPool:
                 status &= ~wire.GPU_RUNTIME
                 if w.gpus is None and w.lease is not None:
                     w.gpus = w.lease.placement.gpus
-            w.queue.popleft()
+            if w.queue[0] == tid:
+                w.queue.popleft()
+            else:  # a skipped call answered before the one running ahead of it
+                w.queue.remove(tid)
+            if w.skipped and tid in w.skipped:  # killed while queued: reported then
+                w.skipped.discard(tid)
+                continue
             self.owner.pop(tid, None)
             key = keys.pop(tid, "?")
             if status == wire.OK:
@@ -359,12 +376,15 @@ class WorkerPool:
         for i, tid in enumerate(w.queue):
             self.owner.pop(tid, None)
             key = self.keys.pop(tid, "?")
+            if tid in w.skipped:
+                continue  # killed while queued: reported then
             if i == 0 and status == DIED:
                 exc = WorkerDiedError(f"the worker process running node {key!r} died ({reason})")
                 self.hub.post((tid, DIED, wire.attach(exc, "", key), 0.0))
             else:
                 self.hub.post((tid, DROPPED, None, 0.0))
         w.queue.clear()
+        w.skipped.clear()
 
     def detach(self, w: Worker) -> None:
         """Stop watching worker ``w``, close its channel and forget it."""

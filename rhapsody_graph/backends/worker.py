@@ -6,8 +6,9 @@ queue of tasks; between two tasks it takes any new messages without blocking, at
 most once every :data:`LOOK` seconds while tasks run back to back (a ``drop`` is
 seen before the next task that starts after that), and blocks on the pipe only when the queue is empty. Every result is written as soon
 as it exists, so the driver always knows the task at the head of the queue is the
-one running. An input may be the tid of an earlier call instead of bytes (a chain
-forwarded by the scheduler): the worker keeps the value of a call that queued
+one running (a ``skip``, a queued call killed, is answered out of turn). An input may
+be the tid of an earlier call instead of bytes (a chain forwarded by the
+scheduler): the worker keeps the value of a call that queued
 calls name (until the last of them takes it), and of its last call, and fills the
 input from there without a trip through the driver; if that value is not here (the
 call failed, or ran before the one naming it arrived and was not the last) the call
@@ -98,6 +99,16 @@ class Worker:
                     if type(d) is int:
                         self.wanted[d] = self.wanted.get(d, 0) + 1
             self.queue.extend(message[1])
+        elif verb == "skip":  # a queued call was killed: it never starts here
+            tid = message[1]
+            for task in self.queue:
+                if task[0] == tid:
+                    self.queue.remove(task)
+                    for d in task[4]:
+                        if type(d) is int:
+                            self.value_of(d)  # it no longer takes that value
+                    wire.write_all(self.result_fd, wire.result_frame(wire.DROPPED, tid, 0.0, b""))
+                    break
         elif verb == "drop":
             for task in self.queue:
                 wire.write_all(self.result_fd, wire.result_frame(wire.DROPPED, task[0], 0.0, b""))
