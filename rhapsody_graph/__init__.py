@@ -103,11 +103,13 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-def _dask_node(obj: Any) -> "graph.Node":
+def _dask_node(obj: Any) -> Any:
     """Dask collections found in a node's arguments become nodes (:mod:`.interop.dask`,
-    imported when the first one is met)."""
+    imported when the first one is met); an object with Dask's methods that is no
+    collection now (an xarray object without Dask arrays) stays a value."""
+    from dask import is_dask_collection
     from .interop.dask import as_node
-    return as_node(obj)
+    return as_node(obj) if is_dask_collection(obj) else obj
 
 
 graph.ADAPTERS["__dask_graph__"] = _dask_node

@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Node", "Graph", "Ref", "ADAPTERS", "find_nodes", "substitute"]
+__all__ = ["Node", "Graph", "Ref", "ADAPTERS", "adapt", "find_nodes", "is_foreign", "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex))  # hold no node
@@ -54,10 +54,12 @@ class Ref:
     node: "Node"
 
 
-def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
+def find_nodes(objs: Sequence[Any], foreign: Optional[List[Any]] = None) -> Tuple[Any, ...]:
     """Return the distinct nodes and :class:`Ref` s inside ``objs`` (nested containers
-    included), in order."""
+    included), in order; append to ``foreign``, if given, the lazy objects of other
+    systems found there (:func:`adapt` makes them nodes)."""
     found: Dict[int, Node] = {}
+    walked: Set[int] = set()  # containers: one that holds itself is walked once
     stack = list(reversed(objs))
     while stack:
         obj = stack.pop()
@@ -67,15 +69,20 @@ def find_nodes(objs: Sequence[Any]) -> Tuple[Any, ...]:
         elif isinstance(obj, Ref):
             found.setdefault(id(obj), obj)
         elif kind in _CONTAINERS or isinstance(obj, _CONTAINERS):
+            if id(obj) in walked:
+                continue
+            walked.add(id(obj))
             if isinstance(obj, dict):
                 items = list(obj.keys()) + list(obj.values())
             else:
                 items = list(obj)
             stack.extend(reversed(items))
+        elif foreign is not None and kind not in SCALARS and is_foreign(kind):
+            foreign.append(obj)
     return tuple(found.values())
 
 
-def _foreign(kind: type) -> bool:
+def is_foreign(kind: type) -> bool:
     """Whether objects of type ``kind`` are lazy objects of another system (:data:`ADAPTERS`)."""
     known = _FOREIGN.get(kind)
     if known is None:
@@ -83,10 +90,10 @@ def _foreign(kind: type) -> bool:
     return known
 
 
-_FOREIGN: Dict[type, bool] = {}  # type -> _foreign(type), as types are few
+_FOREIGN: Dict[type, bool] = {}  # type -> is_foreign(type), as types are few
 
 
-def _adapt(obj: Any) -> Any:
+def adapt(obj: Any) -> Any:
     """``obj`` with every foreign lazy object in it replaced by its node (``obj`` itself
     when it holds none)."""
     kind = type(obj)
@@ -96,7 +103,7 @@ def _adapt(obj: Any) -> Any:
         if hasattr(kind, mark):
             return make(obj)
     if isinstance(obj, dict):
-        items = [(_adapt(k), _adapt(v)) for k, v in obj.items()]
+        items = [(adapt(k), adapt(v)) for k, v in obj.items()]
         if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
             return obj
         out = copy.copy(obj)
@@ -104,7 +111,7 @@ def _adapt(obj: Any) -> Any:
         out.update(items)
         return out
     if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [_adapt(o) for o in obj]
+        items = [adapt(o) for o in obj]
         if all(a is o for a, o in zip(items, obj)):
             return obj
         return kind(*items) if hasattr(obj, "_fields") else kind(items)
@@ -176,13 +183,15 @@ class Node(_Fields):
                 continue
             elif isinstance(a, Ref):  # a future: an edge, as a node is
                 deps.setdefault(id(a), a)
-            elif t in _CONTAINERS or isinstance(a, _CONTAINERS) or _foreign(t):
+            elif t in _CONTAINERS or isinstance(a, _CONTAINERS) or is_foreign(t):
                 deep = True
                 break
         if deep or kwargs:
-            if ADAPTERS:
-                args, kwargs = _adapt(args), _adapt(kwargs)
-            self.deps = find_nodes((args, kwargs))
+            foreign: Optional[List[Any]] = [] if ADAPTERS else None
+            self.deps = find_nodes((args, kwargs), foreign)
+            if foreign:  # Dask collections: their tasks become nodes
+                args, kwargs = adapt(args), adapt(kwargs)
+                self.deps = find_nodes((args, kwargs))
         else:
             self.deps = tuple(deps.values())
         self.args = args

@@ -31,7 +31,7 @@ from .ai.nodes import AI
 from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note, brief, exception_text, warn
 from .futures import Future
-from .graph import Node, Ref, find_nodes, substitute
+from .graph import Node, Ref, adapt, find_nodes, is_foreign, substitute
 from .progress import Progress, mode
 from .resources import Ledger
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
@@ -158,8 +158,10 @@ class Session:
                 if fut is not None:
                     return fut
         one_list = len(nodes) == 1 and isinstance(nodes[0], (list, tuple))
-        flat = list(nodes[0]) if one_list else nodes
-        for n in flat:
+        flat = list(nodes[0] if one_list else nodes)
+        for i, n in enumerate(flat):
+            if not isinstance(n, (Node, Ref)) and is_foreign(type(n)):  # a Dask collection
+                flat[i] = n = adapt(n)
             if not isinstance(n, (Node, Ref)):
                 hint = ""
                 if callable(n):
@@ -179,7 +181,11 @@ class Session:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
         _refuse_uncalled(outputs)
-        roots = find_nodes(outputs)
+        foreign: List[Any] = []
+        roots = find_nodes(outputs, foreign)
+        if foreign:  # Dask collections among the outputs: computed as nodes
+            outputs = adapt(outputs)
+            roots = find_nodes(outputs)
         if not roots:
             return tuple(outputs)
         how = mode(progress) if progress and self._progress is None else None
@@ -216,7 +222,13 @@ class Session:
             if self._thread.is_alive():
                 self._scheduler.abort_idle().wait(CANCEL_TIMEOUT)
             raise
-        return tuple(substitute(o, values) for o in outputs)
+        try:
+            return tuple(substitute(o, values) for o in outputs)
+        except RecursionError:
+            raise TypeError("compute(): an output holds itself (a list or dict inside "
+                            "itself) or is nested deeper than Python's recursion limit, "
+                            "so it cannot be rebuilt with its nodes' values (they ran); "
+                            "pass the nodes themselves") from None
 
     def _submit_one(self, node: Node) -> Optional[Future]:
         """``submit(node)`` of a new node whose inputs are all known here (futures of

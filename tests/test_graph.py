@@ -131,6 +131,19 @@ def test_a_built_node_cannot_be_edited_into_a_cycle():
     assert a.deps == () and b.deps == (a,)
 
 
+@pytest.mark.timeout(60)  # the walk for edges went round a container holding itself for ever
+def test_an_argument_holding_itself_reaches_the_node_and_an_output_holding_itself_is_refused():
+    looped = [inc(1), 2]
+    looped.append(looped)
+    node = rhapsody.task(lambda items: (items[0], items[2] is items))(looped)
+    assert node.deps == (looped[0],)
+    assert node.compute() == (2, True)  # pickled with its loop, as pickle keeps it
+    out = {"value": inc(1)}
+    out["self"] = out
+    with pytest.raises(TypeError, match="an output holds itself"):
+        rhapsody.compute(out)
+
+
 @pytest.mark.timeout(60)  # it was quadratic: minutes for 50,000 arguments
 def test_many_positional_node_arguments_build_in_linear_time():
     nodes = [inc(i) for i in range(50_000)]

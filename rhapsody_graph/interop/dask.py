@@ -25,7 +25,8 @@ rhapsody_graph node is an edge like a node (:func:`as_node`): its tasks join the
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Dict, List, Optional
 
 from ..errors import brief
@@ -74,11 +75,18 @@ def get(dsk: Any, keys: Any, *, num_workers: Optional[int] = None, session: Any 
 def as_node(collection: Any) -> Node:
     """A Dask collection or ``dask.delayed`` object as a rhapsody_graph node: its tasks
     become nodes, and the returned node's value is what ``collection.compute()`` gives.
-    Nodes find these anywhere in their arguments (see :data:`rhapsody_graph.graph.ADAPTERS`)."""
+    Nodes find these anywhere in their arguments (see :data:`rhapsody_graph.graph.ADAPTERS`).
+
+    A Dask task is one node however many collections hold it, while any node needs it
+    (Dask keys name values: ``x`` passed twice, or ``x + 1`` and ``x * 2`` passed
+    together, run ``x``'s tasks once)."""
+    from dask.delayed import single_key
     finalize, extra = collection.__dask_postcompute__()
-    parts = _Nodes(collection).nested(collection.__dask_keys__())
-    return Node(_finalize, (finalize, parts, extra), {}, _FINALIZE, name=_name(
-        _first(collection.__dask_keys__())))
+    keys = collection.__dask_keys__()
+    parts = _Nodes(collection, _SHARED).nested(keys)
+    if finalize is single_key and not extra and isinstance(parts[0], Node):
+        return parts[0]  # a delayed call: its value is its one task's
+    return Node(_finalize, (finalize, parts, extra), {}, _FINALIZE, name=_name(_first(keys)))
 
 
 def _finalize(finalize: Any, parts: Any, extra: tuple) -> Any:
@@ -89,10 +97,16 @@ def _finalize(finalize: Any, parts: Any, extra: tuple) -> Any:
 _FINALIZE = task(_finalize).opts
 
 
-class _Nodes:
-    """A Dask graph's tasks as nodes, made on demand (dependencies first)."""
+#: Dask key -> the node made for its task, while a node needs it (see :func:`as_node`)
+_SHARED: "weakref.WeakValueDictionary[Any, Node]" = weakref.WeakValueDictionary()
 
-    def __init__(self, dsk: Any) -> None:
+
+class _Nodes:
+    """A Dask graph's tasks as nodes, made on demand (dependencies first); with
+    ``shared``, a task already made for a key there is that node."""
+
+    def __init__(self, dsk: Any, shared: Optional[MutableMapping[Any, Node]] = None) -> None:
+        self.shared = shared
         try:
             from dask._task_spec import Alias, DataNode, convert_legacy_graph
         except ImportError as exc:  # pragma: no cover - the dask extra is missing
@@ -127,9 +141,17 @@ class _Nodes:
                 made[key] = item.value
             elif isinstance(item, self.alias):
                 made[key] = made[item.target]
-            else:
+            elif self.shared is None:
                 data = {d: made[d] for d in item.dependencies}
                 made[key] = Node(_run, (item, data), {}, _OPTIONS, name=_name(key))
+            else:
+                with _lock:  # built by one thread at a time: one node per key
+                    node = self.shared.get(key)
+                    if node is None:
+                        data = {d: made[d] for d in item.dependencies}
+                        node = self.shared[key] = Node(_run, (item, data), {}, _OPTIONS,
+                                                       name=_name(key))
+                made[key] = node
 
 
 def _graph(dsk: Any) -> Mapping:

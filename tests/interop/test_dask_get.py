@@ -123,3 +123,44 @@ def test_delayed_objects_and_collections_feed_our_nodes_anywhere_in_their_argume
     assert first == [6, (45, 1)] and list(rest["array"]) == list(range(10))
     bag = db.from_sequence(range(5), npartitions=2).map(operator.neg)
     assert pair(bag).compute() == ([0, -1, -2, -3, -4], None)
+
+
+def draw(log):
+    """A random number, and a line in ``log`` for each run."""
+    import random
+    with open(log, "a") as f:
+        f.write("ran\n")
+    return random.random()
+
+
+def test_a_dask_task_two_inputs_share_runs_once_and_both_get_its_one_value(tmp_path):
+    log = str(tmp_path / "runs")
+    x = dask.delayed(draw)(log)
+    left, right = dask.delayed(float)(x), dask.delayed(float)(x)
+    same_value = rhapsody.task(lambda a, b, c, d: a == b == c == d[0])
+    node = same_value(left, right, x, [x])
+    assert len(node.deps) == 3  # left, right and x: x passed twice is one edge
+    assert node.compute() is True
+    assert open(log).read().split() == ["ran"]  # as dask.compute(left, right) runs it
+
+
+def test_compute_and_submit_of_a_dask_collection_give_its_value():
+    total = dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(4)])
+    assert rhapsody.compute(total, {"array": da.arange(4, chunks=2).sum()}) == (6, {"array": 6})
+    with rhapsody.Session(progress=False) as s:
+        assert s.submit(total).result(timeout=60) == 6
+
+
+class NoDaskArrays:
+    """Has Dask's collection methods, yet is no collection now (as an xarray object
+    holding numpy arrays): a plain value."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __dask_graph__(self):
+        return None
+
+
+def test_an_object_with_dasks_methods_that_is_no_collection_is_a_plain_argument():
+    assert rhapsody.task(lambda t: t.values)(NoDaskArrays([1, 2])).compute() == [1, 2]
