@@ -11,8 +11,9 @@ that a Ctrl-C to the terminal's group does not stop it first.
 State, in the watchdog: the groups the driver started and has not reaped, each with
 its leader's start time. The driver tells it ``+ pgid start`` after starting a group
 and ``- pgid`` after reaping one, over a pipe whose only write end the driver holds.
-When that pipe reaches EOF (the driver exited: cleanly, by SIGTERM, by SIGKILL) the
-watchdog SIGKILLs every group still registered, then every process whose
+When that pipe reaches EOF, or the driver's pidfd says it has ended (a process it
+forked, which holds a copy of the pipe, may outlive it), the driver exited (cleanly,
+by SIGTERM, by SIGKILL): the watchdog SIGKILLs every group still registered, then every process whose
 environment carries this driver's run marker (``RHAPSODY_RUN``, given to every
 process the driver starts and inherited by what they start, so a grandchild that
 left its group with ``setsid`` is found too), and exits.
@@ -58,7 +59,7 @@ WATCHDOG = r"""
 import os, select, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-fd, mark, tracker = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3])
+fd, mark, tracker, driver = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
 def start_tracker():
     try:  # in a session of its own, without the markers: it ends by itself at EOF
         os.posix_spawn(sys.executable, [sys.executable, "-S", "-c", "from multiprocessing."
@@ -71,8 +72,15 @@ groups, buf = {}, b""
 ready = select.poll()
 ready.register(fd, select.POLLIN)
 ready.register(tracker, select.POLLIN)
-while True:
+try:  # the driver's end, also while a process it forked holds the pipe open
+    ended = os.pidfd_open(driver)
+    ready.register(ended, select.POLLIN)
+except (AttributeError, OSError):  # no pidfd here (Linux < 5.3), or the driver is gone
+    ended = -1
+while os.getppid() == driver:  # else the driver ended before its pidfd was opened
     woken = dict(ready.poll())
+    if ended in woken:
+        break
     if tracker in woken:  # written to (POLLIN), or every writer has ended (POLLHUP alone)
         ready.unregister(tracker)
         if woken[tracker] & select.POLLIN:
@@ -150,7 +158,7 @@ def _token() -> str:
             try:  # posix_spawn, not Popen: nothing to reap or warn about while we live
                 child = os.posix_spawn(sys.executable,
                                [sys.executable, "-S", "-c", WATCHDOG, str(read), f"{MARKER}={token}",
-                                str(tracker_read)],
+                                str(tracker_read), str(os.getpid())],
                                {k: v for k, v in os.environ.items() if k not in (MARKER, GROUP)},
                                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                                setsid=True)

@@ -47,12 +47,22 @@ if __name__ == "__main__":
         ["sh", "-c", f"setsid sleep {mark} & echo $$ $! > {pids}/executable; exec sleep {mark}"])
     nodes = [python_node(mark, pids), program]
     session = rhapsody.api.get_session()
-    if len(sys.argv) > 3:  # and an AI node, whose server is started for it
+    if "ai" in sys.argv[3:]:  # and an AI node, whose server is started for it
         rhapsody.model("smollm2", engine="llama_cpp", path=rhapsody.smollm2_path())
         nodes.append(rhapsody.ai("Write a very long story about a dragon.", model="smollm2",
                                  max_tokens=4096))
         threading.Thread(target=note_server, args=(session, "smollm2", f"{pids}/server"),
                          daemon=True).start()
+    if "fork-helper" in sys.argv[3:]:  # a process forked from the driver once it runs
+        import multiprocessing
+        futures = session.submit(nodes)
+        while not os.path.exists(f"{pids}/worker"):
+            time.sleep(0.02)
+        helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+        helper.start()
+        with open(f"{pids}/helper", "w") as f:
+            f.write(str(helper.pid))
+        nodes = futures
     rhapsody.compute(*nodes)
 '''
 
@@ -106,6 +116,21 @@ def test_a_killed_driver_leaves_no_worker_executable_or_grandchild(tmp_path, sig
     assert exit_code == code
     assert wait_until(lambda: not marked(mark) and not alive(pids), 20), \
         f"left behind: {sorted(marked(mark) | alive(pids))}"
+
+
+def test_a_sigkilled_driver_that_forked_a_helper_still_takes_its_run_with_it(tmp_path):
+    """The forked helper holds a copy of everything the driver had open (the pipe to
+    its watchdog among them): its death must be seen all the same."""
+    exit_code, mark, pids = run_and_kill(tmp_path, signal.SIGKILL,
+                                         ["worker", "executable", "helper"], "fork-helper")
+    helper = int((tmp_path / "helper").read_text())
+    try:
+        assert exit_code == -signal.SIGKILL
+        ours = lambda: (marked(mark) | alive(pids)) - {helper}  # its command line is the driver's
+        assert wait_until(lambda: not ours(), 20), f"left behind: {sorted(ours())}"
+        assert alive({helper}), "the user's own process is not the run's to kill"
+    finally:
+        os.kill(helper, signal.SIGKILL)
 
 
 def test_an_inference_server_dies_with_a_sigkilled_driver(tmp_path):
