@@ -25,7 +25,9 @@ What decides reuse (a node's *journal key*, a hash of):
   journal keys (so a change upstream is a change downstream). Every set, at any depth
   (in a list, a dataclass, a namedtuple, an executable's spec, a default value), is
   written as its items in one order, whatever the process's hash seed; what plain
-  pickle cannot take counts by its repr, less memory addresses.
+  pickle cannot take (a class defined in a function) counts by its cloudpickle, which
+  may differ from run to run (the node then runs again: never a wrong reuse); a node
+  whose arguments neither can take has no key: it always runs and is never kept.
 
 An entry is one file ``<key[:2]>/<key>``: a header (magic, length, a BLAKE2b digest
 of the payload) and the value's pickled bytes, written to a temporary file and renamed
@@ -49,20 +51,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import io
 import json
 import os
-import re
 import struct
 import tempfile
 import types
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .backends import wire
-from .graph import SCALARS, Node
+from .graph import SCALARS
 from .task import Task
 
-__all__ = ["Journal", "explain", "UNKEYED"]
+__all__ = ["Journal", "explain", "UNKEYED", "Unkeyable"]
 
 #: options no part of a node's key: they choose where and under which policy it runs,
 #: never what it computes
@@ -119,6 +122,9 @@ def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None
             h.update(name.encode() + repr(value).encode())
         elif isinstance(value, _CODE) and _module(value) == module:  # a helper, a class
             h.update(name.encode() + _code_hash(value, seen).encode())
+        elif isinstance(getattr(value, "__wrapped__", None), _CODE) and _module(
+                value.__wrapped__) == module:  # a wrapped helper (functools.cache, ...)
+            h.update(name.encode() + _code_hash(value.__wrapped__, seen).encode())
     for cell in fn.__closure__ or ():
         try:
             h.update(_stable_bytes(cell.cell_contents, (), seen))
@@ -155,10 +161,18 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
 def _hash_code(code: types.CodeType, h: Any) -> None:
     h.update(code.co_code)
     h.update(repr(code.co_names).encode())
+    # the parameters by name and kind: swapping two changes what a keyword binds to
+    params = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & _STARS[0]) + bool(
+        code.co_flags & _STARS[1])
+    h.update(repr((code.co_varnames[:params], code.co_posonlyargcount, code.co_argcount,
+                   code.co_flags & (_STARS[0] | _STARS[1]))).encode())
     h.update(_stable_bytes(tuple(c for c in code.co_consts if not isinstance(c, types.CodeType))))
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _hash_code(const, h)
+
+
+_STARS = (inspect.CO_VARARGS, inspect.CO_VARKEYWORDS)
 
 
 def _global_names(code: types.CodeType) -> set:
@@ -169,7 +183,7 @@ def _global_names(code: types.CodeType) -> set:
     return names
 
 
-class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
+class _KeyPickling:
     """wire's argument pickler (an upstream node as its slot) that writes a set as its
     items' pickles in order (a set of strings iterates in an order that changes with
     each process's hash seed), and a function as its code hash (its name would hide an
@@ -177,9 +191,11 @@ class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
     node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
     ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
 
+    cloud = False  # cloudpickle's (for what plain pickle cannot take), else plain pickle's
+
     def __init__(self, file: io.BytesIO, slots: Dict[int, int], seen: Dict[int, str],
                  codes: Dict[int, Tuple[Any, str]]) -> None:
-        super().__init__(file, slots)
+        super().__init__(file, slots)  # type: ignore[call-arg]
         self.seen, self.codes = seen, codes
 
     def persistent_id(self, obj: Any) -> Any:
@@ -199,38 +215,60 @@ class _KeyPickler(wire.PlainArgPickler):  # type: ignore[misc, valid-type]
         if len(kinds) == 1 and kinds <= _SORTABLE:  # as they are: no pickle per item
             items: tuple = tuple(sorted(obj))
         else:
-            items = tuple(sorted(_pickled(o, self.slots, self.seen, self.codes) for o in obj))
+            items = tuple(sorted(_pickled(o, self.slots, self.seen, self.codes, self.cloud) for o in obj))
         if t is set or t is frozenset:
             return t.__name__, items
         state = getattr(obj, "__dict__", None)  # a subclass: its type and attributes too
         return f"{t.__module__}.{t.__qualname__}", items, _pickled(
-            state, self.slots, self.seen, self.codes) if state else b""
+            state, self.slots, self.seen, self.codes, self.cloud) if state else b""
+
+
+class _KeyPickler(_KeyPickling, wire.PlainArgPickler):  # type: ignore[misc, valid-type]
+    """The key pickler on plain pickle."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cloud_key_pickler() -> type:
+    """The key pickler on cloudpickle (made on first need): a class of the driver's
+    script, or one defined in a function, by value, state included."""
+    class CloudKeyPickler(_KeyPickling, wire.cloud_args_pickler()):  # type: ignore[misc]
+        cloud = True
+    return CloudKeyPickler
+
+
+class Unkeyable(Exception):
+    """A node's arguments (or its function's bound state) cannot be pickled to a key."""
 
 
 _SORTABLE = {str, int, bytes}  # items of one of these types sort the same in any process
 
 
 def _pickled(obj: Any, slots: Dict[int, int], seen: Dict[int, str],
-             codes: Dict[int, Tuple[Any, str]]) -> bytes:
+             codes: Dict[int, Tuple[Any, str]], cloud: bool = False) -> bytes:
     buf = io.BytesIO()
-    _KeyPickler(buf, slots, seen, codes).dump(obj)
+    (_cloud_key_pickler() if cloud else _KeyPickler)(buf, slots, seen, codes).dump(obj)
     return buf.getvalue()
 
 
 def _stable_bytes(obj: Any, deps: Sequence[Any] = (), seen: Optional[Dict[int, str]] = None,
                   codes: Optional[Dict[int, Tuple[Any, str]]] = None) -> bytes:
     """Bytes that stand for ``obj`` across runs: its plain pickle (sets in one order,
-    functions by their code, each of ``deps`` as its slot), else its repr without the
-    memory addresses that change from run to run; ``seen`` as :func:`_code_hash`'s,
-    ``codes`` the functions' hashes known (a journal's, kept across its keys)."""
+    functions by their code, each of ``deps`` as its slot), else its cloudpickle (a class
+    pickle cannot name goes by value: such a key may differ from run to run, never
+    stand for another value); ``seen`` as :func:`_code_hash`'s, ``codes`` the functions'
+    hashes known (a journal's, kept across its keys). Raise :class:`Unkeyable` if
+    neither can take it (a repr would hide state: two values, one key)."""
+    slots = {id(d): i for i, d in enumerate(deps)}
+    seen = {} if seen is None else seen
+    codes = {} if codes is None else codes
     try:
-        return _pickled(obj, {id(d): i for i, d in enumerate(deps)},
-                        {} if seen is None else seen, {} if codes is None else codes)
+        return _pickled(obj, slots, seen, codes)
     except Exception:
-        return _ADDRESS.sub("", repr(obj)).encode()
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+        pass
+    try:
+        return _pickled(obj, slots, seen, codes, cloud=True)
+    except Exception as e:
+        raise Unkeyable(f"{type(e).__name__}: {e}") from None
 
 
 class Journal:
@@ -239,9 +277,9 @@ class Journal:
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
-        self._keys: Dict[int, str] = {}  # id(node) -> its key, for the nodes seen
-        self._nodes: List[Node] = []  # keeps those ids alive and unique
-        self._parts: Dict[str, Dict[str, Any]] = {}
+        # node -> its key ("": none, see key()), while the node lives
+        self._keys: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+        self._parts: Dict[str, Dict[str, Any]] = {}  # key -> its parts, until put()
         self._code: Dict[int, Tuple[Any, str]] = {}  # id(fn) -> (fn, its code hash)
 
     # -- keys ------------------------------------------------------------------------
@@ -251,43 +289,51 @@ class Journal:
         ``submit()`` may follow an edit made meanwhile (a notebook's cell, a module
         constant changed), which they would hide. New tables, not cleared ones: a key
         being made in another thread finishes with the tables it began with."""
-        self._keys, self._nodes, self._code = {}, [], {}
+        self._keys, self._code = weakref.WeakKeyDictionary(), {}
 
-    def key(self, node: Any) -> str:
-        """The journal key of ``node`` (upstream nodes' keys computed first)."""
-        keys, nodes = self._keys, self._nodes
-        known = keys.get(id(node))
-        if known is not None:
-            return known
-        stack = [node]
-        while stack:
-            n = stack[-1]
-            todo = [d for d in _nodes_of(n) if id(d) not in keys]
-            if todo:
-                stack.extend(todo)
-                continue
-            stack.pop()
-            if id(n) not in keys:
-                parts = self.parts(n, keys)
-                key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(),
-                                      digest_size=20).hexdigest()
-                keys[id(n)] = key
-                nodes.append(n)
-                self._parts[key] = parts
-        return keys[id(node)]
+    def key(self, node: Any) -> Optional[str]:
+        """The journal key of ``node`` (upstream nodes' keys computed first); None when
+        it has none: its arguments (or its function's bound state) cannot be pickled,
+        or an upstream node has none. Such a node always runs and is never kept."""
+        keys = self._keys
+        known = keys.get(node)
+        if known is None:
+            stack = [node]
+            while stack:
+                n = stack[-1]
+                todo = [d for d in _nodes_of(n) if d not in keys]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                stack.pop()
+                if n not in keys:
+                    keys[n] = self._new_key(n, keys)
+            known = keys[node]
+        return known or None
 
-    def parts(self, node: Any, keys: Optional[Dict[int, str]] = None) -> Dict[str, Any]:
+    def _new_key(self, node: Any, keys: Any) -> str:
+        try:
+            parts = self.parts(node, keys)
+        except Unkeyable:
+            return ""
+        key = hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(),
+                              digest_size=20).hexdigest()
+        self._parts[key] = parts
+        return key
+
+    def parts(self, node: Any, keys: Any = None) -> Dict[str, Any]:
         """What ``node``'s key is made of (its upstream nodes' keys must be in ``keys``,
-        by default the journal's)."""
+        by default the journal's); raise :class:`Unkeyable` where it has no key."""
         keys = self._keys if keys is None else keys
-        deps = _nodes_of(node)
+        inputs = [keys[d] for d in _nodes_of(node)]
+        if not all(inputs):
+            raise Unkeyable("an upstream node has no journal key")
         args = _hash((node.args, node.kwargs), node.deps, self._code)  # upstream: "inputs"
         opts = node.opts
         options = {k: repr(v) for k, v in sorted(opts.values.items())
                    if k not in UNKEYED}
         return {"name": node.name, "kind": node.kind, "code": self._fn_hash(node),
-                "options": options, "args": args,
-                "inputs": [keys[id(d)] for d in deps]}
+                "options": options, "args": args, "inputs": inputs}
 
     def _fn_hash(self, node: Any) -> str:
         """The hash of what ``node`` runs, once per function (many nodes share one)."""
@@ -320,7 +366,7 @@ class Journal:
         """Keep ``payload`` (a finished node's value bytes) under ``key``, atomically."""
         directory = os.path.dirname(self._file(key))
         os.makedirs(directory, exist_ok=True)
-        why = self._parts.get(key) or self.parts(node)
+        why = self._parts.pop(key, None) or self.parts(node)
         for path, data in ((self._file(key) + ".why", json.dumps(why).encode()),
                            (self._file(key),
                             HEADER.pack(MAGIC, len(payload), _digest(payload)) + payload)):
@@ -339,12 +385,16 @@ class Journal:
     def explain(self, node: Any) -> str:
         """Whether ``node`` would be reused from this journal, and if not, why."""
         key = self.key(node)
+        if key is None:
+            return (f"node {node.key!r} runs every time and is never kept: its arguments, "
+                    "its function's bound state or an upstream node's cannot be pickled "
+                    "to a journal key")
         if self.get(key) is not None:
             return f"node {node.key!r} is reused: its entry {key} is in {self.path}"
         if os.path.exists(self._file(key)):
             return (f"node {node.key!r} runs again: its entry {key} is damaged (truncated or "
                     "corrupt), so it is not trusted")
-        mine = self._parts[key]
+        mine = self._parts.get(key) or self.parts(node)
         best = None
         for root, _, files in os.walk(self.path):
             for name in files:

@@ -209,6 +209,7 @@ class Lane:
         self.forwards = getattr(backend, "forwards", False)  # see _forward
         self.fuses = getattr(backend, "fuses", False)  # see rhapsody_graph.fusion
         self.budget = getattr(backend, "lease_budget", LEASE_BUDGET)  # see _by_time
+        self.runs_code = getattr(backend, "runs_code", True)  # its values may be journaled
         self.unflushed = False  # calls were submitted since its backend's last flush
         self.flushed = 0  # every call with a tid up to this one went out at a flush
         # what the progress display reads (from its own thread: plain int reads)

@@ -379,8 +379,10 @@ class Session:
         """A new record of ``node``: routed, its call encoded, its journal entry named."""
         lane = self._lane(node)
         t = Task(node, lane, lane.backend.prepare(node), group, deps)
-        if group.journal is not None:
-            t.saved = (group.journal, group.journal.key(node))
+        if group.journal is not None and lane.runs_code:
+            key = group.journal.key(node)
+            if key is not None:  # else its value is not kept: no stable key for it
+                t.saved = (group.journal, key)
         return t
 
     def _fusable(self, node: Node) -> Optional[Lane]:
@@ -418,10 +420,13 @@ class Session:
         journal = group.journal
         if journal is None:
             return None
-        payload = journal.get(journal.key(node))
+        key = journal.key(node)
+        payload = None if key is None else journal.get(key)
         if payload is None:
             return None
         lane = self._lane(node)
+        if not lane.runs_code:  # a simulation: its nodes are modelled, never reused
+            return None
         t = Task(node, lane, None, group, ())
         t.payload = payload  # the scheduler ends it DONE as it takes it (see Scheduler._take)
         return t

@@ -248,3 +248,72 @@ def test_a_changed_method_of_a_class_the_function_uses_runs_the_node_again(tmp_p
     assert run_program(tmp_path, METHOD.replace("FACTOR", "10")) == ["10", "1"]
     assert run_program(tmp_path, METHOD.replace("FACTOR", "100")) == ["100", "1"]  # was 10
     assert run_program(tmp_path, METHOD.replace("FACTOR", "100")) == ["100", "0"]
+
+
+def weighted(options, values):
+    return sum(values) * options.weight
+
+
+def test_arguments_plain_pickle_cannot_take_key_by_their_state_not_their_repr(tmp_path):
+    """Such arguments counted by a repr with addresses removed: two states, one key,
+    and a stale value reused (a class defined in a function, a big array beside it)."""
+    class Options:  # plain pickle cannot name it
+        def __init__(self, weight):
+            self.weight = weight
+
+    first = rhapsody.compute(rhapsody.task(weighted)(Options(2), [1] * 5000), journal=tmp_path)
+    other = rhapsody.compute(rhapsody.task(weighted)(Options(3), [1] * 5000), journal=tmp_path)
+    middle = [1] * 5000
+    middle[2500] = 2  # where a repr that elides the middle would not show it
+    changed = rhapsody.compute(rhapsody.task(weighted)(Options(3), middle), journal=tmp_path)
+    assert (first, other, changed) == ((10000,), (15000,), (15003,))
+
+
+def test_a_node_whose_arguments_cannot_be_pickled_always_runs_and_so_do_its_dependents(
+        tmp_path):
+    import threading
+    lock = threading.Lock()  # nor can cloudpickle: no key, never kept
+    journal = Journal(tmp_path)
+    node = rhapsody.task(scaled)(10)
+    assert journal.key(node) is not None
+    locked = rhapsody.task(lambda x, guard: x)(node, {"guard": lock})
+    downstream = rhapsody.task(scaled)(locked)
+    assert journal.key(locked) is None and journal.key(downstream) is None
+    assert "never kept" in journal.explain(downstream)
+
+
+def test_a_changed_cached_helper_or_a_swapped_parameter_is_a_changed_node(tmp_path):
+    import functools
+    journal = Journal(tmp_path)
+
+    def make(factor, swap):
+        @functools.cache
+        def helper(i):
+            return factor * i
+        globals()["_cached_helper"] = helper
+        if swap:
+            def affine(x, beta=1, alpha=2):
+                return _cached_helper(x) * beta + alpha
+        else:
+            def affine(x, alpha=1, beta=2):
+                return _cached_helper(x) * alpha + beta
+        return rhapsody.task(affine, name="affine")(10, alpha=5)
+
+    try:
+        base = journal.key(make(2, False))
+        journal.new_run()
+        assert journal.key(make(100, False)) != base  # the helper behind functools.cache
+        journal.new_run()
+        assert journal.key(make(2, True)) != base  # alpha and beta swapped
+    finally:
+        globals().pop("_cached_helper", None)
+
+
+def test_a_simulated_run_keeps_nothing_in_the_journal_and_reuses_nothing(tmp_path):
+    square = rhapsody.task(lambda x: x * x, name="square")
+    simulated = rhapsody.SimulatedBackend(hosts=1, cpus=2, duration=1.0)
+    with rhapsody.Session(backends=[simulated], journal=tmp_path) as s:
+        assert s.compute([square(i) for i in range(3)]) == ([None, None, None],)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=tmp_path) as s:
+        assert s.compute([square(i) for i in range(3)]) == ([0, 1, 4],)

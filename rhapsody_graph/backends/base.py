@@ -35,6 +35,8 @@ except ``accepts`` and ``prepare``, which the session calls):
   node that reads them (see :mod:`rhapsody_graph.fusion`); default False.
 * ``lease_budget`` (optional): seconds of measured work the scheduler queues on one
   shared lease at most (default 2 ms; more where each round trip costs more).
+* ``runs_code`` (optional): False for a backend that runs no user code (the
+  simulation): its nodes' values are never kept in, nor taken from, a journal.
 * ``waits_for_hosts`` (optional): True while it has no host now but expects some (a
   Dask cluster whose workers restart): its ready nodes wait, not fail as stalled.
 * ``drop_queued()``: calls queued behind a running one come back ``DROPPED``.

@@ -92,6 +92,7 @@ class SimulatedBackend:
 
     kinds = frozenset((FUNCTION, EXECUTABLE, RANKS_KIND))
     forwards = False
+    runs_code = False  # its values (None) are never journaled
 
     def __init__(self, hosts: "int | Sequence[Host]" = 1, *, cpus: Optional[int] = None,
                  gpus: Optional[int] = None, memory: Optional[int] = None, name: str = "sim",

@@ -168,7 +168,7 @@ PlainArgPickler = _pickler_for(pickle.Pickler)
 
 
 @functools.lru_cache(maxsize=None)
-def _cloud_args_pickler() -> type:
+def cloud_args_pickler() -> type:
     """cloudpickle's argument pickler, made on first need."""
     return _pickler_for(_cloud_pickler())
 
@@ -176,7 +176,7 @@ def _cloud_args_pickler() -> type:
 def _picklers() -> Iterator[type]:
     """Plain pickle's argument pickler, then (if it cannot) cloudpickle's."""
     yield PlainArgPickler
-    yield _cloud_args_pickler()
+    yield cloud_args_pickler()
 
 
 
