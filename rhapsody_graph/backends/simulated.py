@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 
 from .base import DROPPED, KILLED, OK, RANKS_KIND, Call, Completion, close_session, \
     refuse_foreign_abort, refuse_second_session
-from ..errors import brief
+from ..errors import add_note, brief
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger, Placement
 
@@ -115,8 +115,7 @@ class SimulatedBackend:
         # tid -> (key, start, end, placements, lease) of a call not yet ended; a lease's
         # executor here is a number: when the last call queued on the lease ends
         self._running: Dict[int, Tuple[str, float, float, Sequence[Placement], Any]] = {}
-        self._wake_r, self._wake_w = os.pipe()  # readable while _due holds a call
-        os.set_blocking(self._wake_r, False)
+        self._wake_r = self._wake_w = -1  # a pipe readable while _due holds a call
         self._readable = False
 
     # -- the backend protocol (see .base) ------------------------------------------------
@@ -126,6 +125,9 @@ class SimulatedBackend:
         if completions is None and self.hub is not None:
             self.hub.unwatch(self._wake_r)
         elif completions is not None:
+            if self._wake_r < 0:  # first session, or the next after a shutdown
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
             completions.watch(self._wake_r, selectors.EVENT_READ, self._advance)
         self.hub = completions
 
@@ -139,7 +141,13 @@ class SimulatedBackend:
         gives no finite number >= 0 for it."""
         seconds = self._duration
         if callable(seconds):
-            seconds = _seconds(seconds(node), f"node {node.key!r}: the duration modelled for it")
+            try:
+                seconds = seconds(node)
+            except Exception as exc:
+                add_note(exc, f"raised by the duration= of SimulatedBackend {self.name!r} "
+                              f"for node {node.key!r}")
+                raise
+            seconds = _seconds(seconds, f"node {node.key!r}: the duration modelled for it")
         return float(seconds), node.kind == FUNCTION and node.opts.resources.ranks == 1
 
     def uses_lease(self, prepared: Tuple[float, bool]) -> bool:
@@ -220,10 +228,9 @@ class SimulatedBackend:
         close_session(self.hub)
         self.abort()
         for fd in (self._wake_r, self._wake_w):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
+        self._wake_r = self._wake_w = -1  # closed: never closed again, nor used
 
     def __enter__(self) -> "SimulatedBackend":
         return self
@@ -246,11 +253,18 @@ class SimulatedBackend:
 
     def double_bookings(self) -> List[Tuple[Tuple[str, str, int], tuple, tuple]]:
         """Every core or GPU id held by two calls at once (see :func:`double_bookings`)."""
-        return double_bookings(self._rows)
+        return double_bookings(self._recorded("double_bookings"))
 
     def utilisation(self) -> Dict[str, float]:
         """How busy cores and GPUs were from 0 to the clock (see :func:`utilisation`)."""
-        return utilisation(self._rows, self.inventory, 0.0, self.clock)
+        return utilisation(self._recorded("utilisation"), self.inventory, 0.0, self.clock)
+
+    def _recorded(self, what: str) -> List[tuple]:
+        if not self.record:
+            raise RuntimeError(f"SimulatedBackend {self.name!r} keeps no records "
+                               f"(record=False): {what}() has nothing to read; make it "
+                               "with record=True")
+        return self._rows
 
     # -- the clock --------------------------------------------------------------------------
 
@@ -282,7 +296,7 @@ class SimulatedBackend:
             self._readable = False
             try:
                 os.read(self._wake_r, 64)
-            except (BlockingIOError, OSError):
+            except OSError:  # BlockingIOError, or closed (-1) by a shutdown
                 pass
 
 
@@ -392,15 +406,17 @@ def timeline(records: Iterable[Record], start: float, end: float,
     width = (end - start) / bins
     area = [[0.0, 0.0] for _ in range(bins)]
     cpus = gpus = 0
-    at = start
+    at, b = start, 0  # the level is spread from `at`, in bin `b`
     for t, dc, dg in _busy(records) + [(end, 0, 0)]:
         t = min(max(t, start), end)
         while at < t:  # spread the level held since `at` over the bins it spans
-            b = min(int((at - start) / width), bins - 1)
-            upto = min(t, start + (b + 1) * width)
+            edge = end if b == bins - 1 else start + (b + 1) * width
+            upto = min(t, edge)
             area[b][0] += cpus * (upto - at)
             area[b][1] += gpus * (upto - at)
-            at = upto if upto > at else t
+            at = upto
+            if upto == edge and b < bins - 1:  # the next bin (stepped, not divided
+                b += 1                         # for: a quotient rounds down at an edge)
         cpus += dc
         gpus += dg
     return [(start + b * width, c / width, g / width) for b, (c, g) in enumerate(area)]

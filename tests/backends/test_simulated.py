@@ -220,3 +220,53 @@ def test_what_the_simulation_keeps_is_left_alone_by_the_cyclic_collector():
             gc.collect()
         assert len(gc.get_objects()) - tracked < 50  # 4 per call before: 2,200 here
     assert len(sim.records) == len(first) + len(nodes) and sim.double_bookings() == []
+
+
+def test_a_backend_used_again_after_its_session_closed_leaves_the_programs_files_alone():
+    """Its wake-up pipe was closed at shutdown but its numbers kept: the next session
+    read, wrote and closed whatever the program had opened under them since."""
+    import os
+    sim = SimulatedBackend(hosts=1, cpus=2, gpus=0, duration=10.0)
+    node = rhapsody.task(boom)
+    with rhapsody.Session(backends=[sim], progress=False) as s:
+        s.compute([node(i) for i in range(2)])
+    read, write = os.pipe()  # likely the numbers the backend's pipe had
+    try:
+        with rhapsody.Session(backends=[sim], progress=False) as s:
+            assert s.compute([node(i) for i in range(4)]) == ([None] * 4,)
+        assert sim.clock == 30.0
+        os.write(write, b"mine")
+        assert os.read(read, 4) == b"mine"
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+@pytest.mark.parametrize("end, bins", [(0.1, 7), (21696.0, 300), (4143.0, 300)])
+def test_a_timeline_loses_no_busy_time_at_bin_edges(end, bins):
+    always = [Record("a", -1.0, 1e9, [Placement("n0", (0,), (0,))])]
+    levels = timeline(always, 0.0, end, bins=bins)
+    assert len(levels) == bins
+    assert all(c == pytest.approx(1.0) and g == pytest.approx(1.0) for _, c, g in levels)
+
+
+def test_work_a_done_callback_submits_starts_at_the_simulated_time_of_the_result():
+    work = rhapsody.task(boom)
+    sim = SimulatedBackend(hosts=1, cpus=4, gpus=0, duration=seconds_of)
+    with rhapsody.Session(backends=[sim], progress=False) as s:
+        first = s.submit(work(10))
+        s.submit([work(50), work(90)])
+        first.add_done_callback(lambda _: s.submit(work(5)))
+        s.wait()
+    assert sorted((r.start, r.end) for r in sim.records) == [(0, 10), (0, 50), (0, 90), (10, 15)]
+
+
+def test_a_failing_duration_names_the_node_and_no_records_means_no_figures():
+    sim = SimulatedBackend(hosts=1, cpus=1, gpus=0, duration=lambda node: {}[node.args[0]],
+                           record=False)
+    with rhapsody.Session(backends=[sim], progress=False) as s:
+        with pytest.raises(KeyError) as info:
+            s.compute(rhapsody.task(boom)("large"))
+    assert "for node 'boom-" in "".join(info.value.__notes__)
+    with pytest.raises(RuntimeError, match="record=False"):
+        sim.utilisation()
