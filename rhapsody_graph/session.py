@@ -105,6 +105,11 @@ class Session:
         self._closed = False
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
         self._futures.journal = _journal(journal)
+        self._runlog: Any = None
+        if run_log is not None:  # opened before any backend joins: a bad path leaves none
+            from .runlog import RunLog  # json only for a session that writes one
+            self._runlog = RunLog(run_log)
+        how = mode(progress)
         self._completions = Completions()
         # weakly: the queue (its backends, the scheduler's thread) keeps no session alive
         self._completions.closer = weakref.WeakMethod(self.close)
@@ -117,16 +122,13 @@ class Session:
             for b in joined:
                 b.attach(None)
             self._completions.close()
+            if self._runlog is not None:
+                self._runlog.close()
             raise
         self._scheduler = Scheduler(backends, self._completions)
         self._kept = self._scheduler.kept  # futures with a done-callback, until they end
         self._sharing = _share_machines(backends)  # given their own ledgers back at close
-        self._runlog: Any = None
-        if run_log is not None:
-            from .runlog import RunLog  # json only for a session that writes one
-            self._runlog = RunLog(run_log)
         self._scheduler.runlog = self._runlog
-        how = mode(progress)
         self._progress = Progress(self._scheduler.lanes.values(), how) if how else None
         self._thread = threading.Thread(target=self._scheduler.run, name="rhapsody-scheduler",
                                         daemon=True)

@@ -127,3 +127,14 @@ def test_runs_appended_to_one_log_are_told_apart_in_its_report(tmp_path):
     page = tmp_path / "run.html"
     rhapsody.report(path, page)
     assert "2 runs: 2 nodes, 2 attempts (2 done)" in page.read_text()  # not "1 node"
+
+
+def test_a_run_log_that_cannot_be_opened_leaves_the_backend_free_for_the_next_session(tmp_path):
+    backend = rhapsody.LocalBackend(cpus=1)
+    try:
+        with pytest.raises(FileNotFoundError):
+            rhapsody.Session(backends=[backend], run_log=tmp_path / "missing" / "run.jsonl")
+        with rhapsody.Session(backends=[backend], progress=False) as s:  # was: "already
+            assert s.compute(rhapsody.task(abs)(-3)) == (3,)           # belongs to a session"
+    finally:
+        backend.shutdown()
