@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
 
-__all__ = ["Progress", "mode", "counts", "LINE_INTERVAL", "ENV"]
+__all__ = ["Progress", "mode", "counts", "snapshot", "LINE_INTERVAL", "ENV"]
 
 LIVE_INTERVAL = 0.25  # seconds between redraws of the live display
 LINE_INTERVAL = 10.0  # seconds between plain lines (the first comes after this long)
@@ -54,14 +54,26 @@ def mode(progress: Optional[bool], tty: Optional[bool] = None,
     return "live" if tty else "lines"
 
 
-def counts(lane: Any) -> Dict[str, int]:
+_COUNTERS = ("submitted", "done", "failed", "cancelled", "started", "stopped")
+
+
+def snapshot(lane: Any) -> tuple:
+    """A lane's counters now (see :func:`counts`)."""
+    return tuple(getattr(lane, name) for name in _COUNTERS)
+
+
+_ZERO = (0,) * len(_COUNTERS)
+
+
+def counts(lane: Any, since: tuple = _ZERO) -> Dict[str, int]:
     """One backend's nodes: ``done``, ``running``, ``failed`` (cancelled too), ``waiting``
-    and ``total`` submitted."""
-    done, failed = lane.done, _ended(lane) - lane.done
-    running = max(0, lane.started - lane.stopped)
-    total = lane.submitted
+    and ``total`` submitted (since its counters were ``since``, a :func:`snapshot`)."""
+    submitted, done, failed, cancelled, started, stopped = (
+        now - then for now, then in zip(snapshot(lane), since))
+    failed += cancelled
+    running = max(0, started - stopped)
     return {"done": done, "running": running, "failed": failed,
-            "waiting": max(0, total - done - failed - running), "total": total}
+            "waiting": max(0, submitted - done - failed - running), "total": submitted}
 
 
 def _ended(lane: Any) -> int:
@@ -71,7 +83,8 @@ def _ended(lane: Any) -> int:
 
 class Progress:
     """Draws the counts of ``lanes`` (one per backend) in ``how`` (``"live"`` or
-    ``"lines"``) until :meth:`stop`."""
+    ``"lines"``) until :meth:`stop`: what they were given since it began (a session's
+    display: all of it; one ``compute(progress=True)`` shows: from that call on)."""
 
     def __init__(self, lanes: Sequence[Any], how: str, out: Optional[TextIO] = None,
                  interval: Optional[float] = None) -> None:
@@ -81,7 +94,8 @@ class Progress:
         self._stop = threading.Event()
         self._live: Any = None
         self._printed = False  # a plain line was written
-        self._base: Dict[int, int] = {}  # id(lane) -> records ended when it got busy
+        self._since = {id(lane): snapshot(lane) for lane in self.lanes}  # counted from
+        self._base = {id(lane): _ended(lane) for lane in self.lanes}  # ended when it got busy
         if how == "live":
             self._live = _rich_display(out or sys.stderr)
             how = "live" if self._live is not None else "lines"
@@ -113,12 +127,12 @@ class Progress:
         elapsed = time.monotonic() - self.start
         out = []
         for lane in self.lanes:
-            c = counts(lane)
+            c = counts(lane, self._since[id(lane)])
             if not c["total"]:
                 continue
             ended = c["done"] + c["failed"]
             left = c["total"] - ended
-            rate = (ended - self._base.get(id(lane), 0)) / max(elapsed, 1e-9)
+            rate = (_ended(lane) - self._base.get(id(lane), 0)) / max(elapsed, 1e-9)
             eta = f", about {_clock(left / rate)} left" if rate > 0 and left else ""
             out.append(f"[{lane.backend.name}] {c['done']:,}/{c['total']:,} done, "
                        f"{c['running']:,} running, {c['failed']:,} failed, "
@@ -137,7 +151,7 @@ class Progress:
         if not final and not self._busy():
             return
         if self._live is not None:
-            self._live.show(self.lanes)
+            self._live.show(self.lanes, self._since)
             return
         if final and not self._printed:
             return  # a run shorter than LINE_INTERVAL prints nothing
@@ -180,9 +194,9 @@ class _RichDisplay:
     def stop(self) -> None:
         self.bars.stop()
 
-    def show(self, lanes: Sequence[Any]) -> None:
+    def show(self, lanes: Sequence[Any], since: Dict[int, tuple]) -> None:
         for lane in lanes:
-            c = counts(lane)
+            c = counts(lane, since[id(lane)])
             if not c["total"]:
                 continue
             fields = {k: f"{c[k]:,}" for k in ("running", "failed", "waiting")}

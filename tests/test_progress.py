@@ -64,6 +64,25 @@ def test_plain_lines_name_each_backend_with_counts_and_times():
                         last), last
 
 
+def test_a_display_begun_on_a_busy_session_counts_only_what_came_after_it(tmp_path):
+    """compute(progress=True) on a session that already ran: it showed the session's
+    earlier nodes (and failures) as this call's."""
+    out, release = io.StringIO(), tmp_path / "go"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2, name="cpu")],
+                          progress=False) as s:
+        rhapsody.wait(s.submit([rhapsody.task(work)(i) for i in range(20)]), timeout=60)
+        shown = Progress(lanes(s), "lines", out=out, interval=0.01)
+        later = s.submit([rhapsody.task(work)(i) for i in range(4, 9)]
+                         + [rhapsody.task(gate)(str(release))])
+        while not out.getvalue():  # a line while the gate holds the run open
+            threading.Event().wait(0.01)
+        release.touch()
+        rhapsody.wait(later, timeout=60)
+        shown.stop()
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("[cpu] 6/6 done, 0 running, 0 failed, 0 waiting"), last
+
+
 def test_a_short_run_in_plain_lines_prints_nothing():
     out = io.StringIO()
     with rhapsody.Session(progress=False) as s:
