@@ -19,6 +19,7 @@ the innermost ``with Session(...)`` block, or the default session (one
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -142,9 +143,20 @@ def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) 
 
 def _shut_down_at_exit() -> None:
     """Close every session and shut the default backends down when the main thread
-    ends, before Python waits for non-daemon threads: Dragon's Batch client keeps some,
-    so a program that never closed its backend (``backend="dragon"``) would never exit."""
+    ends, before Python waits for the other non-daemon threads: Dragon's Batch client
+    keeps some, so a program that never closed its backend (``backend="dragon"``) would
+    never exit. First, the non-daemon threads that made or used a session (a
+    ``compute()`` in a thread the program starts and does not join) are waited for,
+    as Python would: closing first cancelled their work."""
+    from .futures import waiters
     from .session import close_all
+    here = threading.current_thread()
+    while True:
+        users = [t for t in list(waiters) if t is not here and not t.daemon and t.is_alive()]
+        if not users:
+            break
+        for t in users:
+            t.join()
     close_all()
     with _lock:
         defaults = list(_defaults.values())
@@ -153,7 +165,10 @@ def _shut_down_at_exit() -> None:
         backend.shutdown()
 
 
-threading._register_atexit(_shut_down_at_exit)  # the hook concurrent.futures uses too
+try:
+    threading._register_atexit(_shut_down_at_exit)  # the hook concurrent.futures uses too
+except RuntimeError:  # first imported after the main thread ended (by a thread it left):
+    atexit.register(_shut_down_at_exit)  # after the threads, then
 
 
 def _forget_defaults() -> None:

@@ -38,6 +38,7 @@ import concurrent.futures as cf
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
                                       PENDING, RUNNING, _AcquireFutures)
@@ -274,10 +275,18 @@ class Future(cf.Future, Ref):
             self._session._kept.discard(self)
 
 
+#: the threads that have made a session or used one (``submit()``, ``compute()``,
+#: ``result()``, ``wait()``, ``as_completed()``): at the program's end, the live
+#: non-daemon ones are waited for before the sessions close (see
+#: :func:`rhapsody_graph.api._shut_down_at_exit`)
+waiters: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
 def _refuse_on_scheduler(futures: Iterable[Any]) -> None:
     """Refuse to wait, on a session's scheduler thread (in a done-callback), for a
-    future of that session: only that thread could end it."""
+    future of that session: only that thread could end it. Note the waiting thread."""
     here = threading.current_thread()
+    waiters.add(here)
     for f in futures:
         if isinstance(f, Future) and f._state not in _ENDED and here is f._session._thread:
             raise RuntimeError(

@@ -30,7 +30,7 @@ from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note, brief, exception_text, warn
-from .futures import Future
+from .futures import Future, waiters
 from .graph import Node, Ref, adapt, find_nodes, is_foreign, substitute
 from .progress import Progress, mode
 from .resources import Ledger
@@ -75,6 +75,7 @@ class Session:
                  run_log: "str | os.PathLike[str] | None" = None,
                  progress: Optional[bool] = None, fuse: bool = True,
                  _owns: bool = True) -> None:
+        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -153,6 +154,7 @@ class Session:
             ``NoBackendError``, ``UnsatisfiableError``, ``TypeError``/``ValueError``
             naming the node, before anything runs.
         """
+        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
         if len(nodes) == 1:
             node = nodes[0]
             if type(node) is Node:
@@ -179,6 +181,7 @@ class Session:
                 journal: "str | os.PathLike[str] | None" = None,
                 progress: Optional[bool] = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
+        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
         policy = _on_error(on_error, fail_fast)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {brief(progress)}")

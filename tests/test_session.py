@@ -219,3 +219,34 @@ def test_done_callbacks_of_a_dropped_session_still_run_once_its_work_ends():
     submit_and_drop()
     gc.collect()  # the session and its futures are unreachable but for their callbacks
     assert both.wait(60) and sorted(got) == [1, 2]
+
+
+THREADS_LEFT_RUNNING = """
+import threading, time
+def early():  # computing when the main thread ends
+    import rhapsody_graph as rhapsody
+    print("early", rhapsody.compute(rhapsody.task(time.sleep)(1.0), rhapsody.task(abs)(-4))[1],
+          flush=True)
+def late():  # first imports and computes once it has ended
+    while threading.main_thread().is_alive():
+        time.sleep(0.01)
+    import rhapsody_graph as rhapsody
+    print("late", rhapsody.compute(rhapsody.task(abs)(-5))[0], flush=True)
+threading.Thread(target=early).start()
+threading.Thread(target=late).start()
+time.sleep(0.3)
+"""
+
+
+def test_computes_in_threads_the_main_thread_leaves_running_finish_as_python_waits_for_them(
+        tmp_path):
+    """The sessions closed as the main thread ended, before Python waits for its other
+    threads: their compute() was cancelled, and a first import then could not start."""
+    import subprocess
+    import sys
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_LEFT_RUNNING)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(out.stdout.split("\n")[:2]) == ["early 4", "late 5"], out.stdout + out.stderr
