@@ -15,7 +15,8 @@ What decides reuse (a node's *journal key*, a hash of):
   comments, blank lines and moved code are not); a ``functools.partial``'s bound
   arguments too (nested ones as well), a callable object's class and pickled state, a
   bound method's object; for an executable its whole spec (argument vector, ``env=``,
-  ``cwd=``), for an AI node its prompt;
+  ``cwd=``), for an AI node its prompt and its model as declared (engine, endpoint or
+  weights file with its size and time, server arguments);
 * its options (resources, ranks, placement...), but not those that cannot change its
   value (:data:`UNKEYED`: where it runs by name, and its timeout and retry policy, so
   a resume with a longer ``timeout=`` reuses what ran), and its ``version=`` if given
@@ -430,6 +431,13 @@ def _fn_hash(node: Any, codes: Dict[int, Tuple[Any, str]]) -> str:
     the prompt), upstream nodes in it as their slots; ``codes``: as :func:`_stable_bytes`'s."""
     if node.kind == "function":
         return code_hash(node.fn)
+    if node.kind == "ai":  # and the model it asks, as declared now
+        from .ai.models import lookup
+        try:
+            model = lookup(node.fn.model, f"node {node.key!r}").identity()
+        except ValueError:  # not declared (yet): it fails, or is keyed, when it runs
+            raise Unkeyable(f"model {node.fn.model!r} is not declared") from None
+        return _hash((node.fn, model), node.deps, codes)
     return _hash(node.fn, node.deps, codes)
 
 

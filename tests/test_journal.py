@@ -55,6 +55,8 @@ def test_a_function_given_as_an_argument_and_an_ai_nodes_lambda_count_by_their_c
     keys = [Journal(tmp_path).key(apply(edited(flag), 1)) for flag in (True, True, False)]
     assert keys[0] == keys[1] != keys[2]
 
+    rhapsody.model("m", url="http://127.0.0.1:1/v1")
+
     def capital(template):
         return rhapsody.ai(template, "France", model="m", parse=lambda s: s.strip())
     keys = [Journal(tmp_path).key(capital(t)) for t in ("Capital of {}?", "Capital of {}?",
@@ -320,3 +322,24 @@ def test_a_simulated_run_keeps_nothing_in_the_journal_and_reuses_nothing(tmp_pat
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=tmp_path) as s:
         assert s.compute([square(i) for i in range(3)]) == ([0, 1, 4],)
+
+
+def test_an_ai_nodes_key_follows_its_models_declaration(tmp_path):
+    """Only the model's name was in the key: pointed at another server or other weights,
+    a resume gave the old model's answers."""
+    journal = Journal(tmp_path)
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"v1")
+    keys = []
+    for declare in (lambda: rhapsody.model("m", url="http://127.0.0.1:1/v1"),
+                    lambda: rhapsody.model("m", url="http://127.0.0.1:2/v1"),
+                    lambda: rhapsody.model("m", engine="llama_cpp", path=str(weights)),
+                    lambda: weights.write_bytes(b"v2 bigger"),
+                    lambda: rhapsody.model("m", engine="llama_cpp", path=str(weights),
+                                           args=["--ctx", "64"])):
+        declare()
+        journal.new_run()
+        keys.append(journal.key(rhapsody.ai("Which model are you?", model="m")))
+    assert len(set(keys)) == 5 and None not in keys
+    journal.new_run()
+    assert journal.key(rhapsody.ai("hi", model="never-declared")) is None

@@ -2,8 +2,11 @@
 
 Fan-out policy: a list of prompts goes to ``/v1/completions`` as one request when
 the server takes lists (vLLM); otherwise (llama.cpp answers HTTP 500 to a list) as
-single requests, at most ``concurrency`` at a time. Chat conversations always go one
-request each, bounded the same way.
+single requests. Chat conversations always go one request each. At most
+``concurrency`` requests are in flight to one server, from all the nodes that share its
+client; the others wait in the client, so a request's ``timeout`` starts when it is
+sent, not while the server works through the ones before it. A server on this host
+is reached directly, whatever ``HTTP_PROXY`` says.
 
 Retries: a request that could not connect, or got a 5xx, is sent again up to
 ``retries`` times. One that was sent and got no answer within ``timeout`` (or whose
@@ -15,6 +18,7 @@ once it is cancelled, so a timed-out or cancelled node does not keep the server 
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -77,9 +81,14 @@ class Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # plain http (our loopback servers) needs no TLS context: building one costs ~30 ms
         tls = self.base_url.startswith("https:")
+        # a server on this host is reached directly, whatever HTTP_PROXY says
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                 verify=True if tls else False)
+                                 verify=True if tls else False,
+                                 trust_env=not _loopback(self.base_url))
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
+        # requests in flight to this server, from every node that shares the client: the
+        # others wait here (their timeout starts when sent), not in the server's queue
+        self.slots = threading.BoundedSemaphore(concurrency)
 
     def models(self, deadline: Optional[Deadline] = None) -> List[str]:
         """Ids of the models the server serves."""
@@ -130,14 +139,18 @@ class Client:
         where = f"{method} {self.base_url}{path}"
         error: Optional[ServerError] = None
         for _ in range(self.retries + 1):
-            timeout = self.timeout
             left = None if deadline is None else deadline.left(where)
-            if left is not None:
-                timeout = min(timeout, left)
-                if timeout <= 0:
-                    raise DeadlinePassed(f"{where}: the deadline passed"
-                                         + (f" ({error})" if error else ""))
+            if not self.slots.acquire(timeout=None if left is None else max(0.0, left)):
+                raise DeadlinePassed(f"{where}: the deadline passed while {self.concurrency} "
+                                     "other request(s) to this server were in flight")
             try:
+                timeout = self.timeout
+                left = None if deadline is None else deadline.left(where)  # (waited: again)
+                if left is not None:
+                    timeout = min(timeout, left)
+                    if timeout <= 0:
+                        raise DeadlinePassed(f"{where}: the deadline passed"
+                                             + (f" ({error})" if error else ""))
                 r = self.http.request(method, path, json=body, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not sent: send again
                 error = Unreachable(f"{where} failed: {exc!r}")
@@ -151,6 +164,8 @@ class Client:
                                   "on it)") from None
             except httpx.TransportError as exc:
                 raise Unreachable(f"{where} failed: {exc!r}") from None
+            finally:
+                self.slots.release()
             if r.status_code >= 500:
                 error = ServerError(_failure(where, r))
                 continue
@@ -162,6 +177,12 @@ class Client:
                 raise ServerError(_failure(where, r, f", not {expected}")) from None
         assert error is not None  # retries >= 0: at least one attempt
         raise error
+
+
+def _loopback(url: str) -> bool:
+    """Whether ``url`` names this host (``localhost``, ``127.x``, ``::1``)."""
+    host = (httpx.URL(url).host or "").lower()
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _model_ids(answer: Any) -> List[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..errors import brief
 
@@ -77,6 +77,15 @@ class Model:
             raise IsADirectoryError(f"{who}: model {self.name!r} (engine 'llama_cpp') needs a "
                                     f"GGUF file as path=, but {self.path!r} is a directory")
 
+    def identity(self) -> Tuple[Any, ...]:
+        """What decides its answers, for journal keys: its engine, endpoint or weights
+        (a weights file's size and modification time too) and its server's arguments."""
+        stamp: Tuple[int, ...] = ()
+        if self.path and os.path.isfile(self.path):
+            st = os.stat(self.path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        return (self.engine, self.url, self.path, stamp, self.args)
+
     def __repr__(self) -> str:
         where = self.url or self.path
         return f"Model({self.name!r}, engine={self.engine!r}, {where!r}, gpus={self.gpus})"
@@ -85,7 +94,7 @@ class Model:
 def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None,
           url: Optional[str] = None, gpus: int = 0, cpus: int = 0,
           api_key: Optional[str] = None, args: Sequence[str] = (), timeout: float = 120.0,
-          retries: int = 2, concurrency: int = 8, ready_timeout: float = 300.0,
+          retries: int = 2, concurrency: Optional[int] = None, ready_timeout: float = 300.0,
           host: Optional[str] = None, lists: Optional[bool] = None) -> Model:
     """Declare a model that AI nodes can name.
 
@@ -105,8 +114,9 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
         timeout: seconds the client waits to connect and for the answer of one request
             (one that gets no answer is not sent again).
         retries: how often a request that cannot connect or gets a 5xx is retried.
-        concurrency: most requests in flight at once for a fan-out (engines that take
-            no list of prompts).
+        concurrency: most requests in flight to its server at once, from all its nodes
+            (the others wait in the client; their ``timeout`` starts when sent). Default:
+            1 for ``llama_cpp`` (its server answers one request at a time), else 8.
         ready_timeout: seconds a server we start may take to answer ``/v1/models``.
         lists: whether the server's ``/v1/completions`` takes a list of prompts in one
             request (default: True for vLLM, False otherwise; say True for a url= vLLM).
@@ -119,13 +129,20 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
     if not isinstance(args, (list, tuple)) or not all(isinstance(a, str) for a in args):
         raise ValueError(f"model {name!r}: args= must be a list of strings (one per "
                          f"command-line argument), got {brief(args)}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"model {name!r}: path= must be a file or directory path, "
+                         f"got {brief(path)}")
     if url is not None:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url):
             raise ValueError(f"model {name!r}: url= must be an http:// or https:// address "
                              f"of an OpenAI-compatible endpoint, got {brief(url)}")
         if path is not None or engine is not None:
             raise ValueError(f"model {name!r}: give url= for a running endpoint, or "
                              "engine= and path= for one to start, not both")
+        started = [k for k, v in (("cpus", cpus), ("gpus", gpus), ("args", args)) if v]
+        if started:
+            raise ValueError(f"model {name!r}: {', '.join(started)}= apply to a server this "
+                             "project starts, not to a url= endpoint (which runs where it is)")
         engine = "remote"
     elif engine not in ENGINES:
         raise ValueError(f"model {name!r}: engine must be one of {', '.join(ENGINES)}, "
@@ -133,9 +150,12 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
     elif not path:
         raise ValueError(f"model {name!r}: engine {engine!r} needs path= to local weights")
     for what, seconds in (("timeout", timeout), ("ready_timeout", ready_timeout)):
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"model {name!r}: {what} must be a number of seconds > 0, "
-                             f"got {brief(seconds)}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+                or not 0 < seconds < float("inf"):
+            raise ValueError(f"model {name!r}: {what} must be a finite number of seconds "
+                             f"> 0, got {brief(seconds)}")
+    if concurrency is None:
+        concurrency = 1 if engine == "llama_cpp" else 8
     for what, value, least in (("gpus", gpus, 0), ("cpus", cpus, 0), ("retries", retries, 0),
                                ("concurrency", concurrency, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -146,6 +166,7 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
                          f"project starts (not with url=); got {brief(host)}")
     if lists is not None and not isinstance(lists, bool):
         raise ValueError(f"model {name!r}: lists= must be True or False, got {brief(lists)}")
+    path = os.fspath(path) if path is not None else None
     m = Model(name, engine, os.path.abspath(os.path.expanduser(path)) if path else None,
               url.rstrip("/") if url else None, gpus, cpus, api_key, tuple(args), float(timeout),
               retries, concurrency, float(ready_timeout), host, lists, path)

@@ -14,6 +14,7 @@ plain completion, with the node's own sampling (``temperature``, ``max_tokens``,
 from __future__ import annotations
 
 import functools
+import inspect
 import string
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -62,6 +63,10 @@ def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[st
                         f"valid: {', '.join(SAMPLING)}")
     if parse is not None and not callable(parse):
         raise TypeError(f"{who}: parse= must be callable, got {brief(parse)}")
+    if chat is not None and not isinstance(chat, bool):
+        raise TypeError(f"{who}: chat= must be True or False, got {brief(chat)}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"{who}: system= must be a string, got {brief(system)}")
     if system is not None and chat is False:
         raise ValueError(f"{who}: system= needs a chat request (chat=True)")
     return AISpec(model, template, builder, system, True if chat is None else chat,
@@ -148,8 +153,15 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
         opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
                               "name": fn.__name__})
 
+        signature = inspect.signature(fn)
+
         @functools.wraps(fn)
         def make(*inputs: Any) -> Node:
+            try:  # its inputs fit its parameters: refused here, not after upstream ran
+                signature.bind(*inputs)
+            except TypeError as e:
+                raise TypeError(f"{who}: {e} (it takes the prompt's inputs "
+                                f"{signature})") from None
             return Node(spec, inputs, {}, opts, kind=AI)
         make.makes_ai_nodes = True  # type: ignore[attr-defined]  # map() calls it as it is
         return make

@@ -256,3 +256,36 @@ def test_a_model_declared_again_lets_the_nodes_in_flight_finish_on_its_old_serve
         assert s.submit(rhapsody.ai("hi", model="moving")).result(timeout=30) == "new"
         release.set()
         assert first.result(timeout=30) == "old"
+
+
+def test_requests_beyond_the_models_concurrency_wait_in_the_client_not_in_the_servers_queue(
+        serve, backend):
+    """A server that answers one request at a time (as llama.cpp's does), six nodes at
+    once: every request was sent at once, and those behind ran out their timeout."""
+    one_at_a_time, flight = threading.Lock(), {"now": 0, "most": 0}
+
+    def answer(n, path):
+        flight["now"] += 1
+        flight["most"] = max(flight["most"], flight["now"])
+        with one_at_a_time:
+            time.sleep(0.3)
+        flight["now"] -= 1
+        return completion(f"answer {n}")
+
+    server = serve(answer)
+    rhapsody.model("one-slot", url=server.url, timeout=1.0, retries=0, concurrency=1)
+    answers = rhapsody.compute(*[rhapsody.ai(f"q{i}", model="one-slot") for i in range(6)],
+                               backend=backend)
+    assert sorted(answers) == [f"answer {n}" for n in range(1, 7)]
+    assert flight["most"] == 1
+
+
+def test_a_server_on_this_host_is_reached_directly_whatever_http_proxy_says(
+        serve, backend, monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server = serve(lambda n, path: completion("direct"))
+    rhapsody.model("behind-proxy", url=server.url, timeout=5.0, retries=0)
+    assert rhapsody.ai("hi", model="behind-proxy").compute(backend=backend) == "direct"

@@ -167,7 +167,15 @@ def test_only_vllm_or_a_url_model_declared_with_lists_gets_one_list_request():
     ({"engine": "torch", "path": "x"}, "engine must be one of"),
     ({"url": "http://127.0.0.1:1/v1", "path": "x"}, "not both"),
     ({"url": "http://127.0.0.1:1/v1", "concurrency": 0}, "concurrency must be an integer >= 1"),
-    ({"url": "http://127.0.0.1:1/v1", "timeout": 0}, "timeout must be a number of seconds > 0"),
+    ({"url": "http://127.0.0.1:1/v1", "timeout": 0},
+     "timeout must be a finite number of seconds > 0"),
+    ({"url": "http://127.0.0.1:1/v1", "timeout": float("inf")},
+     "timeout must be a finite number of seconds > 0, got inf"),
+    ({"url": "http://127.0.0.1:1/v1", "gpus": 1}, "gpus= apply to a server this project starts"),
+    ({"url": "http://127.0.0.1:1/v1", "cpus": 4, "args": ["-v"]},
+     "cpus, args= apply to a server this project starts"),
+    ({"url": "http://"}, "url= must be an http:// or https:// address"),
+    ({"engine": "llama_cpp", "path": 123}, "path= must be a file or directory path"),
     ({"url": "http://127.0.0.1:1/v1", "host": "n1"}, "host= must be a host name.*not with url="),
     ({"engine": "llama_cpp", "path": "x", "host": 3}, "host= must be a host name"),
     ({"url": "http://127.0.0.1:1/v1", "lists": "yes"}, "lists= must be True or False"),
@@ -198,6 +206,17 @@ def test_bad_ai_node_arguments_are_refused_where_written():
                            ("{0:>{1}}", "placeholder for input 1, but 1 input")]:
         with pytest.raises(ValueError, match=text):  # not at run time, after upstream ran
             rhapsody.ai(template, country(), model="smollm2")
+    with pytest.raises(TypeError, match="chat= must be True or False, got 0"):
+        rhapsody.ai("hi", model="smollm2", system="be brief", chat=0)  # dropped system=
+    with pytest.raises(TypeError, match="system= must be a string, got 123"):
+        rhapsody.ai("hi", model="smollm2", system=123)
+
+    @rhapsody.prompt(model="smollm2")
+    def one(x):
+        return f"about {x}"
+    for inputs in [(country(), country()), ()]:  # not at run time, after upstream ran
+        with pytest.raises(TypeError, match=r"ai node 'one': .*argument.*\(x\)"):
+            one(*inputs)
     assert rhapsody.ai("{0} {0!r:>9} {0[0]} {{literal}}", "x", model="smollm2").kind == "ai"
     assert rhapsody.ai("{0:>{1}}", "x", 9, model="smollm2").kind == "ai"  # a nested width
 
