@@ -155,7 +155,12 @@ class Launch:
             pipes = (task_r, result_w, tracker.worker_end())
             procs.append(self._start(p, worker_command(*pipes), pass_fds=pipes,
                                      stdin=subprocess.DEVNULL))
-            sel.register(result_r, selectors.EVENT_READ, (rank, bytearray()))
+            os.set_blocking(result_r, False)
+            buf = bytearray()
+            sel.register(result_r, selectors.EVENT_READ, (rank, buf, None))
+            # its exit too: a child it forked may hold the pipe open after it died
+            exited = os.pidfd_open(procs[-1].pid)
+            sel.register(exited, selectors.EVENT_READ, (rank, buf, result_r))
         except BaseException:
             os.close(result_r)
             os.close(task_w)
@@ -172,15 +177,22 @@ class Launch:
     def _gather(self, sel: selectors.BaseSelector, procs: List[subprocess.Popen]) -> Completion:
         values: List[Any] = [None] * len(procs)
         outputs: List[Any] = [None] * len(procs)
+        ended = set()
         while sel.get_map():
             for key, _ in sel.select():
-                rank, buf = key.data
-                data = os.read(key.fd, wire.READ)
-                if data:
-                    buf += data
+                rank, buf, pipe = key.data
+                if rank in ended:  # its other descriptor, in the same batch: closed now
                     continue
-                sel.unregister(key.fd)
-                os.close(key.fd)
+                if pipe is None and _drain(key.fd, buf):
+                    continue  # more may come
+                if pipe is not None:  # the rank exited: what it wrote is in its pipe now
+                    _drain(pipe, buf)
+                ended.add(rank)
+                kill_group(procs[rank])  # what it left running in its group (a forked child)
+                for k in list(sel.get_map().values()):  # its pipe and its exit: both done
+                    if k.data[0] == rank:
+                        sel.unregister(k.fd)
+                        os.close(k.fd)
                 got = wire.split_results(buf)
                 if not got:
                     exc = WorkerDiedError(f"rank {rank} of node {self.key!r} died "
@@ -201,6 +213,18 @@ class Launch:
                                                           f"{len(procs)}")
                     return (self.tid, ERROR, err, 0.0, tuple(outputs))
         return (self.tid, OK, wire.dump_value(values), 0.0, tuple(outputs))
+
+
+def _drain(fd: int, buf: bytearray) -> bool:
+    """Read what pipe ``fd`` holds into ``buf``; False at its end (EOF)."""
+    while True:
+        try:
+            data = os.read(fd, wire.READ)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        buf += data
 
 
 def _close_registered(sel: selectors.BaseSelector) -> None:

@@ -28,3 +28,29 @@ def test_a_worker_killed_while_its_child_holds_the_pipe_fails_its_node_at_once(t
         assert backend.ledger.idle()
     children = [int(p) for p in path.read_text().split()]
     assert not still_alive(children, 10), "the dead worker's children outlived it"
+
+
+def fork_and_die_in_rank_one(path):
+    """Rank 1 forks a child (which holds every descriptor it had: its result pipe too),
+    then dies; rank 0 returns."""
+    if os.environ["RANK"] != "1":
+        return 0
+    child = os.fork()
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        os.execvp("sleep", ["sleep", "600"])  # holds the pipe, as a forked helper does
+    with open(path, "a") as f:
+        f.write(f"{child}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)  # a death seen only when the pipe closes would wait 600 s
+def test_a_rank_killed_while_its_child_holds_its_pipe_fails_its_node_at_once(tmp_path):
+    path = tmp_path / "children"
+    with rhapsody.LocalBackend(cpus=2) as backend:
+        with pytest.raises(rhapsody.WorkerDiedError, match="rank 1 of node .*died .killed by SIGKILL"):
+            rhapsody.task(ranks=2, retries=0)(fork_and_die_in_rank_one)(str(path)).compute(
+                backend=backend)
+        assert backend.ledger.idle()
+    children = [int(p) for p in path.read_text().split()]
+    assert not still_alive(children, 10), "the dead rank's children outlived it"
