@@ -166,6 +166,16 @@ def _template(who: str, name: str, value: Any) -> Dict[str, Any]:
     _cwd_env(who, value.get("cwd"), value.get("env"), f"{name} ")
     if value.get("policy") is not None:
         _policy(who, f"{name} policy", value["policy"])
+    for stream in ("stdin", "stdout", "stderr"):  # Dragon's Popen constants, or a file
+        given = value.get(stream)
+        if given is not None and (isinstance(given, bool) or not isinstance(given, (int, str))
+                                  or stream == "stdin" and isinstance(given, str)):
+            raise TypeError(f"{who}: option {name!r} {stream} must be one of Dragon's "
+                            f"Popen constants (PIPE, DEVNULL, STDOUT), got {brief(given)}")
+    options = value.get("options")
+    if options is not None and not hasattr(options, "make_inf_channels"):
+        raise TypeError(f"{who}: option {name!r} options must be a Dragon ProcessOptions, "
+                        f"got {brief(options)}")
     return dict(value)
 
 

@@ -4,9 +4,9 @@
 
 The first ``DragonBackend()`` of a plain Python process starts a single-host Dragon
 runtime and attaches the process to it (under ``dragon`` it would use the launcher's);
-leaving the ``with`` block stops it, and no Dragon process is left. A chain of nodes
-runs on Dragon Batch with its values, then the same graph on the local backend for
-comparison.
+it runs until the program ends, so a backend made after the first shut down uses it
+too, and no Dragon process is left. A chain of nodes runs on Dragon Batch with its
+values, then the same graph on the local backend for comparison, then on Dragon again.
 """
 import os
 
@@ -35,3 +35,5 @@ if __name__ == "__main__":
         print(backend.describe())
         print("on Dragon:", rhapsody.compute(where(x), backend=backend)[0])
     print("on the local backend:", rhapsody.compute(where(x))[0])
+    with rhapsody.DragonBackend() as again:  # the same runtime: one per program
+        print("on Dragon again:", rhapsody.compute(step(x), backend=again)[0])

@@ -124,6 +124,25 @@ def dragon_hosts(gpus: "int | Sequence[int] | None" = None) -> List[Host]:
     return hosts
 
 
+def _declared_hosts(name: str, hosts: Sequence[Host], known: Sequence[Host]) -> List[Host]:
+    """Declared hosts, each with Dragon's id for its name; refuse one this allocation does
+    not have (its Batch calls would never start, and Dragon's client then breaks for
+    every backend of the process)."""
+    by_name = {h.name: h for h in known}
+    out = []
+    for h in hosts:
+        if not isinstance(h, Host):
+            raise TypeError(f"DragonBackend {name!r}: hosts= takes Host objects, got {brief(h)}")
+        ours = by_name.get(h.name)
+        if ours is None or h.id not in (None, ours.id):
+            raise ValueError(f"DragonBackend {name!r}: host {h.name!r}"
+                             + ("" if h.id is None else f" (id {h.id})")
+                             + " is not a host of this Dragon allocation; its hosts: "
+                             + ", ".join(f"{k.name!r} (id {k.id})" for k in known))
+        out.append(h if h.id is not None else Host(h.name, h.cpus, h.gpus, h.memory, id=ours.id))
+    return out
+
+
 KILL_WAIT = 2.0  # seconds a kill waits for a SIGKILLed local process to be gone
 
 
@@ -310,10 +329,15 @@ class DragonBackend(PoolBackend):
                  start_timeout: float = 120.0, name: str = "dragon") -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"DragonBackend: name must be a non-empty string, got {brief(name)}")
+        if isinstance(start_timeout, bool) or not isinstance(start_timeout, (int, float)) \
+                or not 0 < start_timeout < float("inf"):
+            raise ValueError(f"DragonBackend {name!r}: start_timeout must be a finite number "
+                             f"of seconds > 0, got {brief(start_timeout)}")
         self._machine, self._batch_module = _dragon()
-        dragon_runtime.ensure(self)  # outside the launcher: a runtime of this process's own
+        dragon_runtime.ensure()  # outside the launcher: a runtime of this process's own
         self.name = name
-        self.inventory = Inventory(hosts or dragon_hosts(gpus))
+        known = dragon_hosts(gpus)
+        self.inventory = Inventory(_declared_hosts(name, hosts, known) if hosts else known)
         # the most ranks a Batch job can have here: dragonhpc 0.15 packs a job one rank
         # per core and waits forever for hosts it lacks (no timeout starts)
         per_host = len(self.inventory.hosts[0].cpus) // (2 if _threads_per_core() > 1 else 1)
@@ -372,8 +396,15 @@ class DragonBackend(PoolBackend):
                 f"of at most one rank per core, {self._job_ranks} on this allocation "
                 f"(ranks that share a policy's cores still count one each); ask for fewer "
                 f"ranks or run on more hosts")
+        lowering = _Lowering(node.opts)
+        if len(self.inventory.hosts) == 1 and self.inventory.hosts[0].name == self._here:
+            for arguments in [lowering.template or {}] + [a for _, a in lowering.templates or ()]:
+                cwd = arguments.get("cwd")  # a process there would never start
+                if cwd is not None and not os.path.isdir(cwd):
+                    raise ValueError(f"node {node.key!r}: its process template's cwd "
+                                     f"{os.fsdecode(cwd)!r} is not a directory here")
         prepared = self.pool.encode(node, program=self._program)
-        prepared.options = _Lowering(node.opts)
+        prepared.options = lowering
         return prepared
 
     # -- running (see PoolBackend for the rest) ----------------------------------------
@@ -670,7 +701,6 @@ class DragonBackend(PoolBackend):
             finally:  # a second Ctrl-C while settling still terminates
                 if not (settled and graceful and _joined(batch)):
                     _bounded(batch.terminate, TERMINATE_TIMEOUT)
-        dragon_runtime.release(self)  # the last backend to go stops a runtime it started
 
     def _settle(self) -> None:
         """Wait for the Batch calls of killed processes to end before Batch is stopped.

@@ -5,14 +5,15 @@ module does nothing. A plain Python process that makes a
 :class:`~rhapsody_graph.DragonBackend` gets a single-host runtime started for it
 (dragonhpc's ``dragon.workflows.runtime.LocalRuntime.start``: the launcher in a
 child process, this process attached to it), shared by every Dragon backend of the
-process and stopped when the last of them shuts down (or at exit).
+process and stopped at exit (not when the last of them shuts down: dragonhpc cannot
+start a second runtime in a process whose first has stopped).
 
 Under the launcher, the driver watches the launcher (its parent) and stops as on a
 SIGTERM when it exits, then ends its runtime's processes: a SIGTERM to the launcher
 alone would leave them all running.
 
-State: ``_runtime`` (the running ``LocalRuntime``, or ``None``), ``_users`` (the
-backends that use it) and ``_watching`` (the launcher is watched). The runtime's
+State: ``_runtime`` (the running ``LocalRuntime``, or ``None``) and ``_watching``
+(the launcher is watched). The runtime's
 processes carry this driver's run marker (:mod:`.watchdog`), so they die with the driver even when it is SIGKILLed; only
 Dragon's shared-memory files can remain then (``dragon-cleanup`` removes them).
 
@@ -28,13 +29,12 @@ import os
 import select
 import signal
 import threading
-import weakref
 from typing import Any, Optional
 
 from . import watchdog
 from .base import environ
 
-__all__ = ["START_TIMEOUT", "attached", "ensure", "release", "running", "stop"]
+__all__ = ["START_TIMEOUT", "attached", "ensure", "running", "stop"]
 
 START_TIMEOUT = 120.0  # seconds the runtime may take to start (~8 s on an idle 2-core VM)
 STOP_TIMEOUT = 30.0
@@ -42,7 +42,6 @@ LAUNCHER_GRACE = 10.0  # after the launcher died: seconds for a clean stop, then
 
 _lock = threading.Lock()
 _runtime: Optional[Any] = None
-_users: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _watching = False  # the launcher is watched (see _watch_launcher)
 
 
@@ -56,9 +55,9 @@ def running() -> bool:
     return _runtime is not None
 
 
-def ensure(user: Any) -> None:
-    """Make sure this process is attached to a Dragon runtime; start one for ``user``
-    (a backend, until it calls :func:`release`) when it is not."""
+def ensure() -> None:
+    """Make sure this process is attached to a Dragon runtime; start one (until the
+    program ends) when it is not."""
     global _runtime
     with _lock:
         if _runtime is None and attached():
@@ -66,7 +65,6 @@ def ensure(user: Any) -> None:
             return  # under the launcher: its runtime is ours
         if _runtime is None:
             _runtime = _start()
-        _users.add(user)
 
 
 def _watch_launcher() -> None:
@@ -98,15 +96,6 @@ def _watch_launcher() -> None:
             watchdog.kill_carrying(runtime.__eq__)
         os._exit(128 + signal.SIGTERM)
     threading.Thread(target=watch, name="rhapsody-launcher-watch", daemon=True).start()
-
-
-def release(user: Any) -> None:
-    """``user`` is done with the runtime; the last one to go stops it."""
-    with _lock:
-        _users.discard(user)
-        if _users:
-            return
-    stop()
 
 
 def stop() -> None:

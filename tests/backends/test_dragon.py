@@ -94,7 +94,9 @@ def test_dragon_example_runs_as_plain_python_and_leaves_no_process():
     code, output = _launch([sys.executable, os.path.join(EXAMPLES, "without_launcher.py")], 240)
     assert code == 0 and re.search(
         r"before: False\nunder a Dragon runtime now: True(?s:.*)on Dragon: value 5 from "
-        r"process \d+ on \S+\non the local backend: value 5", output), output[-3000:]
+        r"process \d+ on \S+\non the local backend: value 5 from process \d+ on \S+\n"
+        r"on Dragon again: 6", output), \
+        output[-3000:]
     assert left_behind(output) == NONE_LEFT
 
 

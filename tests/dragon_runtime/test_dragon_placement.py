@@ -107,3 +107,32 @@ def test_a_job_of_more_ranks_than_batch_starts_is_refused_before_anything_runs(d
     with pytest.raises(ValueError, match=rf"{cores + 1} ranks.*at most one rank per core"):
         rhapsody.submit(node, backend=dragon_backend)
     assert dragon_backend.ledger.idle()
+
+
+def test_a_template_that_cannot_start_is_refused_before_anything_runs_and_the_backend_goes_on(
+        dragon_backend, tmp_path):
+    """A missing cwd (or a stream or options of the wrong type) made a Batch call that
+    never started: after its start timeout, every later node failed the same way."""
+    missing = rhapsody.task(seen).options(process_template={"cwd": str(tmp_path / "gone")})()
+    with pytest.raises(ValueError, match="process template's cwd .*gone' is not a directory"):
+        rhapsody.compute(missing, backend=dragon_backend)
+    for bad, text in [({"stdout": 42.0}, "stdout must be one of Dragon's Popen constants"),
+                      ({"options": 42}, "options must be a Dragon ProcessOptions")]:
+        with pytest.raises(TypeError, match=text):
+            rhapsody.task(seen).options(process_template=bad)
+    assert rhapsody.compute(rhapsody.task(seen).options(cpus=1)(), backend=dragon_backend)
+    assert dragon_backend.ledger.idle()
+
+
+def test_hosts_the_allocation_does_not_have_and_a_bad_start_timeout_are_refused(dragon_backend):
+    with pytest.raises(ValueError, match="host 'bogus' is not a host of this Dragon allocation"):
+        rhapsody.DragonBackend(hosts=[rhapsody.Host("bogus", [0, 1])], name="bogus")
+    with pytest.raises(ValueError, match="start_timeout must be a finite number of seconds > 0"):
+        rhapsody.DragonBackend(start_timeout=0, name="instant")
+    declared = dragon_backend.inventory.hosts[0]
+    mine = rhapsody.DragonBackend(hosts=[rhapsody.Host(declared.name, declared.cpus[:1])],
+                                  name="declared")
+    try:
+        assert mine.inventory.hosts[0].id == declared.id  # Dragon's id for its name
+    finally:
+        mine.shutdown()
