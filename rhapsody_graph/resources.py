@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import os
 import threading
 from typing import (Any, Collection, Dict, Iterable, Iterator, List, Mapping, Optional,
@@ -338,9 +339,13 @@ class Inventory:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"host names must be unique, got {names}")
-        for i, h in enumerate(self.hosts):
+        given = [h.id for h in self.hosts if h.id is not None]
+        if len(set(given)) != len(given):
+            raise ValueError(f"host ids must be unique, got {given}")
+        free = (i for i in itertools.count() if i not in set(given))
+        for h in self.hosts:  # the others: their index, past the ids given
             if h.id is None:
-                h.id = i
+                h.id = next(free)
         self.total_cpus = sum(len(h.cpus) for h in self.hosts)
         self.total_gpus = sum(len(h.gpus) for h in self.hosts)
 
@@ -352,6 +357,9 @@ class Inventory:
         """
         if any(h.name == host.name for h in self.hosts):
             raise ValueError(f"host names must be unique: {host.name!r} is already here")
+        if host.id is not None and any(h.id == host.id for h in self.hosts):
+            raise ValueError(f"host ids must be unique: {host.id!r} ({host.name!r}) is "
+                             "already here")
         if host.id is None:
             host.id = max((h.id for h in self.hosts if isinstance(h.id, int)), default=-1) + 1
         self.hosts.append(host)

@@ -478,3 +478,17 @@ def test_bad_hosts_and_core_counts_are_refused_naming_what_was_given():
     with pytest.raises(ValueError, match=r"cpus must be a count >= 0 or a list of ids >= 0, "
                                          r"got -1"):
         detect_host(cpus=-1)  # LocalBackend(cpus=-1): the -1 it was given, not "[]"
+
+
+def test_host_ids_given_and_left_out_never_collide_and_duplicates_are_refused():
+    """A host left without an id got its index: 1, the id given to the one before, and
+    a node pinned to host_id=1 then stalled ("please report this")."""
+    a, b = Host("a", cpus=2, id=1), Host("b", cpus=8)
+    inventory = Inventory([a, b])
+    assert (a.id, b.id) == (1, 0)
+    p = Ledger(inventory).allocate(Resources(cpus=4, host_id=0))
+    assert p is not None and p.host == "b"
+    with pytest.raises(ValueError, match="host ids must be unique, got \\[3, 3\\]"):
+        Inventory([Host("c", cpus=1, id=3), Host("d", cpus=1, id=3)])
+    with pytest.raises(ValueError, match="host ids must be unique: 1 .'e'. is already here"):
+        inventory.add(Host("e", cpus=1, id=1))
