@@ -436,6 +436,15 @@ class Inventory:
                 "for fewer ranks, or drop the affinity so that the ledger picks the ids")
         big = self.largest(eligible)
         per = "per rank " if req.ranks > 1 else ""
+        fit = self.ranks_that_fit(req)
+        if req.ranks > 1 and fit:  # each rank fits a host; all of them, not at once
+            raise UnsatisfiableError(
+                f"{who} asks for {req.ranks} ranks of {req.cpus} cpus, {req.gpus} gpus"
+                + (f", {_size(req.memory)} of memory" if req.memory else "")
+                + (f" on {where}" if where else "")
+                + f", but only {fit} such ranks fit on the whole inventory at once "
+                f"({len(eligible)} host(s)). Ask for fewer ranks or less per rank, or "
+                "declare a larger inventory.")
         raise UnsatisfiableError(
             f"{who} asks for {per}{req.cpus} cpus, {req.gpus} gpus"
             + (f", {_size(req.memory)} of memory" if req.memory else "")

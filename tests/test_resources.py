@@ -78,8 +78,9 @@ def test_impossible_request_names_node_request_and_largest_host():
     with pytest.raises(UnsatisfiableError, match=r"node 'train-1' asks for 1 cpus, 8 gpus.*"
                                                   r"largest host 'big' has 4 cpus, 2 gpus"):
         inv.check(Resources(cpus=1, gpus=8), "node 'train-1'")
-    with pytest.raises(UnsatisfiableError, match="x 9 ranks"):
-        inv.check(Resources(cpus=1, ranks=9), "node 'job'")
+    with pytest.raises(UnsatisfiableError, match="asks for 9 ranks of 1 cpus.*only 6 such "
+                                                 "ranks fit on the whole inventory at once"):
+        inv.check(Resources(cpus=1, ranks=9), "node 'job'")  # each fits: not "no host can"
     inv.check(Resources(cpus=1, ranks=6), "node 'job'")  # 2 + 4 cores
 
 
@@ -492,3 +493,4 @@ def test_host_ids_given_and_left_out_never_collide_and_duplicates_are_refused():
         Inventory([Host("c", cpus=1, id=3), Host("d", cpus=1, id=3)])
     with pytest.raises(ValueError, match="host ids must be unique: 1 .'e'. is already here"):
         inventory.add(Host("e", cpus=1, id=1))
+
