@@ -595,6 +595,9 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
         gpus = options.pop("gpu")
     if gpus == "all":
         options["gpus"] = 1
+    elif isinstance(gpus, str):
+        raise ValueError(f"map({getattr(func, '__name__', 'f')}, ...): gpus= takes \"all\" "
+                         f"(one GPU per node, over every GPU) or a count, got {gpus!r}")
     elif gpus is not None:
         options["gpus"] = gpus
     base = func if isinstance(func, Task) else Task(func, {})

@@ -261,6 +261,11 @@ def test_map_over_several_iterables_zips_them():
     assert rhapsody.compute(nodes) == ([4, 10, 18],)
 
 
+def test_map_with_a_gpus_word_other_than_all_says_which_words_it_takes():
+    with pytest.raises(ValueError, match='gpus= takes "all" .* got \'All\''):
+        rhapsody.map(inc, [1], gpus="All")
+
+
 def test_gpu_alias_overrides_a_stored_gpus_in_options_and_map():
     t = rhapsody.task(gpus=1)(inc)
     assert t.options(gpu=2).opts.resources.gpus == 2
