@@ -326,6 +326,7 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
     seen: Set[int] = set()
     values: List[Any] = []
     error: Optional[BaseException] = None
+    later: List[str] = []  # the nodes that failed after the first, for its note
     head = steps[-1][4]
     for fi, args, places, kwargs, key in steps:
         if type(args) is bytes:
@@ -364,9 +365,14 @@ def run_fused(pickled: bytes, *inputs: Any) -> Any:
                 if key != head:
                     add_note(exc, f"raised by node {key!r}, which ran inside the call of "
                                   f"node {head!r} (fused: see rhapsody_graph.fusion)")
+            else:  # as a compute() names the nodes that failed after its first
+                later.append(f"{key} ({type(exc).__name__}: {exc})")
             values.append(_SKIPPED)
             continue
         values.append(value)
     if error is not None:
+        if later:
+            add_note(error, f"{len(later)} other node(s) of the same call failed too: "
+                            + "; ".join(later))
         raise error
     return values[-1]

@@ -193,6 +193,18 @@ def test_a_fused_node_that_raises_fails_the_compute_with_its_exception_naming_it
     assert "in check" in str(info.value.__cause__)  # the remote traceback of the raise
 
 
+def test_a_second_failure_inside_a_fused_call_is_named_in_a_note_of_the_first(session):
+    """Unfused, a compute() names every node that failed; fused, only the first was."""
+    assert session.compute(rhapsody.task(plus)(rhapsody.task(check)(1),
+                                               rhapsody.task(check)(2))) == (3,)
+    first, second = rhapsody.task(check)(13), rhapsody.task(check)(13)
+    with pytest.raises(ValueError, match="thirteen") as info:
+        session.compute(rhapsody.task(plus)(first, second), fail_fast=False)
+    notes = "\n".join(info.value.__notes__)
+    assert f"{second.key} (ValueError: thirteen)" in notes or \
+        f"{first.key} (ValueError: thirteen)" in notes, notes
+
+
 def test_the_part_of_a_fused_call_that_does_not_read_a_failed_node_still_runs(session,
                                                                               tmp_path):
     path = str(tmp_path / "ran")
