@@ -1,7 +1,7 @@
 """The ``rhapsody-graph`` command line (stdlib ``argparse``: the core stays light).
 
     rhapsody-graph info [--json]
-    rhapsody-graph run script.py [--backend dragon] [ARGS...]
+    rhapsody-graph run [--backend dragon] script.py [ARGS...]
     rhapsody-graph visualize script.py:graph out.svg [--max-boxes N]
     rhapsody-graph report run.jsonl run.html
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import json
 import os
 import runpy
@@ -197,7 +198,11 @@ def _visualize(args: argparse.Namespace) -> int:
     if not sep or not script or not name:
         raise UsageError(f"give SCRIPT:NAME (e.g. flow.py:graph), got {args.target!r}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(_script(script))))
-    namespace = runpy.run_path(script, run_name="rhapsody_graph_visualize")
+    try:
+        namespace = runpy.run_path(script, run_name="rhapsody_graph_visualize")
+    except Exception:  # the script raised: its traceback, as `run` prints it
+        traceback.print_exc()
+        return 1
     if name not in namespace:
         graphs = [k for k, v in namespace.items() if isinstance(v, (Graph, Node))]
         raise UsageError(f"{script} has no {name!r}; graphs and nodes there: "
@@ -207,7 +212,18 @@ def _visualize(args: argparse.Namespace) -> int:
         raise UsageError(f"{script}:{name} is a task (calling it makes a node): NAME must "
                          f"hold nodes; {GIVE}")
     if callable(obj) and not isinstance(obj, (Graph, Node)):
-        obj = obj()
+        try:
+            inspect.signature(obj).bind()
+        except TypeError as e:
+            raise UsageError(f"{script}:{name} cannot be called without arguments ({e}); "
+                             f"{GIVE}") from None
+        except ValueError:  # no signature to read (a builtin): call it and see
+            pass
+        try:
+            obj = obj()
+        except Exception:
+            traceback.print_exc()
+            return 1
     graph = obj if isinstance(obj, Graph) else Graph(obj)
     if not len(graph):
         raise UsageError(f"{script}:{name} holds no node: {brief(obj)}; {GIVE}")

@@ -452,4 +452,6 @@ def explain(node: Any, journal: "str | os.PathLike[str]") -> str:
     >>> rhapsody.explain(rhapsody.task(abs)(-1), tempfile.mkdtemp())  # doctest: +ELLIPSIS
     "node 'abs-...' runs: no entry of a node named 'abs' is in ..."
     """
+    if not os.path.isdir(journal):  # never made here: a typo is not a journal
+        return f"node {node.key!r} runs: there is no journal at {os.fspath(journal)!r}"
     return Journal(journal).explain(node)

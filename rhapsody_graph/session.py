@@ -592,7 +592,11 @@ def _journal(path: "str | os.PathLike[str] | None") -> Any:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"journal= takes a directory's path, got {brief(path)}")
     from .journal import Journal
-    return Journal(path)
+    try:
+        return Journal(path)
+    except OSError as e:  # "", a file, a folder that cannot be made
+        raise ValueError(f"journal={os.fspath(path)!r} cannot be used as the journal's "
+                         f"directory: {e.strerror or e}") from e
 
 
 def _refuse_uncalled(outputs: Sequence[Any]) -> None:

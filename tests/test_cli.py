@@ -97,6 +97,20 @@ def test_visualize_refuses_a_task_for_name_and_a_max_boxes_below_one_as_usage_er
     assert not (tmp_path / "flow.dot").exists()
 
 
+def test_visualize_of_a_script_that_raises_prints_its_traceback_and_exits_1(tmp_path):
+    """A ValueError or OSError while the script loaded came out as one line, without
+    the script's file and line; a function needing arguments, as a CLI traceback."""
+    script = tmp_path / "flow.py"
+    script.write_text("import json\nsettings = json.loads('{bad}')\n")
+    out = cli("visualize", f"{script}:graph", str(tmp_path / "flow.dot"))
+    assert out.returncode == 1 and "Traceback" in out.stderr, out.stderr
+    assert 'flow.py", line 2' in out.stderr and "JSONDecodeError" in out.stderr
+    script.write_text("def needs(n):\n    return []\n")
+    out = cli("visualize", f"{script}:needs", str(tmp_path / "flow.dot"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "flow.py:needs cannot be called without arguments" in out.stderr
+
+
 def test_report_writes_the_page_of_a_run_journal(tmp_path):
     journal = tmp_path / "run.jsonl"
     code = ("import rhapsody_graph as r\n"

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import rhapsody_graph as rhapsody
 from rhapsody_graph.journal import Journal
 
@@ -154,6 +156,8 @@ def run_program(tmp_path, source, *args):
 
 RESUME = """
 import sys
+
+import pytest
 import rhapsody_graph as rhapsody
 
 def compute(*nodes):  # print each node's value (an executable's output) and attempts
@@ -174,6 +178,8 @@ compute(rhapsody.executable(["sh", "-c", 'echo $0-$FLAG-$(pwd)', up], env={"FLAG
 
 NOTEBOOK = """
 import sys
+
+import pytest
 import rhapsody_graph as rhapsody
 
 SCALE = 2
@@ -343,3 +349,14 @@ def test_an_ai_nodes_key_follows_its_models_declaration(tmp_path):
     assert len(set(keys)) == 5 and None not in keys
     journal.new_run()
     assert journal.key(rhapsody.ai("hi", model="never-declared")) is None
+
+
+def test_a_journal_path_that_cannot_be_one_says_so_and_explain_makes_no_folder(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad in ("", a_file):
+        with pytest.raises(ValueError, match="cannot be used as the journal's directory"):
+            rhapsody.compute(rhapsody.task(abs)(-1), journal=bad)
+    typo = tmp_path / "typo-dir"
+    assert "there is no journal at" in rhapsody.explain(rhapsody.task(abs)(-1), typo)
+    assert not typo.exists()
