@@ -56,6 +56,8 @@ class RunLog:
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
         self._file = open(self.path, "a", buffering=1)
+        if self._file.tell() and not _ends_a_line(self.path):  # a killed writer's torn line:
+            self._file.write("\n")  # ended, so that this run's first record is whole
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_logs)}"
 
     def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,
@@ -80,14 +82,21 @@ class RunLog:
         self._file.close()
 
 
+def _ends_a_line(path: str) -> bool:
+    """Whether the file at ``path`` ends with a newline."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 #: what every record has (a run journal's, not any JSON lines), and reports read
 FIELDS = ("node", "name", "start", "end", "outcome", "backend", "host", "attempt")
 
 
 def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
     """The records of a run journal, in the order they were written. A line that is not
-    JSON is skipped: a driver killed while writing it tore it (and the next run's first
-    line, appended to it). Raise ``ValueError`` for a JSON line that is not a record
+    JSON is skipped: a driver killed while writing it tore it (the next run's log starts
+    on a line of its own). Raise ``ValueError`` for a JSON line that is not a record
     (one without a field of :data:`FIELDS`, naming it), and for a file with no record at
     all (an empty one too)."""
     with open(path) as f:
@@ -103,6 +112,11 @@ def read(path: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
         if missing:
             raise ValueError(f"{os.fspath(path)}, line {number}: not a record of a run journal "
                              f"(Session(run_log=...)): no {', '.join(map(repr, missing))}")
+        times = [k for k in ("start", "end") if isinstance(record[k], bool)
+                 or not isinstance(record[k], (int, float))]
+        if times:
+            raise ValueError(f"{os.fspath(path)}, line {number}: not a record of a run journal "
+                             f"(Session(run_log=...)): {', '.join(times)} not a number")
         records.append(record)
     if not records:
         why = f"no line is a record (line {torn} is not JSON)" if torn else "it is empty"

@@ -1,4 +1,5 @@
 """The run journal: a JSON line per attempt, with where it ran and how it ended."""
+import json
 import time
 
 import pytest
@@ -69,16 +70,16 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert [r["name"] for r in read(path)] == ["abs"]
 
 
-def test_a_line_torn_by_a_killed_run_and_appended_to_by_the_next_is_skipped(tmp_path):
+def test_the_run_after_one_killed_mid_line_keeps_every_record_of_its_own(tmp_path):
     path = tmp_path / "run.jsonl"
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
         s.submit(rhapsody.task(abs)(-1)).result(timeout=60)
     with open(path, "a") as f:
         f.write('{"node": "cut of')  # the first run was killed here
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], run_log=path) as s:
-        s.submit(rhapsody.task(abs)(-2)).result(timeout=60)  # its first line joins the torn
+        s.submit(rhapsody.task(abs)(-2)).result(timeout=60)  # it joined the torn line
         s.submit(rhapsody.task(abs)(-3)).result(timeout=60)
-    assert [r["name"] for r in read(path)] == ["abs", "abs"]  # the first run's, the last
+    assert [r["name"] for r in read(path)] == ["abs"] * 3  # the first run's, both of the next
 
 
 def test_what_is_not_a_run_journal_is_refused_naming_its_line(tmp_path):
@@ -94,6 +95,10 @@ def test_what_is_not_a_run_journal_is_refused_naming_its_line(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match=r"notes.txt: not a run journal .*: it is empty"):
         read(path)
+    record = dict.fromkeys(("node", "name", "outcome", "backend", "host", "attempt"), "x")
+    path.write_text(json.dumps({**record, "start": 1.0, "end": None}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: .*end not a number"):
+        read(path)  # (a report drew it as a raw TypeError)
 
 
 def nap_after(upstream, seconds):
