@@ -214,13 +214,17 @@ class _BatchProc:
             except Exception:
                 pass
 
-    def wait(self, timeout: Optional[float] = None) -> int:
-        """The Batch call's exit code (-9 when the driver killed it, 1 if not known
-        within ``timeout`` s: a Batch call whose worker was SIGKILLed may never report,
-        and ``Task.get`` blocks past its own timeout, so the wait is bounded here)."""
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """The Batch call's exit code (-9 when the driver killed it; see :meth:`code`)."""
         if self.killed:
             return -signal.SIGKILL
-        code = [1]
+        return self.code(timeout)
+
+    def code(self, timeout: Optional[float] = None) -> Optional[int]:
+        """The exit code Batch reports for the call, ``None`` if not known within
+        ``timeout`` s (a Batch call whose worker was SIGKILLed may never report, and
+        ``Task.get`` blocks past its own timeout, so the wait is bounded here)."""
+        code: List[Optional[int]] = [None]
 
         def get() -> None:
             try:
@@ -232,10 +236,12 @@ class _BatchProc:
         return code[0]
 
     def exit_reason(self, died: bool) -> str:
-        """Why the driver gave up on it, else (if it died) its Batch call's exit code."""
+        """Why the driver gave up on it, else (if it died) its Batch call's own exit code
+        (the pool killed it since: that kill is not how it ended)."""
         if self.reason or not died:
             return self.reason
-        return describe_exit(self.wait(timeout=2.0))
+        code = self.code(timeout=2.0)
+        return "its exit status is not known" if code is None else describe_exit(code)
 
     def exit_fd(self) -> int:
         return -1  # a Batch call, maybe on another host: its socket's end tells
