@@ -232,7 +232,8 @@ class Node(_Fields):
             f"node {self.key!r} cannot be pickled: pass it as an argument of another task "
             "(it becomes an edge), as itself or inside a list, tuple, dict, set or frozenset; "
             "inside any other object (a closure, a global, a deque, a dataclass) it is not "
-            "found")
+            "found; nor is one put into a list after that list was passed (edges are found "
+            "when a node is built: pass a copy, list(xs), of a list you keep adding to)")
 
 
 class Graph:
