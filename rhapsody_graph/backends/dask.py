@@ -75,6 +75,37 @@ _calls: Dict[str, int] = {}  # on a worker: the key of each call running there -
 #: any call sets the masks): a placement's GPU ids are shown to its call as those UUIDs
 _HOST_GPUS = gpu_names()
 
+#: id(client) -> (client, the handlers of its "all" topic): a client keeps one handler
+#: per topic, so the backends that share a client share one that calls each of theirs
+_listeners: Dict[int, Tuple[Any, List[Any]]] = {}
+_listeners_lock = threading.Lock()
+
+
+def _listen(client: Any, handler: Any) -> None:
+    """Have ``handler`` get the scheduler's events (workers that leave or join)."""
+    with _listeners_lock:
+        entry = _listeners.get(id(client))
+        if entry is None:
+            handlers: List[Any] = []
+            entry = _listeners[id(client)] = (client, handlers)
+            client.subscribe_topic("all", lambda event: [h(event) for h in list(handlers)])
+        entry[1].append(handler)
+
+
+def _unlisten(client: Any, handler: Any) -> None:
+    """``handler`` gets no more events; the client's last one unsubscribes."""
+    with _listeners_lock:
+        entry = _listeners.get(id(client))
+        if entry is None:
+            return
+        if handler in entry[1]:
+            entry[1].remove(handler)
+        if entry[1]:
+            return
+        del _listeners[id(client)]
+    if client.status == "running":  # else the scheduler logs that it could not
+        client.unsubscribe_topic("all")  # tell this closing client it left
+
 
 def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str, str]) -> tuple:
     """On a Dask worker: run one call in the environment of its placement (GPU masks,
@@ -175,7 +206,7 @@ class DaskBackend(OwnCalls):
         self._collector = threading.Thread(target=self._collect, daemon=True,
                                            name=f"rhapsody-dask-{name}-results")
         self._collector.start()
-        self.client.subscribe_topic("all", self._event)  # workers that leave or join
+        _listen(self.client, self._event)  # workers that leave or join
 
     def _hosts(self) -> List[Host]:
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -302,8 +333,7 @@ class DaskBackend(OwnCalls):
             self._open = False
             self._ended_cv.notify()
         self._collector.join()
-        if self.client.status == "running":  # else the scheduler logs that it could not
-            self.client.unsubscribe_topic("all")  # tell this closing client it left
+        _unlisten(self.client, self._event)
         if self._own:
             self.client.close()
 

@@ -289,3 +289,21 @@ def test_a_failed_start_closes_the_client_it_made():
             rhapsody.DaskBackend(cluster=empty)
         assert wait_until(lambda: set(empty.scheduler.clients) <= {"fire-and-forget"}, 30), \
             empty.scheduler.clients  # (the scheduler's own)
+
+
+def test_two_backends_on_one_client_both_see_workers_join_and_leave():
+    """A client keeps one handler per event topic: the second backend's replaced the
+    first's, and the first shut down took the second's with it."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        first = rhapsody.DaskBackend(client=client, name="first")
+        second = rhapsody.DaskBackend(client=client, name="second")
+        with rhapsody.Session(backends=[second], progress=False):
+            with rhapsody.Session(backends=[first], progress=False):
+                cluster.scale(2)
+                client.wait_for_workers(2, timeout=60)
+                assert wait_until(lambda: len(first.inventory.hosts) == 2
+                                  and len(second.inventory.hosts) == 2, 60)
+            cluster.scale(1)  # the first is shut down: the second still hears
+            assert wait_until(lambda: len(second.inventory.hosts) == 1, 60)
