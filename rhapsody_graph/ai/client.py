@@ -9,20 +9,23 @@ sent, not while the server works through the ones before it. A server on this ho
 is reached directly, whatever ``HTTP_PROXY`` says.
 
 Retries: a request that could not connect, or got a 5xx, is sent again up to
-``retries`` times. One that was sent and got no answer within ``timeout`` (or whose
-connection dropped) is not: the server may still be working on it. A 200 answer that
+``retries`` times. One that was sent and got no whole answer within ``timeout`` (its
+connection is closed then, however slowly the server was sending), or whose
+connection dropped, is not: the server may still be working on it. A 200 answer that
 is not what was asked for (not JSON, no ``choices``, no text) is a :class:`ServerError`.
 A :class:`Deadline` (the node's timeout, and whether it was cancelled) bounds every
-request and retry: the client gives up when it passes, and sends no further request
-once it is cancelled, so a timed-out or cancelled node does not keep the server busy.
+request and retry: the client gives up when it passes, and a cancel closes the
+connections of its requests in flight and sends no further request, so a timed-out or
+cancelled node does not keep the server busy.
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar
 
 import httpx
 
@@ -44,17 +47,55 @@ class Unreachable(ServerError):
     """The server could not be reached (connection refused or dropped)."""
 
 
+class _Connection:
+    """One request's connection, which another thread may close: at the request's time
+    limit, or when its node is cancelled (``why``). Shutting its socket down wakes the
+    thread that waits for the answer."""
+
+    __slots__ = ("sock", "why", "lock")
+
+    def __init__(self) -> None:
+        self.sock: Optional[socket.socket] = None
+        self.why = ""
+        self.lock = threading.Lock()
+
+    def trace(self, event: str, info: Dict[str, Any]) -> None:
+        """httpcore's trace hook: the socket, once connected."""
+        if event == "connection.connect_tcp.complete":
+            with self.lock:
+                self.sock = info["return_value"].get_extra_info("socket")
+                if self.why:
+                    self._shut()
+
+    def close(self, why: str) -> None:
+        with self.lock:
+            if not self.why:
+                self.why = why
+                self._shut()
+
+    def _shut(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class Deadline:
     """When the requests of one node must stop: at ``at`` (a ``time.monotonic()``
-    value; ``None``: never), or at once after :meth:`cancel` (from any thread)."""
+    value; ``None``: never), or at once after :meth:`cancel` (from any thread), which
+    also closes the connections of its requests in flight."""
 
-    __slots__ = ("at", "cancelled")
+    __slots__ = ("at", "cancelled", "flying")
 
     def __init__(self, at: Optional[float] = None) -> None:
         self.at, self.cancelled = at, False
+        self.flying: Set[_Connection] = set()
 
     def cancel(self) -> None:
         self.cancelled = True
+        for conn in list(self.flying):
+            conn.close("cancelled")
 
     def left(self, where: str) -> Optional[float]:
         """Seconds left (``None``: no limit).
@@ -82,9 +123,12 @@ class Client:
         # plain http (our loopback servers) needs no TLS context: building one costs ~30 ms
         tls = self.base_url.startswith("https:")
         # a server on this host is reached directly, whatever HTTP_PROXY says
+        # a connection per request (none kept alive): one that is closed to stop its
+        # request (a cancel, its time limit) is never the next one's
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
                                  verify=True if tls else False,
-                                 trust_env=not _loopback(self.base_url))
+                                 trust_env=not _loopback(self.base_url),
+                                 limits=httpx.Limits(max_keepalive_connections=0))
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
         # requests in flight to this server, from every node that shares the client: the
         # others wait here (their timeout starts when sent), not in the server's queue
@@ -143,6 +187,7 @@ class Client:
             if not self.slots.acquire(timeout=None if left is None else max(0.0, left)):
                 raise DeadlinePassed(f"{where}: the deadline passed while {self.concurrency} "
                                      "other request(s) to this server were in flight")
+            conn, limit = _Connection(), None
             try:
                 timeout = self.timeout
                 left = None if deadline is None else deadline.left(where)  # (waited: again)
@@ -151,20 +196,38 @@ class Client:
                     if timeout <= 0:
                         raise DeadlinePassed(f"{where}: the deadline passed"
                                              + (f" ({error})" if error else ""))
-                r = self.http.request(method, path, json=body, timeout=timeout)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not sent: send again
-                error = Unreachable(f"{where} failed: {exc!r}")
-                continue
-            except httpx.TimeoutException:
-                if timeout < self.timeout:
-                    raise DeadlinePassed(f"{where}: no answer before the deadline "
-                                         f"({timeout:.3g} s)") from None
-                raise ServerError(f"{where} timed out after {timeout:g} s waiting for the "
-                                  "answer (not sent again: the server may still be working "
-                                  "on it)") from None
-            except httpx.TransportError as exc:
-                raise Unreachable(f"{where} failed: {exc!r}") from None
+                # the whole answer within `timeout`, however slowly the server sends it
+                limit = threading.Timer(timeout, conn.close, ("timed out",))
+                limit.daemon = True
+                limit.start()
+                if deadline is not None:
+                    deadline.flying.add(conn)
+                    if deadline.cancelled:
+                        conn.close("cancelled")
+                r = self.http.request(method, path, json=body, timeout=timeout,
+                                      extensions={"trace": conn.trace})
+            except httpx.HTTPError as exc:
+                if conn.why == "cancelled":
+                    raise DeadlinePassed(f"{where}: stopped, its node was cancelled") from None
+                if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) \
+                        and not conn.why:  # not sent: send again
+                    error = Unreachable(f"{where} failed: {exc!r}")
+                    continue
+                if conn.why or isinstance(exc, httpx.TimeoutException):
+                    if timeout < self.timeout:
+                        raise DeadlinePassed(f"{where}: no answer before the deadline "
+                                             f"({timeout:.3g} s)") from None
+                    raise ServerError(f"{where} timed out after {timeout:g} s waiting for the "
+                                      "answer (not sent again: the server may still be "
+                                      "working on it)") from None
+                if isinstance(exc, httpx.TransportError):
+                    raise Unreachable(f"{where} failed: {exc!r}") from None
+                raise
             finally:
+                if limit is not None:
+                    limit.cancel()
+                if deadline is not None:
+                    deadline.flying.discard(conn)
                 self.slots.release()
             if r.status_code >= 500:
                 error = ServerError(_failure(where, r))

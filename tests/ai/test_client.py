@@ -12,12 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import rhapsody_graph as rhapsody
-from rhapsody_graph.ai.client import ServerError, Unreachable
+from rhapsody_graph.ai.client import Client, Deadline, DeadlinePassed, ServerError, Unreachable
 from rhapsody_graph.ai.service import Service
 
 pytestmark = pytest.mark.timeout(60)
 
 HANG, DROP = "hang", "drop"  # answers: wait for the test's end; close without an answer
+TRICKLE = "trickle"  # an answer sent a byte every half second, until the test's end
 
 
 def completion(text="ok"):
@@ -30,7 +31,7 @@ class Server:
     ``(status, body)``, :data:`HANG` or :data:`DROP`; ``paths`` lists the requests."""
 
     def __init__(self, answer):
-        self.paths, self.done = [], threading.Event()
+        self.paths, self.done, self.closed = [], threading.Event(), threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +47,16 @@ class Server:
                     server.done.wait()
                 elif reply == DROP:
                     self.close_connection = True
+                elif reply == TRICKLE:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    try:
+                        while not server.done.wait(0.5):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                    except OSError:  # the client closed the connection
+                        server.closed.set()
                 else:
                     body = reply[1].encode()
                     self.send_response(reply[0])
@@ -289,3 +300,36 @@ def test_a_server_on_this_host_is_reached_directly_whatever_http_proxy_says(
     server = serve(lambda n, path: completion("direct"))
     rhapsody.model("behind-proxy", url=server.url, timeout=5.0, retries=0)
     assert rhapsody.ai("hi", model="behind-proxy").compute(backend=backend) == "direct"
+
+
+def test_the_models_timeout_bounds_the_whole_answer_however_slowly_it_comes(serve, backend):
+    """A server that sends a byte now and then never let a read time out: a timeout of
+    1.5 s waited as long as the server kept trickling."""
+    server = serve(lambda n, path: TRICKLE)
+    rhapsody.model("trickling", url=server.url, timeout=1.5, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="timed out after 1.5 s"):
+        rhapsody.ai("hi", model="trickling").compute(backend=backend)
+    assert time.monotonic() - t0 < 10
+    assert server.closed.wait(10), "the connection was left open"
+
+
+def test_a_cancelled_deadline_closes_its_request_in_flight_at_once(serve):
+    server = serve(lambda n, path: HANG)
+    client, deadline, outcome = Client(server.url, timeout=60), Deadline(), []
+
+    def ask():
+        try:
+            client.chat([[{"role": "user", "content": "hi"}]], deadline)
+        except DeadlinePassed as exc:
+            outcome.append(exc)
+    asking = threading.Thread(target=ask)
+    asking.start()
+    while not server.paths:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    deadline.cancel()
+    asking.join(10)
+    assert not asking.is_alive() and time.monotonic() - t0 < 5
+    assert "its node was cancelled" in str(outcome[0])
+    client.close()
