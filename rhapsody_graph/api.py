@@ -25,6 +25,7 @@ import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import brief, warn
+from .futures import INSIDE
 from .graph import Graph
 from .session import Session, current_session
 
@@ -123,8 +124,10 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
             as ``__cause__``.
         ValueError: for bad input (also ``TypeError``), before anything runs.
     """
-    return get_session(backend, session).compute(*outputs, on_error=on_error, fail_fast=fail_fast,
-                                                 journal=journal, progress=progress)
+    with INSIDE:  # from its start: the session may be made here (see _shut_down_at_exit)
+        return get_session(backend, session).compute(*outputs, on_error=on_error,
+                                                     fail_fast=fail_fast, journal=journal,
+                                                     progress=progress)
 
 
 def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
@@ -137,7 +140,8 @@ def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
 
 def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:
     """Start ``nodes`` on the current (or default) session; see :meth:`Session.submit`."""
-    return get_session(backend, session).submit(*nodes)
+    with INSIDE:  # the session may be made here (see _shut_down_at_exit)
+        return get_session(backend, session).submit(*nodes)
 
 
 
@@ -145,19 +149,24 @@ def _shut_down_at_exit() -> None:
     """Close every session and shut the default backends down when the main thread
     ends, before Python waits for the other non-daemon threads: Dragon's Batch client
     keeps some, so a program that never closed its backend (``backend="dragon"``) would
-    never exit. First, the non-daemon threads that made or used a session (a
-    ``compute()`` in a thread the program starts and does not join) are waited for,
-    as Python would: closing first cancelled their work."""
-    from .futures import waiters
-    from .session import close_all
+    never exit. First, as Python would, the non-daemon threads the program left
+    running are let finish what they wait for: their calls in progress (a
+    ``compute()``, a ``result()``), and the work they submitted (closing first
+    cancelled it). Threads that wait for nothing of ours (an idle executor's) are not
+    waited for."""
+    from .futures import Inside
+    from .session import close_all, in_use
     here = threading.current_thread()
-    while True:
-        users = [t for t in list(waiters) if t is not here and not t.daemon and t.is_alive()]
-        if not users:
-            break
-        for t in users:
-            t.join()
-    close_all()
+    try:
+        while True:
+            Inside.wait_for_others(here)
+            busy = in_use(here)
+            if not busy:
+                break
+            for session in busy:
+                session.wait()
+    finally:
+        close_all()
     with _lock:
         defaults = list(_defaults.values())
         _defaults.clear()

@@ -38,11 +38,10 @@ import concurrent.futures as cf
 import queue
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
                                       PENDING, RUNNING, _AcquireFutures)
-from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import brief
 from .graph import Ref
@@ -188,7 +187,8 @@ class Future(cf.Future, Ref):
         return its exception, or raise ``CancelledError``/``TimeoutError``."""
         if self._state not in _ENDED:
             _refuse_on_scheduler((self,))
-            cf.wait((self,), timeout)
+            with INSIDE:
+                cf.wait((self,), timeout)
         state = self._state
         if state == FINISHED:
             return self._exception
@@ -275,18 +275,44 @@ class Future(cf.Future, Ref):
             self._session._kept.discard(self)
 
 
-#: the threads that have made a session or used one (``submit()``, ``compute()``,
-#: ``result()``, ``wait()``, ``as_completed()``): at the program's end, the live
-#: non-daemon ones are waited for before the sessions close (see
-#: :func:`rhapsody_graph.api._shut_down_at_exit`)
-waiters: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+class Inside:
+    """``with INSIDE:`` marks the calling thread as inside a call that waits for results
+    (``compute()``, ``result()``, ``wait()``, ``as_completed()``) while it lasts: at the
+    program's end, the sessions close once no other live non-daemon thread is inside
+    one (see :func:`rhapsody_graph.api._shut_down_at_exit`)."""
+
+    changed = threading.Condition()
+    threads: Dict[threading.Thread, int] = {}  # thread -> how many calls deep
+
+    def __enter__(self) -> None:
+        here = threading.current_thread()
+        with Inside.changed:
+            Inside.threads[here] = Inside.threads.get(here, 0) + 1
+
+    def __exit__(self, *exc: Any) -> None:
+        here = threading.current_thread()
+        with Inside.changed:
+            depth = Inside.threads.pop(here) - 1
+            if depth:
+                Inside.threads[here] = depth
+            else:
+                Inside.changed.notify_all()
+
+    @staticmethod
+    def wait_for_others(here: threading.Thread) -> None:
+        """Wait until no live non-daemon thread but ``here`` is inside a call."""
+        with Inside.changed:
+            while any(t is not here and not t.daemon and t.is_alive() for t in Inside.threads):
+                Inside.changed.wait()
+
+
+INSIDE = Inside()
 
 
 def _refuse_on_scheduler(futures: Iterable[Any]) -> None:
     """Refuse to wait, on a session's scheduler thread (in a done-callback), for a
-    future of that session: only that thread could end it. Note the waiting thread."""
+    future of that session: only that thread could end it."""
     here = threading.current_thread()
-    waiters.add(here)
     for f in futures:
         if isinstance(f, Future) and f._state not in _ENDED and here is f._session._thread:
             raise RuntimeError(
@@ -337,7 +363,8 @@ def _as_completed(pending: set, deadline: Optional[float]) -> Iterator[cf.Future
             try:
                 if left is not None and left <= 0:
                     raise queue.Empty
-                f = arrivals.queue.get(timeout=left)
+                with INSIDE:
+                    f = arrivals.queue.get(timeout=left)
             except queue.Empty:
                 raise cf.TimeoutError(f"{len(pending)} (of {total}) futures unfinished") from None
             pending.discard(f)
@@ -357,4 +384,5 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
     """
     futures = list(futures)
     _refuse_on_scheduler(futures)
-    return cf.wait(futures, timeout, return_when)
+    with INSIDE:
+        return cf.wait(futures, timeout, return_when)

@@ -290,7 +290,7 @@ class Journal:
         ``submit()`` may follow an edit made meanwhile (a notebook's cell, a module
         constant changed), which they would hide. New tables, not cleared ones: a key
         being made in another thread finishes with the tables it began with."""
-        self._keys, self._code = weakref.WeakKeyDictionary(), {}
+        self._keys, self._code, self._parts = weakref.WeakKeyDictionary(), {}, {}
 
     def key(self, node: Any) -> Optional[str]:
         """The journal key of ``node`` (upstream nodes' keys computed first); None when
@@ -367,7 +367,12 @@ class Journal:
         """Keep ``payload`` (a finished node's value bytes) under ``key``, atomically."""
         directory = os.path.dirname(self._file(key))
         os.makedirs(directory, exist_ok=True)
-        why = self._parts.pop(key, None) or self.parts(node)
+        why = self._parts.pop(key, None)
+        if why is None:  # a second node of that key, its parts made in an earlier run
+            try:
+                why = self.parts(node)
+            except (KeyError, Unkeyable):  # (of tables new_run() has replaced since)
+                why = {}
         for path, data in ((self._file(key) + ".why", json.dumps(why).encode()),
                            (self._file(key),
                             HEADER.pack(MAGIC, len(payload), _digest(payload)) + payload)):

@@ -72,6 +72,8 @@ def counts(lane: Any, since: tuple = _ZERO) -> Dict[str, int]:
         now - then for now, then in zip(snapshot(lane), since))
     failed += cancelled
     running = max(0, started - stopped)
+    # what was submitted before `since` and ended after it counts in neither part
+    done, failed = min(done, submitted), min(failed, max(0, submitted - done))
     return {"done": done, "running": running, "failed": failed,
             "waiting": max(0, submitted - done - failed - running), "total": submitted}
 

@@ -56,8 +56,8 @@ class RunLog:
     def __init__(self, path: "str | os.PathLike[str]") -> None:
         self.path = os.fspath(path)
         self._file = open(self.path, "a", buffering=1)
-        if self._file.tell() and not _ends_a_line(self.path):  # a killed writer's torn line:
-            self._file.write("\n")  # ended, so that this run's first record is whole
+        if self._file.seekable() and self._file.tell() and not _ends_a_line(self.path):
+            self._file.write("\n")  # a killed writer's torn line ended: this run's is whole
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_logs)}"
 
     def write(self, task: Any, attempt: Any, outcome: str, nbytes: int,

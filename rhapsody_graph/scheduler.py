@@ -1086,7 +1086,7 @@ class Scheduler:
         journal, key = t.saved
         try:
             journal.put(key, t.node, payload)
-        except OSError as e:
+        except Exception as e:  # (on this thread: anything else would stop the session)
             if journal not in self.unsaved:
                 self.unsaved.add(journal)
                 warn(f"the journal {journal.path} cannot be written ({e}): the values "

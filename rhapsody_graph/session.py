@@ -30,7 +30,7 @@ from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note, brief, exception_text, warn
-from .futures import Future, waiters
+from .futures import INSIDE, Future
 from .graph import Node, Ref, adapt, find_nodes, is_foreign, substitute
 from .progress import Progress, mode
 from .resources import Ledger
@@ -75,7 +75,6 @@ class Session:
                  run_log: "str | os.PathLike[str] | None" = None,
                  progress: Optional[bool] = None, fuse: bool = True,
                  _owns: bool = True) -> None:
-        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -104,6 +103,7 @@ class Session:
         self._routes: Dict[int, Tuple[Any, str, Lane]] = {}  # id(opts) -> (opts, kind, lane)
         self._lock = threading.RLock()  # submitting (see _hand) and closing
         self._closed = False
+        self._users: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()  # submitters
         self._futures = Group(FINISH, waited=False)  # shared by all submit() calls
         self._futures.journal = _journal(journal)
         self._runlog: Any = None
@@ -154,7 +154,7 @@ class Session:
             ``NoBackendError``, ``UnsatisfiableError``, ``TypeError``/``ValueError``
             naming the node, before anything runs.
         """
-        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
+        self._users.add(threading.current_thread())  # see in_use()
         if len(nodes) == 1:
             node = nodes[0]
             if type(node) is Node:
@@ -181,7 +181,12 @@ class Session:
                 journal: "str | os.PathLike[str] | None" = None,
                 progress: Optional[bool] = None) -> Tuple[Any, ...]:
         """Run everything ``outputs`` need; return their values (see :func:`rhapsody_graph.compute`)."""
-        waiters.add(threading.current_thread())  # see api._shut_down_at_exit
+        with INSIDE:  # see api._shut_down_at_exit
+            return self._computed(outputs, on_error, fail_fast, journal, progress)
+
+    def _computed(self, outputs: Sequence[Any], on_error: Optional[str],
+                  fail_fast: Optional[bool], journal: "str | os.PathLike[str] | None",
+                  progress: Optional[bool]) -> Tuple[Any, ...]:
         policy = _on_error(on_error, fail_fast)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
@@ -810,6 +815,14 @@ def close_all() -> None:
     """Close every open session (at interpreter exit)."""
     for s in list(_sessions):
         s.close()
+
+
+def in_use(here: threading.Thread) -> List[Session]:
+    """The open sessions with work in flight that a live non-daemon thread other than
+    ``here`` submitted to (futures it may still wait for)."""
+    return [s for s in list(_sessions)
+            if not s._closed and (s._scheduler.tasks or s._scheduler.intake)
+            and any(t is not here and not t.daemon and t.is_alive() for t in list(s._users))]
 
 
 def _forget_sessions() -> None:

@@ -221,6 +221,30 @@ def test_done_callbacks_of_a_dropped_session_still_run_once_its_work_ends():
     assert both.wait(60) and sorted(got) == [1, 2]
 
 
+def test_a_session_closing_on_its_own_thread_closes_only_its_own_descriptors():
+    """Its pool closed each worker's task pipe twice: by then another thread (here, this
+    one) could hold that number, and lost it (a subprocess's pipe: EBADF)."""
+    import gc
+    mine = []
+
+    def submit_and_drop():
+        s = rhapsody.Session(rhapsody.LocalBackend(cpus=2), progress=False)
+        s.submit(rhapsody.task(inc)(1)).add_done_callback(lambda f: None)
+        return s._thread
+    thread = submit_and_drop()
+    gc.collect()
+    try:
+        while thread.is_alive():  # it closes the session once the callback ran
+            mine.append(os.pipe())
+            thread.join(0.001)
+        for fd in [fd for pair in mine for fd in pair]:
+            os.fstat(fd)  # raises for one closed under us
+    finally:
+        for r, w in mine:
+            os.close(r)
+            os.close(w)
+
+
 THREADS_LEFT_RUNNING = """
 import threading, time
 def early():  # computing when the main thread ends
@@ -232,8 +256,21 @@ def late():  # first imports and computes once it has ended
         time.sleep(0.01)
     import rhapsody_graph as rhapsody
     print("late", rhapsody.compute(rhapsody.task(abs)(-5))[0], flush=True)
+def gap():  # submitted, and not yet waiting for it when the main thread ends
+    import rhapsody_graph as rhapsody
+    future = rhapsody.submit(rhapsody.task(abs)(-6))
+    while threading.main_thread().is_alive():
+        time.sleep(0.01)
+    print("gap", future.result(), flush=True)
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1)  # never shut down: Python joins its idle thread after our hook
+def pooled():
+    import rhapsody_graph as rhapsody
+    return rhapsody.compute(rhapsody.task(abs)(-7))[0]
+print("pool", pool.submit(pooled).result(), flush=True)
 threading.Thread(target=early).start()
 threading.Thread(target=late).start()
+threading.Thread(target=gap).start()
 time.sleep(0.3)
 """
 
@@ -241,7 +278,8 @@ time.sleep(0.3)
 def test_computes_in_threads_the_main_thread_leaves_running_finish_as_python_waits_for_them(
         tmp_path):
     """The sessions closed as the main thread ended, before Python waits for its other
-    threads: their compute() was cancelled, and a first import then could not start."""
+    threads: their compute() was cancelled, and a first import then could not start.
+    An idle executor thread that once computed must not keep the program from exiting."""
     import subprocess
     import sys
     script = tmp_path / "threads.py"
@@ -249,4 +287,5 @@ def test_computes_in_threads_the_main_thread_leaves_running_finish_as_python_wai
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(out.stdout.split("\n")[:2]) == ["early 4", "late 5"], out.stdout + out.stderr
+    assert sorted(out.stdout.split()[i] + out.stdout.split()[i + 1] for i in range(0, 8, 2)) \
+        == ["early4", "gap6", "late5", "pool7"], out.stdout + out.stderr

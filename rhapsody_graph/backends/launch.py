@@ -155,12 +155,8 @@ class Launch:
             pipes = (task_r, result_w, tracker.worker_end())
             procs.append(self._start(p, worker_command(*pipes), pass_fds=pipes,
                                      stdin=subprocess.DEVNULL))
-            os.set_blocking(result_r, False)
-            buf = bytearray()
-            sel.register(result_r, selectors.EVENT_READ, (rank, buf, None))
             # its exit too: a child it forked may hold the pipe open after it died
             exited = os.pidfd_open(procs[-1].pid)
-            sel.register(exited, selectors.EVENT_READ, (rank, buf, result_r))
         except BaseException:
             os.close(result_r)
             os.close(task_w)
@@ -168,6 +164,10 @@ class Launch:
         finally:
             os.close(task_r)
             os.close(result_w)
+        os.set_blocking(result_r, False)
+        buf = bytearray()  # both belong to the selector now (closed with it, once)
+        sel.register(result_r, selectors.EVENT_READ, (rank, buf, None))
+        sel.register(exited, selectors.EVENT_READ, (rank, buf, result_r))
         try:
             wire.write_all(task_w, wire.frame(("path", wire.python_path()))
                            + wire.frame(("run", [task])))

@@ -263,7 +263,14 @@ class WorkerPool:
         and the worker's answer for it is ignored); a running one is stopped now (its
         worker is killed, the calls behind it ``DROPPED``). A skip reaches the worker
         before its next call starts unless that starts within :data:`.worker.LOOK` of
-        the one before; such a call runs, unheeded."""
+        the one before; such a call runs, unheeded. What the worker answered already is
+        read first: the call ahead may have ended, and ``tid`` be running."""
+        w = self.owner.get(tid)
+        if w is not None and w.queue[0] != tid:
+            late: List[Completion] = []
+            self._receive(w, late)
+            for completion in late:
+                self.hub.post(completion)
         w = self.owner.pop(tid, None)
         self.keys.pop(tid, None)
         if w is not None and w.queue[0] != tid:
@@ -408,7 +415,11 @@ class WorkerPool:
         """Stop every worker: EOF on its channel; what has not ended ``grace`` s later
         (one deadline for all) is killed."""
         for w in self.workers:
+            if w.writing and self.hub is not None:  # unwatched while the number is its own
+                self.hub.unwatch(w.task_w)
+                w.writing = False
             _close(w.task_w)
+            w.task_w = -1  # closed: never closed again (another thread may hold the number)
         deadline = time.monotonic() + grace
         for w in list(self.workers):
             w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -79,7 +79,8 @@ def as_node(collection: Any) -> Node:
 
     A Dask task is one node however many collections hold it, while any node needs it
     (Dask keys name values: ``x`` passed twice, or ``x + 1`` and ``x * 2`` passed
-    together, run ``x``'s tasks once)."""
+    together, run ``x``'s tasks once); a key named again for another task is another
+    node."""
     from dask.delayed import single_key
     finalize, extra = collection.__dask_postcompute__()
     keys = collection.__dask_keys__()
@@ -147,11 +148,22 @@ class _Nodes:
             else:
                 with _lock:  # built by one thread at a time: one node per key
                     node = self.shared.get(key)
+                    if node is not None and not _same(node.args[0], item):
+                        node = None  # a key named again for another task (dask_key_name=)
                     if node is None:
                         data = {d: made[d] for d in item.dependencies}
                         node = self.shared[key] = Node(_run, (item, data), {}, _OPTIONS,
                                                        name=_name(key))
                 made[key] = node
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether Dask tasks ``a`` and ``b`` are one (their function and arguments equal;
+    arguments that cannot say so, arrays, count as different)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def _graph(dsk: Any) -> Mapping:

@@ -1,6 +1,7 @@
 """AI nodes on the Dragon backend: the inference server is a Dragon process placed by
 the ledger (tests/backends/test_dragon.py runs this under the real launcher)."""
 import os
+import re
 import threading
 
 import pytest
@@ -75,8 +76,9 @@ def test_a_killed_server_fails_its_nodes_with_its_log_and_leaves_no_process(drag
     thread = killer(dragon_backend, "smollm2-doomed")
     stories = [rhapsody.ai(f"Write a long story about knight number {i}.", model="smollm2-doomed",
                            temperature=0, max_tokens=256) for i in range(4)]
-    with pytest.raises(RuntimeError, match=r"smollm2-doomed.*died.*last lines of \S+:/"):
+    with pytest.raises(RuntimeError, match=r"smollm2-doomed.*died.*last lines of \S+:/") as info:
         rhapsody.compute(*stories, backend=dragon_backend)
+    os.unlink(re.search(r"last lines of \S+?:(/\S+):", str(info.value))[1])  # kept: remove it
     thread.join()
     seen["thread"].join()
     assert not os.path.exists(f"/proc/{seen['pid']}")

@@ -164,3 +164,10 @@ class NoDaskArrays:
 
 def test_an_object_with_dasks_methods_that_is_no_collection_is_a_plain_argument():
     assert rhapsody.task(lambda t: t.values)(NoDaskArrays([1, 2])).compute() == [1, 2]
+
+
+def test_a_key_named_again_for_another_task_is_another_node():
+    first = dask.delayed(sum)([1, 2], dask_key_name="total")
+    held = rhapsody.task(float)(first)  # keeps the first task's node alive
+    second = dask.delayed(sum)([3, 4], dask_key_name="total")
+    assert rhapsody.compute(held, rhapsody.task(float)(second)) == (3.0, 7.0)
