@@ -2,8 +2,9 @@
 
     pip install ".[progress]" && python examples/progress.py
 
-400 short simulations on a 2-core pool and 40 on a second backend, a few of which
-fail, consumed with ``as_completed``. In a terminal the display is redrawn in place
+400 short simulations on a 2-core pool and 40 on a second backend of the same cores
+(alike backends share one ledger: never two nodes on one core), a few of which fail,
+consumed with ``as_completed``. In a terminal the display is redrawn in place
 (done / running / failed / waiting, elapsed and estimated time per backend); in a batch
 job log it is a line per backend every 10 s.
 """
@@ -21,7 +22,7 @@ def simulate(i):
 
 
 if __name__ == "__main__":
-    backends = [rhapsody.LocalBackend(cpus=2, name="cpu"), rhapsody.LocalBackend(cpus=1, name="aux")]
+    backends = [rhapsody.LocalBackend(cpus=2, name="cpu"), rhapsody.LocalBackend(cpus=2, name="aux")]
     with rhapsody.Session(backends=backends, progress=True) as session:
         futures = session.submit([simulate(i) for i in range(400)]
                                  + [simulate.options(backend="aux")(i) for i in range(40)])

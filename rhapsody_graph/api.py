@@ -62,8 +62,11 @@ def get_backend(backend: Any = None) -> Any:
         return backend
     if name not in BACKENDS:
         given = f"backend {name!r}" + (f" (${BACKEND_ENV})" if backend is None else "")
-        raise ValueError(f"{given} is not available in this build; use one of "
-                         f"{', '.join(map(repr, BACKENDS))}, or pass a backend instance")
+        hint = (" (a Dask cluster is given as DaskBackend(cluster=...) or "
+                "DaskBackend(address=...))" if name == "dask" else "")
+        raise ValueError(f"{given} is no default backend; name one of "
+                         f"{', '.join(map(repr, BACKENDS))}, or pass a backend instance"
+                         + hint)
     with _lock:
         if name not in _defaults:
             _defaults[name] = BACKENDS[name]()

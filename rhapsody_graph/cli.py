@@ -236,6 +236,9 @@ def _visualize(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import report
+    if os.path.isdir(args.journal):
+        raise UsageError(f"{args.journal} is a directory (a resume journal, Session(journal=)?); "
+                         "report reads a run log, the file of Session(run_log=...)")
     if not os.path.isfile(args.journal):
         raise UsageError(f"no such run journal: {args.journal}")
     print(f"wrote {report(args.journal, args.out)}")

@@ -64,7 +64,8 @@ class Where:
         placements: every rank's :class:`~rhapsody_graph.resources.Placement`.
         attempts: how many times it was started (1 unless retried; 0: its value was
             reused from the session's journal, it did not run).
-        start, end: wall-clock times (``time.time()``) of its last attempt.
+        start, end: wall-clock times (``time.time()``) of its last attempt; ``seconds``:
+            how long it ran.
         outputs: per rank, ``(stdout, stderr)`` as the last attempt printed them (Python
             nodes: what went through ``sys.stdout``/``sys.stderr``, the last MiB of
             each kept), or ``None`` for a rank that printed nothing; ``()`` when no
@@ -90,6 +91,11 @@ class Where:
         return "".join(o[1] for o in self.outputs if o)
 
     @property
+    def seconds(self) -> float:
+        """How long its last attempt ran (``end - start``)."""
+        return self.end - self.start
+
+    @property
     def host(self) -> str:
         return self.placements[0].host if self.placements else ""
 
@@ -104,7 +110,7 @@ class Where:
     def __repr__(self) -> str:
         return (f"Where(backend={self.backend!r}, host={self.host!r}, cpus={list(self.cpus)}, "
                 f"gpus={list(self.gpus)}, attempts={self.attempts}, "
-                f"seconds={self.end - self.start:.3f})")
+                f"seconds={self.seconds:.3f})")
 
 
 class Future(cf.Future, Ref):
