@@ -101,8 +101,8 @@ def test_a_class_with_attributes_of_tasks_names_is_a_task_whose_own_methods_work
 
 def test_an_unknown_default_backend_names_the_value_and_its_variable(monkeypatch):
     monkeypatch.setenv("RHAPSODY_GRAPH_BACKEND", "Local")
-    with pytest.raises(ValueError, match=r"backend 'Local' \(\$RHAPSODY_GRAPH_BACKEND\) is not "
-                                         r"available in this build; use one of 'local'"):
+    with pytest.raises(ValueError, match=r"backend 'Local' \(\$RHAPSODY_GRAPH_BACKEND\) is no "
+                                         r"default backend; name one of 'local'"):
         get_backend()
 
 
