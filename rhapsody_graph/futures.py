@@ -285,30 +285,36 @@ class Inside:
     """``with INSIDE:`` marks the calling thread as inside a call that waits for results
     (``compute()``, ``result()``, ``wait()``, ``as_completed()``) while it lasts: at the
     program's end, the sessions close once no other live non-daemon thread is inside
-    one (see :func:`rhapsody_graph.api._shut_down_at_exit`)."""
+    one (see :func:`rhapsody_graph.api._shut_down_at_exit`). Each thread writes only its
+    own entry (no lock on the way in or out); the way out notifies only while the exit
+    waits."""
 
-    changed = threading.Condition()
     threads: Dict[threading.Thread, int] = {}  # thread -> how many calls deep
+    changed = threading.Condition()
+    waiting = False  # the exit waits: a thread leaving its last call notifies
 
     def __enter__(self) -> None:
-        here = threading.current_thread()
-        with Inside.changed:
-            Inside.threads[here] = Inside.threads.get(here, 0) + 1
+        here, threads = threading.current_thread(), Inside.threads
+        threads[here] = threads.get(here, 0) + 1
 
     def __exit__(self, *exc: Any) -> None:
-        here = threading.current_thread()
-        with Inside.changed:
-            depth = Inside.threads.pop(here) - 1
-            if depth:
-                Inside.threads[here] = depth
-            else:
+        here, threads = threading.current_thread(), Inside.threads
+        depth = threads[here] - 1
+        if depth:
+            threads[here] = depth
+            return
+        del threads[here]
+        if Inside.waiting:  # set before the exit looks at `threads`: it is told
+            with Inside.changed:
                 Inside.changed.notify_all()
 
     @staticmethod
     def wait_for_others(here: threading.Thread) -> None:
         """Wait until no live non-daemon thread but ``here`` is inside a call."""
         with Inside.changed:
-            while any(t is not here and not t.daemon and t.is_alive() for t in Inside.threads):
+            Inside.waiting = True
+            while any(t is not here and not t.daemon and t.is_alive()
+                      for t in list(Inside.threads)):
                 Inside.changed.wait()
 
 
