@@ -11,23 +11,14 @@ import rhapsody_graph as rhapsody
 from ..test_scheduler import still_alive
 
 
-def fork_and_die(path):
-    child = subprocess.Popen(["sleep", "600"])  # inherits the worker's pipes
+def note_and_die(path, child):
     with open(path, "a") as f:
-        f.write(f"{child.pid}\n")
+        f.write(f"{child}\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.timeout(60)  # a death seen only when the pipe closes would wait 600 s
-def test_a_worker_killed_while_its_child_holds_the_pipe_fails_its_node_at_once(tmp_path):
-    path = tmp_path / "children"
-    with rhapsody.LocalBackend(cpus=1) as backend:
-        with pytest.raises(rhapsody.WorkerDiedError, match="killed by SIGKILL"):
-            rhapsody.task(fork_and_die)(str(path)).compute(backend=backend)
-        assert rhapsody.task(abs)(-3).compute(backend=backend) == 3  # a fresh worker
-        assert backend.ledger.idle()
-    children = [int(p) for p in path.read_text().split()]
-    assert not still_alive(children, 10), "the dead worker's children outlived it"
+def fork_and_die(path):
+    note_and_die(path, subprocess.Popen(["sleep", "600"]).pid)  # inherits the worker's pipes
 
 
 def fork_and_die_in_rank_one(path):
@@ -39,18 +30,22 @@ def fork_and_die_in_rank_one(path):
     if child == 0:
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
         os.execvp("sleep", ["sleep", "600"])  # holds the pipe, as a forked helper does
-    with open(path, "a") as f:
-        f.write(f"{child}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    note_and_die(path, child)
 
 
 @pytest.mark.timeout(60)  # a death seen only when the pipe closes would wait 600 s
-def test_a_rank_killed_while_its_child_holds_its_pipe_fails_its_node_at_once(tmp_path):
+@pytest.mark.parametrize("make, match", [
+    (lambda path: rhapsody.task(fork_and_die)(path), "the worker process .*died .killed by SIGKILL"),
+    (lambda path: rhapsody.task(ranks=2, retries=0)(fork_and_die_in_rank_one)(path),
+     "rank 1 of node .*died .killed by SIGKILL"),
+], ids=["worker", "rank"])
+def test_a_process_killed_while_its_child_holds_its_pipe_fails_its_node_at_once(
+        tmp_path, make, match):
     path = tmp_path / "children"
     with rhapsody.LocalBackend(cpus=2) as backend:
-        with pytest.raises(rhapsody.WorkerDiedError, match="rank 1 of node .*died .killed by SIGKILL"):
-            rhapsody.task(ranks=2, retries=0)(fork_and_die_in_rank_one)(str(path)).compute(
-                backend=backend)
+        with pytest.raises(rhapsody.WorkerDiedError, match=match):
+            make(str(path)).compute(backend=backend)
+        assert rhapsody.task(abs)(-3).compute(backend=backend) == 3  # a fresh worker
         assert backend.ledger.idle()
     children = [int(p) for p in path.read_text().split()]
-    assert not still_alive(children, 10), "the dead rank's children outlived it"
+    assert not still_alive(children, 10), "the dead process's children outlived it"
