@@ -648,3 +648,13 @@ def test_cancelling_a_call_queued_behind_a_running_one_leaves_the_running_one_al
         assert s.submit(rhapsody.task(inc)(head)).result(timeout=60) == 2  # the session goes on
         s.wait()
         assert backend.ledger.idle()
+
+
+def test_a_daemon_an_executable_leaves_dies_when_the_run_ends_not_with_the_driver(tmp_path):
+    """It lived on until the driver exited (only the watchdog ended it then)."""
+    pidfile = tmp_path / "daemon"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+        s.compute(rhapsody.executable(
+            ["sh", "-c", f"setsid sleep 600 & echo $! > {pidfile}; sleep 0.2"]))
+        daemon = int(pidfile.read_text())
+        assert not still_alive([daemon], 10), "the executable's daemon outlived its run"

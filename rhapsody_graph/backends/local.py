@@ -9,7 +9,9 @@ State:
   which the session's scheduler thread sleeps on. Never a poll, never a sleep.
 * ``_launches``: tid → the :class:`~.launch.Launch` of each executable and
   multi-rank job, each on its own processes; their threads post completions to
-  the session's queue.
+  the session's queue. ``_ended_marks``: the watchdog group markers of those that
+  ended; what they left running outside their groups (a ``setsid`` daemon) is killed
+  when the run ends (``end_run``) or the backend shuts down.
 
 Policy: a lease binds one idle worker (spawned on demand). CUDA reads
 ``CUDA_VISIBLE_DEVICES`` once per process, so a worker that has loaded a GPU
@@ -133,6 +135,9 @@ class LocalBackend(PoolBackend):
         self.pool = WorkerPool(self.max_workers)
         self._pins = _pins(self.inventory, sorted(os.sched_getaffinity(0)))
         self._launches: Dict[int, Launch] = {}
+        # the group markers of launches that ended: what they started and left (a
+        # `setsid` daemon) is killed when the run ends
+        self._ended_marks: List[str] = []
 
     # -- joining a session (see PoolBackend for the rest) ------------------------------
 
@@ -214,6 +219,7 @@ class LocalBackend(PoolBackend):
         2 s) and any launched process."""
         self.close_session()
         self._kill_launches()
+        self._sweep()
         self.pool.close(grace=2.0)
         if self._forker is not None:
             self._forker.close()
@@ -223,6 +229,17 @@ class LocalBackend(PoolBackend):
         self.shutdown()
 
     # -- internals ------------------------------------------------------------------------
+
+    def end_run(self) -> None:
+        super().end_run()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Kill what ended launches left running outside their groups (one look at
+        ``/proc`` for all of them)."""
+        if self._ended_marks:
+            watchdog.kill_marks(self._ended_marks)
+            self._ended_marks.clear()
 
     def _kill_launches(self) -> None:
         """Kill every launched process; their completions are no longer reported."""
@@ -337,6 +354,7 @@ class LocalBackend(PoolBackend):
         launch = self._launches.pop(tid, None)
         if launch is None:
             return  # aborted: already reported
+        self._ended_marks.extend(p.mark for p in launch.procs if getattr(p, "mark", None))
         out.append((tid, KILLED, None, 0.0) if launch.killed else completion)
 
 

@@ -47,10 +47,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
-__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "tracker_end",
-           "watchdog_pid"]
+__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "kill_marks",
+           "tracker_end", "watchdog_pid"]
 
 MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
 GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
@@ -197,10 +197,16 @@ def kill_marked(proc: Any) -> None:
     """SIGKILL every process that carries the group marker ``proc`` was started with
     (see :func:`guard`): what it started, ``setsid`` or not."""
     mark = getattr(proc, "mark", None)
-    if not mark:
-        return
-    item, below = f"{GROUP}={mark}".encode(), f"{GROUP}={mark}/".encode()
-    kill_carrying(lambda v: v == item or v.startswith(below))
+    if mark:
+        kill_marks([mark])
+
+
+def kill_marks(marks: Iterable[str]) -> None:
+    """SIGKILL every process that carries one of the group markers ``marks`` (or one
+    extended from it: a graph run inside), in one look at ``/proc``."""
+    items = {f"{GROUP}={m}".encode() for m in marks}
+    if items:
+        kill_carrying(lambda v: v.split(b"/", 1)[0] in items)
 
 
 def kill_carrying(test: Callable[[bytes], bool]) -> None:
