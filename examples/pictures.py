@@ -3,8 +3,9 @@ a reduction, a 4-rank job, an executable and an AI summary, drawn as six boxes.
 
     pip install ".[viz]" && python examples/pictures.py [flow.svg]
 
-Writes the Graphviz picture (``.svg``, ``.png``, ``.pdf``; ``.dot`` for the source,
-which needs no Graphviz install) and prints the same graph as Mermaid for Markdown.
+Writes the Graphviz picture (``.svg``, ``.png``, ``.pdf``: these need Graphviz's
+``dot`` program, ``apt-get install graphviz``; ``.dot`` for the source, which needs
+no Graphviz install) and prints the same graph as Mermaid for Markdown.
 """
 import sys
 
