@@ -821,7 +821,8 @@ def in_use(here: threading.Thread) -> List[Session]:
     """The open sessions with work in flight that a live non-daemon thread other than
     ``here`` submitted to (futures it may still wait for)."""
     return [s for s in list(_sessions)
-            if not s._closed and (s._scheduler.tasks or s._scheduler.intake)
+            if not s._closed and s._thread.is_alive()  # (else its work never ends)
+            and (s._scheduler.tasks or s._scheduler.intake)
             and any(t is not here and not t.daemon and t.is_alive() for t in list(s._users))]
 
 
