@@ -26,7 +26,8 @@ import itertools
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["Node", "Graph", "Ref", "ADAPTERS", "adapt", "find_nodes", "is_foreign", "substitute"]
+__all__ = ["Node", "Graph", "Ref", "ADAPTERS", "adapt", "adapted", "find_nodes", "is_foreign",
+           "substitute"]
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex))  # hold no node
@@ -118,6 +119,17 @@ def adapt(obj: Any) -> Any:
     return obj
 
 
+def adapted(objs: tuple) -> Tuple[tuple, Tuple[Any, ...]]:
+    """``objs`` with the lazy objects of other systems in it made nodes (:func:`adapt`,
+    only when there are some), and the nodes in it (:func:`find_nodes`)."""
+    foreign: Optional[List[Any]] = [] if ADAPTERS else None
+    nodes = find_nodes(objs, foreign)
+    if foreign:  # Dask collections: their tasks become nodes
+        objs = adapt(objs)
+        nodes = find_nodes(objs)
+    return objs, nodes
+
+
 def substitute(obj: Any, values: Dict[int, Any]) -> Any:
     """Rebuild ``obj`` with every node (or :class:`Ref`) replaced by ``values[id(node)]``."""
     kind = type(obj)
@@ -187,11 +199,7 @@ class Node(_Fields):
                 deep = True
                 break
         if deep or kwargs:
-            foreign: Optional[List[Any]] = [] if ADAPTERS else None
-            self.deps = find_nodes((args, kwargs), foreign)
-            if foreign:  # Dask collections: their tasks become nodes
-                args, kwargs = adapt(args), adapt(kwargs)
-                self.deps = find_nodes((args, kwargs))
+            (args, kwargs), self.deps = adapted((args, kwargs))
         else:
             self.deps = tuple(deps.values())
         self.args = args

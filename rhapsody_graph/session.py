@@ -31,7 +31,7 @@ from .ai.nodes import AI
 from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note, brief, exception_text, warn
 from .futures import INSIDE, Future
-from .graph import Node, Ref, adapt, find_nodes, is_foreign, substitute
+from .graph import Node, Ref, adapt, adapted, is_foreign, substitute
 from .progress import Progress, mode
 from .resources import Ledger
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
@@ -191,11 +191,7 @@ class Session:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
         _refuse_uncalled(outputs)
-        foreign: List[Any] = []
-        roots = find_nodes(outputs, foreign)
-        if foreign:  # Dask collections among the outputs: computed as nodes
-            outputs = adapt(outputs)
-            roots = find_nodes(outputs)
+        outputs, roots = adapted(tuple(outputs))  # Dask collections among them: as nodes
         if not roots:
             return tuple(outputs)
         how = mode(progress) if progress and self._progress is None else None

@@ -143,18 +143,19 @@ class _Nodes:
             elif isinstance(item, self.alias):
                 made[key] = made[item.target]
             elif self.shared is None:
-                data = {d: made[d] for d in item.dependencies}
-                made[key] = Node(_run, (item, data), {}, _OPTIONS, name=_name(key))
+                made[key] = self._node(key, item)
             else:
                 with _lock:  # built by one thread at a time: one node per key
                     node = self.shared.get(key)
-                    if node is not None and not _same(node.args[0], item):
-                        node = None  # a key named again for another task (dask_key_name=)
-                    if node is None:
-                        data = {d: made[d] for d in item.dependencies}
-                        node = self.shared[key] = Node(_run, (item, data), {}, _OPTIONS,
-                                                       name=_name(key))
+                    if node is None or not _same(node.args[0], item):  # (a key named
+                        node = self.shared[key] = self._node(key, item)  # again: another)
                 made[key] = node
+
+    def _node(self, key: Any, item: Any) -> Node:
+        """Task ``item`` as a node, its dependencies' nodes (or values) made already."""
+        made = self.made
+        return Node(_run, (item, {d: made[d] for d in item.dependencies}), {}, _OPTIONS,
+                    name=_name(key))
 
 
 def _same(a: Any, b: Any) -> bool:
