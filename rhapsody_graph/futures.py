@@ -194,7 +194,7 @@ class Future(cf.Future, Ref):
         if self._state not in _ENDED:
             _refuse_on_scheduler((self,))
             with INSIDE:
-                cf.wait((self,), timeout)
+                cf.wait((self,), _bounded(timeout))
         state = self._state
         if state == FINISHED:
             return self._exception
@@ -376,7 +376,7 @@ def _as_completed(pending: set, deadline: Optional[float]) -> Iterator[cf.Future
                 if left is not None and left <= 0:
                     raise queue.Empty
                 with INSIDE:
-                    f = arrivals.queue.get(timeout=left)
+                    f = arrivals.queue.get(timeout=_bounded(left))
             except queue.Empty:
                 raise cf.TimeoutError(f"{len(pending)} (of {total}) futures unfinished") from None
             pending.discard(f)
@@ -395,6 +395,16 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
     :data:`FIRST_EXCEPTION`.
     """
     futures = list(futures)
+    for f in futures:
+        if not isinstance(f, cf.Future):
+            raise TypeError(f"wait() takes futures, got {brief(f)}")
     _refuse_on_scheduler(futures)
     with INSIDE:
-        return cf.wait(futures, timeout, return_when)
+        return cf.wait(futures, _bounded(timeout), return_when)
+
+
+def _bounded(timeout: Optional[float]) -> Optional[float]:
+    """``timeout`` as a lock takes it: at most ``threading.TIMEOUT_MAX`` (some 292
+    years; a longer one raised ``OverflowError``)."""
+    return timeout if timeout is None or timeout <= threading.TIMEOUT_MAX \
+        else threading.TIMEOUT_MAX

@@ -1163,7 +1163,7 @@ class Scheduler:
     def _retry(self, t: Task) -> None:
         """Ready ``t`` again: now, or after its backoff (``backoff * 2**(failures - 1)``
         seconds, a timer of the completion queue: nothing sleeps)."""
-        delay = t.node.opts.backoff * 2 ** (t.failures - 1)
+        delay = t.node.opts.backoff * 2.0 ** min(t.failures - 1, 64)  # no float overflow
         if not delay:
             self._push(t)
             return

@@ -136,14 +136,25 @@ def test_wait_first_completed_returns_the_finished_future_only(session):
     assert slow.cancel() and slow.cancelled()
 
 
-def test_what_is_not_a_future_is_refused_by_as_completed_and_a_future_by_graph(session):
+def test_what_is_not_a_future_is_refused_by_as_completed_and_wait_and_a_future_by_graph(
+        session):
     with pytest.raises(TypeError, match="as_completed\\(\\) takes futures, got 1"):
         rhapsody.as_completed([1])
+    with pytest.raises(TypeError, match="wait\\(\\) takes futures, got <Node inc-"):
+        rhapsody.wait([rhapsody.task(inc)(1)])  # was: AttributeError '_condition'
     fut = session.submit(rhapsody.task(inc)(1))
     with pytest.raises(TypeError, match="Graph\\(\\) takes nodes, got <Future inc-.*compute"
                                         "\\(\\) takes futures"):
         rhapsody.Graph(fut)
     assert fut.result(timeout=60) == 2
+
+def test_a_timeout_of_centuries_waits_instead_of_raising_overflow_error(session):
+    # a lock takes at most threading.TIMEOUT_MAX: 1e12 s raised OverflowError
+    pending = [session.submit(rhapsody.task(nap)(0.2, i)) for i in range(3)]
+    assert pending[0].result(timeout=1e12) == 0
+    assert len(rhapsody.wait(pending[1:2], timeout=1e12).done) == 1
+    assert [f.result() for f in rhapsody.as_completed(pending[2:], timeout=1e12)] == [2]
+
 
 def test_futures_work_with_the_standard_library_wait(session):
     futures = session.submit(*[rhapsody.task(inc)(i) for i in range(5)])

@@ -233,6 +233,27 @@ def test_timeout_on_python_node_kills_its_worker_names_the_node_and_frees_the_le
     assert pid not in pids[0] and pids[1] != pid
 
 
+@pytest.mark.parametrize("seconds", [30 * 24 * 3600, 1e12])
+def test_timeout_and_retry_backoff_of_many_days_are_waited_for_not_a_scheduler_crash(
+        tmp_path, seconds):
+    # poll() takes at most ~24.8 days: a longer wait crashed the scheduler, failing
+    # every node of the session with "OverflowError: timeout is too large"
+    backend = rhapsody.LocalBackend(cpus=2)
+    with rhapsody.Session(backend) as s:
+        patient = s.submit(rhapsody.task(timeout=seconds)(whoami)())
+        retried = s.submit(rhapsody.task(retries=1, backoff=seconds)(flaky)(
+            str(tmp_path / "attempts"), 1))
+        assert patient.result(timeout=60) == patient.result()
+        assert isinstance(patient.result(), int)
+        # the failed first attempt waits for its backoff; the session goes on meanwhile
+        wait_for_files([tmp_path / "attempts"], 60)
+        assert s.compute(rhapsody.task(whoami)()) != 0
+        assert len(lines(tmp_path / "attempts")) == 1
+        assert not retried.done()
+        assert retried.cancel() and retried.cancelled()
+        assert backend.ledger.idle()
+
+
 def test_timeout_on_executable_kills_its_process_tree_and_frees_the_ledger(backend, tmp_path):
     pidfile, after = tmp_path / "pids", tmp_path / "after"
     # the shell and a child of its own: both must go

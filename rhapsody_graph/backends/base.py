@@ -81,6 +81,9 @@ Completion = Tuple[Any, ...]
 #: the kind routing gives a node with ``ranks > 1``; any other node's kind is its own
 #: ``node.kind`` (``graph.FUNCTION``, ``graph.EXECUTABLE``, ``ai.nodes.AI``)
 RANKS_KIND = "ranks"
+#: the longest the completion queue sleeps at once (``poll`` takes at most 2**31-1 ms):
+#: a 30-day timeout or retry backoff is waited for in steps of this
+LONGEST_WAIT = 86400.0
 
 
 def kind_of(node: Any) -> str:
@@ -151,6 +154,8 @@ class Completions:
             if self._timers:
                 left = max(0.0, self._timers[0][0] - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
+            if timeout is not None and timeout > LONGEST_WAIT:
+                timeout = LONGEST_WAIT  # the loop comes back and waits again
             for key, mask in self.selector.select(timeout):
                 if key.data is None:
                     try:

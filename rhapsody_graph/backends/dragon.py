@@ -59,8 +59,8 @@ import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import dragon_runtime, watchdog, wire
-from .base import (DIED, ERROR, KILLED, OK, RANKS_KIND, Call, Completion, Completions, Lease,
-                   refuse_foreign_abort)
+from .base import (DIED, ERROR, KILLED, LONGEST_WAIT, OK, RANKS_KIND, Call, Completion,
+                   Completions, Lease, refuse_foreign_abort)
 from .dragon_worker import HELLO, TOKEN_BYTES, serve
 from .programs import run_program
 from .dragon_service import DragonServer
@@ -488,7 +488,7 @@ class DragonBackend(PoolBackend):
         return w
 
     def _options(self, timeout: Optional[float]) -> Any:
-        if timeout is None:
+        if timeout is None or timeout > LONGEST_WAIT:  # ours alone (see LONGEST_WAIT)
             return self._batch
         return self._batch.options(timeout=timeout + TIMEOUT_GRACE)
 
