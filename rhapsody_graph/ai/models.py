@@ -164,6 +164,9 @@ def model(name: str, *, engine: Optional[str] = None, path: Optional[str] = None
     if host is not None and (url is not None or not isinstance(host, str) or not host):
         raise ValueError(f"model {name!r}: host= must be a host name, for a server this "
                          f"project starts (not with url=); got {brief(host)}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError(f"model {name!r}: api_key= must be a non-empty string, got "
+                         f"{brief(api_key)}")
     if lists is not None and not isinstance(lists, bool):
         raise ValueError(f"model {name!r}: lists= must be True or False, got {brief(lists)}")
     path = os.fspath(path) if path is not None else None

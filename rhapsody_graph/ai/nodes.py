@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import string
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -26,6 +27,29 @@ __all__ = ["ai", "prompt", "AISpec", "AI", "build", "run"]
 
 AI = "ai"
 SAMPLING = ("temperature", "max_tokens", "top_p", "top_k", "stop", "seed")
+
+
+def _number(least: float, most: float = math.inf) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and least <= v <= most and v < math.inf)
+
+
+def _integer(least: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+# each sampling keyword's test and what it must be (a value the server would refuse, or
+# that JSON cannot carry, is refused where the node is declared)
+_SAMPLED: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "temperature": (_number(0.0), "a finite number >= 0"),
+    "top_p": (_number(0.0, 1.0), "a number from 0 to 1"),
+    "max_tokens": (_integer(1), "an integer >= 1"),
+    "top_k": (_integer(0), "an integer >= 0"),
+    "seed": (_integer(-2**63), "an integer"),
+    "stop": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(
+        isinstance(s, str) for s in v)), "a string or a list of strings"),
+}
+assert set(_SAMPLED) == set(SAMPLING)
 
 
 class AISpec:
@@ -61,6 +85,9 @@ def _spec(who: str, model: str, template: Any, builder: Any, system: Optional[st
     if unknown:
         raise TypeError(f"{who}: unknown sampling option(s) {sorted(unknown)}; "
                         f"valid: {', '.join(SAMPLING)}")
+    for key, value in sampling.items():
+        if value is not None and not _SAMPLED[key][0](value):
+            raise ValueError(f"{who}: {key}= must be {_SAMPLED[key][1]}, got {brief(value)}")
     if parse is not None and not callable(parse):
         raise TypeError(f"{who}: parse= must be callable, got {brief(parse)}")
     if chat is not None and not isinstance(chat, bool):
@@ -132,7 +159,7 @@ def ai(prompt: Union[str, Sequence[str]], *inputs: Any, model: str,
     spec = _spec(who, model, prompt if isinstance(prompt, str) else templates, None, system,
                  chat, parse, sampling)
     opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,
-                          **({"name": name} if name else {})})
+                          **({"name": name} if name is not None else {})})
     return Node(spec, inputs, {}, opts, kind=AI)
 
 
@@ -147,7 +174,15 @@ def prompt(model: str, *, system: Optional[str] = None, chat: Optional[bool] = N
     >>> plan([1, 2]).kind
     'ai'
     """
+    if callable(model):  # a bare @prompt
+        raise TypeError(f"@prompt needs the model to ask: @prompt(model=\"name\"), got "
+                        f"@prompt on {brief(model)}")
+    _spec("@prompt", model, None, None, system, chat, parse, sampling)  # refused here
+
     def decorate(fn: Callable[..., Any]) -> Callable[..., Node]:
+        if not callable(fn):
+            raise TypeError(f"@prompt(model={model!r}) decorates a function that builds the "
+                            f"prompt, got {brief(fn)}")
         who = f"ai node {fn.__name__!r}"
         spec = _spec(who, model, None, fn, system, chat, parse, sampling)
         opts = _options(who, {"timeout": timeout, "retries": retries, "backend": backend,

@@ -184,6 +184,7 @@ def test_only_vllm_or_a_url_model_declared_with_lists_gets_one_list_request():
     ({"url": ""}, "url= must be an http:// or https:// address"),
     ({"url": "ftp://x/v1"}, "url= must be an http:// or https:// address"),
     ({"url": 5}, "url= must be an http:// or https:// address"),
+    ({"url": "http://127.0.0.1:1/v1", "api_key": 3}, "api_key= must be a non-empty string"),
 ])
 def test_bad_model_declarations_are_refused(kwargs, text):
     with pytest.raises(ValueError, match=text):
@@ -219,6 +220,37 @@ def test_bad_ai_node_arguments_are_refused_where_written():
             one(*inputs)
     assert rhapsody.ai("{0} {0!r:>9} {0[0]} {{literal}}", "x", model="smollm2").kind == "ai"
     assert rhapsody.ai("{0:>{1}}", "x", 9, model="smollm2").kind == "ai"  # a nested width
+
+
+
+@pytest.mark.parametrize("sampling, text", [
+    ({"temperature": float("nan")}, "temperature= must be a finite number >= 0, got nan"),
+    ({"temperature": "hot"}, "temperature= must be a finite number >= 0, got 'hot'"),
+    ({"max_tokens": -5}, "max_tokens= must be an integer >= 1, got -5"),
+    ({"top_p": 1.5}, "top_p= must be a number from 0 to 1"),
+    ({"stop": 3}, "stop= must be a string or a list of strings, got 3"),
+    ({"seed": True}, "seed= must be an integer, got True"),
+])
+def test_sampling_values_a_server_would_refuse_are_refused_where_the_node_is_declared(
+        sampling, text):
+    # were accepted, failing only at run time, after the upstream nodes had run
+    with pytest.raises(ValueError, match=text):
+        rhapsody.ai("hi {}", country(), model="smollm2", **sampling)
+    with pytest.raises(ValueError, match=text):
+        rhapsody.prompt(model="smollm2", **sampling)
+
+
+def test_prompt_without_a_model_or_on_a_non_function_says_how_to_write_it():
+    with pytest.raises(TypeError, match=r'@prompt needs the model to ask: @prompt\(model="name"\)'):
+        @rhapsody.prompt
+        def plan(x):
+            return f"hi {x}"
+    with pytest.raises(TypeError, match="decorates a function that builds the prompt, got 's'"):
+        rhapsody.prompt(model="smollm2")("s")
+    with pytest.raises(TypeError, match="unknown sampling option"):  # before a function
+        rhapsody.prompt(model="smollm2", temprature=1)
+    with pytest.raises(ValueError, match="option 'name' must not be empty"):
+        rhapsody.ai("hi", model="smollm2", name="")
 
 
 def test_a_running_endpoint_declared_by_url_is_used_as_is(backend):
