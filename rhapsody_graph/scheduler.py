@@ -728,6 +728,7 @@ class Scheduler:
         filling: set = set()
         last_fn = None  # consecutive records of a shape are mostly calls of one function
         by_time = 1
+        blocked = False  # a better shape waits: the leases of the rest are not topped up
         with closing(ready.by_shape()) as shapes:
             for shape, heap in shapes:
                 exclusive = shape[1]
@@ -747,14 +748,16 @@ class Scheduler:
                         # spread over slots
                         depth = (1 if exclusive
                                  else max(1, min(by_time, 1 + ready.count // lane.slots)))
-                        lease = (None if exclusive
+                        lease = (None if exclusive or blocked
                                  else self._lease_with_room(lane, shape, depth, filling))
                         if lease is None:
-                            placement = (b.ledger.allocate(t.node.opts.resources,
-                                                           avoid=t.avoid or ())
-                                         if b.slots_free() > 0 else None)
+                            placement = self._allocate(lane, t)
+                            if placement is None and lane.drained and self._end_drained(lane):
+                                # idle leases must not hold cores against a better shape
+                                placement = self._allocate(lane, t)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
+                                blocked = True
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
                                     return  # nothing fits anywhere
                                 break
@@ -780,6 +783,13 @@ class Scheduler:
                             self._forward(lease, t)
                     if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
                         break  # another shape's best comes first
+
+    @staticmethod
+    def _allocate(lane: Lane, t: Task) -> Any:
+        """A placement for pool node ``t`` on a free slot of its lane, if one fits now."""
+        b = lane.backend
+        return (b.ledger.allocate(t.node.opts.resources, avoid=t.avoid or ())
+                if b.slots_free() > 0 else None)
 
     def _forward(self, lease: Lease, t: Task) -> None:
         """Queue behind running ``t`` the dependent that waits for nothing else, and so
@@ -1187,7 +1197,7 @@ class Scheduler:
                     self._release(attempt)
             elif j.state not in (PENDING, READY):
                 continue
-            count += 1
+            count += j.weight  # a fused record stands for its nodes
             stack.extend(j.dependents)
             if exc is None:
                 self._mark_cancelled(j)

@@ -225,6 +225,22 @@ def test_a_fused_head_that_raises_is_named_once_and_is_not_called_lost(session):
     assert info.value.__notes__ == [f"raised by node {head.key!r}"]
 
 
+
+def test_the_nodes_a_failure_skipped_are_counted_fused_ones_included(session):
+    inc = rhapsody.task(plus)
+    chain = rhapsody.task(leaf)(0)
+    for _ in range(100):
+        chain = inc(chain, 1)
+    assert session.compute(chain) == (100,)  # timed: the next chain is fused
+    x = bad = rhapsody.task(check)(13)
+    for _ in range(300):
+        x = inc(x, 1)
+    with pytest.raises(ValueError) as info:
+        session.compute(x)
+    # a fused call stands for many nodes: it was counted as one ("2 node(s)")
+    assert f"300 node(s) depending on {bad.key!r} did not run" in info.value.__notes__
+
+
 def test_a_step_gets_its_own_copy_of_an_input_other_steps_read_too():
     made = rhapsody.task(make_list)(3)  # an input of the call: computed elsewhere
     top = rhapsody.task(plus)(rhapsody.task(append_len)(made), rhapsody.task(length)(made))

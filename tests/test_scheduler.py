@@ -437,6 +437,22 @@ def test_independent_branches_run_one_after_the_other(tmp_path):
     assert len(runs) == 4, f"a branch started before the previous one finished: {order}"
 
 
+
+@pytest.mark.parametrize("options", [{"gpus": 1}, {"timeout": 60}])
+def test_a_node_of_another_shape_starts_in_priority_order_not_after_every_ready_one(
+        tmp_path, options):
+    # each prep's follow-up comes before the next prep; the follow-ups have a request
+    # (or a timeout) of their own, so they never share the preps' lease. The preps'
+    # idle lease kept the only core and every prep ran first (a GPU stage idle for the
+    # whole CPU stage, every intermediate kept)
+    log = str(tmp_path / "log")
+    follow = rhapsody.task(step, **options)
+    tails = [follow(log, f"g{i}", rhapsody.task(step)(log, f"s{i}")) for i in range(4)]
+    with rhapsody.LocalBackend(cpus=1, gpus=1) as b:
+        rhapsody.compute(tails, backend=b)
+    assert lines(log) == ["s0", "g0", "s1", "g1", "s2", "g2", "s3", "g3"]
+
+
 def chain_driver_growth(size, length, keep_all):
     """Driver memory at the start of each step of a chain of big values."""
     nodes = [rhapsody.task(grow)(None, size)]
