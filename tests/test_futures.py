@@ -14,7 +14,7 @@ import pytest
 
 import rhapsody_graph as rhapsody
 
-from .test_scheduler import alive, fail_now, still_alive, wait_for_files
+from .test_scheduler import alive, fail_now, lines, still_alive, wait_for_files
 
 
 # -- task bodies (module level: sent by reference) ---------------------------------------
@@ -659,6 +659,39 @@ def test_cancelling_a_call_queued_behind_a_running_one_leaves_the_running_one_al
         assert s.submit(rhapsody.task(inc)(head)).result(timeout=60) == 2  # the session goes on
         s.wait()
         assert backend.ledger.idle()
+
+
+
+def logged(path, i, seconds, gate=None):
+    """Log ``i`` (once ``gate`` exists, if given), then take ``seconds``."""
+    while gate is not None and not os.path.exists(gate):
+        time.sleep(0.005)
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    time.sleep(seconds)
+    return i
+
+
+def test_cancelling_a_call_whose_worker_already_answered_it_runs_nothing_again(tmp_path):
+    # the driver still took call 1 for the one running, but its worker had ended it and
+    # the calls behind it: the worker was killed and those (done, unread) ran again
+    log, gate = str(tmp_path / "log"), str(tmp_path / "gate")
+    backend = rhapsody.LocalBackend(cpus=1)
+    with rhapsody.Session(backends=[backend], progress=False) as s:
+        s.compute([rhapsody.task(logged)(str(tmp_path / "warm"), i, 0) for i in range(50)])
+        futs = s.submit(rhapsody.task(logged)(log, 0, 0, gate),
+                        *[rhapsody.task(logged)(log, i, 0.02) for i in range(1, 6)])
+
+        def cancel_second(first):  # on the scheduler thread: nothing is read meanwhile
+            deadline = time.monotonic() + 30
+            while len(lines(log)) < 6 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            futs[1].cancel()
+        futs[0].add_done_callback(cancel_second)
+        open(gate, "w").close()
+        assert [f.result(timeout=60) for f in futs[2:]] == [2, 3, 4, 5]
+        assert futs[1].cancelled()
+    assert sorted(lines(log)) == ["0", "1", "2", "3", "4", "5"], "calls ran twice"
 
 
 def test_a_daemon_an_executable_leaves_dies_when_the_run_ends_not_with_the_driver(tmp_path):

@@ -264,9 +264,10 @@ class WorkerPool:
         worker is killed, the calls behind it ``DROPPED``). A skip reaches the worker
         before its next call starts unless that starts within :data:`.worker.LOOK` of
         the one before; such a call runs, unheeded. What the worker answered already is
-        read first: the call ahead may have ended, and ``tid`` be running."""
+        read first: the call ahead may have ended, and ``tid`` be running; or ``tid`` and
+        calls behind it may have ended (killing the worker would run those again)."""
         w = self.owner.get(tid)
-        if w is not None and w.queue[0] != tid:
+        if w is not None:
             late: List[Completion] = []
             self._receive(w, late)
             for completion in late:
