@@ -469,7 +469,7 @@ class Scheduler:
                         break
                     if self._when_nothing_runs():
                         continue
-                if self.ended or (self.idle_waiters and not self.live):
+                if self.ended or (self.idle_waiters and self._at_rest()):
                     self._notify()  # after _idle(): a compute() returns with backends at rest
                 timeout = None
                 if self.deadlines:
@@ -481,7 +481,7 @@ class Scheduler:
             except BaseException as exc:  # a bug here must not hang every future
                 self._crash(exc)
         self.live = 0
-        self._notify()
+        self._notify(closed=True)
         if self.after is not None:  # a session dropped unclosed lets go of the rest
             self.after()
         self.closed.set()
@@ -504,13 +504,18 @@ class Scheduler:
                         "ready and nothing running; please report this"), final=True)
             lane.ready.clear()
             lane.ready_own.clear()
-        if not self.live:
+        if self._at_rest():
             if self.ended or self.idle_waiters:  # a compute() returns, or wait(): at rest
                 self._idle()
             elif not self.rest_due and any(lane.used for lane in self.lanes.values()):
                 self.rest_due = True
                 self.completions.call_at(time.monotonic() + IDLE_GRACE, self._rest)
         return False
+
+    def _at_rest(self) -> bool:
+        """Nothing is left: no record lives, and nothing handed over waits to be taken
+        (a done-callback's submit is taken on the next turn of the loop)."""
+        return not self.live and not self.intake
 
     def _rest(self, out: List[Any]) -> None:
         """The grace after futures ended has passed: rest, unless work came meanwhile."""
@@ -553,12 +558,13 @@ class Scheduler:
             lane.open_leases.clear()
             lane.drained.clear()
 
-    def _notify(self) -> None:
-        """Set the events of ended groups, and of idle waiters when nothing is left."""
+    def _notify(self, closed: bool = False) -> None:
+        """Set the events of ended groups, and of idle waiters when nothing is left
+        (or the loop has ended)."""
         for group in self.ended:
             group.ended.set()
         self.ended.clear()
-        if not self.live:
+        if closed or self._at_rest():
             for event in self.idle_waiters:
                 event.set()
             self.idle_waiters.clear()

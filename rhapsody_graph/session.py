@@ -551,13 +551,13 @@ class Session:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         try:
-            _current.remove(self)
-        except ValueError:
-            pass
-        try:
             if exc_type is None:
-                self.wait()
+                self.wait()  # still current: what done-callbacks submit comes here
         finally:
+            try:
+                _current.remove(self)
+            except ValueError:
+                pass
             self.close()
 
     def __repr__(self) -> str:

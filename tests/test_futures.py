@@ -156,6 +156,30 @@ def test_a_timeout_of_centuries_waits_instead_of_raising_overflow_error(session)
     assert [f.result() for f in rhapsody.as_completed(pending[2:], timeout=1e12)] == [2]
 
 
+
+def test_wait_and_a_with_block_wait_for_what_done_callbacks_submit_into_that_session():
+    # wait() returned (and the block's close() cancelled the rest) before the scheduler
+    # took a callback's submit; at the block's exit, rhapsody.submit() went to a new
+    # default session
+    follow = []
+
+    def next_step(fut):
+        if len(follow) < 5:
+            follow.append(rhapsody.submit(rhapsody.task(nap)(0.05, fut)))
+            follow[-1].add_done_callback(next_step)
+    backend = rhapsody.LocalBackend(cpus=1, name="mine")
+    with rhapsody.Session(backends=[backend], progress=False) as s:
+        first = s.submit(rhapsody.task(inc)(1))
+        first.add_done_callback(next_step)
+        s.wait()
+        assert len(follow) == 5 and all(f.done() for f in follow)
+        follow.clear()
+        first.add_done_callback(next_step)  # it has finished: called now, here
+    assert len(follow) == 5
+    assert [f.result() for f in follow] == [2] * 5
+    assert {f.backend for f in follow} == {"mine"}
+
+
 def test_futures_work_with_the_standard_library_wait(session):
     futures = session.submit(*[rhapsody.task(inc)(i) for i in range(5)])
     done, not_done = cf.wait(futures, timeout=60)
