@@ -685,35 +685,25 @@ def _has_value(handle: Any) -> bool:
 
 def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> BaseException:
     """The first failure of ``group``, noting the others and the outputs not computed
-    (on a copy, where an earlier call raised it already: a future's error, or its
-    dependents', is shared by every call that needs it)."""
+    on a copy: the error itself may be a future's, or shared by dependents (and their
+    futures) that other calls need."""
     t, exc = group.errors[0]
-    before = getattr(exc, _NOTES_BEFORE, None)
-    if before is not None:
-        exc = _with_notes(exc, before)
-    else:
-        try:
-            setattr(exc, _NOTES_BEFORE, len(getattr(exc, "__notes__", ())))
-        except Exception:  # a frozen exception class: its notes pile up
-            pass
+    exc = _with_notes(exc, len(getattr(exc, "__notes__", ())))
     if len(group.errors) > 1:
         others = ", ".join(o.node.key for o, _ in group.errors[1:6])
         add_note(exc, f"{len(group.errors) - 1} other node(s) failed too: {others}")
     unfinished = [r.key for r, h in zip(roots, handles)
                   if r is not t.node and not _has_value(h)]
     if unfinished and isinstance(exc, Exception):
-        add_note(exc, "outputs not computed: " + ", ".join(unfinished[:5]))
+        more = f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else ""
+        add_note(exc, "outputs not computed: " + ", ".join(unfinished[:5]) + more)
     return exc
-
-
-#: on an exception a compute() raised: how many notes it had before that call's own
-_NOTES_BEFORE = "_rhapsody_graph_notes_before"
 
 
 def _with_notes(exc: BaseException, keep: int) -> BaseException:
     """A copy of ``exc`` (made as unpickling makes one: its args and attributes, no
     ``__init__``) with its first ``keep`` notes, its cause and traceback; ``exc`` itself
-    where it cannot be copied so."""
+    where it cannot be copied so (its notes then pile up)."""
     cls = type(exc)
     try:
         dup = cls.__new__(cls, *exc.args)
@@ -729,7 +719,6 @@ def _with_notes(exc: BaseException, keep: int) -> BaseException:
         return exc
     if hasattr(exc, "__notes__"):
         dup.__notes__ = list(exc.__notes__[:keep])
-    vars(dup).pop(_NOTES_BEFORE, None)
     dup.__cause__, dup.__context__ = exc.__cause__, exc.__context__
     dup.__suppress_context__ = exc.__suppress_context__
     return dup.with_traceback(exc.__traceback__)

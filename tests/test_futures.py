@@ -358,7 +358,7 @@ def test_a_future_on_a_node_of_a_failing_compute_still_gets_its_value(tmp_path, 
 
 def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed(session):
     failed = session.submit(rhapsody.task(fail_now)())
-    failed.exception(timeout=60)
+    its_notes = list(failed.exception(timeout=60).__notes__)
     earlier = []  # the outputs of the calls before
     for i in range(3):
         own = rhapsody.task(inc)(100 + i)
@@ -367,6 +367,12 @@ def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed
         notes = "\n".join(info.value.__notes__)
         assert own.key in notes and not any(key in notes for key in earlier), notes
         earlier.append(own.key)
+    # the first call noted its outputs on the future's own error
+    assert failed.exception().__notes__ == its_notes
+    outputs = [rhapsody.task(inc)(200 + i) for i in range(8)]
+    with pytest.raises(ValueError) as info:
+        session.compute(rhapsody.task(inc)(failed), *outputs)
+    assert info.value.__notes__[-1].endswith(" and 3 more"), "outputs left out unsaid"
 
 
 def test_submit_of_a_plain_function_says_how_to_make_a_node(session):
