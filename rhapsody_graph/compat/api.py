@@ -114,6 +114,18 @@ class BaseTask(dict):
                                "await session.submit_tasks([...]) first")
         return self._ended
 
+    def _handed(self) -> asyncio.Future:
+        """A future of its own for whoever submitted it, resolved with it: cancelling
+        that one (a timed-out ``asyncio.wait_for``) leaves the task awaitable."""
+        ended = self._waiter()
+        fut = ended.get_loop().create_future()
+
+        def resolve(_: asyncio.Future) -> None:
+            if not fut.done():
+                fut.set_result(self)
+        ended.add_done_callback(resolve)
+        return fut
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uid} {self.state}>"
 
@@ -227,6 +239,11 @@ class ComputeTask(BaseTask):
                           f"got {', '.join(map(repr, bad))}{only}")
         if extra.get("env") is not None:
             self._need("env", extra["env"], dict, "a dict")
+            for name, value in extra["env"].items():  # checked here: env(1) runs the task
+                if not isinstance(name, str) or not name or "=" in name or "\0" in name \
+                        or not isinstance(value, str) or "\0" in value:
+                    self._invalid(f"env must map variable names (no '=') to strings, got "
+                                  f"{brief(name)}: {brief(value)}")
 
     def _build(self) -> Node:
         extra = self.task_backend_specific_kwargs
@@ -366,18 +383,20 @@ class Session:
         self.work_dir = work_dir or os.getcwd()
         self.tasks: List[BaseTask] = []
         self._session: Optional[_Session] = None
+        self._opening = asyncio.Lock()  # coroutines that use it first make one session
+        self._closed = False
 
     async def _open(self) -> _Session:
         """The session, made on first use. Off the event loop, as is every call that may
         wait on a backend: an asynchronous Dask cluster is served by this very loop."""
-        if self._session is None:
-            backends = [b.backend for b in self.backends.values()]
-            made = await asyncio.get_running_loop().run_in_executor(None, _Session, backends)
+        async with self._opening:
+            if self._closed:
+                raise SessionError(f"session {self.uid!r} is closed; make a new Session")
             if self._session is None:
-                self._session = made
-            else:
-                made.close()
-        return self._session
+                backends = [b.backend for b in self.backends.values()]
+                self._session = await asyncio.get_running_loop().run_in_executor(
+                    None, _Session, backends)
+            return self._session
 
     async def __aenter__(self) -> "Session":
         await self._open()
@@ -390,7 +409,14 @@ class Session:
         """Start ``tasks``; returns at once one ``asyncio`` future per task, as RHAPSODY
         does, which resolves to the task once it has ended (a failure does not raise:
         it is on the task's ``state`` and ``exception``)."""
+        if isinstance(tasks, (BaseTask, str, bytes)) \
+                or not isinstance(tasks, collections.abc.Iterable):
+            raise TypeError(f"submit_tasks() takes a list of tasks, got {brief(tasks)}")
         tasks = list(tasks)
+        for t in tasks:
+            if not isinstance(t, BaseTask):
+                raise TypeError(f"submit_tasks() takes tasks (ComputeTask, AITask), got "
+                                f"{brief(t)}: make a dict a task with ComputeTask(**fields)")
         session, loop = await self._open(), asyncio.get_running_loop()
         for t in tasks:
             if isinstance(t, AITask) and t.model is None:
@@ -400,7 +426,7 @@ class Session:
         for t, fut in zip(tasks, await loop.run_in_executor(None, session.submit, nodes)):
             t._submitted(fut, loop, folder)
         self.tasks += tasks
-        return [t._waiter() for t in tasks]
+        return [t._handed() for t in tasks]
 
     def _model_for(self, t: AITask) -> Optional[str]:
         models = [b.model_name for b in self.backends.values() if getattr(b, "model_name", None)
@@ -423,6 +449,7 @@ class Session:
 
     async def close(self) -> None:
         """Stop what still runs and shut the backends down."""
+        self._closed = True
         if self._session is not None:
             session, self._session = self._session, None
             await asyncio.get_running_loop().run_in_executor(None, session.close)

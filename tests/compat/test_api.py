@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from rhapsody_graph.compat.api import ComputeTask, Session, TaskState, TaskValidationError
+from rhapsody_graph.compat.api import (ComputeTask, Session, SessionError, TaskState,
+                                       TaskValidationError)
 from rhapsody_graph.compat.backends import ConcurrentExecutionBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,6 +161,58 @@ def test_a_task_is_running_until_it_ends_and_a_timed_out_wait_says_how_many_comp
 
     slow = asyncio.run(main())
     assert (slow.state, slow.stdout) == (TaskState.DONE, "done\n")
+
+
+
+def test_a_timed_out_wait_for_on_the_submitted_futures_leaves_the_tasks_awaitable():
+    # submit_tasks handed out each task's own future: a wait_for's timeout cancelled it,
+    # and `await task` and wait_tasks() raised CancelledError for ever after
+    async def main():
+        cpu = await ConcurrentExecutionBackend(name="cpu")
+        async with Session(backends=[cpu]) as session:
+            tasks = [ComputeTask(executable="/bin/sh", arguments=["-c", "sleep 0.5"])
+                     for _ in range(2)]
+            futures = await session.submit_tasks(tasks)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*futures), timeout=0.05)
+            assert await tasks[0] is tasks[0]
+            assert await session.wait_tasks(tasks, timeout=60) == tasks
+            return [t.state for t in tasks]
+
+    assert asyncio.run(main()) == [TaskState.DONE, TaskState.DONE]
+
+
+def test_coroutines_using_a_new_session_at_once_share_it_and_a_closed_one_refuses_tasks():
+    async def pipeline(session, i):
+        t = ComputeTask(executable="/bin/echo", arguments=[f"pipeline {i}"])
+        await session.submit_tasks([t])
+        await t
+        return t.stdout
+
+    async def main():
+        session = Session(backends=[await ConcurrentExecutionBackend()])  # no async with
+        try:  # each first use made a session: "already belongs to a session"
+            outputs = await asyncio.gather(*(pipeline(session, i) for i in range(3)))
+        finally:
+            await session.close()
+        with pytest.raises(SessionError, match="is closed; make a new Session"):
+            await session.submit_tasks([ComputeTask(executable="/bin/true")])
+        return outputs
+
+    assert asyncio.run(main()) == [f"pipeline {i}\n" for i in range(3)]
+
+
+def test_what_is_not_a_list_of_tasks_is_refused_saying_what_to_pass():
+    async def main():
+        async with Session(backends=[await ConcurrentExecutionBackend()]) as session:
+            with pytest.raises(TypeError, match="takes tasks .*got {.*'uid': 'd1'}.*ComputeTask"):
+                await session.submit_tasks([{"uid": "d1", "executable": "/bin/echo"}])
+            with pytest.raises(TypeError, match="takes a list of tasks, got "):
+                await session.submit_tasks(ComputeTask(executable="/bin/echo"))
+    asyncio.run(main())
+    with pytest.raises(TaskValidationError, match="'sim' .*env must map variable names .*'A': 1"):
+        ComputeTask(executable="/opt/sim", task_backend_specific_kwargs={"env": {"A": 1}},
+                    uid="sim")  # was reported against /usr/bin/env
 
 
 def test_tasks_go_to_the_backend_they_name_else_to_the_first_one():
