@@ -598,6 +598,19 @@ class Ledger:
         if name in self._hosts:
             self._index([st.host for st in self._order if st.host.name != name])
 
+    def short_of_cpus(self, req: Resources, avoid: Collection[str] = ()) -> bool:
+        """Whether a host ``req`` may use has its GPUs free now: if one rank of it does
+        not fit, cores (or memory) are what it lacks, not GPUs."""
+        gpus = self._gpus_ge
+        mask = gpus[req.gpus] if req.gpus < len(gpus) else 0
+        if mask and (avoid or req.host is not None or req.host_id is not None):
+            mask &= self._allowed(req, avoid)
+        return bool(mask)
+
+    def has_host(self, name: str) -> bool:
+        """Whether host ``name`` is in the ledger (it has not left)."""
+        return name in self._hosts
+
     # -- queries of the index --------------------------------------------------------
 
     def _fitting(self, req: Resources, avoid: Collection[str]) -> int:

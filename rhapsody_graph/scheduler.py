@@ -497,11 +497,13 @@ class Scheduler:
         for lane in lanes:
             if getattr(lane.backend, "waits_for_hosts", False):
                 continue  # its hosts are gone for now (restarting): its nodes wait for them
+            lost = getattr(lane.backend, "lost", None)  # why it can run nothing more
             for t in lane.ready.records() + lane.ready_own.records():
                 if t.state == READY:
                     self._fail(t, RuntimeError(
-                        f"node {t.node.key!r} can never start: the scheduler stalled with it "
-                        "ready and nothing running; please report this"), final=True)
+                        f"node {t.node.key!r} can never start: " + (lost or (
+                            "the scheduler stalled with it ready and nothing running; "
+                            "please report this"))), final=True)
             lane.ready.clear()
             lane.ready_own.clear()
         if self._at_rest():
@@ -734,7 +736,7 @@ class Scheduler:
         filling: set = set()
         last_fn = None  # consecutive records of a shape are mostly calls of one function
         by_time = 1
-        blocked = False  # a better shape waits: the leases of the rest are not topped up
+        blocked = False  # a better shape waits for cores: the rest's leases are not topped up
         with closing(ready.by_shape()) as shapes:
             for shape, heap in shapes:
                 exclusive = shape[1]
@@ -758,12 +760,13 @@ class Scheduler:
                                  else self._lease_with_room(lane, shape, depth, filling))
                         if lease is None:
                             placement = self._allocate(lane, t)
-                            if placement is None and lane.drained and self._end_drained(lane):
+                            if placement is None and lane.drained and self._short_of_cores(
+                                    lane, t) and self._end_drained(lane):
                                 # idle leases must not hold cores against a better shape
                                 placement = self._allocate(lane, t)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
-                                blocked = True
+                                blocked = blocked or self._short_of_cores(lane, t)
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
                                     return  # nothing fits anywhere
                                 break
@@ -789,6 +792,14 @@ class Scheduler:
                             self._forward(lease, t)
                     if heap and ready.heads and heap[0][0] > ready.heads[0][0]:
                         break  # another shape's best comes first
+
+    @staticmethod
+    def _short_of_cores(lane: Lane, t: Task) -> bool:
+        """Whether pool node ``t``, which does not fit now, lacks cores (or a worker),
+        which the shared leases of other shapes hold, rather than GPUs."""
+        b = lane.backend
+        return b.slots_free() <= 0 or b.ledger.short_of_cpus(t.node.opts.resources,
+                                                             t.avoid or ())
 
     @staticmethod
     def _allocate(lane: Lane, t: Task) -> Any:
@@ -875,14 +886,17 @@ class Scheduler:
         attempt = self.inflight.get(t.tid)
         return t if attempt is not None and attempt.lease is lease else None
 
-    @staticmethod
-    def _lease_with_room(lane: Lane, key: tuple, depth: int, filling: set) -> Optional[Lease]:
+    def _lease_with_room(self, lane: Lane, key: tuple, depth: int,
+                         filling: set) -> Optional[Lease]:
         """An open shared lease that may queue a call next, if any (``depth``: what one
         may hold now): the least loaded (the first opened of those) while it is at most
         half full, else the least loaded of those filled in this pass (``filling``)
-        that are not full."""
+        that are not full. One on a host that left the ledger is closed instead."""
         shared = lane.open_leases.get(key)
         lease = shared.least() if shared is not None else None
+        while lease is not None and not lane.backend.ledger.has_host(lease.placement.host):
+            self._close_lease(lane, shared, lease)
+            lease = shared.least()
         if lease is None:
             return None
         lease.depth = depth
@@ -1026,6 +1040,16 @@ class Scheduler:
                 lane.drained.append(lease)  # shared: ended after the next dispatch unless reused
             else:
                 self._end_lease(lane, lease)
+
+    def _close_lease(self, lane: Lane, shared: Shared, lease: Lease) -> None:
+        """A shared lease whose host left (a Dask worker): it takes no more calls, and
+        ends once its last call has."""
+        del shared.leases[lease]
+        lease.key = lease.tail = None
+        if lease in lane.drained:
+            lane.drained.remove(lease)
+        if not lease.outstanding:
+            self._end_lease(lane, lease)
 
     @staticmethod
     def _end_lease(lane: Lane, lease: Lease) -> None:

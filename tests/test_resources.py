@@ -269,9 +269,23 @@ def test_a_host_that_joins_is_placed_on_and_one_that_leaves_is_not():
     ledger.release(first)  # its host left: nothing to give back
     assert ledger.allocate(Resources(cpus=1)).host == "b"
     assert ledger.allocate(Resources(cpus=1)) is None
+    assert ledger.has_host("b") and not ledger.has_host("a")
     ledger.remove_host("b")
+    assert not ledger.has_host("b")
     with pytest.raises(UnsatisfiableError, match="has no host now"):
         ledger.inventory.check(Resources(cpus=1), "node 'x'")
+
+
+def test_a_request_that_does_not_fit_says_whether_it_lacks_cores_or_gpus():
+    ledger = Ledger(Inventory([Host("a", cpus=2, gpus=1), Host("b", cpus=2, gpus=0)]))
+    gpu = Resources(cpus=1, gpus=1)
+    held = ledger.allocate(Resources(cpus=2, gpus=0), avoid=("b",))  # a's cores
+    assert ledger.allocate(gpu) is None and ledger.short_of_cpus(gpu)  # a's GPU is free
+    ledger.release(held)
+    ledger.allocate(gpu)
+    assert ledger.allocate(gpu) is None and not ledger.short_of_cpus(gpu)  # no GPU free
+    assert ledger.short_of_cpus(Resources(cpus=4))  # cores are what a CPU request lacks
+    assert not ledger.short_of_cpus(gpu, avoid=("a",))
 
 
 # -- the free-capacity index against a brute-force reference ---------------------------

@@ -68,6 +68,9 @@ class _DaskCall:
         self.key, self.kind, self.func, self.args = key, kind, func, args
 
 
+#: while its cluster has no worker, how often a backend looks whether its client closed
+EMPTY_LOOK = 0.5
+
 _calls: Dict[str, int] = {}  # on a worker: the key of each call running there -> its thread
 
 
@@ -202,11 +205,17 @@ class DaskBackend(OwnCalls):
         self._killers: List[threading.Thread] = []  # stopping killed calls (see kill)
         self._ended: List[Tuple[int, Any]] = []  # (tid, future) of calls that ended, not fetched
         self._ended_cv = threading.Condition()
+        self._open = False
+        self._start()
+
+    def _start(self) -> None:
+        """Collect results and hear of workers that leave or join (again, after a
+        shutdown)."""
         self._open = True
         self._collector = threading.Thread(target=self._collect, daemon=True,
-                                           name=f"rhapsody-dask-{name}-results")
+                                           name=f"rhapsody-dask-{self.name}-results")
         self._collector.start()
-        _listen(self.client, self._event)  # workers that leave or join
+        _listen(self.client, self._event)
 
     def _hosts(self) -> List[Host]:
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -230,6 +239,17 @@ class DaskBackend(OwnCalls):
 
     # -- the backend protocol (see .base) ------------------------------------------------
 
+    def attach(self, completions: Optional[Completions]) -> None:
+        if completions is not None and not self._open:  # a session after a shutdown
+            if self.client.status != "running":
+                raise RuntimeError(f"DaskBackend {self.name!r} was shut down and its Dask "
+                                   f"client is {self.client.status}: make a new DaskBackend")
+            self.inventory = Inventory(self._hosts())
+            self.ledger = Ledger(self.inventory)
+            self._live = {h.name for h in self.inventory.hosts}
+            self._start()
+        super().attach(completions)
+
     def accepts(self, node: Any) -> bool:
         return not node.opts.custom_process  # Dragon's policy= and templates
 
@@ -243,9 +263,7 @@ class DaskBackend(OwnCalls):
         """The node's call, pickled now; raise ``TypeError`` naming what cannot be sent,
         ``RuntimeError`` once its client is closed (its cluster or scheduler is gone)."""
         if self.client.status in ("closing", "closed"):
-            raise RuntimeError(f"node {node.key!r}: the Dask client of backend {self.name!r} "
-                               f"is {self.client.status} (its cluster or scheduler is gone); "
-                               "make a new DaskBackend for a running cluster")
+            raise RuntimeError(f"node {node.key!r}: {self.lost}")
         if node.kind == EXECUTABLE:
             return _DaskCall(node.key, node.kind, self._program, encode_program(node))
         return _DaskCall(node.key, node.kind, encode_function(node), encode_arguments(node))
@@ -350,7 +368,15 @@ class DaskBackend(OwnCalls):
     def waits_for_hosts(self) -> bool:
         """Every worker left (a nanny restarts them; a cluster scales up again): nodes
         wait for the next one to join, as Dask's own tasks do."""
-        return not self.inventory.hosts
+        return not self.inventory.hosts and self.client.status == "running"
+
+    @property
+    def lost(self) -> Optional[str]:
+        """Why it can run nothing more (its client closed), else ``None``."""
+        if self.client.status == "running":
+            return None
+        return (f"the Dask client of backend {self.name!r} is {self.client.status} (its "
+                "cluster or scheduler is gone); make a new DaskBackend for a running cluster")
 
     # -- internals -------------------------------------------------------------------------
 
@@ -371,6 +397,13 @@ class DaskBackend(OwnCalls):
         elif message.get("action") == "remove-worker":
             hub.post(lambda out: self._worker_left(worker, out))
 
+    def _watch_empty(self, hub: Completions) -> None:
+        """On a thread of its own while the cluster has no worker: once one joins, or the
+        client closes, wake the scheduler (no event says that a client closed)."""
+        while not self.inventory.hosts and self.client.status == "running" and self._open:
+            time.sleep(EMPTY_LOOK)
+        hub.post(lambda out: None)
+
     def _ask_worker(self, worker: str, hub: Completions) -> None:
         """On a thread of its own: worker ``worker`` joined; post its host to the scheduler."""
         try:
@@ -388,9 +421,14 @@ class DaskBackend(OwnCalls):
             self.ledger.add_host(host)
 
     def _worker_left(self, worker: str, out: List[Completion]) -> None:
-        """It leaves the inventory; its calls fail ``DIED`` (the scheduler retries them)."""
+        """It leaves the inventory; its calls fail ``DIED`` (the scheduler retries them).
+        Once none is left, nodes wait for one to join, unless the client closes (the
+        cluster is gone): then the session is woken, and fails them saying so."""
         self._live.discard(worker)
         self.ledger.remove_host(worker)
+        if not self.inventory.hosts and self.hub is not None:
+            threading.Thread(target=self._watch_empty, args=(self.hub,), daemon=True,
+                             name=f"rhapsody-dask-{self.name}-empty").start()
         for tid in [t for t, w in self._where.items() if w == worker]:
             future = self._running.pop(tid)
             del self._where[tid]

@@ -291,6 +291,55 @@ def test_a_failed_start_closes_the_client_it_made():
             empty.scheduler.clients  # (the scheduler's own)
 
 
+
+def test_a_backend_on_a_users_client_serves_a_second_session_and_one_it_closed_says_so():
+    # the second session's nodes waited for ever: the first session's end had stopped
+    # the backend's result collector
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            dask = rhapsody.DaskBackend(client=client)
+            for x in (1, 2):
+                with rhapsody.Session(backends=[dask], progress=False) as s:
+                    assert s.submit(rhapsody.task(double)(x)).result(timeout=60) == 2 * x
+        own = rhapsody.DaskBackend(cluster=cluster, name="own")
+        with rhapsody.Session(backends=[own], progress=False) as s:
+            assert s.compute(rhapsody.task(double)(3)) == (6,)
+        with pytest.raises(RuntimeError, match="'own' was shut down and its Dask client is "
+                                               "closed: make a new DaskBackend"):
+            rhapsody.Session(backends=[own])
+
+
+def where_after(seconds):
+    time.sleep(seconds)
+    return rhapsody.current_placement().host
+
+
+def test_no_node_goes_to_a_worker_that_left_and_one_waiting_fails_once_the_cluster_is_gone():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        dask = rhapsody.DaskBackend(cluster=cluster)
+        with rhapsody.Session(backends=[dask], progress=False) as s:
+            nap = rhapsody.task(where_after)
+            backlog = s.submit(*[nap(0.2) for _ in range(30)])
+            gone, pid = sorted(dask.client.run(os.getpid).items())[0]
+            wait_until(lambda: sum(f.done() for f in backlog) >= 4, 60)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda: gone not in {h.name for h in dask.inventory.hosts}, 60)
+            left = time.time()
+            rhapsody.wait(backlog, timeout=120)
+            later = [f for f in backlog if f.where.start > left]
+            assert later, "the backlog ended before the worker left"
+            # the lease on the gone worker took new calls (sent anywhere, `where` wrong)
+            assert gone not in {f.result() for f in later}
+            assert gone not in {f.where.host for f in later}
+            waiting = s.submit(nap(30))
+            assert wait_until(waiting.running, 60)
+            cluster.close()  # it waited for ever for a worker to join
+            with pytest.raises((RuntimeError, rhapsody.WorkerDiedError)):
+                waiting.result(timeout=60)
+
+
 def test_two_backends_on_one_client_both_see_workers_join_and_leave():
     """A client keeps one handler per event topic: the second backend's replaced the
     first's, and the first shut down took the second's with it."""
