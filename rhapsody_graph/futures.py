@@ -41,7 +41,7 @@ import time
 from collections import deque
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
                                       PENDING, RUNNING, _AcquireFutures)
-from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import brief
 from .graph import Ref
@@ -194,7 +194,8 @@ class Future(cf.Future, Ref):
         if self._state not in _ENDED:
             _refuse_on_scheduler((self,))
             with INSIDE:
-                cf.wait((self,), _bounded(timeout))
+                in_steps(lambda step: cf.wait((self,), step), lambda: self._state in _ENDED,
+                         timeout)
         state = self._state
         if state == FINISHED:
             return self._exception
@@ -401,6 +402,32 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
     _refuse_on_scheduler(futures)
     with INSIDE:
         return cf.wait(futures, _bounded(timeout), return_when)
+
+
+#: the main thread waits in steps of this: a signal (Ctrl-C, SIGTERM) another thread
+#: received runs its handler there within a step (an untimed wait is not interrupted)
+SIGNAL_STEP = 0.25
+
+
+def in_steps(wait: Callable[[Optional[float]], Any], done: Callable[[], bool],
+             timeout: Optional[float] = None) -> None:
+    """``wait(timeout)`` until ``done()`` or ``timeout`` seconds pass; in the main
+    thread in steps of :data:`SIGNAL_STEP`, so that a signal's handler runs there."""
+    if threading.current_thread() is not threading.main_thread():
+        wait(_bounded(timeout))
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done():
+        step = SIGNAL_STEP if deadline is None else min(SIGNAL_STEP,
+                                                        deadline - time.monotonic())
+        if step <= 0:
+            return
+        wait(step)
+
+
+def wait_for(event: threading.Event) -> None:
+    """Wait until ``event`` is set (see :func:`in_steps`)."""
+    in_steps(event.wait, event.is_set)
 
 
 def _bounded(timeout: Optional[float]) -> Optional[float]:

@@ -30,7 +30,7 @@ from . import fusion
 from .ai.nodes import AI
 from .backends.base import Completions, kind_of
 from .errors import NoBackendError, add_note, brief, exception_text, warn
-from .futures import INSIDE, Future
+from .futures import INSIDE, Future, wait_for
 from .graph import Node, Ref, adapt, adapted, is_foreign, substitute
 from .progress import Progress, mode
 from .resources import Ledger
@@ -214,7 +214,7 @@ class Session:
             group.journal.new_run()  # the session's: code may have changed since its last run
         handles = self._submit(roots, group)
         try:
-            group.ended.wait()
+            wait_for(group.ended)
             if group.errors and policy != CONTINUE:
                 raise _first_error(group, roots, handles)
             values = {id(r): _outcome(h) for r, h in zip(roots, handles)}
@@ -515,7 +515,7 @@ class Session:
         """Wait until the session is idle: everything submitted has ended, including
         what other threads and done-callbacks submit meanwhile."""
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._scheduler.when_idle().wait()
+            wait_for(self._scheduler.when_idle())
 
     def close(self) -> None:
         """Cancel what still runs, stop the scheduler, and shut the backends down

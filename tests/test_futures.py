@@ -732,3 +732,19 @@ def test_a_daemon_an_executable_leaves_dies_when_the_run_ends_not_with_the_drive
             ["sh", "-c", f"setsid sleep 600 & echo $! > {pidfile}; sleep 0.2"]))
         daemon = int(pidfile.read_text())
         assert not still_alive([daemon], 10), "the executable's daemon outlived its run"
+
+
+def test_ctrl_c_that_another_thread_received_stops_a_waiting_result_at_once(session):
+    # as compute(): the handler runs in the main thread, asleep in an untimed wait
+    import signal
+
+    def ctrl_c_to_this_thread():
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    fut = session.submit(rhapsody.task(nap)(30))
+    timer = threading.Timer(0.5, ctrl_c_to_this_thread)
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        fut.result()
+    assert time.monotonic() - started < 15, "the Ctrl-C waited for the node to end"
+    assert fut.cancel()

@@ -289,3 +289,21 @@ def test_computes_in_threads_the_main_thread_leaves_running_finish_as_python_wai
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(out.stdout.split()[i] + out.stdout.split()[i + 1] for i in range(0, 8, 2)) \
         == ["early4", "gap6", "late5", "pool7"], out.stdout + out.stderr
+
+
+def test_ctrl_c_that_another_thread_received_stops_a_waiting_compute_at_once():
+    # a process signal may go to any thread; the handler runs in the main thread, which
+    # an untimed wait left asleep until the whole run had ended
+    import signal
+    import threading
+    import time
+
+    def ctrl_c_to_this_thread():
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    timer = threading.Timer(0.5, ctrl_c_to_this_thread)
+    started = time.monotonic()
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            s.compute(rhapsody.task(time.sleep)(30))
+    assert time.monotonic() - started < 15, "the Ctrl-C waited for the run to end"
