@@ -40,6 +40,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -69,15 +70,19 @@ def measure_graph(kind: str, repeats: int, levels: int, width: int,
     names = w.BUILD_ENGINES if kind == "build" else w.ORDER_ENGINES
     for engine in [e for e in names if not engines or e in engines]:
         samples = []
-        graph_input = w.order_input(engine, levels, width) if kind == "order" else None
-        for _ in range(repeats):
-            if kind == "build":
-                dt, value = _time(w.build, engine, levels, width)
-                del value
-            else:
-                dt, n = _time(w.order, engine, graph_input)
-                assert n == nodes, (engine, n)
-            samples.append(dt / nodes * 1e6)
+        try:
+            graph_input = w.order_input(engine, levels, width) if kind == "order" else None
+            for _ in range(repeats):
+                if kind == "build":
+                    dt, value = _time(w.build, engine, levels, width)
+                    del value
+                else:
+                    dt, n = _time(w.order, engine, graph_input)
+                    assert n == nodes, (engine, n)
+                samples.append(dt / nodes * 1e6)
+        except Exception as exc:  # not installed, or failed: reported, never dropped
+            out[engine] = w.reason(exc)
+            continue
         del graph_input
         out[engine] = samples
         _progress(kind, engine, samples)
@@ -166,8 +171,29 @@ def measure_engine_apart(engine: str, kinds: List[str], sizes: Dict[str, int], r
         part = _empty_part(kinds)
         for kind in kinds:
             part["results"][kind][engine] = f"failed: its process exited {child.exitcode}"
+    except BaseException:  # Ctrl-C: the engine is closed in its process, then all of it ends
+        _stop(child)
+        raise
     child.join()
     return part
+
+
+def _stop(child: "multiprocessing.process.BaseProcess", grace: float = 60.0) -> None:
+    """Interrupt an engine's process (its own process group, so a terminal's Ctrl-C
+    reaches only this one: the engine's own helpers, Parsl's interchange, stay up for
+    its close), give it ``grace`` seconds to close the engine, then kill its group."""
+    if child.pid is None:
+        return
+    try:
+        os.kill(child.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    child.join(grace)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # what the engine left in its group
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.join()
 
 
 def _empty_part(kinds: List[str]) -> dict:
@@ -179,6 +205,7 @@ def _empty_part(kinds: List[str]) -> dict:
 def _measure_child(send: "multiprocessing.connection.Connection", engine: str,
                    kinds: List[str], sizes: Dict[str, int], repeats: int, budget: float,
                    workers: int) -> None:
+    os.setpgid(0, 0)  # its own group: see _stop
     part = _empty_part(kinds)
     measure_engine(engine, kinds, sizes, repeats, budget, workers, part)
     send.send(part)
@@ -215,7 +242,11 @@ def _pool(earlier: Optional[Samples], samples: Samples) -> Samples:
 def measure_startup(repeats: int, engines: List[str]) -> Dict[str, Dict[str, List[float]]]:
     out: Dict[str, Dict[str, List[float]]] = {}
     for engine in [e for e in w.STARTUP_ENGINES if not engines or e in engines]:
-        runs = [w.startup(engine) for _ in range(repeats)]
+        try:
+            runs = [w.startup(engine) for _ in range(repeats)]
+        except Exception as exc:  # not installed, or failed: reported, never dropped
+            out[engine] = w.reason(exc)
+            continue
         out[engine] = {k: [r[k] for r in runs] for k in runs[0]}
         _progress("startup", engine, out[engine]["first_value_s"])
     return out
@@ -241,7 +272,10 @@ HELPERS = {"resource_tracker": "multiprocessing's resource tracker",
 def leftovers() -> List[str]:
     """Child processes of this one still alive (engines should have stopped theirs);
     the two helpers that end with this process are named as such."""
-    import psutil
+    try:
+        import psutil
+    except ImportError as exc:
+        return [f"not checked: psutil not installed ({exc})"]
     time.sleep(1.0)  # let exiting workers go
     alive = []
     for child in psutil.Process().children(recursive=True):
@@ -427,7 +461,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                 budget, a.workers)["results"]
     if "startup" in a.workloads:
         st = measure_startup(a.repeats, engines)
-        results["startup"] = {e: v["first_value_s"] for e, v in st.items()}
+        results["startup"] = {e: v if isinstance(v, str) else v["first_value_s"]
+                              for e, v in st.items()}
         extra["startup"] = st
 
     rounds = f" x {a.rounds} rounds" if a.rounds > 1 and run_kinds else ""
@@ -451,21 +486,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("| engine | import | import to first value | whole process |")
         print("|---|---:|---:|---:|")
         for e, v in extra["startup"].items():
+            if isinstance(v, str):
+                print(f"| {e} | {v} | | |")
+                continue
             print(f"| {e} | {statistics.median(v['import_s']):.3f} | "
                   f"{statistics.median(v['first_value_s']):.3f} | "
                   f"{statistics.median(v['process_s']):.3f} |")
-    alive = leftovers()
-    print("\nchild processes left at exit: " + ("; ".join(alive) if alive else "none"))
-    if a.chart:
-        chart(results, units, a.chart, f"{os.cpu_count()} CPUs, {a.workers} workers, "
-                                       f"median of {a.repeats}{rounds}")
-    if a.json:
+    if a.json:  # first: what was measured is kept whatever fails below
         with open(a.json, "w") as f:
             json.dump({"results": results, "startup": extra.get("startup"), "units": units,
                        "notes": out["notes"], "start_s": out["start_s"],
                        "linearity": out["linearity"], "drift": out.get("drift"),
                        "repeats": a.repeats, "rounds": a.rounds,
                        "graph_repeats": graph_repeats, "budget_s": budget}, f, indent=1)
+    alive = leftovers()
+    print("\nchild processes left at exit: " + ("; ".join(alive) if alive else "none"))
+    if a.chart:
+        chart(results, units, a.chart, f"{os.cpu_count()} CPUs, {a.workers} workers, "
+                                       f"median of {a.repeats}{rounds}")
     return 0
 
 
