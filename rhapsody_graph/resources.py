@@ -607,6 +607,21 @@ class Ledger:
             mask &= self._allowed(req, avoid)
         return bool(mask)
 
+    def fits_after_release(self, req: Resources, placement: Placement,
+                           avoid: Collection[str] = ()) -> bool:
+        """Whether one rank of ``req`` would fit on ``placement``'s host once that
+        placement is released (by counts; one that names cores or GPUs: True)."""
+        st = self._hosts.get(placement.host)
+        if st is None or placement.host in avoid or (
+                req.host is not None and req.host != placement.host) or (
+                req.host_id is not None and req.host_id != st.host.id):
+            return False
+        if req.cpu_ids or req.gpu_ids:
+            return True
+        return (len(st.free_cpus) + len(placement.cpus) >= req.cpus
+                and len(st.free_gpus) + len(placement.gpus) >= req.gpus
+                and st.free_memory + placement.memory >= req.memory)
+
     def has_host(self, name: str) -> bool:
         """Whether host ``name`` is in the ledger (it has not left)."""
         return name in self._hosts

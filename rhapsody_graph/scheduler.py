@@ -687,13 +687,26 @@ class Scheduler:
                 lane.backend.flush()
                 lane.flushed = next(_tids)
 
-    def _end_drained(self, lane: Lane) -> bool:
-        """End the shared leases left with nothing queued; True if any was ended."""
-        ended = [lease for lease in lane.drained if not lease.outstanding]
-        lane.drained.clear()
+    def _end_drained(self, lane: Lane, helping: Optional[Task] = None) -> bool:
+        """End the shared leases left with nothing queued (only those whose cores would
+        let record ``helping`` fit, if given); True if any was ended."""
+        if helping is None:
+            ended = [lease for lease in lane.drained if not lease.outstanding]
+            lane.drained.clear()
+        else:
+            ended = [lease for lease in lane.drained
+                     if not lease.outstanding and self._frees_room(lane, lease, (helping,))]
+            lane.drained = [lease for lease in lane.drained if lease not in ended]
         for lease in ended:
             self._end_lease(lane, lease)
         return bool(ended)
+
+    @staticmethod
+    def _frees_room(lane: Lane, lease: Lease, waiting: Sequence[Task]) -> bool:
+        """Whether ending ``lease`` would let one of the ``waiting`` records fit."""
+        ledger = lane.backend.ledger
+        return any(ledger.fits_after_release(t.node.opts.resources, lease.placement,
+                                             t.avoid or ()) for t in waiting)
 
     def _dispatch_own(self, lane: Lane) -> None:
         """Executables, multi-rank and AI nodes, best shape (request) first: one
@@ -736,7 +749,9 @@ class Scheduler:
         filling: set = set()
         last_fn = None  # consecutive records of a shape are mostly calls of one function
         by_time = 1
-        blocked = False  # a better shape waits for cores: the rest's leases are not topped up
+        # the best record of each better shape that waits for cores: a lease whose cores
+        # would let one fit is not topped up (it drains, and is ended)
+        blocked: List[Task] = []
         with closing(ready.by_shape()) as shapes:
             for shape, heap in shapes:
                 exclusive = shape[1]
@@ -756,17 +771,21 @@ class Scheduler:
                         # spread over slots
                         depth = (1 if exclusive
                                  else max(1, min(by_time, 1 + ready.count // lane.slots)))
-                        lease = (None if exclusive or blocked
+                        lease = (None if exclusive
                                  else self._lease_with_room(lane, shape, depth, filling))
+                        if lease is not None and blocked and self._frees_room(lane, lease,
+                                                                              blocked):
+                            lease = None
                         if lease is None:
                             placement = self._allocate(lane, t)
                             if placement is None and lane.drained and self._short_of_cores(
-                                    lane, t) and self._end_drained(lane):
+                                    lane, t) and self._end_drained(lane, t):
                                 # idle leases must not hold cores against a better shape
                                 placement = self._allocate(lane, t)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
-                                blocked = blocked or self._short_of_cores(lane, t)
+                                if self._short_of_cores(lane, t):
+                                    blocked.append(t)
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
                                     return  # nothing fits anywhere
                                 break

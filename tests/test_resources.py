@@ -288,6 +288,18 @@ def test_a_request_that_does_not_fit_says_whether_it_lacks_cores_or_gpus():
     assert not ledger.short_of_cpus(gpu, avoid=("a",))
 
 
+def test_a_placement_released_would_let_a_request_fit_on_its_host_or_not():
+    ledger = Ledger(Inventory([Host("a", cpus=4, gpus=1), Host("b", cpus=4, gpus=0)]))
+    one = ledger.allocate(Resources(cpus=1), avoid=("b",))
+    three = ledger.allocate(Resources(cpus=3), avoid=("b",))
+    trainer = Resources(cpus=2, gpus=1)
+    assert ledger.fits_after_release(trainer, three)
+    assert not ledger.fits_after_release(trainer, one)  # a single core is not enough
+    assert not ledger.fits_after_release(trainer, three, avoid=("a",))
+    b = ledger.allocate(Resources(cpus=4), avoid=("a",))
+    assert not ledger.fits_after_release(trainer, b)  # b has no GPU
+
+
 # -- the free-capacity index against a brute-force reference ---------------------------
 
 class Reference:

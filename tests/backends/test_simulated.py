@@ -58,7 +58,9 @@ def test_a_mixed_graph_completes_with_none_values_and_no_double_booking():
     used = {(p.host, g) for r in sim.records for p in r.placements for g in p.gpus}
     assert len(used) == 32  # the map waves and the trainers went over every GPU
     jobs = [r for r in sim.records if len(r.placements) == 16]
-    assert jobs and all(len({p.host for p in r.placements}) == 4 for r in jobs)
+    spread = [len({p.host for p in r.placements}) for r in jobs]
+    # round-robin: one rank per host in turn, over the hosts with a free core then
+    assert jobs and min(spread) >= 2 and max(spread) == 4, spread
     assert all([(p.rank, p.world_size) for p in r.placements] == [(k, 16) for k in range(16)]
                for r in jobs)  # a record's placements are the ledger's, rank by rank
     u = sim.utilisation()
