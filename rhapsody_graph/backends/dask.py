@@ -507,6 +507,9 @@ def _node_key(dask_key: str) -> str:
 
 
 def _host(address: str, info: Dict[str, Any]) -> Host:
-    """A worker of the scheduler's list as a host: its threads, its declared GPUs."""
+    """A worker of the scheduler's list as a host: its threads, its declared GPUs, its
+    memory limit (none set: this machine's memory)."""
+    limit = info.get("memory_limit")
     return Host(address, int(info.get("nthreads", 1)) or 1,
-                int((info.get("resources") or {}).get("GPU", 0)))
+                int((info.get("resources") or {}).get("GPU", 0)),
+                int(limit) if limit else None)

@@ -292,6 +292,18 @@ def test_a_failed_start_closes_the_client_it_made():
 
 
 
+def test_a_workers_memory_limit_is_its_hosts_memory_in_the_ledger():
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  memory_limit="300MiB", dashboard_address=None) as cluster:
+        dask = rhapsody.DaskBackend(cluster=cluster)
+        try:  # was this machine's memory: a node of memory="8GiB" was placed there
+            assert [h.memory for h in dask.inventory.hosts] == [300 * 2**20]
+            with pytest.raises(rhapsody.UnsatisfiableError, match="memory"):
+                rhapsody.compute(rhapsody.task(memory="8GiB")(double)(1), backend=dask)
+        finally:
+            dask.shutdown()
+
+
 def test_a_backend_on_a_users_client_serves_a_second_session_and_one_it_closed_says_so():
     # the second session's nodes waited for ever: the first session's end had stopped
     # the backend's result collector
