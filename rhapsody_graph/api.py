@@ -26,10 +26,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from .errors import brief, warn
 from .futures import INSIDE
-from .graph import Graph
 from .session import Session, current_session
 
-__all__ = ["compute", "run", "submit", "get_session", "get_backend", "BACKENDS"]
+__all__ = ["compute", "submit", "get_session", "get_backend", "BACKENDS"]
 
 
 def _local() -> Any:
@@ -131,14 +130,6 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
         return get_session(backend, session).compute(*outputs, on_error=on_error,
                                                      fail_fast=fail_fast, journal=journal,
                                                      progress=progress)
-
-
-def run(graph: Graph, backend: Any = None, session: Optional[Session] = None,
-        on_error: Optional[str] = None, fail_fast: Optional[bool] = None,
-        progress: Optional[bool] = None) -> Tuple[Any, ...]:
-    """Run a :class:`Graph`; return one value per output (see :func:`compute`)."""
-    return compute(*graph.outputs, backend=backend, session=session, on_error=on_error,
-                   fail_fast=fail_fast, progress=progress)
 
 
 def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:

@@ -323,8 +323,8 @@ class Graph:
 
         Takes the keyword arguments of :func:`rhapsody_graph.compute`.
         """
-        from .api import run
-        values = run(self, **kwargs)
+        from .api import compute
+        values = compute(*self.outputs, **kwargs)
         return values[0] if len(values) == 1 else values
 
     def visualize(self, path: "str | os.PathLike[str]", max_boxes: int = 200) -> str:

@@ -329,6 +329,9 @@ class Inventory:
     their cores and GPUs as hosts join (:meth:`add`) and leave (:meth:`remove`)."""
 
     def __init__(self, hosts: Iterable[Host]) -> None:
+        if isinstance(hosts, Host) or not isinstance(hosts, Iterable):
+            raise TypeError(f"hosts must be a list of Host(name, cpus=..., gpus=...) "
+                            f"objects, got {brief(hosts)}")
         self.hosts: List[Host] = list(hosts)
         if not self.hosts:
             raise ValueError("an inventory needs at least one host")

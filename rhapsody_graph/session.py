@@ -75,6 +75,7 @@ class Session:
                  run_log: "str | os.PathLike[str] | None" = None,
                  progress: Optional[bool] = None, fuse: bool = True,
                  _owns: bool = True) -> None:
+        _check_progress(progress)
         if backends is None:
             from .backends.local import LocalBackend
             backends = [LocalBackend()]
@@ -188,8 +189,7 @@ class Session:
                   fail_fast: Optional[bool], journal: "str | os.PathLike[str] | None",
                   progress: Optional[bool]) -> Tuple[Any, ...]:
         policy = _on_error(on_error, fail_fast)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
+        _check_progress(progress)
         _refuse_uncalled(outputs)
         outputs, roots = adapted(tuple(outputs))  # Dask collections among them: as nodes
         if not roots:
@@ -568,6 +568,11 @@ _current: List[Session] = []  # sessions of open `with` blocks, innermost last
 
 
 _WALKED = object()  # in _records: a node seen by the walk, its record not made yet
+
+
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {brief(progress)}")
 
 
 def current_session() -> Optional[Session]:

@@ -591,13 +591,17 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
             raise TypeError(f"map({func.__name__}, ...): a @prompt function's options are "
                             f"set by @prompt, got {sorted(options) or ['gpus']}")
         return [func(*items) for items in builtins.zip(*iterables)]
-    if gpus is None and options.get("gpu") == "all":
+    name = getattr(func, "__name__", "f")
+    if gpus is not None and options.get("gpu") is not None:
+        raise ValueError(f"map({name}, ...): give gpus= or its alias gpu=, not both (got "
+                         f"gpus={gpus!r}, gpu={options['gpu']!r})")
+    if gpus is None and isinstance(options.get("gpu"), str):
         gpus = options.pop("gpu")
     if gpus == "all":
         options["gpus"] = 1
     elif isinstance(gpus, str):
-        raise ValueError(f"map({getattr(func, '__name__', 'f')}, ...): gpus= takes \"all\" "
-                         f"(one GPU per node, over every GPU) or a count, got {gpus!r}")
+        raise ValueError(f"map({name}, ...): gpus= takes \"all\" (one GPU per node, over "
+                         f"every GPU) or a count, got {gpus!r}")
     elif gpus is not None:
         options["gpus"] = gpus
     base = func if isinstance(func, Task) else Task(func, {})

@@ -360,3 +360,18 @@ def test_a_journal_path_that_cannot_be_one_says_so_and_explain_makes_no_folder(t
     typo = tmp_path / "typo-dir"
     assert "there is no journal at" in rhapsody.explain(rhapsody.task(abs)(-1), typo)
     assert not typo.exists()
+
+
+def test_graph_compute_takes_the_keywords_of_compute_a_journal_too(tmp_path):
+    # was: TypeError: run() got an unexpected keyword argument 'journal'
+    path = str(tmp_path / "ran")
+    graph = rhapsody.Graph(rhapsody.task(append_x)(path))
+    journal = str(tmp_path / "journal")
+    assert graph.compute(journal=journal) == graph.compute(journal=journal)
+    assert open(path).read() == "x", "the journal did not keep the value"
+
+
+def append_x(path):
+    with open(path, "a") as f:
+        f.write("x")
+    return path

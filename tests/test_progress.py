@@ -155,3 +155,10 @@ def test_the_progress_example_draws_live_in_a_real_terminal():
     assert re.search(r"cpu .*400/400 0 running, 4 failed, 0 waiting", text), text[-2000:]
     assert re.search(r"aux .*40/40 +0 running, 1 failed, 0 waiting", text)
     assert "best 399, 5 failed" in text
+
+
+def test_a_session_refuses_a_progress_that_is_not_true_false_or_none():
+    # 0 or "no" turned the display on
+    for bad in (0, "no"):
+        with pytest.raises(TypeError, match="progress must be True, False or None"):
+            rhapsody.Session(rhapsody.LocalBackend(cpus=1), progress=bad)

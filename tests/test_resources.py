@@ -276,6 +276,11 @@ def test_a_host_that_joins_is_placed_on_and_one_that_leaves_is_not():
         ledger.inventory.check(Resources(cpus=1), "node 'x'")
 
 
+def test_an_inventory_of_one_host_not_in_a_list_says_to_pass_a_list():
+    with pytest.raises(TypeError, match="hosts must be a list of Host"):
+        Inventory(Host("a", cpus=1))  # was: 'Host' object is not iterable
+
+
 def test_a_request_that_does_not_fit_says_whether_it_lacks_cores_or_gpus():
     ledger = Ledger(Inventory([Host("a", cpus=2, gpus=1), Host("b", cpus=2, gpus=0)]))
     gpu = Resources(cpus=1, gpus=1)

@@ -266,6 +266,16 @@ def test_map_with_a_gpus_word_other_than_all_says_which_words_it_takes():
         rhapsody.map(inc, [1], gpus="All")
 
 
+def test_map_with_both_gpus_and_its_alias_gpu_says_to_give_one():
+    # 'gpu="all"' with gpus=1 said "option 'gpu' must be an integer, got 'all'"
+    for kwargs in ({"gpu": "all", "gpus": 1}, {"gpus": "all", "gpu": 2}):
+        with pytest.raises(ValueError, match="give gpus= or its alias gpu=, not both"):
+            rhapsody.map(inc, [1], **kwargs)
+    with pytest.raises(ValueError, match='gpus= takes "all" .* got \'ALL\''):
+        rhapsody.map(inc, [1], gpu="ALL")  # as gpus="ALL" (was a TypeError)
+    assert rhapsody.map(inc, [1], gpu="all")[0].opts.resources.gpus == 1
+
+
 def test_gpu_alias_overrides_a_stored_gpus_in_options_and_map():
     t = rhapsody.task(gpus=1)(inc)
     assert t.options(gpu=2).opts.resources.gpus == 2
