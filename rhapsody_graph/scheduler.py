@@ -383,7 +383,9 @@ class Attempt:
         measured): its start moves to when it began to run (a call queued on a worker
         waited first)."""
         self.end = time.time()
-        if seconds > 0:
+        if self.start < 0:  # timed since a future was attached while it ran, at -start
+            self.start = self.end - seconds if seconds > 0 else -self.start
+        elif seconds > 0:
             self.start = max(self.start, self.end - seconds)
 
 
@@ -630,6 +632,9 @@ class Scheduler:
                     t.futures = []
                 t.futures.append(weakref.ref(fut))
                 if t.state == RUNNING:
+                    attempt = self.inflight.get(t.tid)
+                    if attempt is not None and not attempt.start:  # untimed until now
+                        attempt.start = -time.time()
                     fut._start()
         if not group.live and group.ended is not None:
             self.ended.append(group)

@@ -514,7 +514,10 @@ class Session:
     def wait(self) -> None:
         """Wait until the session is idle: everything submitted has ended, including
         what other threads and done-callbacks submit meanwhile."""
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Session.wait() in a done-callback, which runs on the "
+                               "session's scheduler thread, would wait for ever")
+        if self._thread.is_alive():
             wait_for(self._scheduler.when_idle())
 
     def close(self) -> None:

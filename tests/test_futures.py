@@ -180,6 +180,24 @@ def test_wait_and_a_with_block_wait_for_what_done_callbacks_submit_into_that_ses
     assert {f.backend for f in follow} == {"mine"}
 
 
+
+def test_a_future_of_a_node_already_running_for_a_compute_says_when_it_ran(session,
+                                                                          tmp_path):
+    # its where.start and .end were 0.0: the attempt was not timed without a future
+    started = tmp_path / "started"
+    node = rhapsody.task(hold)(str(started), 0.5)
+    computing = threading.Thread(target=session.compute, args=(node,))
+    before = time.time()
+    computing.start()
+    wait_for_files([str(started)], 60)
+    fut = session.submit(node)  # attached to the record the compute() runs
+    assert fut.result(timeout=60) == "finished"
+    computing.join(60)
+    where = fut.where
+    assert before < where.start < where.end <= time.time()
+    assert 0.4 < where.seconds < 30
+
+
 def test_futures_work_with_the_standard_library_wait(session):
     futures = session.submit(*[rhapsody.task(inc)(i) for i in range(5)])
     done, not_done = cf.wait(futures, timeout=60)
@@ -259,6 +277,7 @@ def test_waiting_or_closing_in_a_done_callback_raises_instead_of_hanging_the_ses
                      lambda: session.submit(rhapsody.task(nap)(30)).result(),
                      lambda: rhapsody.wait([other]),
                      lambda: list(rhapsody.as_completed([other])),
+                     session.wait,  # it returned at once, having waited for nothing
                      session.close):
             try:
                 wait()
@@ -268,8 +287,8 @@ def test_waiting_or_closing_in_a_done_callback_raises_instead_of_hanging_the_ses
     session.submit(rhapsody.task(inc)(1)).add_done_callback(follow_up)
     assert called.wait(60)
     assert "compute() in a done-callback" in errors[0]
-    assert all("would wait for ever" in e for e in errors[1:4]), errors
-    assert "close() (or a backend's shutdown()) in a done-callback" in errors[4]
+    assert all("would wait for ever" in e for e in errors[1:5]), errors
+    assert "close() (or a backend's shutdown()) in a done-callback" in errors[5]
     session.cancel()  # the naps: they hold both cores
     assert session.submit(rhapsody.task(inc)(5)).result(timeout=60) == 6  # it goes on
 
