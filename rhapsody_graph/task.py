@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import numbers
 import os
 import re
 import types
@@ -33,14 +34,14 @@ __all__ = ["task", "Task", "Options", "executable", "map", "ExecResult", "OPTION
 
 def _count(minimum: int) -> Callable[[str, str, Any], int]:
     def check(who: str, name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             ids = (f"; exact ids go in {name[:-1]}_affinity=[...]"
                    if name in ("cpus", "gpus") and isinstance(value, (list, tuple)) else "")
             raise TypeError(f"{who}: option {name!r} must be an integer >= {minimum}, "
                             f"got {brief(value)} ({type(value).__name__}){ids}")
         if value < minimum:
             raise ValueError(f"{who}: option {name!r} must be >= {minimum}, got {brief(value)}")
-        return value
+        return int(value)  # a numpy integer too
     return check
 
 
@@ -62,7 +63,7 @@ def _memory(who: str, name: str, value: Any) -> int:
 def _seconds(who: str, name: str, value: Any) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {brief(value)}")
     if not 0 < value < math.inf:
         raise ValueError(f"{who}: option {name!r} must be a finite number of seconds > 0, "
@@ -83,7 +84,7 @@ def _exception_types(who: str, name: str, value: Any) -> Optional[Tuple[type, ..
 
 
 def _backoff(who: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: option {name!r} must be a number of seconds, got {brief(value)}")
     if not 0 <= value < math.inf:
         raise ValueError(f"{who}: option {name!r} must be a finite number of seconds >= 0, "

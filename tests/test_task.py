@@ -354,3 +354,15 @@ def test_each_group_of_ranks_shares_what_its_own_policy_pins_reserved_once():
     assert ledger.idle()
     with pytest.raises(rhapsody.UnsatisfiableError, match="rank 2 of 5 .*cpu_affinity=\\[4, 5, 6\\]"):
         rhapsody.Inventory([rhapsody.Host("n0", cpus=4)]).check(res, "node 'job'")
+
+
+def test_numpy_numbers_are_taken_as_counts_and_seconds():
+    np = pytest.importorskip("numpy")  # counts computed with numpy were refused
+    t = rhapsody.task(cpus=np.int64(2), gpus=np.int32(0), retries=np.int64(1),
+                      timeout=np.float32(1.5))(inc)
+    res = t(1).opts.resources
+    assert (res.cpus, res.gpus, type(res.cpus)) == (2, 0, int)
+    assert t(1).opts.timeout == 1.5
+    assert rhapsody.map(inc, [1], gpus=np.int64(1))[0].opts.resources.gpus == 1
+    with pytest.raises(TypeError, match="must be an integer"):
+        rhapsody.task(cpus=np.float64(2.0))(inc)
