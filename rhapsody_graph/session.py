@@ -19,6 +19,7 @@ inventory, and the encoding of every call.
 from __future__ import annotations
 
 import atexit
+import copy
 import concurrent.futures as cf
 import os
 import signal
@@ -709,27 +710,46 @@ def _first_error(group: Group, roots: Sequence[Any], handles: Sequence[Any]) -> 
 
 
 def _with_notes(exc: BaseException, keep: int) -> BaseException:
-    """A copy of ``exc`` (made as unpickling makes one: its args and attributes, no
-    ``__init__``) with its first ``keep`` notes, its cause and traceback; ``exc`` itself
-    where it cannot be copied so (its notes then pile up)."""
-    cls = type(exc)
-    try:
-        dup = cls.__new__(cls, *exc.args)
-        if dup is exc or type(dup) is not cls:  # a __new__ that interns its instances
-            return exc
-        vars(dup).update(vars(exc))
-        for klass in cls.__mro__:  # attributes in __slots__ too
-            slots = klass.__dict__.get("__slots__", ())
-            for name in (slots,) if isinstance(slots, str) else slots:
-                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
-                    setattr(dup, name, getattr(exc, name))
-    except Exception:
+    """A copy of ``exc`` with its first ``keep`` notes, its cause and traceback; ``exc``
+    itself where no copy reads as it does (its notes then pile up)."""
+    dup = _copied(exc)
+    if dup is None:
         return exc
     if hasattr(exc, "__notes__"):
         dup.__notes__ = list(exc.__notes__[:keep])
     dup.__cause__, dup.__context__ = exc.__cause__, exc.__context__
     dup.__suppress_context__ = exc.__suppress_context__
     return dup.with_traceback(exc.__traceback__)
+
+
+def _copied(exc: BaseException) -> Optional[BaseException]:
+    """A copy of ``exc`` whose text is the same, or ``None``: made as ``copy.copy``
+    makes one (the class's own ``__reduce__``: a builtin's fields, an ``OSError``'s
+    file name, are set again by its ``__init__``), else as unpickling with a class
+    whose ``__init__`` takes other arguments than its ``args`` (no ``__init__``)."""
+    cls = type(exc)
+    for make in (copy.copy, _made_bare):
+        try:
+            dup = make(exc)
+            if dup is exc or type(dup) is not cls:  # a class that interns its instances
+                continue
+            for klass in cls.__mro__:  # attributes in __slots__ too
+                slots = klass.__dict__.get("__slots__", ())
+                for name in (slots,) if isinstance(slots, str) else slots:
+                    if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                        setattr(dup, name, getattr(exc, name))
+            if str(dup) == str(exc):
+                return dup
+        except Exception:
+            continue
+    return None
+
+
+def _made_bare(exc: BaseException) -> BaseException:
+    cls = type(exc)
+    dup = cls.__new__(cls, *exc.args)
+    vars(dup).update(vars(exc))
+    return dup
 
 
 def _stop_on_sigterm() -> None:

@@ -307,3 +307,25 @@ def test_ctrl_c_that_another_thread_received_stops_a_waiting_compute_at_once():
         with pytest.raises(KeyboardInterrupt):
             s.compute(rhapsody.task(time.sleep)(30))
     assert time.monotonic() - started < 15, "the Ctrl-C waited for the run to end"
+
+
+def open_missing():
+    return open("/nonexistent/rhapsody-graph-test")
+
+
+def decode_bad():
+    return b"\xff".decode("utf-8")
+
+
+def test_compute_raises_the_nodes_error_with_its_own_fields_and_text():
+    # a copy made without __init__ lost what builtin exceptions set there: an empty text,
+    # an OSError without its file name
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+        with pytest.raises(FileNotFoundError) as info:
+            s.compute(rhapsody.task(open_missing)(), rhapsody.task(abs)(-1))
+        assert info.value.filename == "/nonexistent/rhapsody-graph-test"
+        assert "/nonexistent/rhapsody-graph-test" in str(info.value)
+        with pytest.raises(UnicodeDecodeError) as info:
+            s.compute(rhapsody.task(decode_bad)())
+        assert (info.value.encoding, info.value.reason) == ("utf-8", "invalid start byte")
+        assert "can't decode byte 0xff" in str(info.value)
