@@ -43,8 +43,8 @@ def _integer(least: int) -> Callable[[Any], bool]:
 _SAMPLED: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "temperature": (_number(0.0), "a finite number >= 0"),
     "top_p": (_number(0.0, 1.0), "a number from 0 to 1"),
-    "max_tokens": (_integer(1), "an integer >= 1"),
-    "top_k": (_integer(0), "an integer >= 0"),
+    "max_tokens": (_integer(-1), "an integer >= -1 (0 or -1: no limit, on llama.cpp)"),
+    "top_k": (_integer(-1), "an integer >= -1 (-1: every token, on vLLM)"),
     "seed": (_integer(-2**63), "an integer"),
     "stop": (lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and all(
         isinstance(s, str) for s in v)), "a string or a list of strings"),

@@ -348,8 +348,11 @@ class AITask(BaseTask):
                     if self[k] is not None}
         if self.stop_sequences is not None:
             sampling["stop"] = self.stop_sequences
-        return ai(literal, model=self.model, system=self.system_prompt, name=self.uid,
-                  backend=self.backend, **sampling)
+        try:  # a sampling value out of its range
+            return ai(literal, model=self.model, system=self.system_prompt, name=self.uid,
+                      backend=self.backend, **sampling)
+        except (TypeError, ValueError) as e:
+            self._invalid(str(e))
 
     def _value(self, value: Any) -> None:
         self.response = self.return_value = value

@@ -226,7 +226,8 @@ def test_bad_ai_node_arguments_are_refused_where_written():
 @pytest.mark.parametrize("sampling, text", [
     ({"temperature": float("nan")}, "temperature= must be a finite number >= 0, got nan"),
     ({"temperature": "hot"}, "temperature= must be a finite number >= 0, got 'hot'"),
-    ({"max_tokens": -5}, "max_tokens= must be an integer >= 1, got -5"),
+    ({"max_tokens": -5}, "max_tokens= must be an integer >= -1 .*got -5"),
+    ({"top_k": -2}, "top_k= must be an integer >= -1 .*got -2"),
     ({"top_p": 1.5}, "top_p= must be a number from 0 to 1"),
     ({"stop": 3}, "stop= must be a string or a list of strings, got 3"),
     ({"seed": True}, "seed= must be an integer, got True"),
@@ -238,6 +239,12 @@ def test_sampling_values_a_server_would_refuse_are_refused_where_the_node_is_dec
         rhapsody.ai("hi {}", country(), model="smollm2", **sampling)
     with pytest.raises(ValueError, match=text):
         rhapsody.prompt(model="smollm2", **sampling)
+
+
+def test_sampling_values_the_servers_take_for_no_limit_are_accepted():
+    # llama.cpp's server takes max_tokens 0 or -1 (no limit), vLLM top_k -1 (every token)
+    for sampling in ({"max_tokens": 0}, {"max_tokens": -1}, {"top_k": -1}):
+        assert rhapsody.ai("hi", model="smollm2", **sampling).kind == "ai"
 
 
 def test_prompt_without_a_model_or_on_a_non_function_says_how_to_write_it():

@@ -347,6 +347,16 @@ def test_a_concurrent_backend_refuses_what_is_not_an_executor():
         ConcurrentExecutionBackend(executor=5)
 
 
+def test_an_ai_task_with_a_sampling_value_out_of_range_is_a_task_validation_error():
+    # AITask(temperature=inf) passed the task's own check, then failed submit_tasks with
+    # a plain ValueError
+    from rhapsody_graph.compat.api import AITask
+    task = AITask(prompt="hi", model="m", temperature=float("inf"), uid="t")
+    with pytest.raises(TaskValidationError, match="'t' .*temperature= must be a finite"):
+        task.node()
+
+
+
 @pytest.mark.parametrize("fields, text", [
     (dict(prompt=""), "prompt is required"),
     (dict(prompt="hi"), "AITask requires either 'model' or 'backend'"),
