@@ -44,7 +44,7 @@ import signal
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,13 +179,13 @@ def measure_engine_apart(engine: str, kinds: List[str], sizes: Dict[str, int], r
 
 
 def _stop(child: "multiprocessing.process.BaseProcess", grace: float = 60.0) -> None:
-    """Interrupt an engine's process (its own process group, so a terminal's Ctrl-C
+    """Stop an engine's process (its own process group, so a terminal's Ctrl-C
     reaches only this one: the engine's own helpers, Parsl's interchange, stay up for
     its close), give it ``grace`` seconds to close the engine, then kill its group."""
     if child.pid is None:
         return
     try:
-        os.kill(child.pid, signal.SIGINT)
+        os.kill(child.pid, signal.SIGTERM)  # SystemExit there (SIGINT may be ignored)
     except ProcessLookupError:
         pass
     child.join(grace)
@@ -206,9 +206,24 @@ def _measure_child(send: "multiprocessing.connection.Connection", engine: str,
                    kinds: List[str], sizes: Dict[str, int], repeats: int, budget: float,
                    workers: int) -> None:
     os.setpgid(0, 0)  # its own group: see _stop
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # closes the engine on the way out
+    _end_when_parent_dies()
     part = _empty_part(kinds)
     measure_engine(engine, kinds, sizes, repeats, budget, workers, part)
     send.send(part)
+
+
+def _end_when_parent_dies() -> None:
+    """Linux: SIGTERM this process if the one that started it dies (a SIGKILL there
+    cannot stop the engine): it closes its engine and exits."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's handlers must do
+        return
+    if os.getppid() == 1:  # it died already
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _merge(out: dict, part: dict) -> None:
@@ -395,7 +410,16 @@ def chart(results: Dict[str, Dict[str, Samples]], units: Dict[str, str], path: s
     plt.close(fig)
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # an engine's process is stopped on the way out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    # the engines run in process groups of their own (see _stop): what ends this one
+    # (timeout's SIGTERM, a closed terminal's SIGHUP) stops the engine's first
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _exit_on_signal)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=4, help="timed runs per engine (median)")
     p.add_argument("--rounds", type=int, default=1,
