@@ -613,14 +613,17 @@ class Ledger:
     def fits_after_release(self, req: Resources, placement: Placement,
                            avoid: Collection[str] = ()) -> bool:
         """Whether one rank of ``req`` would fit on ``placement``'s host once that
-        placement is released (by counts; one that names cores or GPUs: True)."""
+        placement is released (by counts; one that names cores: if it holds one of
+        them)."""
         st = self._hosts.get(placement.host)
         if st is None or placement.host in avoid or (
                 req.host is not None and req.host != placement.host) or (
                 req.host_id is not None and req.host_id != st.host.id):
             return False
-        if req.cpu_ids or req.gpu_ids:
-            return True
+        if req.cpu_ids:
+            return not set(req.cpu_ids).isdisjoint(placement.cpus)
+        if req.gpu_ids and not set(req.gpu_ids) <= set(st.free_gpus) | set(placement.gpus):
+            return False
         return (len(st.free_cpus) + len(placement.cpus) >= req.cpus
                 and len(st.free_gpus) + len(placement.gpus) >= req.gpus
                 and st.free_memory + placement.memory >= req.memory)

@@ -303,6 +303,8 @@ def test_a_placement_released_would_let_a_request_fit_on_its_host_or_not():
     assert not ledger.fits_after_release(trainer, three, avoid=("a",))
     b = ledger.allocate(Resources(cpus=4), avoid=("a",))
     assert not ledger.fits_after_release(trainer, b)  # b has no GPU
+    pinned = Resources(cpus=1, cpu_ids=(three.cpus[0],))
+    assert ledger.fits_after_release(pinned, three) and not ledger.fits_after_release(pinned, one)
 
 
 # -- the free-capacity index against a brute-force reference ---------------------------
