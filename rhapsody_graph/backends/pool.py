@@ -267,7 +267,7 @@ class WorkerPool:
         read first: the call ahead may have ended, and ``tid`` be running; or ``tid`` and
         calls behind it may have ended (killing the worker would run those again)."""
         w = self.owner.get(tid)
-        if w is not None:
+        if w is not None and w.result_r >= 0:  # (a worker not connected yet answered nothing)
             late: List[Completion] = []
             self._receive(w, late)
             for completion in late:
