@@ -733,6 +733,8 @@ def _copied(exc: BaseException) -> Optional[BaseException]:
             dup = make(exc)
             if dup is exc or type(dup) is not cls:  # a class that interns its instances
                 continue
+            if vars(dup) is vars(exc):  # (tblib's reducer, which Dask installs, shares it)
+                dup.__dict__ = dict(vars(exc))
             for klass in cls.__mro__:  # attributes in __slots__ too
                 slots = klass.__dict__.get("__slots__", ())
                 for name in (slots,) if isinstance(slots, str) else slots:

@@ -375,7 +375,11 @@ def test_a_future_on_a_node_of_a_failing_compute_still_gets_its_value(tmp_path, 
         assert fut.result(timeout=60) == "finished"  # not cancelled with the compute's nodes
 
 
-def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed(session):
+@pytest.mark.parametrize("reducer", ["python's", "tblib's"])
+def test_each_compute_on_a_failed_future_notes_only_its_own_outputs_not_computed(session,
+                                                                                 reducer):
+    if reducer == "tblib's":  # Dask installs it: copies of an exception shared its __dict__
+        pytest.importorskip("tblib.pickling_support").install()
     failed = session.submit(rhapsody.task(fail_now)())
     its_notes = list(failed.exception(timeout=60).__notes__)
     earlier = []  # the outputs of the calls before
