@@ -783,13 +783,13 @@ class Scheduler:
                             lease = None
                         if lease is None:
                             placement = self._allocate(lane, t)
-                            if placement is None and lane.drained and self._short_of_cores(
-                                    lane, t) and self._end_drained(lane, t):
+                            short = placement is None and self._short_of_cores(lane, t)
+                            if short and lane.drained and self._end_drained(lane, t):
                                 # idle leases must not hold cores against a better shape
                                 placement = self._allocate(lane, t)
                             if placement is None:  # the shape waits for the next pass
                                 ready.wait(shape)
-                                if self._short_of_cores(lane, t):
+                                if short:
                                     blocked.append(t)
                                 if b.slots_free() <= 0 and not self._any_lease_room(lane, filling):
                                     return  # nothing fits anywhere
