@@ -166,7 +166,13 @@ class Future(cf.Future, Ref):
                 self = None  # as concurrent.futures: no cycle through the traceback
         value = self._result
         if value is _UNDECODED:
-            value = self._task.value()
+            try:
+                value = self._task.value()
+            except Exception as failed:  # kept: every caller gets this one error, and
+                with self._condition:    # exception() and wait(FIRST_EXCEPTION) see it
+                    if self._result is _UNDECODED:
+                        self._result, self._exception = None, failed
+                return self.result()
             with self._condition:  # the first decoded value is the one every caller gets
                 if self._result is _UNDECODED:
                     self._result = value
@@ -377,7 +383,7 @@ def _as_completed(pending: set, deadline: Optional[float]) -> Iterator[cf.Future
                 if left is not None and left <= 0:
                     raise queue.Empty
                 with INSIDE:
-                    f = arrivals.queue.get(timeout=_bounded(left))
+                    f = _taken(arrivals.queue, left)
             except queue.Empty:
                 raise cf.TimeoutError(f"{len(pending)} (of {total}) futures unfinished") from None
             pending.discard(f)
@@ -400,8 +406,31 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
         if not isinstance(f, cf.Future):
             raise TypeError(f"wait() takes futures, got {brief(f)}")
     _refuse_on_scheduler(futures)
+    answer: list = []
+
+    def wait_once(step: Optional[float]) -> None:
+        began = time.monotonic()
+        answer[:] = cf.wait(futures, step, return_when), step is None or \
+            time.monotonic() - began < step  # it returns early only once it is answered
     with INSIDE:
-        return cf.wait(futures, _bounded(timeout), return_when)
+        in_steps(wait_once, lambda: bool(answer) and (answer[1] or not answer[0].not_done),
+                 timeout)
+    return answer[0] if answer else cf.wait(futures, 0, return_when)
+
+
+def _taken(q: queue.SimpleQueue, timeout: Optional[float]) -> Any:
+    """``q.get(timeout=timeout)``, waiting as :func:`in_steps` does."""
+    got: list = []
+
+    def get_once(step: Optional[float]) -> None:
+        try:
+            got.append(q.get(timeout=step))
+        except queue.Empty:
+            pass
+    in_steps(get_once, lambda: bool(got), timeout)
+    if not got:
+        raise queue.Empty
+    return got[0]
 
 
 #: the main thread waits in steps of this: a signal (Ctrl-C, SIGTERM) another thread

@@ -436,6 +436,17 @@ def test_exception_gives_the_error_result_raises_for_a_value_the_driver_cannot_l
     assert isinstance(exc, RuntimeError) and "cannot be unpickled in the driver" in str(exc)
     with pytest.raises(RuntimeError, match="cannot rebuild here"):
         fut.result()
+    assert fut.exception() is exc  # before: a new error per call
+
+
+def test_wait_first_exception_counts_a_finished_value_the_driver_cannot_load(session,
+                                                                             tmp_path):
+    fut = session.submit(rhapsody.task(Unloadable)())
+    rhapsody.wait([fut], timeout=60)
+    other = session.submit(rhapsody.task(hold)(str(tmp_path / "held")))
+    done, not_done = rhapsody.wait([fut, other], timeout=60, return_when=cf.FIRST_EXCEPTION)
+    assert done == {fut} and not_done == {other}
+    other.cancel()
 
 # -- futures as inputs, a growing graph ----------------------------------------------------
 
@@ -757,7 +768,13 @@ def test_a_daemon_an_executable_leaves_dies_when_the_run_ends_not_with_the_drive
         assert not still_alive([daemon], 10), "the executable's daemon outlived its run"
 
 
-def test_ctrl_c_that_another_thread_received_stops_a_waiting_result_at_once(session):
+@pytest.mark.parametrize("waiting", [
+    lambda fut: fut.result(),
+    lambda fut: rhapsody.wait([fut]),
+    lambda fut: rhapsody.wait([fut], timeout=10**6, return_when=rhapsody.FIRST_COMPLETED),
+    lambda fut: list(rhapsody.as_completed([fut])),
+], ids=["result", "wait", "wait-first-completed", "as_completed"])
+def test_ctrl_c_that_another_thread_received_stops_a_waiting_call_at_once(session, waiting):
     # as compute(): the handler runs in the main thread, asleep in an untimed wait
     import signal
 
@@ -768,6 +785,6 @@ def test_ctrl_c_that_another_thread_received_stops_a_waiting_result_at_once(sess
     started = time.monotonic()
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        fut.result()
+        waiting(fut)
     assert time.monotonic() - started < 15, "the Ctrl-C waited for the node to end"
     assert fut.cancel()
