@@ -8,11 +8,13 @@ rest. Failures and cancelled nodes are never kept.
 What decides reuse (a node's *journal key*, a hash of):
 
 * what it runs: for a function, the byte code, constants, names and default argument
-  values of its code object, the values of the module's numbers and strings it reads
-  by a global name (``SCALE = 2``), and the same of every function of the same module
-  it reads by a global name, and of every method of the same module's classes it reads
-  so (``Model().score(x)``), recursively (a changed helper or method is a change;
-  comments, blank lines and moved code are not); a ``functools.partial``'s bound
+  values of its code object, the values of the module's numbers, strings and
+  enumeration members it reads by a global name (``SCALE = 2``), and the same of every
+  function of the same module it reads by a global name, and of every method of the
+  same module's classes it reads so (``Model().score(x)``; a module's object: its
+  class), recursively (a changed helper or method is a change; comments, blank lines
+  and moved code are not), and any other global name by the qualified name of what it
+  stands for; a ``functools.partial``'s bound
   arguments too (nested ones as well), a callable object's class and pickled state, a
   bound method's object; for an executable its whole spec (argument vector, ``env=``,
   ``cwd=``), for an AI node its prompt and its model as declared (engine, endpoint or
@@ -22,7 +24,8 @@ What decides reuse (a node's *journal key*, a hash of):
   a resume with a longer ``timeout=`` reuses what ran), and its ``version=`` if given
   (``@task(version="2")``: bump it when what the code reads changes but not the code,
   a data file or a module-level table);
-* its arguments: plain values by their pickled bytes, upstream nodes by *their*
+* its arguments: plain values by their pickled bytes (a class not of the standard
+  library, an object's too, by its name and code hash), upstream nodes by *their*
   journal keys (so a change upstream is a change downstream). Every set, at any depth
   (in a list, a dataclass, a namedtuple, an executable's spec, a default value), is
   written as its items in one order, whatever the process's hash seed; what plain
@@ -50,13 +53,16 @@ b'payload'
 """
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import inspect
 import io
 import json
+import numbers
 import os
 import struct
+import sys
 import tempfile
 import types
 import weakref
@@ -118,14 +124,8 @@ def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None
             h.update(_stable_bytes(defaults, (), seen))
     module = fn.__module__
     for name in sorted(_global_names(fn.__code__)):
-        value = fn.__globals__.get(name)
-        if type(value) in SCALARS:  # a constant of the module: SCALE = 2
-            h.update(name.encode() + repr(value).encode())
-        elif isinstance(value, _CODE) and _module(value) == module:  # a helper, a class
-            h.update(name.encode() + _code_hash(value, seen).encode())
-        elif isinstance(getattr(value, "__wrapped__", None), _CODE) and _module(
-                value.__wrapped__) == module:  # a wrapped helper (functools.cache, ...)
-            h.update(name.encode() + _code_hash(value.__wrapped__, seen).encode())
+        if name in fn.__globals__:
+            h.update(name.encode() + b"=" + _global_part(fn.__globals__[name], module, seen))
     for cell in fn.__closure__ or ():
         try:
             h.update(_stable_bytes(cell.cell_contents, (), seen))
@@ -134,6 +134,33 @@ def _hash_function(fn: types.FunctionType, h: Any, seen: Dict[int, str]) -> None
 
 
 _CODE = (types.FunctionType, type, functools.partial, Task)  # what _hash_function follows
+
+
+def _global_part(value: Any, module: str, seen: Dict[int, str]) -> bytes:
+    """What a global name a function of ``module`` reads adds to its hash: a constant
+    its value; a helper, class or object of ``module`` its code (an object: its class's);
+    anything else what it is by name (``floor`` from ``math`` is not ``ceil``)."""
+    constant = _constant(value)
+    if constant is not None:  # SCALE = 2, Mode.FAST, np.float64(1.5)
+        return constant
+    wrapped = getattr(value, "__wrapped__", None)  # functools.cache, a decorator's
+    for code in (value, wrapped):
+        if isinstance(code, _CODE) and _module(code) == module:
+            return _code_hash(code, seen).encode()
+    if isinstance(value, types.ModuleType):
+        return value.__name__.encode()
+    if not callable(value) and type(value).__module__ == module:  # MODEL = Model()
+        return _code_hash(type(value), seen).encode()
+    inner = value.func if isinstance(value, (Task, functools.partial)) else value
+    return (f"{_module(value)}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
+            .encode())
+
+
+def _constant(value: Any) -> Optional[bytes]:
+    """A number's, string's or enumeration member's ``repr``; ``None`` for other values."""
+    if type(value) in SCALARS or isinstance(value, (numbers.Number, str, bytes, enum.Enum)):
+        return repr(value).encode()
+    return None
 
 
 def _module(obj: Any) -> Optional[str]:
@@ -152,8 +179,9 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
         for f in functions:
             if isinstance(f, types.FunctionType):
                 h.update(name.encode() + _code_hash(f, seen).encode())
-        if type(attr) in SCALARS and not name.startswith("__"):
-            h.update(name.encode() + repr(attr).encode())
+        constant = _constant(attr)
+        if constant is not None and not name.startswith("__"):
+            h.update(name.encode() + constant)
     for base in cls.__bases__:
         if base.__module__ == cls.__module__:
             h.update(_code_hash(base, seen).encode())
@@ -187,8 +215,9 @@ def _global_names(code: types.CodeType) -> set:
 class _KeyPickling:
     """wire's argument pickler (an upstream node as its slot) that writes a set as its
     items' pickles in order (a set of strings iterates in an order that changes with
-    each process's hash seed), and a function as its code hash (its name would hide an
-    edit; a lambda has none). Sets and functions at any depth (in a dataclass, an AI
+    each process's hash seed), a function as its code hash (its name would hide an
+    edit; a lambda has none), and a class not of the standard library (an object's
+    class, too) as its name and code hash. Sets and functions at any depth (in a dataclass, an AI
     node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
     ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
 
@@ -204,12 +233,9 @@ class _KeyPickling:
         if t in SCALARS:  # most objects: no slot, no set (pickle asks of each)
             return None
         if t is types.FunctionType:
-            if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
-                return "code", _code_hash(obj, self.seen)
-            known = self.codes.get(id(obj))
-            if known is None or known[0] is not obj:  # a whole hash, of its own
-                known = self.codes[id(obj)] = (obj, _code_hash(obj, {}))
-            return "code", known[1]
+            return "code", self._code(obj)
+        if isinstance(obj, type) and str(obj.__module__).partition(".")[0] not in _STDLIB:
+            return "class", f"{obj.__module__}.{obj.__qualname__}", self._code(obj)
         if not isinstance(obj, (set, frozenset)):
             return self.slots.get(id(obj))  # an upstream node: its slot
         kinds = {type(o) for o in obj}
@@ -222,6 +248,20 @@ class _KeyPickling:
         state = getattr(obj, "__dict__", None)  # a subclass: its type and attributes too
         return f"{t.__module__}.{t.__qualname__}", items, _pickled(
             state, self.slots, self.seen, self.codes, self.cloud) if state else b""
+
+    def _code(self, obj: Any) -> str:
+        """The code hash of a function or class met in an argument."""
+        if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
+            return _code_hash(obj, self.seen)
+        known = self.codes.get(id(obj))
+        if known is None or known[0] is not obj:  # a whole hash, of its own
+            known = self.codes[id(obj)] = (obj, _code_hash(obj, {}))
+        return known[1]
+
+
+#: modules whose classes an argument's pickle names (an object's class elsewhere, its
+#: instances' included, goes by its code: an edited method is a change)
+_STDLIB = frozenset(sys.builtin_module_names) | frozenset(sys.stdlib_module_names)
 
 
 class _KeyPickler(_KeyPickling, wire.PlainArgPickler):  # type: ignore[misc, valid-type]

@@ -258,6 +258,79 @@ def test_a_changed_method_of_a_class_the_function_uses_runs_the_node_again(tmp_p
     assert run_program(tmp_path, METHOD.replace("FACTOR", "100")) == ["100", "0"]
 
 
+IMPORTED = RESUME + """
+import importlib.util
+
+def load(name, source):  # two plugins: one function body, different imported helpers
+    path = sys.argv[1] + "-" + name + ".py"
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+plugin = "import rhapsody_graph as rhapsody\\nfrom math import {} as rounding\\n" \\
+         "@rhapsody.task\\ndef rnd(x):\\n    return rounding(x)\\n"
+compute(load("down", plugin.format("floor")).rnd(1.5), load("up", plugin.format("ceil")).rnd(1.5))
+"""
+
+
+def test_functions_alike_but_for_what_an_imported_name_stands_for_have_their_own_keys(
+        tmp_path):
+    """Both had one key: the resume gave floor's value for ceil's node too."""
+    assert run_program(tmp_path, IMPORTED) == ["1", "1", "2", "1"]
+    assert run_program(tmp_path, IMPORTED) == ["1", "0", "2", "0"]  # was 2 for floor's too
+
+
+EDITED = RESUME + """
+import dataclasses
+import enum
+
+class Mode(enum.Enum):
+    FAST = 1
+
+@dataclasses.dataclass
+class Config:
+    v: int
+
+    def get(self):
+        return self.v + 1
+
+class Model:
+    def score(self, x):
+        return x + 1
+
+MODEL = Model()
+
+def configured(cfg):
+    return cfg.get()
+
+def uses_class(cls, x):
+    return cls().score(x)
+
+def uses_enum(x):
+    return x + Mode.FAST.value
+
+def uses_object(x):
+    return MODEL.score(x)
+
+compute(rhapsody.task(configured)(Config(1)), rhapsody.task(uses_class)(Model, 1),
+        rhapsody.task(uses_enum)(1), rhapsody.task(uses_object)(1))
+"""
+
+
+def test_an_edited_class_an_argument_holds_or_an_edited_enum_or_global_object_is_a_change(
+        tmp_path):
+    """An object or a class as an argument counted by its class's name only, and an
+    enumeration member or a module's object the function reads not at all: stale
+    values were reused after an edit."""
+    assert run_program(tmp_path, EDITED) == ["2", "1"] * 4
+    edited = EDITED.replace("+ 1", "+ 100").replace("FAST = 1", "FAST = 100")
+    assert run_program(tmp_path, edited) == ["101", "1"] * 4  # was ["2", "0"] * 4
+    assert run_program(tmp_path, edited) == ["101", "0"] * 4
+
+
 def weighted(options, values):
     return sum(values) * options.weight
 
