@@ -155,7 +155,8 @@ def _html(records: Sequence[Dict[str, Any]]) -> str:
     by_row = rows(records)
     nodes = {(r.get("run"), r["node"]) for r in records}  # a key is a node in each run
     runs = len({r.get("run") for r in records})
-    failed = [r for r in records if r["outcome"] in ("failed", "died")]
+    failed = [r for r in records if r["outcome"] in ("failed", "died")
+              or (r["outcome"] == "killed" and r.get("error"))]  # killed by its timeout
     counts: Dict[str, int] = defaultdict(int)
     for r in records:
         counts[r["outcome"]] += 1

@@ -97,3 +97,20 @@ def test_runs_appended_to_one_log_leave_the_gap_between_them_out_of_timeline_and
     assert len(uses) == 2 and min(uses) >= 70, uses  # the gap counted: about 40 %
     assert re.search(r"[\d.]+ s of running; the 2\.\d+ s between runs are left out", page)
     assert page.count('stroke-dasharray="4 3"') == 1  # where the gap is left out
+
+
+def test_a_node_killed_by_its_timeout_is_among_the_failures_and_a_cancelled_one_is_not(
+        tmp_path):
+    """The Failures table listed failed and died attempts only: a timeout was missing."""
+    log = tmp_path / "run.jsonl"
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], run_log=log,
+                          progress=False) as s:
+        slow = s.submit(rhapsody.task(nap, name="slow").options(timeout=0.3)(30))
+        held = s.submit(rhapsody.task(nap, name="held")(30))
+        with pytest.raises(rhapsody.NodeTimeoutError):
+            slow.result(timeout=60)
+        assert held.cancel()
+    page = open(rhapsody.report(log, tmp_path / "run.html")).read()
+    failures = page.split("<h2>Failures</h2>")[1]
+    assert "NodeTimeoutError" in failures and ">slow<" in failures
+    assert ">held<" not in failures
