@@ -203,6 +203,10 @@ def _visualize(args: argparse.Namespace) -> int:
     except Exception:  # the script raised: its traceback, as `run` prints it
         traceback.print_exc()
         return 1
+    except SystemExit as exited:  # sys.exit() at its top level: nothing to draw
+        raise UsageError(f"{script} exited (sys.exit({exited.code!r})) while it was loaded, "
+                         f"so {name!r} was not drawn: put what runs it under "
+                         "`if __name__ == \"__main__\":`") from None
     if name not in namespace:
         graphs = [k for k, v in namespace.items() if isinstance(v, (Graph, Node))]
         raise UsageError(f"{script} has no {name!r}; graphs and nodes there: "

@@ -131,7 +131,8 @@ def to_dot(graph: Any, max_boxes: int = MAX_BOXES) -> Any:
                            edge_attr={"fontname": "Helvetica", "fontsize": "10"})
     for b in drawn:
         fill, line = COLOURS[b.kind]
-        dot.node(f"b{b.id}", b.label, fillcolor=fill, color=line,
+        dot.node(f"b{b.id}", b.label.replace("\\", "\\\\"),  # a name's \ is no escape
+                 fillcolor=fill, color=line,
                  penwidth="2" if b.count > 1 else "1")
     for (a, b), n in edges.items():
         dot.edge(f"b{a}", f"b{b}", label=f"{n:,}" if n > 1 else None)

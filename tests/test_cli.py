@@ -111,6 +111,16 @@ def test_visualize_of_a_script_that_raises_prints_its_traceback_and_exits_1(tmp_
     assert "flow.py:needs cannot be called without arguments" in out.stderr
 
 
+def test_visualize_of_a_script_that_exits_while_loaded_says_so_and_exits_2(tmp_path):
+    """It exited 0 and drew nothing, without a word."""
+    script = tmp_path / "flow.py"
+    script.write_text("import sys\nimport rhapsody_graph as rhapsody\n"
+                      "graph = rhapsody.task(abs)(-1)\nsys.exit(0)\n")
+    out = cli("visualize", f"{script}:graph", str(tmp_path / "flow.dot"))
+    assert out.returncode == 2 and "flow.py exited (sys.exit(0)) while it was loaded, so " \
+        "'graph' was not drawn" in out.stderr, out.stderr
+    assert not (tmp_path / "flow.dot").exists()
+
 def test_report_writes_the_page_of_a_run_journal(tmp_path):
     journal = tmp_path / "run.jsonl"
     code = ("import rhapsody_graph as r\n"

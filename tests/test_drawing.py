@@ -97,3 +97,16 @@ def test_the_pictures_example_draws_its_workflow_and_prints_mermaid(tmp_path):
     assert f"40,004 nodes drawn into {out}" in run.stdout
     assert 'b3["analyse<br/>job · 1 cpu · 4 ranks"]:::job' in run.stdout
     assert "simulate ×20,000" in out.read_text()
+
+
+def test_a_backslash_in_a_task_name_is_drawn_as_written_not_read_as_an_escape(tmp_path):
+    """Graphviz read ``\\N`` as the box's id and a trailing ``\\`` as a line join."""
+    pytest.importorskip("graphviz")
+    from rhapsody_graph.drawing import to_dot
+    names = ["back\\slash", "ends\\", "\\N node"]
+    g = rhapsody.Graph([rhapsody.task(abs).options(name=n)(-1) for n in names])
+    source = to_dot(g).source
+    assert all(n.replace("\\", "\\\\") + "\n" in source for n in names), source
+    if shutil.which("dot"):
+        svg = open(g.visualize(tmp_path / "flow.svg")).read()
+        assert all(f">{n}</text>" in svg for n in names), svg
