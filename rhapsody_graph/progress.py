@@ -202,10 +202,13 @@ class _RichDisplay:
             if not c["total"]:
                 continue
             fields = {k: f"{c[k]:,}" for k in ("running", "failed", "waiting")}
+            total, completed = c["total"], c["done"] + c["failed"]
             tid = self.ids.get(id(lane))
-            if tid is None:
-                tid = self.ids[id(lane)] = self.bars.add_task(lane.backend.name, **fields)
-            self.bars.update(tid, total=c["total"], completed=c["done"] + c["failed"], **fields)
+            if tid is None:  # with its counts: adding draws a frame (rich's total: 100)
+                self.ids[id(lane)] = self.bars.add_task(lane.backend.name, total=total,
+                                                        completed=completed, **fields)
+            else:
+                self.bars.update(tid, total=total, completed=completed, **fields)
         self.bars.refresh()
 
 

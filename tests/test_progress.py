@@ -155,6 +155,7 @@ def test_the_progress_example_draws_live_in_a_real_terminal():
     assert re.search(r"cpu .*400/400 0 running, 4 failed, 0 waiting", text), text[-2000:]
     assert re.search(r"aux .*40/40 +0 running, 1 failed, 0 waiting", text)
     assert "best 399, 5 failed" in text
+    assert not re.search(r"\d/100\b", text), "a first frame showed rich's default total"
 
 
 def test_a_session_refuses_a_progress_that_is_not_true_false_or_none():
