@@ -1153,9 +1153,10 @@ class Scheduler:
         except Exception as e:  # (on this thread: anything else would stop the session)
             if journal not in self.unsaved:
                 self.unsaved.add(journal)
-                warn(f"the journal {journal.path} cannot be written ({e}): the values "
-                     f"of node {t.node.key!r} and of nodes after it are not saved, so a "
-                     "resumed run runs them again; this run goes on")
+                warn(f"the journal {journal.path} cannot be written ({e}): the value "
+                     f"of node {t.node.key!r} (and of any later node it cannot take) is "
+                     "not saved, so a resumed run runs it again; this run goes on (this "
+                     "warning is given once)")
 
     def _ended(self, t: Task) -> None:
         """``t`` has ended: free what it held upstream; forget it unless a dependent
