@@ -214,6 +214,15 @@ class Service:
             return False
         return self.server.wait(grace) is not None
 
+    def crashed(self) -> bool:
+        """Whether a server that was serving has died (a warning says so, pointing at
+        its log, kept): the next node starts a new one."""
+        if self.client is None or self.failed is not None or not self.died():
+            return False
+        from ..errors import warn
+        warn(self.failure("died; a new one starts for the next node that needs it"))
+        return True
+
     def failure(self, what: str) -> str:
         """``what`` happened to the server, with its exit status and last log lines."""
         self.keep_log = True
@@ -258,8 +267,8 @@ class Services:
         """Make sure ``model`` has a service (not started yet if new), placed by
         ``request`` (None: no placement) from ``ledger``; False if that does not fit now."""
         service = self.running.get(model.name)
-        if service is not None and service.model is not model:  # declared anew since
-            del self.running[model.name]
+        if service is not None and (service.model is not model or service.crashed()):
+            del self.running[model.name]  # declared anew since, or its server died: anew
             if service in self.users.values():  # its nodes finish on it
                 self.retired.append((service, ledger))
             else:

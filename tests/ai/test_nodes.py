@@ -155,6 +155,26 @@ def test_server_killed_mid_run_fails_the_node_with_its_log_and_leaves_no_process
     assert not child_pids() - before
 
 
+
+def test_a_server_that_died_between_nodes_is_started_anew_for_the_next_with_a_warning(
+        backend):
+    """In a session kept busy, every later node failed with "died while serving this
+    node": the dead service stayed until the run ended."""
+    before = child_pids()
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], progress=False) as s:
+        busy = s.submit(rhapsody.task(time.sleep)(120))  # the run goes on throughout
+        assert s.submit(rhapsody.ai("Say hi.", model="smollm2", max_tokens=3)).result(240)
+        service = s.backends["inference"].services.running["smollm2"]
+        os.killpg(service.server.pid, 9)
+        assert service.server.wait(30) is not None
+        with pytest.warns(RuntimeWarning, match="smollm2' died; a new one starts") as caught:
+            later = s.submit(rhapsody.ai("Say hi.", model="smollm2", max_tokens=3))
+            assert isinstance(later.result(timeout=240), str)
+        assert s.backends["inference"].services.running["smollm2"] is not service
+        busy.cancel()
+    remove_kept_logs(caught[0].message)
+    assert not child_pids() - before
+
 def test_only_vllm_or_a_url_model_declared_with_lists_gets_one_list_request():
     assert rhapsody.model("v", engine="vllm", path="x").takes_lists
     assert not rhapsody.model("l", engine="llama_cpp", path="x").takes_lists
