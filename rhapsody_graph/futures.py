@@ -218,7 +218,7 @@ class Future(cf.Future, Ref):
 
     def cancel(self) -> bool:
         """Stop the node: dequeue it, or kill its process(es) if it runs; cancel what
-        depends on it. Returns once its processes are gone (and their cores and
+        depends on it. Returns once its processes are reaped (and their cores and
         GPUs are back in the ledger); False if it had already finished."""
         with self._condition:
             if self._state == FINISHED:

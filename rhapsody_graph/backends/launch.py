@@ -10,6 +10,7 @@ through ``post``, also when it was killed (then once its processes are reaped).
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import selectors
@@ -68,7 +69,10 @@ class Launch:
         with self.lock:
             self.killed = True
             for p in self.procs:
-                kill_tree(p)
+                if p.returncode is None:
+                    kill_tree(p)
+                else:  # reaped (a rank that ended): its id, and group's, may be another's
+                    watchdog.kill_marked(p)
 
     def _start(self, placement: Placement, argv: List[str], **kw: Any) -> subprocess.Popen:
         os.sched_setaffinity(0, self.pin(placement.cpus) or self.home)
@@ -97,12 +101,14 @@ class Launch:
     def executable(self, argv: List[str], cwd: Any, env: Any,
                    placements: List[Placement]) -> Completion:
         """Run ``argv`` once per placement; the first rank to exit non-zero fails the node."""
-        started = []
+        started: list = []
+        files: list = []
         try:
+            room_for(len(placements), self.key)
             for p in placements:
-                out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+                files += (tempfile.TemporaryFile(), tempfile.TemporaryFile())
                 started.append((self._start(p, argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=err), out, err, p))
+                                            stdout=files[-2], stderr=files[-1]), *files[-2:], p))
             with selectors.DefaultSelector() as sel:
                 try:
                     for rank, (proc, *_) in enumerate(started):
@@ -118,6 +124,10 @@ class Launch:
                                 failed = key.data
                 finally:
                     _close_registered(sel)
+        except BaseException:
+            for f in files:  # (a failed start's traceback would keep them open)
+                f.close()
+            raise
         finally:
             _stop([proc for proc, *_ in started])
         results = [ExecResult(argv, _read(out), _read(err), proc.returncode, p.host, p.cpus,
@@ -138,6 +148,7 @@ class Launch:
         fails the node, and the other ranks are killed.
         """
         procs: List[subprocess.Popen] = []
+        room_for(len(placements), self.key)
         with selectors.DefaultSelector() as sel:
             try:
                 for rank, p in enumerate(placements):
@@ -183,8 +194,9 @@ class Launch:
                 rank, buf, pipe = key.data
                 if rank in ended:  # its other descriptor, in the same batch: closed now
                     continue
-                if pipe is None and _drain(key.fd, buf):
-                    continue  # more may come
+                if pipe is None and _drain(key.fd, buf) and not wire.holds_result(buf):
+                    continue  # more may come (once its value is in, its threads are not
+                    # waited for: the rank is stopped, as its exit would)
                 if pipe is not None:  # the rank exited: what it wrote is in its pipe now
                     _drain(pipe, buf)
                 ended.add(rank)
@@ -213,6 +225,28 @@ class Launch:
                                                           f"{len(procs)}")
                     return (self.tid, ERROR, err, 0.0, tuple(outputs))
         return (self.tid, OK, wire.dump_value(values), 0.0, tuple(outputs))
+
+
+#: descriptors each rank holds while it runs (two output files or pipes, its pidfd),
+#: and those left for the rest of the driver
+PER_RANK, SPARE = 3, 64
+
+
+def room_for(ranks: int, key: str) -> None:
+    """Make room for ``ranks`` ranks' descriptors under this process's open-file limit
+    (its soft limit raised toward the hard one if need be), or raise ``OSError``
+    saying what limit to raise."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = len(os.listdir("/proc/self/fd")) + PER_RANK * ranks + SPARE
+    if need <= soft or soft == resource.RLIM_INFINITY:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise OSError(errno.EMFILE, f"node {key!r} runs {ranks:,} ranks, which need about "
+                  f"{need:,} open files in the driver, over its limit of {hard:,} "
+                  "(`ulimit -Hn`): raise that limit, or run fewer ranks per node")
 
 
 def _drain(fd: int, buf: bytearray) -> bool:

@@ -387,6 +387,11 @@ def take_output(status: int, payload: bytes) -> Tuple[int, bytes, Optional[Tuple
     return status & ~OUTPUT, payload[start + n_out + n_err:], (out, err)
 
 
+def holds_result(buf: bytearray) -> bool:
+    """Whether ``buf`` begins with a whole result."""
+    return len(buf) >= RESULT.size and len(buf) >= RESULT.size + RESULT.unpack_from(buf)[3]
+
+
 def split_results(buf: bytearray) -> List[Tuple[int, int, float, bytes]]:
     """Cut the complete results off the front of ``buf`` (leaves a partial tail)."""
     out = []

@@ -452,3 +452,99 @@ def test_a_process_a_call_forked_that_falls_into_the_workers_loop_ends_there(how
         node = rhapsody.task(_fork_and_fall_through)(how)
         assert node.compute(backend=backend) == ("the parent's value", code)
         assert rhapsody.task(abs)(-4).compute(backend=backend) == 4  # the worker answers on
+
+
+def leave_a_thread_running():
+    import threading
+    import time
+    threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon
+    return os.environ["RANK"]
+
+
+def test_a_python_job_ends_once_every_rank_gave_its_value_not_when_their_threads_end(
+        gpu_backend):
+    """Each rank's interpreter waited for its leftover thread, holding its pipe open:
+    the node took 60 s, or failed its timeout after every value was in."""
+    import time
+    started = time.monotonic()
+    job = rhapsody.task(leave_a_thread_running).options(ranks=2, timeout=30)
+    assert job().compute(backend=gpu_backend) == ["0", "1"]
+    assert time.monotonic() - started < 25
+
+
+TOO_MANY_RANKS = """
+import os, resource, sys
+import rhapsody_graph as rhapsody
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+job = rhapsody.executable(["true"], ranks=150, cpus=0)
+with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], progress=False) as s:
+    try:
+        print("ranks", len(s.compute(job)[0]))
+    except OSError as e:
+        print("refused:", e)
+    print("open files", len(os.listdir("/proc/self/fd")))
+    print(s.compute(rhapsody.executable(["echo", "next"]))[0].stdout.strip())
+"""
+
+
+def test_a_job_over_the_open_file_limit_raises_it_or_says_which_and_leaks_no_file(tmp_path):
+    """150 ranks over a limit of 256 open files failed with a bare EMFILE, and the
+    output files it had opened stayed open: the next node failed the same way."""
+    script = tmp_path / "ranks.py"
+    script.write_text(TOO_MANY_RANKS)
+
+    def run(soft, hard):
+        out = subprocess.run([sys.executable, str(script), str(soft), str(hard)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    raised = run(256, 4096)  # the soft limit is raised toward the hard one
+    assert raised[0] == "ranks 150" and raised[2] == "next"
+    refused = run(256, 256)
+    assert "refused: [Errno 24]" in refused[0] and "runs 150 ranks, which need about" in \
+        refused[0] and "over its limit of 256 (`ulimit -Hn`)" in refused[0], refused
+    assert int(refused[1].split()[-1]) < 64 and refused[2] == "next"
+
+
+def test_killing_a_job_never_signals_the_group_of_a_rank_it_has_reaped(tmp_path):
+    """Its id may be another process's by then: a job's timeout killed an unrelated
+    process group that got a reaped rank's id (forced here through ns_last_pid)."""
+    import time
+    last_pid = "/proc/sys/kernel/ns_last_pid"
+    if not os.access(last_pid, os.W_OK):
+        pytest.skip("needs a writable ns_last_pid (root in its pid namespace)")
+    pid_file = tmp_path / "rank0"
+    job = rhapsody.executable(
+        ["sh", "-c", f'if [ "$RANK" = 0 ]; then echo $$ > {pid_file}; exit 0; fi; sleep 60'],
+        ranks=2, timeout=3)
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=2)], progress=False) as s:
+        fut = s.submit(job)
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rank0 = int(pid_file.read_text())
+        while os.path.exists(f"/proc/{rank0}"):  # until the launcher has reaped it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        other = None
+        for _ in range(20):  # an unrelated group leader with rank 0's id
+            with open(last_pid, "w") as f:
+                f.write(str(rank0 - 1))
+            other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+            if other.pid == rank0:
+                break
+            other.kill()
+            other.wait()
+            other = None
+        if other is None:
+            fut.cancel()
+            pytest.skip("another process took the id first")
+        try:
+            with pytest.raises(rhapsody.NodeTimeoutError):
+                fut.result(timeout=60)
+            assert other.poll() is None, "the job's kill hit an unrelated process"
+        finally:
+            other.kill()
+            other.wait()
