@@ -108,8 +108,10 @@ def _check_template(who: str, template: str, inputs: int) -> None:
     try:
         fields = list(_fields(template))
     except ValueError as e:  # "Single '}' encountered in format string"
-        raise ValueError(f"{who}: template {template!r} is not a format string: {e} "
-                         "(write {{ and }} for literal braces)") from None
+        braces = " (write {{ and }} for literal braces)" if "'{'" in str(e) or "'}'" in str(e) \
+            else ""
+        raise ValueError(f"{who}: template {template!r} is not a format string: {e}"
+                         f"{braces}") from None
     for field in fields:
         head = field.split(".", 1)[0].split("[", 1)[0]
         if not head:
@@ -130,7 +132,9 @@ def _check_template(who: str, template: str, inputs: int) -> None:
 
 def _fields(template: str) -> Iterator[str]:
     """The replacement fields of ``template``, those nested in a format spec too."""
-    for _, field, spec, _ in string.Formatter().parse(template):
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if conversion not in (None, "r", "s", "a"):  # str.format knows these only
+            raise ValueError(f"unknown conversion !{conversion} (use !r, !s or !a)")
         if field is not None:
             yield field
             if spec and "{" in spec:

@@ -137,10 +137,10 @@ class InferenceBackend(OwnCalls):
         there, its service's request fits the inventory."""
         who = f"node {node.key!r}"
         name = node.fn.model
+        model = lookup(name, who)  # not declared: says so first
         if self._models is not None and name not in self._models:
             raise ValueError(f"{who}: backend {self.name!r} does not serve model {name!r} "
                              f"(it serves: {', '.join(sorted(self._models)) or 'none'})")
-        model = lookup(name, who)
         model.check(who)
         request = _request(model)
         if request is not None:

@@ -222,6 +222,7 @@ def test_bad_ai_node_arguments_are_refused_where_written():
                            ("{} and {}", "placeholder for input 1, but 1 input"),
                            (["{0}", "{1[0]}"], "placeholder for input 1"),
                            ("a } b", "is not a format string"),
+                           ("Say {0!x}", "unknown conversion !x"),
                            ("{} and {0}", "mixes {} and numbered placeholders"),
                            ("{:{}}", "placeholder for input 1, but 1 input"),
                            ("{0:>{1}}", "placeholder for input 1, but 1 input")]:

@@ -60,6 +60,8 @@ def test_a_model_no_inference_backend_serves_is_refused_before_anything_runs(smo
             s.submit(rhapsody.ai("{}", early, model=other.name))
         with pytest.raises(rhapsody.NoBackendError, match="asks for backend 'llm'"):
             s.submit(rhapsody.ai("{}", early, model=other.name, backend="llm"))
+        with pytest.raises(ValueError, match="unknown model 'never-declared'"):
+            s.submit(rhapsody.ai("{}", early, model="never-declared"))  # was: not served
     assert not marker.exists()
 
 
