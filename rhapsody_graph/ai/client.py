@@ -276,5 +276,5 @@ def _failure(where: str, r: httpx.Response, what: str = "") -> str:
         said = said.get("message", said) if isinstance(said, dict) else said
     except (ValueError, LookupError, TypeError):
         said = None
-    told = "" if said is None else f" (the server says: {said})"
+    told = "" if said is None or not str(said).strip() else f" (the server says: {said})"
     return f"{where} -> HTTP {r.status_code}{what}{told}: {r.text[:500]}"

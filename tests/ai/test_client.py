@@ -171,6 +171,7 @@ def test_a_5xx_answer_is_sent_again_up_to_retries_and_a_4xx_is_not(serve, backen
     (True, '{"choices": [{"index": 0, "message": {"role": "assistant", "content": null}}]}',
      None),
     (False, '{"choices": []}', None),
+    (True, '{"error": {"message": "", "code": 500}}', None),  # was "(the server says: )"
 ])
 def test_a_200_answer_that_is_not_a_completion_raises_server_error_with_its_body(
         serve, backend, chat, body, says):
