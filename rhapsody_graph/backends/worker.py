@@ -17,7 +17,10 @@ of the call's function (the import of its module, on its first call here).
 A placement is applied only when it differs from the last one:
 ``os.sched_setaffinity`` to the granted cores, then the GPU masks and the
 ``RANK``/``WORLD_SIZE`` variables in ``os.environ``. EOF on the task pipe (the
-driver closed it, or died) ends the process. SIGINT is ignored: the driver owns
+driver closed it, or died) ends the process once its running call returns: calls
+queued behind it never start (the driver has sent them elsewhere or dropped them). A
+rank's one call, and EOF after it, is run: EOF is read only once the queue is empty
+or at a look between two calls. SIGINT is ignored: the driver owns
 Ctrl-C and kills workers itself.
 """
 from __future__ import annotations
@@ -82,8 +85,9 @@ class Worker:
         if not block and not self.poller.poll(0):
             return
         data = os.read(self.task_fd, wire.READ)
-        if not data:
-            self.open = False
+        if not data:  # the driver gave this worker up (or died): what is queued here it
+            self.open = False  # has sent elsewhere or dropped, so it never runs here
+            self.queue.clear()
             return
         self.inbox += data
         for message in wire.split_frames(self.inbox):

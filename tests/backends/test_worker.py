@@ -125,6 +125,33 @@ def test_a_drop_sent_while_a_call_runs_returns_the_calls_queued_behind_it(tmp_pa
         w.close()
 
 
+
+def mark(path):
+    with open(path, "w") as f:
+        f.write("ran")
+
+
+def test_calls_queued_behind_a_running_one_never_start_once_the_driver_closes_the_pipe(
+        tmp_path):
+    """A Dragon function worker cannot be killed: given up (a cancel), it ran the calls
+    queued behind its call, which the driver had sent elsewhere (ran twice) or cancelled."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    os.mkfifo(started)
+    os.mkfifo(release)
+    w = WorkerProcess(tmp_path)
+    behind = [tmp_path / f"behind{i}" for i in range(2)]
+    w.run((1, hold, (str(started), str(release))), *[(2 + i, mark, (str(p),))
+                                                     for i, p in enumerate(behind)])
+    with open(started) as f:
+        assert f.read() == "started"
+    os.close(w.task_w)  # given up while call 1 runs
+    with open(release, "w") as f:
+        f.write("go")
+    assert w.proc.wait(timeout=30) == 0
+    os.close(w.result_r)
+    w.stdout.close()
+    assert not any(p.exists() for p in behind)
+
 def test_many_quick_calls_each_answer_once_in_order_and_what_one_prints_reaches_the_terminal(
         tmp_path):
     w = WorkerProcess(tmp_path)

@@ -165,6 +165,40 @@ def test_cancel_of_a_running_placed_node_returns_once_its_process_is_gone(dragon
     assert _zombie(int(pidfile.read_text()))
 
 
+
+def test_a_cancelled_unplaced_node_runs_none_of_the_calls_queued_behind_it(dragon_backend,
+                                                                           tmp_path):
+    """Its Batch pool worker cannot be killed, so the call runs to its end; the worker
+    then ran the calls queued behind it: its cancelled dependent, and calls the driver
+    had sent elsewhere (run twice)."""
+    started, ended, after = tmp_path / "started", tmp_path / "ended", tmp_path / "after"
+
+    @rhapsody.task
+    def slow(start, end):
+        open(start, "w").close()
+        time.sleep(3)
+        open(end, "w").close()
+        return 1
+
+    @rhapsody.task
+    def dependent(x, path):
+        open(path, "w").close()
+        return x
+
+    session = rhapsody.api.get_session(dragon_backend)
+    up = session.submit(slow(str(started), str(ended)))
+    down = session.submit(dependent(up, str(after)))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, "the node never started"
+        time.sleep(0.05)
+    assert up.cancel() and down.cancelled()
+    while not ended.exists():  # the abandoned call runs to its end
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(2)  # a call queued behind it would have run by now
+    assert not after.exists(), "the cancelled dependent ran"
+
 def test_a_sigint_to_a_rank_is_no_keyboard_interrupt_of_its_node(dragon_backend):
     """Dragon's ProcessGroup stop sends SIGINT to a killed job's ranks: a rank that got it
     first raised KeyboardInterrupt as the node's error, not NodeTimeoutError (1 run in 4)."""
