@@ -98,6 +98,17 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
         return s
 
 
+def release(backend: Any) -> None:
+    """Close the session ``compute``/``submit`` made for ``backend`` if no work is
+    left in it, so that a :class:`Session` may take the backend (it stays open)."""
+    with _lock:
+        s = _sessions.get(id(backend))
+        if s is None or s._closed or not s._scheduler._at_rest():
+            return
+        del _sessions[id(backend)]
+    s.close()
+
+
 def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
             on_error: Optional[str] = None, fail_fast: Optional[bool] = None,
             journal: Any = None, progress: Optional[bool] = None) -> Tuple[Any, ...]:

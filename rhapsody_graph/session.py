@@ -117,8 +117,11 @@ class Session:
         # weakly: the queue (its backends, the scheduler's thread) keeps no session alive
         self._completions.closer = weakref.WeakMethod(self.close)
         joined: List[Any] = []
+        from .api import release  # (api imports this module)
         try:
             for b in backends:
+                if _owns:  # a session of the user's: it takes b from the session
+                    release(b)  # compute(backend=b) made, if that one is done
                 b.attach(self._completions)
                 joined.append(b)
         except BaseException:  # one is in another session: the others stay free to join one

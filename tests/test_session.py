@@ -88,6 +88,20 @@ def test_a_backend_in_another_session_is_refused_and_leaves_the_others_free_to_j
             assert s.submit(rhapsody.task(add)(2, 2)).result(timeout=60) == 4
 
 
+
+def test_a_session_takes_a_backend_compute_used_once_its_work_is_done_and_not_before(tmp_path):
+    """It was refused ("already belongs to a session") with no public way to close the
+    session compute(backend=b) had made for it."""
+    with rhapsody.LocalBackend(cpus=2) as b:
+        assert rhapsody.compute(rhapsody.task(add)(1, 1), backend=b) == (2,)
+        with rhapsody.Session(backends=[b], progress=False) as s:
+            assert s.compute(rhapsody.task(add)(2, 2)) == (4,)
+        running = rhapsody.submit(rhapsody.task(hold)(str(tmp_path / "pid")), backend=b)
+        with pytest.raises(RuntimeError, match="already belongs to a session"):
+            rhapsody.Session(backends=[b])  # its work goes on
+        assert running.cancel()
+        assert rhapsody.compute(rhapsody.task(add)(3, 3), backend=b) == (6,)
+
 def test_compute_inside_a_with_block_runs_on_that_session():
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="inner")]) as s:
         node = rhapsody.task(backend="inner")(add)(2, 3)
