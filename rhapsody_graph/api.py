@@ -3,7 +3,8 @@ the registry of backend names.
 
 ``compute()`` and ``submit()`` run on, in this order: the ``session=`` given, the
 session of a ``backend=`` instance (one is made for it on first use and closed
-when the backend shuts down: make a backend once, or use it in a ``with`` block;
+when the backend shuts down, or when a ``Session(backends=[...])`` takes the backend
+once that session's work is done: make a backend once, or use it in a ``with`` block;
 more than :data:`MANY_OPEN` open at once get a ``RuntimeWarning``), the session of
 the innermost ``with Session(...)`` block, or the default session (one
 :class:`~rhapsody_graph.LocalBackend`, made on first use, closed at exit).
