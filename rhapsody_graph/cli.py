@@ -190,6 +190,9 @@ def _positive(text: str) -> int:
     return n
 
 
+RUN_NAME = "rhapsody_graph_visualize"  # the __name__ visualize loads a script under
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from .errors import brief
     from .graph import Graph, Node
@@ -199,7 +202,7 @@ def _visualize(args: argparse.Namespace) -> int:
         raise UsageError(f"give SCRIPT:NAME (e.g. flow.py:graph), got {args.target!r}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(_script(script))))
     try:
-        namespace = runpy.run_path(script, run_name="rhapsody_graph_visualize")
+        namespace = runpy.run_path(script, run_name=RUN_NAME)
     except Exception:  # the script raised: its traceback, as `run` prints it
         traceback.print_exc()
         return 1
@@ -208,8 +211,9 @@ def _visualize(args: argparse.Namespace) -> int:
                          f"so {name!r} was not drawn: put what runs it under "
                          "`if __name__ == \"__main__\":`") from None
     if name not in namespace:
-        graphs = [k for k, v in namespace.items() if isinstance(v, (Graph, Node))]
-        raise UsageError(f"{script} has no {name!r}; graphs and nodes there: "
+        graphs = [k for k, v in namespace.items() if isinstance(v, (Graph, Node)) or (
+            inspect.isfunction(v) and v.__module__ == RUN_NAME and not k.startswith("_"))]
+        raise UsageError(f"{script} has no {name!r}; graphs, nodes and functions there: "
                          f"{', '.join(graphs) or 'none'}")
     obj = namespace[name]
     if isinstance(obj, Task):

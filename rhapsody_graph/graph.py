@@ -241,7 +241,13 @@ class Node(_Fields):
             "(it becomes an edge), as itself or inside a list, tuple, dict, set or frozenset; "
             "inside any other object (a closure, a global, a deque, a dataclass) it is not "
             "found; nor is one put into a list after that list was passed (edges are found "
-            "when a node is built: pass a copy, list(xs), of a list you keep adding to)")
+            "when a node is built: pass a copy, list(xs), of a list you keep adding to); a "
+            "task cannot return a node: return plain data, or its value (node.compute() "
+            "inside the task)")
+
+    def __bool__(self) -> bool:
+        raise TypeError(f"node {self.key!r} has no truth value until it has run: branch on "
+                        "its value (node.compute(), or inside a task that takes it)")
 
 
 class Graph:

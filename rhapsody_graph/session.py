@@ -649,8 +649,8 @@ def _backend_list(backends: Any) -> List[Any]:
     for b in backends:
         if not (isinstance(getattr(b, "name", None), str) and hasattr(b, "attach")
                 and hasattr(b, "kinds")):
-            name = (f"; rhapsody_graph.api.get_backend({b!r}) is the default one of that name"
-                    if isinstance(b, str) else "")
+            name = (f"; compute(backend={b!r}) names the default one, a Session takes an "
+                    "instance" if isinstance(b, str) else "")
             raise TypeError(f"{what}, got {brief(b)}{name}")
     return backends
 

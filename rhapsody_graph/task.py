@@ -253,9 +253,8 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
             continue  # as if left out: options(host=None) undoes the task's host
         check = OPTIONS.get(name)
         if check is None:
-            import difflib  # only for this message
-            close = difflib.get_close_matches(name, OPTIONS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = _close_option(name)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise TypeError(f"{who}: unknown option {name!r}{hint}; valid options: "
                             f"{', '.join(sorted(OPTIONS))}")
         out[name] = check(who, name, value)
@@ -265,6 +264,13 @@ def validate(who: str, options: Mapping[str, Any]) -> Dict[str, Any]:
                              f"(got gpus={out['gpus']!r}, gpu={out['gpu']!r})")
         out["gpus"] = out.pop("gpu")
     return out
+
+
+def _close_option(name: str) -> Optional[str]:
+    """The option ``name`` is likely a typo of, if any."""
+    import difflib  # only for a message
+    close = difflib.get_close_matches(name, OPTIONS, n=1)
+    return close[0] if close else None
 
 
 def _merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> Dict[str, Any]:
@@ -605,6 +611,12 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
                          f"every GPU) or a count, got {gpus!r}")
     elif gpus is not None:
         options["gpus"] = gpus
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown and not _close_option(unknown[0]):  # (a typo: options() says "did you mean")
+        # Dask's client.map hands such keywords to the function: here they are options
+        raise TypeError(f"map({name}, ...): {unknown[0]!r} is no option (map's keywords are "
+                        f"the nodes' options: cpus=, gpus=, ...); to give {name} the keyword "
+                        f"argument, map functools.partial({name}, {unknown[0]}=...)")
     base = func if isinstance(func, Task) else Task(func, {})
     t = base.options(**options) if options else base
     return [t(*items) for items in builtins.zip(*iterables)]

@@ -75,7 +75,8 @@ def test_visualize_draws_a_scripts_graph_and_names_what_is_wrong(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "40,004 nodes drawn" in out.stdout and "simulate ×20,000" in out_file.read_text()
     wrong = cli("visualize", "examples/pictures.py:nothing", str(out_file))
-    assert wrong.returncode == 2 and "examples/pictures.py has no 'nothing'" in wrong.stderr
+    assert wrong.returncode == 2 and "examples/pictures.py has no 'nothing'; graphs, nodes " \
+        "and functions there: workflow" in wrong.stderr  # was "none": a function is a target
     shape = cli("visualize", "examples/pictures.py", str(out_file))
     assert shape.returncode == 2 and "give SCRIPT:NAME" in shape.stderr
     script = tmp_path / "flow.py"

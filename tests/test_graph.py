@@ -123,6 +123,23 @@ def test_a_node_inside_a_dataclass_or_deque_is_refused_saying_to_pass_it_as_an_a
             collect(hidden).compute()
 
 
+
+def test_a_node_has_no_truth_value_so_a_branch_on_it_is_refused_not_always_taken():
+    """``if is_bad(5):`` was always taken (a node is an object): Dask refuses it too."""
+    with pytest.raises(TypeError, match="has no truth value until it has run: branch on its "
+                                        r"value \(node.compute\(\)"):
+        if inc(-1):
+            pass
+
+
+def return_a_node():
+    return inc(1)
+
+
+def test_a_task_that_returns_a_node_is_told_to_return_plain_data_or_its_value():
+    with pytest.raises(TypeError, match="a task cannot return a node: return plain data"):
+        rhapsody.task(return_a_node)().compute()
+
 def test_a_built_node_cannot_be_edited_into_a_cycle():
     a = inc(1)
     b = inc(a)

@@ -343,3 +343,10 @@ def test_compute_raises_the_nodes_error_with_its_own_fields_and_text():
             s.compute(rhapsody.task(decode_bad)())
         assert (info.value.encoding, info.value.reason) == ("utf-8", "invalid start byte")
         assert "can't decode byte 0xff" in str(info.value)
+
+
+def test_a_backend_name_given_to_a_session_is_refused_saying_to_pass_an_instance():
+    """It pointed at rhapsody_graph.api.get_backend, which is not public."""
+    with pytest.raises(TypeError, match="takes backend instances .* got 'local'; "
+                                        r"compute\(backend='local'\) names the default one"):
+        rhapsody.Session(["local"])

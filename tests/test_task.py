@@ -266,6 +266,16 @@ def test_map_with_a_gpus_word_other_than_all_says_which_words_it_takes():
         rhapsody.map(inc, [1], gpus="All")
 
 
+
+def test_map_with_a_keyword_for_the_function_says_to_map_a_partial_and_a_typo_gets_a_guess():
+    """A Dask user's client.map(f, xs, y=10) got "unknown option 'y'" and a list of options."""
+    def add(x, y=0):
+        return x + y
+    with pytest.raises(TypeError, match=r"'y' is no option .*map functools.partial\(add, y=...\)"):
+        rhapsody.map(add, [1], y=10)
+    with pytest.raises(TypeError, match="unknown option 'cpu' .did you mean 'cpus'"):
+        rhapsody.map(add, [1], cpu=1)
+
 def test_map_with_both_gpus_and_its_alias_gpu_says_to_give_one():
     # 'gpu="all"' with gpus=1 said "option 'gpu' must be an integer, got 'all'"
     for kwargs in ({"gpu": "all", "gpus": 1}, {"gpus": "all", "gpu": 2}):
