@@ -409,12 +409,17 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
     answer: list = []
 
     def wait_once(step: Optional[float]) -> None:
-        began = time.monotonic()
-        answer[:] = cf.wait(futures, step, return_when), step is None or \
-            time.monotonic() - began < step  # it returns early only once it is answered
+        answer[:] = [cf.wait(futures, step, return_when)]
+
+    def answered() -> bool:  # (by what it returned: a scan of many futures takes a step)
+        if not answer:
+            return False
+        done, not_done = answer[0]
+        return not not_done or (return_when == FIRST_COMPLETED and bool(done)) or (
+            return_when == FIRST_EXCEPTION and any(
+                not f.cancelled() and f.exception() is not None for f in done))
     with INSIDE:
-        in_steps(wait_once, lambda: bool(answer) and (answer[1] or not answer[0].not_done),
-                 timeout)
+        in_steps(wait_once, answered, timeout)
     return answer[0] if answer else cf.wait(futures, 0, return_when)
 
 

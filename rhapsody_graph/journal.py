@@ -24,8 +24,9 @@ What decides reuse (a node's *journal key*, a hash of):
   a resume with a longer ``timeout=`` reuses what ran), and its ``version=`` if given
   (``@task(version="2")``: bump it when what the code reads changes but not the code,
   a data file or a module-level table);
-* its arguments: plain values by their pickled bytes (a class not of the standard
-  library, an object's too, by its name and code hash), upstream nodes by *their*
+* its arguments: plain values by their pickled bytes (a class of the user's code, not
+  of the standard library or an installed package, an object's too, by its name and
+  its methods' code), upstream nodes by *their*
   journal keys (so a change upstream is a change downstream). Every set, at any depth
   (in a list, a dataclass, a namedtuple, an executable's spec, a default value), is
   written as its items in one order, whatever the process's hash seed; what plain
@@ -66,7 +67,7 @@ import sys
 import tempfile
 import types
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .backends import wire
 from .graph import SCALARS
@@ -176,8 +177,8 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
         if isinstance(attr, (staticmethod, classmethod)):
             attr = attr.__func__
         functions = (attr.fget, attr.fset, attr.fdel) if isinstance(attr, property) else (attr,)
-        for f in functions:
-            if isinstance(f, types.FunctionType):
+        for f in functions:  # not generated ones (attrs' __hash__ holds a seeded hash)
+            if isinstance(f, types.FunctionType) and not f.__code__.co_filename.startswith("<"):
                 h.update(name.encode() + _code_hash(f, seen).encode())
         constant = _constant(attr)
         if constant is not None and not name.startswith("__"):
@@ -216,8 +217,8 @@ class _KeyPickling:
     """wire's argument pickler (an upstream node as its slot) that writes a set as its
     items' pickles in order (a set of strings iterates in an order that changes with
     each process's hash seed), a function as its code hash (its name would hide an
-    edit; a lambda has none), and a class not of the standard library (an object's
-    class, too) as its name and code hash. Sets and functions at any depth (in a dataclass, an AI
+    edit; a lambda has none), and a class of the user's code (an object's class, too)
+    as its name and its methods' code. Sets and functions at any depth (in a dataclass, an AI
     node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
     ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
 
@@ -233,9 +234,12 @@ class _KeyPickling:
         if t in SCALARS:  # most objects: no slot, no set (pickle asks of each)
             return None
         if t is types.FunctionType:
-            return "code", self._code(obj)
-        if isinstance(obj, type) and str(obj.__module__).partition(".")[0] not in _STDLIB:
-            return "class", f"{obj.__module__}.{obj.__qualname__}", self._code(obj)
+            if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
+                return "code", _code_hash(obj, self.seen)
+            return "code", self._known(obj, lambda: _code_hash(obj, {}))  # a whole hash
+        if isinstance(obj, type) and _users(str(obj.__module__)):
+            return "class", f"{obj.__module__}.{obj.__qualname__}", self._known(
+                obj, lambda: _methods_hash(obj))
         if not isinstance(obj, (set, frozenset)):
             return self.slots.get(id(obj))  # an upstream node: its slot
         kinds = {type(o) for o in obj}
@@ -249,19 +253,58 @@ class _KeyPickling:
         return f"{t.__module__}.{t.__qualname__}", items, _pickled(
             state, self.slots, self.seen, self.codes, self.cloud) if state else b""
 
-    def _code(self, obj: Any) -> str:
-        """The code hash of a function or class met in an argument."""
-        if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
-            return _code_hash(obj, self.seen)
+    def _known(self, obj: Any, made: Callable[[], str]) -> str:
+        """The hash of a function or class met in an argument, ``made()`` once."""
         known = self.codes.get(id(obj))
-        if known is None or known[0] is not obj:  # a whole hash, of its own
-            known = self.codes[id(obj)] = (obj, _code_hash(obj, {}))
+        if known is None or known[0] is not obj:
+            known = self.codes[id(obj)] = (obj, made())
         return known[1]
 
 
-#: modules whose classes an argument's pickle names (an object's class elsewhere, its
-#: instances' included, goes by its code: an edited method is a change)
-_STDLIB = frozenset(sys.builtin_module_names) | frozenset(sys.stdlib_module_names)
+def _methods_hash(cls: type) -> str:
+    """The code of the methods written in ``cls`` and in its base classes of user code:
+    each one's byte code, constants and names, not what it calls (an argument's class:
+    its instances' state is in their pickle). Generated methods (``dataclasses``',
+    ``attrs``': their file is ``<...>``) are left out: some hold a hash-seeded constant."""
+    h = hashlib.blake2b(digest_size=16)
+    for klass in cls.__mro__:
+        if not _users(str(klass.__module__)):
+            continue
+        for name, attr in sorted(vars(klass).items()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            for f in (attr.fget, attr.fset, attr.fdel) if isinstance(attr, property) else (attr,):
+                if isinstance(f, types.FunctionType) and not f.__code__.co_filename.startswith("<"):
+                    h.update(name.encode())
+                    _hash_code(f.__code__, h)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _users(module: str) -> bool:
+    """Whether ``module`` is the user's code (``__main__``, or a file outside the
+    standard library and the installed packages): its classes in an argument count by
+    their code, others' by their name only."""
+    if module == "__main__":
+        return True
+    if module.partition(".")[0] in sys.stdlib_module_names:
+        return False
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:
+        return False
+    path = os.path.realpath(path)
+    return not any(path.startswith(d) for d in _library_dirs())
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> Tuple[str, ...]:
+    """Where the standard library and installed packages live, ending in a separator."""
+    import site
+    import sysconfig
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.update(site.getsitepackages())
+    dirs.add(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
 
 
 class _KeyPickler(_KeyPickling, wire.PlainArgPickler):  # type: ignore[misc, valid-type]

@@ -768,6 +768,20 @@ def test_a_daemon_an_executable_leaves_dies_when_the_run_ends_not_with_the_drive
         assert not still_alive([daemon], 10), "the executable's daemon outlived its run"
 
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("return_when", ["FIRST_COMPLETED", "FIRST_EXCEPTION"])
+def test_wait_returns_once_answered_even_when_a_scan_of_its_futures_outlasts_a_step(
+        monkeypatch, return_when):
+    """It took a step that came back after the whole step for a timeout, so with many
+    futures (a scan of a million takes a second) an answered wait never returned."""
+    from rhapsody_graph import futures
+    monkeypatch.setattr(futures, "SIGNAL_STEP", 1e-9)  # every scan outlasts it
+    fs = [cf.Future() for _ in range(100)]
+    fs[0].set_exception(ValueError("first"))
+    done, not_done = rhapsody.wait(fs, return_when=getattr(rhapsody, return_when))
+    assert done == {fs[0]} and len(not_done) == 99
+
 @pytest.mark.parametrize("waiting", [
     lambda fut: fut.result(),
     lambda fut: rhapsody.wait([fut]),

@@ -331,6 +331,59 @@ def test_an_edited_class_an_argument_holds_or_an_edited_enum_or_global_object_is
     assert run_program(tmp_path, edited) == ["101", "0"] * 4
 
 
+
+LIBRARY_AND_CYCLES = RESUME + """
+import functools
+
+import attr
+
+def deco(f):
+    @functools.wraps(f)
+    def wrapper(*a, **k):
+        return f(*a, **k)
+    return wrapper
+
+class Shape:
+    def area(self):
+        return 2
+
+def _copy(self, kind=Shape):  # class -> method -> closure -> function -> default -> class
+    return kind()
+
+Shape.copy = deco(_copy)
+
+@attr.s(frozen=True)  # its generated __hash__ holds a hash-seeded constant
+class Point:
+    x = attr.ib()
+
+    def norm(self):
+        return self.x
+
+def measure(thing):
+    return thing.area() if isinstance(thing, Shape) else thing.norm()
+
+nodes = [rhapsody.task(measure)(Shape()), rhapsody.task(measure)(Point(3))]
+if sys.argv[2:] == ["pandas"]:
+    import pandas
+    nodes.append(rhapsody.task(len)(pandas.DataFrame({"a": [1, 2, 3]})))
+compute(*nodes)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("extra", [[], ["pandas"]], ids=["own-classes", "pandas"])
+def test_arguments_of_classes_with_cycles_generated_methods_or_of_libraries_are_reused(
+        tmp_path, extra):
+    """Hashing every non-standard class's code hung on a cycle through a closure (a
+    pandas DataFrame) and keyed attrs classes by a hash-seeded constant (never reused)."""
+    pytest.importorskip("attr")
+    if extra:
+        pytest.importorskip("pandas")
+    first = run_program(tmp_path, LIBRARY_AND_CYCLES, *extra)
+    assert first == ["2", "1", "3", "1"] + (["3", "1"] if extra else [])
+    again = run_program(tmp_path, LIBRARY_AND_CYCLES, *extra)
+    assert again == [w if i % 2 == 0 else "0" for i, w in enumerate(first)]
+
 def weighted(options, values):
     return sum(values) * options.weight
 
