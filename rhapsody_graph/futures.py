@@ -425,6 +425,10 @@ def wait(futures: Iterable[cf.Future], timeout: Optional[float] = None,
 
 def _taken(q: queue.SimpleQueue, timeout: Optional[float]) -> Any:
     """``q.get(timeout=timeout)``, waiting as :func:`in_steps` does."""
+    try:
+        return q.get_nowait()  # (most often there already, under a stream of results)
+    except queue.Empty:
+        pass
     got: list = []
 
     def get_once(step: Optional[float]) -> None:
