@@ -48,6 +48,7 @@ BACKENDS: Dict[str, Callable[[], Any]] = {"local": _local, "dragon": _dragon}
 BACKEND_ENV = "RHAPSODY_GRAPH_BACKEND"
 _defaults: Dict[str, Any] = {}  # by name, made on first use
 _sessions: Dict[int, Session] = {}  # id(backend) -> the session made for it
+_calls: Dict[int, int] = {}  # id(session) -> compute()/submit() calls handing work to it
 #: open sessions made for backend instances beyond which compute() warns (each has a
 #: thread and workers: a backend made per call and never shut down is a leak)
 MANY_OPEN = 16
@@ -104,10 +105,31 @@ def release(backend: Any) -> None:
     left in it, so that a :class:`Session` may take the backend (it stays open)."""
     with _lock:
         s = _sessions.get(id(backend))
-        if s is None or s._closed or not s._scheduler._at_rest():
+        if s is None or s._closed or _calls.get(id(s)) or not s._scheduler._at_rest():
             return
         del _sessions[id(backend)]
     s.close()
+
+
+def _call(backend: Any, session: Optional[Session], method: str, *args: Any,
+          **kwargs: Any) -> Any:
+    """``get_session(backend, session).method(*args, **kwargs)``; while it hands its
+    work over, no :class:`Session` takes the backend from that session (see
+    :func:`release`)."""
+    with INSIDE:  # from its start: the session may be made here (see _shut_down_at_exit)
+        for again in (False, True):  # (once more if a Session took the backend meanwhile)
+            s = get_session(backend, session)
+            with _lock:
+                if again or not s._closed:
+                    _calls[id(s)] = _calls.get(id(s), 0) + 1
+                    break
+        try:
+            return getattr(s, method)(*args, **kwargs)
+        finally:
+            with _lock:
+                left = _calls.pop(id(s)) - 1
+                if left:
+                    _calls[id(s)] = left
 
 
 def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = None,
@@ -138,16 +160,13 @@ def compute(*outputs: Any, backend: Any = None, session: Optional[Session] = Non
             as ``__cause__``.
         ValueError: for bad input (also ``TypeError``), before anything runs.
     """
-    with INSIDE:  # from its start: the session may be made here (see _shut_down_at_exit)
-        return get_session(backend, session).compute(*outputs, on_error=on_error,
-                                                     fail_fast=fail_fast, journal=journal,
-                                                     progress=progress)
+    return _call(backend, session, "compute", *outputs, on_error=on_error,
+                 fail_fast=fail_fast, journal=journal, progress=progress)
 
 
 def submit(*nodes: Any, backend: Any = None, session: Optional[Session] = None) -> Any:
     """Start ``nodes`` on the current (or default) session; see :meth:`Session.submit`."""
-    with INSIDE:  # the session may be made here (see _shut_down_at_exit)
-        return get_session(backend, session).submit(*nodes)
+    return _call(backend, session, "submit", *nodes)
 
 
 

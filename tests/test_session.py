@@ -102,6 +102,32 @@ def test_a_session_takes_a_backend_compute_used_once_its_work_is_done_and_not_be
         assert running.cancel()
         assert rhapsody.compute(rhapsody.task(add)(3, 3), backend=b) == (6,)
 
+
+def test_a_session_never_takes_a_backend_from_a_compute_about_to_hand_it_work(monkeypatch):
+    """A Session closed the session another thread's compute(backend=b) had just got:
+    that compute failed with "this session is closed"."""
+    import threading
+    entered, go, got = threading.Event(), threading.Event(), []
+    original = rhapsody.Session.compute
+
+    def held(self, *args, **kwargs):  # the caller, between getting its session and using it
+        if threading.current_thread().name == "caller":
+            entered.set()
+            go.wait(60)
+        return original(self, *args, **kwargs)
+    with rhapsody.LocalBackend(cpus=1) as b:
+        assert rhapsody.compute(rhapsody.task(add)(1, 1), backend=b) == (2,)
+        monkeypatch.setattr(rhapsody.Session, "compute", held)
+        caller = threading.Thread(name="caller", target=lambda: got.append(
+            rhapsody.compute(rhapsody.task(add)(2, 2), backend=b)))
+        caller.start()
+        assert entered.wait(60)
+        with pytest.raises(RuntimeError, match="already belongs to a session"):
+            rhapsody.Session(backends=[b])
+        go.set()
+        caller.join(60)
+    assert got == [(4,)]
+
 def test_compute_inside_a_with_block_runs_on_that_session():
     with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1, name="inner")]) as s:
         node = rhapsody.task(backend="inner")(add)(2, 3)
