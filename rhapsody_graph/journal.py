@@ -26,7 +26,7 @@ What decides reuse (a node's *journal key*, a hash of):
   a data file or a module-level table);
 * its arguments: plain values by their pickled bytes (a class of the user's code, not
   of the standard library or an installed package, an object's too, by its name and
-  its methods' code), upstream nodes by *their*
+  code hash, as a class a function reads), upstream nodes by *their*
   journal keys (so a change upstream is a change downstream). Every set, at any depth
   (in a list, a dataclass, a namedtuple, an executable's spec, a default value), is
   written as its items in one order, whatever the process's hash seed; what plain
@@ -65,6 +65,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -177,8 +178,9 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
         if isinstance(attr, (staticmethod, classmethod)):
             attr = attr.__func__
         functions = (attr.fget, attr.fset, attr.fdel) if isinstance(attr, property) else (attr,)
-        for f in functions:  # not generated ones (attrs' __hash__ holds a seeded hash)
-            if isinstance(f, types.FunctionType) and not f.__code__.co_filename.startswith("<"):
+        for f in functions:  # not attrs' generated ones (its __hash__ holds a seeded hash)
+            if isinstance(f, types.FunctionType) and not f.__code__.co_filename.startswith(
+                    _GENERATED):
                 h.update(name.encode() + _code_hash(f, seen).encode())
         constant = _constant(attr)
         if constant is not None and not name.startswith("__"):
@@ -186,6 +188,11 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
     for base in cls.__bases__:
         if base.__module__ == cls.__module__:
             h.update(_code_hash(base, seen).encode())
+
+
+#: the file name attrs gives the methods it generates: its ``__hash__`` holds a constant
+#: made by ``hash()`` of a string, which changes with the process's hash seed
+_GENERATED = "<attrs generated"
 
 
 def _hash_code(code: types.CodeType, h: Any) -> None:
@@ -218,7 +225,7 @@ class _KeyPickling:
     items' pickles in order (a set of strings iterates in an order that changes with
     each process's hash seed), a function as its code hash (its name would hide an
     edit; a lambda has none), and a class of the user's code (an object's class, too)
-    as its name and its methods' code. Sets and functions at any depth (in a dataclass, an AI
+    as its name and code hash. Sets and functions at any depth (in a dataclass, an AI
     node's ``parse=``) come here: pickle asks ``persistent_id`` of every object,
     ``reducer_override`` not of sets. ``seen``: the code hashes made in this key."""
 
@@ -239,7 +246,7 @@ class _KeyPickling:
             return "code", self._known(obj, lambda: _code_hash(obj, {}))  # a whole hash
         if isinstance(obj, type) and _users(str(obj.__module__)):
             return "class", f"{obj.__module__}.{obj.__qualname__}", self._known(
-                obj, lambda: _methods_hash(obj))
+                obj, lambda: _code_hash(obj, {}))
         if not isinstance(obj, (set, frozenset)):
             return self.slots.get(id(obj))  # an upstream node: its slot
         kinds = {type(o) for o in obj}
@@ -254,30 +261,28 @@ class _KeyPickling:
             state, self.slots, self.seen, self.codes, self.cloud) if state else b""
 
     def _known(self, obj: Any, made: Callable[[], str]) -> str:
-        """The hash of a function or class met in an argument, ``made()`` once."""
+        """The whole hash of a function or class met in an argument, ``made()`` once. One
+        met again while its own hash is being made (a cycle through closures, defaults,
+        a class's methods) stands as "cycle" there, and what contains it is not kept."""
         known = self.codes.get(id(obj))
-        if known is None or known[0] is not obj:
-            known = self.codes[id(obj)] = (obj, made())
-        return known[1]
+        if known is not None and known[0] is obj:
+            return known[1]
+        making = _MAKING.__dict__.setdefault("ids", {})  # id -> whether a cycle met it
+        if id(obj) in making:
+            for k in making:  # every hash being made holds this partial one
+                making[k] = True
+            return "cycle"
+        making[id(obj)] = False
+        try:
+            made_hash = made()
+        finally:
+            partial = making.pop(id(obj))
+        if not partial:
+            self.codes[id(obj)] = (obj, made_hash)
+        return made_hash
 
 
-def _methods_hash(cls: type) -> str:
-    """The code of the methods written in ``cls`` and in its base classes of user code:
-    each one's byte code, constants and names, not what it calls (an argument's class:
-    its instances' state is in their pickle). Generated methods (``dataclasses``',
-    ``attrs``': their file is ``<...>``) are left out: some hold a hash-seeded constant."""
-    h = hashlib.blake2b(digest_size=16)
-    for klass in cls.__mro__:
-        if not _users(str(klass.__module__)):
-            continue
-        for name, attr in sorted(vars(klass).items()):
-            if isinstance(attr, (staticmethod, classmethod)):
-                attr = attr.__func__
-            for f in (attr.fget, attr.fset, attr.fdel) if isinstance(attr, property) else (attr,):
-                if isinstance(f, types.FunctionType) and not f.__code__.co_filename.startswith("<"):
-                    h.update(name.encode())
-                    _hash_code(f.__code__, h)
-    return h.hexdigest()
+_MAKING = threading.local()  # the whole hashes _KeyPickling._known is making, per thread
 
 
 @functools.lru_cache(maxsize=None)

@@ -612,11 +612,12 @@ def map(func: Union[Callable[..., Any], Task], *iterables: Iterable[Any],
     elif gpus is not None:
         options["gpus"] = gpus
     unknown = [k for k in options if k not in OPTIONS]
-    if unknown and not _close_option(unknown[0]):  # (a typo: options() says "did you mean")
-        # Dask's client.map hands such keywords to the function: here they are options
-        raise TypeError(f"map({name}, ...): {unknown[0]!r} is no option (map's keywords are "
-                        f"the nodes' options: cpus=, gpus=, ...); to give {name} the keyword "
-                        f"argument, map functools.partial({name}, {unknown[0]}=...)")
+    if unknown:  # Dask's client.map hands such keywords to the function: here, options
+        close = _close_option(unknown[0])
+        guess = f" (did you mean {close!r}?)" if close else ""
+        raise TypeError(f"map({name}, ...): {unknown[0]!r} is no option{guess}; map's "
+                        f"keywords are the nodes' options (cpus=, gpus=, ...): to give {name} "
+                        f"a keyword argument, map functools.partial({name}, {unknown[0]}=...)")
     base = func if isinstance(func, Task) else Task(func, {})
     t = base.options(**options) if options else base
     return [t(*items) for items in builtins.zip(*iterables)]

@@ -286,6 +286,7 @@ def test_functions_alike_but_for_what_an_imported_name_stands_for_have_their_own
 EDITED = RESUME + """
 import dataclasses
 import enum
+import functools
 
 class Mode(enum.Enum):
     FAST = 1
@@ -297,9 +298,18 @@ class Config:
     def get(self):
         return self.v + 1
 
+def traced(f):
+    @functools.wraps(f)
+    def wrapper(*a, **k):
+        return f(*a, **k)
+    return wrapper
+
 class Model:
-    def score(self, x):
-        return x + 1
+    offset = 0
+
+    @traced
+    def score(self, x, extra=0):
+        return x + 1 + self.offset + extra
 
 MODEL = Model()
 
@@ -329,6 +339,22 @@ def test_an_edited_class_an_argument_holds_or_an_edited_enum_or_global_object_is
     edited = EDITED.replace("+ 1", "+ 100").replace("FAST = 1", "FAST = 100")
     assert run_program(tmp_path, edited) == ["101", "1"] * 4  # was ["2", "0"] * 4
     assert run_program(tmp_path, edited) == ["101", "0"] * 4
+    for change, value in ((("offset = 0", "offset = 5"), "106"),  # a class constant, and
+                          (("extra=0", "extra=5"), "111")):       # a decorated method's default
+        edited = edited.replace(*change)
+        assert run_program(tmp_path, edited)[2:4] == [value, "1"], change
+
+
+def test_a_class_written_in_a_program_read_from_stdin_counts_by_its_code(tmp_path):
+    """Its methods' file is "<stdin>": taken for generated code, they were left out."""
+    def run(source):
+        out = subprocess.run([sys.executable, "-", str(tmp_path / "journal")], input=source,
+                             env={**os.environ, "PYTHONPATH": HERE}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+    assert run(EDITED) == ["2", "1"] * 4
+    assert run(EDITED.replace("+ 1", "+ 100")) == ["101", "1"] * 2 + ["2", "0", "101", "1"]
 
 
 
