@@ -153,12 +153,13 @@ def _visible(value: str) -> List[str]:
 class Placement:
     """Concrete resources granted to one rank: a host, core ids and GPU ids."""
 
-    __slots__ = ("host", "cpus", "gpus", "memory", "rank", "world_size", "local_rank")
+    __slots__ = ("host", "cpus", "gpus", "memory", "rank", "world_size", "local_rank", "epoch")
 
     def __init__(self, host: str, cpus: Tuple[int, ...], gpus: Tuple[int, ...] = (),
                  memory: int = 0, rank: int = 0, world_size: int = 1,
-                 local_rank: Optional[int] = None) -> None:
+                 local_rank: Optional[int] = None, epoch: int = 0) -> None:
         self.host = host
+        self.epoch = epoch  # which coming of its host a ledger took it from (0: none)
         self.cpus = cpus
         self.gpus = gpus
         self.memory = memory
@@ -491,14 +492,18 @@ def _named(h: Host, req: Resources) -> bool:
     return (req.host is None or h.name == req.host) and (req.host_id is None or h.id == req.host_id)
 
 
+_EPOCHS = itertools.count(1)
+
+
 class _HostState:
     """One host's free cores (sorted), GPU ids and memory; ``slot``: its position in
     the ledger's host order, ``bit`` = ``1 << slot`` in the free-capacity masks."""
 
-    __slots__ = ("host", "free_cpus", "free_gpus", "free_memory", "slot", "bit")
+    __slots__ = ("host", "free_cpus", "free_gpus", "free_memory", "slot", "bit", "epoch")
 
     def __init__(self, host: Host, slot: int) -> None:
         self.host = host
+        self.epoch = next(_EPOCHS)  # a host that left and came back is another coming
         self.free_cpus = sorted(host.cpus)
         self.free_gpus = set(host.gpus)
         self.free_memory = host.memory
@@ -617,6 +622,7 @@ class Ledger:
         them)."""
         st = self._hosts.get(placement.host)
         if st is None or placement.host in avoid or (
+                placement.epoch and placement.epoch != st.epoch) or (
                 req.host is not None and req.host != placement.host) or (
                 req.host_id is not None and req.host_id != st.host.id):
             return False
@@ -739,7 +745,7 @@ class Ledger:
             st.free_gpus.difference_update(gpus)
             _flip(self._gpus_ge, st.bit, before, len(st.free_gpus))
         st.free_memory -= req.memory
-        return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size)
+        return Placement(st.host.name, cpus, gpus, req.memory, rank, world_size, None, st.epoch)
 
     def allocate_ranks(self, req: Resources,
                        avoid: Collection[str] = ()) -> Optional[List[Placement]]:
@@ -804,9 +810,10 @@ class Ledger:
         return placed
 
     def release(self, placement: Placement) -> None:
-        """Give a placement's cores, GPUs and memory back to its host (if it is still here)."""
+        """Give a placement's cores, GPUs and memory back to its host (if it is still
+        here: not if it left since, also if it came back, nor after a :meth:`reset`)."""
         st = self._hosts.get(placement.host)
-        if st is None:
+        if st is None or (placement.epoch and placement.epoch != st.epoch):
             return
         free = st.free_cpus
         before = len(free)

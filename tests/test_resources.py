@@ -527,3 +527,28 @@ def test_host_ids_given_and_left_out_never_collide_and_duplicates_are_refused():
     with pytest.raises(ValueError, match="host ids must be unique: 1 .'e'. is already here"):
         inventory.add(Host("e", cpus=1, id=1))
 
+
+
+def test_a_placement_on_a_host_that_left_and_came_back_is_not_given_back_to_its_new_coming():
+    """A Dask worker that leaves and rejoins under its address is a new host: releasing
+    what its first coming held put core 0 back while a new node held it (two nodes on
+    one core), or twice into its free list."""
+    ledger = Ledger(Inventory([Host("w", cpus=2, gpus=1)]))
+    old = ledger.allocate(Resources(cpus=1, gpus=1))
+    ledger.remove_host("w")
+    ledger.add_host(Host("w", cpus=2, gpus=1))
+    new = ledger.allocate(Resources(cpus=1, gpus=1))
+    assert new.cpus == old.cpus and new.gpus == old.gpus
+    assert not ledger.fits_after_release(Resources(cpus=2, gpus=1), old)
+    ledger.release(old)  # a late release of the first coming's placement: nothing
+    assert ledger.allocate(Resources(cpus=1, gpus=1)) is None  # its GPU is still held
+    other = ledger.allocate(Resources(cpus=1))
+    assert other.cpus != new.cpus and ledger.allocate(Resources(cpus=1)) is None
+    ledger.release(new)
+    ledger.release(other)
+    assert ledger.idle()
+    stale = ledger.allocate(Resources(cpus=2))
+    ledger.reset()  # every process killed: what they held is free at once
+    ledger.release(stale)
+    assert ledger.allocate(Resources(cpus=2)) is not None
+    assert ledger.allocate(Resources(cpus=1)) is None  # not four cores of two
