@@ -634,9 +634,11 @@ class Ledger:
                 and len(st.free_gpus) + len(placement.gpus) >= req.gpus
                 and st.free_memory + placement.memory >= req.memory)
 
-    def has_host(self, name: str) -> bool:
-        """Whether host ``name`` is in the ledger (it has not left)."""
-        return name in self._hosts
+    def holds(self, placement: Placement) -> bool:
+        """Whether ``placement``'s host is in the ledger, in the coming it was taken from
+        (it has not left, nor left and come back)."""
+        st = self._hosts.get(placement.host)
+        return st is not None and (not placement.epoch or placement.epoch == st.epoch)
 
     # -- queries of the index --------------------------------------------------------
 

@@ -915,10 +915,11 @@ class Scheduler:
         """An open shared lease that may queue a call next, if any (``depth``: what one
         may hold now): the least loaded (the first opened of those) while it is at most
         half full, else the least loaded of those filled in this pass (``filling``)
-        that are not full. One on a host that left the ledger is closed instead."""
+        that are not full. One on a host that left the ledger (even if it came back) is
+        closed instead."""
         shared = lane.open_leases.get(key)
         lease = shared.least() if shared is not None else None
-        while lease is not None and not lane.backend.ledger.has_host(lease.placement.host):
+        while lease is not None and not lane.backend.ledger.holds(lease.placement):
             self._close_lease(lane, shared, lease)
             lease = shared.least()
         if lease is None:

@@ -267,11 +267,12 @@ def test_a_host_that_joins_is_placed_on_and_one_that_leaves_is_not():
         ledger.add_host(Host("b", cpus=1))
     ledger.remove_host("a")
     ledger.release(first)  # its host left: nothing to give back
-    assert ledger.allocate(Resources(cpus=1)).host == "b"
+    on_b = ledger.allocate(Resources(cpus=1))
+    assert on_b.host == "b"
     assert ledger.allocate(Resources(cpus=1)) is None
-    assert ledger.has_host("b") and not ledger.has_host("a")
+    assert ledger.holds(on_b) and not ledger.holds(first)
     ledger.remove_host("b")
-    assert not ledger.has_host("b")
+    assert not ledger.holds(on_b)
     with pytest.raises(UnsatisfiableError, match="has no host now"):
         ledger.inventory.check(Resources(cpus=1), "node 'x'")
 
@@ -539,6 +540,7 @@ def test_a_placement_on_a_host_that_left_and_came_back_is_not_given_back_to_its_
     ledger.add_host(Host("w", cpus=2, gpus=1))
     new = ledger.allocate(Resources(cpus=1, gpus=1))
     assert new.cpus == old.cpus and new.gpus == old.gpus
+    assert ledger.holds(new) and not ledger.holds(old)  # a lease on old is closed, not used
     assert not ledger.fits_after_release(Resources(cpus=2, gpus=1), old)
     ledger.release(old)  # a late release of the first coming's placement: nothing
     assert ledger.allocate(Resources(cpus=1, gpus=1)) is None  # its GPU is still held
