@@ -325,9 +325,14 @@ class DaskBackend(OwnCalls):
             return
         if found.get(worker) == "thread":
             try:
-                self.client.restart_workers([worker], raise_for_error=False)
-            except Exception:
-                pass
+                said = self.client.restart_workers([worker], raise_for_error=False)
+            except Exception as exc:
+                said = {worker: f"{type(exc).__name__}: {exc}"}
+            if said.get(worker) != "OK":  # (Dask may lose a worker restarted while busy)
+                warn(f"Dask did not restart worker {worker} to stop node call {key!r} "
+                     f"({said.get(worker)}): if it does not come back, nodes wait for a "
+                     "worker; restart the cluster's workers, or give nodes you may time "
+                     "out or cancel an executable (killed without a restart)")
 
     def end_run(self) -> None:
         pass

@@ -190,6 +190,24 @@ def test_cancelling_a_running_python_node_restarts_its_worker_and_frees_the_core
     assert session.compute(rhapsody.task(backend="dask")(double)(4)) == (8,)
 
 
+
+def test_a_worker_dask_fails_to_restart_to_stop_a_node_is_warned_of_simulated_failure(
+        tmp_path, monkeypatch):
+    """The failed restart is simulated (restart_workers answers "timed out"): Dask loses
+    a worker restarted while busy on its third such restart, which takes minutes to
+    provoke. The failure was silent, and later nodes waited for ever."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        dask = rhapsody.DaskBackend(cluster=cluster)
+        with rhapsody.Session(backends=[dask], progress=False) as s:
+            monkeypatch.setattr(dask.client, "restart_workers",
+                                lambda workers, **kw: {w: "timed out" for w in workers})
+            node = rhapsody.task(write_pid_and_sleep).options(timeout=1)(str(tmp_path / "p"))
+            with pytest.warns(RuntimeWarning, match=r"Dask did not restart worker \S+ to stop "
+                                                    r"node call .* \(timed out\)"):
+                with pytest.raises(rhapsody.NodeTimeoutError):
+                    s.compute(node)
+
 def test_an_executable_that_times_out_on_dask_is_killed_with_its_children(session, tmp_path):
     path = tmp_path / "pids"
     script = f"sleep 60 & echo $! > {path}; echo $$ >> {path}; wait"
