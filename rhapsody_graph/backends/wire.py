@@ -331,6 +331,10 @@ def load_error(data: bytes, key: str) -> BaseException:
     if itself is not None:
         try:
             exc = pickle.loads(itself)
+            # a traceback pickled with it (tblib's, as Dask installs it) is rebuilt on top
+            # of this thread's frames, which it would keep alive with what they hold (a
+            # call's Dask future): the remote traceback is in ``tb`` (its __cause__)
+            exc.__traceback__ = exc.__context__ = None
         except BaseException as failed:  # a class only the worker imports, a __reduce__
             # that raises (SystemExit included: this is the scheduler's thread)
             why = (f"it cannot be unpickled in the driver ({type(failed).__name__}: "

@@ -2,6 +2,9 @@
 upstream values fill their slots the same way on the flat fast path and the general one."""
 import gc
 import pickle
+import weakref
+
+import pytest
 
 import rhapsody_graph as rhapsody
 from rhapsody_graph.backends import wire
@@ -101,3 +104,31 @@ def test_code_sent_by_value_keeps_its_source_file_for_the_remote_traceback():
     assert fn.__code__.co_filename == __file__  # cloudpickle 3.1 alone: "<dynamic-code>"
     args = pickle.loads(wire.dump_value((lambda: 1,)))  # arguments by value too
     assert args[0].__code__.co_filename == __file__
+
+
+class Held:
+    """What a driver frame holds (a call's Dask future, say)."""
+
+
+def _raise_value_error():
+    raise ValueError("in the worker")
+
+
+def test_an_error_pickled_with_its_traceback_keeps_no_driver_frame_alive():
+    """With tblib's pickling installed (Dask installs it), the error's rebuilt traceback
+    chained into the frames that loaded it: a failed Dask call's future stayed alive,
+    and its task on the scheduler, for as long as the user held the error."""
+    pytest.importorskip("tblib.pickling_support").install()
+    try:
+        _raise_value_error()
+    except ValueError as e:
+        data = wire.dump_error(e)
+    assert pickle.loads(pickle.loads(data)[0]).__traceback__ is not None  # tblib's at work
+
+    def load():
+        held = Held()  # a local of the frame that loads the error
+        return weakref.ref(held), wire.load_error(data, "node-1")
+    gone, exc = load()
+    gc.collect()
+    assert isinstance(exc, ValueError) and "in the worker" in str(exc.__cause__)
+    assert gone() is None, "the error kept the loading frame's locals alive"
