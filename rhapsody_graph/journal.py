@@ -68,7 +68,7 @@ import tempfile
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .backends import wire
 from .graph import SCALARS
@@ -243,10 +243,9 @@ class _KeyPickling:
         if t is types.FunctionType:
             if id(obj) in self.seen:  # being hashed: a cycle, its hash partial (not kept)
                 return "code", _code_hash(obj, self.seen)
-            return "code", self._known(obj, lambda: _code_hash(obj, {}))  # a whole hash
+            return "code", self._known(obj)
         if isinstance(obj, type) and _users(str(obj.__module__)):
-            return "class", f"{obj.__module__}.{obj.__qualname__}", self._known(
-                obj, lambda: _code_hash(obj, {}))
+            return "class", f"{obj.__module__}.{obj.__qualname__}", self._known(obj)
         if not isinstance(obj, (set, frozenset)):
             return self.slots.get(id(obj))  # an upstream node: its slot
         kinds = {type(o) for o in obj}
@@ -260,8 +259,8 @@ class _KeyPickling:
         return f"{t.__module__}.{t.__qualname__}", items, _pickled(
             state, self.slots, self.seen, self.codes, self.cloud) if state else b""
 
-    def _known(self, obj: Any, made: Callable[[], str]) -> str:
-        """The whole hash of a function or class met in an argument, ``made()`` once. One
+    def _known(self, obj: Any) -> str:
+        """The whole code hash of a function or class met in an argument, made once. One
         met again while its own hash is being made (a cycle through closures, defaults,
         a class's methods) stands as "cycle" there, and what contains it is not kept."""
         known = self.codes.get(id(obj))
@@ -274,7 +273,7 @@ class _KeyPickling:
             return "cycle"
         making[id(obj)] = False
         try:
-            made_hash = made()
+            made_hash = _code_hash(obj, {})  # of its own: not this key's partial ones
         finally:
             partial = making.pop(id(obj))
         if not partial:
