@@ -69,19 +69,21 @@ class LocalServer:
 
     def start(self, argv: Sequence[str], env: Dict[str, str]) -> str:
         """Start ``argv`` (with its address marks filled in); return the server's URL."""
+        from ..backends import watchdog  # not at import: backends import this
         port = free_port(self.bind)
-        log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{self.name}-", suffix=".log",
-                                          delete=False)
-        self.log = log.name
-        with log, self.lock:
+        with self.lock:
             if self.stopped:
                 raise RuntimeError(f"the inference service for model {self.name!r} was stopped")
-            from ..backends import watchdog  # not at import: backends import this
+            log = tempfile.NamedTemporaryFile(prefix=f"rhapsody-{self.name}-", suffix=".log",
+                                              delete=False)
+            self.log = log.name
+            watchdog.remove_at_end(self.log)  # if the driver dies first
             env = watchdog.marked({**os.environ, **env})
-            self.proc = subprocess.Popen(fill(argv, self.bind, port), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True,
-                                         preexec_fn=self.preexec_fn)
+            with log:
+                self.proc = subprocess.Popen(fill(argv, self.bind, port), stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env=env, start_new_session=True,
+                                             preexec_fn=self.preexec_fn)
             watchdog.guard(self.proc, env)
         return f"http://{self.bind}:{port}/v1"
 
@@ -107,10 +109,10 @@ class LocalServer:
 
     def stop(self, keep_log: bool) -> None:
         """Kill the server's process group, wait for it, delete its log unless kept."""
+        from ..backends import watchdog
         with self.lock:
             self.stopped = True
         if self.proc is not None:
-            from ..backends import watchdog
             from ..backends.launch import kill_tree  # not at import: backends import this
             kill_tree(self.proc)  # the group even if its leader died: engines fork helpers
             self.proc.wait()
@@ -120,6 +122,8 @@ class LocalServer:
                 os.unlink(self.log)
             except OSError:
                 pass
+        if self.log:
+            watchdog.keep_file(self.log)
 
 
 #: makes the server of a service: ``spawn(model, placement)``

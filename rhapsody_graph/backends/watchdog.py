@@ -9,14 +9,17 @@ So the first process a driver starts is a watchdog: one small process per driver
 that a Ctrl-C to the terminal's group does not stop it first.
 
 State, in the watchdog: the groups the driver started and has not reaped, each with
-its leader's start time. The driver tells it ``+ pgid start`` after starting a group
-and ``- pgid`` after reaping one, over a pipe whose only write end the driver holds.
+its leader's start time, and the files to remove at the driver's end (an inference
+server's log). The driver tells it ``+ pgid start`` after starting a group and
+``- pgid`` after reaping one, ``f path`` and ``k path`` (hex) for a file to remove or
+keep, over a pipe whose only write end the driver holds.
 When that pipe reaches EOF, or the driver's pidfd says it has ended (a process it
 forked, which holds a copy of the pipe, may outlive it), the driver exited (cleanly,
 by SIGTERM, by SIGKILL): the watchdog SIGKILLs every group still registered, then every process whose
 environment carries this driver's run marker (``RHAPSODY_RUN``, given to every
 process the driver starts and inherited by what they start, so a grandchild that
-left its group with ``setsid`` is found too), and exits.
+left its group with ``setsid`` is found too), removes the files still registered,
+and exits.
 
 A group id is not reused while its group has members, and a leader alive with
 another start time is a reused pid: that group is skipped.
@@ -49,8 +52,8 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional
 
-__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "kill_marked", "kill_marks",
-           "tracker_end", "watchdog_pid"]
+__all__ = ["MARKER", "GROUP", "marked", "guard", "release", "remove_at_end", "keep_file",
+           "kill_marked", "kill_marks", "tracker_end", "watchdog_pid"]
 
 MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
 GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
@@ -68,7 +71,7 @@ def start_tracker():
     except OSError:
         pass  # a worker's next write fails, and it starts a tracker of its own
     os.close(tracker)
-groups, buf = {}, b""
+groups, files, buf = {}, set(), b""
 ready = select.poll()
 ready.register(fd, select.POLLIN)
 ready.register(tracker, select.POLLIN)
@@ -77,10 +80,21 @@ try:  # the driver's end, also while a process it forked holds the pipe open
     ready.register(ended, select.POLLIN)
 except (AttributeError, OSError):  # no pidfd here (Linux < 5.3), or the driver is gone
     ended = -1
+def take(data):
+    global buf
+    *lines, buf = (buf + data).split(b"\n")
+    for line in lines:
+        sign, what, *start = line.split()
+        if sign == b"+":
+            groups[int(what)] = start[0] if start else b""
+        elif sign == b"-":
+            groups.pop(int(what), None)
+        elif sign == b"f":
+            files.add(bytes.fromhex(what.decode()))
+        else:
+            files.discard(bytes.fromhex(what.decode()))
 while os.getppid() == driver:  # else the driver ended before its pidfd was opened
     woken = dict(ready.poll())
-    if ended in woken:
-        break
     if tracker in woken:  # written to (POLLIN), or every writer has ended (POLLHUP alone)
         ready.unregister(tracker)
         if woken[tracker] & select.POLLIN:
@@ -88,19 +102,20 @@ while os.getppid() == driver:  # else the driver ended before its pidfd was open
         else:
             os.close(tracker)
         tracker = -1
-    if fd not in woken:
-        continue
+    if fd in woken:  # what the driver wrote comes before its end
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        take(data)
+    elif ended in woken:
+        break
+last = select.poll()  # what the driver wrote just before it ended
+last.register(fd, select.POLLIN)
+while last.poll(0):
     data = os.read(fd, 65536)
     if not data:
         break
-    buf += data
-    *lines, buf = buf.split(b"\n")
-    for line in lines:
-        sign, pgid, *start = line.split()
-        if sign == b"+":
-            groups[int(pgid)] = start[0] if start else b""
-        else:
-            groups.pop(int(pgid), None)
+    take(data)
 def start_of(pid):
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -133,6 +148,11 @@ for _ in range(3):
                 pass
     if not found:
         break
+for path in files:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 if tracker >= 0:
     ready = select.poll()
     ready.register(tracker, select.POLLIN)
@@ -248,3 +268,15 @@ def guard(proc: Any, env: Dict[str, str]) -> None:
 def release(proc: Any) -> None:
     """``proc`` has been reaped: nothing left to guard."""
     _tell(f"- {proc.pid}\n")
+
+
+def remove_at_end(path: str) -> None:
+    """Have the watchdog remove file ``path`` if the driver dies before
+    :func:`keep_file` (starts the watchdog on first use)."""
+    _token()
+    _tell(f"f {os.fsencode(path).hex()}\n")
+
+
+def keep_file(path: str) -> None:
+    """The driver has dealt with ``path`` (removed or kept it): leave it be."""
+    _tell(f"k {os.fsencode(path).hex()}\n")

@@ -36,7 +36,7 @@ def note_server(session, model, path):
     while True:
         service = session.backends["inference"].services.running.get(model)
         if service is not None and service.client is not None:
-            with open(path + ".log", "w") as f:  # its log, which a killed driver leaves
+            with open(path + ".log", "w") as f:  # its log, which the watchdog removes
                 f.write(service.server.log)
             with open(path, "w") as f:
                 f.write(str(service.server.pid))
@@ -135,10 +135,11 @@ def test_a_sigkilled_driver_that_forked_a_helper_still_takes_its_run_with_it(tmp
         os.kill(helper, signal.SIGKILL)
 
 
-def test_an_inference_server_dies_with_a_sigkilled_driver(tmp_path):
+def test_an_inference_server_and_its_log_go_with_a_sigkilled_driver(tmp_path):
     exit_code, mark, pids = run_and_kill(tmp_path, signal.SIGKILL,
                                          ["worker", "executable", "server"], "ai")
-    os.unlink((tmp_path / "server.log").read_text())  # no driver is left to remove it
+    log = (tmp_path / "server.log").read_text()
     assert exit_code == -signal.SIGKILL
     assert wait_until(lambda: not marked(mark) and not alive(pids), 20), \
         f"left behind: {sorted(marked(mark) | alive(pids))}"
+    assert wait_until(lambda: not os.path.exists(log), 20), f"left behind: {log}"
