@@ -33,8 +33,12 @@ worker); each future's done-callback appends it to ``_ended``, which the collect
 thread takes whole: it fetches the values of every call that ended since its last
 round in one ``gather`` (one round trip per batch, not per call) and posts them to
 the session's queue. ``_live``: the workers the scheduler has now; ``_killers``: the
-threads stopping killed calls. On a worker, ``_calls`` maps each running call's key
-to its thread.
+threads stopping killed calls. ``_shared``: an upstream value of ``SHARED`` bytes or
+more goes to the cluster once, as a Dask task of its own that the calls reading it
+take as an argument (id of the value's bytes → ``[bytes, its Dask future, calls
+using it]``; ``_reads``: tid → the ids its call uses), not inline in each call;
+released when its last call has ended. On a worker, ``_calls`` maps each running
+call's key to its thread.
 
 >>> DaskBackend.kinds == frozenset({"function", "executable"})
 True
@@ -57,6 +61,8 @@ from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger, gpu_masks, gpu_names, placed
 
 __all__ = ["DaskBackend"]
+
+SHARED = 1 << 20  # an upstream value this big is sent once, not with each call reading it
 
 
 class _DaskCall:
@@ -136,6 +142,11 @@ def _run(key: str, func: bytes, args: bytes, inputs: List[bytes], env: Dict[str,
     return result + (time.perf_counter() - start,)
 
 
+def _value(value: bytes) -> bytes:
+    """On a worker: an upstream value sent once, for the calls that read it."""
+    return value
+
+
 def _stop(key: str) -> str:
     """On a worker (``client.run``): stop call ``key`` if its body runs a program (its
     process group is killed); say what was found: ``"program"``, ``"thread"`` (a
@@ -203,6 +214,8 @@ class DaskBackend(OwnCalls):
         self._where: Dict[int, str] = {}  # tid -> the worker it was sent to
         self._live = {h.name for h in self.inventory.hosts}  # workers the scheduler has now
         self._killers: List[threading.Thread] = []  # stopping killed calls (see kill)
+        self._shared: Dict[int, List[Any]] = {}  # big upstream values sent once (see above)
+        self._reads: Dict[int, List[int]] = {}  # tid -> the shared values its call reads
         self._ended: List[Tuple[int, Any]] = []  # (tid, future) of calls that ended, not fetched
         self._ended_cv = threading.Condition()
         self._open = False
@@ -285,18 +298,43 @@ class DaskBackend(OwnCalls):
         here = p.host in self._live  # else its worker left: Dask picks another
         key = f"{call.key}-{tid}-{self._token}"
         future = self.client.submit(
-            _run, key, prepared.func, prepared.args, list(call.inputs), p.env(),
+            _run, key, prepared.func, prepared.args, self._inputs(tid, call.inputs), p.env(),
             key=key, workers=[p.host] if here else None, pure=False,
             resources={"GPU": len(p.gpus)} if p.gpus else None)
         self._running[tid] = future
         self._where[tid] = p.host
         future.add_done_callback(lambda f: self._call_ended(tid, f))
 
+    def _inputs(self, tid: int, inputs: Any) -> List[Any]:
+        """The call's upstream values, each big one as the Dask future that holds it
+        (sent to the cluster by its first reader)."""
+        values = list(inputs)
+        for i, value in enumerate(values):
+            if len(value) >= SHARED:
+                shared = self._shared.get(id(value))
+                if shared is None:
+                    held = self.client.submit(_value, value, pure=False,
+                                              key=f"input-{tid}-{i}-{self._token}")
+                    shared = self._shared[id(value)] = [value, held, 0]
+                shared[2] += 1
+                self._reads.setdefault(tid, []).append(id(value))
+                values[i] = shared[1]
+        return values
+
+    def _read(self, tid: int) -> None:
+        """The call ``tid`` has ended: release the shared values no other call reads."""
+        for ident in self._reads.pop(tid, ()):
+            shared = self._shared[ident]
+            shared[2] -= 1
+            if not shared[2]:
+                del self._shared[ident]
+
     def kill(self, tid: int) -> None:
         """Cancel the call's future; in a thread of its own, stop what it runs on its
         worker (see the module docstring), then report ``KILLED``."""
         future = self._running.pop(tid, None)
         worker = self._where.pop(tid, None)
+        self._read(tid)
         hub = self.hub
         if future is None or worker is None:
             hub.post((tid, KILLED, None, 0.0))
@@ -344,6 +382,8 @@ class DaskBackend(OwnCalls):
             future.cancel()
         self._running.clear()
         self._where.clear()
+        self._shared.clear()
+        self._reads.clear()
         self.ledger = Ledger(self.inventory)
 
     def shutdown(self) -> None:
@@ -489,6 +529,7 @@ class DaskBackend(OwnCalls):
                 continue
             del self._running[tid]
             del self._where[tid]
+            self._read(tid)
             key = _node_key(future.key)
             value = values.get(future.key)
             if value is not None:

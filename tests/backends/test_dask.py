@@ -145,6 +145,23 @@ def test_many_tiny_calls_queue_on_leases_and_all_come_back(session):
     assert dask.ledger.idle()
 
 
+def megabytes(n):
+    return b"x" * (n << 20)
+
+
+def test_a_big_upstream_value_goes_to_the_cluster_once_for_all_its_readers(session):
+    dask = session.backends["dask"]
+    big = rhapsody.task(backend="cpu")(megabytes)(3)
+    readers = [rhapsody.task(backend="dask")(len)(big) for _ in range(4)]
+    with distributed.get_task_stream(dask.client) as stream:
+        assert rhapsody.compute(*readers, session=session) == (3 << 20,) * 4
+    sent = [t for t in stream.data if str(t["key"]).startswith("input-")]
+    assert len(sent) == 1, [t["key"] for t in stream.data]
+    held = lambda: dask.client.run_on_scheduler(
+        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("input-")])
+    assert wait_until(lambda: not held(), 30), f"still held on the cluster: {held()}"
+
+
 def plus(a, b):
     return a + b
 
