@@ -38,6 +38,7 @@ import concurrent.futures as cf
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
                                       PENDING, RUNNING, _AcquireFutures)
@@ -117,7 +118,9 @@ class Future(cf.Future, Ref):
     """The eventual value of one submitted node. Made by ``Session.submit``.
 
     Attributes:
-        node: the node it stands for; ``key``: its key.
+        node: the node it stands for (once ended, a node that took inputs only while you
+            keep it: a finished future keeps no upstream future or value alive); ``key``:
+            its key.
         where: a :class:`Where` once it has run (with a value or an exception; ``None``
             while it has not, or when it never started).
     """
@@ -130,11 +133,16 @@ class Future(cf.Future, Ref):
         self._exception: Optional[BaseException] = None
         self._w: Optional[list] = None  # waiters and callbacks: lists made on first use
         self._cbs: Optional[list] = None
-        self.node = node
+        self._node: Any = node  # a weak reference once ended, if the node took inputs
         self.key = node.key
         self.where: Optional[Where] = None
         self._task = task  # the scheduler's record: holds the value's bytes
         self._session = session
+
+    @property
+    def node(self) -> Any:
+        node = self._node
+        return node() if type(node) is weakref.ref else node
 
     # concurrent.futures reads and appends to these lists under ``_condition``; most
     # futures never get a waiter or a callback, and two lists per future would be two
@@ -276,6 +284,8 @@ class Future(cf.Future, Ref):
             if field is not None:
                 setattr(self, field, value)
             self._state = state
+            if self._node.deps:
+                self._node = weakref.ref(self._node)
             if self._w:
                 for waiter in self._w:
                     getattr(waiter, tell)(self)

@@ -219,6 +219,20 @@ class Node(_Fields):
         self.__class__ = cls
         return self
 
+    def without_inputs(self) -> "Node":
+        """A node with this one's key, name, options, kind and function that holds none
+        of its inputs (what a forgotten record keeps: nothing upstream stays alive for it).
+
+        >>> from rhapsody_graph import task
+        >>> @task
+        ... def inc(x): return x + 1
+        >>> n = inc(inc(1))
+        >>> bare = n.without_inputs()
+        >>> (bare.key, bare.args, bare.deps) == (n.key, (), ())
+        True
+        """
+        return Node.standing_for(self, self.fn, (), ())
+
     def __setattr__(self, name: str, value: Any) -> None:
         """Refused: an edited node could close a cycle or disagree with its key."""
         raise AttributeError(f"node {self.key!r} cannot be changed ({name!r}); build a new "

@@ -15,7 +15,8 @@ State (all of it touched only by the scheduler thread, except where noted):
   shared leases.
 * ``inflight``: tid → :class:`Attempt`; ``killing``: the attempts killed (timeout,
   cancel) whose ``KILLED`` completion has not come yet: their placements go back
-  to the ledger only then; ``deadlines``: a heap of (time, tid).
+  to the ledger only then; ``deadlines``: a heap of (time, tid), of calls in flight
+  and (until it is compacted, at twice their number) of calls that ended since.
 * per lane, counters the progress display reads (:mod:`.progress`): records
   ``submitted``, attempts ``started`` and ``stopped``, records ended ``done``,
   ``failed``, ``cancelled``.
@@ -967,7 +968,11 @@ class Scheduler:
         inputs = [d.payload if d.state == DONE else d.tid for d in t.deps] if t.deps else ()
         lane.backend.submit(Call(tid, node.key, t.prepared, inputs, placements, lease, timeout))
         if timeout is not None:
-            heapq.heappush(self.deadlines, (time.monotonic() + timeout, tid))
+            deadlines = self.deadlines
+            if len(deadlines) > 2 * len(self.inflight) + 64:  # of calls ended since: gone
+                deadlines[:] = [d for d in deadlines if d[1] in self.inflight]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, (time.monotonic() + timeout, tid))
         if t.futures:
             for ref in t.futures:
                 fut = ref()
@@ -1166,13 +1171,13 @@ class Scheduler:
         for d in t.deps:
             d.needed -= 1
             if not d.needed and d.state in ENDED and tasks.get(d.node) is d:
-                del tasks[d.node]
+                self._forget(d)
         t.deps = ()
         t.dependents = ()
         t.futures = None
         t.prepared = None  # its encoded call: a future may keep the record for long
         if (t.state != DONE or not t.needed) and tasks.get(t.node) is t:
-            del tasks[t.node]
+            self._forget(t)
         lane = t.lane
         if t.state == DONE:
             lane.done += t.weight
@@ -1185,6 +1190,14 @@ class Scheduler:
         group.live -= 1
         if not group.live and group.ended is not None:
             self.ended.append(group)
+
+    def _forget(self, t: Task) -> None:
+        """Drop the ended record ``t`` from ``tasks``. A future may keep it for long: one
+        no ``compute()`` waits on keeps its node without the node's inputs from now on
+        (else a chain's last future would keep every upstream future, and its value)."""
+        del self.tasks[t.node]
+        if t.node.deps and t.group.errors is None:
+            t.node = t.node.without_inputs()
 
     def _fail(self, t: Task, exc: BaseException, final: bool = False,
               infrastructure: bool = False, hosts: Collection[str] = ()) -> None:

@@ -646,6 +646,28 @@ def test_a_long_futures_loop_of_megabyte_results_keeps_the_driver_flat(session):
     assert session._scheduler.tasks == {}
 
 
+def after(previous, i):
+    return i
+
+
+def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(session):
+    import weakref
+    step = rhapsody.task(after)
+    fut = session.submit(step(None, 0))
+    upstream = []
+    for i in range(1, 50):
+        upstream.append(weakref.ref(fut))
+        fut = session.submit(step(fut, i))  # only the newest future is kept
+        assert fut.result(timeout=60) == i
+        fut.exception()
+    gc.collect()
+    assert not [r for r in upstream if r() is not None]
+    node = step(fut, 50)  # a node you keep keeps its inputs: it can run again
+    assert session.submit(node).result(timeout=60) == 50
+    gc.collect()
+    assert upstream[-1]() is None and session.submit(node).node is node
+
+
 def test_a_finished_future_keeps_its_arguments_once_not_also_their_pickled_copy(session):
     import tracemalloc
     echo_size = rhapsody.task(len)

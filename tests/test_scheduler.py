@@ -254,6 +254,16 @@ def test_timeout_and_retry_backoff_of_many_days_are_waited_for_not_a_scheduler_c
         assert backend.ledger.idle()
 
 
+def test_the_deadlines_of_nodes_that_ended_are_not_kept_until_their_time():
+    # an hour's timeout on every node of a long-lived session: the heap of deadlines
+    # grew by one entry per node ended until its hour was up
+    with rhapsody.Session(rhapsody.LocalBackend(cpus=2)) as s:
+        patient = rhapsody.task(timeout=3600)(inc)
+        for _ in range(3):
+            assert s.compute(*[patient(i) for i in range(2000)]) == tuple(range(1, 2001))
+        assert len(s._scheduler.deadlines) < 1000
+
+
 def test_timeout_on_executable_kills_its_process_tree_and_frees_the_ledger(backend, tmp_path):
     pidfile, after = tmp_path / "pids", tmp_path / "after"
     # the shell and a child of its own: both must go
