@@ -264,6 +264,10 @@ class Future(cf.Future, Ref):
         if self._state == PENDING:  # no lock: only this thread moves it; no waiter wakes
             self._state = RUNNING
 
+    def _queued(self) -> None:
+        if self._state == RUNNING:  # a retry waits out its backoff: no call of it runs
+            self._state = PENDING
+
     def _finish(self, where: Where) -> None:
         """The value's bytes are on the record now."""
         self.where = where

@@ -1247,6 +1247,11 @@ class Scheduler:
             self._push(t)
             return
         t.state = READY  # not on a heap until the timer: cancel() sees it as ready
+        if t.futures:
+            for ref in t.futures:
+                fut = ref()
+                if fut is not None:
+                    fut._queued()
 
         def due(out: List[Any]) -> None:
             if t.state == READY:

@@ -21,7 +21,7 @@ import pytest
 import rhapsody_graph as rhapsody
 
 from .backends.test_worker import hold as hold_on_fifos
-from .conftest import child_pids
+from .conftest import child_pids, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -250,6 +250,8 @@ def test_timeout_and_retry_backoff_of_many_days_are_waited_for_not_a_scheduler_c
         assert s.compute(rhapsody.task(whoami)()) != 0
         assert len(lines(tmp_path / "attempts")) == 1
         assert not retried.done()
+        # no call of it runs while it waits out its backoff
+        assert wait_until(lambda: not retried.running(), 30)
         assert retried.cancel() and retried.cancelled()
         assert backend.ledger.idle()
 
