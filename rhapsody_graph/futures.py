@@ -264,6 +264,16 @@ class Future(cf.Future, Ref):
         if self._state == PENDING:  # no lock: only this thread moves it; no waiter wakes
             self._state = RUNNING
 
+    def set_result(self, result: Any) -> None:
+        """Refused: only its session ends a future (with its node's value)."""
+        raise RuntimeError(f"future {self.key!r}: only its session sets its result; "
+                           "cancel() it, or submit a task that returns the value")
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        """Refused: only its session ends a future (with its node's exception)."""
+        raise RuntimeError(f"future {self.key!r}: only its session sets its exception; "
+                           "cancel() it, or submit a task that raises it")
+
     def _queued(self) -> None:
         if self._state == RUNNING:  # a retry waits out its backoff: no call of it runs
             self._state = PENDING

@@ -830,8 +830,16 @@ def _terminated(signum: int, frame: Any) -> None:
 
 @atexit.register
 def close_all() -> None:
-    """Close every open session (at interpreter exit)."""
-    for s in list(_sessions):
+    """Close every open session (at interpreter exit), warning of the work this cancels."""
+    sessions = list(_sessions)
+    unfinished = sum(s._scheduler.live + sum(len(new) for new, _, _ in list(s._scheduler.intake))
+                     for s in sessions if not s._closed and s._thread.is_alive())
+    if unfinished:
+        warn(f"{unfinished} submitted node(s) had not finished when the program ended: "
+             "they are cancelled; to let them finish, wait for their futures "
+             "(rhapsody.wait(futures)) or submit inside a `with Session():` block, whose "
+             "end waits")
+    for s in sessions:
         s.close()
 
 

@@ -204,6 +204,17 @@ def test_futures_work_with_the_standard_library_wait(session):
     assert not not_done and sorted(f.result() for f in done) == [1, 2, 3, 4, 5]
 
 
+def test_setting_a_futures_result_or_exception_is_refused_and_its_node_still_ends_it(session):
+    # it raised AttributeError from the lock, and left the future finished with the
+    # user's value (the node's own value was dropped)
+    fut = session.submit(rhapsody.task(nap)(0.2, "node's"))
+    with pytest.raises(RuntimeError, match="only its session sets its result"):
+        fut.set_result(5)
+    with pytest.raises(RuntimeError, match="only its session sets its exception"):
+        fut.set_exception(ValueError())
+    assert fut.result(timeout=60) == "node's"
+
+
 def test_await_a_future_and_gather_them_from_asyncio_without_blocking_the_loop(session):
     async def main():
         ticks = 0

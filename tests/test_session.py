@@ -332,6 +332,22 @@ def test_computes_in_threads_the_main_thread_leaves_running_finish_as_python_wai
         == ["early4", "gap6", "late5", "pool7"], out.stdout + out.stderr
 
 
+def test_work_the_main_thread_submitted_and_never_waited_for_is_cancelled_with_a_warning(
+        tmp_path):
+    """It was cancelled at exit without a word (exit status 0, nothing done)."""
+    import subprocess
+    import sys
+    script = tmp_path / "dropped.py"
+    script.write_text("import time, rhapsody_graph as rhapsody\n"
+                      "for i in range(3):\n"
+                      "    rhapsody.submit(rhapsody.task(time.sleep)(60))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 submitted node(s) had not finished when the program ended" in out.stderr
+    assert "rhapsody.wait(futures)" in out.stderr
+
+
 def test_ctrl_c_that_another_thread_received_stops_a_waiting_compute_at_once():
     # a process signal may go to any thread; the handler runs in the main thread, which
     # an untimed wait left asleep until the whole run had ended
