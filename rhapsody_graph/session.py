@@ -38,7 +38,7 @@ from .resources import Ledger
 from .scheduler import CONTINUE, DONE, FINISH, ON_ERROR, WAIT, Group, Lane, Scheduler, Task
 from .task import Task as TaskFunction
 
-__all__ = ["Session"]
+__all__ = ["Session", "stop_on_sigterm"]
 
 CANCEL_TIMEOUT = 60.0  # cancel() waits this long for killed processes to be reaped
 ROUTES_KEPT = 10_000  # routes remembered per task options, then forgotten
@@ -145,7 +145,7 @@ class Session:
                                            self._parts())
         self._finalizer.atexit = False  # close_all() closes it at exit
         _sessions.add(self)
-        _stop_on_sigterm()
+        stop_on_sigterm()
 
     # -- submitting ----------------------------------------------------------------------
 
@@ -757,7 +757,7 @@ def _made_bare(exc: BaseException) -> BaseException:
     return dup
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     """Make SIGTERM (a batch system's walltime) stop the program as Ctrl-C does: it
     raises ``SystemExit(143)`` in the main thread, so a waiting ``compute()`` cancels
     its run and every session closes at exit. Only where SIGTERM has no handler yet."""

@@ -26,7 +26,7 @@ import types
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import brief
-from .graph import EXECUTABLE, Node
+from .graph import EXECUTABLE, Node, Ref
 from .resources import DISTRIBUTIONS, PLACEMENTS, Resources
 
 __all__ = ["task", "Task", "Options", "executable", "map", "ExecResult", "OPTIONS"]
@@ -565,6 +565,9 @@ def executable(argv: Sequence[Any], *, cwd: Optional[str] = None,
     prog = str(argv[0]) if not isinstance(argv[0], Node) else "executable"
     who = f"executable {prog!r}"
     for i, arg in enumerate(argv):
+        if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node, Ref)):
+            raise TypeError(f"{who}: argument {i} must be text, a number, a path, a node or "
+                            f"a future; got {brief(arg)}")
         if isinstance(arg, str) and "\0" in arg or isinstance(arg, bytes) and b"\0" in arg:
             raise ValueError(f"{who}: argument {i} {brief(arg)} holds a null byte, which no "
                              "program can be given")

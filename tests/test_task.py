@@ -187,6 +187,15 @@ def test_an_argument_or_variable_no_program_can_take_is_refused_where_written(ar
         rhapsody.executable(argv, env=env)
 
 
+@pytest.mark.parametrize("arg", [None, [1, 2], {"a": 1}, object()])
+def test_an_argument_that_cannot_become_text_is_refused_where_written(arg):
+    # it was refused at submission only, failing the whole batch (a compat ComputeTask
+    # made with it passed its validation)
+    with pytest.raises(TypeError, match=r"executable 'echo': argument 1 must be text, a number, "
+                                        r"a path, a node or a future; got"):
+        rhapsody.executable(["echo", arg])
+
+
 def test_an_async_def_task_is_awaited_in_its_worker_and_gives_its_value():
     assert rhapsody.compute(rhapsody.task(double_later)(21),
                             rhapsody.map(double_later, [1, 2])) == (42, [2, 4])

@@ -59,7 +59,7 @@ from . import wire
 from .base import (DIED, DROPPED, ERROR, KILLED, OK, Completion, Completions, Lease,
                    close_session, refuse_second_session)
 from ..errors import WorkerDiedError, brief
-from ..graph import EXECUTABLE, FUNCTION, Node, Ref
+from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Inventory, Placement
 
 try:
@@ -67,7 +67,7 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.8
     Protocol = object  # type: ignore[assignment]
 
-__all__ = ["PoolBackend", "PoolCall", "Worker", "WorkerPool", "WorkerProcess", "check_argv",
+__all__ = ["PoolBackend", "PoolCall", "Worker", "WorkerPool", "WorkerProcess",
            "encode_arguments", "encode_function", "encode_program", "max_workers", "place"]
 
 
@@ -547,18 +547,9 @@ def max_workers(workers: Optional[int], inventory: Inventory, who: str) -> int:
     return workers or inventory.total_cpus
 
 
-def check_argv(node: Any) -> None:
-    """Refuse an executable node whose argv holds what cannot become text."""
-    for arg in node.fn.argv:
-        if not isinstance(arg, (str, bytes, int, float, os.PathLike, Node, Ref)):
-            raise TypeError(f"node {node.key!r}: executable arguments must be text, "
-                            f"numbers, paths, nodes or futures; got {brief(arg)}")
-
-
 def encode_program(node: Any) -> wire.Args:
     """An executable node's ``(argv, cwd, env)``, pickled for a worker that runs it
     (upstream values as slots); raise ``TypeError`` naming the node."""
-    check_argv(node)
     spec = node.fn
     try:
         return wire.dump_args((spec.argv, spec.cwd, spec.env), {}, node.deps)

@@ -25,7 +25,7 @@ from ..errors import ExecutableError, brief
 from ..futures import Future
 from ..graph import Node
 from ..resources import Placement
-from ..session import Session as _Session
+from ..session import Session as _Session, stop_on_sigterm
 from ..task import executable, task
 from .errors import (BackendError, ResourceError, RhapsodyError, SessionError,
                      TaskExecutionError, TaskValidationError)
@@ -130,7 +130,10 @@ class BaseTask(dict):
         return f"<{type(self).__name__} {self.uid} {self.state}>"
 
     def _submitted(self, fut: Future, loop: asyncio.AbstractEventLoop, folder: str) -> None:
-        """Handed to the backend: ``RUNNING`` from now, as RHAPSODY's backends report it."""
+        """Handed to the backend: ``RUNNING`` from now, as RHAPSODY's backends report it
+        (a task submitted again drops what its earlier run left on it)."""
+        self.update(stdout=None, stderr=None, exit_code=None, return_value=None,
+                    response=None, exception=None)
         self.future, self.state = fut, TaskState.RUNNING
         if self.backend is None:
             self.backend = fut.backend  # where the session routed it
@@ -144,7 +147,10 @@ class BaseTask(dict):
         fut.add_done_callback(ended)
 
     def _record(self, f: Future, folder: str) -> None:
-        """Fill the task's fields from its future (on the event loop)."""
+        """Fill the task's fields from its future (on the event loop), unless the task
+        was submitted again since (the newer run's fields are its own)."""
+        if f is not self.future:
+            return
         if f.cancelled():
             self.state = TaskState.CANCELED
         else:
@@ -397,6 +403,7 @@ class Session:
                 raise SessionError(f"session {self.uid!r} is closed; make a new Session")
             if self._session is None:
                 backends = [b.backend for b in self.backends.values()]
+                stop_on_sigterm()  # here, in the loop's thread: the session is made off it
                 self._session = await asyncio.get_running_loop().run_in_executor(
                     None, _Session, backends)
             return self._session
@@ -455,4 +462,7 @@ class Session:
         self._closed = True
         if self._session is not None:
             session, self._session = self._session, None
-            await asyncio.get_running_loop().run_in_executor(None, session.close)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, session.close)
+            for b in self.backends.values():
+                await loop.run_in_executor(None, b._close)

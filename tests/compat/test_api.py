@@ -10,6 +10,8 @@ from rhapsody_graph.compat.api import (ComputeTask, Session, SessionError, TaskS
                                        TaskValidationError)
 from rhapsody_graph.compat.backends import ConcurrentExecutionBackend
 
+from ..conftest import wait_until
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -245,6 +247,8 @@ def test_bad_tasks_are_refused_when_made_naming_the_task():
     (dict(executable="/bin/echo", arguments="hello"), "arguments must be a list, got str 'hello'"),
     (dict(executable="/bin/echo", arguments=("a",)), "arguments must be a list, got tuple"),
     (dict(executable=["/bin/echo", "x"]), "executable must be a string, got list"),
+    (dict(executable="/bin/echo", arguments=[None]), "executable '/bin/echo': argument 1 must "
+                                                     "be text, a number, a path"),
     (dict(function=abs, args="abc"), "args must be a tuple or list, got str 'abc'"),
     (dict(function=abs, args=5), "args must be a tuple or list, got int 5"),
     (dict(function=abs, kwargs=[1]), r"kwargs must be a dict, got list \[1\]"),
@@ -387,3 +391,99 @@ def test_a_bad_option_value_raises_task_validation_error_naming_the_task():
         ComputeTask(function=abs, uid="g", task_backend_specific_kwargs={"gpus": 0.5})
     with pytest.raises(TaskValidationError, match="^Task 'c' validation failed: .*'cpus'"):
         ComputeTask(executable="/bin/true", uid="c", task_backend_specific_kwargs={"cpus": -1})
+
+
+SIGTERMED = '''
+import asyncio
+from rhapsody_graph.compat.api import Session, ComputeTask
+from rhapsody_graph.compat.backends import ConcurrentExecutionBackend
+async def main():
+    try:
+        async with Session([await ConcurrentExecutionBackend(name="cpu")]) as s:
+            t = ComputeTask(executable="sleep", arguments=["600"])
+            await s.submit_tasks([t])
+            print("running", flush=True)
+            await t
+    finally:
+        print("finally ran", flush=True)
+asyncio.run(main())
+'''
+
+
+def test_a_sigterm_to_a_compat_program_unwinds_it_as_a_native_one_exits_143():
+    # the session was made off the main thread, so SIGTERM kept its default action:
+    # the program died at once, no finally ran (a Dragon runtime was left behind)
+    import signal
+    driver = subprocess.Popen([sys.executable, "-c", SIGTERMED], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert driver.stdout.readline() == "running\n"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143
+        assert driver.stdout.read() == "finally ran\n"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def test_a_dask_backend_given_no_cluster_starts_one_from_resources_and_closes_it_with_its_session():
+    # RHAPSODY's DaskExecutionBackend() starts a LocalCluster (resources: its arguments);
+    # here it failed "give exactly one of client=, cluster= or address="
+    pytest.importorskip("distributed")
+    from rhapsody_graph.compat.backends import DaskExecutionBackend
+
+    async def main():
+        backend = DaskExecutionBackend({"n_workers": 1, "threads_per_worker": 1,
+                                        "dashboard_address": None})
+        async with Session(backends=[backend]) as session:
+            t = ComputeTask(function=os.getpid)
+            await session.submit_tasks([t])
+            await t
+        return t
+    t = asyncio.run(main())
+    assert t.state == TaskState.DONE and t.return_value != os.getpid()
+    gone = lambda: not os.path.exists(f"/proc/{t.return_value}")
+    assert wait_until(gone, 60), "the cluster it started outlived its session"
+    with pytest.raises(TypeError, match="resources must be a dict of LocalCluster arguments"):
+        DaskExecutionBackend("tcp://127.0.0.1:8786")
+    with pytest.raises(TypeError, match="not both"):
+        DaskExecutionBackend({"n_workers": 1}, address="tcp://127.0.0.1:8786")
+
+
+def fails_first(path):
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise RuntimeError("first attempt fails")
+    return "ok"
+
+
+def test_a_task_submitted_again_holds_only_its_new_runs_fields(tmp_path):
+    # its earlier run's exception stayed beside the new value (state DONE, exception set),
+    # and an earlier run still going overwrote the newer one's fields when it ended
+    async def main():
+        async with Session(backends=[ConcurrentExecutionBackend(name="cpu")]) as session:
+            t = ComputeTask(function=fails_first, args=(str(tmp_path / "tried"),))
+            await session.submit_tasks([t])
+            await t
+            first = (t.state, type(t.exception).__name__, t.stderr)
+            await session.submit_tasks([t])
+            await t
+            slow = ComputeTask(function=_sleep_then, args=(1.0, "slow"))
+            await session.submit_tasks([slow])
+            first_run = slow.future
+            slow.args = (0.0, "quick")
+            await session.submit_tasks([slow])
+            await slow
+            quick = slow.return_value
+            assert await first_run == "slow"  # (its end is told to the task before this)
+            return first, (t.state, t.exception, t.return_value), (quick, slow.return_value)
+    first, second, slow = asyncio.run(main())
+    assert first[:2] == (TaskState.FAILED, "RuntimeError") and "first attempt" in first[2]
+    assert second == (TaskState.DONE, None, "ok")
+    assert slow == ("quick", "quick")
+
+
+def _sleep_then(seconds, value):
+    import time
+    time.sleep(seconds)
+    return value

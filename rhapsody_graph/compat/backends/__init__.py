@@ -7,7 +7,7 @@ RHAPSODY                                           runs on
                                                    (one worker process per ``max_workers``)
 ``DragonExecutionBackendV3(num_workers=, name=)``  :class:`~rhapsody_graph.DragonBackend`
 ``DragonExecutionBackend`` (same)                  :class:`~rhapsody_graph.DragonBackend`
-``DaskExecutionBackend(cluster=|client=, name=)``  :class:`~rhapsody_graph.DaskBackend`
+``DaskExecutionBackend(resources, cluster=, …)``   :class:`~rhapsody_graph.DaskBackend`
 ``DragonVllmInferenceBackend(name=, model=)``      :class:`~rhapsody_graph.InferenceBackend`
 =================================================  =========================================
 
@@ -58,6 +58,9 @@ class _Backend:
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.backend.shutdown)
 
+    def _close(self) -> None:
+        """What it started beside its backend, closed once its session has closed."""
+
     async def __aenter__(self) -> "_Backend":
         return await self._started()
 
@@ -94,16 +97,28 @@ DragonExecutionBackend = DragonExecutionBackendV3
 
 class DaskExecutionBackend(_Backend):
     """Tasks on a Dask ``distributed`` cluster: ``cluster=`` (also one started with
-    ``asynchronous=True``), ``client=`` or ``address=``. Its client connects off the
-    event loop (when awaited, else when the session opens): an asynchronous cluster is
-    served by that loop, which a connection made on it would block for good."""
+    ``asynchronous=True``), ``client=`` or ``address=``; none of them, as RHAPSODY: a
+    ``LocalCluster(**resources)`` it starts and closes with its session. Its client
+    connects off the event loop (when awaited, else when the session opens): an
+    asynchronous cluster is served by that loop, which a connection made on it would
+    block for good."""
 
-    def __init__(self, cluster: Any = None, client: Any = None, address: Optional[str] = None,
-                 name: str = "dask") -> None:
+    def __init__(self, resources: Optional[dict] = None, name: str = "dask",
+                 cluster: Any = None, client: Any = None, address: Optional[str] = None) -> None:
+        if resources is not None and not isinstance(resources, dict):
+            raise TypeError("DaskExecutionBackend: resources must be a dict of LocalCluster "
+                            f"arguments ({{'n_workers': 2}}), got {brief(resources)}; pass "
+                            "a cluster as cluster=")
+        given = sum(x is not None for x in (cluster, client, address))
+        if resources is not None and given:
+            raise TypeError("DaskExecutionBackend: resources= starts a LocalCluster; give "
+                            "it, or cluster=, client= or address=, not both")
         if cluster is not None and getattr(cluster, "asynchronous", False):
             cluster, address = None, cluster.scheduler_address  # our client has its own loop
         self.name = name
         self._given = dict(client=client, cluster=cluster, address=address)
+        self._resources = (resources or {}) if not given else None
+        self._made: Any = None  # the LocalCluster it started
         self._backend: Any = None
         self._lock = threading.Lock()
 
@@ -112,7 +127,10 @@ class DaskExecutionBackend(_Backend):
         with self._lock:
             if self._backend is None:
                 from ...backends.dask import DaskBackend
-                given = self._given
+                given = dict(self._given)
+                if self._resources is not None:
+                    from distributed import LocalCluster
+                    self._made = given["cluster"] = LocalCluster(**self._resources)
                 self._backend = DaskBackend(given["client"], cluster=given["cluster"],
                                             address=given["address"], name=self.name)
             return self._backend
@@ -120,6 +138,17 @@ class DaskExecutionBackend(_Backend):
     async def _started(self) -> "_Backend":
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.backend)
         return self
+
+    def _close(self) -> None:
+        """Close the cluster it started (its session closed the client already)."""
+        with self._lock:
+            made, self._made = self._made, None
+        if made is not None:
+            made.close()
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self._close)
 
 
 class DragonVllmInferenceBackend(_Backend):
