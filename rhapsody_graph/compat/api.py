@@ -21,7 +21,7 @@ import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence
 
 from ..ai.nodes import ai
-from ..errors import ExecutableError, brief
+from ..errors import ExecutableError, NoBackendError, UnsatisfiableError, brief
 from ..futures import Future
 from ..graph import Node
 from ..resources import Placement
@@ -372,6 +372,21 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _refused(exc: Exception, tasks: Sequence[BaseTask], nodes: Sequence[Node]) -> RhapsodyError:
+    """RHAPSODY's error for a batch the session refused before anything ran, naming the
+    task: no backend for it (``SessionError``), more than any host has
+    (``ResourceError``), what cannot be sent to a worker (``TaskValidationError``)."""
+    uid = next((t.uid for t, n in zip(tasks, nodes) if repr(n.key) in str(exc)), None)
+    if isinstance(exc, NoBackendError):
+        return SessionError(str(exc))
+    if isinstance(exc, UnsatisfiableError):
+        return ResourceError(uid, "cpus/gpus", f"{exc} (a ConcurrentExecutionBackend has a "
+                             "core per worker of its executor: executor=ThreadPoolExecutor("
+                             "max_workers=N); GPUs are found from CUDA_VISIBLE_DEVICES or "
+                             "nvidia-smi)")
+    return TaskValidationError(uid, str(exc))
+
+
 class Session:
     """RHAPSODY's session: an async context manager over named backends.
 
@@ -433,7 +448,11 @@ class Session:
                 t.model = self._model_for(t)
         nodes = [t.node() for t in tasks]  # every task checked before any starts
         folder = os.path.join(self.work_dir, self.uid)
-        for t, fut in zip(tasks, await loop.run_in_executor(None, session.submit, nodes)):
+        try:
+            futures = await loop.run_in_executor(None, session.submit, nodes)
+        except (NoBackendError, UnsatisfiableError, TypeError) as exc:
+            raise _refused(exc, tasks, nodes) from exc
+        for t, fut in zip(tasks, futures):
             t._submitted(fut, loop, folder)
         self.tasks += tasks
         return [t._handed() for t in tasks]

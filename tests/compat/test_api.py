@@ -487,3 +487,27 @@ def _sleep_then(seconds, value):
     import time
     time.sleep(seconds)
     return value
+
+
+def test_a_batch_refused_before_it_runs_raises_rhapsodys_errors_naming_the_task():
+    # they were rhapsody_graph's UnsatisfiableError, NoBackendError and TypeError, which
+    # an `except RhapsodyError` of a RHAPSODY program does not catch
+    import threading
+    from rhapsody_graph.compat.errors import ResourceError, RhapsodyError
+    lock = threading.Lock()
+
+    async def refused(**fields):
+        async with Session(backends=[ConcurrentExecutionBackend(name="cpu")]) as session:
+            with pytest.raises(RhapsodyError) as caught:
+                await session.submit_tasks([ComputeTask(uid="ok", function=abs, args=(1,)),
+                                            ComputeTask(uid="bad", **fields)])
+            assert not session.tasks  # nothing of the batch started
+        return caught.value
+    too_big = asyncio.run(refused(function=abs, args=(1,),
+                                  task_backend_specific_kwargs={"cpus": 4096}))
+    assert isinstance(too_big, ResourceError) and too_big.task_uid == "bad"
+    assert "max_workers=N" in str(too_big)
+    assert "no backend named 'nope'" in str(asyncio.run(refused(function=abs, args=(1,),
+                                                                backend="nope")))
+    unsent = asyncio.run(refused(function=abs, args=(lock,)))
+    assert isinstance(unsent, TaskValidationError) and unsent.task_uid == "bad"
