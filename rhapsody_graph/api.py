@@ -101,12 +101,22 @@ def get_session(backend: Any = None, session: Optional[Session] = None) -> Sessi
 
 
 def release(backend: Any) -> None:
-    """Close the session ``compute``/``submit`` made for ``backend`` if no work is
-    left in it, so that a :class:`Session` may take the backend (it stays open)."""
+    """Close the session ``compute``/``submit`` made for ``backend``, so that a
+    :class:`Session` may take the backend (it stays open).
+
+    Raises:
+        RuntimeError: that session still has work (it goes on).
+    """
     with _lock:
         s = _sessions.get(id(backend))
-        if s is None or s._closed or _calls.get(id(s)) or not s._scheduler._at_rest():
+        if s is None or s._closed:
             return
+        if _calls.get(id(s)) or not s._scheduler._at_rest():
+            raise RuntimeError(
+                f"backend {backend.name!r} already belongs to a session: the one that "
+                f"compute()/submit() with backend= made for it, which still has work; wait "
+                "for that work to end (its compute() to return, its futures to finish), "
+                "then this Session takes the backend over; or make another backend")
         del _sessions[id(backend)]
     s.close()
 

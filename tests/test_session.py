@@ -97,7 +97,9 @@ def test_a_session_takes_a_backend_compute_used_once_its_work_is_done_and_not_be
         with rhapsody.Session(backends=[b], progress=False) as s:
             assert s.compute(rhapsody.task(add)(2, 2)) == (4,)
         running = rhapsody.submit(rhapsody.task(hold)(str(tmp_path / "pid")), backend=b)
-        with pytest.raises(RuntimeError, match="already belongs to a session"):
+        with pytest.raises(RuntimeError, match="already belongs to a session: the one that "
+                                               r"compute\(\)/submit\(\) with backend= made "
+                                               "for it, which still has work; wait"):
             rhapsody.Session(backends=[b])  # its work goes on
         assert running.cancel()
         assert rhapsody.compute(rhapsody.task(add)(3, 3), backend=b) == (6,)
