@@ -45,17 +45,21 @@ import operator
 import os
 import pickle
 import selectors
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, \
     Tuple, Union
 
 from .base import DROPPED, KILLED, OK, RANKS_KIND, Call, Completion, close_session, \
     refuse_foreign_abort, refuse_second_session
-from ..errors import add_note, brief
+from ..errors import add_note, brief, warn
 from ..graph import EXECUTABLE, FUNCTION
 from ..resources import Host, Inventory, Ledger, Placement
 
 __all__ = ["SimulatedBackend", "Record", "double_bookings", "utilisation", "timeline"]
+
+#: the names of the simulated backends of each session (by its completion queue)
+_clocks: "weakref.WeakKeyDictionary[Any, List[str]]" = weakref.WeakKeyDictionary()
 
 _VALUE = pickle.dumps(None)  # every simulated node's value
 Duration = Union[float, Callable[[Any], float]]
@@ -125,6 +129,14 @@ class SimulatedBackend:
         if completions is None and self.hub is not None:
             self.hub.unwatch(self._wake_r)
         elif completions is not None:
+            clocks = _clocks.setdefault(completions, [])
+            if clocks:
+                warn(f"SimulatedBackend {self.name!r} joins a session with simulated "
+                     f"backend(s) {', '.join(map(repr, clocks))}: each keeps its own clock, "
+                     "so a node on one may start before its input on another has ended "
+                     "(in simulated time); model them as one SimulatedBackend of several "
+                     "hosts (hosts=[Host(...), ...])")
+            clocks.append(self.name)
             if self._wake_r < 0:  # first session, or the next after a shutdown
                 self._wake_r, self._wake_w = os.pipe()
                 os.set_blocking(self._wake_r, False)

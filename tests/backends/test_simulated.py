@@ -1,6 +1,8 @@
 """The simulated backend in a real session: mixed graphs with edges on a virtual clock,
 values None, no user code run, placements checked for double booking from its records
 (not from the ledger), the ledger idle after, and a moderate scale case."""
+import warnings
+
 import pytest
 
 import rhapsody_graph as rhapsody
@@ -272,3 +274,17 @@ def test_a_failing_duration_names_the_node_and_no_records_means_no_figures():
     assert "for node 'boom-" in "".join(info.value.__notes__)
     with pytest.raises(RuntimeError, match="record=False"):
         sim.utilisation()
+
+
+def test_two_simulated_backends_in_one_session_are_warned_of_each_keeping_its_own_clock():
+    # a node on one "ran" before its input on the other had ended, silently
+    a = rhapsody.SimulatedBackend(hosts=1, cpus=4, gpus=0, name="cpu", duration=1)
+    b = rhapsody.SimulatedBackend(hosts=1, cpus=4, gpus=2, name="gpu", duration=1)
+    with pytest.warns(RuntimeWarning, match="SimulatedBackend 'gpu' joins a session with "
+                                            "simulated backend\\(s\\) 'cpu': each keeps its own "
+                                            "clock"):
+        rhapsody.Session(backends=[a, b], progress=False).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rhapsody.Session(backends=[b], progress=False) as s:  # alone: no warning
+            assert s.compute(rhapsody.task(abs)(-1)) == (None,)
