@@ -18,8 +18,9 @@ forked, which holds a copy of the pipe, may outlive it), the driver exited (clea
 by SIGTERM, by SIGKILL): the watchdog SIGKILLs every group still registered, then every process whose
 environment carries this driver's run marker (``RHAPSODY_RUN``, given to every
 process the driver starts and inherited by what they start, so a grandchild that
-left its group with ``setsid`` is found too), removes the files still registered,
-and exits.
+left its group with ``setsid`` is found too; looked for again over a third of a
+second, as a process forked just before the driver died carries the marker only once
+it has exec'd), removes the files still registered, and exits.
 
 A group id is not reused while its group has members, and a leader alive with
 another start time is a reused pid: that group is skipped.
@@ -57,6 +58,7 @@ __all__ = ["MARKER", "GROUP", "marked", "guard", "release", "remove_at_end", "ke
 
 MARKER = "RHAPSODY_RUN"  # environment variable that marks the processes of one driver
 GROUP = "RHAPSODY_GROUP"  # and the processes of one process the driver started
+GROUP_ITEM = f"{GROUP}=".encode()
 
 WATCHDOG = r"""
 import os, select, signal, sys
@@ -130,7 +132,7 @@ for pgid, start in groups.items():
         except OSError:
             pass
 me = os.getpid()
-for _ in range(3):
+def sweep():
     found = False
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
@@ -146,8 +148,14 @@ for _ in range(3):
                 os.kill(int(name), signal.SIGKILL)
             except OSError:
                 pass
-    if not found:
-        break
+    return found
+# a process forked just before the driver died carries the marker only once it has
+# exec'd (and was not registered yet): looked for again a few times, a while apart
+for pause in (0.0, 0.05, 0.1, 0.2):
+    select.select([], [], [], pause)
+    for _ in range(3):
+        if not sweep():
+            break
 for path in files:
     try:
         os.unlink(path)
@@ -226,7 +234,18 @@ def kill_marks(marks: Iterable[str]) -> None:
     extended from it: a graph run inside), in one look at ``/proc``."""
     items = {f"{GROUP}={m}".encode() for m in marks}
     if items:
-        kill_carrying(lambda v: v.split(b"/", 1)[0] in items)
+        kill_carrying(lambda v: v.startswith(GROUP_ITEM) and _within(v, items))
+
+
+def _within(item: bytes, marks: set) -> bool:
+    """Whether the group marker ``item`` (``b"GROUP=a/b/c"``) is one of ``marks`` or
+    extends one (``GROUP=a``, ``GROUP=a/b``: a graph run inside a marked process)."""
+    at = item.find(b"/")
+    while at >= 0:
+        if item[:at] in marks:
+            return True
+        at = item.find(b"/", at + 1)
+    return item in marks
 
 
 def kill_carrying(test: Callable[[bytes], bool]) -> None:
