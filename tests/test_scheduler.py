@@ -1301,7 +1301,7 @@ def test_random_graphs_of_many_shapes_all_run_in_dependency_order_without_double
         inputs = rng.sample(nodes, k=min(len(nodes), rng.randrange(3)))
         seconds = rng.randrange(1, 20)
         if rng.random() < 0.2:
-            nodes.append(rhapsody.executable(["never-run", str(i), inputs],
+            nodes.append(rhapsody.executable(["never-run", str(i), *inputs],
                                              cpus=rng.choice((1, 3))))
         else:
             nodes.append(rng.choice(kinds)(i, inputs))

@@ -36,8 +36,9 @@ the session's queue. ``_live``: the workers the scheduler has now; ``_killers``:
 threads stopping killed calls. ``_shared``: an upstream value of ``SHARED`` bytes or
 more goes to the cluster once, as a Dask task of its own that the calls reading it
 take as an argument (id of the value's bytes → ``[bytes, its Dask future, calls
-using it]``; ``_reads``: tid → the ids its call uses), not inline in each call;
-released when its last call has ended. On a worker, ``_calls`` maps each running
+using it]``; ``_reads``: tid → the ids its call uses), not inline in each call. One
+that no call reads now is kept for later readers (``_unread``, oldest first, up to
+``SHARED_KEPT`` bytes) until the session goes idle. On a worker, ``_calls`` maps each running
 call's key to its thread.
 
 >>> DaskBackend.kinds == frozenset({"function", "executable"})
@@ -63,6 +64,7 @@ from ..resources import Host, Inventory, Ledger, gpu_masks, gpu_names, placed
 __all__ = ["DaskBackend"]
 
 SHARED = 1 << 20  # an upstream value this big is sent once, not with each call reading it
+SHARED_KEPT = 1 << 30  # bytes of such values kept while no call reads them (see _read)
 
 
 class _DaskCall:
@@ -216,6 +218,7 @@ class DaskBackend(OwnCalls):
         self._killers: List[threading.Thread] = []  # stopping killed calls (see kill)
         self._shared: Dict[int, List[Any]] = {}  # big upstream values sent once (see above)
         self._reads: Dict[int, List[int]] = {}  # tid -> the shared values its call reads
+        self._unread: Dict[int, int] = {}  # shared values no call reads now -> their size
         self._ended: List[Tuple[int, Any]] = []  # (tid, future) of calls that ended, not fetched
         self._ended_cv = threading.Condition()
         self._open = False
@@ -316,18 +319,26 @@ class DaskBackend(OwnCalls):
                     held = self.client.submit(_value, value, pure=False,
                                               key=f"input-{tid}-{i}-{self._token}")
                     shared = self._shared[id(value)] = [value, held, 0]
+                elif not shared[2]:
+                    del self._unread[id(value)]
                 shared[2] += 1
                 self._reads.setdefault(tid, []).append(id(value))
                 values[i] = shared[1]
         return values
 
     def _read(self, tid: int) -> None:
-        """The call ``tid`` has ended: release the shared values no other call reads."""
+        """The call ``tid`` has ended: the shared values no other call reads are kept
+        for later readers (calls of a later dispatch), the oldest released past
+        ``SHARED_KEPT`` bytes; the rest go when the session is idle (:meth:`end_run`)."""
+        unread = self._unread
         for ident in self._reads.pop(tid, ()):
             shared = self._shared[ident]
             shared[2] -= 1
             if not shared[2]:
-                del self._shared[ident]
+                unread[ident] = len(shared[0])
+        while unread and sum(unread.values()) > SHARED_KEPT:
+            oldest = next(iter(unread))
+            del unread[oldest], self._shared[oldest]
 
     def kill(self, tid: int) -> None:
         """Cancel the call's future; in a thread of its own, stop what it runs on its
@@ -373,7 +384,9 @@ class DaskBackend(OwnCalls):
                      "out or cancel an executable (killed without a restart)")
 
     def end_run(self) -> None:
-        pass
+        for ident in self._unread:
+            del self._shared[ident]
+        self._unread.clear()
 
     def abort(self) -> None:
         """Cancel every call; the ledger starts afresh."""
@@ -384,6 +397,7 @@ class DaskBackend(OwnCalls):
         self._where.clear()
         self._shared.clear()
         self._reads.clear()
+        self._unread.clear()
         self.ledger = Ledger(self.inventory)
 
     def shutdown(self) -> None:
