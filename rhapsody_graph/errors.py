@@ -120,6 +120,12 @@ def unreadable_value(key: str, exc: Exception, what: str = "its value") -> Runti
     return err
 
 
+def note_rank(exc: BaseException, rank: int, ranks: int) -> None:
+    """Note on ``exc`` the rank of a multi-rank node that failed first (every backend
+    words it alike): its other ranks were stopped."""
+    add_note(exc, f"rank {rank} of {ranks} failed; the others were stopped")
+
+
 def add_note(exc: BaseException, note: str) -> BaseException:
     """``exc.add_note(note)`` once (a no-op before Python 3.11, and for an exception
     that refuses notes: its ``__notes__`` not a list, a class that blocks attributes)."""

@@ -30,7 +30,7 @@ from typing import (Any, Collection, Dict, Iterable, Iterator, List, Mapping, Op
 from .errors import UnsatisfiableError, brief
 
 __all__ = ["Resources", "Host", "Inventory", "Placement", "Ledger", "detect_host", "gpu_masks",
-           "gpu_names", "current_placement"]
+           "gpu_names", "current_placement", "placement_env"]
 
 DISTRIBUTIONS = ("block", "round_robin")
 #: How a backend places a node (the seed's vocabulary): ``default`` and ``anywhere`` let
@@ -215,6 +215,15 @@ def placed(env: Dict[str, str]) -> Iterator[None]:
         _this_thread.env = before
 
 
+def placement_env() -> Dict[str, str]:
+    """Inside a running node: the variables of its placement (GPU masks, rank, ...) as
+    set for it, to give a program it starts last (empty outside of one)."""
+    env = getattr(_this_thread, "env", None) or os.environ
+    if "RHAPSODY_HOST" not in env:
+        return {}
+    return {k: env[k] for k in _PLACEMENT_VARIABLES if k in env}
+
+
 def current_placement() -> Optional[Placement]:
     """Inside a running node: where it was placed (``None`` outside of one).
 
@@ -229,6 +238,9 @@ def current_placement() -> Optional[Placement]:
     return Placement(env["RHAPSODY_HOST"], ids("RHAPSODY_CPUS"), ids("RHAPSODY_GPUS"), 0,
                      int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
                      int(env.get("LOCAL_RANK", env.get("RANK", 0))))
+
+
+_PLACEMENT_VARIABLES = tuple(Placement("", (), (), 0).env())
 
 
 class Host:

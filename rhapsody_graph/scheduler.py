@@ -97,7 +97,7 @@ from typing import (Any, Callable, Collection, Deque, Dict, Iterator, List, Opti
 
 from .backends.base import DIED, DROPPED, KILLED, OK, Call, Completions, Lease
 from .errors import (ExecutableError, NodeTimeoutError, RemoteError, add_note,
-                     unreadable_value, warn)
+                     exception_text, unreadable_value, warn)
 from .fusion import Fused
 from .futures import Where
 
@@ -152,7 +152,8 @@ class Task:
 
     __slots__ = ("node", "prio", "lane", "backend", "prepared", "leased", "group", "state",
                  "deps", "dependents", "waiting", "needed", "payload", "futures", "failures",
-                 "tid", "where", "error", "saved", "avoid", "fused", "weight", "__weakref__")
+                 "tid", "where", "error", "saved", "avoid", "fused", "weight", "tried",
+                 "__weakref__")
 
     def __init__(self, node: Any, lane: "Lane", prepared: Any, group: Group,
                  deps: Sequence["Task"]) -> None:
@@ -177,6 +178,7 @@ class Task:
         self.avoid: Optional[frozenset] = None
         self.fused: Optional[Fused] = None  # the nodes run inside its call (see .fusion)
         self.weight = 1  # nodes it stands for: 1 + the fused ones (what progress counts)
+        self.tried: Optional[List[str]] = None  # why each attempt retried failed
 
     def value(self) -> Any:
         """A done record's value, decoded in this process.
@@ -1220,13 +1222,17 @@ class Scheduler:
                 allowed = opts.retries
             else:
                 allowed = 0
+            why = (f"{'its process died or was killed: ' if infrastructure else ''}"
+                   f"{type(exc).__name__}: {exception_text(exc, limit=200)}")
             if t.failures <= allowed and not t.group.stopping:
+                t.tried = (t.tried or []) + [why]
                 self._retry(t)
                 return
-            if t.failures > 1:
-                why = "; its process died or was killed" if infrastructure else ""
+            if t.tried:
+                earlier = "; ".join(f"attempt {i}: {w}" for i, w in enumerate(t.tried, 1))
                 add_note(exc, f"node {node.key!r} failed {t.failures} times "
-                              f"(retries={opts.retries}{why})")
+                              f"(retries={opts.retries}; {earlier}; attempt {t.failures}: "
+                              f"{why})")
         dependents = t.dependents
         self._mark_failed(t, exc)
         group = t.group

@@ -892,6 +892,23 @@ def test_retry_on_retries_only_the_named_exceptions(backend, tmp_path):
     assert len(lines(tmp_path / "b")) == 1
 
 
+def dies_then_raises(path):
+    if count_attempt(path) == 1:
+        os._exit(9)
+    raise ValueError("second attempt")
+
+
+def test_a_node_that_failed_several_times_says_why_each_attempt_failed(backend, tmp_path):
+    # the note said only "failed 2 times (retries=0)": why a retries=0 node ran twice
+    # (its first process died) was lost
+    node = rhapsody.task(dies_then_raises)(str(tmp_path / "attempts"))
+    with pytest.raises(ValueError, match="second attempt") as info:
+        node.compute(backend=backend)
+    note = [n for n in info.value.__notes__ if "failed 2 times" in n]
+    assert note and "(retries=0; attempt 1: its process died or was killed: WorkerDiedError: " \
+        in note[0] and note[0].endswith("attempt 2: ValueError: second attempt)"), note
+
+
 def test_backoff_waits_before_each_retry_without_holding_the_scheduler(backend, tmp_path):
     node = rhapsody.task(retries=2, backoff=0.5)(fail_with)(str(tmp_path / "c"), "value")
     other = rhapsody.task(add)(1, 2)

@@ -67,7 +67,7 @@ from .dragon_service import DragonServer
 from .launch import describe_exit
 from .pool import PoolBackend, PoolCall, Worker, WorkerPool, max_workers, place
 from ..ai.service import LOOPBACK, Spawn
-from ..errors import WorkerDiedError, add_note, brief
+from ..errors import WorkerDiedError, brief, note_rank
 from ..graph import EXECUTABLE, FUNCTION, Node
 from ..resources import Host, Inventory, Ledger, Placement
 
@@ -634,8 +634,7 @@ class DragonBackend(PoolBackend):
             else:
                 exc = wire.load_error(payload, job.key)
                 if job.many:
-                    add_note(exc, f"in rank {w.proc.rank} of {len(job.values)}; "
-                                  "the other ranks were stopped")
+                    note_rank(exc, w.proc.rank, len(job.values))
                 self._end_job(job)
                 out.append((job.tid, ERROR, exc, 0.0, tuple(job.outputs)))
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Mapping, Sequence
 
 from . import tracker, watchdog, wire
 from .base import DIED, ERROR, KILLED, OK, Completion
-from ..errors import ExecutableError, WorkerDiedError, add_note, unreadable_value
+from ..errors import ExecutableError, WorkerDiedError, note_rank, unreadable_value
 from ..resources import Placement, names_env
 from ..task import ExecResult
 
@@ -136,7 +136,7 @@ class Launch:
             bad = results[failed]
             exc = ExecutableError(bad.returncode, argv, bad.stdout, bad.stderr)
             if len(results) > 1:
-                add_note(exc, f"rank {failed} of {len(results)} failed; the others were stopped")
+                note_rank(exc, failed, len(results))
             return (self.tid, ERROR, wire.attach(exc, "", self.key), 0.0)
         value = results if len(placements) > 1 else results[0]
         return (self.tid, OK, wire.dump_value(value), 0.0)
@@ -216,7 +216,7 @@ class Launch:
                     status & ~wire.GPU_RUNTIME, payload)
                 if status == wire.ERROR:
                     exc = wire.load_error(payload, self.key)
-                    add_note(exc, f"in rank {rank} of {len(procs)}")
+                    note_rank(exc, rank, len(procs))
                     return (self.tid, ERROR, exc, 0.0, tuple(outputs))
                 try:
                     values[rank] = pickle.loads(payload)

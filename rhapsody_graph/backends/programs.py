@@ -11,7 +11,7 @@ import threading
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ..errors import ExecutableError
-from ..resources import current_placement
+from ..resources import current_placement, placement_env
 
 __all__ = ["run_program", "kill_program_of", "die_with_parent"]
 
@@ -21,17 +21,18 @@ _programs: Dict[int, int] = {}  # thread ident -> pid (and group) of the program
 def run_program(argv: Sequence[Any], cwd: Optional[str],
                 env: Optional[Mapping[str, str]]) -> Any:
     """An executable node's body where a worker runs it (Dragon, Dask): run ``argv``
-    here, capture its output.
+    here, capture its output. Its environment: the worker's, ``env``, then the
+    placement's variables (which ``env`` cannot override, as on the local backend).
 
     Upstream values in ``argv`` arrive as values and are passed as text. A
     non-zero exit raises :class:`~rhapsody_graph.errors.ExecutableError`.
     """
     from ..task import ExecResult
     args = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in argv]
-    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=die_with_parent)
+    env = {**os.environ, **(env or {}), **placement_env()}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=die_with_parent)
     me = threading.get_ident()
     _programs[me] = proc.pid
     try:

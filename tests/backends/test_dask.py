@@ -145,6 +145,15 @@ def test_many_tiny_calls_queue_on_leases_and_all_come_back(session):
     assert dask.ledger.idle()
 
 
+def test_an_executables_env_cannot_override_its_placements_variables_on_dask(session):
+    # env= was laid over the placement's: every rank saw RANK 99 and GPU 7
+    program = rhapsody.executable(
+        ["sh", "-c", 'echo "$RANK $CUDA_VISIBLE_DEVICES $MINE"'], gpus=1, backend="dask",
+        env={"RANK": "99", "CUDA_VISIBLE_DEVICES": "7", "MINE": "kept"})
+    fut = session.submit(program)
+    assert fut.result(timeout=60).stdout == f"0 {fut.where.gpus[0]} kept\n"
+
+
 def megabytes(n):
     return b"x" * (n << 20)
 

@@ -293,7 +293,7 @@ def test_failing_rank_fails_the_node_and_kills_the_other_ranks(gpu_backend, tmp_
     with pytest.raises(ValueError, match="rank zero failed") as info:
         job(str(marker)).compute(backend=gpu_backend)
     assert time.monotonic() - start < 10
-    assert "in rank 0 of 2" in "".join(info.value.__notes__)
+    assert "rank 0 of 2 failed; the others were stopped" in "".join(info.value.__notes__)
     if marker.exists():
         assert not os.path.exists(f"/proc/{marker.read_text()}")
 
