@@ -118,9 +118,12 @@ class Future(cf.Future, Ref):
     """The eventual value of one submitted node. Made by ``Session.submit``.
 
     Attributes:
-        node: the node it stands for (once ended, a node that took inputs only while you
-            keep it: a finished future keeps no upstream future or value alive); ``key``:
-            its key.
+        node: the node it stands for. Once it has its value, a node that took inputs
+            is kept only while you keep it (or the session has a journal, which keys
+            later nodes by it): a finished future keeps no upstream future or value
+            alive; then it is a copy without its inputs, which cannot run again
+            (``node.released``). A failed or cancelled future keeps its node.
+            ``key``: its key.
         where: a :class:`Where` once it has run (with a value or an exception; ``None``
             while it has not, or when it never started).
     """
@@ -142,7 +145,9 @@ class Future(cf.Future, Ref):
     @property
     def node(self) -> Any:
         node = self._node
-        return node() if type(node) is weakref.ref else node
+        if type(node) is weakref.ref:  # once gone: the record's copy without its inputs
+            node = node() or self._task.node  # (which cannot run again: Node.released)
+        return node
 
     # concurrent.futures reads and appends to these lists under ``_condition``; most
     # futures never get a waiter or a callback, and two lists per future would be two
@@ -279,8 +284,12 @@ class Future(cf.Future, Ref):
             self._state = PENDING
 
     def _finish(self, where: Where) -> None:
-        """The value's bytes are on the record now."""
+        """The value's bytes are on the record now: its node's inputs may go (see node)."""
         self.where = where
+        node = self._node
+        if type(node) is not weakref.ref and node.deps and \
+                self._session._futures.journal is None:  # (a journal keys later nodes by it)
+            self._node = weakref.ref(node)
         self._end(FINISHED, "add_result", "_result", _UNDECODED)
 
     def _fail(self, exc: BaseException, where: Optional[Where] = None) -> None:
@@ -298,8 +307,6 @@ class Future(cf.Future, Ref):
             if field is not None:
                 setattr(self, field, value)
             self._state = state
-            if self._node.deps:
-                self._node = weakref.ref(self._node)
             if self._w:
                 for waiter in self._w:
                     getattr(waiter, tell)(self)

@@ -151,6 +151,15 @@ def substitute(obj: Any, values: Dict[int, Any]) -> Any:
     return obj
 
 
+class _Released(tuple):
+    """The arguments of a node that let its inputs go (see :meth:`Node.without_inputs`)."""
+
+    __slots__ = ()
+
+
+RELEASED = _Released()
+
+
 class _Fields:
     """A node's fields (:class:`Node` is this, frozen; :class:`_Open` is this, being built)."""
 
@@ -221,17 +230,23 @@ class Node(_Fields):
 
     def without_inputs(self) -> "Node":
         """A node with this one's key, name, options, kind and function that holds none
-        of its inputs (what a forgotten record keeps: nothing upstream stays alive for it).
+        of its inputs (what a forgotten record keeps: nothing upstream stays alive for
+        it). It cannot run: its arguments are gone (:attr:`released`).
 
         >>> from rhapsody_graph import task
         >>> @task
         ... def inc(x): return x + 1
         >>> n = inc(inc(1))
         >>> bare = n.without_inputs()
-        >>> (bare.key, bare.args, bare.deps) == (n.key, (), ())
+        >>> (bare.key, bare.deps, bare.released, n.released) == (n.key, (), True, False)
         True
         """
-        return Node.standing_for(self, self.fn, (), ())
+        return Node.standing_for(self, self.fn, RELEASED, ())
+
+    @property
+    def released(self) -> bool:
+        """Whether its arguments were let go (:meth:`without_inputs`): it cannot run."""
+        return self.args is RELEASED
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Refused: an edited node could close a cycle or disagree with its key."""

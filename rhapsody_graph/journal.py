@@ -413,6 +413,8 @@ class Journal:
         """What ``node``'s key is made of (its upstream nodes' keys must be in ``keys``,
         by default the journal's); raise :class:`Unkeyable` where it has no key."""
         keys = self._keys if keys is None else keys
+        if node.released:  # a finished future's node, gone: what it took is not known
+            raise Unkeyable("its inputs were let go")
         inputs = [keys[d] for d in _nodes_of(node)]
         if not all(inputs):
             raise Unkeyable("an upstream node has no journal key")

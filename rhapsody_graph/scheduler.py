@@ -113,6 +113,7 @@ ENDED = (DONE, FAILED, CANCELLED)
 #: return the exceptions in place of the values (CONTINUE)
 RAISE, WAIT, FINISH, CONTINUE = "raise", "wait", "finish", "continue"
 INFRASTRUCTURE_RETRIES = 1  # a node whose process died or was killed runs again this often
+TRIES_NOTED = 5  # the failed attempts a node's final error note says why of
 ON_ERROR = (RAISE, WAIT, CONTINUE)  # the names compute(on_error=) takes
 LEASE_BUDGET = 0.002  # seconds of queued work a shared lease may hold (a backend's lease_budget)
 MAX_DEPTH = 64
@@ -1225,14 +1226,19 @@ class Scheduler:
             why = (f"{'its process died or was killed: ' if infrastructure else ''}"
                    f"{type(exc).__name__}: {exception_text(exc, limit=200)}")
             if t.failures <= allowed and not t.group.stopping:
-                t.tried = (t.tried or []) + [why]
+                if t.tried is None:
+                    t.tried = []
+                if len(t.tried) < TRIES_NOTED:  # the first few attempts (and the last)
+                    t.tried.append(why)
                 self._retry(t)
                 return
             if t.tried:
-                earlier = "; ".join(f"attempt {i}: {w}" for i, w in enumerate(t.tried, 1))
+                earlier = [f"attempt {i}: {w}" for i, w in enumerate(t.tried, 1)]
+                if t.failures - 1 > len(t.tried):
+                    earlier.append(f"attempts {len(t.tried) + 1}-{t.failures - 1} left out")
                 add_note(exc, f"node {node.key!r} failed {t.failures} times "
-                              f"(retries={opts.retries}; {earlier}; attempt {t.failures}: "
-                              f"{why})")
+                              f"(retries={opts.retries}; {'; '.join(earlier)}; "
+                              f"attempt {t.failures}: {why})")
         dependents = t.dependents
         self._mark_failed(t, exc)
         group = t.group

@@ -23,6 +23,7 @@ import copy
 import concurrent.futures as cf
 import os
 import signal
+import sys
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -387,6 +388,11 @@ class Session:
 
     def _record(self, node: Node, group: Group, deps: Sequence[Task]) -> Task:
         """A new record of ``node``: routed, its call encoded, its journal entry named."""
+        if node.released:
+            raise ValueError(
+                f"node {node.key!r} cannot run again: its future ended and let go of the "
+                "node's inputs (a finished future keeps no upstream value alive); keep the "
+                "node itself to submit it again")
         lane = self._lane(node)
         t = Task(node, lane, lane.backend.prepare(node), group, deps)
         if group.journal is not None and lane.runs_code:
@@ -824,7 +830,11 @@ def _abandoned(scheduler: Scheduler, thread: threading.Thread, parts: Tuple[Any,
     _release(*parts)
 
 
+_signalled: List[int] = []  # the SIGTERM stop_on_sigterm() turned into SystemExit
+
+
 def _terminated(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -834,7 +844,8 @@ def close_all() -> None:
     sessions = list(_sessions)
     unfinished = sum(s._scheduler.live + sum(len(new) for new, _, _ in list(s._scheduler.intake))
                      for s in sessions if not s._closed and s._thread.is_alive())
-    if unfinished:
+    # (not where the program was stopped: Ctrl-C or another uncaught error, or SIGTERM)
+    if unfinished and getattr(sys, "last_type", None) is None and not _signalled:
         warn(f"{unfinished} submitted node(s) had not finished when the program ended: "
              "they are cancelled; to let them finish, wait for their futures "
              "(rhapsody.wait(futures)) or submit inside a `with Session():` block, whose "

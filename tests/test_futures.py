@@ -677,6 +677,42 @@ def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(
     assert session.submit(node).result(timeout=60) == 50
     gc.collect()
     assert upstream[-1]() is None and session.submit(node).node is node
+    # a finished future's node is still read (a copy without its inputs), never rerun
+    done = session.submit(step(fut, 51))
+    assert done.result(timeout=60) == 51
+    gc.collect()
+    assert done.node.name == "after" and done.node.released
+    with pytest.raises(ValueError, match="cannot run again: its future ended and let go of "
+                                         "the node's inputs"):
+        session.submit(done.node)
+
+
+def fail_once(path, previous):
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ValueError("first time")
+    return previous
+
+
+def test_a_failed_futures_node_keeps_its_inputs_and_runs_again(session, tmp_path):
+    first = session.submit(rhapsody.task(inc)(1))
+    failed = session.submit(rhapsody.task(fail_once)(str(tmp_path / "once"), first))
+    assert isinstance(failed.exception(timeout=60), ValueError)
+    del first
+    gc.collect()
+    assert session.submit(failed.node).result(timeout=60) == 2
+
+
+def test_a_journal_session_keys_a_node_on_a_finished_future_whose_node_you_dropped(tmp_path):
+    # its node had gone with the future's end: the journal walked None (AttributeError)
+    step = rhapsody.task(inc)
+    with rhapsody.Session(backends=[rhapsody.LocalBackend(cpus=1)], journal=str(tmp_path),
+                          progress=False) as s:
+        fut = s.submit(step(step(1)))
+        assert fut.result(timeout=60) == 3
+        gc.collect()
+        assert s.submit(step(fut)).result(timeout=60) == 4
+        assert s.compute(step(fut), journal=str(tmp_path / "other")) == (4,)
 
 
 def test_a_finished_future_keeps_its_arguments_once_not_also_their_pickled_copy(session):

@@ -909,6 +909,15 @@ def test_a_node_that_failed_several_times_says_why_each_attempt_failed(backend, 
         in note[0] and note[0].endswith("attempt 2: ValueError: second attempt)"), note
 
 
+def test_the_note_of_a_node_retried_many_times_names_the_first_attempts_and_the_last(backend):
+    node = rhapsody.task(retries=9)(int)("not a number")  # fails every time
+    with pytest.raises(ValueError) as info:
+        node.compute(backend=backend)
+    note = [n for n in info.value.__notes__ if "failed 10 times" in n][0]
+    assert "attempt 5: " in note and "attempt 6: " not in note
+    assert "attempts 6-9 left out; attempt 10: ValueError" in note
+
+
 def test_backoff_waits_before_each_retry_without_holding_the_scheduler(backend, tmp_path):
     node = rhapsody.task(retries=2, backoff=0.5)(fail_with)(str(tmp_path / "c"), "value")
     other = rhapsody.task(add)(1, 2)

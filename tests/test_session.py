@@ -348,6 +348,22 @@ def test_work_the_main_thread_submitted_and_never_waited_for_is_cancelled_with_a
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3 submitted node(s) had not finished when the program ended" in out.stderr
     assert "rhapsody.wait(futures)" in out.stderr
+    # stopped by SIGTERM while it waited for them: cancelled, and no advice to wait
+    script.write_text("import time, rhapsody_graph as rhapsody\n"
+                      "futures = [rhapsody.submit(rhapsody.task(time.sleep)(60))]\n"
+                      "print('waiting', flush=True)\n"
+                      "rhapsody.wait(futures)\n")
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline() == "waiting\n"
+        driver.terminate()
+        assert driver.wait(timeout=60) == 143
+        err = driver.stderr.read()
+        assert "had not finished" not in err, err
+    finally:
+        if driver.poll() is None:
+            driver.kill()
 
 
 def test_ctrl_c_that_another_thread_received_stops_a_waiting_compute_at_once():

@@ -326,6 +326,12 @@ class DaskBackend(OwnCalls):
                 values[i] = shared[1]
         return values
 
+    def _drop(self, tid: int) -> Tuple[Any, Optional[str]]:
+        """Forget call ``tid`` (it ended, was killed, or its worker left); its Dask
+        future and worker (``None`` if it was forgotten already)."""
+        self._read(tid)
+        return self._running.pop(tid, None), self._where.pop(tid, None)
+
     def _read(self, tid: int) -> None:
         """The call ``tid`` has ended: the shared values no other call reads are kept
         for later readers (calls of a later dispatch), the oldest released past
@@ -343,9 +349,7 @@ class DaskBackend(OwnCalls):
     def kill(self, tid: int) -> None:
         """Cancel the call's future; in a thread of its own, stop what it runs on its
         worker (see the module docstring), then report ``KILLED``."""
-        future = self._running.pop(tid, None)
-        worker = self._where.pop(tid, None)
-        self._read(tid)
+        future, worker = self._drop(tid)
         hub = self.hub
         if future is None or worker is None:
             hub.post((tid, KILLED, None, 0.0))
@@ -489,8 +493,7 @@ class DaskBackend(OwnCalls):
             threading.Thread(target=self._watch_empty, args=(self.hub,), daemon=True,
                              name=f"rhapsody-dask-{self.name}-empty").start()
         for tid in [t for t, w in self._where.items() if w == worker]:
-            future = self._running.pop(tid)
-            del self._where[tid]
+            future, _ = self._drop(tid)
             future.cancel()
             key = _node_key(future.key)
             exc = WorkerDiedError(f"the Dask worker {worker} running node {key!r} left the "
@@ -541,9 +544,7 @@ class DaskBackend(OwnCalls):
         for tid, future in batch:
             if self._running.get(tid) is not future:
                 continue
-            del self._running[tid]
-            del self._where[tid]
-            self._read(tid)
+            self._drop(tid)
             key = _node_key(future.key)
             value = values.get(future.key)
             if value is not None:

@@ -120,11 +120,23 @@ def die(path):
     return "survived"
 
 
+def die_reading(path, value):
+    return die(path), len(value)
+
+
 def test_a_killed_dask_worker_fails_over_as_an_infrastructure_failure(session, tmp_path):
     path = tmp_path / "attempts"
     node = rhapsody.task(backend="dask")(die)(str(path))
     assert session.compute(node) == ("survived",)
     assert len(path.read_text().split()) == 2  # the lost call ran again
+    # one reading a big value shared on the cluster: the lost call's hold on it goes too
+    big = rhapsody.task(backend="cpu")(megabytes)(2)
+    node = rhapsody.task(backend="dask")(die_reading)(str(tmp_path / "again"), big)
+    assert session.compute(node) == (("survived", 2 << 20),)
+    dask = session.backends["dask"]
+    held = lambda: dask.client.run_on_scheduler(
+        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("input-")])
+    assert wait_until(lambda: not held(), 30), f"still held on the cluster: {held()}"
 
 
 def test_an_unreachable_scheduler_is_refused_naming_its_address():
