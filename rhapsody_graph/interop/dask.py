@@ -125,19 +125,32 @@ class _Nodes:
         return self.made[keys]
 
     def build(self, root: Any) -> None:
+        """Make ``root``'s node and those it needs. Raise ``ValueError`` for a key the
+        graph lacks (a result held on a ``distributed`` cluster) or a cycle."""
         made, graph = self.made, self.graph
         stack: List[Any] = [root]
+        walking: set = set()  # keys whose dependencies are being made: on the stack
         while stack:
             key = stack[-1]
             if key in made:
                 stack.pop()
                 continue
-            item = graph[key]
+            item = graph.get(key)
+            if item is None:
+                needed = "" if key == root else f" (needed by {stack[-2]!r})"
+                raise ValueError(
+                    f"Dask key {key!r}{needed} is not in the graph: a result held on a "
+                    "distributed cluster (a persisted collection, a Client future) cannot "
+                    "be read here; compute it on that Client, or run on a DaskBackend")
             missing = [d for d in item.dependencies if d not in made]
             if missing:
+                if key in walking:
+                    raise ValueError(f"the Dask graph has a cycle through key {key!r}")
+                walking.add(key)
                 stack.extend(missing)
                 continue
             stack.pop()
+            walking.discard(key)
             if isinstance(item, self.data):
                 made[key] = item.value
             elif isinstance(item, self.alias):

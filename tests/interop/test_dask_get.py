@@ -171,3 +171,13 @@ def test_a_key_named_again_for_another_task_is_another_node():
     held = rhapsody.task(float)(first)  # keeps the first task's node alive
     second = dask.delayed(sum)([3, 4], dask_key_name="total")
     assert rhapsody.compute(held, rhapsody.task(float)(second)) == (3.0, 7.0)
+
+
+def test_a_cyclic_graph_or_a_key_the_graph_lacks_is_refused_before_anything_runs():
+    # a cycle walked for ever (memory growing); a missing key was a bare KeyError
+    from dask._task_spec import List, Task, TaskRef
+    with pytest.raises(ValueError, match="the Dask graph has a cycle through key 'a'"):
+        rhapsody.get({"a": (sum, ["b"]), "b": (sum, ["a"])}, "a")
+    with pytest.raises(ValueError, match=r"Dask key 'b' \(needed by 'a'\) is not in the graph: "
+                                         "a result held on a distributed cluster"):
+        rhapsody.get({"a": Task("a", sum, List(TaskRef("b"), 1))}, "a")
