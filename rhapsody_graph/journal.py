@@ -140,28 +140,55 @@ _CODE = (types.FunctionType, type, functools.partial, Task)  # what _hash_functi
 
 def _global_part(value: Any, module: str, seen: Dict[int, str]) -> bytes:
     """What a global name a function of ``module`` reads adds to its hash: a constant
-    its value; a helper, class or object of ``module`` its code (an object: its class's);
-    anything else what it is by name (``floor`` from ``math`` is not ``ceil``)."""
+    its value; a helper, class or object of the user's code (``module``'s, or another
+    module of the user's) its code (an object: its class's); a module of the user's
+    its file's text (``cfg.N``); anything else what it is by name (``floor`` from
+    ``math`` is not ``ceil``; a library's code is not followed)."""
     constant = _constant(value)
     if constant is not None:  # SCALE = 2, Mode.FAST, np.float64(1.5)
         return constant
     wrapped = getattr(value, "__wrapped__", None)  # functools.cache, a decorator's
     for code in (value, wrapped):
-        if isinstance(code, _CODE) and _module(code) == module:
+        if isinstance(code, _CODE) and _ours(_module(code), module):
             return _code_hash(code, seen).encode()
     if isinstance(value, types.ModuleType):
-        return value.__name__.encode()
-    if not callable(value) and type(value).__module__ == module:  # MODEL = Model()
+        return value.__name__.encode() + (_file_hash(value, seen) if _users(value.__name__)
+                                          else b"")
+    if not callable(value) and _ours(type(value).__module__, module):  # MODEL = Model()
         return _code_hash(type(value), seen).encode()
     inner = value.func if isinstance(value, (Task, functools.partial)) else value
     return (f"{_module(value)}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
             .encode())
 
 
+def _ours(defined_in: Optional[str], module: str) -> bool:
+    """Whether code of module ``defined_in`` counts by its code in a function of
+    ``module``'s hash: ``module``'s own, or another module of the user's code."""
+    return defined_in is not None and (defined_in == module or _users(defined_in))
+
+
+def _file_hash(module: types.ModuleType, seen: Dict[int, str]) -> bytes:
+    """The hash of the text of a module's file (once per hash: ``seen``)."""
+    known = seen.get(id(module))
+    if not known:
+        try:
+            with open(module.__file__, "rb") as f:  # type: ignore[arg-type]
+                known = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+        except (OSError, TypeError):
+            known = "no file"
+        seen[id(module)] = known
+    return known.encode()
+
+
 def _constant(value: Any) -> Optional[bytes]:
-    """A number's, string's or enumeration member's ``repr``; ``None`` for other values."""
+    """A number's, string's or enumeration member's ``repr``, and a tuple's of such
+    (``W = (1, 2)``); ``None`` for other values."""
     if type(value) in SCALARS or isinstance(value, (numbers.Number, str, bytes, enum.Enum)):
         return repr(value).encode()
+    if type(value) is tuple:
+        items = [_constant(v) for v in value]
+        if all(i is not None for i in items):
+            return b"(" + b",".join(items) + b")"  # type: ignore[arg-type]
     return None
 
 
@@ -186,7 +213,7 @@ def _hash_class(cls: type, h: Any, seen: Dict[int, str]) -> None:
         if constant is not None and not name.startswith("__"):
             h.update(name.encode() + constant)
     for base in cls.__bases__:
-        if base.__module__ == cls.__module__:
+        if _ours(base.__module__, cls.__module__):
             h.update(_code_hash(base, seen).encode())
 
 
@@ -263,10 +290,20 @@ class _KeyPickling:
         """The whole code hash of a function or class met in an argument, made once. One
         met again while its own hash is being made (a cycle through closures, defaults,
         a class's methods) stands as "cycle" there, and what contains it is not kept."""
+        module = _module(obj)
+        if not (module and _users(module)):  # a library's (math.floor, dask's getter):
+            inner = obj.func if isinstance(obj, (Task, functools.partial)) else obj
+            return f"{module}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
         known = self.codes.get(id(obj))
         if known is not None and known[0] is obj:
             return known[1]
         making = _MAKING.__dict__.setdefault("ids", {})  # id -> whether a cycle met it
+        if not making:  # the outermost: the whole hashes made under it are kept for it
+            _MAKING.made = {}
+        made: Dict[int, Tuple[Any, str]] = _MAKING.made
+        known = made.get(id(obj))
+        if known is not None and known[0] is obj:  # met again down another path
+            return known[1]
         if id(obj) in making:
             for k in making:  # every hash being made holds this partial one
                 making[k] = True
@@ -277,7 +314,7 @@ class _KeyPickling:
         finally:
             partial = making.pop(id(obj))
         if not partial:
-            self.codes[id(obj)] = (obj, made_hash)
+            self.codes[id(obj)] = made[id(obj)] = (obj, made_hash)
         return made_hash
 
 

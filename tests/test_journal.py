@@ -527,3 +527,47 @@ def append_x(path):
     with open(path, "a") as f:
         f.write("x")
     return path
+
+
+def test_a_helper_a_constant_tuple_or_a_module_of_another_file_of_yours_changes_the_key(
+        tmp_path, monkeypatch):
+    # they were read by name only: a resume reused the value the old helper made
+    import importlib
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "helpers_k1.py").write_text("def h(x): return x + 1\n")
+    (tmp_path / "cfg_k1.py").write_text("N = 1\n")
+    (tmp_path / "user_k1.py").write_text(
+        "import cfg_k1\nfrom helpers_k1 import h\nW = (1, 2)\n"
+        "def f(x): return h(x) + cfg_k1.N + W[0]\n")
+    import helpers_k1
+    import user_k1
+
+    def key():
+        return Journal(tmp_path / "j").key(rhapsody.task(user_k1.f)(1))
+    keys = [key()]
+    (tmp_path / "helpers_k1.py").write_text("def h(x): return x + 4\n")
+    importlib.reload(helpers_k1)
+    importlib.reload(user_k1)
+    keys.append(key())
+    (tmp_path / "cfg_k1.py").write_text("N = 6\n")
+    keys.append(key())
+    (tmp_path / "user_k1.py").write_text(user_k1.__loader__.get_data(user_k1.__file__).decode()
+                                         .replace("W = (1, 2)", "W = (3, 2)"))
+    importlib.reload(user_k1)
+    keys.append(key())
+    assert len(set(keys)) == 4 and None not in keys
+
+
+def chained_defaults(depth):
+    """f0 .. f<depth>, each calling the one before and taking it as its default."""
+    scope = {"__name__": "__main__"}  # the user's code: hashed by its code
+    exec("def f0(x): return x\n" + "".join(
+        f"def f{i}(x, g=f{i - 1}): return f{i - 1}(g(x))\n" for i in range(1, depth + 1)), scope)
+    return scope[f"f{depth}"]
+
+
+@pytest.mark.timeout(60)
+def test_a_function_reached_down_many_paths_is_hashed_once_per_key(tmp_path):
+    # each was hashed again down every path: 2**depth hashes (a Dask array's
+    # functions never got a key)
+    assert Journal(tmp_path).key(rhapsody.task(lambda f: 1)(chained_defaults(40)))
