@@ -536,6 +536,8 @@ class Journal:
                             theirs = json.load(f)
                     except (OSError, ValueError):
                         continue
+                    if not isinstance(theirs, dict):  # not a record of ours
+                        continue
                     if theirs.get("name") == mine["name"] and theirs.get("kind") == mine["kind"]:
                         changed = [p for p in ("code", "options", "args", "inputs")
                                    if theirs.get(p) != mine[p]]

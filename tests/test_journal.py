@@ -571,3 +571,11 @@ def test_a_function_reached_down_many_paths_is_hashed_once_per_key(tmp_path):
     # each was hashed again down every path: 2**depth hashes (a Dask array's
     # functions never got a key)
     assert Journal(tmp_path).key(rhapsody.task(lambda f: 1)(chained_defaults(40)))
+
+
+def test_explain_skips_a_why_file_that_is_not_a_record(tmp_path):
+    # valid JSON, not an object: AttributeError
+    journal = Journal(tmp_path)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "abc.why").write_text("[1, 2]")
+    assert "runs" in journal.explain(rhapsody.task(abs)(-1))
