@@ -146,7 +146,8 @@ class Future(cf.Future, Ref):
     def node(self) -> Any:
         node = self._node
         if type(node) is weakref.ref:  # once gone: the record's copy without its inputs
-            node = node() or self._task.node  # (which cannot run again: Node.released)
+            alive = node()                # (which cannot run again: Node.released)
+            node = alive if alive is not None else self._task.node
         return node
 
     # concurrent.futures reads and appends to these lists under ``_condition``; most

@@ -290,10 +290,9 @@ class _KeyPickling:
         """The whole code hash of a function or class met in an argument, made once. One
         met again while its own hash is being made (a cycle through closures, defaults,
         a class's methods) stands as "cycle" there, and what contains it is not kept."""
-        module = _module(obj)
-        if not (module and _users(module)):  # a library's (math.floor, dask's getter):
-            inner = obj.func if isinstance(obj, (Task, functools.partial)) else obj
-            return f"{module}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
+        name = _library_name(obj)
+        if name is not None:  # a library's (math.floor, dask's getter): by its name
+            return name
         known = self.codes.get(id(obj))
         if known is not None and known[0] is obj:
             return known[1]
@@ -319,6 +318,20 @@ class _KeyPickling:
 
 
 _MAKING = threading.local()  # the whole hashes _KeyPickling._known is making, per thread
+
+
+def _library_name(obj: Any) -> Optional[str]:
+    """``module.qualname`` of a function or class of a library (not the user's code)
+    that this name finds again; ``None`` for any other (the user's, or one a library
+    made at run time, a closure or generated code, which counts by its code)."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not (isinstance(module, str) and isinstance(qualname, str)) or _users(module):
+        return None
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return f"{module}.{qualname}" if found is obj else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -1234,8 +1234,11 @@ class Scheduler:
                 return
             if t.tried:
                 earlier = [f"attempt {i}: {w}" for i, w in enumerate(t.tried, 1)]
-                if t.failures - 1 > len(t.tried):
-                    earlier.append(f"attempts {len(t.tried) + 1}-{t.failures - 1} left out")
+                first, last = len(t.tried) + 1, t.failures - 1
+                if last > first:
+                    earlier.append(f"attempts {first}-{last} left out")
+                elif last == first:
+                    earlier.append(f"attempt {first} left out")
                 add_note(exc, f"node {node.key!r} failed {t.failures} times "
                               f"(retries={opts.retries}; {'; '.join(earlier)}; "
                               f"attempt {t.failures}: {why})")

@@ -844,8 +844,11 @@ def close_all() -> None:
     sessions = list(_sessions)
     unfinished = sum(s._scheduler.live + sum(len(new) for new, _, _ in list(s._scheduler.intake))
                      for s in sessions if not s._closed and s._thread.is_alive())
-    # (not where the program was stopped: Ctrl-C or another uncaught error, or SIGTERM)
-    if unfinished and getattr(sys, "last_type", None) is None and not _signalled:
+    # (not where the program was stopped: Ctrl-C or another uncaught error, or SIGTERM;
+    # an interactive session keeps the last error it showed, which stopped nothing)
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules
+    stopped = _signalled or (getattr(sys, "last_type", None) is not None and not interactive)
+    if unfinished and not stopped:
         warn(f"{unfinished} submitted node(s) had not finished when the program ended: "
              "they are cancelled; to let them finish, wait for their futures "
              "(rhapsody.wait(futures)) or submit inside a `with Session():` block, whose "

@@ -677,6 +677,11 @@ def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(
     assert session.submit(node).result(timeout=60) == 50
     gc.collect()
     assert upstream[-1]() is None and session.submit(node).node is node
+    kept = session.submit(step(fut, 52))
+    assert kept.result(timeout=60) == 52 and kept.node.name == "after"  # (alive: no copy)
+    held = step(fut, 53)
+    done_held = session.submit(held)
+    assert done_held.result(timeout=60) == 53 and done_held.node is held
     # a finished future's node is still read (a copy without its inputs), never rerun
     done = session.submit(step(fut, 51))
     assert done.result(timeout=60) == 51

@@ -579,3 +579,15 @@ def test_explain_skips_a_why_file_that_is_not_a_record(tmp_path):
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / "abc.why").write_text("[1, 2]")
     assert "runs" in journal.explain(rhapsody.task(abs)(-1))
+
+
+def test_a_function_a_library_made_at_run_time_counts_by_its_code_a_librarys_own_by_name(
+        tmp_path):
+    # a generated function (gettext's plural rule) was keyed by its name alone: a resume
+    # reused the value of another rule
+    import gettext
+    journal = Journal(tmp_path)
+    apply = rhapsody.task(lambda fn, x: fn(x))
+    one, other = gettext.c2py("n != 1"), gettext.c2py("n == 1")
+    assert journal.key(apply(one, 1)) != journal.key(apply(other, 1))
+    assert journal.key(apply(len, "ab")) == Journal(tmp_path).key(apply(len, "ab"))

@@ -916,6 +916,9 @@ def test_the_note_of_a_node_retried_many_times_names_the_first_attempts_and_the_
     note = [n for n in info.value.__notes__ if "failed 10 times" in n][0]
     assert "attempt 5: " in note and "attempt 6: " not in note
     assert "attempts 6-9 left out; attempt 10: ValueError" in note
+    with pytest.raises(ValueError) as info:
+        rhapsody.task(retries=6)(int)("not a number").compute(backend=backend)
+    assert "; attempt 6 left out; attempt 7: ValueError" in "".join(info.value.__notes__)
 
 
 def test_backoff_waits_before_each_retry_without_holding_the_scheduler(backend, tmp_path):

@@ -364,6 +364,11 @@ def test_work_the_main_thread_submitted_and_never_waited_for_is_cancelled_with_a
     finally:
         if driver.poll() is None:
             driver.kill()
+    # an interactive session keeps the last error it showed: that stopped nothing
+    out = subprocess.run([sys.executable, "-i"], input="1/0\nimport time, rhapsody_graph "
+                         "as rhapsody\nf = rhapsody.submit(rhapsody.task(time.sleep)(60))\n",
+                         capture_output=True, text=True, timeout=120)
+    assert "1 submitted node(s) had not finished" in out.stderr, out.stderr[-2000:]
 
 
 def test_ctrl_c_that_another_thread_received_stops_a_waiting_compute_at_once():

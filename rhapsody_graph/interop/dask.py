@@ -130,6 +130,7 @@ class _Nodes:
         made, graph = self.made, self.graph
         stack: List[Any] = [root]
         walking: set = set()  # keys whose dependencies are being made: on the stack
+        needed_by: Dict[Any, Any] = {}  # key -> the first key found to need it
         while stack:
             key = stack[-1]
             if key in made:
@@ -137,7 +138,7 @@ class _Nodes:
                 continue
             item = graph.get(key)
             if item is None:
-                needed = "" if key == root else f" (needed by {stack[-2]!r})"
+                needed = f" (needed by {needed_by[key]!r})" if key in needed_by else ""
                 raise ValueError(
                     f"Dask key {key!r}{needed} is not in the graph: a result held on a "
                     "distributed cluster (a persisted collection, a Client future) cannot "
@@ -147,6 +148,8 @@ class _Nodes:
                 if key in walking:
                     raise ValueError(f"the Dask graph has a cycle through key {key!r}")
                 walking.add(key)
+                for d in missing:
+                    needed_by.setdefault(d, key)
                 stack.extend(missing)
                 continue
             stack.pop()
@@ -167,7 +170,8 @@ class _Nodes:
     def _node(self, key: Any, item: Any) -> Node:
         """Task ``item`` as a node, its dependencies' nodes (or values) made already."""
         made = self.made
-        return Node(_run, (item, {d: made[d] for d in item.dependencies}), {}, _OPTIONS,
+        deps = sorted(item.dependencies, key=str)  # (a set: one order whatever the hash seed)
+        return Node(_run, (item, {d: made[d] for d in deps}), {}, _OPTIONS,
                     name=_name(key))
 
 
