@@ -533,7 +533,8 @@ class Journal:
         if key is None:
             return (f"node {node.key!r} runs every time and is never kept: its arguments, "
                     "its function's bound state or an upstream node's cannot be pickled "
-                    "to a journal key")
+                    "to a journal key, or it takes a finished future that let go of its "
+                    "node's inputs (keep that node, or give the session a journal=)")
         if self.get(key) is not None:
             return f"node {node.key!r} is reused: its entry {key} is in {self.path}"
         if os.path.exists(self._file(key)):

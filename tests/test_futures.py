@@ -661,7 +661,8 @@ def after(previous, i):
     return i
 
 
-def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(session):
+def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(session,
+                                                                                tmp_path):
     import weakref
     step = rhapsody.task(after)
     fut = session.submit(step(None, 0))
@@ -690,6 +691,8 @@ def test_the_last_future_of_a_chain_keeps_no_upstream_future_or_its_value_alive(
     with pytest.raises(ValueError, match="cannot run again: its future ended and let go of "
                                          "the node's inputs"):
         session.submit(done.node)
+    assert "takes a finished future that let go of its node's inputs" in rhapsody.explain(
+        step(done, 54), str(tmp_path))
 
 
 def fail_once(path, previous):
