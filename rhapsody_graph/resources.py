@@ -215,13 +215,18 @@ def placed(env: Dict[str, str]) -> Iterator[None]:
         _this_thread.env = before
 
 
+def _placed_env() -> Optional[Mapping[str, str]]:
+    """The environment the running node's placement was set in (its thread's, else this
+    process's); ``None`` outside of a node."""
+    env = getattr(_this_thread, "env", None) or os.environ
+    return env if "RHAPSODY_HOST" in env else None
+
+
 def placement_env() -> Dict[str, str]:
     """Inside a running node: the variables of its placement (GPU masks, rank, ...) as
     set for it, to give a program it starts last (empty outside of one)."""
-    env = getattr(_this_thread, "env", None) or os.environ
-    if "RHAPSODY_HOST" not in env:
-        return {}
-    return {k: env[k] for k in _PLACEMENT_VARIABLES if k in env}
+    env = _placed_env()
+    return {} if env is None else {k: env[k] for k in _PLACEMENT_VARIABLES if k in env}
 
 
 def current_placement() -> Optional[Placement]:
@@ -229,8 +234,8 @@ def current_placement() -> Optional[Placement]:
 
     The cores are the ledger's ids; ``os.sched_getaffinity(0)`` shows the real ones.
     """
-    env = getattr(_this_thread, "env", None) or os.environ
-    if "RHAPSODY_HOST" not in env:
+    env = _placed_env()
+    if env is None:
         return None
 
     def ids(name: str) -> Tuple[int, ...]:
